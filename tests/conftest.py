@@ -1,0 +1,42 @@
+"""Fixtures: tiny random open_clip models saved in local-dir layout, and small HDF5 files of every layout."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests import layouts  # noqa: E402
+from vlmlabel.model import create_untrained, save_local_dir  # noqa: E402
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+# Deliberately not OpenAI's statistics: the transform must come from the model's own config.
+TINY_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.27], "interpolation": "bicubic",
+                   "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    module = create_untrained(TINY_CFG)
+    return save_local_dir(module, TINY_CFG, TINY_PREPROCESS, tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture()
+def frames() -> np.ndarray:
+    return layouts.make_frames(24, 40, 48, seed=1)
+
+
+@pytest.fixture(params=sorted(layouts.BUILDERS))
+def layout_file(request, tmp_path) -> layouts.LayoutFile:
+    return layouts.BUILDERS[request.param](tmp_path / f"{request.param}.h5")

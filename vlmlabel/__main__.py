@@ -1,0 +1,3 @@
+from vlmlabel.cli import main
+
+main()

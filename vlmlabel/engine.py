@@ -1,0 +1,191 @@
+"""The relabelling loop: read frames -> device -> preprocess -> encode -> score.
+
+A background thread reads (and decodes) the next batches while the device encodes the
+current one; uint8 frames cross to the device and become floats there.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from vlmlabel import rewards
+from vlmlabel.errors import SourceError
+from vlmlabel.model import ClipModel
+from vlmlabel.preprocess import DevicePreprocess
+from vlmlabel.sources.base import Align, Episode, FrameSource
+
+PREFETCH_BATCHES = 3
+_DONE = object()
+
+
+@dataclass
+class Batch:
+    """Frames ready for the device: one uint8 NCHW tensor, or decoded frames of varying size."""
+
+    frames: torch.Tensor | list[torch.Tensor]
+    size: int
+
+
+@dataclass
+class RelabelResult:
+    episodes: list[Episode]
+    rewards: list[np.ndarray]  # one (steps, goals) float32 array per episode
+    frames: int
+    seconds: float
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+
+    def all_rewards(self) -> np.ndarray:
+        return np.concatenate(self.rewards, axis=0)
+
+
+def _to_nchw(block: np.ndarray, layout: str) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(block))
+    if layout == "HWC":
+        return tensor.permute(0, 3, 1, 2)
+    if layout == "HW":
+        return tensor.unsqueeze(1)
+    return tensor
+
+
+def _decode(blobs: Sequence[np.ndarray], where: str) -> list[torch.Tensor]:
+    decoded = []
+    for blob in blobs:
+        data = torch.from_numpy(np.frombuffer(np.asarray(blob, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
+        try:
+            decoded.append(decode_image(data, mode=ImageReadMode.RGB))
+        except RuntimeError as exc:
+            raise SourceError(f"a frame in {where} is not a decodable JPEG/PNG image ({exc}); "
+                              "check the file or choose another --image-key") from None
+    return decoded
+
+
+def iter_batches(source: FrameSource, episodes: list[Episode], batch_size: int) -> Iterator[Batch]:
+    """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short)."""
+    layout = source.frame_format.layout
+    pending: list = []
+    count = 0
+
+    def flush() -> Batch:
+        nonlocal pending, count
+        if layout == "encoded":
+            batch = Batch([frame for part in pending for frame in part], count)
+        else:
+            batch = Batch(torch.cat(pending) if len(pending) > 1 else pending[0], count)
+        pending, count = [], 0
+        return batch
+
+    for episode in episodes:
+        for segment in episode.frames:
+            for block in source.read_blocks(segment, batch_size):
+                offset = 0
+                while offset < len(block):
+                    take = min(batch_size - count, len(block) - offset)
+                    part = block[offset:offset + take]
+                    pending.append(_decode(part, segment.array) if layout == "encoded" else _to_nchw(part, layout))
+                    count += take
+                    offset += take
+                    if count == batch_size:
+                        yield flush()
+    if count:
+        yield flush()
+
+
+def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``batches`` in a background thread, ``depth`` batches ahead; errors surface in the caller."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                slots.put(batch)
+            slots.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            slots.put(exc)
+
+    worker = threading.Thread(target=produce, name="vlmlabel-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
+
+
+class FrameScorer:
+    """Encodes frames on the model's device and scores them against fixed goal embeddings."""
+
+    def __init__(self, model: ClipModel, goals: Sequence[str]):
+        self.model = model
+        self.preprocess = DevicePreprocess(model.preprocess, model.device)
+        self.goal_embeddings = model.encode_texts(goals)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        device = self.model.device
+        non_blocking = device.type == "cuda"
+        if isinstance(batch.frames, torch.Tensor):
+            frames = batch.frames.pin_memory() if non_blocking else batch.frames
+            return self.model.encode_images(self.preprocess(frames.to(device, non_blocking=non_blocking)))
+        # Decoded frames may differ in size: preprocess each size group, keep the original order.
+        embeddings = torch.empty((batch.size, self.goal_embeddings.shape[1]), device=device)
+        by_shape: dict[tuple, list[int]] = {}
+        for index, frame in enumerate(batch.frames):
+            by_shape.setdefault(tuple(frame.shape), []).append(index)
+        for indices in by_shape.values():
+            stacked = torch.stack([batch.frames[i] for i in indices]).to(device, non_blocking=non_blocking)
+            embeddings[indices] = self.model.encode_images(self.preprocess(stacked))
+        return embeddings
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        return rewards.cosine(self.embed(batch), self.goal_embeddings)
+
+
+def relabel(
+    source: FrameSource,
+    model: ClipModel,
+    goals: Sequence[str],
+    align: Align = Align.frame,
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+) -> RelabelResult:
+    """Score every step of every episode against each goal; nothing is written here."""
+    episodes = source.episodes(align)
+    total = sum(e.steps for e in episodes)
+    scorer = FrameScorer(model, goals)
+    scores = np.empty((total, len(goals)), dtype=np.float32)
+    start = time.perf_counter()
+    position = 0
+    for batch in _prefetch(iter_batches(source, episodes, batch_size), PREFETCH_BATCHES):
+        scores[position:position + batch.size] = scorer.score(batch).cpu().numpy()
+        position += batch.size
+        if on_progress is not None:
+            on_progress(batch.size)
+    seconds = time.perf_counter() - start
+    if position != total:
+        raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
+    bounds = np.cumsum([0] + [e.steps for e in episodes])
+    per_episode = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return RelabelResult(episodes, per_episode, total, seconds)

@@ -1,0 +1,324 @@
+"""The one door to a CLIP model: resolve a name and weights, load them, encode images and texts.
+
+This is the only module that imports open_clip. The loaded model carries its own
+preprocessing config (size, mean, std, resize mode) so that weights and normalisation
+can never drift apart: ``preprocess.py`` builds its transform from ``ClipModel.preprocess``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from vlmlabel.device import autocast_dtype
+from vlmlabel.errors import ModelError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_TAG = "laion2b_s34b_b79k"
+RANDOM_WEIGHTS = "random"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_OFFLINE_HELP = (
+    "give a local checkpoint with --pretrained FILE, a folder with --model local-dir:PATH, "
+    "or pre-fill the Hugging Face cache on a connected machine and set HF_HUB_OFFLINE=1"
+)
+
+
+def _open_clip():
+    # Imported lazily so `vlmlabel --help` and `inspect` stay fast.
+    import open_clip
+
+    return open_clip
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The model's own image preprocessing, as open_clip's eval transform applies it."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+    @classmethod
+    def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
+        size = cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size[-2:])
+        as3 = lambda v: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3))  # noqa: E731
+        return cls(
+            size=size,
+            mean=as3(cfg["mean"]),
+            std=as3(cfg["std"]),
+            # open_clip treats 'random' as bicubic at eval time.
+            interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
+            resize_mode=cfg.get("resize_mode") or "shortest",
+            fill_color=int(cfg.get("fill_color") or 0),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "fill_color": self.fill_color,
+        }
+
+
+@dataclass
+class ClipModel:
+    """A loaded CLIP model on its device, with everything needed to score frames."""
+
+    module: torch.nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    name: str
+    pretrained: str
+    preprocess: PreprocessConfig
+    device: torch.device
+    precision: str
+    open_clip_name: str = field(repr=False, default="")
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.module.logit_scale.exp().item())
+
+    def _autocast(self):
+        dtype = autocast_dtype(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-norm fp32 embeddings of preprocessed images (N, 3, H, W) already on the device."""
+        with torch.inference_mode(), self._autocast():
+            features = self.module.encode_image(pixels)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm fp32 embeddings of texts, one row per text."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            features = self.module.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def reference_transform(self) -> Callable:
+        """open_clip's own PIL transform for this model: the reference the fast path must match."""
+        oc = _open_clip()
+        cfg = oc.transform.PreprocessCfg(**{**self.preprocess.as_dict(), "size": self.preprocess.size})
+        return oc.transform.image_transform_v2(cfg, is_train=False)
+
+    def describe(self) -> dict[str, Any]:
+        """What a written reward records about the model that made it."""
+        return {"model": self.name, "pretrained": self.pretrained, "precision": self.precision,
+                "preprocess": json.dumps(self.preprocess.as_dict())}
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    open_clip_name: str
+    weights: str | None
+    force_preprocess: dict[str, Any] | None
+    pretrained_label: str
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    pretrained: str | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    allow_random: bool = False,
+) -> ClipModel:
+    """Resolve ``name``/``pretrained`` as open_clip users write them and load the model, failing fast offline."""
+    device = torch.device(device)
+    resolved = _resolve(name, pretrained, allow_random)
+    oc = _open_clip()
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    try:
+        module = oc.create_model(
+            resolved.open_clip_name,
+            pretrained=resolved.weights,
+            force_preprocess_cfg=resolved.force_preprocess,
+            require_pretrained=resolved.weights is not None,
+            load_weights=resolved.weights is not None or resolved.open_clip_name.startswith(LOCAL_DIR),
+        )
+        tokenizer = oc.get_tokenizer(resolved.open_clip_name)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load model {name!r} with weights {resolved.pretrained_label!r}: "
+                         f"{first_line[:300]}") from exc
+    module.eval().to(device)
+    preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
+    return ClipModel(module=module, tokenizer=tokenizer, name=name, pretrained=resolved.pretrained_label,
+                     preprocess=preprocess, device=device, precision=precision,
+                     open_clip_name=resolved.open_clip_name)
+
+
+def _resolve(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
+    if name.startswith(LOCAL_DIR) or (not name.startswith(HF_HUB) and os.path.isdir(name)):
+        folder = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name
+        return _resolve_local_dir(Path(folder), pretrained)
+    if name.startswith(HF_HUB):
+        return _resolve_hf_hub(name[len(HF_HUB):], pretrained)
+    return _resolve_builtin(name, pretrained, allow_random)
+
+
+def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
+    if pretrained:
+        raise ModelError(f"model folder {folder} carries its own weights; drop --pretrained {pretrained!r}")
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist; give a folder holding {CONFIG_FILE} and weights")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelError(f"model folder {folder} has no {CONFIG_FILE}; it is not an open_clip local-dir model")
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}); re-export the model") from exc
+    if "model_cfg" not in cfg:
+        raise ModelError(f"{folder / CONFIG_FILE} has no 'model_cfg'; re-export the model with open_clip")
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
+    if not weights:
+        raise ModelError(f"model folder {folder} holds no weights (.safetensors/.bin/.pth); add "
+                         f"{WEIGHT_FILES[0]} beside {CONFIG_FILE}")
+    return _Resolved(f"{LOCAL_DIR}{folder}", None, None, "bundled")
+
+
+def _resolve_hf_hub(repo_id: str, pretrained: str | None) -> _Resolved:
+    if pretrained:
+        raise ModelError(f"hf-hub:{repo_id} carries its own weights; drop --pretrained {pretrained!r}")
+    config = _hub_file(repo_id, CONFIG_FILE)
+    weights = None
+    for filename in WEIGHT_FILES:
+        try:
+            weights = _hub_file(repo_id, filename)
+            break
+        except ModelError:
+            continue
+    if weights is None:
+        raise ModelError(f"hf-hub:{repo_id} has no {' or '.join(WEIGHT_FILES)} in the local cache or on the Hub; "
+                         + _OFFLINE_HELP)
+    snapshot = Path(config).parent
+    if Path(weights).parent != snapshot:
+        raise ModelError(f"hf-hub:{repo_id}: config and weights come from different snapshots; clear the cache "
+                         "entry and download again")
+    return _Resolved(f"{LOCAL_DIR}{snapshot}", None, None, f"hf-hub:{repo_id}")
+
+
+def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
+    oc = _open_clip()
+    known = oc.list_models()
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise ModelError(f"unknown model {name!r}; {hint}run `vlmlabel models` to list architectures, or give "
+                         "hf-hub:ORG/REPO or a local folder")
+    tags = oc.list_pretrained_tags_by_model(name)
+    if pretrained is None:
+        if name == DEFAULT_MODEL:
+            pretrained = DEFAULT_TAG
+        elif tags:
+            pretrained = tags[0]
+        else:
+            raise ModelError(f"{name} has no pretrained tag in open_clip; give weights with --pretrained FILE")
+    if pretrained == RANDOM_WEIGHTS:
+        if not allow_random:
+            raise ModelError("--pretrained random gives meaningless rewards; it is only accepted by `vlmlabel bench`")
+        return _Resolved(name, None, None, RANDOM_WEIGHTS)
+    if os.path.isfile(pretrained):
+        return _Resolved(name, pretrained, None, pretrained)
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
+    if looks_like_path:
+        raise ModelError(f"checkpoint file {pretrained} does not exist; give an existing .safetensors/.bin/.pt file")
+    tag_cfg = oc.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        near = difflib.get_close_matches(pretrained, tags, n=4, cutoff=0.4)
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        listed = ", ".join(tags) if tags else "none"
+        raise ModelError(f"unknown pretrained tag {pretrained!r} for {name}; {hint}known tags: {listed}")
+    weights = _tag_weights(name, pretrained, tag_cfg)
+    preprocess_keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+    force = {k: tag_cfg[k] for k in preprocess_keys if k in tag_cfg}
+    return _Resolved(name, weights, force, pretrained)
+
+
+def _tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)  # 'org/repo/' names the repo's default weights file
+        candidates = [filename] if filename else []
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename[: -len(".bin")] + ".safetensors")
+        candidates += [f for f in WEIGHT_FILES if f not in candidates]
+        for candidate in candidates:
+            try:
+                return _hub_file(repo_id, candidate)
+            except ModelError:
+                continue
+        raise ModelError(f"weights for {name} {tag} ({repo_id}) are not in the local cache and could not be "
+                         "downloaded; " + _OFFLINE_HELP)
+    url = tag_cfg.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if cached.is_file():
+        return str(cached)
+    raise ModelError(f"weights for {name} {tag} are not in ~/.cache/clip; " + _OFFLINE_HELP)
+
+
+def _hub_file(repo_id: str, filename: str) -> str:
+    """A file from the Hugging Face cache, downloaded only if the Hub answers within seconds."""
+    import huggingface_hub as hf
+    from huggingface_hub import constants
+
+    cached = hf.try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return cached
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{repo_id}/{filename} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                         + _OFFLINE_HELP)
+    try:
+        hf.get_hf_file_metadata(hf.hf_hub_url(repo_id, filename), timeout=5)
+    except hf.errors.EntryNotFoundError as exc:
+        raise ModelError(f"{repo_id} has no file {filename}") from exc
+    except Exception as exc:  # any network failure: say so now, not after minutes of retries
+        raise ModelError(f"{repo_id}/{filename} is not cached and the Hugging Face Hub is unreachable "
+                         f"({type(exc).__name__}); " + _OFFLINE_HELP) from exc
+    return hf.hf_hub_download(repo_id, filename)
+
+
+def list_architectures() -> list[tuple[str, list[str]]]:
+    """Every open_clip architecture with its pretrained tags."""
+    oc = _open_clip()
+    return [(name, oc.list_pretrained_tags_by_model(name)) for name in oc.list_models()]
+
+
+def create_untrained(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """A randomly initialised open_clip CLIP from an architecture dict (tests, training)."""
+    return _open_clip().CLIP(**model_cfg)
+
+
+def get_tokenizer(model_name: str) -> Callable[[Sequence[str]], torch.Tensor]:
+    """open_clip's tokenizer for a model name (or local-dir:PATH)."""
+    return _open_clip().get_tokenizer(model_name)
+
+
+def save_local_dir(module: torch.nn.Module, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
+                   folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                 indent=2) + "\n")
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
+    save_file(state, str(folder / WEIGHT_FILES[0]))
+    return folder

@@ -1,0 +1,74 @@
+"""What every source gives the engine: episodes as lists of frame rows, and the rows themselves."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence, Union
+
+import numpy as np
+
+
+class Align(str, enum.Enum):
+    """Which observation scores step t."""
+
+    frame = "frame"  # o_t
+    next = "next"  # o_{t+1}, as D4RL/robomimic rewards are defined
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Contiguous rows [start, stop) of one frame array."""
+
+    array: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: how many rewards it gets, which frames score them, and where they are written."""
+
+    name: str
+    steps: int
+    frames: tuple[Segment, ...]
+    target: str
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """How frames are stored: raw arrays (HWC, CHW or HW grayscale) or encoded JPEG/PNG bytes."""
+
+    layout: str  # "HWC" | "CHW" | "HW" | "encoded"
+    frame_shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def encoded(self) -> bool:
+        return self.layout == "encoded"
+
+    def describe(self) -> str:
+        if self.encoded:
+            return "encoded JPEG/PNG bytes"
+        return f"{self.layout} {'x'.join(map(str, self.frame_shape))} {self.dtype}"
+
+
+# A block of frames as read: a uint8 array (raw) or a sequence of byte arrays (encoded).
+FrameBlock = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+class FrameSource(Protocol):
+    """A dataset opened read-only. IO only: no model, no torch."""
+
+    layout: str
+    image_key: str
+    frame_format: FrameFormat
+
+    def episodes(self, align: Align) -> list[Episode]: ...
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]: ...
+
+    def close(self) -> None: ...

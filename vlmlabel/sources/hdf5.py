@@ -1,0 +1,305 @@
+"""Read frames and episode boundaries from HDF5 files in the D4RL, robomimic, Minari and per-episode layouts.
+
+The file is opened read-only and read in chunk-aligned blocks, so memory stays bounded by
+one block whatever the file's length and compressed chunks are decompressed once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from vlmlabel.errors import SourceError
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment
+
+CHUNK_CACHE_BYTES = 256 * 1024 * 1024
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG"
+_FLAT_OBS_GROUPS = ("observations", "observation", "obs")
+_NEXT_OBS = {"observations": "next_observations", "observation": "next_observation", "obs": "next_obs"}
+_EPISODE_END_KEYS = ("terminals", "timeouts")
+_STEP_TYPE_LAST = 2  # dm_env StepType.LAST
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _is_encoded_bytes(dset: h5py.Dataset) -> bool:
+    """Variable-length uint8 (as Minari >= 0.5.3 writes images) or opaque byte blobs."""
+    base = h5py.check_vlen_dtype(dset.dtype)
+    return (base is not None and np.dtype(base) == np.uint8) or dset.dtype.kind == "V"
+
+
+def frame_format_of(dset: h5py.Dataset) -> FrameFormat | str:
+    """The frame format of an image array, or a sentence saying why it is not one."""
+    shape, dtype = dset.shape, dset.dtype
+    if len(shape) == 1 and _is_encoded_bytes(dset):
+        return FrameFormat("encoded", (), str(dtype))
+    if len(shape) == 2 and dtype == np.uint8 and shape[0] > 0:
+        head = bytes(dset[0, :4].tobytes())
+        if head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC):
+            return FrameFormat("encoded", (), str(dtype))
+    if len(shape) not in (3, 4):
+        return f"has rank {len(shape)} (shape {shape}); frames must be (N, H, W, C), (N, C, H, W) or (N, H, W)"
+    if dtype.kind == "f":
+        return f"holds {dtype} values; frames must be uint8 images (0-255): convert them, e.g. (x * 255).astype('uint8')"
+    if dtype != np.uint8:
+        return f"holds {dtype} values; frames must be uint8 images"
+    if len(shape) == 3:
+        return FrameFormat("HW", tuple(shape[1:]), "uint8")
+    if shape[-1] in (1, 3):
+        return FrameFormat("HWC", tuple(shape[1:]), "uint8")
+    if shape[1] in (1, 3):
+        return FrameFormat("CHW", tuple(shape[1:]), "uint8")
+    return f"has shape {shape}: frames need 1 or 3 channels, first or last"
+
+
+def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2) -> list[str]:
+    """Datasets under ``group`` that look like frames (uint8 image arrays or encoded images)."""
+    found = []
+    for name, item in group.items():
+        path = f"{prefix}{name}"
+        if name.startswith("next_"):
+            continue  # next observations are read for --align next, never scored as the frames
+        if isinstance(item, h5py.Dataset):
+            if isinstance(frame_format_of(item), FrameFormat):
+                found.append(path)
+        elif isinstance(item, h5py.Group) and depth > 0:
+            found.extend(_image_candidates(item, f"{path}/", depth - 1))
+    return found
+
+
+def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 2) -> list[str]:
+    found = []
+    for name, item in group.items():
+        if isinstance(item, h5py.Dataset) and item.ndim == 4 and item.dtype.kind == "f" and (
+                item.shape[-1] in (1, 3) or item.shape[1] in (1, 3)):
+            found.append(f"{prefix}{name}")
+        elif isinstance(item, h5py.Group) and depth > 0:
+            found.extend(_float_image_like(item, f"{prefix}{name}/", depth - 1))
+    return found
+
+
+class HDF5Source:
+    """An HDF5 dataset of image observations, opened read-only."""
+
+    def __init__(self, path: str | Path, image_key: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SourceError(f"{self.path} does not exist; check the path")
+        if self.path.is_dir():
+            raise SourceError(f"{self.path} is a folder, not an HDF5 file")
+        if not h5py.is_hdf5(self.path):
+            raise SourceError(f"{self.path} is not an HDF5 file; vlmlabel reads .h5/.hdf5 files")
+        try:
+            self.file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+        except OSError as exc:
+            raise SourceError(f"{self.path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
+        try:
+            self._detect(image_key)
+        except (OSError, RuntimeError, KeyError) as exc:
+            self.file.close()
+            raise SourceError(f"{self.path} could not be read (truncated or corrupt?): {exc}") from None
+        except SourceError:
+            self.file.close()
+            raise
+
+    # -- layout detection -------------------------------------------------------------------------
+
+    def _detect(self, image_key: str | None) -> None:
+        root = self.file
+        if not root.keys():
+            raise SourceError(f"{self.path} is empty: it holds no datasets")
+        minari = sorted((k for k in root if re.fullmatch(r"episode_\d+", k) and isinstance(root[k], h5py.Group)),
+                        key=_natural_key)
+        if minari:
+            self.layout, self._episode_groups = "minari", minari
+            self._choose_key(root[minari[0]], image_key, where=minari[0])
+            return
+        flat = [c for c in _image_candidates(root, depth=1) if "/" not in c or c.split("/")[0] in _FLAT_OBS_GROUPS]
+        parent = root["data"] if isinstance(root.get("data"), h5py.Group) else root
+        prefix = "data/" if parent is not root else ""
+        groups = sorted((k for k, v in parent.items() if isinstance(v, h5py.Group)
+                         and (prefix or (k not in _FLAT_OBS_GROUPS and k not in _NEXT_OBS.values()))),
+                        key=_natural_key)
+        first = parent[groups[0]] if groups else None
+        episodic = first is not None and bool(
+            _image_candidates(first) or (image_key and self._find_key(first, image_key)))
+        flat_key_ok = image_key is None or isinstance(root.get(image_key), h5py.Dataset)
+        if flat and (flat_key_ok or not episodic):
+            self.layout, self._episode_groups = "flat", []
+            self._choose_key(root, image_key, where="the file root", candidates=flat)
+        elif episodic:
+            self._episode_groups = [f"{prefix}{g}" for g in groups]
+            self.layout = "robomimic" if prefix and all(g.startswith("demo_") for g in groups) else "episodes"
+            self._choose_key(first, image_key, where=self._episode_groups[0])
+        elif image_key is not None:
+            self._choose_key(root, image_key, where="the file", candidates=[])
+        else:
+            self._no_images(root, "the file")
+
+    def _choose_key(self, group: h5py.Group, image_key: str | None, where: str,
+                    candidates: list[str] | None = None) -> None:
+        if image_key is not None:
+            key = self._find_key(group, image_key)
+            if key is None:
+                found = candidates if candidates is not None else _image_candidates(group)
+                listed = ", ".join(found) if found else "none"
+                raise SourceError(f"--image-key {image_key!r} not found in {where}; image datasets there: {listed}")
+            fmt = frame_format_of(group[key])
+            if isinstance(fmt, str):
+                raise SourceError(f"{key} in {where} {fmt}")
+            self.image_key, self.frame_format = key, fmt
+            return
+        found = candidates if candidates is not None else _image_candidates(group)
+        if not found:
+            self._no_images(group, where)
+        if len(found) > 1:
+            raise SourceError(f"several image datasets in {where}: {', '.join(found)}; choose one with --image-key")
+        self.image_key = found[0]
+        self.frame_format = frame_format_of(group[found[0]])
+
+    def _find_key(self, group: h5py.Group, key: str) -> str | None:
+        for candidate in (key, f"obs/{key}", f"observations/{key}"):
+            if isinstance(group.get(candidate), h5py.Dataset):
+                return candidate
+        return None
+
+    def _no_images(self, group: h5py.Group, where: str):
+        floats = _float_image_like(group)
+        if floats:
+            raise SourceError(f"{floats[0]} in {where} holds float frames; vlmlabel reads uint8 images (0-255): "
+                              "convert them, e.g. (x * 255).astype('uint8')")
+        datasets: list[str] = []
+        group.visit(lambda name: datasets.append(name) if isinstance(group[name], h5py.Dataset) else None)
+        listed = ", ".join(datasets[:12]) + (" ..." if len(datasets) > 12 else "") if datasets else "none"
+        raise SourceError(f"no image dataset found in {where} (datasets: {listed}); "
+                          "name the frames with --image-key")
+
+    # -- episodes ---------------------------------------------------------------------------------
+
+    def episodes(self, align: Align) -> list[Episode]:
+        """Episodes in file order, each with the frame rows that score its steps under ``align``."""
+        if self.layout == "flat":
+            episodes = self._flat_episodes(align)
+        else:
+            episodes = [self._group_episode(name, align) for name in self._episode_groups]
+        if not episodes:
+            raise SourceError(f"{self.path} holds no episodes")
+        return episodes
+
+    def _group_episode(self, name: str, align: Align) -> Episode:
+        group = self.file[name]
+        key = self._find_key(group, self.image_key)
+        if key is None:
+            raise SourceError(f"episode {name} has no {self.image_key}; every episode needs the same image key")
+        array = f"{name}/{key}"
+        rows = self.file[array].shape[0]
+        if self.layout == "minari":
+            steps = rows - 1  # Minari stores T+1 observations for T steps
+            if steps <= 0:
+                raise SourceError(f"episode {name} has {rows} observation(s) and no steps; remove it or fix the file")
+            first = 1 if align is Align.next else 0
+            return Episode(name, steps, (Segment(array, first, first + steps),), f"{name}/infos")
+        if rows == 0:
+            raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
+        next_array = self._next_obs_path(name, key)
+        return Episode(name, rows, self._segments(array, 0, rows, align, next_array), name)
+
+    def _flat_episodes(self, align: Align) -> list[Episode]:
+        frames = self.file[self.image_key]
+        total = frames.shape[0]
+        if total == 0:
+            raise SourceError(f"{self.image_key} in {self.path} has 0 frames")
+        ends = self._flat_episode_ends(total)
+        next_array = self._next_obs_path("", self.image_key)
+        episodes, start = [], 0
+        for index, end in enumerate(ends):
+            segments = self._segments(self.image_key, start, end, align, next_array)
+            episodes.append(Episode(f"episode {index} (rows {start}-{end - 1})", end - start, segments, ""))
+            start = end
+        return episodes
+
+    def _flat_episode_ends(self, total: int) -> list[int]:
+        """Row index after each episode's last step, from terminals/timeouts or step_type."""
+        done = np.zeros(total, dtype=bool)
+        markers = [k for k in _EPISODE_END_KEYS if isinstance(self.file.get(k), h5py.Dataset)]
+        for key in markers:
+            flags = self.file[key]
+            if flags.shape[0] != total:
+                raise SourceError(f"{key} has {flags.shape[0]} rows but {self.image_key} has {total}; "
+                                  "the file is inconsistent")
+            done |= np.asarray(flags[:]).reshape(total, -1)[:, 0].astype(bool)
+        if not markers and isinstance(self.file.get("step_type"), h5py.Dataset):
+            step_type = self.file["step_type"]
+            if step_type.shape[0] != total:
+                raise SourceError(f"step_type has {step_type.shape[0]} rows but {self.image_key} has {total}")
+            done = np.asarray(step_type[:]).reshape(total) == _STEP_TYPE_LAST
+        ends = (np.flatnonzero(done) + 1).tolist()
+        if not ends or ends[-1] != total:
+            ends.append(total)
+        return ends
+
+    def _next_obs_path(self, group: str, key: str) -> str | None:
+        head, _, tail = key.partition("/")
+        candidates = []
+        if head in _NEXT_OBS:
+            candidates.append(f"{_NEXT_OBS[head]}/{tail}" if tail else _NEXT_OBS[head])
+        candidates.append(f"next_{key}")
+        for candidate in candidates:
+            path = f"{group}/{candidate}" if group else candidate
+            if isinstance(self.file.get(path), h5py.Dataset):
+                return path
+        return None
+
+    @staticmethod
+    def _segments(array: str, start: int, stop: int, align: Align, next_array: str | None) -> tuple[Segment, ...]:
+        if align is Align.frame:
+            return (Segment(array, start, stop),)
+        # next: step t is scored by o_{t+1}; the last step by next_obs when the file has it, else by itself.
+        last = Segment(next_array, stop - 1, stop) if next_array else Segment(array, stop - 1, stop)
+        body = (Segment(array, start + 1, stop),) if stop - start > 1 else ()
+        return body + (last,)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def chunk_rows(self, array: str) -> int:
+        chunks = self.file[array].chunks
+        return chunks[0] if chunks else 1
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        """Rows of ``segment`` in blocks whose edges fall on chunk boundaries."""
+        dset = self.file[segment.array]
+        chunk = self.chunk_rows(segment.array)
+        step = max(chunk, (max_rows // chunk) * chunk)
+        start = segment.start
+        while start < segment.stop:
+            stop = min(segment.stop, (start // step + 1) * step)
+            try:
+                block = dset[start:stop]
+            except (OSError, RuntimeError) as exc:
+                raise SourceError(f"reading {segment.array} rows {start}-{stop} of {self.path} failed "
+                                  f"(truncated or corrupt?): {exc}") from None
+            yield block
+            start = stop
+
+    def reward_path(self, target: str, name: str) -> str:
+        return f"{target}/{name}" if target else name
+
+    def existing(self, paths: list[str]) -> list[str]:
+        return [p for p in paths if p in self.file]
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> HDF5Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

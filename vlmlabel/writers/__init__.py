@@ -1,0 +1,1 @@
+"""Writers: put rewards next to the data, safely."""
