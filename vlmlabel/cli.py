@@ -155,7 +155,9 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
         table.add_row("frames", opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
-        table.add_row("rewards written to", ", ".join(sorted({e.target or "/" for e in episodes}))[:200])
+        targets = sorted({e.target or "/" for e in episodes})
+        shown = ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
+        table.add_row("rewards written to", shown)
         stdout.print(table)
 
 

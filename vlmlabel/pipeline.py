@@ -15,6 +15,7 @@ from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import COSINE_FORMULA
 from vlmlabel.sources import Align, open_source
+from vlmlabel.sources.base import reward_path
 from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -78,7 +79,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         stamp = SourceStamp.of(request.source)
         episodes = source.episodes(request.align)
         targets = sorted({e.target for e in episodes})
-        planned = [source.reward_path(t, n) for t in targets for n in names]
+        planned = [reward_path(t, n) for t in targets for n in names]
         check_writable(request.source, request.output, source.existing(planned), request.overwrite)
         model = load_model(request.model, request.pretrained, device, precision)
         if on_start is not None:
@@ -99,6 +100,6 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         for target in targets:
             values = np.concatenate([r[:, goal_index] for e, r in zip(result.episodes, result.rewards)
                                      if e.target == target])
-            datasets.append(RewardDataset(f"{target}/{name}" if target else name, values, attrs))
+            datasets.append(RewardDataset(reward_path(target, name), values, attrs))
     written = write_rewards(request.source, request.output, datasets, request.overwrite, stamp)
     return RelabelSummary(result, written, names, goals, model, layout, image_key)

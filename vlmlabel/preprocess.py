@@ -56,9 +56,22 @@ class DevicePreprocess:
 
     @staticmethod
     def _resize(frames: torch.Tensor, size: list[int], interpolation: InterpolationMode) -> torch.Tensor:
-        if list(frames.shape[-2:]) == size or (len(size) == 1 and min(frames.shape[-2:]) == size[0]):
-            return frames  # PIL skips resampling when the size does not change; so must we
-        return TF.resize(frames, size, interpolation=interpolation, antialias=True)
+        height, width = frames.shape[-2:]
+        if len(size) == 1:  # torchvision's Resize(int): shortest side to size, the other int(size * long / short)
+            short, long = min(height, width), max(height, width)
+            other = int(size[0] * long / short)
+            size = [size[0], other] if height <= width else [other, size[0]]
+        new_h, new_w = size
+        # One separable pass per side, each rounded to uint8, in the order that reproduces Pillow's output
+        # (checked in tests/test_preprocess.py): the more strongly reduced side first, width on a tie.
+        # A side that keeps its length is not resampled.
+        if height / new_h > width / new_w:
+            frames = TF.resize(frames, [new_h, width], interpolation=interpolation, antialias=True)
+        if new_w != width:
+            frames = TF.resize(frames, [frames.shape[-2], new_w], interpolation=interpolation, antialias=True)
+        if frames.shape[-2] != new_h:
+            frames = TF.resize(frames, [new_h, new_w], interpolation=interpolation, antialias=True)
+        return frames
 
 
 def _center_crop_or_pad(frames: torch.Tensor, crop_h: int, crop_w: int, fill: int) -> torch.Tensor:

@@ -56,6 +56,11 @@ class FrameFormat:
         return f"{self.layout} {'x'.join(map(str, self.frame_shape))} {self.dtype}"
 
 
+def reward_path(target: str, name: str) -> str:
+    """Where a reward named ``name`` lands for episodes whose target is ``target`` ('' is the root)."""
+    return f"{target}/{name}" if target else name
+
+
 # A block of frames as read: a uint8 array (raw) or a sequence of byte arrays (encoded).
 FrameBlock = Union[np.ndarray, Sequence[np.ndarray]]
 

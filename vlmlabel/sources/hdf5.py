@@ -288,9 +288,6 @@ class HDF5Source:
             yield block
             start = stop
 
-    def reward_path(self, target: str, name: str) -> str:
-        return f"{target}/{name}" if target else name
-
     def existing(self, paths: list[str]) -> list[str]:
         return [p for p in paths if p in self.file]
 

@@ -1,0 +1,159 @@
+"""relabel on every HDF5 layout: right datasets, right place, right values (against open_clip's own pipeline)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests import layouts
+from vlmlabel import __version__
+from vlmlabel.cli import app
+
+runner = CliRunner()
+GOALS = ["a red block on a plate", "the drawer is open"]
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, list(args), terminal_width=200)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """open_clip's reference pipeline: PIL preprocess per frame, fp32, cosine with the goal."""
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+
+    def score(frames: np.ndarray, goals: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
+            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+            text = torch.nn.functional.normalize(model.encode_text(tokenizer(goals)), dim=-1)
+        return (image @ text.T).numpy()
+
+    return score
+
+
+def read_rewards(lf: layouts.LayoutFile, name: str) -> list[np.ndarray]:
+    with h5py.File(lf.path, "r") as f:
+        values = [f[p.replace("vlm_reward", name)][()] for p in lf.reward_paths]
+    if lf.flat:
+        return np.split(values[0], np.cumsum(lf.steps)[:-1])
+    return values
+
+
+@pytest.mark.parametrize("align", ["frame", "next"])
+def test_rewards_match_open_clip_reference(layout_file, tiny_model_dir, reference, align):
+    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), "--align", align,
+                     "--goal", GOALS[0], "--goal", GOALS[1], "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    expected_frames = layout_file.frame_steps if align == "frame" else layout_file.next_steps
+    for goal_index in range(2):
+        got = read_rewards(layout_file, f"vlm_reward_{goal_index}")
+        assert [len(g) for g in got] == layout_file.steps
+        for episode_rewards, frames in zip(got, expected_frames):
+            assert episode_rewards.dtype == np.float32
+            want = reference(frames, GOALS)[:, goal_index]
+            np.testing.assert_allclose(episode_rewards, want, atol=5e-4)
+
+
+def test_attributes_record_how_each_reward_was_made(layout_file, tiny_model_dir):
+    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), "-q",
+                     "--goal", GOALS[0], "--goal", GOALS[1], "--align", "next", "--reward-key", "clip_r")
+    assert result.exit_code == 0, result.output
+    with h5py.File(layout_file.path, "r") as f:
+        for goal_index, goal in enumerate(GOALS):
+            attrs = f[layout_file.reward_paths[0].replace("vlm_reward", f"clip_r_{goal_index}")].attrs
+            assert attrs["goal"] == goal
+            assert attrs["model"] == str(tiny_model_dir)
+            assert attrs["pretrained"] == "bundled"
+            assert attrs["precision"] == "fp32"
+            assert attrs["align"] == "next"
+            assert attrs["formula"] == "cos(CLIP_image(o), CLIP_text(goal))"
+            assert attrs["vlmlabel_version"] == __version__
+            assert attrs["image_key"] == layout_file.image_key
+
+
+def test_single_goal_uses_plain_name_and_minari_root_untouched(tmp_path, tiny_model_dir):
+    lf = layouts.build_minari(tmp_path / "m.h5")
+    with h5py.File(lf.path, "r") as f:
+        root_before = sorted(f.keys())
+    result = run_cli("relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q")
+    assert result.exit_code == 0, result.output
+    with h5py.File(lf.path, "r") as f:
+        assert sorted(f.keys()) == root_before
+        for path, steps in zip(lf.reward_paths, lf.steps):
+            assert f[path].shape == (steps,)
+
+
+def test_each_frame_encoded_once_whatever_the_number_of_goals(tmp_path, tiny_model_dir, monkeypatch):
+    from vlmlabel.model import ClipModel
+
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    seen = []
+    original = ClipModel.encode_images
+    monkeypatch.setattr(ClipModel, "encode_images", lambda self, px: seen.append(len(px)) or original(self, px))
+    goals = [f"goal {i}" for i in range(5)]
+    args = ["relabel", str(lf.path), "--model", str(tiny_model_dir), "-q"] + [a for g in goals for a in ("--goal", g)]
+    assert run_cli(*args).exit_code == 0
+    assert sum(seen) == sum(lf.steps)
+
+
+def test_output_copy_leaves_source_byte_identical(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    before = lf.path.read_bytes()
+    out = tmp_path / "labelled.h5"
+    result = run_cli("relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert lf.path.read_bytes() == before
+    with h5py.File(out, "r") as f:
+        assert all(f[p].shape == (n,) for p, n in zip(lf.reward_paths, lf.steps))
+        np.testing.assert_array_equal(f["data/demo_0/obs/agentview_image"][()], lf.frame_steps[0])
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_overwrite_replaces_existing_reward(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    args = ["relabel", str(lf.path), "--model", str(tiny_model_dir), "-q"]
+    assert run_cli(*args, "--goal", "first").exit_code == 0
+    assert run_cli(*args, "--goal", "second").exit_code == 2
+    assert run_cli(*args, "--goal", "second", "--overwrite").exit_code == 0
+    with h5py.File(lf.path, "r") as f:
+        assert f["data/demo_0/vlm_reward"].attrs["goal"] == "second"
+
+
+def test_summary_reports_episodes_frames_and_reward_range(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    result = run_cli("relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "a cup")
+    assert result.exit_code == 0, result.output
+    assert "3 episodes, 16 frames" in result.output
+    assert "frames/s" in result.output
+    with h5py.File(lf.path, "r") as f:
+        values = np.concatenate([f[p][()] for p in lf.reward_paths])
+    assert f"{values.min():.4f}" in result.output and f"{values.max():.4f}" in result.output
+
+
+def test_quiet_prints_nothing(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    result = run_cli("relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "a cup", "--quiet")
+    assert result.exit_code == 0
+    assert result.output.strip() == ""
+
+
+def test_inspect_reports_layout(layout_file):
+    result = run_cli("inspect", str(layout_file.path))
+    assert result.exit_code == 0, result.output
+    assert layout_file.layout in result.output
+    assert layout_file.image_key in result.output
+    assert f"{sum(layout_file.steps)}" in result.output
+
+
+def test_models_lists_architectures_and_tags():
+    result = run_cli("models", "ViT-B-32")
+    assert result.exit_code == 0
+    assert "laion2b_s34b_b79k" in result.output and "ViT-B-32" in result.output
