@@ -108,15 +108,19 @@ def relabel(
         return
     progress = Progress(
         TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-        FramesPerSecond(), TimeRemainingColumn(), console=console, transient=False,
+        FramesPerSecond(), TimeRemainingColumn(), console=console, transient=True,
     )
-    with progress:
-        task = progress.add_task("scoring", total=None)
-        summary = relabel_file(
-            request,
-            on_start=lambda total: progress.update(task, total=total),
-            on_progress=lambda n: progress.advance(task, n),
-        )
+    task = progress.add_task("scoring", total=None)
+
+    def start(total: int) -> None:  # only once the source and model are ready: errors before stay one line
+        progress.update(task, total=total)
+        progress.start()
+
+    try:
+        summary = relabel_file(request, on_start=start, on_progress=lambda n: progress.advance(task, n))
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     _print_summary(summary)
 
 

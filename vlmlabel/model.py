@@ -195,17 +195,8 @@ def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
 def _resolve_hf_hub(repo_id: str, pretrained: str | None) -> _Resolved:
     if pretrained:
         raise ModelError(f"hf-hub:{repo_id} carries its own weights; drop --pretrained {pretrained!r}")
-    config = _hub_file(repo_id, CONFIG_FILE)
-    weights = None
-    for filename in WEIGHT_FILES:
-        try:
-            weights = _hub_file(repo_id, filename)
-            break
-        except ModelError:
-            continue
-    if weights is None:
-        raise ModelError(f"hf-hub:{repo_id} has no {' or '.join(WEIGHT_FILES)} in the local cache or on the Hub; "
-                         + _OFFLINE_HELP)
+    config = _hub_file(repo_id, [CONFIG_FILE])
+    weights = _hub_file(repo_id, list(WEIGHT_FILES))
     snapshot = Path(config).parent
     if Path(weights).parent != snapshot:
         raise ModelError(f"hf-hub:{repo_id}: config and weights come from different snapshots; clear the cache "
@@ -258,13 +249,7 @@ def _tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
         if filename.endswith(".bin"):
             candidates.insert(0, filename[: -len(".bin")] + ".safetensors")
         candidates += [f for f in WEIGHT_FILES if f not in candidates]
-        for candidate in candidates:
-            try:
-                return _hub_file(repo_id, candidate)
-            except ModelError:
-                continue
-        raise ModelError(f"weights for {name} {tag} ({repo_id}) are not in the local cache and could not be "
-                         "downloaded; " + _OFFLINE_HELP)
+        return _hub_file(repo_id, candidates, what=f"weights for {name} {tag}")
     url = tag_cfg.get("url", "")
     cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
     if cached.is_file():
@@ -272,25 +257,29 @@ def _tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
     raise ModelError(f"weights for {name} {tag} are not in ~/.cache/clip; " + _OFFLINE_HELP)
 
 
-def _hub_file(repo_id: str, filename: str) -> str:
-    """A file from the Hugging Face cache, downloaded only if the Hub answers within seconds."""
+def _hub_file(repo_id: str, filenames: list[str], what: str | None = None) -> str:
+    """The first of ``filenames`` in the Hugging Face cache, else downloaded if the Hub answers within seconds."""
     import huggingface_hub as hf
     from huggingface_hub import constants
 
-    cached = hf.try_to_load_from_cache(repo_id, filename)
-    if isinstance(cached, str):
-        return cached
+    what = what or f"{repo_id}/{filenames[0]}"
+    for filename in filenames:
+        cached = hf.try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return cached
     if constants.HF_HUB_OFFLINE:
-        raise ModelError(f"{repo_id}/{filename} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        raise ModelError(f"{what} ({repo_id}) are not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          + _OFFLINE_HELP)
-    try:
-        hf.get_hf_file_metadata(hf.hf_hub_url(repo_id, filename), timeout=5)
-    except hf.errors.EntryNotFoundError as exc:
-        raise ModelError(f"{repo_id} has no file {filename}") from exc
-    except Exception as exc:  # any network failure: say so now, not after minutes of retries
-        raise ModelError(f"{repo_id}/{filename} is not cached and the Hugging Face Hub is unreachable "
-                         f"({type(exc).__name__}); " + _OFFLINE_HELP) from exc
-    return hf.hf_hub_download(repo_id, filename)
+    for filename in filenames:
+        try:
+            hf.get_hf_file_metadata(hf.hf_hub_url(repo_id, filename), timeout=5)
+        except hf.errors.EntryNotFoundError:
+            continue
+        except Exception as exc:  # any network failure: say so now, not after minutes of retries
+            raise ModelError(f"{what} ({repo_id}) are not cached and the Hugging Face Hub is unreachable "
+                             f"({type(exc).__name__}); " + _OFFLINE_HELP) from None
+        return hf.hf_hub_download(repo_id, filename)
+    raise ModelError(f"{repo_id} on the Hugging Face Hub has none of {', '.join(filenames)}")
 
 
 def list_architectures() -> list[tuple[str, list[str]]]:

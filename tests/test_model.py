@@ -1,0 +1,43 @@
+"""Model resolution as users write it: folders, local-dir:, hf-hub: from a pre-filled cache, offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import pytest
+
+from tests import layouts
+from vlmlabel.errors import ModelError
+from vlmlabel.model import load_model
+
+
+def test_plain_folder_and_local_dir_prefix_load_the_same_weights(tiny_model_dir):
+    a = load_model(str(tiny_model_dir))
+    b = load_model(f"local-dir:{tiny_model_dir}")
+    assert a.pretrained == b.pretrained == "bundled"
+    for (name, x), (_, y) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
+        assert (x == y).all(), name
+
+
+def test_random_weights_refused_outside_bench():
+    with pytest.raises(ModelError, match="only accepted by `vlmlabel bench`"):
+        load_model("ViT-B-32", "random")
+
+
+def test_hf_hub_model_loads_offline_from_a_prefilled_cache(tmp_path, tiny_model_dir):
+    """hf-hub:ORG/REPO resolves from the Hugging Face cache layout with HF_HUB_OFFLINE=1 and no network."""
+    snapshot = tmp_path / "hf" / "hub" / "models--acme--tiny-clip" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    source = layouts.build_robomimic(tmp_path / "r.h5").path
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(source), "--model", "hf-hub:acme/tiny-clip",
+                           "--goal", "a cup", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(source, "r") as f:
+        assert f["data/demo_0/vlm_reward"].attrs["pretrained"] == "hf-hub:acme/tiny-clip"
