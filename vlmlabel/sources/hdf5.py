@@ -16,7 +16,7 @@ import numpy as np
 from vlmlabel.errors import SourceError
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment
 
-CHUNK_CACHE_BYTES = 256 * 1024 * 1024
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG"
 _FLAT_OBS_GROUPS = ("observations", "observation", "obs")
