@@ -20,7 +20,10 @@ from vlmlabel import __version__
 from vlmlabel.device import Precision
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL
-from vlmlabel.pipeline import DEFAULT_REWARD_KEY, RelabelRequest, RelabelSummary, relabel_file
+from vlmlabel.formulation import RewardConfig
+from vlmlabel.pipeline import (DEFAULT_REWARD_KEY, EmbedRequest, RelabelRequest, RelabelSummary, embed_file,
+                               relabel_file)
+from vlmlabel.rewards import Normalize, RewardMode, Shaping
 from vlmlabel.sources import Align, open_source
 
 app = typer.Typer(
@@ -36,6 +39,17 @@ F = TypeVar("F", bound=Callable)
 
 # Shared option definitions.
 SourceArg = Annotated[Path, typer.Argument(help="Dataset to read: an HDF5 file (.h5/.hdf5).", show_default=False)]
+ModelOpt = Annotated[str, typer.Option(
+    help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
+         "open_clip_config.json + weights.")]
+PretrainedOpt = Annotated[Optional[str], typer.Option(
+    help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
+         "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False)]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(
+    help="Frames per batch; default chosen for the device.", show_default=False)]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")]
 ImageKeyOpt = Annotated[Optional[str], typer.Option(
     "--image-key", help="Dataset path of the frames inside each episode (or the file); auto-detected when omitted.")]
 
@@ -73,13 +87,38 @@ def relabel(
     goal: Annotated[List[str], typer.Option(
         "--goal", "-g", help="Goal in words; repeat for several goals (one reward dataset each).",
         show_default=False)],
-    model: Annotated[str, typer.Option(
-        help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
-             "open_clip_config.json + weights.")] = DEFAULT_MODEL,
-    pretrained: Annotated[Optional[str], typer.Option(
-        help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
-             "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False)] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = None,
     image_key: ImageKeyOpt = None,
+    reward: Annotated[RewardMode, typer.Option(
+        help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
+             "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
+             "scale | contrastive: x.g - mean x.n.")] = RewardMode.cosine,
+    goal_template: Annotated[Optional[List[str]], typer.Option(
+        help="Prompt ensemble: each goal (and baseline/negative) is embedded once per template, '{}' "
+             "replaced by the text; the embeddings are averaged, then normalised. Repeatable, e.g. "
+             "--goal-template \"a photo of {}\" --goal-template \"a picture of {}\". Include \"{}\" to keep "
+             "the bare text.", show_default=False)] = None,
+    baseline: Annotated[Optional[List[str]], typer.Option(
+        help="projection: baseline text b (repeatable; embeddings averaged).", show_default=False)] = None,
+    alpha: Annotated[float, typer.Option(
+        help="projection: strength in [0, 1]; 0 is cosine up to an affine map, 1 keeps only the "
+             "goal-baseline direction.")] = 1.0,
+    negative: Annotated[Optional[List[str]], typer.Option(
+        help="softmax/contrastive: what the goal is not (repeatable).", show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="softmax: write the binary success reward 1[p >= T] (p kept as NAME_raw).",
+        show_default=False)] = None,
+    shaping: Annotated[Shaping, typer.Option(
+        help="delta: potential-based gamma*phi(o_{t+1}) - phi(o_t) within each episode (the last step "
+             "uses its own potential as the next one). Raw scores kept as NAME_raw.")] = Shaping.none,
+    gamma: Annotated[float, typer.Option(help="Discount for --shaping delta, in [0, 1].")] = 0.99,
+    normalize: Annotated[Normalize, typer.Option(
+        help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
+             "before shaping. Raw scores kept as NAME_raw.")] = Normalize.none,
+    use_cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Use embeddings stored by `vlmlabel embed` when they match the model, "
+                                   "weights, preprocessing and image key.")] = True,
     reward_key: Annotated[str, typer.Option(
         help="Name of the written dataset; with several goals NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
     output: Annotated[Optional[Path], typer.Option(
@@ -87,40 +126,31 @@ def relabel(
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Frames per batch; default chosen for the device.", show_default=False)] = None,
-    precision: Annotated[Precision, typer.Option(
-        help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.")] = Precision.auto,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
+    batch_size: BatchSizeOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
         help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).")]
     = Align.frame,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Score every step against each goal and write the rewards next to the data."""
+    formulation = RewardConfig(
+        goals=goal, mode=reward, templates=goal_template or [], baselines=baseline or [], alpha=alpha,
+        negatives=negative or [], threshold=threshold, shaping=shaping, gamma=gamma, normalize=normalize,
+    ).validate()
     request = RelabelRequest(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
-        precision=precision.value, device=device, align=align,
+        precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
     )
     if quiet:
         relabel_file(request)
         return
-    progress = Progress(
-        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-        FramesPerSecond(), TimeRemainingColumn(), console=console, transient=True,
-    )
+    progress = _progress("scoring")
     task = progress.add_task("scoring", total=None)
-
-    def start(total: int) -> None:  # only once the source and model are ready: errors before stay one line
-        progress.update(task, total=total)
-        progress.start()
-
-    try:
-        summary = relabel_file(request, on_start=start, on_progress=lambda n: progress.advance(task, n))
-    finally:
-        if progress.live.is_started:
-            progress.stop()
+    summary = _with_progress(progress, task, lambda start, advance: relabel_file(
+        request, on_start=start, on_progress=advance))
     _print_summary(summary)
 
 
@@ -137,11 +167,67 @@ def _print_summary(summary: RelabelSummary) -> None:
         column = values[:, index]
         table.add_row(name, goal, f"{column.min():.4f}", f"{column.mean():.4f}", f"{column.max():.4f}")
     stdout.print(table)
+    if summary.raw_names:
+        stdout.print(f"raw scores kept in {', '.join(summary.raw_names)}")
+    stdout.print(summary.cache_note if summary.used_cache else f"scored frames ({summary.cache_note})")
     stdout.print(
         f"{len(result.episodes)} episodes, {result.frames:,} frames, {result.frames_per_second:,.1f} frames/s "
         f"({summary.layout} layout, frames from {summary.image_key!r}; model {summary.model.name} "
         f"{summary.model.pretrained}, {summary.model.precision} on {summary.model.device})"
     )
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+        FramesPerSecond(), TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+def _with_progress(progress: Progress, task, run: Callable) -> object:
+    """Run ``run(on_start, on_progress)``, showing the bar only once work starts: earlier errors stay one line."""
+
+    def start(total: int) -> None:
+        progress.update(task, total=total)
+        progress.start()
+
+    try:
+        return run(start, lambda n: progress.advance(task, n))
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+@app.command()
+@_exit_on_error
+def embed(
+    source: SourceArg,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = None,
+    image_key: ImageKeyOpt = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="Write a copy with the embeddings added here instead of adding them to SOURCE.",
+        show_default=False)] = None,
+    batch_size: BatchSizeOpt = None,
+    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+) -> None:
+    """Store every frame's unit image embedding (float16) beside the frames, so relabel needs no model pass."""
+    request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
+                           batch_size=batch_size, precision=precision.value, device=device)
+    if quiet:
+        embed_file(request)
+        return
+    progress = _progress("embedding")
+    task = progress.add_task("embedding", total=None)
+    summary = _with_progress(progress, task, lambda start, advance: embed_file(
+        request, on_start=start, on_progress=advance))
+    rate = summary.frames / summary.seconds if summary.seconds > 0 else float("inf")
+    shown = ", ".join(summary.locations[:3]) + (" ..." if len(summary.locations) > 3 else "")
+    stdout.print(f"{summary.frames:,} embeddings of dim {summary.dim} written to {summary.written_to} ({shown}); "
+                 f"{rate:,.1f} frames/s, model {summary.model.name} {summary.model.pretrained}, "
+                 f"frames from {summary.image_key!r}")
 
 
 @app.command()

@@ -20,7 +20,8 @@ from vlmlabel import rewards
 from vlmlabel.errors import SourceError
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.sources.base import Align, Episode, FrameSource
+from vlmlabel.formulation import ScoreFn
+from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
 
 PREFETCH_BATCHES = 3
 _DONE = object()
@@ -136,56 +137,86 @@ def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 
 class FrameScorer:
-    """Encodes frames on the model's device and scores them against fixed goal embeddings."""
+    """Encodes frames on the model's device and turns the embeddings into rewards with ``score_fn``."""
 
-    def __init__(self, model: ClipModel, goals: Sequence[str]):
+    def __init__(self, model: ClipModel, goals: Sequence[str] = (), score_fn: ScoreFn | None = None):
         self.model = model
         self.preprocess = DevicePreprocess(model.preprocess, model.device)
-        self.goal_embeddings = model.encode_texts(goals)
+        if score_fn is None:
+            goal_embeddings = model.encode_texts(goals)
+            score_fn = lambda x: rewards.cosine(x, goal_embeddings)  # noqa: E731
+        self.score_fn = score_fn
 
     def embed(self, batch: Batch) -> torch.Tensor:
+        """Unit fp32 image embeddings of a batch, in the batch's order."""
         device = self.model.device
         non_blocking = device.type == "cuda"
         if isinstance(batch.frames, torch.Tensor):
             frames = batch.frames.pin_memory() if non_blocking else batch.frames
             return self.model.encode_images(self.preprocess(frames.to(device, non_blocking=non_blocking)))
         # Decoded frames may differ in size: preprocess each size group, keep the original order.
-        embeddings = torch.empty((batch.size, self.goal_embeddings.shape[1]), device=device)
         by_shape: dict[tuple, list[int]] = {}
         for index, frame in enumerate(batch.frames):
             by_shape.setdefault(tuple(frame.shape), []).append(index)
+        embeddings: torch.Tensor | None = None
         for indices in by_shape.values():
             stacked = torch.stack([batch.frames[i] for i in indices]).to(device, non_blocking=non_blocking)
-            embeddings[indices] = self.model.encode_images(self.preprocess(stacked))
+            encoded = self.model.encode_images(self.preprocess(stacked))
+            if embeddings is None:
+                embeddings = torch.empty((batch.size, encoded.shape[1]), device=device)
+            embeddings[indices] = encoded
+        assert embeddings is not None
         return embeddings
 
     def score(self, batch: Batch) -> torch.Tensor:
-        return rewards.cosine(self.embed(batch), self.goal_embeddings)
+        return self.score_fn(self.embed(batch))
+
+
+def _run(source: FrameSource, episodes: list[Episode], batch_size: int, compute: Callable[[Batch], torch.Tensor],
+         dtype: type, on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """The one loop: every frame of ``episodes`` in order through ``compute``, rows collected in ``out``."""
+    total = sum(e.steps for e in episodes)
+    position = 0
+    out: np.ndarray | None = None
+    for batch in _prefetch(iter_batches(source, episodes, batch_size), PREFETCH_BATCHES):
+        rows = compute(batch).cpu().numpy()
+        if out is None:
+            out = np.empty((total, rows.shape[1]), dtype=dtype)
+        out[position:position + batch.size] = rows
+        position += batch.size
+        if on_progress is not None:
+            on_progress(batch.size)
+    if position != total or out is None:
+        raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
+    return out
+
+
+def split_episodes(values: np.ndarray, episodes: list[Episode]) -> list[np.ndarray]:
+    bounds = np.cumsum([0] + [e.steps for e in episodes])
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def relabel(
     source: FrameSource,
     model: ClipModel,
-    goals: Sequence[str],
+    goals: Sequence[str] = (),
     align: Align = Align.frame,
     batch_size: int = 32,
     on_progress: Callable[[int], None] | None = None,
+    score_fn: ScoreFn | None = None,
 ) -> RelabelResult:
-    """Score every step of every episode against each goal; nothing is written here."""
+    """Score every step of every episode (cosine to ``goals``, or ``score_fn``); nothing is written here."""
     episodes = source.episodes(align)
-    total = sum(e.steps for e in episodes)
-    scorer = FrameScorer(model, goals)
-    scores = np.empty((total, len(goals)), dtype=np.float32)
+    scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
-    position = 0
-    for batch in _prefetch(iter_batches(source, episodes, batch_size), PREFETCH_BATCHES):
-        scores[position:position + batch.size] = scorer.score(batch).cpu().numpy()
-        position += batch.size
-        if on_progress is not None:
-            on_progress(batch.size)
+    scores = _run(source, episodes, batch_size, scorer.score, np.float32, on_progress)
     seconds = time.perf_counter() - start
-    if position != total:
-        raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
-    bounds = np.cumsum([0] + [e.steps for e in episodes])
-    per_episode = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    return RelabelResult(episodes, per_episode, total, seconds)
+    return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
+
+
+def embed_segments(source: FrameSource, model: ClipModel, segments: Sequence[Segment], batch_size: int,
+                   on_progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Unit image embeddings (float16) of the rows of ``segments``, in order: what the cache stores."""
+    scorer = FrameScorer(model, score_fn=lambda x: x)
+    parts = [Episode(s.array, len(s), (s,), "") for s in segments]
+    return _run(source, parts, batch_size, scorer.embed, np.float16, on_progress)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -10,15 +11,18 @@ import numpy as np
 
 from vlmlabel import __version__
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import RelabelResult, relabel
+from vlmlabel import cache
+from vlmlabel.engine import RelabelResult, embed_segments, relabel
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
-from vlmlabel.rewards import COSINE_FORMULA
+from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import reward_path
+from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
 
 DEFAULT_REWARD_KEY = "vlm_reward"
+RAW_SUFFIX = "_raw"
 
 
 @dataclass
@@ -35,6 +39,12 @@ class RelabelRequest:
     precision: str = "auto"
     device: str = "auto"
     align: Align = Align.frame
+    formulation: RewardConfig | None = None  # None: plain cosine to ``goals``
+    use_cache: bool = True
+
+    def reward_config(self) -> RewardConfig:
+        config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
+        return config.validate()
 
 
 @dataclass
@@ -46,6 +56,32 @@ class RelabelSummary:
     model: ClipModel
     layout: str
     image_key: str
+    used_cache: bool = False
+    cache_note: str = ""
+    raw_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EmbedRequest:
+    source: Path
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    image_key: str | None = None
+    output: Path | None = None
+    batch_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class EmbedSummary:
+    written_to: Path
+    locations: list[str]
+    frames: int
+    dim: int
+    seconds: float
+    model: ClipModel
+    image_key: str
 
 
 def reward_names(key: str, goal_count: int) -> list[str]:
@@ -53,53 +89,91 @@ def reward_names(key: str, goal_count: int) -> list[str]:
     return [key] if goal_count == 1 else [f"{key}_{i}" for i in range(goal_count)]
 
 
-def validate_goals(goals: list[str]) -> list[str]:
-    cleaned = [g.strip() for g in goals]
-    if not cleaned:
-        raise VlmlabelError("no goal given; pass --goal \"describe the goal in words\"")
-    if any(not g for g in cleaned):
-        raise VlmlabelError("--goal is empty; describe the goal in words, e.g. --goal \"the drawer is open\"")
-    return cleaned
+def _batch_size(requested: int | None, device) -> int:
+    if requested is not None and requested < 1:
+        raise VlmlabelError(f"--batch-size must be at least 1, not {requested}")
+    return requested or default_batch_size(device)
 
 
 def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None) -> RelabelSummary:
     """Score every step and write the rewards; the source is only read until the final atomic write."""
-    goals = validate_goals(request.goals)
+    config = request.reward_config()
+    goals = config.goals
     if not request.reward_key.strip() or "/" in request.reward_key:
         raise VlmlabelError(f"--reward-key {request.reward_key!r} must be a non-empty name without '/'")
     names = reward_names(request.reward_key, len(goals))
+    raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
-    if request.batch_size is not None and request.batch_size < 1:
-        raise VlmlabelError(f"--batch-size must be at least 1, not {request.batch_size}")
-    batch_size = request.batch_size or default_batch_size(device)
+    batch_size = _batch_size(request.batch_size, device)
 
     with open_source(str(request.source), request.image_key) as source:
         stamp = SourceStamp.of(request.source)
         episodes = source.episodes(request.align)
         targets = sorted({e.target for e in episodes})
-        planned = [reward_path(t, n) for t in targets for n in names]
+        planned = [reward_path(t, n) for t in targets for n in names + raw_names]
         check_writable(request.source, request.output, source.existing(planned), request.overwrite)
         model = load_model(request.model, request.pretrained, device, precision)
+        score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
+        match = cache.find(source, episodes, model, source.image_key) if request.use_cache else "--no-cache"
         if on_start is not None:
             on_start(sum(e.steps for e in episodes))
-        result = relabel(source, model, goals, request.align, batch_size, on_progress)
+        if isinstance(match, cache.CacheMatch):
+            result = cache.relabel_cached(source, match, episodes, score_fn, model.device, on_progress)
+        else:
+            result = relabel(source, model, goals, request.align, batch_size, on_progress, score_fn=score_fn)
         layout, image_key = source.layout, source.image_key
 
+    used_cache = isinstance(match, cache.CacheMatch)
+    final = config.postprocess(result.rewards)
     datasets = []
     for goal_index, (goal, name) in enumerate(zip(goals, names)):
         attrs = {
-            "goal": goal,
-            "formula": COSINE_FORMULA,
+            **config.attrs(goal_index, model.logit_scale),
             "align": request.align.value,
             "image_key": image_key,
+            "embeddings": "cache" if used_cache else "frames",
             "vlmlabel_version": __version__,
             **model.describe(),
         }
-        for target in targets:
-            values = np.concatenate([r[:, goal_index] for e, r in zip(result.episodes, result.rewards)
-                                     if e.target == target])
-            datasets.append(RewardDataset(reward_path(target, name), values, attrs))
+        columns = [(name, final, attrs)]
+        if raw_names:
+            raw_attrs = {**attrs, "formula": attrs["formula"].split(" -> ")[0], "raw_of": name}
+            columns.append((raw_names[goal_index], result.rewards, raw_attrs))
+            attrs["raw_key"] = raw_names[goal_index]
+        for column, values, column_attrs in columns:
+            for target in targets:
+                picked = np.concatenate([v[:, goal_index] for e, v in zip(result.episodes, values)
+                                         if e.target == target])
+                datasets.append(RewardDataset(reward_path(target, column), picked, column_attrs))
     written = write_rewards(request.source, request.output, datasets, request.overwrite, stamp)
-    return RelabelSummary(result, written, names, goals, model, layout, image_key)
+    result.rewards = final
+    note = "using cached embeddings" if used_cache else str(match)
+    return RelabelSummary(result, written, names, goals, model, layout, image_key, used_cache, note, raw_names)
+
+
+def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = None,
+               on_progress: Callable[[int], None] | None = None) -> EmbedSummary:
+    """Store every frame's unit image embedding beside the frames (safe write, like rewards)."""
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    batch_size = _batch_size(request.batch_size, device)
+    with open_source(str(request.source), request.image_key) as source:
+        stamp = SourceStamp.of(request.source)
+        plans = cache.plan(source)
+        locations = [source.embedding_location(p.array) for p in plans]
+        check_writable(request.source, request.output, [], overwrite=True)
+        model = load_model(request.model, request.pretrained, device, precision)
+        segments = [s for p in plans for s in p.segments]
+        total = sum(len(s) for s in segments)
+        if on_start is not None:
+            on_start(total)
+        start = time.perf_counter()
+        embeddings = embed_segments(source, model, segments, batch_size, on_progress)
+        seconds = time.perf_counter() - start
+        datasets = cache.cache_datasets(source, plans, embeddings, model, source.image_key)
+        image_key = source.image_key
+    stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations) if p.dense]
+    written = write_rewards(request.source, request.output, datasets, True, stamp, remove=stale_rows)
+    return EmbedSummary(written, locations, total, embeddings.shape[1], seconds, model, image_key)

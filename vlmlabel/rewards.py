@@ -1,12 +1,130 @@
-"""Rewards from embeddings: pure math, no IO and no model."""
+"""Rewards from embeddings: pure math, no IO and no model.
+
+Image rows x are unit-norm CLIP image embeddings (N, D); goal, baseline and negative rows are
+text embeddings (already averaged over their prompts by the caller). Every formula returns an
+(N, goals) fp32 tensor and is a row-wise function of x, so scores can be computed in any order
+or chunking and gathered afterwards.
+"""
 
 from __future__ import annotations
 
+import enum
+
+import numpy as np
 import torch
 
 COSINE_FORMULA = "cos(CLIP_image(o), CLIP_text(goal))"
+PROJECTION_FORMULA = ("1 - 0.5 * |(x - g) P|^2, P = alpha d d^T / |d|^2 + (1 - alpha) I, d = g - b "
+                      "(Rocamonde et al. 2023, goal-baseline regularisation)")
+SOFTMAX_FORMULA = "softmax(logit_scale * [x.g, x.n_1, ..., x.n_k])_0"
+CONTRASTIVE_FORMULA = "x.g - mean_i x.n_i"
+DELTA_FORMULA = "gamma * phi(o_{t+1}) - phi(o_t), phi(o_T) := phi(o_{T-1}) at the episode's last step"
+
+
+class RewardMode(str, enum.Enum):
+    """How an image embedding and the text embeddings become a reward."""
+
+    cosine = "cosine"
+    projection = "projection"
+    softmax = "softmax"
+    contrastive = "contrastive"
+
+
+class Shaping(str, enum.Enum):
+    none = "none"
+    delta = "delta"
+
+
+class Normalize(str, enum.Enum):
+    none = "none"
+    episode = "episode"
+    dataset = "dataset"
+    minmax = "minmax"
+
+
+def prompt_average(text_embeddings: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
+    """Mean of one concept's prompt embeddings (a prompt ensemble); unit-norm again unless told not to."""
+    mean = text_embeddings.float().mean(dim=0)
+    return torch.nn.functional.normalize(mean, dim=0) if renormalize else mean
 
 
 def cosine(image_embeddings: torch.Tensor, goal_embeddings: torch.Tensor) -> torch.Tensor:
     """R[i, g] = <x_i, g> for unit-norm image rows x_i and unit-norm goal rows g, in fp32."""
     return image_embeddings.float() @ goal_embeddings.float().T
+
+
+def projection(image_embeddings: torch.Tensor, goals: torch.Tensor, baseline: torch.Tensor,
+               alpha: float) -> torch.Tensor:
+    """1 - 0.5 |(x - g) P|^2 with P projecting towards d = g - b, expanded so it costs two matrix products.
+
+    P is symmetric with P d = d, so |(x-g)P|^2 = (1-a)^2 |x-g|^2 + (2a - a^2) ((x-g).d)^2 / |d|^2.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+    x = image_embeddings.float()
+    g = goals.float()
+    d = g - baseline.float().reshape(1, -1)
+    d_norm2 = (d * d).sum(dim=1)
+    if bool((d_norm2 == 0).any()):
+        raise ValueError("a goal equals the baseline (d = g - b is zero); choose a different --baseline")
+    x_g = x @ g.T
+    x_d = x @ d.T
+    diff_norm2 = (x * x).sum(dim=1, keepdim=True) - 2 * x_g + (g * g).sum(dim=1)
+    diff_d = x_d - (g * d).sum(dim=1)
+    return 1 - 0.5 * ((1 - alpha) ** 2 * diff_norm2 + (2 * alpha - alpha ** 2) * diff_d ** 2 / d_norm2)
+
+
+def softmax(image_embeddings: torch.Tensor, goals: torch.Tensor, negatives: torch.Tensor,
+            logit_scale: float) -> torch.Tensor:
+    """Probability of each goal against the negatives: softmax(s [x.g, x.n_1, ...])_0, one goal at a time."""
+    x = image_embeddings.float()
+    goal_logits = logit_scale * (x @ goals.float().T)  # (N, G)
+    negative_logits = logit_scale * (x @ negatives.float().T)  # (N, K)
+    negative_lse = torch.logsumexp(negative_logits, dim=1, keepdim=True)
+    return torch.exp(goal_logits - torch.logaddexp(goal_logits, negative_lse))
+
+
+def contrastive(image_embeddings: torch.Tensor, goals: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """x.g minus the mean similarity to the negatives."""
+    x = image_embeddings.float()
+    return x @ goals.float().T - (x @ negatives.float().T).mean(dim=1, keepdim=True)
+
+
+def threshold(probabilities: np.ndarray, level: float) -> np.ndarray:
+    """Binary success reward 1[p >= level]."""
+    return (probabilities >= level).astype(np.float32)
+
+
+def delta_shaping(potentials: list[np.ndarray], gamma: float) -> list[np.ndarray]:
+    """Potential-based shaping gamma * phi(o_{t+1}) - phi(o_t), within each episode only.
+
+    The step after an episode's last one is outside the data; its potential is taken as the last one's,
+    so no value ever leaks from one episode into the next.
+    """
+    shaped = []
+    for phi in potentials:
+        following = np.concatenate([phi[1:], phi[-1:]], axis=0)
+        shaped.append((gamma * following - phi).astype(np.float32))
+    return shaped
+
+
+def normalize(values: list[np.ndarray], how: Normalize) -> list[np.ndarray]:
+    """Z-score per episode or over the dataset, or min-max to [0, 1] over the dataset (per goal column).
+
+    A constant series has no spread; it is centred (z-score) or set to 0 (min-max) instead of dividing by 0.
+    """
+    if how is Normalize.none:
+        return [v.astype(np.float32) for v in values]
+    if how is Normalize.episode:
+        return [_zscore(v, v.mean(axis=0), v.std(axis=0)) for v in values]
+    everything = np.concatenate(values, axis=0).astype(np.float64)
+    if how is Normalize.dataset:
+        mean, std = everything.mean(axis=0), everything.std(axis=0)
+        return [_zscore(v, mean, std) for v in values]
+    low, high = everything.min(axis=0), everything.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    return [((v - low) / span).astype(np.float32) for v in values]
+
+
+def _zscore(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, reward_path
 
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -23,6 +23,8 @@ _FLAT_OBS_GROUPS = ("observations", "observation", "obs")
 _NEXT_OBS = {"observations": "next_observations", "observation": "next_observation", "obs": "next_obs"}
 _EPISODE_END_KEYS = ("terminals", "timeouts")
 _STEP_TYPE_LAST = 2  # dm_env StepType.LAST
+EMBEDDING_GROUP = "vlm_embedding"
+EMBEDDING_ROWS_SUFFIX = "__rows"
 
 
 def _natural_key(name: str) -> list:
@@ -64,7 +66,7 @@ def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2) -> li
     found = []
     for name, item in group.items():
         path = f"{prefix}{name}"
-        if name.startswith("next_"):
+        if name.startswith("next_") or name == EMBEDDING_GROUP:
             continue  # next observations are read for --align next, never scored as the frames
         if isinstance(item, h5py.Dataset):
             if isinstance(frame_format_of(item), FrameFormat):
@@ -87,6 +89,8 @@ def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 2) -> li
 
 class HDF5Source:
     """An HDF5 dataset of image observations, opened read-only."""
+
+    _group_names: frozenset = frozenset()
 
     def __init__(self, path: str | Path, image_key: str | None = None):
         self.path = Path(path)
@@ -119,12 +123,13 @@ class HDF5Source:
                         key=_natural_key)
         if minari:
             self.layout, self._episode_groups = "minari", minari
+            self._group_names = frozenset(minari)
             self._choose_key(root[minari[0]], image_key, where=minari[0])
             return
         flat = [c for c in _image_candidates(root, depth=1) if "/" not in c or c.split("/")[0] in _FLAT_OBS_GROUPS]
         parent = root["data"] if isinstance(root.get("data"), h5py.Group) else root
         prefix = "data/" if parent is not root else ""
-        groups = sorted((k for k, v in parent.items() if isinstance(v, h5py.Group)
+        groups = sorted((k for k, v in parent.items() if isinstance(v, h5py.Group) and k != EMBEDDING_GROUP
                          and (prefix or (k not in _FLAT_OBS_GROUPS and k not in _NEXT_OBS.values()))),
                         key=_natural_key)
         first = parent[groups[0]] if groups else None
@@ -133,9 +138,11 @@ class HDF5Source:
         flat_key_ok = image_key is None or isinstance(root.get(image_key), h5py.Dataset)
         if flat and (flat_key_ok or not episodic):
             self.layout, self._episode_groups = "flat", []
+            self._group_names = frozenset()
             self._choose_key(root, image_key, where="the file root", candidates=flat)
         elif episodic:
             self._episode_groups = [f"{prefix}{g}" for g in groups]
+            self._group_names = frozenset(self._episode_groups)
             self.layout = "robomimic" if prefix and all(g.startswith("demo_") for g in groups) else "episodes"
             self._choose_key(first, image_key, where=self._episode_groups[0])
         elif image_key is not None:
@@ -287,6 +294,57 @@ class HDF5Source:
                                   f"(truncated or corrupt?): {exc}") from None
             yield block
             start = stop
+
+    # -- embedding cache and per-step values -------------------------------------------------------
+
+    def array_rows(self, array: str) -> int:
+        return self.file[array].shape[0]
+
+    def embedding_location(self, array: str) -> str:
+        """Where the cached embeddings of ``array`` live: ``<episode group>/vlm_embedding/<key>`` (flat: at the root).
+
+        Inside the episode group, so per-episode readers keep seeing one episode per group, and under its
+        own group, so it is never mistaken for frames or for a reward.
+        """
+        parts = array.split("/")
+        for depth in (1, 2):
+            group = "/".join(parts[:depth])
+            if depth < len(parts) and group in self._group_names:
+                return f"{group}/{EMBEDDING_GROUP}/{'/'.join(parts[depth:])}"
+        return f"{EMBEDDING_GROUP}/{array}"
+
+    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None:
+        """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
+        item = self.file.get(location)
+        if not isinstance(item, h5py.Dataset) or item.ndim != 2:
+            return None
+        rows_item = self.file.get(location + EMBEDDING_ROWS_SUFFIX)
+        rows = np.asarray(rows_item[:], dtype=np.int64) if isinstance(rows_item, h5py.Dataset) else None
+        return dict(item.attrs), rows, item.shape[0]
+
+    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]:
+        """Stored embeddings in chunk-aligned blocks of about ``max_rows`` rows."""
+        yield from self.read_blocks(Segment(location, 0, self.file[location].shape[0]), max_rows)
+
+    def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
+        """A per-step dataset (rewards, success, a written reward...) for one episode, or None if absent."""
+        if self.layout == "flat":
+            item = self.file.get(key)
+            if not isinstance(item, h5py.Dataset):
+                return None
+            start = episode.frames[0].start
+            return np.asarray(item[start:start + episode.steps])
+        group = episode.name
+        for path in (f"{group}/{key}", f"{episode.target}/{key}", f"{group}/infos/{key}"):
+            item = self.file.get(path)
+            if isinstance(item, h5py.Dataset):
+                return np.asarray(item[:])
+        return None
+
+    def dataset_attrs(self, episode: Episode, key: str) -> dict | None:
+        path = reward_path(episode.target, key)
+        item = self.file.get(path)
+        return dict(item.attrs) if isinstance(item, h5py.Dataset) else None
 
     def existing(self, paths: list[str]) -> list[str]:
         return [p for p in paths if p in self.file]

@@ -26,6 +26,8 @@ class RewardDataset:
     path: str
     values: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    chunk_rows: int | None = None  # rows per chunk for large 2-D arrays (embeddings); None: HDF5's choice
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,17 @@ def check_writable(source: Path, output: Path | None, existing: list[str], overw
 
 
 def write_rewards(source: Path, output: Path | None, datasets: list[RewardDataset], overwrite: bool,
-                  stamp: SourceStamp | None = None) -> Path:
-    """Copy ``source``, add ``datasets`` to the copy, then atomically put the copy at the destination."""
+                  stamp: SourceStamp | None = None, remove: list[str] | None = None) -> Path:
+    """Copy ``source``, add ``datasets`` to the copy (deleting ``remove`` paths), then atomically replace."""
     dest = destination(source, output)
     tmp = dest.resolve().parent / f".{dest.name}.vlmlabel-{os.getpid()}.tmp"
     try:
         shutil.copyfile(source, tmp)
         shutil.copymode(source, tmp)
         with h5py.File(tmp, "r+") as handle:
+            for path in remove or []:
+                if path in handle:
+                    del handle[path]
             for dataset in datasets:
                 _put(handle, dataset, overwrite)
         _fsync(tmp)
@@ -94,7 +99,11 @@ def _put(handle: h5py.File, dataset: RewardDataset, overwrite: bool) -> None:
         if not overwrite:
             raise OutputError(f"{dataset.path} already exists; pass --overwrite to replace it")
         del handle[dataset.path]
-    written = handle.create_dataset(dataset.path, data=np.asarray(dataset.values, dtype=np.float32))
+    values = np.asarray(dataset.values, dtype=dataset.dtype)
+    chunks = None
+    if dataset.chunk_rows is not None and values.ndim == 2 and len(values):
+        chunks = (min(dataset.chunk_rows, len(values)), values.shape[1])
+    written = handle.create_dataset(dataset.path, data=values, chunks=chunks)
     for key, value in dataset.attrs.items():
         written.attrs[key] = value
 

@@ -1,0 +1,153 @@
+"""The embedding cache: every frame's unit image embedding stored beside the frames, so new goals are cheap.
+
+A cache is kept per frame array and indexed by that array's rows, not by steps, so one cache serves
+both alignments (``--align frame`` and ``next``). ``embed`` stores the rows that either alignment reads:
+all rows of the frames array (Minari's T+1 observations included) and, of a next-observation array, only
+the rows it contributes (each episode's last step), recorded in a companion row-index dataset.
+A cache is used only when it was made by the same model, weights, preprocessing and image key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vlmlabel import __version__
+from vlmlabel.engine import RelabelResult
+from vlmlabel.formulation import ScoreFn
+from vlmlabel.model import ClipModel
+from vlmlabel.sources.base import Align, Episode, Segment
+from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
+from vlmlabel.writers.hdf5 import RewardDataset
+
+CACHE_CHUNK_ROWS = 8192
+SCORE_BLOCK_ROWS = 65536
+_MATCH_KEYS = ("model", "pretrained", "preprocess", "image_key")
+
+
+@dataclass
+class ArrayPlan:
+    """Rows of one frame array to embed, as contiguous segments; ``dense`` when they are all its rows."""
+
+    array: str
+    rows: np.ndarray
+    segments: list[Segment]
+    dense: bool
+
+
+def plan(source: Any) -> list[ArrayPlan]:
+    """Which rows of which arrays the two alignments read; each array's rows sorted and unique."""
+    ranges: dict[str, list[np.ndarray]] = {}
+    for align in Align:
+        for episode in source.episodes(align):
+            for segment in episode.frames:
+                ranges.setdefault(segment.array, []).append(np.arange(segment.start, segment.stop, dtype=np.int64))
+    plans = []
+    for array, parts in ranges.items():
+        rows = np.unique(np.concatenate(parts))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [len(rows)]])
+        segments = [Segment(array, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+        plans.append(ArrayPlan(array, rows, segments, dense=len(rows) == source.array_rows(array)))
+    return plans
+
+
+def identity(model: ClipModel, image_key: str) -> dict[str, str]:
+    """What must be equal for a cache to be reused (precision is not: it changes values only by rounding)."""
+    described = model.describe()
+    return {"model": described["model"], "pretrained": described["pretrained"],
+            "preprocess": described["preprocess"], "image_key": image_key}
+
+
+def cache_datasets(source: Any, plans: list[ArrayPlan], embeddings: np.ndarray, model: ClipModel,
+                   image_key: str) -> list[RewardDataset]:
+    """The datasets ``embed`` writes: one float16 (rows, D) array per frame array, plus row indices when sparse."""
+    out, position = [], 0
+    for item in plans:
+        values = embeddings[position:position + len(item.rows)]
+        position += len(item.rows)
+        location = source.embedding_location(item.array)
+        attrs = {**identity(model, image_key), "precision": model.precision, "source_array": item.array,
+                 "source_rows": source.array_rows(item.array), "rows": "all" if item.dense else "indexed",
+                 "vlmlabel_version": __version__,
+                 "description": "unit CLIP image embeddings, one row per frame row of source_array"}
+        out.append(RewardDataset(location, values, attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
+        if not item.dense:
+            out.append(RewardDataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
+                                     dtype="int64"))
+    return out
+
+
+@dataclass
+class CacheMatch:
+    """Usable caches per frame array: location and stored row indices (None: every row)."""
+
+    locations: dict[str, tuple[str, np.ndarray | None, int]]
+
+
+def find(source: Any, episodes: list[Episode], model: ClipModel, image_key: str) -> CacheMatch | str:
+    """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
+    wanted = identity(model, image_key)
+    locations: dict[str, tuple[str, np.ndarray | None, int]] = {}
+    needed: dict[str, list[Segment]] = {}
+    for episode in episodes:
+        for segment in episode.frames:
+            needed.setdefault(segment.array, []).append(segment)
+    for array, segments in needed.items():
+        location = source.embedding_location(array)
+        meta = source.read_embedding_meta(location)
+        if meta is None:
+            return "no embedding cache (run `vlmlabel embed` to make one)"
+        attrs, rows, count = meta
+        for key in _MATCH_KEYS:
+            if str(attrs.get(key)) != wanted[key]:
+                return (f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "
+                        f"not {wanted[key]!r}: ignored")
+        if attrs.get("source_rows") != source.array_rows(array):
+            return f"embedding cache at {location} has {attrs.get('source_rows')} rows but {array} has " \
+                   f"{source.array_rows(array)}: stale, ignored"
+        if rows is None and count != source.array_rows(array) or rows is not None and count != len(rows):
+            return f"embedding cache at {location} is inconsistent: ignored"
+        if rows is not None:
+            wanted_rows = np.concatenate([np.arange(s.start, s.stop) for s in segments])
+            found = np.searchsorted(rows, wanted_rows)
+            if (found >= len(rows)).any() or (rows[np.minimum(found, len(rows) - 1)] != wanted_rows).any():
+                return f"embedding cache at {location} lacks rows this alignment needs: ignored"
+        locations[array] = (location, rows, count)
+    return CacheMatch(locations)
+
+
+def relabel_cached(source: Any, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
+                   device: torch.device, on_progress: Callable[[int], None] | None = None) -> RelabelResult:
+    """Score each cached row once (chunk-aligned blocks, one matrix product each), then gather the steps."""
+    start = time.perf_counter()
+    scored: dict[str, np.ndarray] = {}
+    for array, (location, _, count) in match.locations.items():
+        out: np.ndarray | None = None
+        position = 0
+        for block in source.read_embedding_blocks(location, SCORE_BLOCK_ROWS):
+            values = score_fn(torch.from_numpy(np.asarray(block, dtype=np.float32)).to(device)).cpu().numpy()
+            if out is None:
+                out = np.empty((count, values.shape[1]), dtype=np.float32)
+            out[position:position + len(block)] = values
+            position += len(block)
+        scored[array] = out
+    steps = []
+    for episode in episodes:
+        parts = []
+        for segment in episode.frames:
+            _, rows, _ = match.locations[segment.array]
+            if rows is None:
+                parts.append(scored[segment.array][segment.start:segment.stop])
+            else:
+                parts.append(scored[segment.array][np.searchsorted(rows, np.arange(segment.start, segment.stop))])
+        steps.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        if on_progress is not None:
+            on_progress(episode.steps)
+    total = sum(e.steps for e in episodes)
+    return RelabelResult(episodes, steps, total, time.perf_counter() - start)

@@ -1,0 +1,161 @@
+"""A reward formulation as the user asked for it: prompts -> text embeddings -> a function of image embeddings.
+
+Validation lives here so the CLI and the library refuse the same bad combinations with the same words,
+and ``attrs`` records exactly how a written reward was made (enough to rebuild it in ``evaluate``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from vlmlabel import rewards
+from vlmlabel.errors import VlmlabelError
+from vlmlabel.rewards import Normalize, RewardMode, Shaping
+
+_FORMULAS = {
+    RewardMode.cosine: rewards.COSINE_FORMULA,
+    RewardMode.projection: rewards.PROJECTION_FORMULA,
+    RewardMode.softmax: rewards.SOFTMAX_FORMULA,
+    RewardMode.contrastive: rewards.CONTRASTIVE_FORMULA,
+}
+
+# (N, D) unit image embeddings on the model's device -> (N, goals) fp32 scores.
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RewardConfig:
+    """Everything that decides a reward's values besides the model and the frames."""
+
+    goals: list[str]
+    mode: RewardMode = RewardMode.cosine
+    templates: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+    alpha: float = 1.0
+    threshold: float | None = None
+    shaping: Shaping = Shaping.none
+    gamma: float = 0.99
+    normalize: Normalize = Normalize.none
+
+    def validate(self) -> RewardConfig:
+        """Refuse contradictory or incomplete options before any model is loaded."""
+        self.goals = [g.strip() for g in self.goals]
+        if not self.goals:
+            raise VlmlabelError("no goal given; pass --goal \"describe the goal in words\"")
+        if any(not g for g in self.goals):
+            raise VlmlabelError("--goal is empty; describe the goal in words, e.g. --goal \"the drawer is open\"")
+        for template in self.templates:
+            if template.count("{}") != 1:
+                raise VlmlabelError(f"--goal-template {template!r} must contain '{{}}' exactly once, "
+                                    "where the goal goes, e.g. \"a photo of {}\"")
+        mode = self.mode
+        if mode is RewardMode.projection and not self.baselines:
+            raise VlmlabelError("--reward projection needs --baseline TEXT (what any frame shows, "
+                                "e.g. \"a robot arm on a table\")")
+        if mode is not RewardMode.projection and self.baselines:
+            raise VlmlabelError("--baseline only applies to --reward projection")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise VlmlabelError(f"--alpha must be in [0, 1], not {self.alpha}")
+        if mode in (RewardMode.softmax, RewardMode.contrastive) and not self.negatives:
+            raise VlmlabelError(f"--reward {mode.value} needs at least one --negative TEXT "
+                                "(what the goal is not, e.g. \"the drawer is closed\")")
+        if mode not in (RewardMode.softmax, RewardMode.contrastive) and self.negatives:
+            raise VlmlabelError("--negative only applies to --reward softmax or contrastive")
+        if self.threshold is not None:
+            if mode is not RewardMode.softmax:
+                raise VlmlabelError("--threshold only applies to --reward softmax (a probability to cut)")
+            if not 0.0 <= self.threshold <= 1.0:
+                raise VlmlabelError(f"--threshold must be in [0, 1], not {self.threshold}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise VlmlabelError(f"--gamma must be in [0, 1], not {self.gamma}")
+        return self
+
+    @property
+    def keeps_raw(self) -> bool:
+        """Whether the written reward differs from the formula's output, so the raw scores are written too."""
+        return self.threshold is not None or self.shaping is not Shaping.none or self.normalize is not Normalize.none
+
+    def prompts(self, text: str) -> list[str]:
+        """The prompt ensemble for one goal/baseline/negative: each template filled in, or the text itself."""
+        return [t.replace("{}", text) for t in self.templates] if self.templates else [text]
+
+    def postprocess(self, raw: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-episode raw scores -> written rewards: threshold, then normalise, then shape within episodes."""
+        values = [rewards.threshold(r, self.threshold) for r in raw] if self.threshold is not None else raw
+        values = rewards.normalize(values, self.normalize)
+        if self.shaping is Shaping.delta:
+            values = rewards.delta_shaping(values, self.gamma)
+        return values
+
+    def attrs(self, goal_index: int, logit_scale: float) -> dict[str, Any]:
+        """What the written dataset records about how its values were made."""
+        goal = self.goals[goal_index]
+        spec: dict[str, Any] = {"reward": self.mode.value, "goal": goal, "prompts": self.prompts(goal),
+                                "templates": self.templates}
+        if self.mode is RewardMode.projection:
+            spec.update(baselines=self.baselines, alpha=self.alpha)
+        if self.mode in (RewardMode.softmax, RewardMode.contrastive):
+            spec["negatives"] = self.negatives
+        if self.mode is RewardMode.softmax:
+            spec["logit_scale"] = logit_scale
+            if self.threshold is not None:
+                spec["threshold"] = self.threshold
+        spec.update(shaping=self.shaping.value, normalize=self.normalize.value)
+        if self.shaping is Shaping.delta:
+            spec["gamma"] = self.gamma
+        steps = []
+        if self.threshold is not None:
+            steps.append(f"1[p >= {self.threshold}]")
+        if self.normalize is not Normalize.none:
+            steps.append(f"normalize({self.normalize.value})")
+        if self.shaping is Shaping.delta:
+            steps.append(f"delta shaping: {rewards.DELTA_FORMULA} with gamma={self.gamma}")
+        formula = _FORMULAS[self.mode] + "".join(f" -> {s}" for s in steps)
+        flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in spec.items()}
+        return {**flat, "formula": formula, "reward_spec": json.dumps(spec)}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> RewardConfig:
+        """Rebuild the raw formulation of a written reward (one goal) from its ``reward_spec`` attribute."""
+        if "reward_spec" not in attrs:
+            # Rewards written before formulations were recorded are plain cosine.
+            return cls(goals=[str(attrs.get("goal", ""))])
+        spec = json.loads(attrs["reward_spec"])
+        return cls(goals=[spec["goal"]], mode=RewardMode(spec["reward"]), templates=spec.get("templates", []),
+                   baselines=spec.get("baselines", []), negatives=spec.get("negatives", []),
+                   alpha=spec.get("alpha", 1.0), threshold=spec.get("threshold"),
+                   shaping=Shaping(spec.get("shaping", "none")), gamma=spec.get("gamma", 0.99),
+                   normalize=Normalize(spec.get("normalize", "none")))
+
+
+def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardConfig, texts: Sequence[str],
+              renormalize: bool) -> torch.Tensor:
+    """One row per text: the average of its prompts' embeddings (unit again when ``renormalize``)."""
+    groups = [config.prompts(t) for t in texts]
+    embedded = encode([p for g in groups for p in g])
+    bounds = np.cumsum([0] + [len(g) for g in groups])
+    return torch.stack([rewards.prompt_average(embedded[a:b], renormalize) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor],
+                   logit_scale: float) -> ScoreFn:
+    """Embed the prompts once and return the formula as a function of image embeddings."""
+    mode = config.mode
+    if mode is RewardMode.projection:
+        # Rocamonde et al.: g and b are prompt averages, not re-normalised.
+        goals = _ensemble(encode_texts, config, config.goals, renormalize=False)
+        baseline = _ensemble(encode_texts, config, config.baselines, renormalize=False).mean(dim=0)
+        return lambda x: rewards.projection(x, goals, baseline, config.alpha)
+    goals = _ensemble(encode_texts, config, config.goals, renormalize=True)
+    if mode is RewardMode.cosine:
+        return lambda x: rewards.cosine(x, goals)
+    negatives = _ensemble(encode_texts, config, config.negatives, renormalize=True)
+    if mode is RewardMode.softmax:
+        return lambda x: rewards.softmax(x, goals, negatives, logit_scale)
+    return lambda x: rewards.contrastive(x, goals, negatives)
