@@ -232,6 +232,86 @@ def embed(
 
 @app.command()
 @_exit_on_error
+def evaluate(
+    source: SourceArg,
+    reward_key: Annotated[str, typer.Option(help="The written reward to judge.")] = DEFAULT_REWARD_KEY,
+    against: Annotated[str, typer.Option(
+        help="Reference signal: rewards (the environment's), success (success/is_success flags) or any "
+             "per-step dataset name.")] = "rewards",
+    image_key: ImageKeyOpt = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="Model for the blank-frame baseline; default: the one the reward's attributes record.",
+        show_default=False)] = None,
+    pretrained: PretrainedOpt = None,
+    blank: Annotated[bool, typer.Option(
+        "--blank/--no-blank", help="Score constant (black/gray/white) frames with the reward's own formula "
+                                   "(loads the model).")] = True,
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Correlate a written reward with a ground-truth signal (Pearson, Spearman, per episode; EPIC-style
+    distance sqrt((1-r)/2) for binary references as in Rocamonde et al. 2023), plus sanity baselines:
+    frames shuffled across episodes and blank frames."""
+    import json
+
+    from vlmlabel.evaluate import EvaluateRequest, evaluate_file
+
+    report = evaluate_file(EvaluateRequest(source=source, reward_key=reward_key, against=against,
+                                           image_key=image_key, model=model, pretrained=pretrained,
+                                           blank=blank, device=device))
+    if as_json:
+        stdout.print_json(json.dumps(report.as_json()))
+        return
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+    table = Table(title=f"{reward_key} against {report.against}: {report.steps:,} steps, "
+                        f"{report.episodes:,} episodes", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("Pearson (all steps)", fmt(report.pearson))
+    table.add_row("Spearman (all steps)", fmt(report.spearman))
+    for name, stats in (("Pearson", report.per_episode_pearson), ("Spearman", report.per_episode_spearman)):
+        table.add_row(f"{name} per episode: mean / median ({stats['episodes']} episodes)",
+                      f"{fmt(stats['mean'])} / {fmt(stats['median'])}")
+    if report.epic_distance is not None:
+        table.add_row("EPIC-style distance sqrt((1-r)/2) (binary reference)", fmt(report.epic_distance))
+    if report.time_spearman_successful is not None:
+        stats = report.time_spearman_successful
+        table.add_row(f"Spearman with time, successful episodes ({stats['episodes']})", fmt(stats["mean"]))
+    table.add_row("baseline: frames shuffled across episodes, Pearson / Spearman",
+                  f"{fmt(report.shuffled_pearson)} / {fmt(report.shuffled_spearman)}")
+    if report.blank_scores is not None:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in report.blank_scores.items())
+        table.add_row(f"baseline: blank frames ({shown}); steps scoring above the best",
+                      f"{100 * (report.above_blank_fraction or 0):.1f}%")
+    stdout.print(table)
+    for note in report.notes:
+        stdout.print(f"note: {note}")
+
+
+@app.command()
+@_exit_on_error
+def plot(
+    source: SourceArg,
+    reward_key: Annotated[str, typer.Option(
+        help="The written reward; with several goals NAME_0, NAME_1, ... are overlaid.")] = DEFAULT_REWARD_KEY,
+    episodes: Annotated[Optional[str], typer.Option(
+        help="Episode numbers to draw, e.g. 0,3,7; default the first three.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Picture to write: .png, .svg or .pdf.")] = Path("rewards.png"),
+    image_key: ImageKeyOpt = None,
+    dpi: Annotated[int, typer.Option(min=30, max=600, help="Resolution of the PNG.")] = 100,
+) -> None:
+    """Draw each chosen episode's reward curve over a strip of its frames, and a histogram of all rewards."""
+    from vlmlabel.plot import PlotRequest, parse_episodes, plot_file
+
+    picked = parse_episodes(episodes) if episodes is not None else None
+    result = plot_file(PlotRequest(source=source, reward_key=reward_key, out=out, episodes=picked,
+                                   image_key=image_key, dpi=dpi))
+    stdout.print(f"wrote {result.out} ({', '.join(result.keys)}; episodes "
+                 f"{', '.join(map(str, result.episodes))})")
+
+
+@app.command()
+@_exit_on_error
 def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
     """Show the detected layout, image key, frame format, episodes and frames."""
     with open_source(str(source), image_key) as opened:

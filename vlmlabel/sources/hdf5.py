@@ -346,6 +346,13 @@ class HDF5Source:
         item = self.file.get(path)
         return dict(item.attrs) if isinstance(item, h5py.Dataset) else None
 
+    def reward_keys(self, episode: Episode) -> list[str]:
+        """Names of the rewards vlmlabel wrote for this episode (datasets carrying a 'formula' attribute)."""
+        group = self.file.get(episode.target) if episode.target else self.file
+        if not isinstance(group, h5py.Group):
+            return []
+        return sorted(k for k, v in group.items() if isinstance(v, h5py.Dataset) and "formula" in v.attrs)
+
     def existing(self, paths: list[str]) -> list[str]:
         return [p for p in paths if p in self.file]
 

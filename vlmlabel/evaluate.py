@@ -1,0 +1,205 @@
+"""How good is a written VLM reward? Correlations with a ground-truth signal already in the data, plus sanity baselines.
+
+Spearman is Pearson on average ranks (ties share their mean rank), computed with numpy alone.
+Where the reference is binary (success labels), the EPIC-style distance sqrt((1 - r) / 2) is reported from
+the Pearson r, the shortcut used for state-only rewards by Rocamonde et al. 2023 ("Vision-Language Models
+are Zero-Shot Reward Models for RL", after Gleave et al. 2021's EPIC): 0 is a perfect match, 0.5 no relation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmlabel.device import resolve_device, resolve_precision
+from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.formulation import RewardConfig, build_score_fn
+from vlmlabel.model import load_model
+from vlmlabel.preprocess import DevicePreprocess
+from vlmlabel.sources import Align, Episode, open_source
+
+SUCCESS_KEYS = ("success", "successes", "is_success")
+BLANK_LEVELS = {"black": 0, "gray": 128, "white": 255}
+SHUFFLE_SEED = 0
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based), ties sharing the mean of their positions."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2.0)[inverse]
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN when either side is constant (no correlation is defined)."""
+    a = np.asarray(a, dtype=np.float64) - np.mean(a)
+    b = np.asarray(b, dtype=np.float64) - np.mean(b)
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return pearson(ranks(np.asarray(a)), ranks(np.asarray(b)))
+
+
+def epic_distance(r: float) -> float:
+    return math.sqrt(max(0.0, (1.0 - r) / 2.0))
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    return bool(np.isin(np.unique(values), [0, 1]).all())
+
+
+def _summary(values: list[float]) -> dict[str, float | int]:
+    finite = np.array([v for v in values if np.isfinite(v)])
+    if not len(finite):
+        return {"mean": float("nan"), "median": float("nan"), "episodes": 0}
+    return {"mean": float(finite.mean()), "median": float(np.median(finite)), "episodes": int(len(finite))}
+
+
+@dataclass
+class EvaluateRequest:
+    source: Path
+    reward_key: str
+    against: str = "rewards"
+    image_key: str | None = None
+    model: str | None = None  # default: what the reward's attributes record
+    pretrained: str | None = None
+    blank: bool = True
+    device: str = "auto"
+
+
+@dataclass
+class Evaluation:
+    reward_key: str
+    against: str
+    steps: int
+    episodes: int
+    pearson: float
+    spearman: float
+    per_episode_pearson: dict[str, float | int]
+    per_episode_spearman: dict[str, float | int]
+    reference_binary: bool
+    epic_distance: float | None
+    time_spearman_successful: dict[str, float | int] | None
+    shuffled_pearson: float
+    shuffled_spearman: float
+    blank_scores: dict[str, float] | None = None
+    above_blank_fraction: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """Plain JSON (NaN -> null)."""
+        def clean(value: Any) -> Any:
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+        return clean(asdict(self))
+
+
+def _per_episode(source: Any, episodes: list[Episode], key: str, what: str) -> list[np.ndarray]:
+    values = []
+    for episode in episodes:
+        found = source.step_values(episode, key)
+        if found is None:
+            return []
+        found = np.asarray(found, dtype=np.float64).reshape(len(found), -1)[:, 0]
+        if len(found) != episode.steps:
+            raise SourceError(f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
+                              f"{episode.steps} steps; choose a per-step key")
+        values.append(found)
+    return values
+
+
+def _reference(source: Any, episodes: list[Episode], against: str) -> tuple[str, list[np.ndarray]]:
+    keys = SUCCESS_KEYS if against == "success" else (against,)
+    for key in keys:
+        values = _per_episode(source, episodes, key, "--against")
+        if values:
+            return key, values
+    tried = ", ".join(keys)
+    raise VlmlabelError(f"--against {against}: no per-step dataset {tried} found in every episode; "
+                        "name one with --against KEY")
+
+
+def _reward_values(source: Any, episodes: list[Episode], key: str) -> tuple[list[np.ndarray], dict]:
+    attrs = source.dataset_attrs(episodes[0], key)
+    values = _per_episode(source, episodes, key, "--reward-key") if attrs is not None else []
+    if not values:
+        written = source.reward_keys(episodes[0])
+        listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
+        raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
+    return values, attrs
+
+
+def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, device: str) -> dict[str, float]:
+    """The raw formula's score of constant frames (black, gray, white): what 'nothing to see' earns."""
+    name = model_name or str(attrs.get("model", ""))
+    if not name:
+        raise VlmlabelError("the reward records no model; pass --model (and --pretrained) or --no-blank")
+    tag = pretrained if model_name else attrs.get("pretrained")
+    # Local folders and hf-hub repos carry their own weights: their label is not a --pretrained value.
+    tag = None if tag is None or tag == "bundled" or str(tag).startswith("hf-hub:") else str(tag)
+    resolved = resolve_device(device)
+    model = load_model(name, tag, resolved, resolve_precision("auto", resolved))
+    config = RewardConfig.from_attrs(attrs)
+    score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
+    height, width = model.preprocess.size
+    levels = torch.tensor(list(BLANK_LEVELS.values()), dtype=torch.uint8).view(-1, 1, 1, 1)
+    frames = levels.expand(-1, 3, height, width).contiguous().to(model.device)
+    scores = score_fn(model.encode_images(DevicePreprocess(model.preprocess, model.device)(frames)))
+    return {k: float(v) for k, v in zip(BLANK_LEVELS, scores[:, 0].cpu().tolist())}
+
+
+def evaluate_file(request: EvaluateRequest) -> Evaluation:
+    """Compare the reward ``reward_key`` with the reference signal ``against``, episode by episode and overall."""
+    with open_source(str(request.source), request.image_key) as source:
+        episodes = source.episodes(Align.frame)
+        reward, attrs = _reward_values(source, episodes, request.reward_key)
+        reference_key, reference = _reference(source, episodes, request.against)
+        raw_key = attrs.get("raw_key")
+        raw = _per_episode(source, episodes, str(raw_key), "raw") if raw_key else reward
+        success: list[np.ndarray] = []
+        if not _is_binary(np.concatenate(reference)):
+            success = next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])
+    return _evaluate(request, attrs, reward, raw, reference_key, reference, success)
+
+
+def _evaluate(request: EvaluateRequest, attrs: dict, reward: list[np.ndarray], raw: list[np.ndarray],
+              reference_key: str, reference: list[np.ndarray], success: list[np.ndarray]) -> Evaluation:
+    all_reward, all_reference = np.concatenate(reward), np.concatenate(reference)
+    binary = _is_binary(all_reference)
+    overall = pearson(all_reward, all_reference)
+    notes = []
+    if np.ptp(all_reference) == 0:
+        notes.append(f"the reference {reference_key!r} is constant: no correlation is defined")
+    if not binary and not success:
+        notes.append("no binary reference or success key: time correlation on successful episodes skipped")
+    flags = reference if binary else success
+    time_rho = None
+    if flags:
+        time_rho = _summary([spearman(r, np.arange(len(r))) for r, s in zip(reward, flags) if s.max() >= 1])
+    shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(all_reward)
+    result = Evaluation(
+        reward_key=request.reward_key, against=reference_key, steps=len(all_reward), episodes=len(reward),
+        pearson=overall, spearman=spearman(all_reward, all_reference),
+        per_episode_pearson=_summary([pearson(r, g) for r, g in zip(reward, reference)]),
+        per_episode_spearman=_summary([spearman(r, g) for r, g in zip(reward, reference)]),
+        reference_binary=binary, epic_distance=epic_distance(overall) if binary and np.isfinite(overall) else None,
+        time_spearman_successful=time_rho,
+        shuffled_pearson=pearson(shuffled, all_reference), shuffled_spearman=spearman(shuffled, all_reference),
+        notes=notes,
+    )
+    if request.blank:
+        result.blank_scores = blank_scores(attrs, request.model, request.pretrained, request.device)
+        result.above_blank_fraction = float((np.concatenate(raw) > max(result.blank_scores.values())).mean())
+    return result
