@@ -1,0 +1,115 @@
+"""The embedding cache: embed once, relabel from it with the same rewards; never misuse another model's cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests import layouts
+from tests.conftest import TINY_CFG, TINY_PREPROCESS
+from vlmlabel.formulation import RewardConfig
+from vlmlabel.model import create_untrained, save_local_dir
+from vlmlabel.pipeline import EmbedRequest, RelabelRequest, embed_file, relabel_file
+from vlmlabel.rewards import RewardMode
+from vlmlabel.sources import Align, open_source
+
+# Cached embeddings are float16: scores differ from the fp32 path by rounding only.
+FP16_ATOL = 3e-3
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    torch.manual_seed(7)
+    return save_local_dir(create_untrained(TINY_CFG), TINY_CFG, TINY_PREPROCESS,
+                          tmp_path_factory.mktemp("other") / "other-clip")
+
+
+def _rewards(path, paths):
+    with h5py.File(path) as f:
+        return [f[p][:] for p in paths], dict(f[paths[0]].attrs)
+
+
+def _request(truth, model_dir, align, **kwargs):
+    config = RewardConfig(goals=["a red block"], mode=RewardMode.contrastive, negatives=["a blue block"])
+    return RelabelRequest(source=truth.path, goals=config.goals, model=str(model_dir), device="cpu", align=align,
+                          formulation=config, overwrite=True, **kwargs)
+
+
+def test_cached_rewards_equal_rewards_from_frames(layout_file, tiny_model_dir):
+    truth = layout_file
+    from_frames = {}
+    for align in Align:
+        fresh = relabel_file(_request(truth, tiny_model_dir, align, use_cache=False))
+        from_frames[align], attrs = _rewards(truth.path, truth.reward_paths)
+        assert not fresh.used_cache and attrs["embeddings"] == "frames"
+    with open_source(str(truth.path)) as source:
+        before = {a: [(e.steps, e.frames) for e in source.episodes(a)] for a in Align}
+
+    embedded = embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu", batch_size=4))
+    assert embedded.frames >= sum(truth.steps)
+    for align in Align:  # one cache serves both alignments
+        summary = relabel_file(_request(truth, tiny_model_dir, align))
+        assert summary.used_cache and summary.cache_note == "using cached embeddings"
+        from_cache, attrs = _rewards(truth.path, truth.reward_paths)
+        assert attrs["embeddings"] == "cache" and attrs["align"] == align.value
+        for cached, scored in zip(from_cache, from_frames[align]):
+            np.testing.assert_allclose(cached, scored, atol=FP16_ATOL)
+    with open_source(str(truth.path)) as source:  # the cache changes nothing a reader sees
+        assert {a: [(e.steps, e.frames) for e in source.episodes(a)] for a in Align} == before
+
+
+def test_cache_stores_unit_float16_rows_with_identity(tiny_model_dir, tmp_path):
+    truth = layouts.build_minari(tmp_path / "m.h5")
+    embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu"))
+    with h5py.File(truth.path) as f:
+        cached = f["episode_0/vlm_embedding/observations"]
+        assert cached.dtype == np.float16 and cached.shape == (layouts.LENGTHS[0] + 1, TINY_CFG["embed_dim"])
+        norms = np.linalg.norm(cached[:].astype(np.float32), axis=1)
+        np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+        assert cached.attrs["model"] == str(tiny_model_dir) and cached.attrs["image_key"] == "observations"
+        assert cached.attrs["rows"] == "all" and "mean" in cached.attrs["preprocess"]
+
+
+def test_next_observation_rows_are_stored_sparsely(tiny_model_dir, tmp_path):
+    truth = layouts.build_flat_d4rl(tmp_path / "d.h5")
+    embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu"))
+    with h5py.File(truth.path) as f:
+        assert f["vlm_embedding/observations"].shape[0] == sum(layouts.LENGTHS)
+        rows = f["vlm_embedding/next_observations__rows"][:]
+        np.testing.assert_array_equal(rows, np.cumsum(layouts.LENGTHS) - 1)  # each episode's last step
+        assert f["vlm_embedding/next_observations"].shape[0] == len(layouts.LENGTHS)
+
+
+def test_cache_of_another_model_is_ignored(tiny_model_dir, other_model_dir, tmp_path):
+    truth = layouts.build_robomimic(tmp_path / "r.h5")
+    embed_file(EmbedRequest(source=truth.path, model=str(other_model_dir), device="cpu"))
+    summary = relabel_file(_request(truth, tiny_model_dir, Align.frame))
+    assert not summary.used_cache and "ignored" in summary.cache_note
+    mine, _ = _rewards(truth.path, truth.reward_paths)
+    relabel_file(_request(truth, other_model_dir, Align.frame))
+    theirs, _ = _rewards(truth.path, truth.reward_paths)
+    assert max(np.abs(a - b).max() for a, b in zip(mine, theirs)) > 10 * FP16_ATOL  # the models really differ
+    relabel_file(_request(truth, tiny_model_dir, Align.frame, use_cache=False))
+    again, _ = _rewards(truth.path, truth.reward_paths)
+    for a, b in zip(mine, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_embed_then_relabel_says_it_used_the_cache(tiny_model_dir, tmp_path):
+    truth = layouts.build_episodes_gray(tmp_path / "g.h5")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "vlmlabel", *args], capture_output=True,  # noqa: E731
+                                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                       "COLUMNS": "200"})
+    embedded = run("embed", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu")
+    assert embedded.returncode == 0, embedded.stderr
+    assert "embeddings of dim 32" in embedded.stdout
+    relabelled = run("relabel", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu", "-g", "x")
+    assert relabelled.returncode == 0, relabelled.stderr
+    assert "using cached embeddings" in relabelled.stdout
+    bad = run("relabel", str(truth.path), "--model", str(tiny_model_dir), "-g", "x", "--reward", "softmax")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--negative" in bad.stderr
