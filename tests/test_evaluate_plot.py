@@ -1,0 +1,125 @@
+"""evaluate on synthetic data with known correlations; plot writes pictures of the right size."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import layouts
+from vlmlabel.errors import VlmlabelError
+from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
+from vlmlabel.formulation import RewardConfig
+from vlmlabel.pipeline import RelabelRequest, relabel_file
+from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
+from vlmlabel.rewards import Normalize
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vlmlabel", *args], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+
+
+def test_ranks_average_ties_and_spearman_is_rank_pearson():
+    np.testing.assert_allclose(ranks(np.array([10.0, 20.0, 20.0, 5.0])), [2, 3.5, 3.5, 1])
+    x = np.linspace(-2, 2, 30)
+    assert spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert spearman(x, -x ** 3) == pytest.approx(-1.0)
+
+
+@pytest.fixture()
+def synthetic(tmp_path):
+    """Flat file: 4 episodes of 50 steps; success flags and a reward that is success plus known noise."""
+    rng = np.random.default_rng(0)
+    lengths = [50] * 4
+    n = sum(lengths)
+    success = np.zeros(n, np.float32)
+    success[40:50] = 1  # episode 0 succeeds at its end
+    success[140:150] = 1  # episode 2 too
+    ramp = np.concatenate([np.linspace(0, 1, k) for k in lengths])
+    reward = (success + 0.5 * ramp + 0.3 * rng.normal(size=n)).astype(np.float32)
+    terminals = np.zeros(n, bool)
+    terminals[np.cumsum(lengths) - 1] = True
+    path = tmp_path / "synthetic.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=layouts.make_frames(n, 8, 8, seed=2))
+        f.create_dataset("terminals", data=terminals)
+        f.create_dataset("rewards", data=ramp.astype(np.float32))
+        f.create_dataset("success", data=success)
+        f.create_dataset("vlm_reward", data=reward).attrs.update({"formula": "test", "goal": "g"})
+    return path, reward, success, ramp, lengths
+
+
+def test_evaluate_matches_direct_numpy(synthetic):
+    path, reward, success, ramp, lengths = synthetic
+    report = evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="success", blank=False))
+    r = np.corrcoef(reward, success)[0, 1]
+    assert report.reference_binary and report.pearson == pytest.approx(r, abs=1e-6)
+    assert report.epic_distance == pytest.approx(math.sqrt((1 - r) / 2), abs=1e-6)
+    assert report.spearman == pytest.approx(np.corrcoef(ranks(reward), ranks(success))[0, 1], abs=1e-6)
+    assert 0.5 < r < 0.95  # the synthetic correlation is strong but not perfect
+    # Episodes 1 and 3 have constant success: only 0 and 2 give a per-episode correlation.
+    assert report.per_episode_pearson["episodes"] == 2
+    per_episode = [np.corrcoef(reward[a:a + 50], success[a:a + 50])[0, 1] for a in (0, 100)]
+    assert report.per_episode_pearson["mean"] == pytest.approx(np.mean(per_episode), abs=1e-6)
+    time_rho = [np.corrcoef(ranks(reward[a:a + 50]), np.arange(50))[0, 1] for a in (0, 100)]
+    assert report.time_spearman_successful["mean"] == pytest.approx(np.mean(time_rho), abs=1e-6)
+    assert abs(report.shuffled_pearson) < 0.3 < report.pearson  # shuffling across episodes destroys it
+
+    dense = evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="rewards", blank=False))
+    assert not dense.reference_binary and dense.epic_distance is None
+    assert dense.pearson == pytest.approx(np.corrcoef(reward, ramp)[0, 1], abs=1e-6)
+    assert dense.time_spearman_successful["episodes"] == 2  # successful episodes found from the success key
+
+
+def test_evaluate_cli_json_and_errors(synthetic):
+    path = synthetic[0]
+    done = _cli("evaluate", str(path), "--reward-key", "vlm_reward", "--against", "success", "--no-blank", "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["against"] == "success" and payload["epic_distance"] is not None
+    bad = _cli("evaluate", str(path), "--no-blank", "--reward-key", "nope")
+    assert bad.returncode == 2 and "unknown reward key 'nope'" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    with pytest.raises(VlmlabelError, match="--against missing"):
+        evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="missing", blank=False))
+
+
+def test_evaluate_blank_baseline_uses_the_recorded_model(tiny_model_dir, tmp_path):
+    truth = layouts.build_flat_d4rl(tmp_path / "d.h5")
+    relabel_file(RelabelRequest(source=truth.path, goals=["red"], model=str(tiny_model_dir), device="cpu",
+                                formulation=RewardConfig(goals=["red"], normalize=Normalize.dataset)))
+    done = _cli("evaluate", str(truth.path), "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert set(payload["blank_scores"]) == {"black", "gray", "white"}
+    assert all(-1 <= v <= 1 for v in payload["blank_scores"].values())  # raw cosine, not the z-scores
+    with h5py.File(truth.path) as f:
+        raw = f["vlm_reward_raw"][:]
+    assert payload["above_blank_fraction"] == pytest.approx((raw > max(payload["blank_scores"].values())).mean())
+
+
+def test_plot_writes_picture(tiny_model_dir, tmp_path):
+    truth = layouts.build_minari_png(tmp_path / "m.h5")
+    relabel_file(RelabelRequest(source=truth.path, goals=["red", "blue"], model=str(tiny_model_dir), device="cpu"))
+    out = tmp_path / "rewards.png"
+    done = _cli("plot", str(truth.path), "--episodes", "0,2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "vlm_reward_0, vlm_reward_1" in done.stdout and out.stat().st_size > 1000
+    with Image.open(out) as image:
+        assert image.size == figure_size(2, 100)
+    svg = plot_file(PlotRequest(source=truth.path, reward_key="vlm_reward", out=tmp_path / "r.svg"))
+    assert svg.episodes == [0, 1, 2] and svg.out.read_text().lstrip().startswith("<?xml")
+    bad = _cli("plot", str(truth.path), "--reward-key", "nope", "--out", str(out))
+    assert bad.returncode == 2 and "unknown reward key" in bad.stderr and bad.stderr.strip().count("\n") == 0
+    for kwargs, words in ((dict(episodes=[9]), "out of range"), (dict(out=tmp_path / "x.gif"), "must end in")):
+        with pytest.raises(VlmlabelError, match=words):
+            plot_file(PlotRequest(**{"source": truth.path, "reward_key": "vlm_reward", **kwargs}))
+    with pytest.raises(VlmlabelError, match="numbers"):
+        parse_episodes("a,b")
