@@ -17,6 +17,7 @@ import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,6 +28,13 @@ from vlmlabel.model import create_untrained, load_model, save_local_dir  # noqa:
 from vlmlabel.pipeline import RelabelRequest, relabel_file  # noqa: E402
 from vlmlabel.sources import open_source  # noqa: E402
 from vlmlabel.writers.hdf5 import write_rewards  # noqa: E402
+
+
+def _random_unit_rows(rows: int, dim: int, block: int = 65536) -> Iterator[np.ndarray]:
+    rng = np.random.default_rng(0)
+    for start in range(0, rows, block):
+        values = rng.standard_normal((min(block, rows - start), dim), dtype=np.float32)
+        yield (values / np.linalg.norm(values, axis=1, keepdims=True)).astype(np.float16)
 
 
 def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Path]:
@@ -44,14 +52,9 @@ def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Pat
     model = load_model(str(model_dir), None, "cpu", "fp32")
     with open_source(str(path)) as source:
         plans = cache.plan(source)
-        rng = np.random.default_rng(0)
-        rows = sum(len(p.rows) for p in plans)
-        embeddings = np.empty((rows, dim), np.float16)
-        for start in range(0, rows, 65536):  # random unit rows, in blocks to bound memory
-            block = rng.standard_normal((min(65536, rows - start), dim), dtype=np.float32)
-            embeddings[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-        datasets = cache.cache_datasets(source, plans, embeddings, model, source.image_key)
-    write_rewards(path, None, datasets, overwrite=True)
+        indices, stream = cache.cache_stream(source, plans, _random_unit_rows(sum(len(p.rows) for p in plans), dim),
+                                             model, source.image_key)
+        write_rewards(path, None, indices, overwrite=True, stream=stream)
     return path, model_dir
 
 

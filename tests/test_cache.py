@@ -12,11 +12,13 @@ import torch
 
 from tests import layouts
 from tests.conftest import TINY_CFG, TINY_PREPROCESS
+from vlmlabel.errors import OutputError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import create_untrained, save_local_dir
 from vlmlabel.pipeline import EmbedRequest, RelabelRequest, embed_file, relabel_file
 from vlmlabel.rewards import RewardMode
 from vlmlabel.sources import Align, open_source
+from vlmlabel.writers.hdf5 import RewardDataset, RowStream, write_rewards
 
 # Cached embeddings are float16: scores differ from the fp32 path by rounding only.
 FP16_ATOL = 3e-3
@@ -98,6 +100,11 @@ def test_cache_of_another_model_is_ignored(tiny_model_dir, other_model_dir, tmp_
     again, _ = _rewards(truth.path, truth.reward_paths)
     for a, b in zip(mine, again):
         np.testing.assert_array_equal(a, b)
+    embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu"))  # replaces the cache
+    assert relabel_file(_request(truth, tiny_model_dir, Align.frame)).used_cache
+    cached, _ = _rewards(truth.path, truth.reward_paths)
+    for a, b in zip(mine, cached):
+        np.testing.assert_allclose(a, b, atol=FP16_ATOL)
 
 
 def test_cli_embed_then_relabel_says_it_used_the_cache(tiny_model_dir, tmp_path):
@@ -113,3 +120,25 @@ def test_cli_embed_then_relabel_says_it_used_the_cache(tiny_model_dir, tmp_path)
     assert "using cached embeddings" in relabelled.stdout
     bad = run("relabel", str(truth.path), "--model", str(tiny_model_dir), "-g", "x", "--reward", "softmax")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--negative" in bad.stderr
+
+
+def test_row_stream_fills_datasets_chunk_by_chunk_and_refuses_a_short_stream(tmp_path):
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("keep", data=np.arange(3))
+    before = path.read_bytes()
+    rows = np.arange(23 * 4, dtype=np.float32).reshape(23, 4)
+    targets = [RewardDataset("a/e", np.empty(0), {"k": 1}, dtype="float16", chunk_rows=4),
+               RewardDataset("b/e", np.empty(0), {}, dtype="float16", chunk_rows=4)]
+    blocks = (rows[i:i + 3] for i in range(0, 23, 3))  # block edges never meet chunk edges
+    stream = RowStream(targets, [10, 13], blocks)
+    write_rewards(path, None, [], overwrite=False, stream=stream)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["a/e"][:], rows[:10])
+        np.testing.assert_array_equal(f["b/e"][:], rows[10:])
+        assert f["a/e"].chunks == (4, 4) and f["a/e"].attrs["k"] == 1 and stream.width == 4
+    before = path.read_bytes()
+    short = RowStream([RewardDataset("c", np.empty(0), {}, dtype="float16", chunk_rows=4)], [30], iter([rows]))
+    with pytest.raises(OutputError, match="did not match"):
+        write_rewards(path, None, [], overwrite=False, stream=short)
+    assert path.read_bytes() == before  # nothing half-written

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from vlmlabel import __version__
 from vlmlabel.engine import RelabelResult
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
-from vlmlabel.sources.base import Align, Episode, Segment
+from vlmlabel.sources.base import Align, CachingSource, Episode, FrameSource, Segment, stores_embeddings
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
-from vlmlabel.writers.hdf5 import RewardDataset
+from vlmlabel.writers.hdf5 import RewardDataset, RowStream
 
 CACHE_CHUNK_ROWS = 8192
 SCORE_BLOCK_ROWS = 65536
@@ -39,7 +39,7 @@ class ArrayPlan:
     dense: bool
 
 
-def plan(source: Any) -> list[ArrayPlan]:
+def plan(source: CachingSource) -> list[ArrayPlan]:
     """Which rows of which arrays the two alignments read; each array's rows sorted and unique."""
     ranges: dict[str, list[np.ndarray]] = {}
     for align in Align:
@@ -64,23 +64,22 @@ def identity(model: ClipModel, image_key: str) -> dict[str, str]:
             "preprocess": described["preprocess"], "image_key": image_key}
 
 
-def cache_datasets(source: Any, plans: list[ArrayPlan], embeddings: np.ndarray, model: ClipModel,
-                   image_key: str) -> list[RewardDataset]:
-    """The datasets ``embed`` writes: one float16 (rows, D) array per frame array, plus row indices when sparse."""
-    out, position = [], 0
+def cache_stream(source: CachingSource, plans: list[ArrayPlan], blocks: Iterator[np.ndarray], model: ClipModel,
+                 image_key: str) -> tuple[list[RewardDataset], RowStream]:
+    """What ``embed`` writes: per frame array a float16 (rows, D) dataset filled from ``blocks`` (the embeddings
+    of every plan's rows, in plan order), plus the stored row indices where only some rows are kept."""
+    indices, embedded = [], []
     for item in plans:
-        values = embeddings[position:position + len(item.rows)]
-        position += len(item.rows)
         location = source.embedding_location(item.array)
         attrs = {**identity(model, image_key), "precision": model.precision, "source_array": item.array,
                  "source_rows": source.array_rows(item.array), "rows": "all" if item.dense else "indexed",
                  "vlmlabel_version": __version__,
                  "description": "unit CLIP image embeddings, one row per frame row of source_array"}
-        out.append(RewardDataset(location, values, attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
+        embedded.append(RewardDataset(location, np.empty(0), attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
         if not item.dense:
-            out.append(RewardDataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
-                                     dtype="int64"))
-    return out
+            indices.append(RewardDataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
+                                         dtype="int64"))
+    return indices, RowStream(embedded, [len(p.rows) for p in plans], blocks)
 
 
 @dataclass
@@ -90,8 +89,10 @@ class CacheMatch:
     locations: dict[str, tuple[str, np.ndarray | None, int]]
 
 
-def find(source: Any, episodes: list[Episode], model: ClipModel, image_key: str) -> CacheMatch | str:
+def find(source: FrameSource, episodes: list[Episode], model: ClipModel, image_key: str) -> CacheMatch | str:
     """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
+    if not stores_embeddings(source):
+        return "this source keeps no embedding cache"
     wanted = identity(model, image_key)
     locations: dict[str, tuple[str, np.ndarray | None, int]] = {}
     needed: dict[str, list[Segment]] = {}
@@ -122,7 +123,7 @@ def find(source: Any, episodes: list[Episode], model: ClipModel, image_key: str)
     return CacheMatch(locations)
 
 
-def relabel_cached(source: Any, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
+def relabel_cached(source: CachingSource, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
                    device: torch.device, on_progress: Callable[[int], None] | None = None) -> RelabelResult:
     """Score each cached row once (chunk-aligned blocks, one matrix product each), then gather the steps."""
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from typing import Annotated, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TaskID, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -36,6 +36,7 @@ console = Console(stderr=True)
 stdout = Console()
 
 F = TypeVar("F", bound=Callable)
+T = TypeVar("T")
 
 # Shared option definitions.
 SourceArg = Annotated[Path, typer.Argument(help="Dataset to read: an HDF5 file (.h5/.hdf5).", show_default=False)]
@@ -184,7 +185,7 @@ def _progress(label: str) -> Progress:
     )
 
 
-def _with_progress(progress: Progress, task, run: Callable) -> object:
+def _with_progress(progress: Progress, task: TaskID, run: Callable[..., T]) -> T:
     """Run ``run(on_start, on_progress)``, showing the bar only once work starts: earlier errors stay one line."""
 
     def start(total: int) -> None:
@@ -208,6 +209,9 @@ def embed(
     output: Annotated[Optional[Path], typer.Option(
         help="Write a copy with the embeddings added here instead of adding them to SOURCE.",
         show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an --output file that already exists (a cache in SOURCE is always "
+                            "replaced).")] = False,
     batch_size: BatchSizeOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
@@ -215,7 +219,7 @@ def embed(
 ) -> None:
     """Store every frame's unit image embedding (float16) beside the frames, so relabel needs no model pass."""
     request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
-                           batch_size=batch_size, precision=precision.value, device=device)
+                           overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device)
     if quiet:
         embed_file(request)
         return

@@ -172,22 +172,34 @@ class FrameScorer:
         return self.score_fn(self.embed(batch))
 
 
-def _run(source: FrameSource, episodes: list[Episode], batch_size: int, compute: Callable[[Batch], torch.Tensor],
-         dtype: type, on_progress: Callable[[int], None] | None) -> np.ndarray:
-    """The one loop: every frame of ``episodes`` in order through ``compute``, rows collected in ``out``."""
+def _computed(source: FrameSource, episodes: list[Episode], batch_size: int,
+              compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
+              ) -> Iterator[np.ndarray]:
+    """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch."""
     total = sum(e.steps for e in episodes)
     position = 0
-    out: np.ndarray | None = None
     for batch in _prefetch(iter_batches(source, episodes, batch_size), PREFETCH_BATCHES):
-        rows = compute(batch).cpu().numpy()
-        if out is None:
-            out = np.empty((total, rows.shape[1]), dtype=dtype)
-        out[position:position + batch.size] = rows
+        yield compute(batch).cpu().numpy()
         position += batch.size
         if on_progress is not None:
             on_progress(batch.size)
-    if position != total or out is None:
+    if position != total:
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
+
+
+def _run(source: FrameSource, episodes: list[Episode], batch_size: int, compute: Callable[[Batch], torch.Tensor],
+         on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """All rows of ``_computed`` in one fp32 array."""
+    total = sum(e.steps for e in episodes)
+    out: np.ndarray | None = None
+    position = 0
+    for rows in _computed(source, episodes, batch_size, compute, on_progress):
+        if out is None:
+            out = np.empty((total, rows.shape[1]), dtype=np.float32)
+        out[position:position + len(rows)] = rows
+        position += len(rows)
+    if out is None:
+        raise SourceError("the episodes hold no frames; the file is inconsistent")
     return out
 
 
@@ -209,14 +221,16 @@ def relabel(
     episodes = source.episodes(align)
     scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
-    scores = _run(source, episodes, batch_size, scorer.score, np.float32, on_progress)
+    scores = _run(source, episodes, batch_size, scorer.score, on_progress)
     seconds = time.perf_counter() - start
     return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
 
 
 def embed_segments(source: FrameSource, model: ClipModel, segments: Sequence[Segment], batch_size: int,
-                   on_progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Unit image embeddings (float16) of the rows of ``segments``, in order: what the cache stores."""
+                   on_progress: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Unit image embeddings (float16) of the rows of ``segments``, in order, block by block: what the cache
+    stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)
     parts = [Episode(s.array, len(s), (s,), "") for s in segments]
-    return _run(source, parts, batch_size, scorer.embed, np.float16, on_progress)
+    for rows in _computed(source, parts, batch_size, scorer.embed, on_progress):
+        yield rows.astype(np.float16)

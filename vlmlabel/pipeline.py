@@ -17,7 +17,7 @@ from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import reward_path
+from vlmlabel.sources.base import reward_path, stores_embeddings
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
 
@@ -68,6 +68,7 @@ class EmbedRequest:
     pretrained: str | None = None
     image_key: str | None = None
     output: Path | None = None
+    overwrite: bool = False  # an existing --output file; a cache already in the file is always replaced
     batch_size: int | None = None
     precision: str = "auto"
     device: str = "auto"
@@ -161,19 +162,23 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
     batch_size = _batch_size(request.batch_size, device)
     with open_source(str(request.source), request.image_key) as source:
         stamp = SourceStamp.of(request.source)
+        if not stores_embeddings(source):
+            raise VlmlabelError(f"{request.source}: this kind of dataset cannot hold an embedding cache yet")
         plans = cache.plan(source)
         locations = [source.embedding_location(p.array) for p in plans]
-        check_writable(request.source, request.output, [], overwrite=True)
+        check_writable(request.source, request.output, [], request.overwrite)
         model = load_model(request.model, request.pretrained, device, precision)
         segments = [s for p in plans for s in p.segments]
         total = sum(len(s) for s in segments)
         if on_start is not None:
             on_start(total)
         start = time.perf_counter()
-        embeddings = embed_segments(source, model, segments, batch_size, on_progress)
+        # Embeddings are computed while the copy is written, so memory stays at one batch.
+        blocks = embed_segments(source, model, segments, batch_size, on_progress)
+        indices, stream = cache.cache_stream(source, plans, blocks, model, source.image_key)
+        stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations) if p.dense]
+        written = write_rewards(request.source, request.output, indices, True, stamp, remove=stale_rows,
+                                stream=stream)
         seconds = time.perf_counter() - start
-        datasets = cache.cache_datasets(source, plans, embeddings, model, source.image_key)
         image_key = source.image_key
-    stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations) if p.dense]
-    written = write_rewards(request.source, request.output, datasets, True, stamp, remove=stale_rows)
-    return EmbedSummary(written, locations, total, embeddings.shape[1], seconds, model, image_key)
+    return EmbedSummary(written, locations, total, stream.width, seconds, model, image_key)

@@ -77,3 +77,38 @@ class FrameSource(Protocol):
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]: ...
 
     def close(self) -> None: ...
+
+
+class StepReader(Protocol):
+    """What `evaluate` and `plot` read besides frames: per-step values and the rewards vlmlabel wrote."""
+
+    def step_values(self, episode: Episode, key: str) -> np.ndarray | None: ...
+
+    def dataset_attrs(self, episode: Episode, key: str) -> dict | None: ...
+
+    def reward_keys(self, episode: Episode) -> list[str]: ...
+
+
+class EmbeddingStore(Protocol):
+    """A source that can hold an embedding cache: per frame array, stored rows and their metadata.
+
+    Rows are indexed by the frame array's own rows (not by steps), so one cache serves every alignment.
+    Sources without these methods simply relabel from frames.
+    """
+
+    def array_rows(self, array: str) -> int: ...
+
+    def embedding_location(self, array: str) -> str: ...
+
+    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None: ...
+
+    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]: ...
+
+
+def stores_embeddings(source: object) -> bool:
+    return all(hasattr(source, name) for name in
+               ("array_rows", "embedding_location", "read_embedding_meta", "read_embedding_blocks"))
+
+
+class CachingSource(FrameSource, EmbeddingStore, Protocol):
+    """A frame source that also holds an embedding cache (HDF5 today)."""

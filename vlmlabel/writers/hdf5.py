@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import h5py
 import numpy as np
@@ -28,6 +28,20 @@ class RewardDataset:
     attrs: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     chunk_rows: int | None = None  # rows per chunk for large 2-D arrays (embeddings); None: HDF5's choice
+
+
+@dataclass
+class RowStream:
+    """Several 2-D datasets filled in order from one stream of row blocks (e.g. embeddings as they are computed).
+
+    ``datasets`` give path, attrs, dtype and chunking; their ``values`` are ignored and ``rows`` says how many
+    rows each takes. The width is the width of the first block.
+    """
+
+    datasets: list[RewardDataset]
+    rows: list[int]
+    blocks: Iterator[np.ndarray]
+    width: int = 0  # set once the first block arrives
 
 
 @dataclass(frozen=True)
@@ -70,8 +84,10 @@ def check_writable(source: Path, output: Path | None, existing: list[str], overw
 
 
 def write_rewards(source: Path, output: Path | None, datasets: list[RewardDataset], overwrite: bool,
-                  stamp: SourceStamp | None = None, remove: list[str] | None = None) -> Path:
-    """Copy ``source``, add ``datasets`` to the copy (deleting ``remove`` paths), then atomically replace."""
+                  stamp: SourceStamp | None = None, remove: list[str] | None = None,
+                  stream: RowStream | None = None) -> Path:
+    """Copy ``source``, add ``datasets`` (and ``stream``) to the copy, deleting ``remove`` paths, then atomically
+    put the copy at the destination."""
     dest = destination(source, output)
     tmp = dest.resolve().parent / f".{dest.name}.vlmlabel-{os.getpid()}.tmp"
     try:
@@ -83,6 +99,8 @@ def write_rewards(source: Path, output: Path | None, datasets: list[RewardDatase
                     del handle[path]
             for dataset in datasets:
                 _put(handle, dataset, overwrite)
+            if stream is not None:
+                _fill(handle, stream, overwrite)
         _fsync(tmp)
         if stamp is not None and SourceStamp.of(source) != stamp:
             raise OutputError(f"{source} changed while rewards were computed; nothing was written — run again")
@@ -106,6 +124,65 @@ def _put(handle: h5py.File, dataset: RewardDataset, overwrite: bool) -> None:
     written = handle.create_dataset(dataset.path, data=values, chunks=chunks)
     for key, value in dataset.attrs.items():
         written.attrs[key] = value
+
+
+def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
+    """Create the stream's datasets once the row width is known, then write them a whole chunk at a time."""
+    blocks = iter(stream.blocks)
+    first = next(blocks, None)
+    if first is None:
+        raise OutputError("nothing to write: the stream of rows is empty")
+    stream.width = first.shape[1]
+    targets = []
+    for dataset, rows in zip(stream.datasets, stream.rows):
+        if dataset.path in handle:
+            if not overwrite:
+                raise OutputError(f"{dataset.path} already exists; pass --overwrite to replace it")
+            del handle[dataset.path]
+        chunks = (min(dataset.chunk_rows, rows), first.shape[1]) if dataset.chunk_rows and rows else None
+        created = handle.create_dataset(dataset.path, shape=(rows, first.shape[1]), dtype=dataset.dtype,
+                                        chunks=chunks)
+        created.attrs.update(dataset.attrs)
+        targets.append(created)
+    if not _fill_rows(targets, _chain(first, blocks)):
+        raise OutputError(f"the frames read did not match the {sum(stream.rows)} rows planned; "
+                          "the source changed while it was read")
+
+
+def _write_rows(dataset: h5py.Dataset) -> int:
+    """Rows per write for ``dataset``: its chunk height, so no chunk is read back and rewritten."""
+    return dataset.chunks[0] if dataset.chunks else max(1, len(dataset))
+
+
+def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray]) -> bool:
+    """Fill ``targets`` in order from ``blocks``, buffering rows until a whole chunk (or the rest) can be written.
+
+    True when the rows fill the targets exactly.
+    """
+    index, filled, pending, pending_rows = 0, 0, [], 0
+    for block in blocks:
+        pending.append(block)
+        pending_rows += len(block)
+        while index < len(targets):
+            target = targets[index]
+            want = min(_write_rows(target), len(target) - filled)
+            if pending_rows < want:
+                break
+            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            if want:
+                target[filled:filled + want] = rows[:want]
+            pending, pending_rows = ([rows[want:]] if len(rows) > want else []), len(rows) - want
+            filled += want
+            if filled == len(target):
+                index, filled = index + 1, 0
+        if index == len(targets) and pending_rows:
+            break
+    return index == len(targets) and not pending_rows
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
 
 
 def _fsync(path: Path) -> None:
