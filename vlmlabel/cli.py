@@ -12,7 +12,8 @@ from typing import Annotated, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, TaskID, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -332,6 +333,11 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
         targets = sorted({e.target or "/" for e in episodes})
         shown = ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
         table.add_row("rewards written to", shown)
+        written = opened.reward_keys(episodes[0])
+        table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
+        meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
+        table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')}"
+                      if meta else "none (make one with `vlmlabel embed`)")
         stdout.print(table)
 
 

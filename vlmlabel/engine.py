@@ -18,9 +18,9 @@ from torchvision.io import ImageReadMode, decode_image
 
 from vlmlabel import rewards
 from vlmlabel.errors import SourceError
+from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.formulation import ScoreFn
 from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
 
 PREFETCH_BATCHES = 3
