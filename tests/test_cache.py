@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from tests import layouts
+from typer.testing import CliRunner
+
 from tests.conftest import TINY_CFG, TINY_PREPROCESS
+from vlmlabel.cli import app
 from vlmlabel.errors import OutputError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import create_untrained, save_local_dir
@@ -20,6 +20,7 @@ from vlmlabel.rewards import RewardMode
 from vlmlabel.sources import Align, open_source
 from vlmlabel.writers.hdf5 import RewardDataset, RowStream, write_rewards
 
+runner = CliRunner()
 # Cached embeddings are float16: scores differ from the fp32 path by rounding only.
 FP16_ATOL = 3e-3
 
@@ -109,17 +110,17 @@ def test_cache_of_another_model_is_ignored(tiny_model_dir, other_model_dir, tmp_
 
 def test_cli_embed_then_relabel_says_it_used_the_cache(tiny_model_dir, tmp_path):
     truth = layouts.build_episodes_gray(tmp_path / "g.h5")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "vlmlabel", *args], capture_output=True,  # noqa: E731
-                                       text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                                       "COLUMNS": "200"})
+    run = lambda *args: runner.invoke(app, list(args), env={"COLUMNS": "200"})  # noqa: E731
     embedded = run("embed", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu")
-    assert embedded.returncode == 0, embedded.stderr
+    assert embedded.exit_code == 0, embedded.output
     assert "embeddings of dim 32" in embedded.stdout
     relabelled = run("relabel", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu", "-g", "x")
-    assert relabelled.returncode == 0, relabelled.stderr
+    assert relabelled.exit_code == 0, relabelled.output
     assert "using cached embeddings" in relabelled.stdout
     bad = run("relabel", str(truth.path), "--model", str(tiny_model_dir), "-g", "x", "--reward", "softmax")
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--negative" in bad.stderr
+    assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0 and "--negative" in bad.stderr
+    alpha = run("relabel", str(truth.path), "-g", "x", "--reward", "projection", "--baseline", "b", "--alpha", "2")
+    assert alpha.exit_code == 2 and "--alpha must be in [0, 1]" in alpha.stderr
 
 
 def test_row_stream_fills_datasets_chunk_by_chunk_and_refuses_a_short_stream(tmp_path):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from tests import layouts
+from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
 from vlmlabel.formulation import RewardConfig
@@ -21,9 +21,11 @@ from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
 from vlmlabel.rewards import Normalize
 
 
+runner = CliRunner()
+
+
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "vlmlabel", *args], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
 
 
 def test_ranks_average_ties_and_spearman_is_rank_pearson():
@@ -81,11 +83,11 @@ def test_evaluate_matches_direct_numpy(synthetic):
 def test_evaluate_cli_json_and_errors(synthetic):
     path = synthetic[0]
     done = _cli("evaluate", str(path), "--reward-key", "vlm_reward", "--against", "success", "--no-blank", "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done.output
     payload = json.loads(done.stdout)
     assert payload["against"] == "success" and payload["epic_distance"] is not None
     bad = _cli("evaluate", str(path), "--no-blank", "--reward-key", "nope")
-    assert bad.returncode == 2 and "unknown reward key 'nope'" in bad.stderr
+    assert bad.exit_code == 2 and "unknown reward key 'nope'" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0
     with pytest.raises(VlmlabelError, match="--against missing"):
         evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="missing", blank=False))
@@ -96,7 +98,7 @@ def test_evaluate_blank_baseline_uses_the_recorded_model(tiny_model_dir, tmp_pat
     relabel_file(RelabelRequest(source=truth.path, goals=["red"], model=str(tiny_model_dir), device="cpu",
                                 formulation=RewardConfig(goals=["red"], normalize=Normalize.dataset)))
     done = _cli("evaluate", str(truth.path), "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done.output
     payload = json.loads(done.stdout)
     assert set(payload["blank_scores"]) == {"black", "gray", "white"}
     assert all(-1 <= v <= 1 for v in payload["blank_scores"].values())  # raw cosine, not the z-scores
@@ -110,14 +112,14 @@ def test_plot_writes_picture(tiny_model_dir, tmp_path):
     relabel_file(RelabelRequest(source=truth.path, goals=["red", "blue"], model=str(tiny_model_dir), device="cpu"))
     out = tmp_path / "rewards.png"
     done = _cli("plot", str(truth.path), "--episodes", "0,2", "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done.output
     assert "vlm_reward_0, vlm_reward_1" in done.stdout and out.stat().st_size > 1000
     with Image.open(out) as image:
         assert image.size == figure_size(2, 100)
     svg = plot_file(PlotRequest(source=truth.path, reward_key="vlm_reward", out=tmp_path / "r.svg"))
     assert svg.episodes == [0, 1, 2] and svg.out.read_text().lstrip().startswith("<?xml")
     bad = _cli("plot", str(truth.path), "--reward-key", "nope", "--out", str(out))
-    assert bad.returncode == 2 and "unknown reward key" in bad.stderr and bad.stderr.strip().count("\n") == 0
+    assert bad.exit_code == 2 and "unknown reward key" in bad.stderr and bad.stderr.strip().count("\n") == 0
     for kwargs, words in ((dict(episodes=[9]), "out of range"), (dict(out=tmp_path / "x.gif"), "must end in")):
         with pytest.raises(VlmlabelError, match=words):
             plot_file(PlotRequest(**{"source": truth.path, "reward_key": "vlm_reward", **kwargs}))

@@ -154,3 +154,13 @@ def test_relabel_writes_formula_shaped_and_raw(tiny_model_dir, tmp_path):
     assert spec["gamma"] == 0.9 and spec["normalize"] == "episode" and spec["logit_scale"] > 1
     assert "delta shaping" in attrs["formula"] and attrs["raw_key"] == "vlm_reward_raw"
     assert RewardConfig.from_attrs(attrs).negatives == ["a blue block", "a table"]
+
+
+def test_threshold_then_normalise_then_shape_order():
+    config = RewardConfig(goals=["g"], mode=RewardMode.softmax, negatives=["n"], threshold=0.5,
+                          shaping=Shaping.delta, gamma=1.0).validate()
+    raw = [np.array([[0.2], [0.5], [0.9]], np.float32), np.array([[0.7]], np.float32)]
+    binary = [np.array([[0.0], [1.0], [1.0]]), np.array([[1.0]])]
+    for got, b in zip(config.postprocess(raw), binary):
+        np.testing.assert_allclose(got, np.concatenate([b[1:], b[-1:]]) - b)
+    assert config.keeps_raw and not RewardConfig(goals=["g"]).validate().keeps_raw
