@@ -18,7 +18,7 @@ from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.pipeline import RelabelRequest, relabel_file
 from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
-from vlmlabel.rewards import Normalize
+from vlmlabel.rewards import Normalize, Shaping
 
 
 runner = CliRunner()
@@ -125,3 +125,21 @@ def test_plot_writes_picture(tiny_model_dir, tmp_path):
             plot_file(PlotRequest(**{"source": truth.path, "reward_key": "vlm_reward", **kwargs}))
     with pytest.raises(VlmlabelError, match="numbers"):
         parse_episodes("a,b")
+
+
+def test_shuffled_baseline_reapplies_the_recorded_shaping(synthetic):
+    path, reward, success, _, lengths = synthetic
+    spec = RewardConfig(goals=["g"], shaping=Shaping.delta, gamma=0.5)
+    raw = reward.copy()
+    shaped = np.concatenate(spec.postprocess([r[:, None] for r in np.split(raw, np.cumsum(lengths)[:-1])]))[:, 0]
+    with h5py.File(path, "r+") as f:
+        f["vlm_reward_raw"] = raw
+        del f["vlm_reward"]
+        f["vlm_reward"] = shaped
+        f["vlm_reward"].attrs.update({**spec.attrs(0, 1.0), "raw_key": "vlm_reward_raw"})
+    report = evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="success", blank=False))
+    permuted = np.random.default_rng(0).permutation(raw)
+    expected = np.concatenate(spec.postprocess([r[:, None] for r in np.split(permuted, np.cumsum(lengths)[:-1])]))
+    assert report.shuffled_pearson == pytest.approx(np.corrcoef(expected[:, 0], success)[0, 1], abs=1e-6)
+    assert [row["steps"] for row in report.per_episode] == lengths
+    assert report.per_episode[0]["pearson"] == pytest.approx(np.corrcoef(shaped[:50], success[:50])[0, 1], abs=1e-6)

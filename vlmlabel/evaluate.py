@@ -92,6 +92,7 @@ class Evaluation:
     blank_scores: dict[str, float] | None = None
     above_blank_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
+    per_episode: list[dict[str, Any]] = field(default_factory=list)  # JSON only: one row per episode
 
     def as_json(self) -> dict[str, Any]:
         """Plain JSON (NaN -> null)."""
@@ -171,11 +172,23 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
         success: list[np.ndarray] = []
         if not _is_binary(np.concatenate(reference)):
             success = next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])
-    return _evaluate(request, attrs, reward, raw, reference_key, reference, success)
+    return _evaluate(request, attrs, [e.name for e in episodes], reward, raw, reference_key, reference, success)
 
 
-def _evaluate(request: EvaluateRequest, attrs: dict, reward: list[np.ndarray], raw: list[np.ndarray],
-              reference_key: str, reference: list[np.ndarray], success: list[np.ndarray]) -> Evaluation:
+def _shuffled(attrs: dict, reward: list[np.ndarray], raw: list[np.ndarray]) -> np.ndarray:
+    """The reward as it would be on frames shuffled across episodes: raw per-frame scores permuted over the
+    dataset, then thresholded/normalised/shaped within episodes exactly as the written reward was."""
+    permuted = np.random.default_rng(SHUFFLE_SEED).permutation(np.concatenate(raw))
+    if "raw_key" not in attrs:
+        return permuted
+    bounds = np.cumsum([0] + [len(r) for r in raw])
+    episodes = [permuted[a:b, None] for a, b in zip(bounds[:-1], bounds[1:])]
+    return np.concatenate(RewardConfig.from_attrs(attrs).postprocess(episodes))[:, 0]
+
+
+def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: list[np.ndarray],
+              raw: list[np.ndarray], reference_key: str, reference: list[np.ndarray],
+              success: list[np.ndarray]) -> Evaluation:
     all_reward, all_reference = np.concatenate(reward), np.concatenate(reference)
     binary = _is_binary(all_reference)
     overall = pearson(all_reward, all_reference)
@@ -188,16 +201,19 @@ def _evaluate(request: EvaluateRequest, attrs: dict, reward: list[np.ndarray], r
     time_rho = None
     if flags:
         time_rho = _summary([spearman(r, np.arange(len(r))) for r, s in zip(reward, flags) if s.max() >= 1])
-    shuffled = np.random.default_rng(SHUFFLE_SEED).permutation(all_reward)
+    shuffled = _shuffled(attrs, reward, raw)
+    per_pearson = [pearson(r, g) for r, g in zip(reward, reference)]
+    per_spearman = [spearman(r, g) for r, g in zip(reward, reference)]
     result = Evaluation(
         reward_key=request.reward_key, against=reference_key, steps=len(all_reward), episodes=len(reward),
         pearson=overall, spearman=spearman(all_reward, all_reference),
-        per_episode_pearson=_summary([pearson(r, g) for r, g in zip(reward, reference)]),
-        per_episode_spearman=_summary([spearman(r, g) for r, g in zip(reward, reference)]),
+        per_episode_pearson=_summary(per_pearson), per_episode_spearman=_summary(per_spearman),
         reference_binary=binary, epic_distance=epic_distance(overall) if binary and np.isfinite(overall) else None,
         time_spearman_successful=time_rho,
         shuffled_pearson=pearson(shuffled, all_reference), shuffled_spearman=spearman(shuffled, all_reference),
         notes=notes,
+        per_episode=[{"episode": i, "name": name, "steps": len(r), "pearson": p, "spearman": q}
+                     for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman))],
     )
     if request.blank:
         result.blank_scores = blank_scores(attrs, request.model, request.pretrained, request.device)
