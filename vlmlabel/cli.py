@@ -171,7 +171,7 @@ def _print_summary(summary: RelabelSummary) -> None:
     stdout.print(table)
     if summary.raw_names:
         stdout.print(f"raw scores kept in {', '.join(summary.raw_names)}")
-    stdout.print(summary.cache_note if summary.used_cache else f"scored frames ({summary.cache_note})")
+    stdout.print(summary.cache_note if summary.used_cache else f"scored frames: {summary.cache_note}")
     stdout.print(
         f"{len(result.episodes)} episodes, {result.frames:,} frames, {result.frames_per_second:,.1f} frames/s "
         f"({summary.layout} layout, frames from {summary.image_key!r}; model {summary.model.name} "
