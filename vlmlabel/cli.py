@@ -21,7 +21,7 @@ from vlmlabel.device import Precision
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.pipeline import DEFAULT_REWARD_KEY, RelabelRequest, RelabelSummary, relabel_file
-from vlmlabel.sources import Align, open_source
+from vlmlabel.sources import Align, HDF5Source, open_source
 
 app = typer.Typer(
     help="Label offline RL datasets with rewards from a vision-language model: R(o, l) = cos(CLIP(o), CLIP(l)).",
@@ -35,9 +35,18 @@ stdout = Console()
 F = TypeVar("F", bound=Callable)
 
 # Shared option definitions.
-SourceArg = Annotated[Path, typer.Argument(help="Dataset to read: an HDF5 file (.h5/.hdf5).", show_default=False)]
+SourceArg = Annotated[Path, typer.Argument(
+    help="Dataset to read: an HDF5 file (.h5/.hdf5); a datasets save_to_disk folder; a parquet file, folder or "
+         "quoted glob; a LeRobot dataset folder (meta/info.json); or a Hugging Face Hub dataset id ORG/NAME.",
+    show_default=False)]
 ImageKeyOpt = Annotated[Optional[str], typer.Option(
-    "--image-key", help="Dataset path of the frames inside each episode (or the file); auto-detected when omitted.")]
+    "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
+                        "auto-detected when omitted.")]
+SplitOpt = Annotated[str, typer.Option(help="Split of a Hub dataset or DatasetDict folder.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    help="Hub dataset revision (branch, tag or commit).", show_default=False)]
+StreamingOpt = Annotated[bool, typer.Option(
+    "--streaming", help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.")]
 
 
 def _exit_on_error(func: F) -> F:
@@ -95,13 +104,24 @@ def relabel(
     align: Annotated[Align, typer.Option(
         help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).")]
     = Align.frame,
+    split: SplitOpt = "train",
+    revision: RevisionOpt = None,
+    streaming: StreamingOpt = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
+        show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
-    """Score every step against each goal and write the rewards next to the data."""
+    """Score every step against each goal and write the rewards next to the data.
+
+    HDF5: datasets added to the file (or to an --output copy). Hugging Face and LeRobot datasets: a new
+    dataset beside the input (NAME-vlmlabel) with float32 reward columns; the source is never modified.
+    """
     request = RelabelRequest(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
-        precision=precision.value, device=device, align=align,
+        precision=precision.value, device=device, align=align, split=split, revision=revision,
+        streaming=streaming, push_to_hub=push_to_hub,
     )
     if quiet:
         relabel_file(request)
@@ -146,9 +166,10 @@ def _print_summary(summary: RelabelSummary) -> None:
 
 @app.command()
 @_exit_on_error
-def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
+def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = "train",
+            revision: RevisionOpt = None, streaming: StreamingOpt = False) -> None:
     """Show the detected layout, image key, frame format, episodes and frames."""
-    with open_source(str(source), image_key) as opened:
+    with open_source(str(source), image_key, split, revision, streaming) as opened:
         episodes = opened.episodes(Align.frame)
         steps = [e.steps for e in episodes]
         table = Table(title=str(source), show_header=False, title_justify="left")
@@ -159,10 +180,18 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
         table.add_row("frames", opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
-        targets = sorted({e.target or "/" for e in episodes})
-        shown = ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
-        table.add_row("rewards written to", shown)
+        table.add_row("rewards written to", _reward_destination(opened, episodes))
         stdout.print(table)
+
+
+def _reward_destination(source, episodes) -> str:
+    if isinstance(source, HDF5Source):
+        targets = sorted({e.target or "/" for e in episodes})
+        return ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
+    from vlmlabel.writers.tables import default_output
+
+    what = "a parquet sidecar" if source.kind == "stream" else "new float32 column(s) of a new dataset"
+    return f"{what}: {default_output(source)} (or --output)"
 
 
 @app.command()

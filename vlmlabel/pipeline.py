@@ -14,8 +14,9 @@ from vlmlabel.engine import RelabelResult, relabel
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import COSINE_FORMULA
-from vlmlabel.sources import Align, open_source
+from vlmlabel.sources import Align, HDF5Source, open_source
 from vlmlabel.sources.base import reward_path
+from vlmlabel.writers import tables as table_writer
 from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -35,6 +36,10 @@ class RelabelRequest:
     precision: str = "auto"
     device: str = "auto"
     align: Align = Align.frame
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = False
+    push_to_hub: str | None = None
 
 
 @dataclass
@@ -75,31 +80,56 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         raise VlmlabelError(f"--batch-size must be at least 1, not {request.batch_size}")
     batch_size = request.batch_size or default_batch_size(device)
 
-    with open_source(str(request.source), request.image_key) as source:
-        stamp = SourceStamp.of(request.source)
+    with open_source(str(request.source), request.image_key, request.split, request.revision,
+                     request.streaming) as source:
         episodes = source.episodes(request.align)
         targets = sorted({e.target for e in episodes})
-        planned = [reward_path(t, n) for t in targets for n in names]
-        check_writable(request.source, request.output, source.existing(planned), request.overwrite)
+        if isinstance(source, HDF5Source):
+            if request.push_to_hub:
+                raise VlmlabelError("--push-to-hub works for Hugging Face and LeRobot datasets, not HDF5 files")
+            stamp = SourceStamp.of(request.source)
+            planned = [reward_path(t, n) for t in targets for n in names]
+            check_writable(request.source, request.output, source.existing(planned), request.overwrite)
+        else:
+            destination = table_writer.check_output(source, request.output, names, request.overwrite)
         model = load_model(request.model, request.pretrained, device, precision)
         if on_start is not None:
             on_start(sum(e.steps for e in episodes))
         result = relabel(source, model, goals, request.align, batch_size, on_progress)
         layout, image_key = source.layout, source.image_key
 
+    provenance = [{"goal": goal, "formula": COSINE_FORMULA, "align": request.align.value, "image_key": image_key,
+                   "vlmlabel_version": __version__, **model.describe()} for goal in goals]
+    if not isinstance(source, HDF5Source):
+        values = result.all_rewards()
+        columns = [table_writer.RewardColumn(name, values[:, i], attrs)
+                   for i, (name, attrs) in enumerate(zip(names, provenance))]
+        written = _write_table(source, destination, columns, request.push_to_hub)
+        return RelabelSummary(result, written, names, goals, model, layout, image_key)
     datasets = []
-    for goal_index, (goal, name) in enumerate(zip(goals, names)):
-        attrs = {
-            "goal": goal,
-            "formula": COSINE_FORMULA,
-            "align": request.align.value,
-            "image_key": image_key,
-            "vlmlabel_version": __version__,
-            **model.describe(),
-        }
+    for goal_index, (name, attrs) in enumerate(zip(names, provenance)):
         for target in targets:
             values = np.concatenate([r[:, goal_index] for e, r in zip(result.episodes, result.rewards)
                                      if e.target == target])
             datasets.append(RewardDataset(reward_path(target, name), values, attrs))
     written = write_rewards(request.source, request.output, datasets, request.overwrite, stamp)
     return RelabelSummary(result, written, names, goals, model, layout, image_key)
+
+
+def _write_table(source, destination: Path, columns: list[table_writer.RewardColumn], push_to_hub: str | None) -> Path:
+    """The writer that keeps the source's own format: LeRobot, save_to_disk/Hub, parquet, or a sidecar."""
+    if source.kind == "lerobot":
+        from vlmlabel.writers.lerobot import write_lerobot
+
+        written = write_lerobot(source, destination, columns)
+    elif source.kind == "stream":
+        from vlmlabel.writers.sidecar import write_sidecar
+
+        written = write_sidecar(source, destination, columns)
+    else:
+        written = table_writer.write_dataset(source, destination, columns)
+    if push_to_hub:
+        from vlmlabel.writers.hub import push
+
+        push(written, source.kind, push_to_hub)
+    return written
