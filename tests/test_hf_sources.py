@@ -90,44 +90,47 @@ def reload_output(case: TableCase, dest: Path) -> tuple[datasets.Dataset, pa.Sch
     return loaded, pq.read_schema(files[0])
 
 
-@pytest.mark.parametrize("align", [Align.frame, Align.next])
-def test_same_rewards_as_hdf5(case: TableCase, tiny_model_dir, tmp_path, align):
+def test_storage_suite(case: TableCase, tiny_model_dir, tmp_path):
+    """Default output: same rewards as HDF5, reloads with its own loader, images stay images, provenance kept."""
     before = tree_digest(case.path)
-    dest = tmp_path / "out" / "labelled"
-    dest.parent.mkdir()
-    if case.kind == "parquet" and case.path.is_file():
-        dest = dest.with_suffix(".parquet")
-    summary = relabel_file(request_for(case, tiny_model_dir, output=dest, align=align))
-    assert summary.written_to == dest
-    expected = hdf5_rewards(tmp_path, case.frames, case.episode_index, tiny_model_dir, align)
-    loaded, _ = reload_output(case, dest)
-    got = np.stack([np.asarray(loaded[n], dtype=np.float32) for n in summary.reward_names], axis=1)
-    np.testing.assert_allclose(got, expected, atol=2e-6)
-    assert tree_digest(case.path) == before, "the source changed"
-
-
-def test_output_keeps_format_metadata_and_images(case: TableCase, tiny_model_dir, tmp_path):
-    summary = relabel_file(request_for(case, tiny_model_dir, goals=["a robot arm"], reward_key="progress"))
+    summary = relabel_file(request_for(case, tiny_model_dir))
     dest = summary.written_to
     assert dest.parent == (case.path.parent if "*" not in str(case.path) else case.path.parent.parent)
-    assert "vlmlabel" in dest.name
+    assert dest.name.split(".")[0].endswith("-vlmlabel")
+    assert tree_digest(case.path) == before, "the source changed"
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")], "staging left behind"
+
     loaded, schema = reload_output(case, dest)
     assert loaded.num_rows == len(case.frames)
-    assert loaded.features["progress"] == datasets.Value("float32")
+    assert summary.reward_names == ["vlm_reward_0", "vlm_reward_1"]
+    got = np.stack([np.asarray(loaded[n], dtype=np.float32) for n in summary.reward_names], axis=1)
+    expected = hdf5_rewards(tmp_path, case.frames, case.episode_index, tiny_model_dir, Align.frame)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+    for name in summary.reward_names:
+        assert loaded.features[name] == datasets.Value("float32")
     if case.image_feature:
         assert isinstance(loaded.features[case.image_key], datasets.Image)
-        first = np.asarray(loaded[0][case.image_key].convert("RGB"))
-        np.testing.assert_array_equal(first, case.frames[0])
-    for name in loaded.column_names:  # every source column survives, in its type
-        if name != "progress":
-            assert name in schema.names
-    field_meta = json.loads(schema.field("progress").metadata[b"vlmlabel"])
-    schema_meta = json.loads(schema.metadata[b"vlmlabel"])["columns"]["progress"]
-    for meta in (field_meta, schema_meta):
-        assert meta["goal"] == "a robot arm"
-        assert meta["model"] == str(tiny_model_dir)
-        assert {"pretrained", "precision", "formula"} <= set(meta)
-    assert summary.reward_names == ["progress"]
+        np.testing.assert_array_equal(np.asarray(loaded[0][case.image_key].convert("RGB")), case.frames[0])
+    assert set(loaded.column_names) == set(schema.names)
+    for goal, name in zip(GOALS, summary.reward_names):
+        field_meta = json.loads(schema.field(name).metadata[b"vlmlabel"])
+        schema_meta = json.loads(schema.metadata[b"vlmlabel"])["columns"][name]
+        for meta in (field_meta, schema_meta):
+            assert meta["goal"] == goal and meta["model"] == str(tiny_model_dir)
+            assert meta["precision"] == "fp32" and meta["formula"].startswith("cos(")
+            assert "pretrained" in meta and meta["image_key"] == case.image_key
+
+
+@pytest.mark.parametrize("name", ["disk_image", "parquet_float_chw", "lerobot_video"])
+def test_align_next_matches_hdf5(name, tiny_model_dir, tmp_path):
+    case = CASES[name](tmp_path)
+    dest = tmp_path / ("next.parquet" if case.path.is_file() else "next")
+    summary = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1], output=dest, align=Align.next))
+    assert summary.written_to == dest
+    loaded, _ = reload_output(case, dest)
+    expected = hdf5_rewards(tmp_path, case.frames, case.episode_index, tiny_model_dir, Align.next, GOALS[:1])
+    np.testing.assert_allclose(np.asarray(loaded["vlm_reward"], dtype=np.float32), expected[:, 0], atol=2e-6)
 
 
 def test_parquet_files_mirror_the_source(tmp_path, tiny_model_dir):
