@@ -280,3 +280,87 @@ def test_cli_subprocess_end_to_end(tmp_path, tiny_model_dir):
     assert table.column_names[-1] == "vlm_reward" and table.num_rows == len(case.frames)
     expected = hdf5_rewards(tmp_path, case.frames, case.episode_index, tiny_model_dir, Align.frame, ["a cube"])
     np.testing.assert_allclose(table.column("vlm_reward").to_numpy(), expected[:, 0], atol=2e-6)
+
+
+HUB_ID = "lab/robot-pushes"
+
+
+@pytest.fixture()
+def fake_hub(monkeypatch, tmp_path) -> TableCase:
+    """The Hub id resolves to local parquet files through datasets' own parquet builder: no network."""
+    case = table_layouts.build_parquet_folder(tmp_path)
+    real = datasets.load_dataset
+    calls = []
+
+    def load_dataset(repo_id, split="train", revision=None, streaming=False, **kwargs):
+        assert repo_id == HUB_ID and "trust_remote_code" not in kwargs
+        calls.append((revision, streaming, kwargs.get("columns")))
+        return real("parquet", data_files=str(case.path / "data" / "*.parquet"), split=split, streaming=streaming,
+                    cache_dir=str(tmp_path / "hf-cache"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    case.extra = {"calls": calls}
+    return case
+
+
+def test_hub_id_writes_a_save_to_disk_dataset(fake_hub, tiny_model_dir, tmp_path):
+    summary = relabel_file(RelabelRequest(source=Path(HUB_ID), goals=GOALS[:1], model=str(tiny_model_dir),
+                                          device="cpu", revision="v1.0"))
+    assert summary.written_to == tmp_path / "work" / "robot-pushes-vlmlabel"
+    loaded = datasets.load_from_disk(str(summary.written_to))
+    assert isinstance(loaded.features["image"], datasets.Image)
+    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.frame,
+                            GOALS[:1])
+    np.testing.assert_allclose(np.asarray(loaded["vlm_reward"], dtype=np.float32), expected[:, 0], atol=2e-6)
+    assert fake_hub.extra["calls"][0][:2] == ("v1.0", False)
+
+
+def test_streaming_writes_a_joinable_sidecar(fake_hub, tiny_model_dir, tmp_path):
+    result = CliRunner().invoke(app, ["relabel", HUB_ID, "--streaming", "--goal", GOALS[0], "--model",
+                                      str(tiny_model_dir), "--device", "cpu", "--align", "next", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert all(streaming for _, streaming, _ in fake_hub.extra["calls"])
+    assert ["episode_index", "frame_index"] in [c[2] for c in fake_hub.extra["calls"]], "index pass not projected"
+    sidecar = tmp_path / "work" / "robot-pushes-vlmlabel.parquet"
+    table = pq.read_table(sidecar)
+    assert table.column_names == ["episode_index", "frame_index", "index", "vlm_reward"]
+    assert json.loads(table.schema.field("vlm_reward").metadata[b"vlmlabel"])["goal"] == GOALS[0]
+    # The README's join, verbatim: rewards back onto the dataset's rows.
+    import pandas as pd
+
+    rows = datasets.load_dataset(HUB_ID, split="train").to_pandas()
+    rewards = pd.read_parquet(sidecar)
+    joined = rows.merge(rewards, on=["episode_index", "frame_index", "index"], how="left")
+    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.next,
+                            GOALS[:1])
+    np.testing.assert_allclose(joined["vlm_reward"].to_numpy(), expected[:, 0], atol=2e-6)
+
+
+def test_unknown_hub_id_offline_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = _error(["relabel", "nobody-here/no-such-dataset", "--goal", "x", "--model", str(tiny_model_dir)])
+    assert "nobody-here/no-such-dataset" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_to_hub_uploads_the_written_folder(monkeypatch, tmp_path, tiny_model_dir):
+    """Offline: the upload call is recorded, not sent; a failing upload keeps the local output."""
+    import huggingface_hub
+
+    case = table_layouts.build_lerobot(tmp_path, video=False)
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: uploads.append(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: uploads.append((kw["repo_id"], kw["folder_path"])))
+    summary = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1], push_to_hub="me/labelled"))
+    assert uploads == ["me/labelled", ("me/labelled", str(summary.written_to))]
+
+    def refuse(self, **kw):
+        raise huggingface_hub.errors.HfHubHTTPError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
+    line = _error(["relabel", str(case.path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu",
+                   "--image-key", "top", "--output", str(tmp_path / "second"), "--push-to-hub", "me/labelled"])
+    assert "pushing to the Hub repo me/labelled failed" in line and (tmp_path / "second" / "meta").is_dir()

@@ -159,14 +159,15 @@ def staged(dest: Path) -> Iterator[Path]:
 
 
 def local_root(source: TableSource) -> Path | None:
-    return None if source.kind == "hub" else Path(str(source.root))
+    return None if source.kind in ("hub", "stream") else Path(str(source.root))
 
 
 def default_output(source: TableSource) -> Path:
     """A new dataset beside the input: ``<name>-vlmlabel`` (a file for one parquet file)."""
     root = local_root(source)
-    if root is None:
-        return Path.cwd() / f"{str(source.root).split('/')[-1]}{OUTPUT_SUFFIX}"
+    if root is None:  # a Hub id: into the working folder; a stream gets a parquet sidecar
+        name = f"{str(source.root).split('/')[-1]}{OUTPUT_SUFFIX}"
+        return Path.cwd() / (f"{name}.parquet" if source.kind == "stream" else name)
     if source.kind == "parquet" and root.is_file():
         return root.with_name(f"{root.stem}{OUTPUT_SUFFIX}{root.suffix}")
     if source.kind == "parquet" and not root.exists():  # a glob: mirror its base folder
