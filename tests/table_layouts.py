@@ -219,3 +219,34 @@ def build_lerobot(root: Path, video: bool, lengths=LENGTHS, files: tuple[int, ..
         truth = np.concatenate([decode_mp4(folder / "videos" / cams[0] / "chunk-000" / f"file-{k:03d}.mp4")
                                 for k in range(len(ep_groups))])
     return TableCase(folder, "lerobot", truth, episode, cams[0], not video, extra={"cameras": cams, "info": info})
+
+
+def build_lerobot_v21(root: Path) -> TableCase:
+    """A LeRobot v2.1 folder: one parquet file and one MP4 per episode, meta/episodes.jsonl."""
+    folder = root / "lerobot_v21"
+    cam = "observation.images.front"
+    total = int(sum(LENGTHS))
+    frames = make_frames(total, HEIGHT, WIDTH, seed=300)
+    cols = _episode_columns()
+    cols["timestamp"] = (np.asarray(cols["frame_index"]) / FPS).astype(np.float32).tolist()
+    table = Dataset.from_dict(cols)
+    bounds = np.cumsum([0, *LENGTHS])
+    (folder / "meta").mkdir(parents=True)
+    with open(folder / "meta" / "episodes.jsonl", "w") as handle:
+        for e, length in enumerate(LENGTHS):
+            rows = range(int(bounds[e]), int(bounds[e + 1]))
+            data = folder / "data" / "chunk-000" / f"episode_{e:06d}.parquet"
+            data.parent.mkdir(parents=True, exist_ok=True)
+            table.select(rows).to_parquet(str(data))
+            encode_mp4(folder / "videos" / "chunk-000" / cam / f"episode_{e:06d}.mp4", frames[rows.start:rows.stop])
+            handle.write(json.dumps({"episode_index": e, "tasks": ["pick"], "length": length}) + "\n")
+    features = {name: {"dtype": "int64" if name != "timestamp" else "float32", "shape": [1], "names": None}
+                for name in cols}
+    features[cam] = {"dtype": "video", "shape": [HEIGHT, WIDTH, 3], "names": ["height", "width", "channels"]}
+    info = {"codebase_version": "v2.1", "fps": FPS, "chunks_size": 1000, "total_episodes": len(LENGTHS),
+            "total_frames": total, "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+            "features": features}
+    (folder / "meta" / "info.json").write_text(json.dumps(info, indent=4))
+    return TableCase(folder, "lerobot", frames, np.repeat(np.arange(len(LENGTHS)), LENGTHS), cam, False,
+                     extra={"info": info})

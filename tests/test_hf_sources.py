@@ -364,3 +364,14 @@ def test_push_to_hub_uploads_the_written_folder(monkeypatch, tmp_path, tiny_mode
     line = _error(["relabel", str(case.path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu",
                    "--image-key", "top", "--output", str(tmp_path / "second"), "--push-to-hub", "me/labelled"])
     assert "pushing to the Hub repo me/labelled failed" in line and (tmp_path / "second" / "meta").is_dir()
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_dataset(tmp_path, tiny_model_dir):
+    case = table_layouts.build_disk_array(tmp_path)
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("months of work")
+    line = _error(["relabel", str(case.path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu",
+                   "--output", str(precious), "--overwrite"])
+    assert "holds no dataset" in line
+    assert (precious / "chapter1.tex").read_text() == "months of work"

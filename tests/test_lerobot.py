@@ -149,3 +149,17 @@ def test_inspect_lerobot(tmp_path):
     assert result.exit_code == 0, result.output
     for text in ("lerobot v3.0", "observation.images.wrist", "video", "new float32 column"):
         assert text in result.output.replace("\n", "")
+
+
+def test_lerobot_v21_one_video_per_episode(tmp_path, tiny_model_dir):
+    case = table_layouts.build_lerobot_v21(tmp_path)
+    summary = relabel_file(RelabelRequest(source=case.path, goals=["a cube"], model=str(tiny_model_dir),
+                                          device="cpu", align=Align.next))
+    assert summary.layout == "lerobot v2.1"
+    files = sorted((summary.written_to / "data").rglob("*.parquet"))
+    assert [f.name for f in files] == [f"episode_{e:06d}.parquet" for e in range(3)]
+    got = np.concatenate([pq.read_table(f).column("vlm_reward").to_numpy() for f in files])
+    expected = hdf5_rewards(tmp_path, case.frames, case.episode_index, tiny_model_dir, Align.next, ["a cube"])
+    np.testing.assert_allclose(got, expected[:, 0], atol=2e-6)
+    info = json.loads((summary.written_to / "meta" / "info.json").read_text())
+    assert info["features"]["vlm_reward"]["dtype"] == "float32"

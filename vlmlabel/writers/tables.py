@@ -181,6 +181,13 @@ def rewritten_bytes(source: TableSource) -> int:
     return sum(f.stat().st_size for f in source.shards.files)
 
 
+def _replaceable(folder: Path) -> bool:
+    """An empty folder or a dataset: --overwrite never deletes an arbitrary folder given by mistake."""
+    markers = ("state.json", "dataset_dict.json", "meta/info.json")
+    return (not any(folder.iterdir()) or any((folder / m).is_file() for m in markers)
+            or next(folder.rglob("*.parquet"), None) is not None)
+
+
 def check_output(source: TableSource, output: Path | None, names: list[str], overwrite: bool) -> Path:
     """Refuse early, before any compute, what the write would refuse; returns the destination."""
     if source.kind == "lerobot" and any(n.startswith(LEROBOT_OBSERVATION) for n in names):
@@ -200,6 +207,9 @@ def check_output(source: TableSource, output: Path | None, names: list[str], ove
                               "in place: choose an --output outside it")
     if dest.exists() and not overwrite:
         raise OutputError(f"output {dest} already exists; choose another --output or pass --overwrite")
+    if dest.is_dir() and not _replaceable(dest):
+        raise OutputError(f"output {dest} is a folder that holds no dataset; vlmlabel only replaces datasets "
+                          "(--overwrite): choose a new --output")
     folder = dest.parent
     if not folder.is_dir():
         raise OutputError(f"output folder {folder} does not exist; create it first")
