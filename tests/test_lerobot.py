@@ -163,3 +163,20 @@ def test_lerobot_v21_one_video_per_episode(tmp_path, tiny_model_dir):
     np.testing.assert_allclose(got, expected[:, 0], atol=2e-6)
     info = json.loads((summary.written_to / "meta" / "info.json").read_text())
     assert info["features"]["vlm_reward"]["dtype"] == "float32"
+
+
+def test_hub_cache_symlinks_are_followed(tmp_path, tiny_model_dir):
+    """Hub snapshots hold relative symlinks into a blob store: the output must hold the real files."""
+    case = table_layouts.build_lerobot(tmp_path, video=True)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for rel in ("meta/tasks.parquet", "videos/observation.images.top/chunk-000/file-000.mp4"):
+        path = case.path / rel
+        blob = blobs / path.name
+        path.rename(blob)
+        path.symlink_to(os.path.relpath(blob, path.parent))
+    summary = relabel_file(RelabelRequest(source=case.path, goals=["x"], model=str(tiny_model_dir), device="cpu",
+                                          image_key="top", output=tmp_path / "out"))
+    for rel in ("meta/tasks.parquet", "videos/observation.images.top/chunk-000/file-000.mp4"):
+        written = summary.written_to / rel
+        assert not written.is_symlink() and written.read_bytes() == (case.path / rel).read_bytes()

@@ -112,9 +112,10 @@ def fsync(path: Path) -> None:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link the file itself (a Hub cache symlink is followed to its blob), else copy it."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(src.resolve(), dst)
     except OSError:
         shutil.copy2(src, dst)
 
