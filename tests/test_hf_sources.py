@@ -375,3 +375,13 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_dataset(tmp_path, tiny_
                    "--output", str(precious), "--overwrite"])
     assert "holds no dataset" in line
     assert (precious / "chapter1.tex").read_text() == "months of work"
+
+
+def test_parquet_files_of_different_schemas_are_refused(tmp_path, tiny_model_dir):
+    frames = table_layouts.make_frames(4, 24, 32, seed=8)
+    (tmp_path / "mixed").mkdir()
+    datasets.Dataset.from_dict({"obs": list(frames[:2])}).to_parquet(str(tmp_path / "mixed" / "a.parquet"))
+    datasets.Dataset.from_dict({"obs": list(frames[2:]), "extra": [1, 2]}).to_parquet(
+        str(tmp_path / "mixed" / "b.parquet"))
+    line = _error(["relabel", str(tmp_path / "mixed"), "--goal", "x", "--model", str(tiny_model_dir)])
+    assert "other columns or types" in line and "b.parquet" in line

@@ -34,9 +34,18 @@ class Shards:
     files: tuple[Path, ...]
     fmt: str  # "arrow" | "parquet"
 
-    def schema(self) -> pa.Schema:
-        handle = self._open(self.files[0])
+    def _schema_of(self, path: Path) -> pa.Schema:
+        handle = self._open(path)
         return handle.schema_arrow if self.fmt == "parquet" else handle.schema
+
+    def schema(self) -> pa.Schema:
+        """The first file's schema; every other file must have the same columns and types."""
+        first = self._schema_of(self.files[0])
+        for path in self.files[1:]:
+            if not self._schema_of(path).equals(first, check_metadata=False):
+                raise SourceError(f"{path} has other columns or types than {self.files[0]}; vlmlabel reads files "
+                                  "of one schema: pass them separately or as a narrower glob")
+        return first
 
     def _open(self, path: Path):
         try:
