@@ -338,10 +338,13 @@ def test_streaming_writes_a_joinable_sidecar(fake_hub, tiny_model_dir, tmp_path)
     np.testing.assert_allclose(joined["vlm_reward"].to_numpy(), expected[:, 0], atol=2e-6)
 
 
-def test_unknown_hub_id_offline_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unknown_hub_id_offline_is_one_line(streaming, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _error(["relabel", "nobody-here/no-such-dataset", "--goal", "x", "--model", str(tiny_model_dir)])
+    line = _error(["relabel", "nobody-here/no-such-dataset", "--goal", "x", "--model", str(tiny_model_dir)]
+                  + (["--streaming"] if streaming else []))
     assert "nobody-here/no-such-dataset" in line
+    assert ("streaming the Hub dataset" if streaming else "is not a local path") in line
     assert list(tmp_path.iterdir()) == []
 
 

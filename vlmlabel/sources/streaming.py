@@ -38,7 +38,7 @@ class StreamShards:
         except SourceError:
             raise
         except Exception as exc:  # network, auth, decoding: datasets raises many types
-            raise SourceError(f"streaming {self._name} failed: {_short(exc)}") from None
+            raise SourceError(f"streaming the Hub dataset {self._name} failed: {_short(exc)}") from None
 
     def schema(self) -> pa.Schema:
         first = next(self._tables(None, 1), None)

@@ -287,7 +287,9 @@ def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | No
     try:
         dataset = datasets.load_dataset(repo_id, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types (network, missing split, missing repo)
-        raise SourceError(f"cannot load Hub dataset {repo_id!r} split {split!r}: {str(exc).splitlines()[0]}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{repo_id} is not a local path, and loading it as a Hub dataset (split {split!r}) "
+                          f"failed: {first}") from None
     if dataset._indices is not None:
         dataset = dataset.flatten_indices()
     files = tuple(Path(f["filename"]) for f in dataset.cache_files)
