@@ -47,7 +47,7 @@ class LeRobotSource(TableSource):
         if not files:
             raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
         self._video: VideoReader | None = None
-        self._index: dict[str, np.ndarray] = {}
+        self._videos: dict[int, tuple[Path, float]] | None = None
         super().__init__(Shards(files, "parquet"), image_key, "lerobot", folder, f"lerobot {self.version}",
                          base=folder)
 
@@ -88,16 +88,16 @@ class LeRobotSource(TableSource):
     # -- episodes ---------------------------------------------------------------------------------
 
     def episodes(self, align: Align) -> list[Episode]:
-        self._index = self.index_columns()
+        index = self.index_columns()
         for needed in ("episode_index",) + (("timestamp",) if self.is_video else ()):
-            if needed not in self._index:
+            if needed not in index:
                 raise SourceError(f"the data files of {self.folder} have no {needed!r} column; "
                                   "the LeRobot dataset is incomplete")
-        episode_index = self._index["episode_index"].astype(np.int64)
-        self._check_lengths(episode_index)
-        if self.is_video:
-            self._videos = self._video_locations(np.unique(episode_index))
-        return episode_runs(self.rows, episode_index, self._index.get("frame_index"), align, self.image_key)
+        episode_index = index["episode_index"].astype(np.int64)
+        if self._videos is None:  # checked once, however often the episodes are asked for
+            self._check_lengths(episode_index)
+            self._videos = self._video_locations(np.unique(episode_index)) if self.is_video else {}
+        return episode_runs(self.rows, episode_index, index.get("frame_index"), align, self.image_key)
 
     def _episodes_meta(self, columns: list[str]) -> dict[str, np.ndarray]:
         """Columns of the per-episode metadata (v3.0 parquet files, v2.x episodes.jsonl)."""

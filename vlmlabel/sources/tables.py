@@ -150,6 +150,7 @@ class TableSource:
         self.rows_per_file = shards.rows_per_file()
         self.rows = sum(self.rows_per_file)
         self._cursor: ColumnCursor | None = None
+        self._index: dict[str, np.ndarray] = {}
         self._choose_key(image_key)
 
     @property
@@ -184,10 +185,12 @@ class TableSource:
         return arrow_frames.frame_format(field, self.features.get(key), sample.column(0))
 
     def index_columns(self, names: tuple[str, ...] = EPISODE_COLUMNS) -> dict[str, np.ndarray]:
-        """The episode/frame/index/timestamp columns present, read in one pass."""
+        """The episode/frame/index/timestamp columns present, read in one pass (and kept: they are small)."""
         present = [n for n in names if n in self.schema.names]
         if not present:
             return {}
+        if all(n in self._index for n in present):
+            return {n: self._index[n] for n in present}
         parts: dict[str, list[np.ndarray]] = {n: [] for n in present}
         for batch in self.shards.batches(present, batch_rows=65536):
             for name in present:
@@ -195,7 +198,8 @@ class TableSource:
                 if column.null_count:
                     raise SourceError(f"column {name!r} has empty (null) values; it must be set on every row")
                 parts[name].append(column.to_numpy(zero_copy_only=False))
-        return {n: np.concatenate(p) if p else np.empty(0) for n, p in parts.items()}
+        self._index.update({n: np.concatenate(p) if p else np.empty(0) for n, p in parts.items()})
+        return {n: self._index[n] for n in present}
 
     def episodes(self, align: Align) -> list[Episode]:
         index = self.index_columns(("episode_index", "frame_index"))
