@@ -90,12 +90,14 @@ def relabel(
              "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False)] = None,
     image_key: ImageKeyOpt = None,
     reward_key: Annotated[str, typer.Option(
-        help="Name of the written dataset; with several goals NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
+        help="Name of the written dataset (HDF5) or column (tables, LeRobot); with several goals "
+             "NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
     output: Annotated[Optional[Path], typer.Option(
-        help="Write a copy with the rewards added here instead of adding them to SOURCE.",
+        help="HDF5: write a copy with the rewards added here instead of adding them to SOURCE. Hugging Face / "
+             "LeRobot: where the new dataset goes (default NAME-vlmlabel beside SOURCE).",
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
+        "--overwrite", help="Replace reward datasets or columns (and an --output dataset) that already exist.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Frames per batch; default chosen for the device.", show_default=False)] = None,
     precision: Annotated[Precision, typer.Option(
