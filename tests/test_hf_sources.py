@@ -388,3 +388,17 @@ def test_parquet_files_of_different_schemas_are_refused(tmp_path, tiny_model_dir
         str(tmp_path / "mixed" / "b.parquet"))
     line = _error(["relabel", str(tmp_path / "mixed"), "--goal", "x", "--model", str(tiny_model_dir)])
     assert "other columns or types" in line and "b.parquet" in line
+
+
+def test_source_changed_during_scoring_writes_nothing(tmp_path, tiny_model_dir):
+    case = table_layouts.build_parquet_float_chw(tmp_path)
+
+    def touch(_: int) -> None:  # another process rewrites the file while frames are scored
+        stat = case.path.stat()
+        os.utime(case.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    from vlmlabel.errors import OutputError
+
+    with pytest.raises(OutputError, match="changed while rewards were computed"):
+        relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1]), on_progress=touch)
+    assert [p.name for p in tmp_path.iterdir()] == ["float_chw.parquet"], "output or staging left behind"

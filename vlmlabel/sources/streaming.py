@@ -40,6 +40,9 @@ class StreamShards:
         except Exception as exc:  # network, auth, decoding: datasets raises many types
             raise SourceError(f"streaming the Hub dataset {self._name} failed: {_short(exc)}") from None
 
+    def stamp(self) -> list:
+        return []
+
     def schema(self) -> pa.Schema:
         first = next(self._tables(None, 1), None)
         if first is None:

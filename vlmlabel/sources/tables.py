@@ -55,6 +55,10 @@ class Shards:
         except (OSError, pa.ArrowInvalid) as exc:
             raise SourceError(f"{path} cannot be read as {self.fmt} (truncated or corrupt?): {exc}") from None
 
+    def stamp(self) -> list[tuple[int, int]]:
+        """Size and modification time of every file, to notice a change while rewards are computed."""
+        return [(f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+
     def rows_per_file(self) -> list[int]:
         counts = []
         for path in self.files:
@@ -145,6 +149,7 @@ class TableSource:
         self.shards, self.kind, self.root, self.layout, self.base = shards, kind, root, layout, base
         self.hub_info = None  # the `datasets` DatasetInfo of a Hub download
         self.split: str | None = None
+        self.stamp = shards.stamp()
         self.schema = shards.schema()
         self.features = arrow_frames.hf_features(self.schema)
         self.rows_per_file = shards.rows_per_file()

@@ -236,6 +236,8 @@ def rewrite_all(source: TableSource, targets: list[Path], columns: list[RewardCo
         if rows != expected:
             raise OutputError(f"{src} changed while rewards were computed; nothing was written — run again")
         offset += rows
+    if source.shards.stamp() != source.stamp:
+        raise OutputError(f"{source.root} changed while rewards were computed; nothing was written — run again")
     return schema
 
 
