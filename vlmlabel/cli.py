@@ -25,7 +25,7 @@ from vlmlabel.formulation import RewardConfig
 from vlmlabel.pipeline import (DEFAULT_REWARD_KEY, EmbedRequest, RelabelRequest, RelabelSummary, embed_file,
                                relabel_file)
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
-from vlmlabel.sources import Align, open_source
+from vlmlabel.sources import Align, HDF5Source, open_source
 
 app = typer.Typer(
     help="Label offline RL datasets with rewards from a vision-language model: R(o, l) = cos(CLIP(o), CLIP(l)).",
@@ -40,7 +40,10 @@ F = TypeVar("F", bound=Callable)
 T = TypeVar("T")
 
 # Shared option definitions.
-SourceArg = Annotated[Path, typer.Argument(help="Dataset to read: an HDF5 file (.h5/.hdf5).", show_default=False)]
+SourceArg = Annotated[Path, typer.Argument(
+    help="Dataset to read: an HDF5 file (.h5/.hdf5); a datasets save_to_disk folder; a parquet file, folder or "
+         "quoted glob; a LeRobot dataset folder (meta/info.json); or a Hugging Face Hub dataset id ORG/NAME.",
+    show_default=False)]
 ModelOpt = Annotated[str, typer.Option(
     help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
          "open_clip_config.json + weights.")]
@@ -53,7 +56,13 @@ PrecisionOpt = Annotated[Precision, typer.Option(
     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")]
 ImageKeyOpt = Annotated[Optional[str], typer.Option(
-    "--image-key", help="Dataset path of the frames inside each episode (or the file); auto-detected when omitted.")]
+    "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
+                        "auto-detected when omitted.")]
+SplitOpt = Annotated[str, typer.Option(help="Split of a Hub dataset or DatasetDict folder.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    help="Hub dataset revision (branch, tag or commit).", show_default=False)]
+StreamingOpt = Annotated[bool, typer.Option(
+    "--streaming", help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.")]
 
 
 def _exit_on_error(func: F) -> F:
@@ -122,21 +131,33 @@ def relabel(
         "--cache/--no-cache", help="Use embeddings stored by `vlmlabel embed` when they match the model, "
                                    "weights, preprocessing and image key.")] = True,
     reward_key: Annotated[str, typer.Option(
-        help="Name of the written dataset; with several goals NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
+        help="Name of the written dataset (HDF5) or column (tables, LeRobot); with several goals "
+             "NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
     output: Annotated[Optional[Path], typer.Option(
-        help="Write a copy with the rewards added here instead of adding them to SOURCE.",
+        help="HDF5: write a copy with the rewards added here instead of adding them to SOURCE. Hugging Face / "
+             "LeRobot: where the new dataset goes (default NAME-vlmlabel beside SOURCE).",
         show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
+        "--overwrite", help="Replace reward datasets or columns (and an --output dataset) that already exist.")] = False,
     batch_size: BatchSizeOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
         help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).")]
     = Align.frame,
+    split: SplitOpt = "train",
+    revision: RevisionOpt = None,
+    streaming: StreamingOpt = False,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
+        show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
 ) -> None:
-    """Score every step against each goal and write the rewards next to the data."""
+    """Score every step against each goal and write the rewards next to the data.
+
+    HDF5: datasets added to the file (or to an --output copy). Hugging Face and LeRobot datasets: a new
+    dataset beside the input (NAME-vlmlabel) with float32 reward columns; the source is never modified.
+    """
     formulation = RewardConfig(
         goals=goal, mode=reward, templates=goal_template or [], baselines=baseline or [], alpha=alpha,
         negatives=negative or [], threshold=threshold, shaping=shaping, gamma=gamma, normalize=normalize,
@@ -145,6 +166,7 @@ def relabel(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
+        split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub,
     )
     if quiet:
         relabel_file(request)
@@ -317,9 +339,10 @@ def plot(
 
 @app.command()
 @_exit_on_error
-def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
+def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = "train",
+            revision: RevisionOpt = None, streaming: StreamingOpt = False) -> None:
     """Show the detected layout, image key, frame format, episodes and frames."""
-    with open_source(str(source), image_key) as opened:
+    with open_source(str(source), image_key, split, revision, streaming) as opened:
         episodes = opened.episodes(Align.frame)
         steps = [e.steps for e in episodes]
         table = Table(title=str(source), show_header=False, title_justify="left")
@@ -330,15 +353,24 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None) -> None:
         table.add_row("frames", opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
-        targets = sorted({e.target or "/" for e in episodes})
-        shown = ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
-        table.add_row("rewards written to", shown)
-        written = opened.reward_keys(episodes[0])
-        table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
-        meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
-        table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')}"
-                      if meta else "none (make one with `vlmlabel embed`)")
+        table.add_row("rewards written to", _reward_destination(opened, episodes))
+        if isinstance(opened, HDF5Source):
+            written = opened.reward_keys(episodes[0])
+            table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
+            meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
+            table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')}"
+                          if meta else "none (make one with `vlmlabel embed`)")
         stdout.print(table)
+
+
+def _reward_destination(source, episodes) -> str:
+    if isinstance(source, HDF5Source):
+        targets = sorted({e.target or "/" for e in episodes})
+        return ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
+    from vlmlabel.writers.tables import default_output
+
+    what = "a parquet sidecar" if source.kind == "stream" else "new float32 column(s) of a new dataset"
+    return f"{what}: {default_output(source)} (or --output)"
 
 
 @app.command()

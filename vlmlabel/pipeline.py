@@ -16,9 +16,10 @@ from vlmlabel.engine import RelabelResult, embed_segments, relabel
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.formulation import RewardConfig, build_score_fn
-from vlmlabel.sources import Align, open_source
+from vlmlabel.sources import Align, HDF5Source, open_source
 from vlmlabel.sources.base import reward_path, stores_embeddings
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
+from vlmlabel.writers import tables as table_writer
 from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -39,6 +40,10 @@ class RelabelRequest:
     precision: str = "auto"
     device: str = "auto"
     align: Align = Align.frame
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = False
+    push_to_hub: str | None = None
     formulation: RewardConfig | None = None  # None: plain cosine to ``goals``
     use_cache: bool = True
 
@@ -109,12 +114,18 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
     precision = resolve_precision(request.precision, device)
     batch_size = _batch_size(request.batch_size, device)
 
-    with open_source(str(request.source), request.image_key) as source:
-        stamp = SourceStamp.of(request.source)
+    with open_source(str(request.source), request.image_key, request.split, request.revision,
+                     request.streaming) as source:
         episodes = source.episodes(request.align)
         targets = sorted({e.target for e in episodes})
-        planned = [reward_path(t, n) for t in targets for n in names + raw_names]
-        check_writable(request.source, request.output, source.existing(planned), request.overwrite)
+        if isinstance(source, HDF5Source):
+            if request.push_to_hub:
+                raise VlmlabelError("--push-to-hub works for Hugging Face and LeRobot datasets, not HDF5 files")
+            stamp = SourceStamp.of(request.source)
+            planned = [reward_path(t, n) for t in targets for n in names + raw_names]
+            check_writable(request.source, request.output, source.existing(planned), request.overwrite)
+        else:
+            destination = table_writer.check_output(source, request.output, names + raw_names, request.overwrite)
         model = load_model(request.model, request.pretrained, device, precision)
         score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
         match = cache.find(source, episodes, model, source.image_key) if request.use_cache else "--no-cache"
@@ -128,8 +139,8 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
 
     used_cache = isinstance(match, cache.CacheMatch)
     final = config.postprocess(result.rewards)
-    datasets = []
-    for goal_index, (goal, name) in enumerate(zip(goals, names)):
+    provenance = []
+    for goal_index in range(len(goals)):
         attrs = {
             **config.attrs(goal_index, model.logit_scale),
             "align": request.align.value,
@@ -138,20 +149,48 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             "vlmlabel_version": __version__,
             **model.describe(),
         }
-        columns = [(name, final, attrs)]
+        columns = [(names[goal_index], final, attrs)]
         if raw_names:
-            raw_attrs = {**attrs, "formula": attrs["formula"].split(" -> ")[0], "raw_of": name}
+            raw_attrs = {**attrs, "formula": attrs["formula"].split(" -> ")[0], "raw_of": names[goal_index]}
             columns.append((raw_names[goal_index], result.rewards, raw_attrs))
             attrs["raw_key"] = raw_names[goal_index]
-        for column, values, column_attrs in columns:
-            for target in targets:
-                picked = np.concatenate([v[:, goal_index] for e, v in zip(result.episodes, values)
-                                         if e.target == target])
-                datasets.append(RewardDataset(reward_path(target, column), picked, column_attrs))
-    written = write_rewards(request.source, request.output, datasets, request.overwrite, stamp)
+        provenance.extend((goal_index, *column) for column in columns)
+    if isinstance(source, HDF5Source):
+        datasets = [RewardDataset(reward_path(target, name), _column(result.episodes, values, goal_index, target),
+                                  attrs)
+                    for goal_index, name, values, attrs in provenance for target in targets]
+        written = write_rewards(request.source, request.output, datasets, request.overwrite, stamp)
+    else:
+        columns = [table_writer.RewardColumn(name, np.concatenate(values)[:, goal_index], attrs)
+                   for goal_index, name, values, attrs in provenance]
+        written = _write_table(source, destination, columns, request.push_to_hub)
     result.rewards = final
     note = "using cached embeddings" if used_cache else str(match)
     return RelabelSummary(result, written, names, goals, model, layout, image_key, used_cache, note, raw_names)
+
+
+def _column(episodes, values, goal_index: int, target: str) -> np.ndarray:
+    """One goal's rewards for the episodes written under ``target``, in episode order."""
+    return np.concatenate([v[:, goal_index] for e, v in zip(episodes, values) if e.target == target])
+
+
+def _write_table(source, destination: Path, columns: list[table_writer.RewardColumn], push_to_hub: str | None) -> Path:
+    """The writer that keeps the source's own format: LeRobot, save_to_disk/Hub, parquet, or a sidecar."""
+    if source.kind == "lerobot":
+        from vlmlabel.writers.lerobot import write_lerobot
+
+        written = write_lerobot(source, destination, columns)
+    elif source.kind == "stream":
+        from vlmlabel.writers.sidecar import write_sidecar
+
+        written = write_sidecar(source, destination, columns)
+    else:
+        written = table_writer.write_dataset(source, destination, columns)
+    if push_to_hub:
+        from vlmlabel.writers.hub import push
+
+        push(written, source.kind, push_to_hub)
+    return written
 
 
 def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = None,

@@ -1,11 +1,52 @@
 """Readers of frames and episode boundaries (IO only)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmlabel.errors import SourceError
 from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Segment
 from vlmlabel.sources.hdf5 import HDF5Source
 
 __all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_source"]
 
+_PARQUET_MAGIC = b"PAR1"
 
-def open_source(path: str, image_key: str | None = None) -> FrameSource:
-    """Open a dataset read-only, choosing the reader from what the path is."""
+
+def _is_parquet_file(path: Path) -> bool:
+    if path.suffix == ".parquet":
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(4) == _PARQUET_MAGIC
+
+
+def open_source(path: str, image_key: str | None = None, split: str = "train", revision: str | None = None,
+                streaming: bool = False) -> FrameSource:
+    """Open a dataset read-only, choosing the reader from what the path is.
+
+    An HDF5 file; a LeRobot folder (meta/info.json); a `save_to_disk` folder; a parquet file, folder or
+    glob; else, when nothing local has that name, a Hub dataset id ``org/name``.
+    """
+    from vlmlabel.sources import lerobot, tables
+
+    given = Path(path)
+    if any(ch in path for ch in "*?[") and not given.exists():
+        return tables.open_parquet(path, image_key)
+    if given.is_dir():
+        if lerobot.is_lerobot(given):
+            return lerobot.LeRobotSource(given, image_key)
+        if tables.is_disk_dataset(given):
+            return tables.open_disk(given, image_key, split)
+        if any(given.rglob("*.parquet")):
+            return tables.open_parquet(path, image_key)
+        raise SourceError(f"{given} is a folder but not a dataset vlmlabel reads (no meta/info.json, state.json, "
+                          "dataset_dict.json or parquet files)")
+    if given.is_file() and _is_parquet_file(given):
+        return tables.open_parquet(path, image_key)
+    if not given.exists() and tables.HUB_ID.fullmatch(path) and given.suffix not in (".h5", ".hdf5", ".parquet"):
+        if streaming:
+            from vlmlabel.sources.streaming import open_streaming
+
+            return open_streaming(path, image_key, split, revision)
+        return tables.open_hub(path, image_key, split, revision)
     return HDF5Source(path, image_key)

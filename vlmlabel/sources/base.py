@@ -61,6 +61,19 @@ def reward_path(target: str, name: str) -> str:
     return f"{target}/{name}" if target else name
 
 
+def step_segments(array: str, start: int, stop: int, align: Align, next_array: str | None = None) -> tuple[Segment, ...]:
+    """Frame rows scoring steps [start, stop) of one episode stored contiguously in ``array``.
+
+    next: step t is scored by o_{t+1}; the last step by ``next_array`` (the stored next observation)
+    when there is one, else by its own frame.
+    """
+    if align is Align.frame:
+        return (Segment(array, start, stop),)
+    last = Segment(next_array, stop - 1, stop) if next_array else Segment(array, stop - 1, stop)
+    body = (Segment(array, start + 1, stop),) if stop - start > 1 else ()
+    return body + (last,)
+
+
 # A block of frames as read: a uint8 array (raw) or a sequence of byte arrays (encoded).
 FrameBlock = Union[np.ndarray, Sequence[np.ndarray]]
 

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, reward_path
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, reward_path, step_segments
 
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -216,7 +216,7 @@ class HDF5Source:
         if rows == 0:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
         next_array = self._next_obs_path(name, key)
-        return Episode(name, rows, self._segments(array, 0, rows, align, next_array), name)
+        return Episode(name, rows, step_segments(array, 0, rows, align, next_array), name)
 
     def _flat_episodes(self, align: Align) -> list[Episode]:
         frames = self.file[self.image_key]
@@ -227,7 +227,7 @@ class HDF5Source:
         next_array = self._next_obs_path("", self.image_key)
         episodes, start = [], 0
         for index, end in enumerate(ends):
-            segments = self._segments(self.image_key, start, end, align, next_array)
+            segments = step_segments(self.image_key, start, end, align, next_array)
             episodes.append(Episode(f"episode {index} (rows {start}-{end - 1})", end - start, segments, ""))
             start = end
         return episodes
@@ -263,15 +263,6 @@ class HDF5Source:
             if isinstance(self.file.get(path), h5py.Dataset):
                 return path
         return None
-
-    @staticmethod
-    def _segments(array: str, start: int, stop: int, align: Align, next_array: str | None) -> tuple[Segment, ...]:
-        if align is Align.frame:
-            return (Segment(array, start, stop),)
-        # next: step t is scored by o_{t+1}; the last step by next_obs when the file has it, else by itself.
-        last = Segment(next_array, stop - 1, stop) if next_array else Segment(array, stop - 1, stop)
-        body = (Segment(array, start + 1, stop),) if stop - start > 1 else ()
-        return body + (last,)
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -1,0 +1,184 @@
+"""LeRobot datasets (v3.0, and v2.x) as frame sources: parquet tables plus image columns or MP4 videos.
+
+Layout (v3.0): ``meta/info.json`` (features, fps, data_path, video_path), ``data/chunk-*/file-*.parquet``
+(rows: episode_index, frame_index, index, timestamp, ...), ``videos/<key>/chunk-*/file-*.mp4`` holding
+several episodes per file, and ``meta/episodes/chunk-*/file-*.parquet`` giving each episode's video
+file and its ``from_timestamp`` offset in it. A row's frame is the video frame at
+``from_timestamp + timestamp``; v2.x has one video per episode (offset 0).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmlabel.errors import SourceError
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment
+from vlmlabel.sources.tables import Shards, TableSource, episode_runs
+from vlmlabel.sources.video import VideoReader, probe
+
+IMAGE_DTYPES = ("image", "video")
+OBSERVATION_PREFIX = "observation."
+_V2_VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+
+
+def is_lerobot(folder: Path) -> bool:
+    return (folder / "meta" / "info.json").is_file()
+
+
+class LeRobotSource(TableSource):
+    """A LeRobot dataset folder, read-only; frames from an image column or from the episode videos."""
+
+    def __init__(self, folder: Path, image_key: str | None):
+        self.folder = folder
+        try:
+            self.info = json.loads((folder / "meta" / "info.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{folder}/meta/info.json cannot be read ({exc}); is this a LeRobot dataset?") from None
+        self.version = str(self.info.get("codebase_version", "v3.0"))
+        self.fps = float(self.info.get("fps") or 0)
+        self.lerobot_features: dict = self.info.get("features") or {}
+        files = tuple(sorted((folder / "data").rglob("*.parquet")))
+        if not files:
+            raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
+        self._video: VideoReader | None = None
+        self._videos: dict[int, tuple[Path, float]] | None = None
+        super().__init__(Shards(files, "parquet"), image_key, "lerobot", folder, f"lerobot {self.version}",
+                         base=folder)
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[str]:
+        return [k for k, f in self.lerobot_features.items() if f.get("dtype") in IMAGE_DTYPES]
+
+    def _choose_key(self, image_key: str | None) -> None:
+        found = self._candidates()
+        if image_key is not None:
+            matches = [k for k in (image_key, f"{OBSERVATION_PREFIX}images.{image_key}",
+                                   f"{OBSERVATION_PREFIX}{image_key}") if k in found]
+            if not matches:
+                raise SourceError(f"--image-key {image_key!r} is not an image or video feature of {self.folder}; "
+                                  f"cameras there: {', '.join(found) or 'none'}")
+            image_key = matches[0]
+        elif not found:
+            raise SourceError(f"{self.folder}/meta/info.json declares no image or video feature; "
+                              "name the frames with --image-key")
+        elif len(found) > 1:
+            raise SourceError(f"several cameras in {self.folder}: {', '.join(found)}; choose one with --image-key")
+        else:
+            image_key = found[0]
+        self.image_key = image_key
+        self.is_video = self.lerobot_features[image_key]["dtype"] == "video"
+        if not self.is_video:
+            if image_key not in self.schema.names:
+                raise SourceError(f"{image_key!r} is declared in meta/info.json but is not a column of the data "
+                                  "files; the dataset is inconsistent")
+            self.frame_format = self._format_of(image_key)
+            return
+        if self.fps <= 0:
+            raise SourceError(f"{self.folder}/meta/info.json has no fps; it is needed to find video frames")
+        shape = self.lerobot_features[image_key].get("shape") or []
+        self.frame_format = FrameFormat("HWC", tuple(shape), "uint8 (video)")
+
+    # -- episodes ---------------------------------------------------------------------------------
+
+    def episodes(self, align: Align) -> list[Episode]:
+        index = self.index_columns()
+        for needed in ("episode_index",) + (("timestamp",) if self.is_video else ()):
+            if needed not in index:
+                raise SourceError(f"the data files of {self.folder} have no {needed!r} column; "
+                                  "the LeRobot dataset is incomplete")
+        episode_index = index["episode_index"].astype(np.int64)
+        if self._videos is None:  # checked once, however often the episodes are asked for
+            self._check_lengths(episode_index)
+            self._videos = self._video_locations(np.unique(episode_index)) if self.is_video else {}
+        return episode_runs(self.rows, episode_index, index.get("frame_index"), align, self.image_key)
+
+    def _episodes_meta(self, columns: list[str]) -> dict[str, np.ndarray]:
+        """Columns of the per-episode metadata (v3.0 parquet files, v2.x episodes.jsonl)."""
+        if self.version.startswith("v2"):
+            path = self.folder / "meta" / "episodes.jsonl"
+            try:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            except (OSError, ValueError) as exc:
+                raise SourceError(f"{path} cannot be read ({exc}); the LeRobot dataset is incomplete") from None
+            return {c: np.asarray([r[c] for r in rows]) for c in columns if rows and c in rows[0]}
+        files = sorted((self.folder / "meta" / "episodes").rglob("*.parquet"))
+        if not files:
+            raise SourceError(f"{self.folder}/meta/episodes holds no parquet files; the LeRobot dataset is incomplete")
+        tables = []
+        for path in files:
+            try:
+                present = [c for c in columns if c in pq.read_schema(path).names]
+                tables.append(pq.read_table(path, columns=present))
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise SourceError(f"{path} cannot be read ({exc}); the LeRobot dataset is incomplete") from None
+        table = pa.concat_tables(tables, promote_options="default")
+        return {c: table.column(c).to_numpy() for c in table.column_names}
+
+    def _check_lengths(self, episode_index: np.ndarray) -> None:
+        meta = self._episodes_meta(["episode_index", "length"])
+        if "length" not in meta or "episode_index" not in meta:
+            return
+        ids, counts = np.unique(episode_index, return_counts=True)
+        declared = dict(zip(meta["episode_index"].tolist(), meta["length"].tolist()))
+        for episode, count in zip(ids.tolist(), counts.tolist()):
+            if declared.get(episode) != count:
+                raise SourceError(f"episode {episode} has {count} rows in data/ but meta declares "
+                                  f"{declared.get(episode)}; the dataset is inconsistent (mismatched lengths)")
+
+    def _video_locations(self, episodes: np.ndarray) -> dict[int, tuple[Path, float]]:
+        """Per episode: its video file for the chosen camera and the episode's start time in it."""
+        key = self.image_key
+        if self.version.startswith("v2"):
+            template = self.info.get("video_path") or _V2_VIDEO_PATH
+            chunk = int(self.info.get("chunks_size") or 1000)
+            located = {e: (self.folder / template.format(episode_chunk=e // chunk, video_key=key, episode_index=e),
+                           0.0) for e in episodes.tolist()}
+        else:
+            prefix = f"videos/{key}/"
+            meta = self._episodes_meta(["episode_index", f"{prefix}chunk_index", f"{prefix}file_index",
+                                        f"{prefix}from_timestamp"])
+            if f"{prefix}file_index" not in meta:
+                raise SourceError(f"meta/episodes of {self.folder} has no {prefix}file_index column; "
+                                  "the LeRobot dataset is incomplete")
+            template = self.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+            rows = zip(meta["episode_index"].tolist(), meta[f"{prefix}chunk_index"].tolist(),
+                       meta[f"{prefix}file_index"].tolist(), meta[f"{prefix}from_timestamp"].tolist())
+            known = {e: (self.folder / template.format(video_key=key, chunk_index=c, file_index=f), float(t))
+                     for e, c, f, t in rows}
+            missing = [e for e in episodes.tolist() if e not in known]
+            if missing:
+                raise SourceError(f"episode {missing[0]} is not in meta/episodes of {self.folder}; "
+                                  "the dataset is inconsistent")
+            located = {e: known[e] for e in episodes.tolist()}
+        for path in sorted({p for p, _ in located.values()}):
+            probe(path)
+        return located
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        if not self.is_video:
+            yield from super().read_blocks(segment, max_rows)
+            return
+        if self._video is None:
+            self._video = VideoReader(tolerance=0.5 / self.fps)
+        episodes, times = self._index["episode_index"], self._index["timestamp"]
+        start = segment.start
+        while start < segment.stop:
+            stop = min(segment.stop, start + max_rows)
+            path, offset = self._videos[int(episodes[start])]  # a segment lies within one episode
+            yield self._video.frames(path, offset + times[start:stop].astype(np.float64))
+            start = stop
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.close()
+            self._video = None
+        super().close()

@@ -1,0 +1,308 @@
+"""Hugging Face datasets as frame sources: `save_to_disk` folders, parquet files and Hub datasets.
+
+Only the image column and the episode columns are read, record batch by record batch, so memory
+stays bounded by a batch whatever the dataset's size. Rows are scored in storage order; episodes are
+runs of rows sharing an ``episode_index`` (the whole table is one episode without that column).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmlabel.errors import SourceError
+from vlmlabel.sources import arrow_frames
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, step_segments
+
+EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
+READ_BATCH_ROWS = 1024
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The files holding a table, in row order: Arrow IPC streams (`datasets` cache/save_to_disk) or parquet."""
+
+    files: tuple[Path, ...]
+    fmt: str  # "arrow" | "parquet"
+
+    def _schema_of(self, path: Path) -> pa.Schema:
+        handle = self._open(path)
+        return handle.schema_arrow if self.fmt == "parquet" else handle.schema
+
+    def schema(self) -> pa.Schema:
+        """The first file's schema; every other file must have the same columns and types."""
+        first = self._schema_of(self.files[0])
+        for path in self.files[1:]:
+            if not self._schema_of(path).equals(first, check_metadata=False):
+                raise SourceError(f"{path} has other columns or types than {self.files[0]}; vlmlabel reads files "
+                                  "of one schema: pass them separately or as a narrower glob")
+        return first
+
+    def _open(self, path: Path):
+        try:
+            if self.fmt == "arrow":
+                return pa.ipc.open_stream(pa.memory_map(str(path)))
+            return pq.ParquetFile(path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise SourceError(f"{path} cannot be read as {self.fmt} (truncated or corrupt?): {exc}") from None
+
+    def stamp(self) -> list[tuple[int, int]]:
+        """Size and modification time of every file, to notice a change while rewards are computed."""
+        return [(f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+
+    def rows_per_file(self) -> list[int]:
+        counts = []
+        for path in self.files:
+            handle = self._open(path)
+            counts.append(handle.metadata.num_rows if self.fmt == "parquet" else sum(len(b) for b in handle))
+        return counts
+
+    def batches(self, columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """Record batches of ``columns`` across all files, in row order."""
+        for path in self.files:
+            handle = self._open(path)
+            try:
+                if self.fmt == "parquet":
+                    yield from (b.select(columns) for b in handle.iter_batches(batch_size=batch_rows, columns=columns))
+                else:
+                    yield from (b.select(columns) for b in handle)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise SourceError(f"reading {path} failed (truncated or corrupt?): {exc}") from None
+
+
+class ColumnCursor:
+    """Row ranges of one column read forward through record batches; a backward read restarts the scan."""
+
+    def __init__(self, batches: Callable[[], Iterator[pa.Array]], where: str):
+        self._factory, self._where = batches, where
+        self._restart()
+
+    def _restart(self) -> None:
+        self._iter = self._factory()
+        self._chunk: pa.Array | None = None
+        self._chunk_start = 0
+        self._chunk_stop = 0
+
+    def _advance(self) -> None:
+        chunk = next(self._iter, None)
+        if chunk is None:
+            raise SourceError(f"{self._where} ended at row {self._chunk_stop}; the dataset is shorter than its "
+                              "episode columns say (mismatched lengths)")
+        self._chunk, self._chunk_start, self._chunk_stop = chunk, self._chunk_stop, self._chunk_stop + len(chunk)
+
+    def read(self, start: int, stop: int) -> list[pa.Array]:
+        if start < self._chunk_start:
+            self._restart()
+        parts = []
+        while start < stop:
+            while self._chunk_stop <= start:
+                self._advance()
+            take = min(stop, self._chunk_stop) - start
+            parts.append(self._chunk.slice(start - self._chunk_start, take))
+            start += take
+        return parts
+
+
+def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.ndarray | None,
+                 align: Align, array: str) -> list[Episode]:
+    """Episodes as runs of consecutive rows with one episode_index, scoring rows in storage order.
+
+    ``--align next`` needs each episode's rows together and in frame order; other orders are refused.
+    """
+    if rows == 0:
+        raise SourceError("the dataset has no rows (empty split?); nothing to label")
+    if episode_index is None:
+        return [Episode(f"all rows (0-{rows - 1})", rows, step_segments(array, 0, rows, align), "")]
+    starts = np.concatenate([[0], np.flatnonzero(episode_index[1:] != episode_index[:-1]) + 1])
+    stops = np.concatenate([starts[1:], [rows]])
+    if align is Align.next:
+        ids = episode_index[starts]
+        if len(np.unique(ids)) != len(ids):
+            raise SourceError("rows of one episode are not consecutive; --align next needs them grouped and in "
+                              "frame order: sort the dataset by episode_index, frame_index first")
+        if frame_index is not None:
+            steps = np.diff(frame_index)
+            inner = np.ones(len(steps), dtype=bool)
+            inner[starts[1:] - 1] = False
+            if np.any(steps[inner] <= 0):
+                raise SourceError("frame_index is not increasing within an episode; --align next needs frames in "
+                                  "order: sort the dataset by episode_index, frame_index first")
+    return [Episode(f"episode {episode_index[a]} (rows {a}-{b - 1})", int(b - a),
+                    step_segments(array, int(a), int(b), align), "")
+            for a, b in zip(starts.tolist(), stops.tolist())]
+
+
+class TableSource:
+    """A table of rows with an image column, read-only (see module docstring)."""
+
+    def __init__(self, shards: Shards, image_key: str | None, kind: str, root: Path | str, layout: str,
+                 base: Path | None = None):
+        self.shards, self.kind, self.root, self.layout, self.base = shards, kind, root, layout, base
+        self.hub_info = None  # the `datasets` DatasetInfo of a Hub download
+        self.split: str | None = None
+        self.stamp = shards.stamp()
+        self.schema = shards.schema()
+        self.features = arrow_frames.hf_features(self.schema)
+        self.rows_per_file = shards.rows_per_file()
+        self.rows = sum(self.rows_per_file)
+        self._cursor: ColumnCursor | None = None
+        self._index: dict[str, np.ndarray] = {}
+        self._choose_key(image_key)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+    def _candidates(self) -> list[str]:
+        return [f.name for f in self.schema if not f.name.startswith("next_")
+                and arrow_frames.looks_like_frames(f, self.features.get(f.name))]
+
+    def _choose_key(self, image_key: str | None) -> None:
+        found = self._candidates()
+        if image_key is not None and image_key not in self.schema.names:
+            raise SourceError(f"--image-key {image_key!r} is not a column of {self.root}; image columns there: "
+                              f"{', '.join(found) or 'none'} (all columns: {', '.join(self.schema.names[:20])})")
+        if image_key is None:
+            if not found:
+                raise SourceError(f"no image column found in {self.root} (columns: {', '.join(self.schema.names[:20])})"
+                                  "; name the frames with --image-key")
+            if len(found) > 1:
+                raise SourceError(f"several image columns in {self.root}: {', '.join(found)}; "
+                                  "choose one with --image-key")
+            image_key = found[0]
+        self.image_key = image_key
+        self.frame_format = self._format_of(image_key)
+
+    def _format_of(self, key: str) -> FrameFormat:
+        field = self.schema.field(key)
+        sample = next(self.shards.batches([key], batch_rows=1), None)
+        if sample is None or sample.num_rows == 0:
+            raise SourceError(f"{self.root} has no rows (empty split?); nothing to label")
+        return arrow_frames.frame_format(field, self.features.get(key), sample.column(0))
+
+    def index_columns(self, names: tuple[str, ...] = EPISODE_COLUMNS) -> dict[str, np.ndarray]:
+        """The episode/frame/index/timestamp columns present, read in one pass (and kept: they are small)."""
+        present = [n for n in names if n in self.schema.names]
+        if not present:
+            return {}
+        if all(n in self._index for n in present):
+            return {n: self._index[n] for n in present}
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in present}
+        for batch in self.shards.batches(present, batch_rows=65536):
+            for name in present:
+                column = batch.column(name)
+                if column.null_count:
+                    raise SourceError(f"column {name!r} has empty (null) values; it must be set on every row")
+                parts[name].append(column.to_numpy(zero_copy_only=False))
+        self._index.update({n: np.concatenate(p) if p else np.empty(0) for n, p in parts.items()})
+        return {n: self._index[n] for n in present}
+
+    def episodes(self, align: Align) -> list[Episode]:
+        index = self.index_columns(("episode_index", "frame_index"))
+        return episode_runs(self.rows, index.get("episode_index"), index.get("frame_index"), align, self.image_key)
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        if self._cursor is None:
+            self._cursor = ColumnCursor(lambda: (b.column(0) for b in self.shards.batches([self.image_key])),
+                                        f"column {self.image_key!r}")
+        start = segment.start
+        while start < segment.stop:
+            stop = min(segment.stop, start + max_rows)
+            column = pa.chunked_array(self._cursor.read(start, stop), type=self.schema.field(self.image_key).type)
+            yield arrow_frames.to_block(column, self.frame_format, self.image_key, self.base)
+            start = stop
+
+    def close(self) -> None:
+        self._cursor = None
+
+    def __enter__(self) -> TableSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- opening ---------------------------------------------------------------------------------------
+
+
+def is_disk_dataset(folder: Path) -> bool:
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (then ``split`` is used)."""
+    split_dir = folder
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise SourceError(f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; choose one with --split")
+        split_dir = folder / split
+    try:
+        state = json.loads((split_dir / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{split_dir}/state.json cannot be read ({exc}); is this a save_to_disk folder?") from None
+    if state.get("_indices_data_files"):
+        raise SourceError(f"{split_dir} stores an indices mapping; save it again with flatten_indices() first")
+    files = tuple(split_dir / f["filename"] for f in state.get("_data_files", []))
+    if not files:
+        raise SourceError(f"{split_dir} has no rows (empty split?): state.json lists no data files; nothing to label")
+    return TableSource(Shards(files, "arrow"), image_key, "disk", folder, "save_to_disk", base=split_dir)
+
+
+def parquet_files(path: str) -> tuple[Path, list[Path]]:
+    """Base folder and parquet files named by a file, a folder (searched recursively) or a glob."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if p.endswith(".parquet"))
+        if not files:
+            raise SourceError(f"no parquet file matches {path}; check the pattern")
+        return Path(_glob_base(path)), files
+    given = Path(path)
+    if given.is_dir():
+        files = sorted(given.rglob("*.parquet"))
+        return given, [f for f in files if not any(part.startswith(".") for part in f.relative_to(given).parts)]
+    return given.parent, [given]
+
+
+def _glob_base(pattern: str) -> str:
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def open_parquet(path: str, image_key: str | None) -> TableSource:
+    base, files = parquet_files(path)
+    if not files:
+        raise SourceError(f"{path} holds no parquet files")
+    return TableSource(Shards(tuple(files), "parquet"), image_key, "parquet", path, "parquet", base=base)
+
+
+def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | None) -> TableSource:
+    """Download (or reuse the cache of) a Hub dataset's split; never runs dataset scripts."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(repo_id, split=split, revision=revision)
+    except Exception as exc:  # datasets raises many types (network, missing split, missing repo)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{repo_id} is not a local path, and loading it as a Hub dataset (split {split!r}) "
+                          f"failed: {first}") from None
+    if dataset._indices is not None:
+        dataset = dataset.flatten_indices()
+    files = tuple(Path(f["filename"]) for f in dataset.cache_files)
+    source = TableSource(Shards(files, "arrow"), image_key, "hub", repo_id, "hub")
+    source.hub_info = dataset.info
+    source.split = split
+    return source
