@@ -154,7 +154,9 @@ def test_failure_during_write_leaves_source_intact(tmp_path, tiny_model_dir, mon
     assert result.exit_code == 2
     assert "No space left" in result.output
     assert digest(lf.path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5"]
+    # Only the saved progress stays beside it (so a rerun after freeing space resumes): no temp copy, no lock.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.h5", "r.h5.vlmlabel-vlm_reward"]
+    assert sorted(p.name for p in (tmp_path / "r.h5.vlmlabel-vlm_reward").iterdir()) == ["progress"]
     with h5py.File(lf.path, "r") as f:
         assert "vlm_reward" not in f["data/demo_0"]
 

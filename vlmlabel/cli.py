@@ -19,12 +19,14 @@ from rich.text import Text
 
 from vlmlabel import __version__
 from vlmlabel.device import Precision
-from vlmlabel.errors import VlmlabelError
+from vlmlabel.errors import Interrupted, VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.pipeline import (DEFAULT_REWARD_KEY, EmbedRequest, RelabelRequest, RelabelSummary, embed_file,
-                               relabel_file)
+from vlmlabel.pipeline import (DEFAULT_REWARD_KEY, EmbedRequest, RelabelRequest, RelabelSummary, ShardSummary,
+                               embed_file, relabel_file)
+from vlmlabel.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
+from vlmlabel.shards import shard_from_options
 from vlmlabel.sources import Align, HDF5Source, open_source
 
 app = typer.Typer(
@@ -55,6 +57,8 @@ BatchSizeOpt = Annotated[Optional[int], typer.Option(
 PrecisionOpt = Annotated[Precision, typer.Option(
     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")]
+MergeSourceArg = Annotated[Path, typer.Argument(help="The HDF5 file the shards were computed from.",
+                                               show_default=False)]
 ImageKeyOpt = Annotated[Optional[str], typer.Option(
     "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
                         "auto-detected when omitted.")]
@@ -78,6 +82,9 @@ def _exit_on_error(func: F) -> F:
         except OSError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
+        except Interrupted as exc:
+            console.print(Text(f"interrupted: {exc}", style="yellow"), soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print(Text("interrupted: nothing was written, the source is unchanged", style="yellow"))
             raise typer.Exit(130) from None
@@ -151,13 +158,27 @@ def relabel(
     push_to_hub: Annotated[Optional[str], typer.Option(
         "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
         show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar and no summary (notes and errors still show).")] = False,
+    restart: Annotated[bool, typer.Option(
+        "--restart", help="HDF5: discard progress saved by an interrupted run instead of resuming it.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(
+        help="HDF5: save progress beside the output every this many frames (and on SIGINT/SIGTERM).")]
+    = DEFAULT_CHECKPOINT_EVERY,
+    num_shards: Annotated[Optional[int], typer.Option(
+        help="HDF5: split the file into N shards of whole episodes and score only one (default: from a SLURM "
+             "job array); combine them with `vlmlabel merge`.", show_default=False)] = None,
+    shard_index: Annotated[Optional[int], typer.Option(
+        help="Which shard this run scores, 0..N-1 (default: SLURM_ARRAY_TASK_ID).", show_default=False)] = None,
 ) -> None:
     """Score every step against each goal and write the rewards next to the data.
 
     HDF5: datasets added to the file (or to an --output copy). Hugging Face and LeRobot datasets: a new
     dataset beside the input (NAME-vlmlabel) with float32 reward columns; the source is never modified.
     """
+    from vlmlabel.distributed import relabel_distributed, torchrun_env
+
+    dist_env = torchrun_env()
     formulation = RewardConfig(
         goals=goal, mode=reward, templates=goal_template or [], baselines=baseline or [], alpha=alpha,
         negatives=negative or [], threshold=threshold, shaping=shaping, gamma=gamma, normalize=normalize,
@@ -166,16 +187,87 @@ def relabel(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
-        split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub,
+        split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
+        checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index),
     )
+    other_rank = dist_env is not None and dist_env.rank != 0
+    quiet = quiet or other_rank
+    if request.shard is not None and request.shard.origin.startswith("SLURM") and dist_env is None:
+        _note(f"{request.shard.origin}: scoring shard {request.shard.index} of {request.shard.count} "
+              "(pass --num-shards 1 to score the whole file)")
+    if dist_env is not None:
+        run = functools.partial(relabel_distributed, env=dist_env)
+    else:
+        run = relabel_file
+    notes = None if other_rank else _note  # notes (resume, stale lock, ...) show even with --quiet
     if quiet:
-        relabel_file(request)
+        summary = run(request, on_note=notes)
+    else:
+        progress = _progress("scoring")
+        task = progress.add_task("scoring", total=None)
+
+        def note(message: str) -> None:
+            progress.console.print(Text(message, style="yellow"), soft_wrap=True)
+
+        summary = _with_progress(progress, task, lambda start, advance: run(
+            request, on_start=start, on_progress=advance, on_note=note))
+    if quiet or summary is None:
         return
-    progress = _progress("scoring")
-    task = progress.add_task("scoring", total=None)
-    summary = _with_progress(progress, task, lambda start, advance: relabel_file(
-        request, on_start=start, on_progress=advance))
-    _print_summary(summary)
+    if isinstance(summary, ShardSummary):
+        _print_shard_summary(summary, request)
+    elif isinstance(summary, RelabelSummary):
+        _print_summary(summary)
+    else:
+        _print_merge_summary(summary)
+
+
+def _note(message: str) -> None:
+    console.print(Text(message, style="yellow"), soft_wrap=True)
+
+
+def _print_shard_summary(summary: ShardSummary, request: RelabelRequest) -> None:
+    shard = summary.shard
+    how = "already done" if summary.already_done else f"scored in {summary.seconds:,.1f} s"
+    command = f"vlmlabel merge {request.source} --reward-key {request.reward_key}"
+    if request.output is not None:
+        command += f" --output {request.output}"
+    stdout.print(f"shard {shard.index} of {shard.count}: {summary.episodes} episodes, {summary.frames:,} frames "
+                 f"{how}; result in {summary.path}")
+    stdout.print(f"when all {shard.count} shards are done, write the rewards with: {command}")
+
+
+def _print_merge_summary(summary) -> None:
+    table = Table(title=f"vlmlabel {__version__}: {summary.shards} shards merged, rewards written to "
+                        f"{summary.written_to}", title_justify="left")
+    for column in ("dataset", "goal", "min", "mean", "max"):
+        table.add_column(column, justify="left" if column in ("dataset", "goal") else "right")
+    for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals)):
+        values = summary.rewards[:, index]
+        table.add_row(name, goal, f"{values.min():.4f}", f"{values.mean():.4f}", f"{values.max():.4f}")
+    stdout.print(table)
+    stdout.print(f"{summary.episodes} episodes, {summary.frames:,} frames")
+
+
+@app.command()
+@_exit_on_error
+def merge(
+    source: MergeSourceArg,
+    reward_key: Annotated[str, typer.Option(help="The --reward-key the shards were run with.")]
+    = DEFAULT_REWARD_KEY,
+    output: Annotated[Optional[Path], typer.Option(
+        help="The --output the shards were run with (default: add the rewards to SOURCE).", show_default=False)]
+    = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary (notes and errors still show).")]
+    = False,
+) -> None:
+    """Write the rewards of shards run with --num-shards (same SOURCE, --reward-key and --output)."""
+    from vlmlabel.merge import merge_shards
+
+    summary = merge_shards(source, reward_key, output, overwrite, on_note=_note)
+    if not quiet:
+        _print_merge_summary(summary)
 
 
 def _print_summary(summary: RelabelSummary) -> None:

@@ -41,10 +41,12 @@ class RelabelResult:
     rewards: list[np.ndarray]  # one (steps, goals) float32 array per episode
     frames: int
     seconds: float
+    resumed: int = 0  # frames taken from saved progress, not scored in ``seconds``
 
     @property
     def frames_per_second(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+        scored = self.frames - self.resumed
+        return scored / self.seconds if self.seconds > 0 else float("inf")
 
     def all_rewards(self) -> np.ndarray:
         return np.concatenate(self.rewards, axis=0)

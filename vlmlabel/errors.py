@@ -23,3 +23,19 @@ class DeviceError(VlmlabelError):
 
 class OutputError(VlmlabelError):
     """The rewards cannot be written where they were asked to go."""
+
+
+class LockedError(OutputError):
+    """Another run is writing the same destination right now."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped a run after progress was saved; the CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -1,0 +1,148 @@
+"""One writer per destination: a lock file created with O_CREAT|O_EXCL, naming its owner.
+
+The file holds the owner's PID, host, process start time and command, so a refusal can say
+which run holds it. A lock left by a killed run on this host (PID gone, or reused by another
+process) is stale and taken over; a lock from another host cannot be checked and is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from vlmlabel.errors import LockedError
+
+_TAKEOVER_GUARD_SECONDS = 60.0
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused PID from the owner."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    current = _process_start(pid)
+    return start is None or current is None or current == start
+
+
+def describe_holder(info: dict) -> str:
+    return (f"PID {info.get('pid')} on {info.get('host')} since {info.get('started')} "
+            f"({info.get('command', '?')})")
+
+
+def read_holder(path: Path) -> dict | None:
+    """The owner recorded in a lock file, or None when there is none (or it cannot be read)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def holder_alive(info: dict) -> bool:
+    """Whether the lock's owner may still run (a lock from another host counts as alive)."""
+    if info.get("host") != socket.gethostname():
+        return True
+    return _alive(int(info.get("pid", -1)), info.get("proc_start"))
+
+
+class RunLock:
+    """Context manager holding ``path`` as a lock for this process; released in ``__exit__``."""
+
+    def __init__(self, path: Path, what: str, on_note: Callable[[str], None] | None = None):
+        self.path = path
+        self.what = what
+        self.on_note = on_note
+        self.info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "proc_start": _process_start(os.getpid()),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+        }
+        self._text = json.dumps(self.info)
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._handle_existing()
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self._text)
+            return self
+        raise LockedError(f"could not take the lock {self.path}; another run keeps taking it — try again")
+
+    def _handle_existing(self) -> None:
+        text = self._read_text()
+        if text is None:
+            return  # released between our attempts: try again
+        try:
+            info = json.loads(text)
+        except ValueError:
+            info = None
+        if info is None:
+            # Being written by its owner right now, or left empty by a crash at the wrong moment.
+            if time.time() - self._mtime() < _TAKEOVER_GUARD_SECONDS:
+                time.sleep(0.05)
+                return
+            info = {}
+        elif holder_alive(info):
+            raise LockedError(f"{self.what} is being written by another vlmlabel run: {describe_holder(info)}; "
+                              f"wait for it to finish, or if it is gone remove {self.path}")
+        if self._take_over(text) and self.on_note is not None:
+            self.on_note(f"took over a stale lock left by a run that is gone ({describe_holder(info)})")
+
+    def _take_over(self, stale_text: str) -> bool:
+        """Remove the stale lock, unless another process is taking it over at the same moment."""
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > _TAKEOVER_GUARD_SECONDS:
+                    guard.unlink(missing_ok=True)  # left by a process killed mid-takeover
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+            return False
+        try:
+            if self._read_text() == stale_text:
+                self.path.unlink(missing_ok=True)
+                return True
+            return False
+        finally:
+            os.close(fd)
+            guard.unlink(missing_ok=True)
+
+    def _read_text(self) -> str | None:
+        try:
+            return self.path.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _mtime(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except FileNotFoundError:
+            return time.time()
+
+    def __exit__(self, *exc) -> None:
+        if self._read_text() == self._text:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,133 @@
+"""Score a range of frames on a fixed batch grid, saving progress and stopping cleanly on request.
+
+Frames are numbered in file order across all episodes, and batch k always holds frames
+[k*B, (k+1)*B). fp32 results depend (in the last bits) on which frames share a batch, so a
+resumed run and every shard cut their batches on this same grid: each frame is computed
+with exactly the batch it would have had in one uninterrupted run over the whole file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vlmlabel.checkpoint import Checkpoint
+from vlmlabel.engine import PREFETCH_BATCHES, FrameScorer, _prefetch, iter_batches
+from vlmlabel.errors import SourceError
+from vlmlabel.interrupt import GracefulStop
+from vlmlabel.sources.base import Episode, FrameSource, Segment
+
+DEFAULT_CHECKPOINT_EVERY = 4096
+# Test-only: seconds to wait after each batch, so tests can stop a run at a chosen point.
+_BATCH_DELAY_ENV = "VLMLABEL_TEST_BATCH_DELAY"
+
+
+def grid_span(first: int, stop: int, batch_size: int, total: int) -> tuple[int, int]:
+    """The smallest range of whole grid batches covering frames [first, stop)."""
+    if first >= stop:
+        return first, first
+    return (first // batch_size) * batch_size, min(total, -(-stop // batch_size) * batch_size)
+
+
+def trim(episodes: Sequence[Episode], start: int, stop: int) -> list[Episode]:
+    """The episodes' frames restricted to global frame numbers [start, stop), in order."""
+    trimmed, position = [], 0
+    for episode in episodes:
+        segments = []
+        for segment in episode.frames:
+            lo, hi = max(start, position), min(stop, position + len(segment))
+            if lo < hi:
+                offset = segment.start - position
+                segments.append(Segment(segment.array, lo + offset, hi + offset))
+            position += len(segment)
+        if segments:
+            trimmed.append(Episode(episode.name, sum(len(s) for s in segments), tuple(segments), episode.target))
+        if position >= stop:
+            break
+    return trimmed
+
+
+def _kept(saved: int, total: int) -> str:
+    return f"{saved:,} of {total:,} frames saved; run the same command again to resume"
+
+
+@dataclass
+class ScoredSpan:
+    start: int
+    stop: int
+    scores: np.ndarray  # (stop - start, goals) float32
+    resumed: int  # frames taken from saved progress
+    seconds: float
+    batch_size: int
+
+
+def score_span(
+    source: FrameSource,
+    scorer: FrameScorer,
+    episodes: Sequence[Episode],
+    span: Callable[[int], tuple[int, int]],
+    batch_size: int,
+    checkpoint: Checkpoint,
+    stop: GracefulStop,
+    restart: bool = False,
+    every: int = DEFAULT_CHECKPOINT_EVERY,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> ScoredSpan:
+    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames."""
+    goals = checkpoint.goals
+    progress = checkpoint.load(restart)
+    if progress is not None and progress.batch_size != batch_size:
+        if on_note is not None:
+            on_note(f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
+                    f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run")
+        batch_size = progress.batch_size
+    start, end = span(batch_size)
+    if progress is not None and (progress.start, progress.stop) != (start, end):
+        if on_note is not None:
+            on_note("saved progress covers other frames than this run; starting over")
+        progress = None
+    scores = np.empty((end - start, goals), dtype=np.float32)
+    if progress is None:
+        checkpoint.begin(batch_size, start, end)
+        position = start
+    else:
+        checkpoint.resume_from(progress)
+        position = progress.done
+        scores[:position - start] = progress.rows
+        if on_note is not None and position > start:
+            on_note(f"resuming: {position - start:,} of {end - start:,} frames were already scored")
+    resumed = position - start
+    if on_start is not None:
+        on_start(end - start)
+    if on_progress is not None and resumed:
+        on_progress(resumed)
+    delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
+    began = time.perf_counter()
+    saved = position
+    try:
+        stop.check(_kept(saved - start, end - start))
+        for batch in _prefetch(iter_batches(source, trim(episodes, position, end), batch_size), PREFETCH_BATCHES):
+            scores[position - start:position - start + batch.size] = scorer.score(batch).cpu().numpy()
+            position += batch.size
+            if on_progress is not None:
+                on_progress(batch.size)
+            if stop.requested or position - saved >= every:
+                checkpoint.save(position, scores[saved - start:position - start])
+                saved = position
+            if stop.requested:
+                checkpoint.flush()
+                stop.check(_kept(saved - start, end - start))
+            if delay:
+                time.sleep(delay)
+        checkpoint.flush()
+    finally:
+        checkpoint.close()
+    if position != end:
+        raise SourceError(f"read {position - start} frames but expected {end - start}; the file is inconsistent")
+    return ScoredSpan(start, end, scores, resumed, time.perf_counter() - began, batch_size)
