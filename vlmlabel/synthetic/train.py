@@ -15,9 +15,10 @@ Images go through ``vlmlabel.preprocess.DevicePreprocess`` with the model's own 
 config, exactly as ``vlmlabel relabel`` feeds frames at inference. The normalisation statistics
 are measured on rendered scenes, not copied from another model.
 
-Regenerate the shipped model (about 15 minutes on 2 CPU cores)::
+Regenerate the shipped model (2000 steps: 24 minutes with one thread on a busy 2-core machine;
+one thread avoids OpenMP spin-waiting when the cores are shared)::
 
-    python -m vlmlabel.synthetic.train --out sample_data/reach-clip
+    python -m vlmlabel.synthetic.train --out sample_data/reach-clip --threads 1
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vlmlabel.synthetic import scenes
 
 SAMPLE_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32,
                    "mlp_ratio": 2.0},
     # open_clip's BPE vocabulary (49408 tokens) dominates the size: keep the text width small.
     # Captions are short, so a 24-token context is enough; the tokenizer reads it back from the config.
@@ -55,7 +56,7 @@ INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "belo
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 128
     group_size: int = 4
     lr: float = 2e-3
@@ -63,7 +64,7 @@ class TrainConfig:
     warmup: int = 150
     seed: int = 0
     threads: int = 2
-    log_every: int = 100
+    log_every: int = 25
     model_cfg: dict[str, Any] = field(default_factory=lambda: SAMPLE_MODEL_CFG)
 
 
