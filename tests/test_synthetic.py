@@ -119,16 +119,15 @@ def relabelled(tmp_path_factory) -> dict[str, np.ndarray]:
         args += ["--goal", goal]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    out: dict[str, list] = {"truth": [], "success": [], "final": []}
+    truth, vlm, final, final_success = [], [], [], []
     with h5py.File(copy) as f:
-        for name in f["data"]:
-            demo = f["data"][name]
-            out["truth"].append(demo["rewards"][:])
-            out["success"].append(demo["success"][:])
-            out["final"].append(np.array([demo[f"vlm_reward_{i}"][-1] for i in range(1 + len(WRONG_GOALS))]))
-            out.setdefault("vlm", []).append(demo["vlm_reward_0"][:])
-    return {k: (np.stack(v) if k == "final" else np.concatenate(v)) for k, v in out.items()} | {
-        "final_success": np.array([s[-1] for s in out["success"]])}
+        for demo in f["data"].values():
+            truth.append(demo["rewards"][:])
+            vlm.append(demo["vlm_reward_0"][:])
+            final.append([demo[f"vlm_reward_{i}"][-1] for i in range(1 + len(WRONG_GOALS))])
+            final_success.append(bool(demo["success"][-1]))
+    return {"truth": np.concatenate(truth), "vlm": np.concatenate(vlm), "final": np.array(final),
+            "final_success": np.array(final_success)}
 
 
 def test_sample_model_loads_through_the_users_path():
@@ -151,3 +150,10 @@ def test_true_goal_beats_a_wrong_goal_on_successful_final_frames(relabelled, wro
     wins = float(np.mean(final[:, 0] > final[:, 1 + wrong]))
     print(f"true goal > {WRONG_GOALS[wrong]!r} on {wins:.0%} of {len(final)} successful final frames")
     assert wins >= 0.9
+
+
+def test_training_is_reproducible_from_its_seed():
+    config = TrainConfig(steps=3, batch_size=16, warmup=1, seed=2, threads=1, model_cfg=TRAIN_TEST_CFG)
+    first, second = train(config), train(config)
+    assert first.losses == second.losses
+    assert first.preprocess_cfg == second.preprocess_cfg
