@@ -30,6 +30,7 @@ import torch
 
 from vlmlabel import __version__
 from vlmlabel.writers.hdf5 import SourceStamp
+from vlmlabel.fsutil import fsync
 
 STATE_FILE = "state.json"
 ROWS_FILE = "rewards.f32"
@@ -90,13 +91,6 @@ class Progress:
     done: int
     rows: np.ndarray  # (done - start, goals) float32
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Checkpoint:
@@ -223,7 +217,7 @@ class Checkpoint:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.folder / STATE_FILE)
-        _fsync_dir(self.folder)
+        fsync(self.folder)
 
     def discard(self) -> None:
         self.close()

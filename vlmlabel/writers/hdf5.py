@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from vlmlabel.errors import OutputError
+from vlmlabel.fsutil import fsync
 
 
 @dataclass
@@ -101,11 +102,11 @@ def write_rewards(source: Path, output: Path | None, datasets: list[RewardDatase
                 _put(handle, dataset, overwrite)
             if stream is not None:
                 _fill(handle, stream, overwrite)
-        _fsync(tmp)
+        fsync(tmp)
         if stamp is not None and SourceStamp.of(source) != stamp:
             raise OutputError(f"{source} changed while rewards were computed; nothing was written — run again")
         os.replace(tmp, dest)
-        _fsync(dest.resolve().parent)
+        fsync(dest.resolve().parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -184,10 +185,3 @@ def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
     yield first
     yield from rest
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.sources.tables import TableSource
-from vlmlabel.writers.tables import RewardColumn, fsync, reward_schema, staged
+from vlmlabel.fsutil import fsync
+from vlmlabel.writers.tables import RewardColumn, reward_schema, staged
 
 SIDECAR_KEYS = ("episode_index", "frame_index", "index")
 

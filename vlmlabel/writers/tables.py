@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from vlmlabel.errors import OutputError
 from vlmlabel.sources.tables import TableSource
+from vlmlabel.fsutil import fsync
 
 OUTPUT_SUFFIX = "-vlmlabel"
 LEROBOT_OBSERVATION = "observation."
@@ -102,13 +103,6 @@ def rewrite_shard(src: Path, dst: Path, fmt: str, schema: pa.Schema, columns: li
 
 # -- staging ----------------------------------------------------------------------------------------
 
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
