@@ -5,7 +5,9 @@ Library errors become exit code 2 and one line here, and only here.
 
 from __future__ import annotations
 
+import enum
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, TypeVar
@@ -170,6 +172,9 @@ def relabel(
              "job array); combine them with `vlmlabel merge`.", show_default=False)] = None,
     shard_index: Annotated[Optional[int], typer.Option(
         help="Which shard this run scores, 0..N-1 (default: SLURM_ARRAY_TASK_ID).", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).")]
+    = False,
 ) -> None:
     """Score every step against each goal and write the rewards next to the data.
 
@@ -188,7 +193,7 @@ def relabel(
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
-        checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index),
+        checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index), compile=compile,
     )
     other_rank = dist_env is not None and dist_env.rank != 0
     quiet = quiet or other_rank
@@ -480,6 +485,79 @@ def models(
         if filter is None or filter.lower() in name.lower():
             table.add_row(name, ", ".join(tags) if tags else "[dim](none: give --pretrained FILE)[/dim]")
     stdout.print(table)
+
+
+class Encoding(str, enum.Enum):
+    raw = "raw"
+    jpeg = "jpeg"
+
+
+@app.command()
+@_exit_on_error
+def bench(
+    model: Annotated[str, typer.Option(
+        help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.")] = DEFAULT_MODEL,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="Pretrained tag or checkpoint file; 'random' (random weights, reported as such) is accepted here "
+             "because speed does not depend on weight values.", show_default=False)] = None,
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs that support it, fp32 on CPU.")]
+    = Precision.auto,
+    batch_size: Annotated[Optional[str], typer.Option(
+        help="Frames per batch, or a sweep such as 32,64,128; default chosen for the device.",
+        show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
+    frames: Annotated[Optional[int], typer.Option(
+        help="Frames per timed run; default 20000 on CUDA, 256 on CPU (the whole file with --source).",
+        show_default=False)] = None,
+    frame_size: Annotated[str, typer.Option(help="Synthetic frame size HEIGHTxWIDTH.")] = "84x84",
+    encoding: Annotated[Encoding, typer.Option(help="Synthetic frames stored raw (uint8) or as JPEG bytes.")]
+    = Encoding.raw,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
+    source: Annotated[Optional[Path], typer.Option(
+        help="Benchmark on this HDF5 file instead of a synthetic one (read only).", show_default=False)] = None,
+    image_key: ImageKeyOpt = None,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions per path; the median is reported.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
+) -> None:
+    """Measure frames/s of the model alone, of vlmlabel end to end and of a naive PIL script."""
+    from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, run_bench
+
+    config = BenchConfig(
+        model=model, pretrained=pretrained, precision=precision.value,
+        batch_sizes=parse_batch_sizes(batch_size) if batch_size else None, device=device, frames=frames,
+        frame_size=parse_frame_size(frame_size), encoding=encoding.value, compile=compile, source=source,
+        image_key=image_key, repeats=repeats,
+    )
+    if json_output:  # stdout holds the JSON object alone; progress goes to stderr
+        result = run_bench(config, status=lambda message: console.print(f"bench: {message}", highlight=False))
+        print(json.dumps(result))
+        return
+    with console.status("benchmarking") as spinner:
+        result = run_bench(config, status=lambda message: spinner.update(f"benchmarking: {message}"))
+    _print_bench(result)
+
+
+def _print_bench(result: dict) -> None:
+    weights = "RANDOM weights" if result["random_weights"] else result["pretrained"]
+    table = Table(title=f"vlmlabel bench: {result['model']} ({weights}), {result['precision']} on "
+                        f"{result['device']}, {result['frames']:,} frames of {result['source']}",
+                  title_justify="left")
+    for column in ("batch", "model-only f/s", "end-to-end f/s", "naive f/s", "e2e/model", "e2e/naive",
+                   "e2e/model (CPU time)", "TFLOP/s", "of peak"):
+        table.add_column(column, justify="right")
+    for run in result["sweep"] or [result]:
+        fraction = f"{run['peak_fraction']:.1%}" if run["peak_fraction"] is not None else "n/a"
+        table.add_row(str(run["batch_size"]), f"{run['model_only_fps']:,.1f}", f"{run['end_to_end_fps']:,.1f}",
+                      f"{run['naive_fps']:,.1f}", f"{run['ratio_vs_model_only']:.3f}",
+                      f"{run['ratio_vs_naive']:.2f}", f"{run['cpu_ratio_vs_model_only']:.3f}",
+                      f"{run['tflops']:.3f}", fraction)
+    stdout.print(table)
+    device_mb = f"{result['peak_device_mb']:,.0f} MiB" if result["peak_device_mb"] is not None else "n/a"
+    stdout.print(f"{result['flops_per_image'] / 1e9:.2f} GFLOPs per image (TFLOP/s and peak fraction of the "
+                 f"model-only path); {result['environment']['cpu_threads']} CPU threads; peak host RSS "
+                 f"{result['peak_rss_mb']:,.0f} MiB; peak device memory {device_mb}; median of the timed runs, "
+                 "warm-up excluded; max |reward difference| vs the naive path "
+                 f"{result['max_abs_reward_diff_vs_naive']:.2e}")
 
 
 def _version(value: bool) -> None:

@@ -1,7 +1,10 @@
 """The relabelling loop: read frames -> device -> preprocess -> encode -> score.
 
-A background thread reads (and decodes) the next batches while the device encodes the
-current one; uint8 frames cross to the device and become floats there.
+A background thread reads (and, on the CPU, decodes) the next batches while the device
+encodes the current one. Raw frames are copied into a few reusable host buffers (pinned on
+CUDA, so the copy to the GPU is asynchronous and no memory is pinned per batch); uint8 bytes
+cross to the device and become floats there. JPEG frames are decoded on the GPU when there is
+one. Scores come back one batch late, so the GPU never waits for the host between batches.
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from vlmlabel import rewards
 from vlmlabel.errors import SourceError
@@ -25,14 +28,67 @@ from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
 
 PREFETCH_BATCHES = 3
 _DONE = object()
+_JPEG_MAGIC = b"\xff\xd8\xff"
+RAW_LAYOUTS = ("HWC", "CHW", "HW")
+
+
+class HostBuffer:
+    """One reusable host buffer for a batch of raw frames (``array`` is a numpy view of ``tensor``)."""
+
+    def __init__(self, tensor: torch.Tensor, pool: BufferPool | None):
+        self.tensor = tensor
+        self.array = tensor.numpy()
+        self.pool = pool
+        self.event: torch.cuda.Event | None = None
+        self.busy = True
+
+    def release(self, event: torch.cuda.Event | None = None) -> None:
+        """Give the buffer back; ``event`` marks the end of its copy to the device. Idempotent."""
+        if self.busy and self.pool is not None:
+            self.busy = False
+            self.event = event
+            self.pool.free.put(self)
+
+
+class BufferPool:
+    """A fixed set of host buffers: memory stays flat whatever the file length.
+
+    Pinned on CUDA so copies to the GPU are asynchronous; a buffer is written again only once
+    the copy recorded by its event has completed.
+    """
+
+    def __init__(self, count: int, shape: tuple[int, ...], pin: bool):
+        self.free: queue.Queue[HostBuffer] = queue.Queue()
+        for _ in range(count):
+            buffer = HostBuffer(torch.empty(shape, dtype=torch.uint8, pin_memory=pin), self)
+            buffer.busy = False
+            self.free.put(buffer)
+
+    def acquire(self) -> HostBuffer:
+        buffer = self.free.get()
+        if buffer.event is not None:
+            buffer.event.synchronize()
+            buffer.event = None
+        buffer.busy = True
+        return buffer
 
 
 @dataclass
 class Batch:
-    """Frames ready for the device: one uint8 NCHW tensor, or decoded frames of varying size."""
+    """Frames ready for the device.
+
+    layout HWC/CHW/HW: one uint8 tensor of raw frames as stored (in ``buffer``); "decoded": CHW
+    tensors of possibly different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
+    """
 
     frames: torch.Tensor | list[torch.Tensor]
     size: int
+    layout: str
+    buffer: HostBuffer | None = field(default=None, repr=False)
+
+    def release(self, event: torch.cuda.Event | None = None) -> None:
+        if self.buffer is not None:
+            self.buffer.release(event)
 
 
 @dataclass
@@ -52,55 +108,98 @@ class RelabelResult:
         return np.concatenate(self.rewards, axis=0)
 
 
-def _to_nchw(block: np.ndarray, layout: str) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(block))
+def as_nchw(frames: torch.Tensor, layout: str) -> torch.Tensor:
+    """A view of raw frames as (N, C, H, W); done on the device so host copies stay plain memcpy."""
     if layout == "HWC":
-        return tensor.permute(0, 3, 1, 2)
+        return frames.permute(0, 3, 1, 2)
     if layout == "HW":
-        return tensor.unsqueeze(1)
-    return tensor
+        return frames.unsqueeze(1)
+    return frames
 
 
-def _decode(blobs: Sequence[np.ndarray], where: str) -> list[torch.Tensor]:
+def _as_tensor(blob: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(np.asarray(blob, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
+
+
+def _decode(blobs: Sequence[torch.Tensor], where: str) -> list[torch.Tensor]:
     decoded = []
     for blob in blobs:
-        data = torch.from_numpy(np.frombuffer(np.asarray(blob, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
         try:
-            decoded.append(decode_image(data, mode=ImageReadMode.RGB))
+            decoded.append(decode_image(blob, mode=ImageReadMode.RGB))
         except RuntimeError as exc:
             raise SourceError(f"a frame in {where} is not a decodable JPEG/PNG image ({exc}); "
                               "check the file or choose another --image-key") from None
     return decoded
 
 
-def iter_batches(source: FrameSource, episodes: list[Episode], batch_size: int) -> Iterator[Batch]:
-    """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short)."""
-    layout = source.frame_format.layout
-    pending: list = []
-    count = 0
+def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEG bytes in one batched call on ``device`` (nvJPEG on CUDA); CPU decoding if that fails."""
+    try:
+        decoded = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        # nvJPEG refuses some valid files (e.g. CMYK); the CPU decoder says precisely what is wrong if anything.
+        decoded = [frame.to(device) for frame in _decode(blobs, "the file")]
+    return list(decoded)
+
+
+def iter_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
+                 pool: BufferPool | None = None, jpeg_on_device: bool = False) -> Iterator[Batch]:
+    """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short).
+
+    Raw frames are copied into buffers from ``pool`` (fresh buffers without one); encoded frames
+    are decoded here, except JPEGs when ``jpeg_on_device`` asks the device to decode them.
+    """
+    if source.frame_format.encoded:
+        return _encoded_batches(source, episodes, batch_size, jpeg_on_device)
+    return _raw_batches(source, episodes, batch_size, pool)
+
+
+def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
+                 pool: BufferPool | None) -> Iterator[Batch]:
+    fmt = source.frame_format
+    shape = (batch_size, *fmt.frame_shape)
+    acquire = pool.acquire if pool is not None else lambda: HostBuffer(torch.empty(shape, dtype=torch.uint8), None)
+    buffer, filled = None, 0
+    for episode in episodes:
+        for segment in episode.frames:
+            for block in source.read_blocks(segment, batch_size):
+                if block.shape[1:] != fmt.frame_shape or block.dtype != np.uint8:
+                    raise SourceError(f"{segment.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
+                                      f"but {source.image_key} has uint8 {fmt.frame_shape}; frames must all match")
+                offset = 0
+                while offset < len(block):
+                    if buffer is None:
+                        buffer = acquire()
+                    take = min(batch_size - filled, len(block) - offset)
+                    buffer.array[filled:filled + take] = block[offset:offset + take]
+                    filled += take
+                    offset += take
+                    if filled == batch_size:
+                        yield Batch(buffer.tensor, filled, fmt.layout, buffer)
+                        buffer, filled = None, 0
+    if filled:
+        yield Batch(buffer.tensor[:filled], filled, fmt.layout, buffer)
+
+
+def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
+                     jpeg_on_device: bool) -> Iterator[Batch]:
+    pending: list[torch.Tensor] = []
 
     def flush() -> Batch:
-        nonlocal pending, count
-        if layout == "encoded":
-            batch = Batch([frame for part in pending for frame in part], count)
-        else:
-            batch = Batch(torch.cat(pending) if len(pending) > 1 else pending[0], count)
-        pending, count = [], 0
-        return batch
+        nonlocal pending
+        blobs, pending = pending, []
+        if jpeg_on_device and all(bytes(b[:3].numpy()) == _JPEG_MAGIC for b in blobs):
+            return Batch(blobs, len(blobs), "jpeg")
+        return Batch(_decode(blobs, source.image_key), len(blobs), "decoded")
 
     for episode in episodes:
         for segment in episode.frames:
             for block in source.read_blocks(segment, batch_size):
-                offset = 0
-                while offset < len(block):
-                    take = min(batch_size - count, len(block) - offset)
-                    part = block[offset:offset + take]
-                    pending.append(_decode(part, segment.array) if layout == "encoded" else _to_nchw(part, layout))
-                    count += take
-                    offset += take
-                    if count == batch_size:
+                for blob in block:
+                    pending.append(_as_tensor(blob))
+                    if len(pending) == batch_size:
                         yield flush()
-    if count:
+    if pending:
         yield flush()
 
 
@@ -113,6 +212,7 @@ def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
         try:
             for batch in batches:
                 if stop.is_set():
+                    batch.release()
                     return
                 slots.put(batch)
             slots.put(_DONE)
@@ -133,7 +233,9 @@ def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
         stop.set()
         while worker.is_alive():
             try:
-                slots.get_nowait()
+                item = slots.get_nowait()
+                if isinstance(item, Batch):
+                    item.release()  # so a reader waiting for a free buffer can see the stop
             except queue.Empty:
                 worker.join(timeout=0.05)
 
@@ -152,17 +254,19 @@ class FrameScorer:
     def embed(self, batch: Batch) -> torch.Tensor:
         """Unit fp32 image embeddings of a batch, in the batch's order."""
         device = self.model.device
-        non_blocking = device.type == "cuda"
-        if isinstance(batch.frames, torch.Tensor):
-            frames = batch.frames.pin_memory() if non_blocking else batch.frames
-            return self.model.encode_images(self.preprocess(frames.to(device, non_blocking=non_blocking)))
+        if batch.layout in RAW_LAYOUTS:
+            frames = self._to_device(batch)
+            embeddings = self.model.encode_images(self.preprocess(as_nchw(frames, batch.layout)))
+            batch.release()  # on the CPU the frames were read in place until now
+            return embeddings
+        decoded = decode_jpegs(batch.frames, device) if batch.layout == "jpeg" else batch.frames
         # Decoded frames may differ in size: preprocess each size group, keep the original order.
         by_shape: dict[tuple, list[int]] = {}
-        for index, frame in enumerate(batch.frames):
+        for index, frame in enumerate(decoded):
             by_shape.setdefault(tuple(frame.shape), []).append(index)
         embeddings: torch.Tensor | None = None
         for indices in by_shape.values():
-            stacked = torch.stack([batch.frames[i] for i in indices]).to(device, non_blocking=non_blocking)
+            stacked = torch.stack([decoded[i] for i in indices]).to(device)
             encoded = self.model.encode_images(self.preprocess(stacked))
             if embeddings is None:
                 embeddings = torch.empty((batch.size, encoded.shape[1]), device=device)
@@ -170,32 +274,63 @@ class FrameScorer:
         assert embeddings is not None
         return embeddings
 
+    def _to_device(self, batch: Batch) -> torch.Tensor:
+        """Copy the batch's uint8 frames to the device and give its host buffer back (not on the CPU)."""
+        device = self.model.device
+        if device.type == "cpu":
+            return batch.frames
+        cuda = device.type == "cuda"
+        frames = batch.frames.to(device, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+        batch.release(event)
+        return frames
+
     def score(self, batch: Batch) -> torch.Tensor:
         return self.score_fn(self.embed(batch))
 
 
-def _computed(source: FrameSource, episodes: list[Episode], batch_size: int,
+def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
               compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
               ) -> Iterator[np.ndarray]:
-    """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch."""
+    """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch.
+
+    Rows come back one batch late: the copy to the host that waits for batch i is made after batch
+    i + 1 has been queued, so a GPU never idles between batches.
+    """
     total = sum(e.steps for e in episodes)
+    fmt = source.frame_format
+    pool = None
+    if not fmt.encoded:
+        pool = BufferPool(PREFETCH_BATCHES + 2, (batch_size, *fmt.frame_shape), pin=device.type == "cuda")
+    batches = iter_batches(source, episodes, batch_size, pool, jpeg_on_device=device.type == "cuda")
     position = 0
-    for batch in _prefetch(iter_batches(source, episodes, batch_size), PREFETCH_BATCHES):
-        yield compute(batch).cpu().numpy()
+    pending: torch.Tensor | None = None
+    for batch in _prefetch(batches, PREFETCH_BATCHES):
+        queued = compute(batch)
+        if pending is not None:
+            yield pending.cpu().numpy()
+            if on_progress is not None:
+                on_progress(len(pending))
+        pending = queued
         position += batch.size
+    if pending is not None:
+        yield pending.cpu().numpy()
         if on_progress is not None:
-            on_progress(batch.size)
+            on_progress(len(pending))
     if position != total:
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
 
 
-def _run(source: FrameSource, episodes: list[Episode], batch_size: int, compute: Callable[[Batch], torch.Tensor],
-         on_progress: Callable[[int], None] | None) -> np.ndarray:
-    """All rows of ``_computed`` in one fp32 array."""
+def _run(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
+         compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None) -> np.ndarray:
+    """All rows of ``compute_rows`` in one fp32 array."""
     total = sum(e.steps for e in episodes)
     out: np.ndarray | None = None
     position = 0
-    for rows in _computed(source, episodes, batch_size, compute, on_progress):
+    for rows in compute_rows(source, episodes, batch_size, device, compute, on_progress):
         if out is None:
             out = np.empty((total, rows.shape[1]), dtype=np.float32)
         out[position:position + len(rows)] = rows
@@ -223,7 +358,7 @@ def relabel(
     episodes = source.episodes(align)
     scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
-    scores = _run(source, episodes, batch_size, scorer.score, on_progress)
+    scores = _run(source, episodes, batch_size, model.device, scorer.score, on_progress)
     seconds = time.perf_counter() - start
     return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
 
@@ -234,5 +369,5 @@ def embed_segments(source: FrameSource, model: ClipModel, segments: Sequence[Seg
     stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)
     parts = [Episode(s.array, len(s), (s,), "") for s in segments]
-    for rows in _computed(source, parts, batch_size, scorer.embed, on_progress):
+    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, on_progress):
         yield rows.astype(np.float16)

@@ -58,6 +58,7 @@ class RelabelRequest:
     restart: bool = False
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     shard: ShardSpec | None = None  # HDF5 only
+    compile: bool = False
 
     def reward_config(self) -> RewardConfig:
         config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
@@ -178,6 +179,8 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
         use_cache = request.use_cache and shard is None  # shards score frames, like every other shard
         match = cache.find(source, episodes, model, source.image_key) if use_cache else "--no-cache"
+        if request.compile:
+            model.compile_image_tower()
         layout, image_key = source.layout, source.image_key
         if isinstance(match, cache.CacheMatch):
             if on_start is not None:

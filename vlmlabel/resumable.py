@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vlmlabel.checkpoint import Checkpoint
-from vlmlabel.engine import PREFETCH_BATCHES, FrameScorer, _prefetch, iter_batches
+from vlmlabel.engine import FrameScorer, compute_rows
 from vlmlabel.errors import SourceError
 from vlmlabel.interrupt import GracefulStop
 from vlmlabel.sources.base import Episode, FrameSource, Segment
@@ -112,11 +112,12 @@ def score_span(
     saved = position
     try:
         stop.check(_kept(saved - start, end - start))
-        for batch in _prefetch(iter_batches(source, trim(episodes, position, end), batch_size), PREFETCH_BATCHES):
-            scores[position - start:position - start + batch.size] = scorer.score(batch).cpu().numpy()
-            position += batch.size
+        for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
+                                 scorer.score, None):
+            scores[position - start:position - start + len(rows)] = rows
+            position += len(rows)
             if on_progress is not None:
-                on_progress(batch.size)
+                on_progress(len(rows))
             if stop.requested or position - saved >= every:
                 checkpoint.save(position, scores[saved - start:position - start])
                 saved = position
