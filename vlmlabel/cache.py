@@ -132,7 +132,7 @@ def relabel_cached(source: CachingSource, match: CacheMatch, episodes: list[Epis
         out: np.ndarray | None = None
         position = 0
         for block in source.read_embedding_blocks(location, SCORE_BLOCK_ROWS):
-            values = score_fn(torch.from_numpy(np.asarray(block, dtype=np.float32)).to(device)).cpu().numpy()
+            values = score_fn(torch.from_numpy(np.asarray(block)).to(device, torch.float32)).cpu().numpy()
             if out is None:
                 out = np.empty((count, values.shape[1]), dtype=np.float32)
             out[position:position + len(block)] = values
