@@ -11,7 +11,7 @@ import difflib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -88,7 +88,6 @@ class ClipModel:
     preprocess: PreprocessConfig
     device: torch.device
     precision: str
-    open_clip_name: str = field(repr=False, default="")
 
     @property
     def logit_scale(self) -> float:
@@ -146,7 +145,9 @@ def load_model(
     device = torch.device(device)
     resolved = _resolve(name, pretrained, allow_random)
     oc = _open_clip()
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.setLevel(max(previous_level, logging.ERROR))  # open_clip logs every load step on the root logger
     try:
         module = oc.create_model(
             resolved.open_clip_name,
@@ -160,11 +161,12 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model {name!r} with weights {resolved.pretrained_label!r}: "
                          f"{first_line[:300]}") from exc
+    finally:
+        root.setLevel(previous_level)
     module.eval().to(device)
     preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
     return ClipModel(module=module, tokenizer=tokenizer, name=name, pretrained=resolved.pretrained_label,
-                     preprocess=preprocess, device=device, precision=precision,
-                     open_clip_name=resolved.open_clip_name)
+                     preprocess=preprocess, device=device, precision=precision)
 
 
 def _resolve(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
