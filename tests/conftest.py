@@ -40,3 +40,12 @@ def frames() -> np.ndarray:
 @pytest.fixture(params=sorted(layouts.BUILDERS))
 def layout_file(request, tmp_path) -> layouts.LayoutFile:
     return layouts.BUILDERS[request.param](tmp_path / f"{request.param}.h5")
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models only lose from intra-op threads, badly so on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

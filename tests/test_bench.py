@@ -27,13 +27,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models only lose from intra-op threads, badly so on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_json_has_every_contract_key(tiny_model_dir):

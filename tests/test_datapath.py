@@ -19,13 +19,7 @@ from vlmlabel.sources import Align, open_source
 GOALS = ["a red square", "a blue sky"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models only lose from intra-op threads, badly so on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
