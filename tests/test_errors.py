@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -108,6 +109,11 @@ CASES = {
     "unknown device": (robomimic, ["--device", "tpu"], ["unknown device 'tpu'"]),
     "cuda absent": (robomimic, ["--device", "cuda:0"], ["no CUDA GPU", "--device cpu"]),
     "fp16 on cpu": (robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
+    "output is the source": (robomimic, ["--output", "{source}"], ["is SOURCE itself"]),
+    "output is a folder": (robomimic, ["--output", "{folder}", "--overwrite"], ["is a folder"]),
+    "output folder missing": (robomimic, ["--output", "{folder}/nope/out.h5"], ["does not exist; create it first"]),
+    "checkpoint file is not weights": (robomimic, ["--model", "ViT-B-32", "--pretrained", "{source}"],
+                                       ["could not load model 'ViT-B-32'"]),
     "bad batch size": (robomimic, ["--batch-size", "0"], ["--batch-size"]),
 }
 
@@ -125,6 +131,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, tiny_model_dir):
         args += ["--goal", "the cup is on the plate"]
     if "--model" not in extra:
         args += ["--model", str(tiny_model_dir)]
+    extra = [a.format(source=source, folder=tmp_path) for a in extra]
     result = runner.invoke(app, args + extra, terminal_width=400)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -187,3 +194,27 @@ def test_console_entry_point_runs_and_reports_errors(tmp_path, tiny_model_dir):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_read_only_source_gets_a_labelled_copy_and_is_never_replaced(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    lf.path.chmod(0o444)
+    before = digest(lf.path)
+    out = tmp_path / "copy.h5"
+    result = runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q",
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        assert f["data/demo_0/vlm_reward"].shape == (lf.steps[0],)
+    assert out.stat().st_mode & stat.S_IWUSR  # the copy is the user's to write (it was opened r+ as such)
+    assert digest(lf.path) == before
+
+
+def test_evaluate_and_plot_say_they_read_hdf5_only(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "hf"
+    datasets.Dataset.from_dict({"image": list(layouts.make_frames(3, 16, 16, 0))}).save_to_disk(str(folder))
+    for args in (["evaluate", str(folder)], ["plot", str(folder), "--out", str(tmp_path / "p.png")]):
+        result = runner.invoke(app, args, terminal_width=400)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and "reads HDF5 files for now" in result.output

@@ -81,8 +81,16 @@ def _exit_on_error(func: F) -> F:
         except VlmlabelError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
+        except PermissionError as exc:
+            console.print(Text(f"error: {exc}; check that you may write there, or write elsewhere with --output",
+                               style="bold red"), soft_wrap=True)
+            raise typer.Exit(2) from None
         except OSError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
+            raise typer.Exit(2) from None
+        except MemoryError:
+            console.print(Text("error: not enough memory for this run; use smaller --batch-size (or bench "
+                               "--frames/--frame-size)", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
         except Interrupted as exc:
             console.print(Text(f"interrupted: {exc}", style="yellow"), soft_wrap=True)
@@ -579,4 +587,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -21,7 +21,7 @@ from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.model import load_model
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.sources import Align, Episode, open_source
+from vlmlabel.sources import Align, Episode, open_source, require_hdf5
 
 SUCCESS_KEYS = ("success", "successes", "is_success")
 BLANK_LEVELS = {"black": 0, "gray": 128, "white": 255}
@@ -163,7 +163,7 @@ def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, de
 
 def evaluate_file(request: EvaluateRequest) -> Evaluation:
     """Compare the reward ``reward_key`` with the reference signal ``against``, episode by episode and overall."""
-    with open_source(str(request.source), request.image_key) as source:
+    with require_hdf5(open_source(str(request.source), request.image_key), "evaluate") as source:
         episodes = source.episodes(Align.frame)
         reward, attrs = _reward_values(source, episodes, request.reward_key)
         reference_key, reference = _reference(source, episodes, request.against)

@@ -157,7 +157,7 @@ def load_model(
             load_weights=resolved.weights is not None or resolved.open_clip_name.startswith(LOCAL_DIR),
         )
         tokenizer = oc.get_tokenizer(resolved.open_clip_name)
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # a user's checkpoint can fail to load in many ways; each is one line for them
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load model {name!r} with weights {resolved.pretrained_label!r}: "
                          f"{first_line[:300]}") from exc

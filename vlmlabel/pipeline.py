@@ -28,7 +28,7 @@ from vlmlabel.sources import Align, HDF5Source, open_source
 from vlmlabel.sources.base import reward_path, stores_embeddings
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 from vlmlabel.writers import tables as table_writer
-from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_writable, write_rewards
+from vlmlabel.writers.hdf5 import RewardDataset, SourceStamp, check_destination, check_writable, write_rewards
 from vlmlabel.writers.hdf5 import destination as destination_of
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -153,6 +153,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         hdf5 = isinstance(source, HDF5Source)
         stop = None
         if hdf5:
+            check_destination(request.source, request.output, request.overwrite)  # before the lock is made
             dest = destination_of(request.source, request.output)
             work = work_dir(dest, request.reward_key)
             stack.enter_context(RunLock(work / f"{shard.name}.lock" if shard else dest_lock(dest),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.sources import Align, Episode, Segment, open_source
+from vlmlabel.sources import Align, Episode, Segment, open_source, require_hdf5
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_EPISODES = 3
@@ -117,7 +117,7 @@ def plot_file(request: PlotRequest) -> PlotResult:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open_source(str(request.source), request.image_key) as source:
+    with require_hdf5(open_source(str(request.source), request.image_key), "plot") as source:
         first = source.episodes(Align.frame)
         keys = _reward_keys(source, first[0], request.reward_key)
         attrs = [source.dataset_attrs(first[0], k) or {} for k in keys]

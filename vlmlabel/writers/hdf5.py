@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,26 +63,37 @@ def destination(source: Path, output: Path | None) -> Path:
     return source if output is None else output
 
 
+def check_destination(source: Path, output: Path | None, overwrite: bool) -> None:
+    """Refuse, before anything is created or computed, a destination the final write could not use."""
+    if output is not None and output.exists() and output.resolve() == source.resolve():
+        raise OutputError(f"--output {output} is SOURCE itself; drop --output to add the rewards to SOURCE, "
+                          "or name a new file")
+    if output is not None and output.is_dir():
+        raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
+    if output is not None and output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+    folder = destination(source, output).resolve().parent
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write in {folder}; vlmlabel writes a copy there and renames it into place: "
+                          "use --output in a folder you can write")
+    if output is None and not os.access(source, os.W_OK):
+        raise OutputError(f"{source} is read-only; use --output to write a labelled copy elsewhere")
+    free = shutil.disk_usage(folder).free
+    needed = source.stat().st_size + 16 * 1024 * 1024
+    if free < needed:
+        raise OutputError(f"{folder} has {free / 2**20:.0f} MiB free but the write needs about "
+                          f"{needed / 2**20:.0f} MiB (a full copy of the source); free space or use --output elsewhere")
+
+
 def check_writable(source: Path, output: Path | None, existing: list[str], overwrite: bool) -> None:
     """Refuse early, before any compute, what the final write would refuse."""
     if existing and not overwrite:
         shown = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
         raise OutputError(f"{shown} already exist(s) in {source}; pass --overwrite to replace, "
                           "or choose another --reward-key")
-    dest = destination(source, output)
-    in_place = output is None or (output.exists() and output.resolve() == source.resolve())
-    if not in_place and output.exists() and not overwrite:
-        raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
-    folder = dest.resolve().parent
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write in {folder}; vlmlabel writes a copy there and renames it into place")
-    free = shutil.disk_usage(folder).free
-    needed = source.stat().st_size + 16 * 1024 * 1024
-    if free < needed:
-        raise OutputError(f"{folder} has {free / 2**20:.0f} MiB free but the write needs about "
-                          f"{needed / 2**20:.0f} MiB (a full copy of the source); free space or use --output elsewhere")
+    check_destination(source, output, overwrite)
 
 
 def write_rewards(source: Path, output: Path | None, datasets: list[RewardDataset], overwrite: bool,
@@ -93,7 +105,8 @@ def write_rewards(source: Path, output: Path | None, datasets: list[RewardDatase
     tmp = dest.resolve().parent / f".{dest.name}.vlmlabel-{os.getpid()}.tmp"
     try:
         shutil.copyfile(source, tmp)
-        shutil.copymode(source, tmp)
+        mode = stat.S_IMODE(source.stat().st_mode)
+        os.chmod(tmp, mode | stat.S_IWUSR)  # a read-only source still gives a copy we can write into
         with h5py.File(tmp, "r+") as handle:
             for path in remove or []:
                 if path in handle:
@@ -102,6 +115,8 @@ def write_rewards(source: Path, output: Path | None, datasets: list[RewardDatase
                 _put(handle, dataset, overwrite)
             if stream is not None:
                 _fill(handle, stream, overwrite)
+        if output is None:
+            os.chmod(tmp, mode)  # in place: the file keeps its permissions
         fsync(tmp)
         if stamp is not None and SourceStamp.of(source) != stamp:
             raise OutputError(f"{source} changed while rewards were computed; nothing was written — run again")
