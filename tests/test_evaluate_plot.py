@@ -143,3 +143,12 @@ def test_shuffled_baseline_reapplies_the_recorded_shaping(synthetic):
     assert report.shuffled_pearson == pytest.approx(np.corrcoef(expected[:, 0], success)[0, 1], abs=1e-6)
     assert [row["steps"] for row in report.per_episode] == lengths
     assert report.per_episode[0]["pearson"] == pytest.approx(np.corrcoef(shaped[:50], success[:50])[0, 1], abs=1e-6)
+
+
+def test_evaluate_refuses_a_reference_that_is_not_one_number_per_step(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "r.h5")
+    assert runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q"]).exit_code == 0
+    result = runner.invoke(app, ["evaluate", str(lf.path), "--against", "obs/agentview_image", "--no-blank"],
+                           terminal_width=400)
+    assert result.exit_code == 2
+    assert "not one number per step" in result.output and len(result.output.strip().splitlines()) == 1

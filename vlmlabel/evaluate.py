@@ -113,7 +113,11 @@ def _per_episode(source: Any, episodes: list[Episode], key: str, what: str) -> l
         found = source.step_values(episode, key)
         if found is None:
             return []
-        found = np.asarray(found, dtype=np.float64).reshape(len(found), -1)[:, 0]
+        found = np.asarray(found)
+        if found.ndim > 1 and int(np.prod(found.shape[1:])) != 1:
+            raise SourceError(f"{what} {key!r} has shape {found.shape} in {episode.name}: not one number per step; "
+                              "choose a per-step scalar key")
+        found = found.astype(np.float64).reshape(len(found))
         if len(found) != episode.steps:
             raise SourceError(f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
                               f"{episode.steps} steps; choose a per-step key")
