@@ -8,7 +8,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional, TypeVar
 

@@ -353,9 +353,12 @@ def relabel(
     batch_size: int = 32,
     on_progress: Callable[[int], None] | None = None,
     score_fn: ScoreFn | None = None,
+    episodes: list[Episode] | None = None,
 ) -> RelabelResult:
-    """Score every step of every episode (cosine to ``goals``, or ``score_fn``); nothing is written here."""
-    episodes = source.episodes(align)
+    """Score every step of every episode (cosine to ``goals``, or ``score_fn``); nothing is written here.
+
+    Pass ``episodes`` when the caller already has them: for table sources they cost a pass over the columns."""
+    episodes = source.episodes(align) if episodes is None else episodes
     scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
     scores = _run(source, episodes, batch_size, model.device, scorer.score, on_progress)

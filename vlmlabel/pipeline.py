@@ -219,7 +219,8 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         else:
             if on_start is not None:
                 on_start(sum(e.steps for e in episodes))
-            result = relabel(source, model, goals, request.align, batch_size, on_progress, score_fn=score_fn)
+            result = relabel(source, model, goals, request.align, batch_size, on_progress, score_fn=score_fn,
+                              episodes=episodes)
         source.close()
 
         used_cache = isinstance(match, cache.CacheMatch)

@@ -92,16 +92,6 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
-class StepReader(Protocol):
-    """What `evaluate` and `plot` read besides frames: per-step values and the rewards vlmlabel wrote."""
-
-    def step_values(self, episode: Episode, key: str) -> np.ndarray | None: ...
-
-    def dataset_attrs(self, episode: Episode, key: str) -> dict | None: ...
-
-    def reward_keys(self, episode: Episode) -> list[str]: ...
-
-
 class EmbeddingStore(Protocol):
     """A source that can hold an embedding cache: per frame array, stored rows and their metadata.
 
