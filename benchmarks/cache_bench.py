@@ -16,18 +16,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
 
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vlmlabel import cache  # noqa: E402
+from vlmlabel.destinations.hdf5 import write_file  # noqa: E402
 from vlmlabel.model import create_untrained, load_model, save_local_dir  # noqa: E402
-from vlmlabel.pipeline import RelabelRequest, relabel_file  # noqa: E402
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file  # noqa: E402
 from vlmlabel.sources import open_source  # noqa: E402
-from vlmlabel.writers.hdf5 import write_rewards  # noqa: E402
+from vlmlabel.sources.base import content_fingerprint  # noqa: E402
 
 
 def _random_unit_rows(rows: int, dim: int, block: int = 65536) -> Iterator[np.ndarray]:
@@ -53,8 +54,8 @@ def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Pat
     with open_source(str(path)) as source:
         plans = cache.plan(source)
         indices, stream = cache.cache_stream(source, plans, _random_unit_rows(sum(len(p.rows) for p in plans), dim),
-                                             model, source.image_key)
-        write_rewards(path, None, indices, overwrite=True, stream=stream)
+                                             model, content_fingerprint(source))
+        write_file(path, path, indices, overwrite=True, stream=stream)
     return path, model_dir
 
 

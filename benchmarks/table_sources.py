@@ -65,7 +65,8 @@ def main(count: int, size: int) -> None:
     for camera in lerobot.extra["cameras"]:  # the same frames as lossy H.264 yuv420p, as LeRobot datasets are
         h264(lerobot.path / "videos" / camera / "chunk-000" / "file-000.mp4", frames, table_layouts.FPS)
     print(f"{count} frames of {size}x{size}")
-    for label, path, key in [("HDF5 uint8", root / "flat.h5", None), ("save_to_disk Array3D uint8", root / "disk", None),
+    for label, path, key in [("HDF5 uint8", root / "flat.h5", None),
+                             ("save_to_disk Array3D uint8", root / "disk", None),
                              ("parquet PNG Image", root / "png.parquet", None),
                              ("LeRobot H.264 video", lerobot.path, "top")]:
         print(f"{label:28s} {timed(str(path), key):10,.0f} frames/s")

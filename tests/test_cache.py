@@ -6,19 +6,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from tests import layouts
 from typer.testing import CliRunner
 
+from tests import layouts
 from tests.conftest import TINY_CFG, TINY_PREPROCESS
 from vlmlabel.cli import app
+from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import create_untrained, save_local_dir
-from vlmlabel.pipeline import EmbedRequest, RelabelRequest, embed_file, relabel_file
 from vlmlabel.rewards import RewardMode
+from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
 from vlmlabel.sources import Align, open_source
-from vlmlabel.writers.hdf5 import RewardDataset, RowStream, write_rewards
 
 runner = CliRunner()
 # Cached embeddings are float16: scores differ from the fp32 path by rounding only.
@@ -129,17 +128,17 @@ def test_row_stream_fills_datasets_chunk_by_chunk_and_refuses_a_short_stream(tmp
         f.create_dataset("keep", data=np.arange(3))
     before = path.read_bytes()
     rows = np.arange(23 * 4, dtype=np.float32).reshape(23, 4)
-    targets = [RewardDataset("a/e", np.empty(0), {"k": 1}, dtype="float16", chunk_rows=4),
-               RewardDataset("b/e", np.empty(0), {}, dtype="float16", chunk_rows=4)]
+    targets = [H5Dataset("a/e", np.empty(0), {"k": 1}, dtype="float16", chunk_rows=4),
+               H5Dataset("b/e", np.empty(0), {}, dtype="float16", chunk_rows=4)]
     blocks = (rows[i:i + 3] for i in range(0, 23, 3))  # block edges never meet chunk edges
     stream = RowStream(targets, [10, 13], blocks)
-    write_rewards(path, None, [], overwrite=False, stream=stream)
+    write_file(path, path, [], overwrite=False, stream=stream)
     with h5py.File(path) as f:
         np.testing.assert_array_equal(f["a/e"][:], rows[:10])
         np.testing.assert_array_equal(f["b/e"][:], rows[10:])
         assert f["a/e"].chunks == (4, 4) and f["a/e"].attrs["k"] == 1 and stream.width == 4
     before = path.read_bytes()
-    short = RowStream([RewardDataset("c", np.empty(0), {}, dtype="float16", chunk_rows=4)], [30], iter([rows]))
+    short = RowStream([H5Dataset("c", np.empty(0), {}, dtype="float16", chunk_rows=4)], [30], iter([rows]))
     with pytest.raises(OutputError, match="did not match"):
-        write_rewards(path, None, [], overwrite=False, stream=short)
+        write_file(path, path, [], overwrite=False, stream=short)
     assert path.read_bytes() == before  # nothing half-written

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests import layouts
-from vlmlabel.engine import BufferPool, FrameScorer, _prefetch, decode_jpegs, iter_batches, relabel
+from vlmlabel.engine import BufferPool, FrameScorer, _prefetch, decode_jpegs, iter_batches, score_episodes
 from vlmlabel.model import load_model
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
@@ -39,8 +39,8 @@ def test_optimised_path_matches_reference(tiny, layout_file, align):
     truth = layout_file.frame_steps if align is Align.frame else layout_file.next_steps
     expected = reference_rewards(tiny, np.concatenate(truth))
     with open_source(str(layout_file.path)) as source:
-        batched = relabel(source, tiny, GOALS, align, batch_size=3).all_rewards()
-        single = relabel(source, tiny, GOALS, align, batch_size=1).all_rewards()
+        batched = score_episodes(source, tiny, GOALS, align, batch_size=3).all_rewards()
+        single = score_episodes(source, tiny, GOALS, align, batch_size=1).all_rewards()
     assert batched.shape == expected.shape
     np.testing.assert_allclose(batched, single, atol=1e-5)
     # Preprocessing equals PIL's within uint8 rounding, which moves a tiny random model's cosine very little.
@@ -53,7 +53,7 @@ def test_jpeg_batches_decoded_on_the_device_match_cpu_decoding(tiny, tmp_path):
         episodes = source.episodes(Align.frame)
         on_device = list(iter_batches(source, episodes, 4, jpeg_on_device=True))
         on_host = list(iter_batches(source, episodes, 4))
-    assert {b.layout for b in on_device} == {"jpeg"} and {b.layout for b in on_host} == {"decoded"}
+    assert {b.form for b in on_device} == {"jpeg"} and {b.form for b in on_host} == {"decoded"}
     scorer = FrameScorer(tiny, GOALS)
     device_scores = torch.cat([scorer.score(b) for b in on_device])
     host_scores = torch.cat([scorer.score(b) for b in on_host])

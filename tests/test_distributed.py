@@ -10,9 +10,9 @@ import sys
 import numpy as np
 
 from tests.cluster_files import ROOT, env, make_dataset, read_attrs, read_rewards
-from vlmlabel.distributed import TorchrunEnv, rank_device, torchrun_env
-from vlmlabel.pipeline import RelabelRequest, relabel_file
-from vlmlabel.shards import work_dir
+from vlmlabel.run.distributed import TorchrunEnv, rank_device, torchrun_env
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.shards import work_dir
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from tests import layouts
 from vlmlabel.cli import app
-from vlmlabel.writers import hdf5 as hdf5_writer
+from vlmlabel.destinations import hdf5 as hdf5_writer
 
 runner = CliRunner()
 
@@ -210,11 +210,12 @@ def test_read_only_source_gets_a_labelled_copy_and_is_never_replaced(tmp_path, t
     assert digest(lf.path) == before
 
 
-def test_evaluate_and_plot_say_they_read_hdf5_only(tmp_path):
+def test_evaluate_and_plot_of_an_unlabelled_table_say_relabel_first(tmp_path):
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "hf"
     datasets.Dataset.from_dict({"image": list(layouts.make_frames(3, 16, 16, 0))}).save_to_disk(str(folder))
     for args in (["evaluate", str(folder)], ["plot", str(folder), "--out", str(tmp_path / "p.png")]):
         result = runner.invoke(app, args, terminal_width=400)
         assert result.exit_code == 2, result.output
-        assert result.output.startswith("error: ") and "reads HDF5 files for now" in result.output
+        assert result.output.startswith("error: ") and "run `vlmlabel relabel` first" in result.output
+        assert len(result.output.strip().splitlines()) == 1

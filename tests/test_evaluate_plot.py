@@ -16,10 +16,9 @@ from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.pipeline import RelabelRequest, relabel_file
 from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
 from vlmlabel.rewards import Normalize, Shaping
-
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 
 runner = CliRunner()
 
@@ -147,7 +146,8 @@ def test_shuffled_baseline_reapplies_the_recorded_shaping(synthetic):
 
 def test_evaluate_refuses_a_reference_that_is_not_one_number_per_step(tmp_path, tiny_model_dir):
     lf = layouts.build_robomimic(tmp_path / "r.h5")
-    assert runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q"]).exit_code == 0
+    relabelled = runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q"])
+    assert relabelled.exit_code == 0
     result = runner.invoke(app, ["evaluate", str(lf.path), "--against", "obs/agentview_image", "--no-blank"],
                            terminal_width=400)
     assert result.exit_code == 2

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from tests import table_layouts
 from tests.table_layouts import TableCase
 from vlmlabel.cli import app
-from vlmlabel.pipeline import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.sources import Align
 
 datasets.disable_progress_bars()

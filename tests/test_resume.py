@@ -15,15 +15,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from typer.testing import CliRunner
 
 from tests.cluster_files import ROOT, env, make_dataset, read_rewards, relabel_args
-from vlmlabel.checkpoint import Checkpoint
 from vlmlabel.cli import app
 from vlmlabel.errors import Interrupted, LockedError
-from vlmlabel.pipeline import RelabelRequest, relabel_file
-from vlmlabel.shards import dest_lock, work_dir
+from vlmlabel.run.checkpoint import Checkpoint
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.shards import dest_lock, work_dir
 
 
 def _digest(path: Path) -> str:
@@ -94,7 +93,7 @@ def test_kill9_at_several_points_then_rerun_gives_uninterrupted_rewards(dataset,
     saved = 0
     for point in points:
         proc = _start(dataset, tiny_model_dir, "0.03")
-        _wait_for(lambda: (_state(dataset) or {}).get("done", 0) >= point, proc)
+        _wait_for(lambda point=point: (_state(dataset) or {}).get("done", 0) >= point, proc)
         proc.kill()
         proc.wait()
         assert proc.returncode == -signal.SIGKILL

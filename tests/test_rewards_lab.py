@@ -13,8 +13,8 @@ from tests import layouts
 from vlmlabel import rewards
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
-from vlmlabel.pipeline import RelabelRequest, relabel_file
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 
 
 def _unit(rng: np.random.Generator, rows: int, dim: int = 16) -> np.ndarray:

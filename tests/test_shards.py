@@ -13,10 +13,10 @@ from tests.cluster_files import EPISODE_LENGTHS, make_dataset, read_attrs, read_
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.merge import merge_shards
-from vlmlabel.pipeline import RelabelRequest, ShardSummary, relabel_file
 from vlmlabel.rewards import Normalize, Shaping
-from vlmlabel.shards import ShardSpec, plan, shard_from_options, work_dir
+from vlmlabel.run.lifecycle import RelabelRequest, ShardSummary, relabel_file
+from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.shards import ShardSpec, plan, shard_from_options, work_dir
 
 
 def _request(source: Path, model_dir: Path, **overrides) -> RelabelRequest:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tools.synthetic import reach, scenes
+from tools.synthetic.train import TrainConfig, contrastive_loss, sample_batch, train
 from vlmlabel.cli import app
 from vlmlabel.model import load_model
-from vlmlabel.synthetic import reach, scenes
-from vlmlabel.synthetic.train import TrainConfig, contrastive_loss, sample_batch, train
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_MODEL = SAMPLE_DATA / "reach-clip"

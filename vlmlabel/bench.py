@@ -21,9 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 
 from vlmlabel import __version__
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import RAW_LAYOUTS, as_nchw, iter_batches, relabel
+from vlmlabel.engine import RAW_AXES, as_nchw, iter_batches, score_episodes
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.preprocess import DevicePreprocess
@@ -76,7 +77,7 @@ class BenchConfig:
     precision: str = "auto"
     batch_sizes: list[int] | None = None  # None: the device's default batch size
     device: str = "auto"
-    frames: int | None = None  # None: a default per device (synthetic) or the whole file (--source)
+    frames: int | None = None  # None: a default per device (synthetic) or the whole file (SOURCE)
     frame_size: tuple[int, int] = (84, 84)
     encoding: str = "raw"
     compile: bool = False
@@ -206,7 +207,7 @@ def _jpeg_blobs(block: np.ndarray) -> np.ndarray:
 
 
 class Prefix:
-    """The first ``limit`` steps of a source (warm-up passes, --frames on a --source file)."""
+    """The first ``limit`` steps of a source (warm-up passes, --frames on a SOURCE file)."""
 
     def __init__(self, source: FrameSource, limit: int):
         self.source, self.limit = source, limit
@@ -246,7 +247,7 @@ def _sync(device: torch.device) -> None:
 def _first_pixels(source: FrameSource, model: ClipModel, batch_size: int) -> torch.Tensor:
     """One batch of the file's frames, preprocessed on the device: the model-only input."""
     batch = next(iter_batches(source, source.episodes(Align.frame), batch_size))
-    frames = as_nchw(batch.frames, batch.layout) if batch.layout in RAW_LAYOUTS else torch.stack(batch.frames)
+    frames = as_nchw(batch.frames, batch.form) if batch.form in RAW_AXES else torch.stack(batch.frames)
     pixels = DevicePreprocess(model.preprocess, model.device)(frames.to(model.device))
     return pixels.repeat(math.ceil(batch_size / len(pixels)), 1, 1, 1)[:batch_size].contiguous()
 
@@ -259,18 +260,18 @@ def run_model_only(model: ClipModel, pixels: torch.Tensor, frames: int) -> None:
 
 
 def run_end_to_end(model: ClipModel, source: FrameSource, goal: str, batch_size: int) -> np.ndarray:
-    return relabel(source, model, [goal], Align.frame, batch_size).all_rewards()[:, 0]
+    return score_episodes(source, model, [goal], Align.frame, batch_size).all_rewards()[:, 0]
 
 
-def _pil_images(block: Any, layout: str) -> list:
+def _pil_images(block: Any, axes: str) -> list:
     """Frames as PIL RGB images, one at a time, as a typical script builds them."""
     from PIL import Image
 
-    if layout == "encoded":
+    if axes == "encoded":
         return [Image.open(io.BytesIO(np.asarray(blob, np.uint8).tobytes())).convert("RGB") for blob in block]
-    if layout == "CHW":
+    if axes == "CHW":
         block = block.transpose(0, 2, 3, 1)
-    if layout == "HW" or block.shape[-1] == 1:
+    if axes == "HW" or block.shape[-1] == 1:
         return [Image.fromarray(frame.reshape(frame.shape[:2])).convert("RGB") for frame in block]
     return [Image.fromarray(frame) for frame in block]
 
@@ -279,7 +280,7 @@ def run_naive(model: ClipModel, source: FrameSource, goal: str, batch_size: int)
     """The baseline: the per-frame PIL loop is the point (it is what vlmlabel is measured against)."""
     transform = model.reference_transform()
     goal_embedding = model.encode_texts([goal])
-    layout = source.frame_format.layout
+    axes = source.frame_format.axes
     out, pending = [], []
 
     def flush() -> None:
@@ -290,7 +291,7 @@ def run_naive(model: ClipModel, source: FrameSource, goal: str, batch_size: int)
     for episode in source.episodes(Align.frame):
         for segment in episode.frames:
             for block in source.read_blocks(segment, batch_size):
-                for image in _pil_images(block, layout):
+                for image in _pil_images(block, axes):
                     pending.append(transform(image))
                     if len(pending) == batch_size:
                         flush()

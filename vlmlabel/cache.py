@@ -10,23 +10,23 @@ A cache is used only when it was made by the same model, weights, preprocessing 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from vlmlabel import __version__
+from vlmlabel.destinations.hdf5 import H5Dataset, RowStream
 from vlmlabel.engine import RelabelResult
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
-from vlmlabel.sources.base import Align, CachingSource, Episode, FrameSource, Segment, stores_embeddings
+from vlmlabel.sources.base import Align, CachingSource, Episode, Segment
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
-from vlmlabel.writers.hdf5 import RewardDataset, RowStream
 
 CACHE_CHUNK_ROWS = 8192
 SCORE_BLOCK_ROWS = 65536
-_MATCH_KEYS = ("model", "pretrained", "preprocess", "image_key")
+_MATCH_KEYS = ("model", "pretrained", "preprocess", "image_key", "source_fingerprint")
 
 
 @dataclass
@@ -52,32 +52,35 @@ def plan(source: CachingSource) -> list[ArrayPlan]:
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
         starts = np.concatenate([[0], breaks])
         stops = np.concatenate([breaks, [len(rows)]])
-        segments = [Segment(array, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+        segments = [Segment(array, int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
         plans.append(ArrayPlan(array, rows, segments, dense=len(rows) == source.array_rows(array)))
     return plans
 
 
-def identity(model: ClipModel, image_key: str) -> dict[str, str]:
-    """What must be equal for a cache to be reused (precision is not: it changes values only by rounding)."""
+def identity(model: ClipModel, image_key: str, fingerprint: str) -> dict[str, str]:
+    """What must be equal for a cache to be reused (precision is not: it changes values only by rounding).
+
+    ``fingerprint`` (``sources.base.content_fingerprint``) ties the cache to the frames it was computed from."""
     described = model.describe()
     return {"model": described["model"], "pretrained": described["pretrained"],
-            "preprocess": described["preprocess"], "image_key": image_key}
+            "preprocess": described["preprocess"], "image_key": image_key, "source_fingerprint": fingerprint}
 
 
 def cache_stream(source: CachingSource, plans: list[ArrayPlan], blocks: Iterator[np.ndarray], model: ClipModel,
-                 image_key: str) -> tuple[list[RewardDataset], RowStream]:
+                 fingerprint: str) -> tuple[list[H5Dataset], RowStream]:
     """What ``embed`` writes: per frame array a float16 (rows, D) dataset filled from ``blocks`` (the embeddings
     of every plan's rows, in plan order), plus the stored row indices where only some rows are kept."""
     indices, embedded = [], []
     for item in plans:
         location = source.embedding_location(item.array)
-        attrs = {**identity(model, image_key), "precision": model.precision, "source_array": item.array,
+        attrs = {**identity(model, source.image_key, fingerprint), "precision": model.precision,
+                 "source_array": item.array,
                  "source_rows": source.array_rows(item.array), "rows": "all" if item.dense else "indexed",
                  "vlmlabel_version": __version__,
                  "description": "unit CLIP image embeddings, one row per frame row of source_array"}
-        embedded.append(RewardDataset(location, np.empty(0), attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
+        embedded.append(H5Dataset(location, np.empty(0), attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
         if not item.dense:
-            indices.append(RewardDataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
+            indices.append(H5Dataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
                                          dtype="int64"))
     return indices, RowStream(embedded, [len(p.rows) for p in plans], blocks)
 
@@ -89,11 +92,11 @@ class CacheMatch:
     locations: dict[str, tuple[str, np.ndarray | None, int]]
 
 
-def find(source: FrameSource, episodes: list[Episode], model: ClipModel, image_key: str) -> CacheMatch | str:
+def find(source: CachingSource, episodes: list[Episode], model: ClipModel, fingerprint: str) -> CacheMatch | str:
     """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
-    if not stores_embeddings(source):
+    if source.cache_file is None:
         return "this source keeps no embedding cache"
-    wanted = identity(model, image_key)
+    wanted = identity(model, source.image_key, fingerprint)
     locations: dict[str, tuple[str, np.ndarray | None, int]] = {}
     needed: dict[str, list[Segment]] = {}
     for episode in episodes:
@@ -106,6 +109,9 @@ def find(source: FrameSource, episodes: list[Episode], model: ClipModel, image_k
             return "no embedding cache (run `vlmlabel embed` to make one)"
         attrs, rows, count = meta
         for key in _MATCH_KEYS:
+            if key == "source_fingerprint" and str(attrs.get(key)) != wanted[key]:
+                return (f"embedding cache at {location} was made from other frames (the data changed since "
+                        "`vlmlabel embed`, or an older vlmlabel made it): ignored")
             if str(attrs.get(key)) != wanted[key]:
                 return (f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "
                         f"not {wanted[key]!r}: ignored")
@@ -123,7 +129,7 @@ def find(source: FrameSource, episodes: list[Episode], model: ClipModel, image_k
     return CacheMatch(locations)
 
 
-def relabel_cached(source: CachingSource, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
+def score_cached(source: CachingSource, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
                    device: torch.device, on_progress: Callable[[int], None] | None = None) -> RelabelResult:
     """Score each cached row once (chunk-aligned blocks, one matrix product each), then gather the steps."""
     start = time.perf_counter()

@@ -5,33 +5,89 @@ Library errors become exit code 2 and one line here, and only here.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, List, Optional, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from vlmlabel import __version__
+from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, VlmlabelError
-from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.pipeline import (DEFAULT_REWARD_KEY, EmbedRequest, RelabelRequest, RelabelSummary, ShardSummary,
-                               embed_file, relabel_file)
-from vlmlabel.resumable import DEFAULT_CHECKPOINT_EVERY
+from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
-from vlmlabel.shards import shard_from_options
-from vlmlabel.sources import Align, HDF5Source, open_source
+from vlmlabel.run.lifecycle import (
+    DEFAULT_REWARD_KEY,
+    EmbedRequest,
+    FinishedSummary,
+    RelabelRequest,
+    RelabelSummary,
+    ShardSummary,
+    embed_file,
+    relabel_file,
+)
+from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
+from vlmlabel.run.shards import shard_from_options
+from vlmlabel.sources import Align, open_source
+
+try:  # recent Typer vendors click as typer._click
+    from typer._click.exceptions import UsageError
+except ImportError:  # older Typer runs on click
+    from click.exceptions import UsageError  # type: ignore[no-redef]
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    """Usage errors (unknown option, missing option, bad choice or number) become one line and exit code 2,
+    in the same style as library errors, instead of Typer's usage line and boxed panel."""
+    try:
+        yield
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `vlmlabel`: Typer shows the help
+            raise
+        message = " ".join(exc.format_message().replace("Value error, ", "").split()).rstrip(".")
+        ctx = exc.ctx
+        if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+            message += f" (see {ctx.command_path} {ctx.help_option_names[0]})"
+        console.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Root command: parsing happens in make_context (the app's own options) and invoke (the command name and
+    the command's options), so both report usage errors in one line, for the console script and CliRunner."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _usage_errors_in_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     help="Label offline RL datasets with rewards from a vision-language model: R(o, l) = cos(CLIP(o), CLIP(l)).",
+    cls=_OneLineUsageErrors,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -42,32 +98,37 @@ stdout = Console()
 F = TypeVar("F", bound=Callable)
 T = TypeVar("T")
 
+# Help panels of relabel's options (and of the same options elsewhere).
+MODEL_PANEL, REWARD_PANEL, OUTPUT_PANEL = "Model", "Reward", "Output"
+HUB_PANEL, CLUSTER_PANEL = "Hugging Face", "Cluster"
+
 # Shared option definitions.
 SourceArg = Annotated[Path, typer.Argument(
     help="Dataset to read: an HDF5 file (.h5/.hdf5); a datasets save_to_disk folder; a parquet file, folder or "
          "quoted glob; a LeRobot dataset folder (meta/info.json); or a Hugging Face Hub dataset id ORG/NAME.",
-    show_default=False)]
+    metavar="SOURCE", show_default=False)]
 ModelOpt = Annotated[str, typer.Option(
     help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
-         "open_clip_config.json + weights.")]
-PretrainedOpt = Annotated[Optional[str], typer.Option(
+         "open_clip_config.json + weights.", rich_help_panel=MODEL_PANEL)]
+PretrainedOpt = Annotated[str | None, typer.Option(
     help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
-         "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False)]
-BatchSizeOpt = Annotated[Optional[int], typer.Option(
-    help="Frames per batch; default chosen for the device.", show_default=False)]
+         "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False, rich_help_panel=MODEL_PANEL)]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    help="Frames per batch; default chosen for the device.", show_default=False, rich_help_panel=MODEL_PANEL)]
 PrecisionOpt = Annotated[Precision, typer.Option(
-    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")]
-MergeSourceArg = Annotated[Path, typer.Argument(help="The HDF5 file the shards were computed from.",
+    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.", rich_help_panel=MODEL_PANEL)]
+DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps", rich_help_panel=MODEL_PANEL)]
+MergeSourceArg = Annotated[Path, typer.Argument(metavar="SOURCE", help="The dataset the shards were computed from.",
                                                show_default=False)]
-ImageKeyOpt = Annotated[Optional[str], typer.Option(
+ImageKeyOpt = Annotated[str | None, typer.Option(
     "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
-                        "auto-detected when omitted.")]
-SplitOpt = Annotated[str, typer.Option(help="Split of a Hub dataset or DatasetDict folder.")]
-RevisionOpt = Annotated[Optional[str], typer.Option(
-    help="Hub dataset revision (branch, tag or commit).", show_default=False)]
+                        "auto-detected when omitted.", rich_help_panel=MODEL_PANEL)]
+SplitOpt = Annotated[str, typer.Option(help="Split of a Hub dataset or DatasetDict folder.", rich_help_panel=HUB_PANEL)]
+RevisionOpt = Annotated[str | None, typer.Option(
+    help="Hub dataset revision (branch, tag or commit).", show_default=False, rich_help_panel=HUB_PANEL)]
 StreamingOpt = Annotated[bool, typer.Option(
-    "--streaming", help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.")]
+    "--streaming", help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.",
+    rich_help_panel=HUB_PANEL)]
 
 
 def _exit_on_error(func: F) -> F:
@@ -111,7 +172,7 @@ class FramesPerSecond(ProgressColumn):
 @_exit_on_error
 def relabel(
     source: SourceArg,
-    goal: Annotated[List[str], typer.Option(
+    goal: Annotated[list[str], typer.Option(
         "--goal", "-g", help="Goal in words; repeat for several goals (one reward dataset each).",
         show_default=False)],
     model: ModelOpt = DEFAULT_MODEL,
@@ -120,75 +181,87 @@ def relabel(
     reward: Annotated[RewardMode, typer.Option(
         help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
              "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
-             "scale | contrastive: x.g - mean x.n.")] = RewardMode.cosine,
-    goal_template: Annotated[Optional[List[str]], typer.Option(
+             "scale | contrastive: x.g - mean x.n.", rich_help_panel=REWARD_PANEL)] = RewardMode.cosine,
+    goal_template: Annotated[list[str] | None, typer.Option(
         help="Prompt ensemble: each goal (and baseline/negative) is embedded once per template, '{}' "
              "replaced by the text; the embeddings are averaged, then normalised. Repeatable, e.g. "
              "--goal-template \"a photo of {}\" --goal-template \"a picture of {}\". Include \"{}\" to keep "
-             "the bare text.", show_default=False)] = None,
-    baseline: Annotated[Optional[List[str]], typer.Option(
-        help="projection: baseline text b (repeatable; embeddings averaged).", show_default=False)] = None,
+             "the bare text.", show_default=False, rich_help_panel=REWARD_PANEL)] = None,
+    baseline: Annotated[list[str] | None, typer.Option(
+        help="projection: baseline text b (repeatable; embeddings averaged).", show_default=False,
+        rich_help_panel=REWARD_PANEL)] = None,
     alpha: Annotated[float, typer.Option(
         help="projection: strength in [0, 1]; 0 is cosine up to an affine map, 1 keeps only the "
-             "goal-baseline direction.")] = 1.0,
-    negative: Annotated[Optional[List[str]], typer.Option(
-        help="softmax/contrastive: what the goal is not (repeatable).", show_default=False)] = None,
-    threshold: Annotated[Optional[float], typer.Option(
-        help="softmax: write the binary success reward 1[p >= T] (p kept as NAME_raw).",
-        show_default=False)] = None,
+             "goal-baseline direction.", rich_help_panel=REWARD_PANEL)] = 1.0,
+    negative: Annotated[list[str] | None, typer.Option(
+        help="softmax/contrastive: what the goal is not (repeatable).", show_default=False,
+        rich_help_panel=REWARD_PANEL)] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="softmax: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
+        show_default=False, rich_help_panel=REWARD_PANEL)] = None,
     shaping: Annotated[Shaping, typer.Option(
         help="delta: potential-based gamma*phi(o_{t+1}) - phi(o_t) within each episode (the last step "
-             "uses its own potential as the next one). Raw scores kept as NAME_raw.")] = Shaping.none,
-    gamma: Annotated[float, typer.Option(help="Discount for --shaping delta, in [0, 1].")] = 0.99,
+             "uses its own potential as the next one). Raw scores kept as NAME_raw.",
+        rich_help_panel=REWARD_PANEL)] = Shaping.none,
+    gamma: Annotated[float, typer.Option(
+        help="Discount for --shaping delta, in [0, 1].", rich_help_panel=REWARD_PANEL)] = 0.99,
     normalize: Annotated[Normalize, typer.Option(
         help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
-             "before shaping. Raw scores kept as NAME_raw.")] = Normalize.none,
+             "before shaping. Raw scores kept as NAME_raw.",
+        rich_help_panel=REWARD_PANEL)] = Normalize.none,
     use_cache: Annotated[bool, typer.Option(
         "--cache/--no-cache", help="Use embeddings stored by `vlmlabel embed` when they match the model, "
-                                   "weights, preprocessing and image key.")] = True,
+                                   "weights, preprocessing and image key.",
+        rich_help_panel=REWARD_PANEL)] = True,
     reward_key: Annotated[str, typer.Option(
         help="Name of the written dataset (HDF5) or column (tables, LeRobot); with several goals "
-             "NAME_0, NAME_1, ...")] = DEFAULT_REWARD_KEY,
-    output: Annotated[Optional[Path], typer.Option(
+             "NAME_0, NAME_1, ...", rich_help_panel=OUTPUT_PANEL)] = DEFAULT_REWARD_KEY,
+    output: Annotated[Path | None, typer.Option(
         help="HDF5: write a copy with the rewards added here instead of adding them to SOURCE. Hugging Face / "
              "LeRobot: where the new dataset goes (default NAME-vlmlabel beside SOURCE).",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace reward datasets or columns (and an --output dataset) that already exist.")] = False,
+        "--overwrite",
+        help="Replace reward datasets or columns (and an --output dataset) that already exist.",
+        rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
-        help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).")]
-    = Align.frame,
+        help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).",
+        rich_help_panel=REWARD_PANEL)] = Align.frame,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
     streaming: StreamingOpt = False,
-    push_to_hub: Annotated[Optional[str], typer.Option(
+    push_to_hub: Annotated[str | None, typer.Option(
         "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
     quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress bar and no summary (notes and errors still show).")] = False,
+        "--quiet", "-q", help="No progress bar and no summary (notes and errors still show).",
+        rich_help_panel=OUTPUT_PANEL)] = False,
     restart: Annotated[bool, typer.Option(
-        "--restart", help="HDF5: discard progress saved by an interrupted run instead of resuming it.")] = False,
+        "--restart", help="HDF5: discard progress saved by an interrupted run instead of resuming it.",
+        rich_help_panel=CLUSTER_PANEL)] = False,
     checkpoint_every: Annotated[int, typer.Option(
-        help="HDF5: save progress beside the output every this many frames (and on SIGINT/SIGTERM).")]
-    = DEFAULT_CHECKPOINT_EVERY,
-    num_shards: Annotated[Optional[int], typer.Option(
+        help="HDF5: save progress beside the output every this many frames (and on SIGINT/SIGTERM).",
+        rich_help_panel=CLUSTER_PANEL)] = DEFAULT_CHECKPOINT_EVERY,
+    num_shards: Annotated[int | None, typer.Option(
         help="HDF5: split the file into N shards of whole episodes and score only one (default: from a SLURM "
-             "job array); combine them with `vlmlabel merge`.", show_default=False)] = None,
-    shard_index: Annotated[Optional[int], typer.Option(
-        help="Which shard this run scores, 0..N-1 (default: SLURM_ARRAY_TASK_ID).", show_default=False)] = None,
+             "job array); combine them with `vlmlabel merge`.", show_default=False,
+        rich_help_panel=CLUSTER_PANEL)] = None,
+    shard_index: Annotated[int | None, typer.Option(
+        help="Which shard this run scores, 0..N-1 (default: SLURM_ARRAY_TASK_ID).", show_default=False,
+        rich_help_panel=CLUSTER_PANEL)] = None,
     compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).")]
-    = False,
+        "--compile", help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).",
+        rich_help_panel=MODEL_PANEL)] = False,
 ) -> None:
     """Score every step against each goal and write the rewards next to the data.
 
     HDF5: datasets added to the file (or to an --output copy). Hugging Face and LeRobot datasets: a new
     dataset beside the input (NAME-vlmlabel) with float32 reward columns; the source is never modified.
     """
-    from vlmlabel.distributed import relabel_distributed, torchrun_env
+    from vlmlabel.run.distributed import relabel_torchrun, torchrun_env
 
     dist_env = torchrun_env()
     formulation = RewardConfig(
@@ -208,7 +281,7 @@ def relabel(
         _note(f"{request.shard.origin}: scoring shard {request.shard.index} of {request.shard.count} "
               "(pass --num-shards 1 to score the whole file)")
     if dist_env is not None:
-        run = functools.partial(relabel_distributed, env=dist_env)
+        run = functools.partial(relabel_torchrun, env=dist_env)
     else:
         run = relabel_file
     notes = None if other_rank else _note  # notes (resume, stale lock, ...) show even with --quiet
@@ -225,7 +298,9 @@ def relabel(
             request, on_start=start, on_progress=advance, on_note=note))
     if quiet or summary is None:
         return
-    if isinstance(summary, ShardSummary):
+    if isinstance(summary, FinishedSummary):
+        stdout.print(f"{', '.join(summary.reward_names)} already written to {summary.written_to}; nothing to do")
+    elif isinstance(summary, ShardSummary):
         _print_shard_summary(summary, request)
     elif isinstance(summary, RelabelSummary):
         _print_summary(summary)
@@ -253,7 +328,7 @@ def _print_merge_summary(summary) -> None:
                         f"{summary.written_to}", title_justify="left")
     for column in ("dataset", "goal", "min", "mean", "max"):
         table.add_column(column, justify="left" if column in ("dataset", "goal") else "right")
-    for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals)):
+    for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals, strict=True)):
         values = summary.rewards[:, index]
         table.add_row(name, goal, f"{values.min():.4f}", f"{values.mean():.4f}", f"{values.max():.4f}")
     stdout.print(table)
@@ -266,18 +341,23 @@ def merge(
     source: MergeSourceArg,
     reward_key: Annotated[str, typer.Option(help="The --reward-key the shards were run with.")]
     = DEFAULT_REWARD_KEY,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         help="The --output the shards were run with (default: add the rewards to SOURCE).", show_default=False)]
     = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
+    image_key: ImageKeyOpt = None,
+    split: SplitOpt = "train",
+    revision: RevisionOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary (notes and errors still show).")]
     = False,
 ) -> None:
-    """Write the rewards of shards run with --num-shards (same SOURCE, --reward-key and --output)."""
-    from vlmlabel.merge import merge_shards
+    """Write the rewards of shards run with --num-shards (same SOURCE, --image-key, --split, --reward-key and
+    --output as the shards)."""
+    from vlmlabel.run.merge import merge_shards
 
-    summary = merge_shards(source, reward_key, output, overwrite, on_note=_note)
+    summary = merge_shards(source, reward_key, output, overwrite, on_note=_note, image_key=image_key, split=split,
+                           revision=revision)
     if not quiet:
         _print_merge_summary(summary)
 
@@ -291,7 +371,7 @@ def _print_summary(summary: RelabelSummary) -> None:
     table.add_column("mean", justify="right")
     table.add_column("max", justify="right")
     values = result.all_rewards()
-    for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals)):
+    for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals, strict=True)):
         column = values[:, index]
         table.add_row(name, goal, f"{column.min():.4f}", f"{column.mean():.4f}", f"{column.max():.4f}")
     stdout.print(table)
@@ -333,20 +413,26 @@ def embed(
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
     image_key: ImageKeyOpt = None,
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         help="Write a copy with the embeddings added here instead of adding them to SOURCE.",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace an --output file that already exists (a cache in SOURCE is always "
-                            "replaced).")] = False,
+                            "replaced).", rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    split: SplitOpt = "train",
+    revision: RevisionOpt = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUTPUT_PANEL)] = False,
 ) -> None:
-    """Store every frame's unit image embedding (float16) beside the frames, so relabel needs no model pass."""
+    """Store every frame's unit image embedding (float16) in the dataset's cache, so relabel needs no model pass.
+
+    HDF5: inside the file (or an --output copy). Table and LeRobot datasets: NAME.vlmlabel-cache.h5 beside them."""
     request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
-                           overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device)
+                           overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device,
+                           split=split, revision=revision)
     if quiet:
         embed_file(request)
         return
@@ -370,9 +456,9 @@ def evaluate(
         help="Reference signal: rewards (the environment's), success (success/is_success flags) or any "
              "per-step dataset name.")] = "rewards",
     image_key: ImageKeyOpt = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="Model for the blank-frame baseline; default: the one the reward's attributes record.",
-        show_default=False)] = None,
+        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
     pretrained: PretrainedOpt = None,
     blank: Annotated[bool, typer.Option(
         "--blank/--no-blank", help="Score constant (black/gray/white) frames with the reward's own formula "
@@ -425,9 +511,10 @@ def plot(
     source: SourceArg,
     reward_key: Annotated[str, typer.Option(
         help="The written reward; with several goals NAME_0, NAME_1, ... are overlaid.")] = DEFAULT_REWARD_KEY,
-    episodes: Annotated[Optional[str], typer.Option(
+    episodes: Annotated[str | None, typer.Option(
         help="Episode numbers to draw, e.g. 0,3,7; default the first three.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option(help="Picture to write: .png, .svg or .pdf.")] = Path("rewards.png"),
+    output: Annotated[Path, typer.Option(help="Picture to write: .png, .svg or .pdf.")] = Path("rewards.png"),
+    out: Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     image_key: ImageKeyOpt = None,
     dpi: Annotated[int, typer.Option(min=30, max=600, help="Resolution of the PNG.")] = 100,
 ) -> None:
@@ -435,7 +522,7 @@ def plot(
     from vlmlabel.plot import PlotRequest, parse_episodes, plot_file
 
     picked = parse_episodes(episodes) if episodes is not None else None
-    result = plot_file(PlotRequest(source=source, reward_key=reward_key, out=out, episodes=picked,
+    result = plot_file(PlotRequest(source=source, reward_key=reward_key, out=out or output, episodes=picked,
                                    image_key=image_key, dpi=dpi))
     stdout.print(f"wrote {result.out} ({', '.join(result.keys)}; episodes "
                  f"{', '.join(map(str, result.episodes))})")
@@ -457,30 +544,20 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = 
         table.add_row("frames", opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
-        table.add_row("rewards written to", _reward_destination(opened, episodes))
-        if isinstance(opened, HDF5Source):
-            written = opened.reward_keys(episodes[0])
-            table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
-            meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
-            table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')}"
-                          if meta else "none (make one with `vlmlabel embed`)")
+        table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} "
+                                            "(or --output)")
+        written = opened.reward_keys(episodes[0])
+        table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
+        meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
+        table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')} in {opened.cache_file}"
+                      if meta else "none (make one with `vlmlabel embed`)")
         stdout.print(table)
-
-
-def _reward_destination(source, episodes) -> str:
-    if isinstance(source, HDF5Source):
-        targets = sorted({e.target or "/" for e in episodes})
-        return ", ".join(targets[:3]) + (f", ... ({len(targets)} groups)" if len(targets) > 3 else "")
-    from vlmlabel.writers.tables import default_output
-
-    what = "a parquet sidecar" if source.kind == "stream" else "new float32 column(s) of a new dataset"
-    return f"{what}: {default_output(source)} (or --output)"
 
 
 @app.command()
 @_exit_on_error
 def models(
-    filter: Annotated[Optional[str], typer.Argument(help="Only architectures whose name contains this.")] = None,
+    filter: Annotated[str | None, typer.Argument(help="Only architectures whose name contains this.")] = None,
 ) -> None:
     """List open_clip architectures and their pretrained tags."""
     from vlmlabel.model import list_architectures
@@ -502,26 +579,32 @@ class Encoding(str, enum.Enum):
 @app.command()
 @_exit_on_error
 def bench(
+    source: Annotated[Path | None, typer.Argument(
+        help="HDF5 file to benchmark on (read only); default: a synthetic file (--frames, --frame-size, --encoding).",
+        metavar="SOURCE", show_default=False)] = None,
     model: Annotated[str, typer.Option(
-        help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.")] = DEFAULT_MODEL,
-    pretrained: Annotated[Optional[str], typer.Option(
+        help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.", rich_help_panel=MODEL_PANEL)]
+    = DEFAULT_MODEL,
+    pretrained: Annotated[str | None, typer.Option(
         help="Pretrained tag or checkpoint file; 'random' (random weights, reported as such) is accepted here "
-             "because speed does not depend on weight values.", show_default=False)] = None,
-    precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs that support it, fp32 on CPU.")]
-    = Precision.auto,
-    batch_size: Annotated[Optional[str], typer.Option(
+             "because speed does not depend on weight values.", show_default=False,
+        rich_help_panel=MODEL_PANEL)] = None,
+    precision: Annotated[Precision, typer.Option(
+        help="auto: bf16 on GPUs that support it, fp32 on CPU.", rich_help_panel=MODEL_PANEL)] = Precision.auto,
+    batch_size: Annotated[str | None, typer.Option(
         help="Frames per batch, or a sweep such as 32,64,128; default chosen for the device.",
-        show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
-    frames: Annotated[Optional[int], typer.Option(
-        help="Frames per timed run; default 20000 on CUDA, 256 on CPU (the whole file with --source).",
+        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+    device: DeviceOpt = "auto",
+    frames: Annotated[int | None, typer.Option(
+        help="Frames per timed run; default 20000 on CUDA, 256 on CPU (the whole file with SOURCE).",
         show_default=False)] = None,
     frame_size: Annotated[str, typer.Option(help="Synthetic frame size HEIGHTxWIDTH.")] = "84x84",
     encoding: Annotated[Encoding, typer.Option(help="Synthetic frames stored raw (uint8) or as JPEG bytes.")]
     = Encoding.raw,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the image tower.")] = False,
-    source: Annotated[Optional[Path], typer.Option(
-        help="Benchmark on this HDF5 file instead of a synthetic one (read only).", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the image tower.", rich_help_panel=MODEL_PANEL)] = False,
+    source_option: Annotated[Path | None, typer.Option(
+        "--source", hidden=True, help="Old way to give SOURCE.", show_default=False)] = None,
     image_key: ImageKeyOpt = None,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per path; the median is reported.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
@@ -529,6 +612,11 @@ def bench(
     """Measure frames/s of the model alone, of vlmlabel end to end and of a naive PIL script."""
     from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, run_bench
 
+    if source_option is not None:
+        if source is not None and source != source_option:
+            raise typer.BadParameter("give the file once, as SOURCE", param_hint="--source")
+        _note(f"--source is deprecated: give the file as an argument, vlmlabel bench {source_option}")
+        source = source_option
     config = BenchConfig(
         model=model, pretrained=pretrained, precision=precision.value,
         batch_sizes=parse_batch_sizes(batch_size) if batch_size else None, device=device, frames=frames,

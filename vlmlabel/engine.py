@@ -12,8 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
 PREFETCH_BATCHES = 3
 _DONE = object()
 _JPEG_MAGIC = b"\xff\xd8\xff"
-RAW_LAYOUTS = ("HWC", "CHW", "HW")
+RAW_AXES = ("HWC", "CHW", "HW")
 
 
 class HostBuffer:
@@ -77,13 +77,13 @@ class BufferPool:
 class Batch:
     """Frames ready for the device.
 
-    layout HWC/CHW/HW: one uint8 tensor of raw frames as stored (in ``buffer``); "decoded": CHW
+    form HWC/CHW/HW: one uint8 tensor of raw frames as stored (in ``buffer``); "decoded": CHW
     tensors of possibly different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
     """
 
     frames: torch.Tensor | list[torch.Tensor]
     size: int
-    layout: str
+    form: str
     buffer: HostBuffer | None = field(default=None, repr=False)
 
     def release(self, event: torch.cuda.Event | None = None) -> None:
@@ -108,11 +108,11 @@ class RelabelResult:
         return np.concatenate(self.rewards, axis=0)
 
 
-def as_nchw(frames: torch.Tensor, layout: str) -> torch.Tensor:
+def as_nchw(frames: torch.Tensor, axes: str) -> torch.Tensor:
     """A view of raw frames as (N, C, H, W); done on the device so host copies stay plain memcpy."""
-    if layout == "HWC":
+    if axes == "HWC":
         return frames.permute(0, 3, 1, 2)
-    if layout == "HW":
+    if axes == "HW":
         return frames.unsqueeze(1)
     return frames
 
@@ -175,10 +175,10 @@ def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
                     filled += take
                     offset += take
                     if filled == batch_size:
-                        yield Batch(buffer.tensor, filled, fmt.layout, buffer)
+                        yield Batch(buffer.tensor, filled, fmt.axes, buffer)
                         buffer, filled = None, 0
     if filled:
-        yield Batch(buffer.tensor[:filled], filled, fmt.layout, buffer)
+        yield Batch(buffer.tensor[:filled], filled, fmt.axes, buffer)
 
 
 def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
@@ -254,12 +254,12 @@ class FrameScorer:
     def embed(self, batch: Batch) -> torch.Tensor:
         """Unit fp32 image embeddings of a batch, in the batch's order."""
         device = self.model.device
-        if batch.layout in RAW_LAYOUTS:
+        if batch.form in RAW_AXES:
             frames = self._to_device(batch)
-            embeddings = self.model.encode_images(self.preprocess(as_nchw(frames, batch.layout)))
+            embeddings = self.model.encode_images(self.preprocess(as_nchw(frames, batch.form)))
             batch.release()  # on the CPU the frames were read in place until now
             return embeddings
-        decoded = decode_jpegs(batch.frames, device) if batch.layout == "jpeg" else batch.frames
+        decoded = decode_jpegs(batch.frames, device) if batch.form == "jpeg" else batch.frames
         # Decoded frames may differ in size: preprocess each size group, keep the original order.
         by_shape: dict[tuple, list[int]] = {}
         for index, frame in enumerate(decoded):
@@ -342,10 +342,10 @@ def _run(source: FrameSource, episodes: list[Episode], batch_size: int, device: 
 
 def split_episodes(values: np.ndarray, episodes: list[Episode]) -> list[np.ndarray]:
     bounds = np.cumsum([0] + [e.steps for e in episodes])
-    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def relabel(
+def score_episodes(
     source: FrameSource,
     model: ClipModel,
     goals: Sequence[str] = (),

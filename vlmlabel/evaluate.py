@@ -21,9 +21,12 @@ from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.model import load_model
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.sources import Align, Episode, open_source, require_hdf5
+from vlmlabel.sources import Align, Episode, open_source
+from vlmlabel.sources.base import LabelledData
 
-SUCCESS_KEYS = ("success", "successes", "is_success")
+SUCCESS_KEYS = ("success", "successes", "is_success", "next.success")
+# --against names and the per-step keys each stands for (HDF5 layouts, Hugging Face tables, LeRobot).
+REFERENCE_KEYS = {"rewards": ("rewards", "reward", "next.reward"), "success": SUCCESS_KEYS}
 BLANK_LEVELS = {"black": 0, "gray": 128, "white": 255}
 SHUFFLE_SEED = 0
 
@@ -107,7 +110,7 @@ class Evaluation:
         return clean(asdict(self))
 
 
-def _per_episode(source: Any, episodes: list[Episode], key: str, what: str) -> list[np.ndarray]:
+def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: str) -> list[np.ndarray]:
     values = []
     for episode in episodes:
         found = source.step_values(episode, key)
@@ -125,8 +128,8 @@ def _per_episode(source: Any, episodes: list[Episode], key: str, what: str) -> l
     return values
 
 
-def _reference(source: Any, episodes: list[Episode], against: str) -> tuple[str, list[np.ndarray]]:
-    keys = SUCCESS_KEYS if against == "success" else (against,)
+def _reference(source: LabelledData, episodes: list[Episode], against: str) -> tuple[str, list[np.ndarray]]:
+    keys = REFERENCE_KEYS.get(against, (against,))
     for key in keys:
         values = _per_episode(source, episodes, key, "--against")
         if values:
@@ -136,7 +139,7 @@ def _reference(source: Any, episodes: list[Episode], against: str) -> tuple[str,
                         "name one with --against KEY")
 
 
-def _reward_values(source: Any, episodes: list[Episode], key: str) -> tuple[list[np.ndarray], dict]:
+def _reward_values(source: LabelledData, episodes: list[Episode], key: str) -> tuple[list[np.ndarray], dict]:
     attrs = source.dataset_attrs(episodes[0], key)
     values = _per_episode(source, episodes, key, "--reward-key") if attrs is not None else []
     if not values:
@@ -162,12 +165,12 @@ def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, de
     levels = torch.tensor(list(BLANK_LEVELS.values()), dtype=torch.uint8).view(-1, 1, 1, 1)
     frames = levels.expand(-1, 3, height, width).contiguous().to(model.device)
     scores = score_fn(model.encode_images(DevicePreprocess(model.preprocess, model.device)(frames)))
-    return {k: float(v) for k, v in zip(BLANK_LEVELS, scores[:, 0].cpu().tolist())}
+    return {k: float(v) for k, v in zip(BLANK_LEVELS, scores[:, 0].cpu().tolist(), strict=True)}
 
 
 def evaluate_file(request: EvaluateRequest) -> Evaluation:
     """Compare the reward ``reward_key`` with the reference signal ``against``, episode by episode and overall."""
-    with require_hdf5(open_source(str(request.source), request.image_key), "evaluate") as source:
+    with open_source(str(request.source), request.image_key) as source:
         episodes = source.episodes(Align.frame)
         reward, attrs = _reward_values(source, episodes, request.reward_key)
         reference_key, reference = _reference(source, episodes, request.against)
@@ -186,7 +189,7 @@ def _shuffled(attrs: dict, reward: list[np.ndarray], raw: list[np.ndarray]) -> n
     if "raw_key" not in attrs:
         return permuted
     bounds = np.cumsum([0] + [len(r) for r in raw])
-    episodes = [permuted[a:b, None] for a, b in zip(bounds[:-1], bounds[1:])]
+    episodes = [permuted[a:b, None] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return np.concatenate(RewardConfig.from_attrs(attrs).postprocess(episodes))[:, 0]
 
 
@@ -204,10 +207,11 @@ def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: l
     flags = reference if binary else success
     time_rho = None
     if flags:
-        time_rho = _summary([spearman(r, np.arange(len(r))) for r, s in zip(reward, flags) if s.max() >= 1])
+        time_rho = _summary([spearman(r, np.arange(len(r)))
+                             for r, s in zip(reward, flags, strict=True) if s.max() >= 1])
     shuffled = _shuffled(attrs, reward, raw)
-    per_pearson = [pearson(r, g) for r, g in zip(reward, reference)]
-    per_spearman = [spearman(r, g) for r, g in zip(reward, reference)]
+    per_pearson = [pearson(r, g) for r, g in zip(reward, reference, strict=True)]
+    per_spearman = [spearman(r, g) for r, g in zip(reward, reference, strict=True)]
     result = Evaluation(
         reward_key=request.reward_key, against=reference_key, steps=len(all_reward), episodes=len(reward),
         pearson=overall, spearman=spearman(all_reward, all_reference),
@@ -217,7 +221,7 @@ def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: l
         shuffled_pearson=pearson(shuffled, all_reference), shuffled_spearman=spearman(shuffled, all_reference),
         notes=notes,
         per_episode=[{"episode": i, "name": name, "steps": len(r), "pearson": p, "spearman": q}
-                     for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman))],
+                     for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman, strict=True))],
     )
     if request.blank:
         result.blank_scores = blank_scores(attrs, request.model, request.pretrained, request.device)

@@ -6,9 +6,11 @@ and ``attrs`` records exactly how a written reward was made (enough to rebuild i
 
 from __future__ import annotations
 
+import enum
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +122,17 @@ class RewardConfig:
         flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in spec.items()}
         return {**flat, "formula": formula, "reward_spec": json.dumps(spec)}
 
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON values: the one serialisation of a configuration (fingerprints, shard parts)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> RewardConfig:
+        """The inverse of ``to_json``."""
+        enums = {"mode": RewardMode, "shaping": Shaping, "normalize": Normalize}
+        return cls(**{k: enums[k](v) if k in enums else v for k, v in values.items()})
+
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> RewardConfig:
         """Rebuild the raw formulation of a written reward (one goal) from its ``reward_spec`` attribute."""
@@ -140,7 +153,8 @@ def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardCon
     groups = [config.prompts(t) for t in texts]
     embedded = encode([p for g in groups for p in g])
     bounds = np.cumsum([0] + [len(g) for g in groups])
-    return torch.stack([rewards.prompt_average(embedded[a:b], renormalize) for a, b in zip(bounds[:-1], bounds[1:])])
+    return torch.stack([rewards.prompt_average(embedded[a:b], renormalize)
+                        for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor],

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.sources import Align, Episode, Segment, open_source, require_hdf5
+from vlmlabel.sources import Align, Episode, Segment, open_source
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_EPISODES = 3
@@ -65,16 +65,16 @@ def _reward_keys(source: Any, episode: Episode, key: str) -> list[str]:
     raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
 
 
-def _to_rgb(block: Any, layout: str) -> np.ndarray:
+def _to_rgb(block: Any, axes: str) -> np.ndarray:
     """One frame as HWC uint8 RGB."""
-    if layout == "encoded":
+    if axes == "encoded":
         import torch
         from torchvision.io import ImageReadMode, decode_image
 
         data = torch.from_numpy(np.frombuffer(np.asarray(block, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
         return decode_image(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
     frame = np.asarray(block)
-    if layout == "CHW":
+    if axes == "CHW":
         frame = frame.transpose(1, 2, 0)
     if frame.ndim == 2:
         frame = frame[..., None]
@@ -87,7 +87,7 @@ def _frame_at(source: Any, episode: Episode, step: int) -> np.ndarray:
         if offset < len(segment):
             row = segment.start + offset
             block = next(iter(source.read_blocks(Segment(segment.array, row, row + 1), 1)))
-            return _to_rgb(block[0], source.frame_format.layout)
+            return _to_rgb(block[0], source.frame_format.axes)
         offset -= len(segment)
     raise IndexError(step)
 
@@ -109,7 +109,7 @@ def plot_file(request: PlotRequest) -> PlotResult:
     """Draw the reward of the chosen episodes (default: the first few) and the histogram of all its values."""
     fmt = FORMATS.get(request.out.suffix.lower())
     if fmt is None:
-        raise VlmlabelError(f"--out {request.out} must end in .png, .svg or .pdf")
+        raise VlmlabelError(f"--output {request.out} must end in .png, .svg or .pdf")
     if not request.out.resolve().parent.is_dir():
         raise VlmlabelError(f"folder {request.out.resolve().parent} does not exist; create it first")
     import matplotlib
@@ -117,7 +117,7 @@ def plot_file(request: PlotRequest) -> PlotResult:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with require_hdf5(open_source(str(request.source), request.image_key), "plot") as source:
+    with open_source(str(request.source), request.image_key) as source:
         first = source.episodes(Align.frame)
         keys = _reward_keys(source, first[0], request.reward_key)
         attrs = [source.dataset_attrs(first[0], k) or {} for k in keys]
@@ -140,9 +140,9 @@ def plot_file(request: PlotRequest) -> PlotResult:
     fig = plt.figure(figsize=(width / request.dpi, height / request.dpi), dpi=request.dpi)
     ratios = [r for _ in picked for r in (CURVE_IN, STRIP_IN)] + [HIST_IN]
     grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios, hspace=0.55)
-    for row, (index, (steps, strip)) in enumerate(zip(picked, strips)):
+    for row, (index, (steps, strip)) in enumerate(zip(picked, strips, strict=True)):
         curve = fig.add_subplot(grid[2 * row])
-        for key, key_attrs in zip(keys, attrs):
+        for key, key_attrs in zip(keys, attrs, strict=True):
             curve.plot(values[key][index], label=f"{key}: {key_attrs.get('goal', '')}"[:70])
         curve.vlines(steps, *curve.get_ylim(), colors="0.8", linestyles=":", linewidth=0.8)
         curve.set_title(f"episode {index} ({episodes[index].name})", fontsize=9, loc="left")

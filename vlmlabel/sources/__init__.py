@@ -8,7 +8,7 @@ from vlmlabel.errors import SourceError
 from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Segment
 from vlmlabel.sources.hdf5 import HDF5Source
 
-__all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_source", "require_hdf5"]
+__all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_source"]
 
 _PARQUET_MAGIC = b"PAR1"
 
@@ -50,12 +50,3 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
             return open_streaming(path, image_key, split, revision)
         return tables.open_hub(path, image_key, split, revision)
     return HDF5Source(path, image_key)
-
-
-def require_hdf5(source: FrameSource, command: str) -> HDF5Source:
-    """Commands that read written rewards back work on HDF5 files for now; say so instead of failing later."""
-    if not isinstance(source, HDF5Source):
-        source.close()
-        raise SourceError(f"`vlmlabel {command}` reads HDF5 files for now; for Hugging Face and LeRobot "
-                          "datasets read the reward columns with datasets/pandas")
-    return source

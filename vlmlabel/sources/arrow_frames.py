@@ -133,8 +133,9 @@ def _to_uint8(block: np.ndarray, name: str) -> np.ndarray:
 
 def _image_bytes(struct: pa.Array, name: str, base: Path | None) -> list[np.ndarray]:
     blobs = []
-    children = dict(zip((struct.type.field(i).name for i in range(struct.type.num_fields)), struct.flatten()))
-    for blob, path in zip(children["bytes"].to_pylist(), children["path"].to_pylist()):
+    names = [struct.type.field(i).name for i in range(struct.type.num_fields)]
+    children = dict(zip(names, struct.flatten(), strict=True))
+    for blob, path in zip(children["bytes"].to_pylist(), children["path"].to_pylist(), strict=True):
         if blob is None:
             blob = _read_image_file(path, name, base)
         blobs.append(np.frombuffer(blob, dtype=np.uint8))

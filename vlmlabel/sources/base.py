@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, Union
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+
+
+class SourceKind(str, enum.Enum):
+    """What a dataset is; ``vlmlabel.destinations`` maps each kind to the output family that keeps its format."""
+
+    hdf5 = "hdf5"
+    disk = "save_to_disk"
+    parquet = "parquet"
+    hub = "hub"
+    stream = "hub (streaming)"
+    lerobot = "lerobot"
 
 
 class Align(str, enum.Enum):
@@ -42,18 +55,18 @@ class Episode:
 class FrameFormat:
     """How frames are stored: raw arrays (HWC, CHW or HW grayscale) or encoded JPEG/PNG bytes."""
 
-    layout: str  # "HWC" | "CHW" | "HW" | "encoded"
+    axes: str  # pixel layout: "HWC" | "CHW" | "HW", or "encoded"
     frame_shape: tuple[int, ...]
     dtype: str
 
     @property
     def encoded(self) -> bool:
-        return self.layout == "encoded"
+        return self.axes == "encoded"
 
     def describe(self) -> str:
         if self.encoded:
             return "encoded JPEG/PNG bytes"
-        return f"{self.layout} {'x'.join(map(str, self.frame_shape))} {self.dtype}"
+        return f"{self.axes} {'x'.join(map(str, self.frame_shape))} {self.dtype}"
 
 
 def reward_path(target: str, name: str) -> str:
@@ -61,7 +74,8 @@ def reward_path(target: str, name: str) -> str:
     return f"{target}/{name}" if target else name
 
 
-def step_segments(array: str, start: int, stop: int, align: Align, next_array: str | None = None) -> tuple[Segment, ...]:
+def step_segments(array: str, start: int, stop: int, align: Align,
+                  next_array: str | None = None) -> tuple[Segment, ...]:
     """Frame rows scoring steps [start, stop) of one episode stored contiguously in ``array``.
 
     next: step t is scored by o_{t+1}; the last step by ``next_array`` (the stored next observation)
@@ -75,15 +89,22 @@ def step_segments(array: str, start: int, stop: int, align: Align, next_array: s
 
 
 # A block of frames as read: a uint8 array (raw) or a sequence of byte arrays (encoded).
-FrameBlock = Union[np.ndarray, Sequence[np.ndarray]]
+FrameBlock = np.ndarray | Sequence[np.ndarray]
 
 
 class FrameSource(Protocol):
     """A dataset opened read-only. IO only: no model, no torch."""
 
-    layout: str
+    kind: SourceKind
+    layout: str  # the file layout, for messages: "robomimic", "minari", "save_to_disk", "lerobot v3.0", ...
     image_key: str
     frame_format: FrameFormat
+    seekable: bool  # rows can be read in any order without reading those before them (not a stream)
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The files read, whose size and modification time tell that the dataset changed."""
+        ...
 
     def episodes(self, align: Align) -> list[Episode]: ...
 
@@ -91,13 +112,20 @@ class FrameSource(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> FrameSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class EmbeddingStore(Protocol):
     """A source that can hold an embedding cache: per frame array, stored rows and their metadata.
 
     Rows are indexed by the frame array's own rows (not by steps), so one cache serves every alignment.
-    Sources without these methods simply relabel from frames.
+    ``cache_file`` is the HDF5 file that holds the cache (the HDF5 source itself, or a file beside a table
+    dataset); None when the source cannot keep one (a stream).
     """
+
+    cache_file: Path | None
 
     def array_rows(self, array: str) -> int: ...
 
@@ -108,10 +136,40 @@ class EmbeddingStore(Protocol):
     def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]: ...
 
 
-def stores_embeddings(source: object) -> bool:
-    return all(hasattr(source, name) for name in
-               ("array_rows", "embedding_location", "read_embedding_meta", "read_embedding_blocks"))
+class LabelledData(Protocol):
+    """What ``evaluate`` and ``plot`` read back from a labelled dataset: per-step values and their provenance."""
+
+    def step_values(self, episode: Episode, key: str) -> np.ndarray | None: ...
+
+    def dataset_attrs(self, episode: Episode, key: str) -> dict | None: ...
+
+    def reward_keys(self, episode: Episode) -> list[str]: ...
 
 
 class CachingSource(FrameSource, EmbeddingStore, Protocol):
-    """A frame source that also holds an embedding cache (HDF5 today)."""
+    """A frame source that also holds an embedding cache."""
+
+
+FINGERPRINT_SAMPLES = 8
+
+
+def content_fingerprint(source: FrameSource) -> str:
+    """A cheap digest of what the frames are: image key, format, episode lengths and a few sampled frames.
+
+    It names the data, not the files: it survives rewards being added to an HDF5 file in place and tells
+    an edited or another dataset apart (frames sampled at the first row of evenly spaced episodes; a stream,
+    which cannot seek, contributes its first frame only).
+    """
+    import hashlib
+
+    episodes = source.episodes(Align.frame)
+    digest = hashlib.sha256()
+    digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
+    count = min(len(episodes), FINGERPRINT_SAMPLES if source.seekable else 1)
+    picks = sorted({round(i * (len(episodes) - 1) / max(count - 1, 1)) for i in range(count)})
+    for index in picks:
+        first = episodes[index].frames[0]
+        block = next(iter(source.read_blocks(Segment(first.array, first.start, first.start + 1), 1)))
+        for frame in block:
+            digest.update(np.ascontiguousarray(np.asarray(frame)).tobytes())
+    return digest.hexdigest()[:32]

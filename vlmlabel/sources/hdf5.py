@@ -7,14 +7,23 @@ one block whatever the file's length and compressed chunks are decompressed once
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, reward_path, step_segments
+from vlmlabel.sources.base import (
+    Align,
+    Episode,
+    FrameBlock,
+    FrameFormat,
+    Segment,
+    SourceKind,
+    reward_path,
+    step_segments,
+)
 
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -49,7 +58,8 @@ def frame_format_of(dset: h5py.Dataset) -> FrameFormat | str:
     if len(shape) not in (3, 4):
         return f"has rank {len(shape)} (shape {shape}); frames must be (N, H, W, C), (N, C, H, W) or (N, H, W)"
     if dtype.kind == "f":
-        return f"holds {dtype} values; frames must be uint8 images (0-255): convert them, e.g. (x * 255).astype('uint8')"
+        return (f"holds {dtype} values; frames must be uint8 images (0-255): convert them, "
+                "e.g. (x * 255).astype('uint8')")
     if dtype != np.uint8:
         return f"holds {dtype} values; frames must be uint8 images"
     if len(shape) == 3:
@@ -87,13 +97,42 @@ def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 2) -> li
     return found
 
 
+def read_rows(dataset: h5py.Dataset, start: int, stop: int, max_rows: int, where: object) -> Iterator[np.ndarray]:
+    """Rows [start, stop) of ``dataset`` in blocks whose edges fall on chunk boundaries (each chunk read once)."""
+    chunk = dataset.chunks[0] if dataset.chunks else 1
+    step = max(chunk, (max_rows // chunk) * chunk)
+    while start < stop:
+        end = min(stop, (start // step + 1) * step)
+        try:
+            block = dataset[start:end]
+        except (OSError, RuntimeError) as exc:
+            raise SourceError(f"reading {dataset.name} rows {start}-{end} of {where} failed "
+                              f"(truncated or corrupt?): {exc}") from None
+        yield block
+        start = end
+
+
+def read_embedding_meta(handle: h5py.File, location: str) -> tuple[dict, np.ndarray | None, int] | None:
+    """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
+    item = handle.get(location)
+    if not isinstance(item, h5py.Dataset) or item.ndim != 2:
+        return None
+    rows_item = handle.get(location + EMBEDDING_ROWS_SUFFIX)
+    rows = np.asarray(rows_item[:], dtype=np.int64) if isinstance(rows_item, h5py.Dataset) else None
+    return dict(item.attrs), rows, item.shape[0]
+
+
 class HDF5Source:
     """An HDF5 dataset of image observations, opened read-only."""
 
     _group_names: frozenset = frozenset()
 
+    kind = SourceKind.hdf5
+    seekable = True
+
     def __init__(self, path: str | Path, image_key: str | None = None):
         self.path = Path(path)
+        self.cache_file: Path | None = self.path
         if not self.path.exists():
             raise SourceError(f"{self.path} does not exist; check the path")
         if self.path.is_dir():
@@ -266,25 +305,9 @@ class HDF5Source:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def chunk_rows(self, array: str) -> int:
-        chunks = self.file[array].chunks
-        return chunks[0] if chunks else 1
-
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         """Rows of ``segment`` in blocks whose edges fall on chunk boundaries."""
-        dset = self.file[segment.array]
-        chunk = self.chunk_rows(segment.array)
-        step = max(chunk, (max_rows // chunk) * chunk)
-        start = segment.start
-        while start < segment.stop:
-            stop = min(segment.stop, (start // step + 1) * step)
-            try:
-                block = dset[start:stop]
-            except (OSError, RuntimeError) as exc:
-                raise SourceError(f"reading {segment.array} rows {start}-{stop} of {self.path} failed "
-                                  f"(truncated or corrupt?): {exc}") from None
-            yield block
-            start = stop
+        yield from read_rows(self.file[segment.array], segment.start, segment.stop, max_rows, self.path)
 
     # -- embedding cache and per-step values -------------------------------------------------------
 
@@ -305,17 +328,12 @@ class HDF5Source:
         return f"{EMBEDDING_GROUP}/{array}"
 
     def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None:
-        """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
-        item = self.file.get(location)
-        if not isinstance(item, h5py.Dataset) or item.ndim != 2:
-            return None
-        rows_item = self.file.get(location + EMBEDDING_ROWS_SUFFIX)
-        rows = np.asarray(rows_item[:], dtype=np.int64) if isinstance(rows_item, h5py.Dataset) else None
-        return dict(item.attrs), rows, item.shape[0]
+        return read_embedding_meta(self.file, location)
 
     def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]:
         """Stored embeddings in chunk-aligned blocks of about ``max_rows`` rows."""
-        yield from self.read_blocks(Segment(location, 0, self.file[location].shape[0]), max_rows)
+        dataset = self.file[location]
+        yield from read_rows(dataset, 0, dataset.shape[0], max_rows, self.path)
 
     def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
         """A per-step dataset (rewards, success, a written reward...) for one episode, or None if absent."""
@@ -344,8 +362,9 @@ class HDF5Source:
             return []
         return sorted(k for k, v in group.items() if isinstance(v, h5py.Dataset) and "formula" in v.attrs)
 
-    def existing(self, paths: list[str]) -> list[str]:
-        return [p for p in paths if p in self.file]
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.path,)
 
     def close(self) -> None:
         if self.file.id.valid:

@@ -10,16 +10,16 @@ file and its ``from_timestamp`` offset in it. A row's frame is the video frame a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment
-from vlmlabel.sources.tables import Shards, TableSource, episode_runs
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind
+from vlmlabel.sources.tables import TableFiles, TableSource, cache_beside, episode_runs
 from vlmlabel.sources.video import VideoReader, probe
 
 IMAGE_DTYPES = ("image", "video")
@@ -48,8 +48,9 @@ class LeRobotSource(TableSource):
             raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
         self._video: VideoReader | None = None
         self._videos: dict[int, tuple[Path, float]] | None = None
-        super().__init__(Shards(files, "parquet"), image_key, "lerobot", folder, f"lerobot {self.version}",
-                         base=folder)
+        super().__init__(TableFiles(files, "parquet"), image_key, SourceKind.lerobot, folder, base=folder,
+                         cache_file=cache_beside(folder))
+        self.layout = f"lerobot {self.version}"
 
     # -- keys -------------------------------------------------------------------------------------
 
@@ -126,8 +127,8 @@ class LeRobotSource(TableSource):
         if "length" not in meta or "episode_index" not in meta:
             return
         ids, counts = np.unique(episode_index, return_counts=True)
-        declared = dict(zip(meta["episode_index"].tolist(), meta["length"].tolist()))
-        for episode, count in zip(ids.tolist(), counts.tolist()):
+        declared = dict(zip(meta["episode_index"].tolist(), meta["length"].tolist(), strict=True))
+        for episode, count in zip(ids.tolist(), counts.tolist(), strict=True):
             if declared.get(episode) != count:
                 raise SourceError(f"episode {episode} has {count} rows in data/ but meta declares "
                                   f"{declared.get(episode)}; the dataset is inconsistent (mismatched lengths)")
@@ -147,9 +148,10 @@ class LeRobotSource(TableSource):
             if f"{prefix}file_index" not in meta:
                 raise SourceError(f"meta/episodes of {self.folder} has no {prefix}file_index column; "
                                   "the LeRobot dataset is incomplete")
-            template = self.info.get("video_path") or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+            template = (self.info.get("video_path")
+                        or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
             rows = zip(meta["episode_index"].tolist(), meta[f"{prefix}chunk_index"].tolist(),
-                       meta[f"{prefix}file_index"].tolist(), meta[f"{prefix}from_timestamp"].tolist())
+                       meta[f"{prefix}file_index"].tolist(), meta[f"{prefix}from_timestamp"].tolist(), strict=True)
             known = {e: (self.folder / template.format(video_key=key, chunk_index=c, file_index=f), float(t))
                      for e, c, f, t in rows}
             missing = [e for e in episodes.tolist() if e not in known]

@@ -8,12 +8,14 @@ second pass over the image column.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pyarrow as pa
 
 from vlmlabel.errors import SourceError
 from vlmlabel.sources import arrow_frames
+from vlmlabel.sources.base import SourceKind
 from vlmlabel.sources.tables import EPISODE_COLUMNS, READ_BATCH_ROWS, TableSource
 
 Loader = Callable[[list[str] | None], "object"]  # columns -> datasets.IterableDataset
@@ -23,10 +25,10 @@ def _short(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-class StreamShards:
-    """The `Shards` interface over an IterableDataset: no files, one logical shard."""
+class StreamFiles:
+    """The `TableFiles` interface over an IterableDataset: no files, one logical stream."""
 
-    files: tuple = ()
+    paths: tuple[Path, ...] = ()
     fmt = "stream"
 
     def __init__(self, load: Loader, name: str):
@@ -39,9 +41,6 @@ class StreamShards:
             raise
         except Exception as exc:  # network, auth, decoding: datasets raises many types
             raise SourceError(f"streaming the Hub dataset {self._name} failed: {_short(exc)}") from None
-
-    def stamp(self) -> list:
-        return []
 
     def schema(self) -> pa.Schema:
         first = next(self._tables(None, 1), None)
@@ -81,5 +80,5 @@ def hub_loader(repo_id: str, split: str, revision: str | None) -> Loader:
 
 def open_streaming(repo_id: str, image_key: str | None, split: str, revision: str | None,
                    load: Loader | None = None) -> TableSource:
-    shards = StreamShards(load or hub_loader(repo_id, split, revision), f"{repo_id} (split {split})")
-    return TableSource(shards, image_key, "stream", repo_id, "hub (streaming)")
+    files = StreamFiles(load or hub_loader(repo_id, split, revision), f"{repo_id} (split {split})")
+    return TableSource(files, image_key, SourceKind.stream, repo_id)  # type: ignore[arg-type]

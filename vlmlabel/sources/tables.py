@@ -10,28 +10,32 @@ from __future__ import annotations
 import glob
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
+import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import SourceError
 from vlmlabel.sources import arrow_frames
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, step_segments
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, step_segments
+from vlmlabel.sources.hdf5 import EMBEDDING_GROUP, read_embedding_meta, read_rows
 
 EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
 READ_BATCH_ROWS = 1024
+CACHE_SUFFIX = ".vlmlabel-cache.h5"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass(frozen=True)
-class Shards:
+class TableFiles:
     """The files holding a table, in row order: Arrow IPC streams (`datasets` cache/save_to_disk) or parquet."""
 
-    files: tuple[Path, ...]
+    paths: tuple[Path, ...]
     fmt: str  # "arrow" | "parquet"
 
     def _schema_of(self, path: Path) -> pa.Schema:
@@ -40,10 +44,10 @@ class Shards:
 
     def schema(self) -> pa.Schema:
         """The first file's schema; every other file must have the same columns and types."""
-        first = self._schema_of(self.files[0])
-        for path in self.files[1:]:
+        first = self._schema_of(self.paths[0])
+        for path in self.paths[1:]:
             if not self._schema_of(path).equals(first, check_metadata=False):
-                raise SourceError(f"{path} has other columns or types than {self.files[0]}; vlmlabel reads files "
+                raise SourceError(f"{path} has other columns or types than {self.paths[0]}; vlmlabel reads files "
                                   "of one schema: pass them separately or as a narrower glob")
         return first
 
@@ -55,20 +59,16 @@ class Shards:
         except (OSError, pa.ArrowInvalid) as exc:
             raise SourceError(f"{path} cannot be read as {self.fmt} (truncated or corrupt?): {exc}") from None
 
-    def stamp(self) -> list[tuple[int, int]]:
-        """Size and modification time of every file, to notice a change while rewards are computed."""
-        return [(f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
-
     def rows_per_file(self) -> list[int]:
         counts = []
-        for path in self.files:
+        for path in self.paths:
             handle = self._open(path)
             counts.append(handle.metadata.num_rows if self.fmt == "parquet" else sum(len(b) for b in handle))
         return counts
 
     def batches(self, columns: list[str], batch_rows: int = READ_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Record batches of ``columns`` across all files, in row order."""
-        for path in self.files:
+        for path in self.paths:
             handle = self._open(path)
             try:
                 if self.fmt == "parquet":
@@ -138,21 +138,23 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
                                   "order: sort the dataset by episode_index, frame_index first")
     return [Episode(f"episode {episode_index[a]} (rows {a}-{b - 1})", int(b - a),
                     step_segments(array, int(a), int(b), align), "")
-            for a, b in zip(starts.tolist(), stops.tolist())]
+            for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
 
 
 class TableSource:
     """A table of rows with an image column, read-only (see module docstring)."""
 
-    def __init__(self, shards: Shards, image_key: str | None, kind: str, root: Path | str, layout: str,
-                 base: Path | None = None):
-        self.shards, self.kind, self.root, self.layout, self.base = shards, kind, root, layout, base
-        self.hub_info = None  # the `datasets` DatasetInfo of a Hub download
+    def __init__(self, files: TableFiles, image_key: str | None, kind: SourceKind, root: Path | str,
+                 base: Path | None = None, cache_file: Path | None = None):
+        self.files, self.kind, self.root, self.base = files, kind, root, base
+        self.layout = kind.value
+        self.seekable = kind is not SourceKind.stream
+        self.cache_file = cache_file
+        self.hub_info: Any = None  # the `datasets` DatasetInfo of a Hub download
         self.split: str | None = None
-        self.stamp = shards.stamp()
-        self.schema = shards.schema()
+        self.schema = files.schema()
         self.features = arrow_frames.hf_features(self.schema)
-        self.rows_per_file = shards.rows_per_file()
+        self.rows_per_file = files.rows_per_file()
         self.rows = sum(self.rows_per_file)
         self._cursor: ColumnCursor | None = None
         self._index: dict[str, np.ndarray] = {}
@@ -184,7 +186,7 @@ class TableSource:
 
     def _format_of(self, key: str) -> FrameFormat:
         field = self.schema.field(key)
-        sample = next(self.shards.batches([key], batch_rows=1), None)
+        sample = next(self.files.batches([key], batch_rows=1), None)
         if sample is None or sample.num_rows == 0:
             raise SourceError(f"{self.root} has no rows (empty split?); nothing to label")
         return arrow_frames.frame_format(field, self.features.get(key), sample.column(0))
@@ -197,7 +199,7 @@ class TableSource:
         if all(n in self._index for n in present):
             return {n: self._index[n] for n in present}
         parts: dict[str, list[np.ndarray]] = {n: [] for n in present}
-        for batch in self.shards.batches(present, batch_rows=65536):
+        for batch in self.files.batches(present, batch_rows=65536):
             for name in present:
                 column = batch.column(name)
                 if column.null_count:
@@ -212,7 +214,7 @@ class TableSource:
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         if self._cursor is None:
-            self._cursor = ColumnCursor(lambda: (b.column(0) for b in self.shards.batches([self.image_key])),
+            self._cursor = ColumnCursor(lambda: (b.column(0) for b in self.files.batches([self.image_key])),
                                         f"column {self.image_key!r}")
         start = segment.start
         while start < segment.stop:
@@ -220,6 +222,64 @@ class TableSource:
             column = pa.chunked_array(self._cursor.read(start, stop), type=self.schema.field(self.image_key).type)
             yield arrow_frames.to_block(column, self.frame_format, self.image_key, self.base)
             start = stop
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return self.files.paths
+
+    # -- embedding cache: an HDF5 file beside the dataset ------------------------------------------
+
+    def array_rows(self, array: str) -> int:
+        return self.rows
+
+    def embedding_location(self, array: str) -> str:
+        return f"{EMBEDDING_GROUP}/{self.split}/{array}" if self.split else f"{EMBEDDING_GROUP}/{array}"
+
+    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None:
+        if self.cache_file is None or not self.cache_file.is_file():
+            return None
+        try:
+            with h5py.File(self.cache_file, "r") as handle:
+                return read_embedding_meta(handle, location)
+        except OSError:
+            return None
+
+    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]:
+        assert self.cache_file is not None
+        with h5py.File(self.cache_file, "r") as handle:
+            dataset = handle[location]
+            yield from read_rows(dataset, 0, dataset.shape[0], max_rows, self.cache_file)
+
+    # -- per-step values, for evaluate and plot ----------------------------------------------------
+
+    def _column(self, key: str) -> np.ndarray | None:
+        if key not in self.schema.names or arrow_frames.looks_like_frames(self.schema.field(key), None):
+            return None
+        if key not in self._index:
+            parts = [b.column(0).to_numpy(zero_copy_only=False) for b in self.files.batches([key], 65536)]
+            self._index[key] = np.concatenate(parts) if parts else np.empty(0)
+        return self._index[key]
+
+    def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
+        """A per-row column (rewards, success, a written reward...) over the rows of one episode."""
+        column = self._column(key)
+        if column is None:
+            return None
+        start = episode.frames[0].start
+        return column[start:start + episode.steps]
+
+    def dataset_attrs(self, episode: Episode, key: str) -> dict | None:
+        if key not in self.schema.names:
+            return None
+        metadata = self.schema.field(key).metadata or {}
+        try:
+            return json.loads(metadata[b"vlmlabel"]) if b"vlmlabel" in metadata else {}
+        except ValueError:
+            return {}
+
+    def reward_keys(self, episode: Episode) -> list[str]:
+        """Columns vlmlabel wrote (their field metadata records how)."""
+        return sorted(f.name for f in self.schema if b"vlmlabel" in (f.metadata or {}))
 
     def close(self) -> None:
         self._cursor = None
@@ -234,6 +294,13 @@ class TableSource:
 # -- opening ---------------------------------------------------------------------------------------
 
 
+def cache_beside(path: Path) -> Path:
+    """Where a table dataset's embedding cache lives: ``NAME.vlmlabel-cache.h5`` beside its file or folder."""
+    resolved = path.resolve()
+    name = resolved.stem if resolved.is_file() else resolved.name
+    return resolved.with_name(f"{name}{CACHE_SUFFIX}")
+
+
 def is_disk_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
@@ -244,7 +311,8 @@ def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
         if split not in splits:
-            raise SourceError(f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; choose one with --split")
+            raise SourceError(f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; "
+                              "choose one with --split")
         split_dir = folder / split
     try:
         state = json.loads((split_dir / "state.json").read_text())
@@ -255,7 +323,10 @@ def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
     files = tuple(split_dir / f["filename"] for f in state.get("_data_files", []))
     if not files:
         raise SourceError(f"{split_dir} has no rows (empty split?): state.json lists no data files; nothing to label")
-    return TableSource(Shards(files, "arrow"), image_key, "disk", folder, "save_to_disk", base=split_dir)
+    source = TableSource(TableFiles(files, "arrow"), image_key, SourceKind.disk, folder, base=split_dir,
+                         cache_file=cache_beside(folder))
+    source.split = split if split_dir != folder else None
+    return source
 
 
 def parquet_files(path: str) -> tuple[Path, list[Path]]:
@@ -286,7 +357,9 @@ def open_parquet(path: str, image_key: str | None) -> TableSource:
     base, files = parquet_files(path)
     if not files:
         raise SourceError(f"{path} holds no parquet files")
-    return TableSource(Shards(tuple(files), "parquet"), image_key, "parquet", path, "parquet", base=base)
+    given = Path(path)
+    return TableSource(TableFiles(tuple(files), "parquet"), image_key, SourceKind.parquet, path, base=base,
+                       cache_file=cache_beside(given if given.exists() else base))
 
 
 def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | None) -> TableSource:
@@ -302,7 +375,8 @@ def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | No
     if dataset._indices is not None:
         dataset = dataset.flatten_indices()
     files = tuple(Path(f["filename"]) for f in dataset.cache_files)
-    source = TableSource(Shards(files, "arrow"), image_key, "hub", repo_id, "hub")
+    source = TableSource(TableFiles(files, "arrow"), image_key, SourceKind.hub, repo_id,
+                         cache_file=Path.cwd() / f"{repo_id.split('/')[-1]}{CACHE_SUFFIX}")
     source.hub_info = dataset.info
     source.split = split
     return source

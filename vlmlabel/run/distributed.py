@@ -8,17 +8,17 @@ one should not trip NCCL's watchdog. Each rank computes on ``cuda:LOCAL_RANK`` w
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.merge import MergeSummary, merge_shards
-from vlmlabel.pipeline import RelabelRequest, relabel_file
-from vlmlabel.shards import ShardSpec
+from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
+from vlmlabel.run.merge import MergeSummary, merge_shards
+from vlmlabel.run.shards import ShardSpec
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Ranks wait for the slowest one before rank 0 merges; shards can take many hours.
@@ -50,31 +50,38 @@ def rank_device(spec: str, local_rank: int) -> str:
     return spec
 
 
-def relabel_distributed(request: RelabelRequest, env: TorchrunEnv,
-                        on_start: Callable[[int], None] | None = None,
-                        on_progress: Callable[[int], None] | None = None,
-                        on_note: Callable[[str], None] | None = None) -> MergeSummary | None:
-    """Score shard RANK of WORLD_SIZE, wait for all ranks, and on rank 0 merge and write; None on other ranks."""
+def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
+                     on_start: Callable[[int], None] | None = None,
+                     on_progress: Callable[[int], None] | None = None,
+                     on_note: Callable[[str], None] | None = None) -> MergeSummary | FinishedSummary | None:
+    """Score shard RANK of WORLD_SIZE, wait for all ranks, and on rank 0 merge and write; None on other ranks.
+
+    When the rewards are already written by an identical run (a relaunched job), every rank says so and
+    nothing is merged."""
     if request.shard is not None:
         raise VlmlabelError("--num-shards/--shard-index cannot be combined with torchrun: each rank takes one shard")
     shard = ShardSpec(env.rank, env.world_size, f"torchrun rank {env.rank}")
     mine = replace(request, shard=shard, device=rank_device(request.device, env.local_rank))
     dist.init_process_group("gloo", timeout=WAIT_LIMIT)
     try:
-        failure = None
+        outcome: tuple[str | None, bool] = (None, False)
         try:
-            relabel_file(mine, on_start, on_progress, on_note)
+            summary = relabel_file(mine, on_start, on_progress, on_note)
+            outcome = (None, isinstance(summary, FinishedSummary))
         except (VlmlabelError, OSError) as exc:
-            failure = str(exc)
+            outcome = (str(exc), False)
         outcomes: list = [None] * env.world_size
-        dist.all_gather_object(outcomes, failure)
-        failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
+        dist.all_gather_object(outcomes, outcome)
+        failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
         if failed:
             rank, message = failed[0]
             raise VlmlabelError(f"rank {rank} failed: {message}" if rank != env.rank else message)
         if env.rank != 0:
             return None
+        if all(finished for _, finished in outcomes):
+            return summary if isinstance(summary, FinishedSummary) else None
         return merge_shards(request.source, request.reward_key, request.output, request.overwrite, on_note,
-                            count=env.world_size)
+                            count=env.world_size, image_key=request.image_key, split=request.split,
+                            revision=request.revision)
     finally:
         dist.destroy_process_group()

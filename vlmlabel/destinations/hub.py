@@ -7,10 +7,11 @@ from pathlib import Path
 from vlmlabel.errors import OutputError
 
 
-def push(written: Path, kind: str, repo_id: str) -> None:
-    """save_to_disk outputs go through `datasets` (parquet shards, dataset card); folders and files as they are."""
+def push(written: Path, as_dataset: bool, repo_id: str) -> None:
+    """save_to_disk outputs (``as_dataset``) go through `datasets` (parquet shards, dataset card); other folders
+    and files are uploaded as they are."""
     try:
-        if kind in ("disk", "hub"):
+        if as_dataset:
             import datasets
 
             datasets.load_from_disk(str(written)).push_to_hub(repo_id)

@@ -178,7 +178,7 @@ def sample_pair_scene(rng: np.random.Generator, identities: list[tuple[str, str]
     if relation != "on" and distance(mover, anchor) < mover.radius + anchor.radius + 2:
         return None
     placed = [anchor, mover]
-    for (colour, shape), radius in zip(identities[2:], radii[2:]):
+    for (colour, shape), radius in zip(identities[2:], radii[2:], strict=True):
         pos = free_position(rng, radius, placed)
         if pos is None:
             return None

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
-from vlmlabel.checkpoint import Checkpoint
 from vlmlabel.engine import FrameScorer, compute_rows
 from vlmlabel.errors import SourceError
-from vlmlabel.interrupt import GracefulStop
+from vlmlabel.run.checkpoint import Checkpoint
+from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.sources.base import Episode, FrameSource, Segment
 
 DEFAULT_CHECKPOINT_EVERY = 4096

@@ -9,7 +9,7 @@ Layout (robomimic): ``data/demo_K/obs/agentview_image`` (T, 84, 84, 3) uint8,
 ``next_obs/agentview_image``, ``obs/agent_pos``, ``obs/target_pos``, ``actions`` (T, 2),
 ``rewards``, ``dones``, ``success``. Regenerate the shipped file with::
 
-    python -m vlmlabel.synthetic.reach --out sample_data/reach.h5
+    python -m tools.synthetic.reach --out sample_data/reach.h5
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmlabel.synthetic import scenes
+from tools.synthetic import scenes
 
 GOAL = "the red ball is on the green square"
 AGENT = ("red", "ball", 6.5)

@@ -18,7 +18,7 @@ are measured on rendered scenes, not copied from another model.
 Regenerate the shipped model (2000 steps: 24 minutes with one thread on a busy 2-core machine;
 one thread avoids OpenMP spin-waiting when the cores are shared)::
 
-    python -m vlmlabel.synthetic.train --out sample_data/reach-clip --threads 1
+    python -m tools.synthetic.train --out sample_data/reach-clip --threads 1
 """
 
 from __future__ import annotations
@@ -26,17 +26,18 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tools.synthetic import scenes
 from vlmlabel.model import PreprocessConfig, create_untrained, get_tokenizer, save_local_dir
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.synthetic import scenes
 
 SAMPLE_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,

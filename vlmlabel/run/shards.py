@@ -8,15 +8,18 @@ the shared output; it writes ``shard-I-of-N.npz`` into the run's work folder bes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from vlmlabel.destinations import atomic
 from vlmlabel.errors import VlmlabelError
 
 _SHARD_FILE = re.compile(r"shard-(\d+)-of-(\d+)\.npz")
@@ -37,11 +40,13 @@ class ShardSpec:
 
 def work_dir(dest: Path, reward_key: str) -> Path:
     """Folder beside the destination holding one reward key's progress and shard results."""
-    return dest.resolve().parent / f"{dest.name}.vlmlabel-{reward_key}"
+    target = atomic.real_target(dest)
+    return target.parent / f"{target.name}.vlmlabel-{reward_key}"
 
 
 def dest_lock(dest: Path) -> Path:
-    return dest.resolve().parent / f"{dest.name}.vlmlabel.lock"
+    target = atomic.real_target(dest)
+    return target.parent / f"{target.name}.vlmlabel.lock"
 
 
 def shard_result(work: Path, shard: ShardSpec) -> Path:
@@ -97,23 +102,29 @@ def plan(steps: list[int], count: int) -> list[tuple[int, int]]:
         error = np.abs(count * cumulative[candidates] - k * total)
         bounds.append(int(candidates[np.argmin(error)]))
     bounds.append(len(steps))
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def write_result(path: Path, rewards: np.ndarray, names: list[str], steps: list[int], meta: dict[str, Any]) -> None:
-    """Write a shard's rewards atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, rewards=np.asarray(rewards, dtype=np.float32), names=np.array(names, dtype=str),
-                     steps=np.asarray(steps, dtype=np.int64), meta=np.array(json.dumps(meta)))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class PartMeta:
+    """How a shard's rewards were made: merge refuses parts that disagree, and commits with these attributes."""
+
+    identity: dict[str, Any]  # everything that determines the rewards (compared field by field)
+    numerics: dict[str, str]  # what changes only their last bits (device, torch)
+    batch_size: int
+    config: dict[str, Any]  # RewardConfig.to_json()
+    logit_scale: float
+    base_attrs: dict[str, Any]
+    align: str
+    image_key: str
+    result_id: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PartMeta:
+        return cls(**json.loads(text))
 
 
 @dataclass
@@ -124,7 +135,15 @@ class ShardResult:
     rewards: np.ndarray
     names: list[str]
     steps: list[int]
-    meta: dict[str, Any]
+    meta: PartMeta
+
+
+def write_result(path: Path, rewards: np.ndarray, names: list[str], steps: list[int], meta: PartMeta) -> None:
+    """Write a shard's rewards atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.staged(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, rewards=np.asarray(rewards, dtype=np.float32), names=np.array(names, dtype=str),
+                 steps=np.asarray(steps, dtype=np.int64), meta=np.array(meta.to_json()))
 
 
 def read_result(path: Path) -> ShardResult:
@@ -134,8 +153,8 @@ def read_result(path: Path) -> ShardResult:
     try:
         with np.load(path, allow_pickle=False) as data:
             rewards, names, steps = data["rewards"], [str(n) for n in data["names"]], data["steps"].tolist()
-            meta = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError) as exc:
+            meta = PartMeta.from_json(str(data["meta"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VlmlabelError(f"shard result {path} is unreadable ({exc}); run that shard again") from None
     return ShardResult(path, int(match.group(1)), int(match.group(2)), rewards, names, steps, meta)
 

@@ -21,16 +21,15 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from vlmlabel import __version__
-from vlmlabel.writers.hdf5 import SourceStamp
-from vlmlabel.fsutil import fsync
+from vlmlabel.destinations import atomic
 
 STATE_FILE = "state.json"
 ROWS_FILE = "rewards.f32"
@@ -42,27 +41,13 @@ def _file_stamps(path: Path) -> dict[str, list[int]]:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
 
 
-def run_identity(source: Path, stamp: SourceStamp, layout: str, image_key: str, align: str,
-                 reward: dict[str, Any], model_name: str, pretrained: str | None, model_attrs: dict[str, Any]
-                 ) -> dict[str, Any]:
-    """Everything that determines the rewards; any change makes saved progress unusable."""
+def local_weights(model_name: str, pretrained: str | None) -> dict[str, dict[str, list[int]]]:
+    """Stamps of weights given as local files or folders, so edited weights never reuse saved progress."""
     local = {}
     for label, value in (("model", model_name.removeprefix("local-dir:")), ("pretrained", pretrained)):
         if value and Path(value).exists():
             local[label] = _file_stamps(Path(value))
-    return {
-        "source": str(source.resolve()),
-        "source_size": stamp.size,
-        "source_mtime_ns": stamp.mtime_ns,
-        "layout": layout,
-        "image_key": image_key,
-        "align": align,
-        "goals": list(reward["goals"]),
-        "reward": {k: v for k, v in reward.items() if k != "goals"},
-        "model_attrs": model_attrs,
-        "local_weights": local,
-        "vlmlabel": __version__,
-    }
+    return local
 
 
 def device_kind(device: torch.device) -> str:
@@ -211,13 +196,7 @@ class Checkpoint:
         self._write_state()
 
     def _write_state(self) -> None:
-        tmp = self.folder / f".{STATE_FILE}.{os.getpid()}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(self._state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.folder / STATE_FILE)
-        fsync(self.folder)
+        atomic.write_bytes(self.folder / STATE_FILE, json.dumps(self._state).encode())
 
     def discard(self) -> None:
         self.close()

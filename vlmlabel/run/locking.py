@@ -12,8 +12,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from vlmlabel.errors import LockedError
 

@@ -1,0 +1,111 @@
+"""The one way vlmlabel puts a file or folder in place: write beside it, flush, rename.
+
+Every writer (rewards, embeddings, shard parts, progress state) goes through ``staged``:
+the temporary path sits beside the real target (symlinks resolved, so it is on the same file
+system and the rename is atomic), is named after this process, and is removed on any failure.
+Leftovers of runs that died (their PID no longer exists on this host) are removed by the next
+run that stages the same target. Until the final rename the target is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+_TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(tmp|old)$")
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (after a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def real_target(path: Path) -> Path:
+    """The path a write must replace: a symlink is followed, so the link stays a link."""
+    return path.resolve() if path.is_symlink() else path.absolute()
+
+
+def _beside(target: Path, what: str) -> Path:
+    return target.parent / f".{target.name}.vlmlabel-{_HOST}-{os.getpid()}.{what}"
+
+
+def remove(path: Path) -> None:
+    """Remove a file, link or folder if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_dead_leftovers(target: Path) -> list[Path]:
+    """Remove temporary copies of ``target`` left by runs on this host whose process is gone."""
+    removed = []
+    prefix = f".{target.name}.vlmlabel-"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        match = _TAG.search(entry.name)
+        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+            remove(entry)
+            removed.append(entry)
+    return removed
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A path beside ``target`` to write into; it replaces ``target`` only if the block succeeds.
+
+    A file replaces a file with one atomic rename; a folder replaces an existing folder with two
+    renames (old aside, new in), and the old one is restored if the second fails.
+    """
+    target = real_target(target)
+    clean_dead_leftovers(target)
+    tmp, old = _beside(target, "tmp"), _beside(target, "old")
+    remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_file():
+            fsync(tmp)
+            os.replace(tmp, target)
+        else:
+            if target.exists():
+                os.rename(target, old)
+            os.rename(tmp, target)
+        fsync(target.parent)
+    except BaseException:
+        remove(tmp)
+        if old.exists() and not target.exists():
+            os.rename(old, target)
+        raise
+    remove(old)
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data`` atomically."""
+    with staged(target) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)

@@ -1,0 +1,138 @@
+"""What every output family offers the run lifecycle: early checks, what is already there, one atomic write."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from vlmlabel.errors import OutputError
+
+# Attribute every reward vlmlabel writes carries; data without it was not written by vlmlabel.
+VERSION_ATTR = "vlmlabel_version"
+# Attribute naming the run that made a reward: equal ids mean identical rewards (idempotent finish).
+RESULT_ATTR = "result_id"
+NAME_MAX = 255  # bytes in one file name on common file systems (ext4, xfs, NFS, Lustre)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Size and modification time of every file a source reads: the one way a change is noticed."""
+
+    files: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def of(cls, paths: Iterable[Path]) -> Stamp:
+        found = []
+        for path in paths:
+            stat = path.stat()
+            found.append((str(path), stat.st_size, stat.st_mtime_ns))
+        return cls(tuple(found))
+
+    def as_json(self) -> list[list[Any]]:
+        return [list(entry) for entry in self.files]
+
+    def verify(self, where: object) -> None:
+        """Refuse to write when a file read has changed since the stamp was taken."""
+        try:
+            changed = Stamp.of(Path(name) for name, _, _ in self.files) != self
+        except OSError:
+            changed = True
+        if changed:
+            raise OutputError(f"{where} changed while rewards were computed; nothing was written — run again")
+
+
+@dataclass(frozen=True)
+class Present:
+    """Something already stored under a reward's name: where, and its attributes ({} if vlmlabel did not write it)."""
+
+    location: str
+    attrs: dict[str, Any]
+
+    @property
+    def ours(self) -> bool:
+        return VERSION_ATTR in self.attrs
+
+
+@dataclass
+class RewardColumn:
+    """One reward to write: a float32 value per step, one array per episode in episode order, and its provenance."""
+
+    name: str
+    values: list[np.ndarray]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def flat(self) -> np.ndarray:
+        return np.concatenate(self.values).astype(np.float32) if self.values else np.empty(0, np.float32)
+
+
+class Destination(Protocol):
+    """Where one source's rewards go. Built by ``vlmlabel.destinations.destination_for``."""
+
+    path: Path  # the file or folder the user gets
+
+    def check(self, names: list[str], overwrite: bool) -> None:
+        """Refuse, before any model is loaded, what ``write`` would refuse (location, permissions, space)."""
+        ...
+
+    def replaced(self, names: list[str]) -> dict[str, Present]:
+        """Of ``names``, those the write would replace."""
+        ...
+
+    def written(self, names: list[str]) -> dict[str, Present]:
+        """Of ``names``, those already at the destination (in every place the write puts them)."""
+        ...
+
+    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+        """Put the rewards at the destination in one atomic step; the source is only read."""
+        ...
+
+
+def check_names(names: list[str], derived: Iterable[str]) -> None:
+    """Refuse reward names that cannot be datasets, columns or file names, before anything runs."""
+    for name in names:
+        if not name.strip() or name in (".", "..") or "/" in name or "\0" in name:
+            raise OutputError(f"--reward-key {name!r} must be a non-empty name without '/' (not '.' or '..')")
+    for file_name in derived:
+        if len(os.fsencode(file_name)) > NAME_MAX:
+            raise OutputError(f"--reward-key is too long: vlmlabel keeps its progress in {file_name[:40]}..., "
+                              f"over the {NAME_MAX}-byte file name limit; choose a shorter --reward-key")
+
+
+def refuse_replacing(names: list[str], replaced: dict[str, Present], where: object, overwrite: bool) -> None:
+    """--overwrite replaces only rewards vlmlabel wrote; anything else is never touched."""
+    foreign = [replaced[n].location for n in names if n in replaced and not replaced[n].ours]
+    if foreign:
+        raise OutputError(f"{foreign[0]} already exists in {where} and was not written by vlmlabel; "
+                          "vlmlabel never replaces it, even with --overwrite: choose another --reward-key")
+    ours = [replaced[n].location for n in names if n in replaced]
+    if ours and not overwrite:
+        shown = ", ".join(ours[:4]) + (" ..." if len(ours) > 4 else "")
+        raise OutputError(f"{shown} already exist(s) in {where}; pass --overwrite to replace, "
+                          "or choose another --reward-key")
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse a write that cannot fit, before any compute."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    needed += 16 * 1024 * 1024
+    if free < needed:
+        raise OutputError(f"{folder} has {free / 2**20:.0f} MiB free but {what} needs about "
+                          f"{needed / 2**20:.0f} MiB; free space or use --output elsewhere")
+
+
+def check_folder(folder: Path) -> None:
+    """The folder a destination is written in must exist, be a folder and be writable."""
+    if not folder.exists():
+        raise OutputError(f"output folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder; choose an --output inside a folder")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write in {folder}; vlmlabel writes a copy there and renames it into place: "
+                          "use --output in a folder you can write")

@@ -1,0 +1,220 @@
+"""Rewards into an HDF5 file (D4RL, robomimic, Minari, per-episode groups), never half-written.
+
+The rewards go into a copy made beside the destination (``atomic.staged``); the copy is flushed
+and renamed over the destination in one step. Until that rename the destination is the untouched
+original, so a crash, kill or full disk at any moment loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from vlmlabel.destinations import atomic
+from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
+from vlmlabel.errors import OutputError
+from vlmlabel.sources.base import Episode, reward_path
+from vlmlabel.sources.hdf5 import HDF5Source
+
+
+@dataclass
+class H5Dataset:
+    """One dataset to write: its path in the file, its values and the attributes that say how it was made."""
+
+    path: str
+    values: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    chunk_rows: int | None = None  # rows per chunk for large 2-D arrays (embeddings); None: HDF5's choice
+
+
+@dataclass
+class RowStream:
+    """Several 2-D datasets filled in order from one stream of row blocks (embeddings as they are computed).
+
+    ``datasets`` give path, attrs, dtype and chunking; their ``values`` are ignored and ``rows`` says how many
+    rows each takes. The width is the width of the first block.
+    """
+
+    datasets: list[H5Dataset]
+    rows: list[int]
+    blocks: Iterator[np.ndarray]
+    width: int = 0  # set once the first block arrives
+
+
+def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
+               stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
+               keep_mode: bool = True) -> Path:
+    """A copy of ``base`` (a new file without one) with ``datasets`` (and ``stream``) added and ``remove`` deleted,
+    put at ``dest`` atomically. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write)."""
+    with atomic.staged(dest) as tmp:
+        mode = stat.S_IMODE(base.stat().st_mode) if base is not None else 0o644
+        if base is not None:
+            shutil.copyfile(base, tmp)
+            os.chmod(tmp, mode | stat.S_IWUSR)  # a read-only source still gives a copy we can write into
+        with h5py.File(tmp, "r+" if base is not None else "w") as handle:
+            for path in remove or []:
+                if path in handle:
+                    del handle[path]
+            for dataset in datasets:
+                _put(handle, dataset, overwrite)
+            if stream is not None:
+                _fill(handle, stream, overwrite)
+        if keep_mode:
+            os.chmod(tmp, mode)
+        if stamp is not None:
+            stamp.verify(base)
+    return dest
+
+
+def _replace(handle: h5py.File, path: str, overwrite: bool) -> None:
+    if path in handle:
+        if not overwrite:
+            raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+        try:
+            del handle[path]
+        except (KeyError, RuntimeError, OSError) as exc:
+            raise OutputError(f"{path} cannot be replaced in this file ({exc}); choose another --reward-key") from None
+
+
+def _put(handle: h5py.File, dataset: H5Dataset, overwrite: bool) -> None:
+    _replace(handle, dataset.path, overwrite)
+    values = np.asarray(dataset.values, dtype=dataset.dtype)
+    chunks = None
+    if dataset.chunk_rows is not None and values.ndim == 2 and len(values):
+        chunks = (min(dataset.chunk_rows, len(values)), values.shape[1])
+    written = handle.create_dataset(dataset.path, data=values, chunks=chunks)
+    for key, value in dataset.attrs.items():
+        written.attrs[key] = value
+
+
+def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
+    """Create the stream's datasets once the row width is known, then write them a whole chunk at a time."""
+    blocks = iter(stream.blocks)
+    first = next(blocks, None)
+    if first is None:
+        raise OutputError("nothing to write: the stream of rows is empty")
+    stream.width = first.shape[1]
+    targets = []
+    for dataset, rows in zip(stream.datasets, stream.rows, strict=True):
+        _replace(handle, dataset.path, overwrite)
+        chunks = (min(dataset.chunk_rows, rows), first.shape[1]) if dataset.chunk_rows and rows else None
+        created = handle.create_dataset(dataset.path, shape=(rows, first.shape[1]), dtype=dataset.dtype,
+                                        chunks=chunks)
+        created.attrs.update(dataset.attrs)
+        targets.append(created)
+    if not _fill_rows(targets, _chain(first, blocks)):
+        raise OutputError(f"the frames read did not match the {sum(stream.rows)} rows planned; "
+                          "the source changed while it was read")
+
+
+def _write_rows(dataset: h5py.Dataset) -> int:
+    """Rows per write for ``dataset``: its chunk height, so no chunk is read back and rewritten."""
+    return dataset.chunks[0] if dataset.chunks else max(1, len(dataset))
+
+
+def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray]) -> bool:
+    """Fill ``targets`` in order from ``blocks``, buffering rows until a whole chunk (or the rest) can be written.
+
+    True when the rows fill the targets exactly.
+    """
+    index, filled, pending_rows = 0, 0, 0
+    pending: list[np.ndarray] = []
+    for block in blocks:
+        pending.append(block)
+        pending_rows += len(block)
+        while index < len(targets):
+            target = targets[index]
+            want = min(_write_rows(target), len(target) - filled)
+            if pending_rows < want:
+                break
+            rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            if want:
+                target[filled:filled + want] = rows[:want]
+            pending, pending_rows = ([rows[want:]] if len(rows) > want else []), len(rows) - want
+            filled += want
+            if filled == len(target):
+                index, filled = index + 1, 0
+        if index == len(targets) and pending_rows:
+            break
+    return index == len(targets) and not pending_rows
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> dict[str, Present]:
+    """Per name, what is found at its locations in the file at ``path``: the first one present, or
+    (``everywhere``) only when every location holds it with the same attributes. Groups count as {}."""
+    found: dict[str, Present] = {}
+    if not path.is_file():
+        return found
+    with h5py.File(path, "r") as handle:
+        for name, paths in locations.items():
+            items = [(p, handle.get(p)) for p in paths]
+            here = [Present(p, dict(i.attrs) if isinstance(i, h5py.Dataset) else {}) for p, i in items if i is not None]
+            if not here or everywhere and (len(here) < len(paths) or any(h.attrs != here[0].attrs for h in here)):
+                continue
+            found[name] = here[0]
+    return found
+
+
+class HDF5Destination:
+    """The source file itself (in place) or an ``--output`` copy; rewards land beside each episode's data."""
+
+    def __init__(self, source: HDF5Source, output: Path | None, episodes: list[Episode]):
+        self.source_path = source.path
+        self.output = output
+        self.path = source.path if output is None else output
+        self.episodes = episodes
+        self.targets = sorted({e.target for e in episodes})
+        self.stamp = Stamp.of([source.path])
+
+    @staticmethod
+    def default_output(source: HDF5Source) -> Path:
+        return source.path.absolute()
+
+    def _locations(self, name: str) -> list[str]:
+        return [reward_path(t, name) for t in self.targets]
+
+    def check(self, names: list[str], overwrite: bool) -> None:
+        source, output = self.source_path, self.output
+        if output is not None and output.exists() and output.resolve() == source.resolve():
+            raise OutputError(f"--output {output} is SOURCE itself; drop --output to add the rewards to SOURCE, "
+                              "or name a new file")
+        if output is not None and output.is_dir():
+            raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
+        if output is not None and output.exists() and not overwrite:
+            raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+        folder = atomic.real_target(self.path).parent
+        check_folder(folder)
+        if output is None and not os.access(source, os.W_OK):
+            raise OutputError(f"{source} is read-only; use --output to write a labelled copy elsewhere")
+        refuse_replacing(names, self.replaced(names), source, overwrite)
+        check_space(folder, source.stat().st_size, "the write (a full copy of the source)")
+
+    def replaced(self, names: list[str]) -> dict[str, Present]:
+        return _present(self.source_path, {n: self._locations(n) for n in names}, everywhere=False)
+
+    def written(self, names: list[str]) -> dict[str, Present]:
+        return _present(self.path, {n: self._locations(n) for n in names}, everywhere=True)
+
+    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+        datasets = [H5Dataset(reward_path(target, column.name), self._values(column, target), column.attrs)
+                    for column in columns for target in self.targets]
+        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
+                          keep_mode=self.output is None)
+
+    def _values(self, column: RewardColumn, target: str) -> np.ndarray:
+        """One reward's values for the episodes written under ``target``, in episode order."""
+        return np.concatenate([v for e, v in zip(self.episodes, column.values, strict=True) if e.target == target])

@@ -1,0 +1,508 @@
+"""One run lifecycle for every format: open -> score -> commit.
+
+- *open*: the source, its destination (from the registry), output names, and every check that can refuse
+  (names, space, permissions, existing rewards, the lock) before the model loads. A run whose identical
+  rewards are already written stops here and says so.
+- *score*: one strategy: from the embedding cache, or frames on the fixed batch grid with saved progress
+  (the whole dataset, or one shard of whole episodes).
+- *commit*: post-processing, provenance and the destination's one atomic write. A shard run instead saves
+  its part; ``merge`` gathers the parts and ends with the same commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmlabel import __version__, cache
+from vlmlabel.destinations import Destination, RewardColumn, Stamp, destination_for, family_of
+from vlmlabel.destinations.base import RESULT_ATTR, check_names
+from vlmlabel.destinations.hdf5 import write_file
+from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
+from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
+from vlmlabel.errors import OutputError, VlmlabelError
+from vlmlabel.formulation import RewardConfig, build_score_fn
+from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
+from vlmlabel.run.checkpoint import Checkpoint, differences, local_weights, run_numerics
+from vlmlabel.run.interrupt import GracefulStop
+from vlmlabel.run.locking import RunLock
+from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
+from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_result, shard_result, work_dir, write_result
+from vlmlabel.sources import Align, open_source
+from vlmlabel.sources.base import CachingSource, Episode, content_fingerprint
+from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
+
+DEFAULT_REWARD_KEY = "vlm_reward"
+RAW_SUFFIX = "_raw"
+
+
+@dataclass
+class Events:
+    """What a run tells its caller: the frame total once known, frames done, and notes (resume, stale lock...)."""
+
+    on_start: Callable[[int], None] | None = None
+    on_progress: Callable[[int], None] | None = None
+    on_note: Callable[[str], None] | None = None
+
+    def start(self, total: int) -> None:
+        if self.on_start is not None:
+            self.on_start(total)
+
+    def note(self, message: str) -> None:
+        if self.on_note is not None:
+            self.on_note(message)
+
+
+@dataclass
+class RelabelRequest:
+    source: Path | str
+    goals: list[str]
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    image_key: str | None = None
+    reward_key: str = DEFAULT_REWARD_KEY
+    output: Path | None = None
+    overwrite: bool = False
+    batch_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    align: Align = Align.frame
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = False
+    push_to_hub: str | None = None
+    formulation: RewardConfig | None = None  # None: plain cosine to ``goals``
+    use_cache: bool = True
+    restart: bool = False
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    shard: ShardSpec | None = None
+    compile: bool = False
+
+    def reward_config(self) -> RewardConfig:
+        config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
+        return config.validate()
+
+
+@dataclass
+class RelabelSummary:
+    result: RelabelResult
+    written_to: Path
+    reward_names: list[str]
+    goals: list[str]
+    model: ClipModel
+    layout: str
+    image_key: str
+    used_cache: bool = False
+    cache_note: str = ""
+    raw_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardSummary:
+    """What a shard run computed and where its result waits for ``vlmlabel merge``."""
+
+    shard: ShardSpec
+    path: Path
+    episodes: int
+    frames: int
+    seconds: float
+    already_done: bool
+
+
+@dataclass
+class FinishedSummary:
+    """Nothing to do: the destination already holds these rewards from an identical run."""
+
+    written_to: Path
+    reward_names: list[str]
+
+
+Summary = RelabelSummary | ShardSummary | FinishedSummary
+
+
+def reward_names(key: str, goal_count: int) -> list[str]:
+    """NAME for one goal; NAME_0, NAME_1, ... for several."""
+    return [key] if goal_count == 1 else [f"{key}_{i}" for i in range(goal_count)]
+
+
+def _batch_size(requested: int | None, device: torch.device) -> int:
+    if requested is not None and requested < 1:
+        raise VlmlabelError(f"--batch-size must be at least 1, not {requested}")
+    return requested or default_batch_size(device)
+
+
+def base_attrs(align: Align, image_key: str, used_cache: bool, model_attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes every written reward records besides its formulation."""
+    return {"align": align.value, "image_key": image_key, "embeddings": "cache" if used_cache else "frames",
+            "vlmlabel_version": __version__, **model_attrs}
+
+
+def result_id(identity: dict[str, Any], fingerprint: str) -> str:
+    """Names the rewards a run makes: equal ids, identical rewards. The source's files and their times are
+    left out (an in-place write changes them); what the frames are is in ``fingerprint``."""
+    kept = {k: v for k, v in identity.items() if k not in ("source", "stamp")}
+    text = json.dumps({**kept, "frames": fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# -- open ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpenRun:
+    """Everything decided before the model loads."""
+
+    request: RelabelRequest
+    config: RewardConfig
+    source: CachingSource
+    episodes: list[Episode]
+    destination: Destination
+    names: list[str]
+    raw_names: list[str]
+    work: Path
+    shard: ShardSpec | None
+    fingerprint: str
+    stop: GracefulStop
+
+    @property
+    def all_names(self) -> list[str]:
+        return self.names + self.raw_names
+
+    def identity(self, model: ClipModel, used_cache: bool) -> dict[str, Any]:
+        """Everything that determines the rewards; any change makes saved progress and parts unusable.
+
+        Cached embeddings are float16: rewards from them differ from frame rewards by rounding, so they count
+        as another result."""
+        request = self.request
+        return {
+            "source": str(Path(str(request.source)).absolute()),
+            "stamp": Stamp.of(self.source.paths).as_json(),
+            "frames": self.fingerprint,
+            "layout": self.source.layout,
+            "image_key": self.source.image_key,
+            "align": request.align.value,
+            "goals": self.config.goals,
+            "reward": {k: v for k, v in self.config.to_json().items() if k != "goals"},
+            "model_attrs": model.describe(),
+            "embeddings": "cache" if used_cache else "frames",
+            "local_weights": local_weights(request.model, request.pretrained),
+            "vlmlabel": __version__,
+        }
+
+    def already_written(self, wanted: str) -> bool:
+        """Whether every reward of this run is at the destination, made by a run with the same result id."""
+        found = self.destination.written(self.all_names)
+        return all(n in found and str(found[n].attrs.get(RESULT_ATTR)) == wanted for n in self.all_names)
+
+
+def _shard_for(request: RelabelRequest, source: CachingSource, events: Events) -> ShardSpec | None:
+    shard = request.shard
+    if shard is None or source.seekable:
+        return shard
+    if shard.origin.startswith("SLURM"):
+        events.note(f"{shard.origin}: a stream cannot be split into shards; relabelling the whole dataset")
+        return None
+    raise VlmlabelError("--num-shards needs a dataset that can be read from any row; a --streaming source is "
+                        "relabelled in one (resumable) run")
+
+
+@contextlib.contextmanager
+def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
+    """Open the source and destination and hold the lock; refuse early whatever the write would refuse."""
+    config = request.reward_config()
+    names = reward_names(request.reward_key, len(config.goals))
+    raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
+    check_names(names + raw_names, [])
+    if request.checkpoint_every < 1:
+        raise VlmlabelError(f"--checkpoint-every must be at least 1 frame, not {request.checkpoint_every}")
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_source(str(request.source), request.image_key, request.split,
+                                                 request.revision, request.streaming))
+        shard = _shard_for(request, source, events)
+        episodes = source.episodes(request.align)
+        destination = destination_for(source, request.output, episodes)
+        work = work_dir(destination.path, request.reward_key)
+        check_names([], [work.name, dest_lock(destination.path).name])
+        run = OpenRun(request, config, source, episodes, destination, names, raw_names, work, shard,
+                      content_fingerprint(source), GracefulStop())
+        yield run
+
+
+def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) -> None:
+    """The destination's own checks, then the lock (shards lock their own part) and the graceful stop."""
+    request, shard = run.request, run.shard
+    run.destination.check(run.all_names, request.overwrite)
+    dest = run.destination.path
+    lock = run.work / f"{shard.name}.lock" if shard else dest_lock(dest)
+    stack.enter_context(RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note))
+    stack.enter_context(run.stop)
+
+
+# -- score --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Raw scores of episodes [lo, hi), one (steps, goals) array each."""
+
+    lo: int
+    hi: int
+    raw: list[np.ndarray]
+    seconds: float
+    resumed: int
+    batch_size: int
+    used_cache: bool
+
+
+def score_from_cache(run: OpenRun, match: cache.CacheMatch, score_fn: Any, model: ClipModel,
+                     events: Events) -> Scored:
+    events.start(sum(e.steps for e in run.episodes))
+    result = cache.score_cached(run.source, match, run.episodes, score_fn, model.device, events.on_progress)
+    return Scored(0, len(run.episodes), result.rewards, result.seconds, 0, 0, True)
+
+
+def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoint: Checkpoint,
+                 events: Events) -> Scored:
+    """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes."""
+    steps = [e.steps for e in run.episodes]
+    bounds = np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).tolist()
+    lo, hi = plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
+    span = score_span(run.source, scorer, run.episodes,
+                      lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
+                      batch_size, checkpoint, run.stop, run.request.restart, run.request.checkpoint_every,
+                      events.on_start, events.on_progress, events.on_note)
+    raw = [span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)]
+    return Scored(lo, hi, raw, span.seconds, span.resumed, span.batch_size, False)
+
+
+# -- commit -------------------------------------------------------------------------------------------
+
+
+def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray], names: list[str],
+           raw_names: list[str], logit_scale: float, common: dict[str, Any], overwrite: bool
+           ) -> tuple[Path, list[np.ndarray]]:
+    """Post-process, record provenance and write every reward column in one atomic step."""
+    final = config.postprocess(raw)
+    columns = []
+    for goal_index, name in enumerate(names):
+        attrs = {**config.attrs(goal_index, logit_scale), **common}
+        columns.append(RewardColumn(name, [f[:, goal_index] for f in final], attrs))
+        if raw_names:
+            raw_attrs = {**attrs, "formula": attrs["formula"].split(" -> ")[0], "raw_of": name}
+            columns.append(RewardColumn(raw_names[goal_index], [r[:, goal_index] for r in raw], raw_attrs))
+            attrs["raw_key"] = raw_names[goal_index]
+    return destination.write(columns, overwrite), final
+
+
+def _push(run: OpenRun, written: Path) -> None:
+    if run.request.push_to_hub:
+        from vlmlabel.destinations.hub import push
+
+        push(written, family_of(run.source).push_as_dataset, run.request.push_to_hub)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None = None,
+                 on_progress: Callable[[int], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> Summary:
+    """Score every step (or one shard's) and write the rewards (or save the shard's part).
+
+    The source is only read. Progress is saved beside the destination so a killed run resumes, and a
+    lock keeps a second run off it. A run whose identical rewards are already written does nothing.
+    """
+    events = Events(on_start, on_progress, on_note)
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    batch_size = _batch_size(request.batch_size, device)
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(open_run(request, events))
+        # Rewards already there with a result id may be this very run's (a rerun, a requeued job): telling needs
+        # the model's description, so only then do the checks that would refuse them wait for the model.
+        present = run.destination.written(run.all_names)
+        maybe_done = all(n in present and RESULT_ATTR in present[n].attrs for n in run.all_names)
+        if not maybe_done:
+            _checks_and_lock(run, stack, events)
+        model = load_model(request.model, request.pretrained, device, precision)
+        match: cache.CacheMatch | str = "--no-cache"
+        if request.use_cache and run.shard is None:  # shards score frames, like every other shard
+            match = cache.find(run.source, run.episodes, model, run.fingerprint)
+        identity = run.identity(model, isinstance(match, cache.CacheMatch))
+        wanted = result_id(identity, run.fingerprint)
+        if maybe_done and run.already_written(wanted):
+            events.note(f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
+                        "(same frames, goals, model and formulation); nothing to do")
+            return FinishedSummary(run.destination.path, run.names)
+        if maybe_done:
+            _checks_and_lock(run, stack, events)
+        if request.compile:
+            model.compile_image_tower()
+        score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale)
+        if isinstance(match, cache.CacheMatch):
+            return _commit_run(run, model, score_from_cache(run, match, score_fn, model, events), wanted,
+                               "using cached embeddings")
+        numerics = run_numerics(device)
+        if run.shard and _part_done(shard_result(run.work, run.shard), identity, numerics, events):
+            return _shard_summary(run, 0.0, True)
+        checkpoint = Checkpoint(run.work / (f"{run.shard.name}.progress" if run.shard else "progress"),
+                                identity, numerics, len(run.config.goals), on_note)
+        try:
+            scored = score_frames(run, FrameScorer(model, run.config.goals, score_fn), batch_size, checkpoint, events)
+            if run.shard:
+                _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
+                                                 model.logit_scale, _common_attrs(run, model, scored, wanted),
+                                                 request.align.value, run.source.image_key, wanted))
+                summary: Summary = _shard_summary(run, scored.seconds, False)
+            else:
+                summary = _commit_run(run, model, scored, wanted, str(match))
+        except VlmlabelError:
+            # Bad input or a changed source: what was saved cannot serve a rerun. Signals and OS errors keep it.
+            checkpoint.discard()
+            _remove_if_empty(run.work)
+            raise
+        checkpoint.discard()
+        _remove_if_empty(run.work)
+        return summary
+
+
+def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -> dict[str, Any]:
+    return {**base_attrs(run.request.align, run.source.image_key, scored.used_cache, model.describe()),
+            RESULT_ATTR: wanted}
+
+
+def _commit_run(run: OpenRun, model: ClipModel, scored: Scored, wanted: str, cache_note: str) -> RelabelSummary:
+    run.source.close()
+    written, final = commit(run.destination, run.config, scored.raw, run.names, run.raw_names, model.logit_scale,
+                            _common_attrs(run, model, scored, wanted), run.request.overwrite)
+    _push(run, written)
+    result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
+    return RelabelSummary(result, written, run.names, run.config.goals, model, run.source.layout,
+                          run.source.image_key, scored.used_cache, cache_note, run.raw_names)
+
+
+def _save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
+    """A shard's end: its raw scores and how they were made, for ``merge``."""
+    assert run.shard is not None
+    episodes = run.episodes[scored.lo:scored.hi]
+    part = np.concatenate(scored.raw) if scored.raw else np.empty((0, len(run.config.goals)), np.float32)
+    write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes],
+                 meta)
+
+
+def _shard_summary(run: OpenRun, seconds: float, already_done: bool) -> ShardSummary:
+    assert run.shard is not None
+    steps = [e.steps for e in run.episodes]
+    lo, hi = plan(steps, run.shard.count)[run.shard.index]
+    return ShardSummary(run.shard, shard_result(run.work, run.shard), hi - lo, sum(steps[lo:hi]), seconds,
+                        already_done)
+
+
+def _part_done(path: Path, identity: dict[str, Any], numerics: dict[str, str], events: Events) -> bool:
+    """Whether this shard's part is already there from the same options (a requeued array task)."""
+    if not path.exists():
+        return False
+    try:
+        meta = read_result(path).meta
+    except VlmlabelError:
+        meta = None
+    if meta is not None and not differences(meta.identity, identity) and meta.numerics == numerics:
+        events.note(f"{path.name} is already done with the same options; nothing to compute")
+        return True
+    events.note(f"{path} was made with other options; computing it again")
+    return False
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+# -- embed --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedRequest:
+    source: Path | str
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    image_key: str | None = None
+    output: Path | None = None
+    overwrite: bool = False  # an existing --output file; a cache already in the file is always replaced
+    batch_size: int | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    split: str = "train"
+    revision: str | None = None
+
+
+@dataclass
+class EmbedSummary:
+    written_to: Path
+    locations: list[str]
+    frames: int
+    dim: int
+    seconds: float
+    model: ClipModel
+    image_key: str
+
+
+def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = None,
+               on_progress: Callable[[int], None] | None = None,
+               on_note: Callable[[str], None] | None = None) -> EmbedSummary:
+    """Store every frame's unit image embedding in the source's cache file (safe write, like rewards)."""
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    batch_size = _batch_size(request.batch_size, device)
+    with open_source(str(request.source), request.image_key, request.split, request.revision) as source, \
+            contextlib.ExitStack() as stack:
+        if source.cache_file is None:
+            raise VlmlabelError(f"{request.source}: a streamed dataset cannot keep an embedding cache; "
+                                "download it (drop --streaming) to make one")
+        target = request.output or source.cache_file
+        base = source.cache_file if source.cache_file.exists() else None
+        _check_embed_target(request, base, target)
+        stamp = Stamp.of(source.paths)
+        fingerprint = content_fingerprint(source)
+        stack.enter_context(RunLock(dest_lock(target), str(target), on_note))
+        plans = cache.plan(source)
+        locations = [source.embedding_location(p.array) for p in plans]
+        model = load_model(request.model, request.pretrained, device, precision)
+        segments = [s for p in plans for s in p.segments]
+        total = sum(len(s) for s in segments)
+        if on_start is not None:
+            on_start(total)
+        start = time.perf_counter()
+        # Embeddings are computed while the copy is written, so memory stays at one batch.
+        blocks = embed_segments(source, model, segments, batch_size, on_progress)
+        indices, stream = cache.cache_stream(source, plans, blocks, model, fingerprint)
+        stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations, strict=True) if p.dense]
+        written = write_file(base, target, indices, True, stamp, remove=stale_rows, stream=stream,
+                             keep_mode=request.output is None)
+        seconds = time.perf_counter() - start
+    return EmbedSummary(written, locations, total, stream.width, seconds, model, source.image_key)
+
+
+def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path) -> None:
+    from vlmlabel.destinations.base import check_folder, check_space
+
+    output = request.output
+    if output is not None:
+        if base is not None and output.exists() and output.resolve() == base.resolve():
+            raise OutputError(f"--output {output} is where the cache already goes; drop --output")
+        if output.is_dir():
+            raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
+        if output.exists() and not request.overwrite:
+            raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+    folder = target.resolve().parent
+    check_folder(folder)
+    check_space(folder, base.stat().st_size if base is not None else 0, "the embedding cache")

@@ -1,1 +1,0 @@
-"""Writers: put rewards next to the data, safely."""
