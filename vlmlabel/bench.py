@@ -38,6 +38,7 @@ from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.preprocess import DevicePreprocess
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, Episode, FrameSource, Segment, open_source
+from vlmlabel.sources.base import FrameBlock
 
 BENCH_GOAL = "a robot arm grasping a red cube"
 EPISODE_STEPS = 500
@@ -212,6 +213,11 @@ class Prefix:
     def __init__(self, source: FrameSource, limit: int):
         self.source, self.limit = source, limit
         self.layout, self.image_key, self.frame_format = source.layout, source.image_key, source.frame_format
+        self.kind, self.seekable = source.kind, source.seekable
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return self.source.paths
 
     def episodes(self, align: Align) -> list[Episode]:
         kept, left = [], self.limit
@@ -229,11 +235,17 @@ class Prefix:
             left -= steps
         return kept
 
-    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator:
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         return self.source.read_blocks(segment, max_rows)
 
     def close(self) -> None:
         self.source.close()
+
+    def __enter__(self) -> Prefix:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- the three paths -----------------------------------------------------------------------------
@@ -247,7 +259,12 @@ def _sync(device: torch.device) -> None:
 def _first_pixels(source: FrameSource, model: ClipModel, batch_size: int) -> torch.Tensor:
     """One batch of the file's frames, preprocessed on the device: the model-only input."""
     batch = next(iter_batches(source, source.episodes(Align.frame), batch_size))
-    frames = as_nchw(batch.frames, batch.form) if batch.form in RAW_AXES else torch.stack(batch.frames)
+    if batch.form in RAW_AXES:
+        assert isinstance(batch.frames, torch.Tensor)  # raw batches hold one uint8 tensor
+        frames = as_nchw(batch.frames, batch.form)
+    else:
+        assert isinstance(batch.frames, list)  # decoded batches hold one tensor per frame
+        frames = torch.stack(batch.frames)
     pixels = DevicePreprocess(model.preprocess, model.device)(frames.to(model.device))
     return pixels.repeat(math.ceil(batch_size / len(pixels)), 1, 1, 1)[:batch_size].contiguous()
 
@@ -281,7 +298,8 @@ def run_naive(model: ClipModel, source: FrameSource, goal: str, batch_size: int)
     transform = model.reference_transform()
     goal_embedding = model.encode_texts([goal])
     axes = source.frame_format.axes
-    out, pending = [], []
+    out: list[np.ndarray] = []
+    pending: list[torch.Tensor] = []
 
     def flush() -> None:
         pixels = torch.stack(pending).to(model.device)

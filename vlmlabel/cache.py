@@ -143,6 +143,7 @@ def score_cached(source: CachingSource, match: CacheMatch, episodes: list[Episod
                 out = np.empty((count, values.shape[1]), dtype=np.float32)
             out[position:position + len(block)] = values
             position += len(block)
+        assert out is not None  # a matched cache holds the rows the episodes need, so at least one block
         scored[array] = out
     steps = []
     for episode in episodes:

@@ -11,7 +11,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -49,10 +49,15 @@ from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import shard_from_options
 from vlmlabel.sources import Align, open_source
 
-try:  # recent Typer vendors click as typer._click
+if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
-except ImportError:  # older Typer runs on click
-    from click.exceptions import UsageError  # type: ignore[no-redef]
+
+    from vlmlabel.run.merge import MergeSummary
+else:
+    try:  # recent Typer vendors click as typer._click
+        from typer._click.exceptions import UsageError
+    except ImportError:  # older Typer runs on click
+        from click.exceptions import UsageError
 
 
 @contextlib.contextmanager
@@ -280,6 +285,7 @@ def relabel(
     if request.shard is not None and request.shard.origin.startswith("SLURM") and dist_env is None:
         _note(f"{request.shard.origin}: scoring shard {request.shard.index} of {request.shard.count} "
               "(pass --num-shards 1 to score the whole file)")
+    run: Callable[..., RelabelSummary | ShardSummary | FinishedSummary | MergeSummary | None]
     if dist_env is not None:
         run = functools.partial(relabel_torchrun, env=dist_env)
     else:

@@ -163,6 +163,7 @@ def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
     for episode in episodes:
         for segment in episode.frames:
             for block in source.read_blocks(segment, batch_size):
+                assert isinstance(block, np.ndarray)  # raw frames are read as arrays
                 if block.shape[1:] != fmt.frame_shape or block.dtype != np.uint8:
                     raise SourceError(f"{segment.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
                                       f"but {source.image_key} has uint8 {fmt.frame_shape}; frames must all match")
@@ -178,6 +179,7 @@ def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
                         yield Batch(buffer.tensor, filled, fmt.axes, buffer)
                         buffer, filled = None, 0
     if filled:
+        assert buffer is not None  # rows were copied into it
         yield Batch(buffer.tensor[:filled], filled, fmt.axes, buffer)
 
 
@@ -256,9 +258,10 @@ class FrameScorer:
         device = self.model.device
         if batch.form in RAW_AXES:
             frames = self._to_device(batch)
-            embeddings = self.model.encode_images(self.preprocess(as_nchw(frames, batch.form)))
+            features = self.model.encode_images(self.preprocess(as_nchw(frames, batch.form)))
             batch.release()  # on the CPU the frames were read in place until now
-            return embeddings
+            return features
+        assert isinstance(batch.frames, list)  # "jpeg" and "decoded" batches hold one tensor per frame
         decoded = decode_jpegs(batch.frames, device) if batch.form == "jpeg" else batch.frames
         # Decoded frames may differ in size: preprocess each size group, keep the original order.
         by_shape: dict[tuple, list[int]] = {}
@@ -277,6 +280,7 @@ class FrameScorer:
     def _to_device(self, batch: Batch) -> torch.Tensor:
         """Copy the batch's uint8 frames to the device and give its host buffer back (not on the CPU)."""
         device = self.model.device
+        assert isinstance(batch.frames, torch.Tensor)  # raw batches hold one uint8 tensor
         if device.type == "cpu":
             return batch.frames
         cuda = device.type == "cuda"

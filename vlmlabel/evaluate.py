@@ -146,6 +146,7 @@ def _reward_values(source: LabelledData, episodes: list[Episode], key: str) -> t
         written = source.reward_keys(episodes[0])
         listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
         raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
+    assert attrs is not None  # values are read only when attrs were found
     return values, attrs
 
 

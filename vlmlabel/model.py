@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -56,7 +56,9 @@ class PreprocessConfig:
     def from_open_clip(cls, cfg: dict[str, Any]) -> PreprocessConfig:
         size = cfg["size"]
         size = (size, size) if isinstance(size, int) else tuple(size[-2:])
-        as3 = lambda v: tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3))  # noqa: E731
+        # mean and std are per RGB channel: three numbers, or one for all three
+        as3 = lambda v: cast(tuple[float, float, float],  # noqa: E731
+                             tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3)))
         return cls(
             size=size,
             mean=as3(cfg["mean"]),
@@ -78,11 +80,22 @@ class PreprocessConfig:
         }
 
 
+class ClipModule(Protocol):
+    """What vlmlabel uses of an open_clip model (``open_clip.CLIP`` or ``CustomTextCLIP``, both torch modules)."""
+
+    visual: torch.nn.Module
+    logit_scale: torch.Tensor
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class ClipModel:
     """A loaded CLIP model on its device, with everything needed to score frames."""
 
-    module: torch.nn.Module
+    module: ClipModule
     tokenizer: Callable[[Sequence[str]], torch.Tensor]
     name: str
     pretrained: str
@@ -106,7 +119,8 @@ class ClipModel:
 
     def compile_image_tower(self) -> None:
         """torch.compile the image tower: a slower start (compilation) for faster batches after it."""
-        self.module.visual = torch.compile(self.module.visual)
+        # torch.compile of a module returns a module (OptimizedModule); its stub types it as any callable
+        self.module.visual = cast(torch.nn.Module, torch.compile(self.module.visual))
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit-norm fp32 embeddings of texts, one row per text."""

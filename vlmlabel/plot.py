@@ -100,7 +100,8 @@ def _strip(frames: list[np.ndarray]) -> np.ndarray:
     for frame in frames:
         height, width = frame.shape[:2]
         size = (max(1, round(width * THUMB_HEIGHT / height)), THUMB_HEIGHT)
-        resized.append(np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)))
+        # Image.BILINEAR is set by setattr at import, so Pillow's types miss it; Image.Resampling needs pillow>=9.1
+        resized.append(np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR)))  # type: ignore[attr-defined]
     gap = np.full((THUMB_HEIGHT, 6, 3), 255, dtype=np.uint8)
     return np.concatenate([part for frame in resized for part in (frame, gap)][:-1], axis=1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from vlmlabel.destinations.base import Destination, RewardColumn, Stamp
 from vlmlabel.sources.base import Episode, FrameSource, SourceKind
@@ -15,11 +16,20 @@ from vlmlabel.sources.base import Episode, FrameSource, SourceKind
 __all__ = ["Destination", "RewardColumn", "Stamp", "destination_for", "destination_path", "family_of"]
 
 
+class DestinationClass(Protocol):
+    """A destination class. Its source is ``Any``: each class takes its own source class, which the registry
+    pairs with it by ``SourceKind`` (something the types cannot say)."""
+
+    def __call__(self, source: Any, output: Path | None, episodes: list[Episode]) -> Destination: ...
+
+    def default_output(self, source: Any) -> Path: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """An output family: how to build its destination, and how ``--push-to-hub`` uploads what it wrote."""
 
-    build: type
+    build: DestinationClass
     push_as_dataset: bool  # through `datasets` (save_to_disk folders); else the files as they are
     what: str  # what the user gets, for `inspect`
 

@@ -59,7 +59,7 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_dead_leftovers(target: Path) -> list[Path]:
     """Remove temporary copies of ``target`` left by runs on this host whose process is gone."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{target.name}.vlmlabel-"
     try:
         entries = list(target.parent.iterdir())

@@ -22,7 +22,7 @@ from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
 from vlmlabel.sources.base import Episode
-from vlmlabel.sources.tables import TableFiles, TableSource
+from vlmlabel.sources.tables import RowFiles, TableSource
 
 OUTPUT_SUFFIX = "-vlmlabel"
 PROVENANCE_KEY = b"vlmlabel"
@@ -151,7 +151,7 @@ class TableCopy:
     def __init__(self, source: TableSource, output: Path | None, episodes: list[Episode]):
         self.source = source
         self.episodes = episodes
-        self.files: TableFiles = source.files
+        self.files: RowFiles = source.files
         self.path = (output or self.default_output(source)).absolute()
         self.stamp = Stamp.of(self.files.paths)
 
@@ -277,7 +277,7 @@ class HubDownloadDestination(TableCopy):
         with atomic.staged(self.path) as tmp:
             tmp.mkdir()
             schema = self.rewrite_all(tmp, columns)
-            state = {"_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+            state: dict[str, object] = {"_format_columns": None, "_format_kwargs": {}, "_format_type": None,
                      "_output_all_columns": False, "_split": self.source.split, "_fingerprint": str(self.source.root)}
             info = dataclasses.asdict(self.source.hub_info) if self.source.hub_info is not None else {}
             write_disk_metadata(tmp, info, state, schema, columns, [t.name for t in self.targets(tmp)])

@@ -192,6 +192,7 @@ class Checkpoint:
             handle.write(rows.tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        assert self._state is not None  # save() checked it before queueing the rows
         self._state["done"] = done
         self._write_state()
 

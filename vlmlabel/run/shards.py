@@ -159,8 +159,13 @@ def read_result(path: Path) -> ShardResult:
     return ShardResult(path, int(match.group(1)), int(match.group(2)), rewards, names, steps, meta)
 
 
+def _shard_numbers(path: Path) -> tuple[int, ...]:
+    match = _SHARD_FILE.fullmatch(path.name)
+    assert match is not None  # only shard result files are sorted
+    return tuple(int(x) for x in match.groups())
+
+
 def list_results(work: Path) -> list[Path]:
     if not work.is_dir():
         return []
-    return sorted((p for p in work.iterdir() if _SHARD_FILE.fullmatch(p.name)),
-                  key=lambda p: tuple(int(x) for x in _SHARD_FILE.fullmatch(p.name).groups()))
+    return sorted((p for p in work.iterdir() if _SHARD_FILE.fullmatch(p.name)), key=_shard_numbers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Segment
+from vlmlabel.sources.base import Align, DatasetSource, Episode, FrameFormat, FrameSource, Segment
 from vlmlabel.sources.hdf5 import HDF5Source
 
 __all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_source"]
@@ -21,7 +21,7 @@ def _is_parquet_file(path: Path) -> bool:
 
 
 def open_source(path: str, image_key: str | None = None, split: str = "train", revision: str | None = None,
-                streaming: bool = False) -> FrameSource:
+                streaming: bool = False) -> DatasetSource:
     """Open a dataset read-only, choosing the reader from what the path is.
 
     An HDF5 file; a LeRobot folder (meta/info.json); a `save_to_disk` folder; a parquet file, folder or

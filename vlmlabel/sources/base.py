@@ -150,6 +150,12 @@ class CachingSource(FrameSource, EmbeddingStore, Protocol):
     """A frame source that also holds an embedding cache."""
 
 
+class DatasetSource(CachingSource, LabelledData, Protocol):
+    """A dataset as ``open_source`` opens it: frames, an embedding cache, and the per-step values written to it."""
+
+    def __enter__(self) -> DatasetSource: ...
+
+
 FINGERPRINT_SAMPLES = 8
 
 

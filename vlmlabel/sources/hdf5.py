@@ -208,7 +208,9 @@ class HDF5Source:
         if len(found) > 1:
             raise SourceError(f"several image datasets in {where}: {', '.join(found)}; choose one with --image-key")
         self.image_key = found[0]
-        self.frame_format = frame_format_of(group[found[0]])
+        fmt = frame_format_of(group[found[0]])
+        assert isinstance(fmt, FrameFormat)  # every candidate was listed for having a frame format
+        self.frame_format = fmt
 
     def _find_key(self, group: h5py.Group, key: str) -> str | None:
         for candidate in (key, f"obs/{key}", f"observations/{key}"):

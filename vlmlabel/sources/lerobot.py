@@ -171,11 +171,14 @@ class LeRobotSource(TableSource):
             return
         if self._video is None:
             self._video = VideoReader(tolerance=0.5 / self.fps)
+        assert self._videos is not None  # set by episodes(), which the segments come from
         episodes, times = self._index["episode_index"], self._index["timestamp"]
         start = segment.start
         while start < segment.stop:
             stop = min(segment.stop, start + max_rows)
-            path, offset = self._videos[int(episodes[start])]  # a segment lies within one episode
+            other = np.flatnonzero(episodes[start:stop] != episodes[start])  # blocks end where an episode does
+            stop = start + int(other[0]) if len(other) else stop
+            path, offset = self._videos[int(episodes[start])]
             yield self._video.frames(path, offset + times[start:stop].astype(np.float64))
             start = stop
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -18,7 +19,7 @@ from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import SourceKind
 from vlmlabel.sources.tables import EPISODE_COLUMNS, READ_BATCH_ROWS, TableSource
 
-Loader = Callable[[list[str] | None], "object"]  # columns -> datasets.IterableDataset
+Loader = Callable[[list[str] | None], Any]  # columns -> datasets.IterableDataset (untyped package)
 
 
 def _short(exc: Exception) -> str:
@@ -81,4 +82,4 @@ def hub_loader(repo_id: str, split: str, revision: str | None) -> Loader:
 def open_streaming(repo_id: str, image_key: str | None, split: str, revision: str | None,
                    load: Loader | None = None) -> TableSource:
     files = StreamFiles(load or hub_loader(repo_id, split, revision), f"{repo_id} (split {split})")
-    return TableSource(files, image_key, SourceKind.stream, repo_id)  # type: ignore[arg-type]
+    return TableSource(files, image_key, SourceKind.stream, repo_id)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -29,6 +29,22 @@ EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
 READ_BATCH_ROWS = 1024
 CACHE_SUFFIX = ".vlmlabel-cache.h5"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+class RowFiles(Protocol):
+    """Where a table's rows come from: its files (``TableFiles``) or a stream (``streaming.StreamFiles``)."""
+
+    @property
+    def paths(self) -> tuple[Path, ...]: ...
+
+    @property
+    def fmt(self) -> str: ...
+
+    def schema(self) -> pa.Schema: ...
+
+    def rows_per_file(self) -> list[int]: ...
+
+    def batches(self, columns: list[str], batch_rows: int = ...) -> Iterator[pa.RecordBatch]: ...
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ class ColumnCursor:
             while self._chunk_stop <= start:
                 self._advance()
             take = min(stop, self._chunk_stop) - start
+            assert self._chunk is not None  # set by _advance: _chunk_stop > start >= 0
             parts.append(self._chunk.slice(start - self._chunk_start, take))
             start += take
         return parts
@@ -144,7 +161,7 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
 class TableSource:
     """A table of rows with an image column, read-only (see module docstring)."""
 
-    def __init__(self, files: TableFiles, image_key: str | None, kind: SourceKind, root: Path | str,
+    def __init__(self, files: RowFiles, image_key: str | None, kind: SourceKind, root: Path | str,
                  base: Path | None = None, cache_file: Path | None = None):
         self.files, self.kind, self.root, self.base = files, kind, root, base
         self.layout = kind.value

@@ -9,6 +9,7 @@ FFmpeg's ``rgb24`` conversion, as LeRobot's PyAV backend does.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -22,7 +23,7 @@ class VideoReader:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
         self._path: Path | None = None
-        self._container = None
+        self._container: av.container.InputContainer | None = None
 
     def _fail(self, exc: Exception) -> SourceError:
         return SourceError(f"video {self._path} cannot be decoded ({exc}); re-encode or replace the file")
@@ -54,7 +55,8 @@ class VideoReader:
         """RGB uint8 frames (N, H, W, 3) of ``path`` nearest to each time in ``times`` (seconds)."""
         if path != self._path or self._container is None:
             self._open(path)
-        out, converted = [], (None, None)
+        out: list[np.ndarray] = []
+        converted: tuple[object, Any] = (None, None)  # (frame, its RGB array) last converted
         for target in times.tolist():
             if self._prev is not None and target < self._prev[0] - self.tolerance:
                 self._open(path)

@@ -1,0 +1,224 @@
+"""One storage suite, every backend: each case runs on every entry of ``tests.storage_backends.BACKENDS``.
+
+Cases: rewards equal open_clip's own reference; kill -9 then rerun equals an uninterrupted run bit for
+bit; 3 shards + merge equal a single run (and merge refuses a missing shard); torchrun with 2 CPU ranks
+equals a single run; rerunning a finished job exits 0 and changes nothing; the embedding cache; evaluate
+and plot on the output; and the source byte-identical afterwards, with nothing left beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.cluster_files import ROOT, env
+from tests.storage_backends import BACKENDS, Case, tree_digest
+from vlmlabel.cli import app
+from vlmlabel.errors import VlmlabelError
+from vlmlabel.run.lifecycle import (
+    EmbedRequest,
+    FinishedSummary,
+    RelabelRequest,
+    RelabelSummary,
+    embed_file,
+    relabel_file,
+)
+from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.shards import ShardSpec, shard_result, work_dir
+
+GOALS = ["a red cube on the table", "an empty table"]
+NAMES = ["vlm_reward_0", "vlm_reward_1"]
+BATCH = 4
+runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def case(request, tmp_path) -> Case:
+    root = tmp_path / request.param
+    root.mkdir()
+    return BACKENDS[request.param](root)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """open_clip's own pipeline: its PIL preprocess per frame, fp32, cosine with each goal."""
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+
+    def score(frames: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
+            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+            text = torch.nn.functional.normalize(model.encode_text(tokenizer(GOALS)), dim=-1)
+        return (image @ text.T).numpy()
+
+    return score
+
+
+def request_for(case: Case, model: Path, tag: str, **overrides) -> RelabelRequest:
+    fields = dict(source=case.source, goals=GOALS, model=str(model), image_key=case.image_key, device="cpu",
+                  batch_size=BATCH, output=case.output(tag))
+    fields.update(overrides)
+    return RelabelRequest(**fields)
+
+
+def read_all(case: Case, dest: Path) -> np.ndarray:
+    return np.stack([case.read(dest, name) for name in NAMES], axis=1)
+
+
+def cli_args(case: Case, model: Path, tag: str, *extra: str) -> list[str]:
+    return ["relabel", str(case.source), "--goal", GOALS[0], "--goal", GOALS[1], "--model", str(model),
+            "--image-key", case.image_key, "--device", "cpu", "--batch-size", str(BATCH),
+            "--output", str(case.output(tag)), *extra]
+
+
+def neighbours(case: Case) -> set[str]:
+    return {p.name for p in case.source.parent.iterdir()}
+
+
+def test_rewards_equal_open_clip_reference_and_source_untouched(case, tiny_model_dir, reference):
+    before, beside = tree_digest(case.source), neighbours(case)
+    summary = relabel_file(request_for(case, tiny_model_dir, "single"))
+    assert isinstance(summary, RelabelSummary)
+    got = read_all(case, summary.written_to)
+    assert got.dtype == np.float32 and len(got) == sum(case.steps)
+    # Device preprocessing equals PIL's within uint8 rounding: a tiny random model's cosine moves very little.
+    np.testing.assert_allclose(got, reference(case.frames), atol=2e-3)
+    assert tree_digest(case.source) == before
+    assert neighbours(case) == beside | {summary.written_to.name}  # no progress, lock or staging left
+
+
+def _state(dest: Path) -> dict | None:
+    try:
+        return json.loads((work_dir(dest, "vlm_reward") / "progress" / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _subprocess(case: Case, model: Path, tag: str, *extra: str, delay: str = "") -> subprocess.Popen:
+    args = [sys.executable, "-m", "vlmlabel", *cli_args(case, model, tag, "--checkpoint-every", "4", "--quiet",
+                                                        *extra)]
+    return subprocess.Popen(args, cwd=ROOT, env=env(VLMLABEL_TEST_BATCH_DELAY=delay), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.subprocess
+def test_kill9_then_rerun_equals_an_uninterrupted_run(case, tiny_model_dir):
+    before = tree_digest(case.source)
+    uninterrupted = relabel_file(request_for(case, tiny_model_dir, "whole"))
+    dest = case.output("killed")
+    proc = _subprocess(case, tiny_model_dir, "killed", delay="0.1")
+    deadline = time.monotonic() + 90
+    while (_state(dest) or {}).get("done", 0) < BATCH * 2:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the run saved no progress in time"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not dest.exists()
+    assert tree_digest(case.source) == before
+    rerun = _subprocess(case, tiny_model_dir, "killed")
+    assert rerun.wait(timeout=120) == 0, rerun.stderr.read()
+    np.testing.assert_array_equal(read_all(case, dest), read_all(case, uninterrupted.written_to))
+    assert not work_dir(dest, "vlm_reward").exists()
+    assert tree_digest(case.source) == before
+
+
+def test_three_shards_and_merge_equal_a_single_run(case, tiny_model_dir):
+    before = tree_digest(case.source)
+    single = relabel_file(request_for(case, tiny_model_dir, "single"))
+    dest = case.output("sharded")
+    for index in range(3):
+        relabel_file(request_for(case, tiny_model_dir, "sharded", shard=ShardSpec(index, 3)))
+    part = shard_result(work_dir(dest, "vlm_reward"), ShardSpec(1, 3))
+    kept = part.read_bytes()
+    part.unlink()
+    with pytest.raises(VlmlabelError, match="missing shard"):
+        merge_shards(case.source, "vlm_reward", dest, image_key=case.image_key)
+    part.write_bytes(kept)
+    merged = merge_shards(case.source, "vlm_reward", dest, image_key=case.image_key)
+    assert merged.shards == 3 and merged.written_to == dest
+    np.testing.assert_array_equal(read_all(case, dest), read_all(case, single.written_to))
+    assert not work_dir(dest, "vlm_reward").exists()
+    assert tree_digest(case.source) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.subprocess
+def test_torchrun_two_cpu_ranks_equal_a_single_run(case, tiny_model_dir):
+    before = tree_digest(case.source)
+    single = relabel_file(request_for(case, tiny_model_dir, "single"))
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", "vlmlabel", *cli_args(case, tiny_model_dir, "torchrun")]
+    done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 shards merged" in done.stdout
+    np.testing.assert_array_equal(read_all(case, case.output("torchrun")), read_all(case, single.written_to))
+    assert tree_digest(case.source) == before
+
+
+def test_rerun_of_a_finished_job_exits_0_and_changes_nothing(case, tiny_model_dir):
+    first = runner.invoke(app, cli_args(case, tiny_model_dir, "out", "--quiet"))
+    assert first.exit_code == 0, first.output
+    written = tree_digest(case.output("out"))
+    again = runner.invoke(app, cli_args(case, tiny_model_dir, "out"), terminal_width=300)
+    assert again.exit_code == 0, again.output
+    assert "already written" in again.output
+    assert tree_digest(case.output("out")) == written
+    summary = relabel_file(request_for(case, tiny_model_dir, "out"))
+    assert isinstance(summary, FinishedSummary)
+    other = runner.invoke(app, [*cli_args(case, tiny_model_dir, "out", "--quiet"), "--reward", "contrastive",
+                                "--negative", "a dog"], terminal_width=300)
+    assert other.exit_code == 2 and "--overwrite" in other.output  # rewards made differently are not replaced
+    assert tree_digest(case.output("out")) == written
+
+
+def test_embedding_cache_serves_relabel(case, tiny_model_dir):
+    before = tree_digest(case.source)
+    frames = relabel_file(request_for(case, tiny_model_dir, "frames", use_cache=False))
+    embedded = embed_file(EmbedRequest(source=case.source, model=str(tiny_model_dir), image_key=case.image_key,
+                                       device="cpu", batch_size=BATCH))
+    assert embedded.frames >= sum(case.steps)
+    cached = relabel_file(request_for(case, tiny_model_dir, "cached"))
+    assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
+    # float16 embeddings: rewards equal to float16 rounding.
+    np.testing.assert_allclose(read_all(case, cached.written_to), read_all(case, frames.written_to), atol=2e-3)
+    if case.source.suffix == ".h5":
+        return  # an HDF5 file keeps its cache inside itself: embed changes it by design
+    assert tree_digest(case.source) == before
+
+
+def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path):
+    summary = relabel_file(request_for(case, tiny_model_dir, "out"))
+    dest = str(summary.written_to)
+    report = runner.invoke(app, ["evaluate", dest, "--reward-key", "vlm_reward_0", "--against", case.reference_key,
+                                 "--image-key", case.image_key, "--no-blank", "--json"])
+    assert report.exit_code == 0, report.output
+    parsed = json.loads(report.output)
+    assert parsed["steps"] == sum(case.steps) and parsed["episodes"] == len(case.steps)
+    assert parsed["against"] == case.reference_key
+    picture = tmp_path / "rewards.png"
+    drawn = runner.invoke(app, ["plot", dest, "--reward-key", "vlm_reward", "--image-key", case.image_key,
+                                "--output", str(picture)])
+    assert drawn.exit_code == 0, drawn.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
