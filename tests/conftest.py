@@ -49,3 +49,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    """open_clip's own pipeline, the oracle: its PIL preprocess per frame, fp32, cosine with each goal."""
+    import open_clip
+    from PIL import Image
+
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
+
+    def score(frames: np.ndarray, goals: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
+            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+            text = torch.nn.functional.normalize(model.encode_text(tokenizer(goals)), dim=-1)
+        return (image @ text.T).numpy()
+
+    return score

@@ -8,11 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.cluster_files import ROOT, env, make_dataset, read_attrs, read_rewards
 from vlmlabel.run.distributed import TorchrunEnv, rank_device, torchrun_env
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.run.shards import work_dir
+
+pytestmark = pytest.mark.subprocess
 
 
 def _free_port() -> int:

@@ -402,3 +402,30 @@ def test_source_changed_during_scoring_writes_nothing(tmp_path, tiny_model_dir):
     with pytest.raises(OutputError, match="changed while rewards were computed"):
         relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1]), on_progress=touch)
     assert [p.name for p in tmp_path.iterdir()] == ["float_chw.parquet"], "output or staging left behind"
+
+
+def test_streaming_run_interrupted_resumes_to_the_same_rewards(fake_hub, tiny_model_dir, tmp_path):
+    """A stream cannot seek, but its saved progress still serves: the rerun skips what was scored."""
+    def request():
+        return RelabelRequest(source=Path(HUB_ID), goals=GOALS, model=str(tiny_model_dir), device="cpu",
+                              streaming=True, batch_size=2, checkpoint_every=2)
+
+    whole = relabel_file(request())
+    expected = pq.read_table(whole.written_to)
+    whole.written_to.unlink()
+    done = []
+
+    def stop_after_some(count: int) -> None:
+        done.append(count)
+        if sum(done) >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        relabel_file(request(), on_progress=stop_after_some)
+    assert not whole.written_to.exists()
+    notes = []
+    resumed = relabel_file(request(), on_note=notes.append)
+    assert resumed.result.resumed >= 6 and any("resuming" in n for n in notes)
+    got = pq.read_table(resumed.written_to)
+    for name in ("vlm_reward_0", "vlm_reward_1"):
+        np.testing.assert_array_equal(got.column(name).to_numpy(), expected.column(name).to_numpy())

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-import open_clip
 import pytest
-import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from tests import layouts
@@ -20,23 +17,6 @@ GOALS = ["a red block on a plate", "the drawer is open"]
 
 def run_cli(*args: str):
     return runner.invoke(app, list(args), terminal_width=200)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """open_clip's reference pipeline: PIL preprocess per frame, fp32, cosine with the goal."""
-    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
-
-    def score(frames: np.ndarray, goals: list[str]) -> np.ndarray:
-        with torch.no_grad():
-            pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
-            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
-            text = torch.nn.functional.normalize(model.encode_text(tokenizer(goals)), dim=-1)
-        return (image @ text.T).numpy()
-
-    return score
 
 
 def read_rewards(lf: layouts.LayoutFile, name: str) -> list[np.ndarray]:

@@ -24,6 +24,8 @@ from vlmlabel.run.checkpoint import Checkpoint
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.run.shards import dest_lock, work_dir
 
+pytestmark = pytest.mark.subprocess
+
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -17,10 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from tests.cluster_files import ROOT, env
@@ -53,23 +50,6 @@ def case(request, tmp_path) -> Case:
     return BACKENDS[request.param](root)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """open_clip's own pipeline: its PIL preprocess per frame, fp32, cosine with each goal."""
-    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_model_dir}")
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model_dir}")
-
-    def score(frames: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
-            image = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
-            text = torch.nn.functional.normalize(model.encode_text(tokenizer(GOALS)), dim=-1)
-        return (image @ text.T).numpy()
-
-    return score
-
-
 def request_for(case: Case, model: Path, tag: str, **overrides) -> RelabelRequest:
     fields = dict(source=case.source, goals=GOALS, model=str(model), image_key=case.image_key, device="cpu",
                   batch_size=BATCH, output=case.output(tag))
@@ -98,7 +78,7 @@ def test_rewards_equal_open_clip_reference_and_source_untouched(case, tiny_model
     got = read_all(case, summary.written_to)
     assert got.dtype == np.float32 and len(got) == sum(case.steps)
     # Device preprocessing equals PIL's within uint8 rounding: a tiny random model's cosine moves very little.
-    np.testing.assert_allclose(got, reference(case.frames), atol=2e-3)
+    np.testing.assert_allclose(got, reference(case.frames, GOALS), atol=2e-3)
     assert tree_digest(case.source) == before
     assert neighbours(case) == beside | {summary.written_to.name}  # no progress, lock or staging left
 

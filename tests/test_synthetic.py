@@ -15,6 +15,8 @@ from tools.synthetic.train import TrainConfig, contrastive_loss, sample_batch, t
 from vlmlabel.cli import app
 from vlmlabel.model import load_model
 
+pytestmark = pytest.mark.slow
+
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 SAMPLE_MODEL = SAMPLE_DATA / "reach-clip"
 SAMPLE_REACH = SAMPLE_DATA / "reach.h5"

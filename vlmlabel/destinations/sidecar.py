@@ -14,21 +14,15 @@ import pyarrow.parquet as pq
 
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
-from vlmlabel.destinations.tables import OUTPUT_SUFFIX, TableCopy, reward_schema
-from vlmlabel.sources.tables import TableSource
+from vlmlabel.destinations.tables import HubCopy, reward_schema
 
 SIDECAR_KEYS = ("episode_index", "frame_index", "index")
 
 
-class SidecarDestination(TableCopy):
+class SidecarDestination(HubCopy):
     """``./NAME-vlmlabel.parquet``: the keys and the rewards, nothing of the stream itself."""
 
-    @staticmethod
-    def default_output(source: TableSource) -> Path:
-        return Path.cwd() / f"{str(source.root).split('/')[-1]}{OUTPUT_SUFFIX}.parquet"
-
-    def local_root(self) -> Path | None:
-        return None
+    suffix = ".parquet"
 
     def targets(self, root: Path) -> list[Path]:
         return [root]

@@ -259,15 +259,21 @@ class DiskDestination(TableCopy):
         return self.path
 
 
-class HubDownloadDestination(TableCopy):
-    """A Hub dataset's split (from the `datasets` cache) written as a ``save_to_disk`` folder ``./NAME-vlmlabel``."""
+class HubCopy(TableCopy):
+    """Output of a Hub dataset: in the working folder, ``./NAME-vlmlabel`` plus ``suffix``; nothing local to overlap."""
 
-    @staticmethod
-    def default_output(source: TableSource) -> Path:
-        return Path.cwd() / f"{str(source.root).split('/')[-1]}{OUTPUT_SUFFIX}"
+    suffix = ""
+
+    @classmethod
+    def default_output(cls, source: TableSource) -> Path:
+        return Path.cwd() / f"{str(source.root).split('/')[-1]}{OUTPUT_SUFFIX}{cls.suffix}"
 
     def local_root(self) -> Path | None:
         return None
+
+
+class HubDownloadDestination(HubCopy):
+    """A Hub dataset's split (from the `datasets` cache) written as a ``save_to_disk`` folder ``./NAME-vlmlabel``."""
 
     def targets(self, root: Path) -> list[Path]:
         count = len(self.files.paths)

@@ -31,6 +31,7 @@ class StreamFiles:
 
     paths: tuple[Path, ...] = ()
     fmt = "stream"
+    seekable = False
 
     def __init__(self, load: Loader, name: str):
         self._load, self._name = load, name

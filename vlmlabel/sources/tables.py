@@ -40,6 +40,9 @@ class RowFiles(Protocol):
     @property
     def fmt(self) -> str: ...
 
+    @property
+    def seekable(self) -> bool: ...
+
     def schema(self) -> pa.Schema: ...
 
     def rows_per_file(self) -> list[int]: ...
@@ -53,6 +56,7 @@ class TableFiles:
 
     paths: tuple[Path, ...]
     fmt: str  # "arrow" | "parquet"
+    seekable = True  # rows can be read from anywhere (a stream cannot)
 
     def _schema_of(self, path: Path) -> pa.Schema:
         handle = self._open(path)
@@ -165,7 +169,7 @@ class TableSource:
                  base: Path | None = None, cache_file: Path | None = None):
         self.files, self.kind, self.root, self.base = files, kind, root, base
         self.layout = kind.value
-        self.seekable = kind is not SourceKind.stream
+        self.seekable = files.seekable
         self.cache_file = cache_file
         self.hub_info: Any = None  # the `datasets` DatasetInfo of a Hub download
         self.split: str | None = None
