@@ -213,7 +213,7 @@ class Prefix:
     def __init__(self, source: FrameSource, limit: int):
         self.source, self.limit = source, limit
         self.layout, self.image_key, self.frame_format = source.layout, source.image_key, source.frame_format
-        self.kind, self.seekable = source.kind, source.seekable
+        self.kind, self.seekable, self.cameras = source.kind, source.seekable, source.cameras
 
     @property
     def paths(self) -> tuple[Path, ...]:

@@ -31,10 +31,10 @@ from typer.core import TyperGroup
 from vlmlabel import __version__
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
-from vlmlabel.errors import Interrupted, VlmlabelError
+from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL
-from vlmlabel.rewards import Normalize, RewardMode, Shaping
+from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
     EmbedRequest,
@@ -182,7 +182,14 @@ def relabel(
         show_default=False)],
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
-    image_key: ImageKeyOpt = None,
+    image_key: Annotated[list[str] | None, typer.Option(
+        "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
+                            "auto-detected when omitted. Repeat for several cameras: each is scored, "
+                            "--camera-reduce combines them, and each camera's scores are kept as NAME_cam_CAMERA.",
+        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+    camera_reduce: Annotated[CameraReduce, typer.Option(
+        help="With several --image-key: how the cameras' scores make the reward.", rich_help_panel=MODEL_PANEL)]
+    = CameraReduce.mean,
     reward: Annotated[RewardMode, typer.Option(
         help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
              "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
@@ -275,6 +282,7 @@ def relabel(
     ).validate()
     request = RelabelRequest(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
+        camera_reduce=camera_reduce,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
@@ -538,8 +546,14 @@ def plot(
 @_exit_on_error
 def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = "train",
             revision: RevisionOpt = None, streaming: StreamingOpt = False) -> None:
-    """Show the detected layout, image key, frame format, episodes and frames."""
-    with open_source(str(source), image_key, split, revision, streaming) as opened:
+    """Show the detected layout, cameras, frame format, episodes and frames."""
+    try:
+        opened = open_source(str(source), image_key, split, revision, streaming)
+    except SeveralCameras as several:
+        _note(f"{len(several.cameras)} cameras; showing {several.cameras[0]} (choose with --image-key; relabel "
+              "scores several with --image-key A --image-key B)")
+        opened = open_source(str(source), several.cameras[0], split, revision, streaming)
+    with opened:
         episodes = opened.episodes(Align.frame)
         steps = [e.steps for e in episodes]
         table = Table(title=str(source), show_header=False, title_justify="left")
@@ -547,6 +561,7 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = 
         table.add_column("value")
         table.add_row("layout", opened.layout)
         table.add_row("image key", opened.image_key)
+        table.add_row("cameras", ", ".join(opened.cameras) or opened.image_key)
         table.add_row("frames", opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")

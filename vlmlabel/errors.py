@@ -13,6 +13,17 @@ class SourceError(VlmlabelError):
     """The dataset cannot be read the way it was asked to be read."""
 
 
+MULTI_CAMERA = "choose one with --image-key, or score several with --image-key A --image-key B"
+
+
+class SeveralCameras(SourceError):
+    """The dataset has several image streams and none was named; ``cameras`` lists them."""
+
+    def __init__(self, message: str, cameras: list[str]):
+        super().__init__(message)
+        self.cameras = cameras
+
+
 class ModelError(VlmlabelError):
     """The model, its weights or its tokenizer cannot be loaded."""
 

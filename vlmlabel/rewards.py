@@ -42,6 +42,23 @@ class Normalize(str, enum.Enum):
     minmax = "minmax"
 
 
+class CameraReduce(str, enum.Enum):
+    """How the scores of several cameras make one reward."""
+
+    mean = "mean"
+    max = "max"
+    min = "min"
+
+
+def combine_cameras(scores: np.ndarray, how: CameraReduce) -> np.ndarray:
+    """(steps, cameras, goals) scores -> (steps, goals): each step's scores reduced over the cameras."""
+    if how is CameraReduce.max:
+        return scores.max(axis=1).astype(np.float32)
+    if how is CameraReduce.min:
+        return scores.min(axis=1).astype(np.float32)
+    return scores.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
 def prompt_average(text_embeddings: torch.Tensor, renormalize: bool = True) -> torch.Tensor:
     """Mean of one concept's prompt embeddings (a prompt ensemble); unit-norm again unless told not to."""
     mean = text_embeddings.float().mean(dim=0)

@@ -81,7 +81,7 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
         if all(finished for _, finished in outcomes):
             return summary if isinstance(summary, FinishedSummary) else None
         return merge_shards(request.source, request.reward_key, request.output, request.overwrite, on_note,
-                            count=env.world_size, image_key=request.image_key, split=request.split,
+                            count=env.world_size, image_key=request.image_keys()[0], split=request.split,
                             revision=request.revision)
     finally:
         dist.destroy_process_group()

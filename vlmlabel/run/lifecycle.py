@@ -32,13 +32,15 @@ from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
+from vlmlabel.rewards import CameraReduce
+from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import Checkpoint, differences, local_weights, run_numerics
 from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
 from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_result, shard_result, work_dir, write_result
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import CachingSource, Episode, content_fingerprint
+from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, content_fingerprint
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -68,7 +70,7 @@ class RelabelRequest:
     goals: list[str]
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
-    image_key: str | None = None
+    image_key: str | list[str] | None = None  # several: each camera scored, combined by ``camera_reduce``
     reward_key: str = DEFAULT_REWARD_KEY
     output: Path | None = None
     overwrite: bool = False
@@ -76,6 +78,7 @@ class RelabelRequest:
     precision: str = "auto"
     device: str = "auto"
     align: Align = Align.frame
+    camera_reduce: CameraReduce = CameraReduce.mean
     split: str = "train"
     revision: str | None = None
     streaming: bool = False
@@ -91,6 +94,12 @@ class RelabelRequest:
         config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
         return config.validate()
 
+    def image_keys(self) -> list[str | None]:
+        """The cameras asked for, in order, each once; [None] to detect the one there is."""
+        if self.image_key is None or isinstance(self.image_key, str):
+            return [self.image_key]
+        return list(dict.fromkeys(self.image_key)) or [None]
+
 
 @dataclass
 class RelabelSummary:
@@ -104,6 +113,7 @@ class RelabelSummary:
     used_cache: bool = False
     cache_note: str = ""
     raw_names: list[str] = field(default_factory=list)
+    camera_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,19 +173,37 @@ class OpenRun:
 
     request: RelabelRequest
     config: RewardConfig
-    source: CachingSource
-    episodes: list[Episode]
+    sources: list[DatasetSource]  # one per camera
+    camera_episodes: list[list[Episode]]  # the same episodes, reading each camera's frames
+    cameras: Cameras
     destination: Destination
     names: list[str]
     raw_names: list[str]
     work: Path
     shard: ShardSpec | None
-    fingerprint: str
+    fingerprints: list[str]
     stop: GracefulStop
 
     @property
+    def source(self) -> DatasetSource:
+        return self.sources[0]
+
+    @property
+    def episodes(self) -> list[Episode]:
+        return self.camera_episodes[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprints[0] if len(self.fingerprints) == 1 else hashlib.sha256(
+            "".join(self.fingerprints).encode()).hexdigest()[:32]
+
+    @property
     def all_names(self) -> list[str]:
-        return self.names + self.raw_names
+        return self.names + self.raw_names + self.cameras.column_names(self.names)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
 
     def identity(self, model: ClipModel, used_cache: bool) -> dict[str, Any]:
         """Everything that determines the rewards; any change makes saved progress and parts unusable.
@@ -188,7 +216,8 @@ class OpenRun:
             "stamp": Stamp.of(self.source.paths).as_json(),
             "frames": self.fingerprint,
             "layout": self.source.layout,
-            "image_key": self.source.image_key,
+            "image_key": self.source.image_key if not self.cameras.several else list(self.cameras.keys),
+            **self.cameras.attrs(),
             "align": request.align.value,
             "goals": self.config.goals,
             "reward": {k: v for k, v in self.config.to_json().items() if k != "goals"},
@@ -225,15 +254,22 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
     if request.checkpoint_every < 1:
         raise VlmlabelError(f"--checkpoint-every must be at least 1 frame, not {request.checkpoint_every}")
     with contextlib.ExitStack() as stack:
-        source = stack.enter_context(open_source(str(request.source), request.image_key, request.split,
-                                                 request.revision, request.streaming))
+        sources = [stack.enter_context(open_source(str(request.source), key, request.split, request.revision,
+                                                   request.streaming)) for key in request.image_keys()]
+        source = sources[0]
+        cameras = Cameras(tuple(s.image_key for s in sources), CameraReduce(request.camera_reduce))
+        check_names(cameras.column_names(names), [])
         shard = _shard_for(request, source, events)
-        episodes = source.episodes(request.align)
-        destination = destination_for(source, request.output, episodes)
+        camera_episodes = [s.episodes(request.align) for s in sources]
+        for key, episodes in zip(cameras.keys[1:], camera_episodes[1:], strict=True):
+            if [e.steps for e in episodes] != [e.steps for e in camera_episodes[0]]:
+                raise VlmlabelError(f"cameras {cameras.keys[0]} and {key} do not have the same episodes and steps; "
+                                    "score them in separate runs")
+        destination = destination_for(source, request.output, camera_episodes[0])
         work = work_dir(destination.path, request.reward_key)
         check_names([], [work.name, dest_lock(destination.path).name])
-        run = OpenRun(request, config, source, episodes, destination, names, raw_names, work, shard,
-                      content_fingerprint(source), GracefulStop())
+        run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
+                      shard, [content_fingerprint(s) for s in sources], GracefulStop())
         yield run
 
 
@@ -263,43 +299,83 @@ class Scored:
     used_cache: bool
 
 
-def score_from_cache(run: OpenRun, match: cache.CacheMatch, score_fn: Any, model: ClipModel,
+def _side_by_side(per_camera: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per episode, the cameras' (steps, goals) scores as one (steps, cameras x goals) array."""
+    return [np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            for parts in zip(*per_camera, strict=True)]
+
+
+def find_caches(run: OpenRun, model: ClipModel) -> list[cache.CacheMatch] | str:
+    """Every camera's usable cache, or why they cannot all be used."""
+    matches = []
+    for source, episodes, fingerprint in zip(run.sources, run.camera_episodes, run.fingerprints, strict=True):
+        match = cache.find(source, episodes, model, fingerprint)
+        if not isinstance(match, cache.CacheMatch):
+            return match
+        matches.append(match)
+    return matches
+
+
+def score_from_cache(run: OpenRun, matches: list[cache.CacheMatch], score_fn: Any, model: ClipModel,
                      events: Events) -> Scored:
-    events.start(sum(e.steps for e in run.episodes))
-    result = cache.score_cached(run.source, match, run.episodes, score_fn, model.device, events.on_progress)
-    return Scored(0, len(run.episodes), result.rewards, result.seconds, 0, 0, True)
+    events.start(sum(e.steps for e in run.episodes) * len(run.sources))
+    results = [cache.score_cached(source, match, episodes, score_fn, model.device, events.on_progress)
+               for source, match, episodes in zip(run.sources, matches, run.camera_episodes, strict=True)]
+    raw = _side_by_side([r.rewards for r in results])
+    return Scored(0, len(run.episodes), raw, sum(r.seconds for r in results), 0, 0, True)
 
 
-def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoint: Checkpoint,
+def checkpoint_folders(run: OpenRun) -> list[Path]:
+    """Where each camera's progress is saved (the first camera's keeps the one-camera name)."""
+    base = f"{run.shard.name}.progress" if run.shard else "progress"
+    return [run.work / (base if index == 0 else f"{base}-cam{index}") for index in range(len(run.sources))]
+
+
+def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint],
                  events: Events) -> Scored:
-    """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes."""
+    """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes;
+    camera after camera."""
     steps = [e.steps for e in run.episodes]
     bounds = np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).tolist()
     lo, hi = plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
-    span = score_span(run.source, scorer, run.episodes,
-                      lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
-                      batch_size, checkpoint, run.stop, run.request.restart, run.request.checkpoint_every,
-                      events.on_start, events.on_progress, events.on_note)
-    raw = [span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)]
-    return Scored(lo, hi, raw, span.seconds, span.resumed, span.batch_size, False)
+    count = len(run.sources)
+    per_camera, seconds, resumed = [], 0.0, 0
+    for index, (source, episodes, checkpoint) in enumerate(zip(run.sources, run.camera_episodes, checkpoints,
+                                                               strict=True)):
+        start = (lambda total: events.start(total * count)) if index == 0 else None
+        span = score_span(source, scorer, episodes, lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
+                          batch_size, checkpoint, run.stop, run.request.restart, run.request.checkpoint_every,
+                          start, events.on_progress, events.on_note)
+        per_camera.append([span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)])
+        seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
+    return Scored(lo, hi, _side_by_side(per_camera), seconds, resumed, batch_size, False)
 
 
 # -- commit -------------------------------------------------------------------------------------------
 
 
 def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray], names: list[str],
-           raw_names: list[str], logit_scale: float, common: dict[str, Any], overwrite: bool
-           ) -> tuple[Path, list[np.ndarray]]:
-    """Post-process, record provenance and write every reward column in one atomic step."""
-    final = config.postprocess(raw)
+           raw_names: list[str], logit_scale: float, common: dict[str, Any], overwrite: bool,
+           cameras: Cameras) -> tuple[Path, list[np.ndarray]]:
+    """Combine cameras, post-process, record provenance and write every reward column in one atomic step."""
+    goals = len(config.goals)
+    combined = cameras.combine(raw, goals)
+    final = config.postprocess(combined)
     columns = []
     for goal_index, name in enumerate(names):
-        attrs = {**config.attrs(goal_index, logit_scale), **common}
+        attrs = {**config.attrs(goal_index, logit_scale), **common, **cameras.attrs()}
+        formula = attrs["formula"].split(" -> ")[0]  # what raw and per-camera scores are
         columns.append(RewardColumn(name, [f[:, goal_index] for f in final], attrs))
         if raw_names:
-            raw_attrs = {**attrs, "formula": attrs["formula"].split(" -> ")[0], "raw_of": name}
-            columns.append(RewardColumn(raw_names[goal_index], [r[:, goal_index] for r in raw], raw_attrs))
+            raw_attrs = {**attrs, "formula": formula, "raw_of": name}
+            columns.append(RewardColumn(raw_names[goal_index], [r[:, goal_index] for r in combined], raw_attrs))
             attrs["raw_key"] = raw_names[goal_index]
+        per_camera = zip(cameras.keys, cameras.column_names([name]), strict=True) if cameras.several else []
+        for index, (key, column) in enumerate(per_camera):
+            scores = cameras.camera(raw, goals, index)
+            camera_attrs = {**common, **config.attrs(goal_index, logit_scale), "formula": formula,
+                            "image_key": key, "camera_of": name}
+            columns.append(RewardColumn(column, [s[:, goal_index] for s in scores], camera_attrs))
     return destination.write(columns, overwrite), final
 
 
@@ -334,10 +410,10 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         if not maybe_done:
             _checks_and_lock(run, stack, events)
         model = load_model(request.model, request.pretrained, device, precision)
-        match: cache.CacheMatch | str = "--no-cache"
+        match: list[cache.CacheMatch] | str = "--no-cache"
         if request.use_cache and run.shard is None:  # shards score frames, like every other shard
-            match = cache.find(run.source, run.episodes, model, run.fingerprint)
-        identity = run.identity(model, isinstance(match, cache.CacheMatch))
+            match = find_caches(run, model)
+        identity = run.identity(model, not isinstance(match, str))
         wanted = result_id(identity, run.fingerprint)
         if maybe_done and run.already_written(wanted):
             events.note(f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
@@ -348,31 +424,37 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         if request.compile:
             model.compile_image_tower()
         score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale)
-        if isinstance(match, cache.CacheMatch):
+        if not isinstance(match, str):
             return _commit_run(run, model, score_from_cache(run, match, score_fn, model, events), wanted,
                                "using cached embeddings")
         numerics = run_numerics(device)
         if run.shard and _part_done(shard_result(run.work, run.shard), identity, numerics, events):
             return _shard_summary(run, 0.0, True)
-        checkpoint = Checkpoint(run.work / (f"{run.shard.name}.progress" if run.shard else "progress"),
-                                identity, numerics, len(run.config.goals), on_note)
+        checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), on_note)
+                       for folder in checkpoint_folders(run)]
         try:
-            scored = score_frames(run, FrameScorer(model, run.config.goals, score_fn), batch_size, checkpoint, events)
+            scorer = FrameScorer(model, run.config.goals, score_fn)
+            scored = score_frames(run, scorer, batch_size, checkpoints, events)
             if run.shard:
                 _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
                                                  model.logit_scale, _common_attrs(run, model, scored, wanted),
-                                                 request.align.value, run.source.image_key, wanted))
+                                                 request.align.value, list(run.cameras.keys),
+                                                 run.cameras.reduce.value, wanted))
                 summary: Summary = _shard_summary(run, scored.seconds, False)
             else:
                 summary = _commit_run(run, model, scored, wanted, str(match))
         except VlmlabelError:
             # Bad input or a changed source: what was saved cannot serve a rerun. Signals and OS errors keep it.
-            checkpoint.discard()
-            _remove_if_empty(run.work)
+            _discard(checkpoints, run.work)
             raise
-        checkpoint.discard()
-        _remove_if_empty(run.work)
+        _discard(checkpoints, run.work)
         return summary
+
+
+def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
+    for checkpoint in checkpoints:
+        checkpoint.discard()
+    _remove_if_empty(work)
 
 
 def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -> dict[str, Any]:
@@ -381,20 +463,22 @@ def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -
 
 
 def _commit_run(run: OpenRun, model: ClipModel, scored: Scored, wanted: str, cache_note: str) -> RelabelSummary:
-    run.source.close()
+    run.close()
     written, final = commit(run.destination, run.config, scored.raw, run.names, run.raw_names, model.logit_scale,
-                            _common_attrs(run, model, scored, wanted), run.request.overwrite)
+                            _common_attrs(run, model, scored, wanted), run.request.overwrite, run.cameras)
     _push(run, written)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
     return RelabelSummary(result, written, run.names, run.config.goals, model, run.source.layout,
-                          run.source.image_key, scored.used_cache, cache_note, run.raw_names)
+                          ", ".join(run.cameras.keys), scored.used_cache, cache_note, run.raw_names,
+                          run.cameras.column_names(run.names))
 
 
 def _save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
     """A shard's end: its raw scores and how they were made, for ``merge``."""
     assert run.shard is not None
     episodes = run.episodes[scored.lo:scored.hi]
-    part = np.concatenate(scored.raw) if scored.raw else np.empty((0, len(run.config.goals)), np.float32)
+    width = len(run.config.goals) * len(run.sources)
+    part = np.concatenate(scored.raw) if scored.raw else np.empty((0, width), np.float32)
     write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes],
                  meta)
 

@@ -17,6 +17,8 @@ import numpy as np
 from vlmlabel.destinations import Stamp, destination_for, destination_path
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
+from vlmlabel.rewards import CameraReduce
+from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences
 from vlmlabel.run.lifecycle import DEFAULT_REWARD_KEY, RAW_SUFFIX, commit, reward_names
 from vlmlabel.run.locking import RunLock, describe_holder, holder_alive, read_holder
@@ -87,9 +89,9 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             results = [read_result(p) for p in paths]
             _check_complete(results, work)
             meta = results[0].meta
-            if meta.image_key != opened.image_key:
-                raise VlmlabelError(f"the shards read frames from {meta.image_key!r}, not {opened.image_key!r}; "
-                                    f"merge with --image-key {meta.image_key}")
+            if meta.cameras[0] != opened.image_key:
+                raise VlmlabelError(f"the shards read frames from {', '.join(meta.cameras)}, not "
+                                    f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}")
             if Stamp.of(opened.paths).as_json() != meta.identity["stamp"]:
                 raise VlmlabelError(f"the shards were computed from {meta.identity['source']} as it was before; "
                                     f"{source} is another dataset or has changed since — run the shards again")
@@ -99,9 +101,10 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             episodes = opened.episodes(Align(meta.align))
             raw = _gather(episodes, results)
             destination = destination_for(opened, output, episodes)
-            destination.check(names + raw_names, overwrite)
+            cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
+            destination.check(names + raw_names + cameras.column_names(names), overwrite)
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
-                                    overwrite)
+                                    overwrite, cameras)
         shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals,
                         np.concatenate(final))

@@ -116,7 +116,8 @@ class PartMeta:
     logit_scale: float
     base_attrs: dict[str, Any]
     align: str
-    image_key: str
+    cameras: list[str]  # image keys, in the order of the score columns
+    camera_reduce: str
     result_id: str
 
     def to_json(self) -> str:

@@ -98,6 +98,7 @@ class FrameSource(Protocol):
     kind: SourceKind
     layout: str  # the file layout, for messages: "robomimic", "minari", "save_to_disk", "lerobot v3.0", ...
     image_key: str
+    cameras: list[str]  # every image stream of the dataset (``image_key`` is the one read)
     frame_format: FrameFormat
     seekable: bool  # rows can be read in any order without reading those before them (not a stream)
 

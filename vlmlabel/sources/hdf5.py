@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
 from vlmlabel.sources.base import (
     Align,
     Episode,
@@ -133,6 +133,7 @@ class HDF5Source:
     def __init__(self, path: str | Path, image_key: str | None = None):
         self.path = Path(path)
         self.cache_file: Path | None = self.path
+        self.cameras: list[str] = []  # every image dataset found; the frames read are ``image_key``
         if not self.path.exists():
             raise SourceError(f"{self.path} does not exist; check the path")
         if self.path.is_dir():
@@ -191,10 +192,11 @@ class HDF5Source:
 
     def _choose_key(self, group: h5py.Group, image_key: str | None, where: str,
                     candidates: list[str] | None = None) -> None:
+        found = candidates if candidates is not None else _image_candidates(group)
+        self.cameras = found
         if image_key is not None:
             key = self._find_key(group, image_key)
             if key is None:
-                found = candidates if candidates is not None else _image_candidates(group)
                 listed = ", ".join(found) if found else "none"
                 raise SourceError(f"--image-key {image_key!r} not found in {where}; image datasets there: {listed}")
             fmt = frame_format_of(group[key])
@@ -202,11 +204,11 @@ class HDF5Source:
                 raise SourceError(f"{key} in {where} {fmt}")
             self.image_key, self.frame_format = key, fmt
             return
-        found = candidates if candidates is not None else _image_candidates(group)
         if not found:
             self._no_images(group, where)
         if len(found) > 1:
-            raise SourceError(f"several image datasets in {where}: {', '.join(found)}; choose one with --image-key")
+            raise SeveralCameras(f"several image datasets in {where}: {', '.join(found)}; "
+                                 f"{MULTI_CAMERA}", found)
         self.image_key = found[0]
         fmt = frame_format_of(group[found[0]])
         assert isinstance(fmt, FrameFormat)  # every candidate was listed for having a frame format

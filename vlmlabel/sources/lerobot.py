@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind
 from vlmlabel.sources.tables import TableFiles, TableSource, cache_beside, episode_runs
 from vlmlabel.sources.video import VideoReader, probe
@@ -59,6 +59,7 @@ class LeRobotSource(TableSource):
 
     def _choose_key(self, image_key: str | None) -> None:
         found = self._candidates()
+        self.cameras = found
         if image_key is not None:
             matches = [k for k in (image_key, f"{OBSERVATION_PREFIX}images.{image_key}",
                                    f"{OBSERVATION_PREFIX}{image_key}") if k in found]
@@ -70,7 +71,8 @@ class LeRobotSource(TableSource):
             raise SourceError(f"{self.folder}/meta/info.json declares no image or video feature; "
                               "name the frames with --image-key")
         elif len(found) > 1:
-            raise SourceError(f"several cameras in {self.folder}: {', '.join(found)}; choose one with --image-key")
+            raise SeveralCameras(f"several cameras in {self.folder}: {', '.join(found)}; "
+                                 f"{MULTI_CAMERA}", found)
         else:
             image_key = found[0]
         self.image_key = image_key

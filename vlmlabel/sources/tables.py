@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
 from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, step_segments
 from vlmlabel.sources.hdf5 import EMBEDDING_GROUP, read_embedding_meta, read_rows
@@ -191,6 +191,7 @@ class TableSource:
 
     def _choose_key(self, image_key: str | None) -> None:
         found = self._candidates()
+        self.cameras = found
         if image_key is not None and image_key not in self.schema.names:
             raise SourceError(f"--image-key {image_key!r} is not a column of {self.root}; image columns there: "
                               f"{', '.join(found) or 'none'} (all columns: {', '.join(self.schema.names[:20])})")
@@ -199,8 +200,8 @@ class TableSource:
                 raise SourceError(f"no image column found in {self.root} (columns: {', '.join(self.schema.names[:20])})"
                                   "; name the frames with --image-key")
             if len(found) > 1:
-                raise SourceError(f"several image columns in {self.root}: {', '.join(found)}; "
-                                  "choose one with --image-key")
+                raise SeveralCameras(f"several image columns in {self.root}: {', '.join(found)}; "
+                                 f"{MULTI_CAMERA}", found)
             image_key = found[0]
         self.image_key = image_key
         self.frame_format = self._format_of(image_key)
