@@ -15,6 +15,8 @@ from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import create_untrained, save_local_dir
 from vlmlabel.rewards import RewardMode
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only lose from intra-op threads
+
 GOALS = ["a red square", "a blue circle on the left"]
 NEGATIVES = ["a green triangle", "an empty frame", "a dog"]
 TOL = 2e-3

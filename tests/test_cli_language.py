@@ -16,7 +16,8 @@ from vlmlabel.cli import app
 
 runner = CliRunner()
 PANELS = {
-    "Model": ["--model", "--pretrained", "--image-key", "--device", "--precision", "--batch-size", "--compile"],
+    "Model": ["--model", "--pretrained", "--image-key", "--camera-reduce", "--device", "--precision", "--batch-size",
+              "--compile"],
     "Reward": ["--reward", "--goal-template", "--baseline", "--alpha", "--negative", "--threshold", "--shaping",
                "--gamma", "--normalize", "--align", "--cache", "--no-cache"],
     "Output": ["--reward-key", "--output", "--overwrite", "--push-to-hub", "--quiet"],

@@ -13,7 +13,6 @@ Only per-frame formulations apply: shaping and normalisation need whole episodes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import RewardMode
 
 # One frame (H, W), (H, W, C), (C, H, W) or a batch (N, H, W, C), (N, C, H, W); or a list of equal frames.
-Frames = Union[np.ndarray, torch.Tensor, Sequence[np.ndarray], Sequence[torch.Tensor]]
+Frames = np.ndarray | torch.Tensor | Sequence[np.ndarray] | Sequence[torch.Tensor]
 
 _EPISODE_OPTIONS = ("shaping", "gamma", "normalize")
 
@@ -66,7 +65,7 @@ class RewardModel:
         self.config = RewardConfig(goals=goal_list, mode=_reward_mode(reward), templates=list(templates),
                                    baselines=list(baselines), negatives=list(negatives), alpha=float(alpha),
                                    threshold=threshold).validate()
-        resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        resolved = resolve_device(str(device))  # a torch.device is checked like a string
         if batch_size is not None and batch_size < 1:
             raise VlmlabelError(f"batch_size must be at least 1, not {batch_size}")
         self.batch_size = batch_size or default_batch_size(resolved)

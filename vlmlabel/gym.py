@@ -64,6 +64,13 @@ def _check_render_mode(render_mode: str | None, what: str) -> None:
                             "it with render_mode=\"rgb_array\"")
 
 
+def _frame(rendered: Any) -> np.ndarray:
+    if not isinstance(rendered, np.ndarray):
+        raise VlmlabelError(f"env.render() returned {type(rendered).__name__}, not an RGB array; create the env "
+                            "with render_mode=\"rgb_array\"")
+    return rendered
+
+
 class VLMReward(gymnasium.Wrapper):
     """Replace (or add to, or annotate) an env's reward with the CLIP score of its rendered frame.
 
@@ -88,7 +95,7 @@ class VLMReward(gymnasium.Wrapper):
         observation, env_reward, terminated, truncated, info = self.env.step(action)
         self._episode_over = bool(terminated or truncated)
         env_value = float(env_reward)
-        vlm = 0.0 if autoreset else float(self.reward_model(self.env.render())[0])
+        vlm = 0.0 if autoreset else float(self.reward_model(_frame(self.env.render()))[0])
         info = {**info, "env_reward": env_value, "vlm_reward": vlm}
         if autoreset or self.mode == "info":
             reward = env_value
@@ -117,8 +124,7 @@ class VLMRewardVector(VectorWrapper):
         self.reward_model = _reward_model(goal, reward_model, options)
         self._autoreset = np.zeros(env.num_envs, dtype=bool)
 
-    def reset(self, *, seed: int | list[int] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         mask = (options or {}).get("reset_mask")
         if mask is None:
             self._autoreset[:] = False

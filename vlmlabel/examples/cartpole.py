@@ -21,7 +21,8 @@ DEFAULT_GOAL = "a pole standing upright on a cart"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlmlabel.examples.cartpole", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlmlabel.examples.cartpole",
+                                     description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", help="open_clip model, hf-hub:ORG/REPO or a local folder "
                                         "(default: the repository's demo CLIP sample_data/reach-clip)")
     parser.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint file")
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         env.reset(seed=args.seed)
         env.action_space.seed(args.seed)
         for _ in range(args.steps):
-            _, reward, terminated, truncated, info = env.step(env.action_space.sample())
-            vlm_rewards.append(np.array([reward], dtype=np.float32))
+            _, _, terminated, truncated, info = env.step(env.action_space.sample())
+            vlm_rewards.append(np.array([info["vlm_reward"]], dtype=np.float32))
             env_reward_sum += info["env_reward"]
             if terminated or truncated:
                 episodes += 1
