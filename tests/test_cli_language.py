@@ -20,7 +20,7 @@ PANELS = {
               "--compile"],
     "Reward": ["--reward", "--goal-template", "--baseline", "--alpha", "--negative", "--threshold", "--shaping",
                "--gamma", "--normalize", "--align", "--cache", "--no-cache"],
-    "Output": ["--reward-key", "--output", "--overwrite", "--push-to-hub", "--quiet"],
+    "Output": ["--reward-key", "--output", "--overwrite", "--link", "--push-to-hub", "--quiet"],
     "Hugging Face": ["--split", "--revision", "--streaming"],
     "Cluster": ["--restart", "--checkpoint-every", "--num-shards", "--shard-index"],
 }

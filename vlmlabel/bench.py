@@ -214,6 +214,7 @@ class Prefix:
         self.source, self.limit = source, limit
         self.layout, self.image_key, self.frame_format = source.layout, source.image_key, source.frame_format
         self.kind, self.seekable, self.cameras = source.kind, source.seekable, source.cameras
+        self.holds_outputs = source.holds_outputs
 
     @property
     def paths(self) -> tuple[Path, ...]:

@@ -153,7 +153,9 @@ def _exit_on_error(func: F) -> F:
         except OSError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
-        except MemoryError:
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
+                raise
             console.print(Text("error: not enough memory for this run; use smaller --batch-size (or bench "
                                "--frames/--frame-size)", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
@@ -165,6 +167,12 @@ def _exit_on_error(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch reports failed allocations (host or device) as RuntimeError subclasses with these words."""
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "failed to allocate" in text
 
 
 class FramesPerSecond(ProgressColumn):
@@ -245,6 +253,12 @@ def relabel(
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
     streaming: StreamingOpt = False,
+    link: Annotated[bool, typer.Option(
+        "--link", help="New datasets (tables, LeRobot): hard-link files carried over unchanged (videos, metadata, "
+                       "other splits) instead of copying them (copy-on-write clones where the file system has "
+                       "them). Saves space and time, but the output then shares those files with the source: "
+                       "editing them in place in the output (e.g. LeRobot's tools re-encoding videos) changes "
+                       "the source too.", rich_help_panel=OUTPUT_PANEL)] = False,
     push_to_hub: Annotated[str | None, typer.Option(
         "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
         show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
@@ -252,13 +266,13 @@ def relabel(
         "--quiet", "-q", help="No progress bar and no summary (notes and errors still show).",
         rich_help_panel=OUTPUT_PANEL)] = False,
     restart: Annotated[bool, typer.Option(
-        "--restart", help="HDF5: discard progress saved by an interrupted run instead of resuming it.",
+        "--restart", help="Discard progress saved by an interrupted run instead of resuming it.",
         rich_help_panel=CLUSTER_PANEL)] = False,
     checkpoint_every: Annotated[int, typer.Option(
-        help="HDF5: save progress beside the output every this many frames (and on SIGINT/SIGTERM).",
+        help="Save progress beside the output every this many frames (and on SIGINT/SIGTERM).",
         rich_help_panel=CLUSTER_PANEL)] = DEFAULT_CHECKPOINT_EVERY,
     num_shards: Annotated[int | None, typer.Option(
-        help="HDF5: split the file into N shards of whole episodes and score only one (default: from a SLURM "
+        help="Split the dataset into N shards of whole episodes and score only one (default: from a SLURM "
              "job array); combine them with `vlmlabel merge`.", show_default=False,
         rich_help_panel=CLUSTER_PANEL)] = None,
     shard_index: Annotated[int | None, typer.Option(
@@ -282,7 +296,7 @@ def relabel(
     ).validate()
     request = RelabelRequest(
         source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
-        camera_reduce=camera_reduce,
+        camera_reduce=camera_reduce, link=link,
         reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
@@ -356,13 +370,17 @@ def merge(
     reward_key: Annotated[str, typer.Option(help="The --reward-key the shards were run with.")]
     = DEFAULT_REWARD_KEY,
     output: Annotated[Path | None, typer.Option(
-        help="The --output the shards were run with (default: add the rewards to SOURCE).", show_default=False)]
+        help="The --output the shards were run with (default: as relabel: SOURCE itself for HDF5, NAME-vlmlabel "
+             "beside other datasets).", show_default=False)]
     = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
     image_key: ImageKeyOpt = None,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
+    link: Annotated[bool, typer.Option(
+        "--link", help="As for relabel: hard-link files a new dataset carries over unchanged (they are then "
+                       "shared with the source).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary (notes and errors still show).")]
     = False,
 ) -> None:
@@ -371,8 +389,8 @@ def merge(
     from vlmlabel.run.merge import merge_shards
 
     summary = merge_shards(source, reward_key, output, overwrite, on_note=_note, image_key=image_key, split=split,
-                           revision=revision)
-    if not quiet:
+                           revision=revision, link=link)
+    if not quiet and not isinstance(summary, FinishedSummary):  # a finished merge said so in its note
         _print_merge_summary(summary)
 
 

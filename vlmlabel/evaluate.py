@@ -21,7 +21,7 @@ from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.model import load_model
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.sources import Align, Episode, open_source
+from vlmlabel.sources import Align, Episode, open_any_camera
 from vlmlabel.sources.base import LabelledData
 
 SUCCESS_KEYS = ("success", "successes", "is_success", "next.success")
@@ -147,6 +147,11 @@ def _reward_values(source: LabelledData, episodes: list[Episode], key: str) -> t
         listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
         raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
     assert attrs is not None  # values are read only when attrs were found
+    for episode, episode_values in zip(episodes, values, strict=True):
+        bad = int(np.count_nonzero(~np.isfinite(episode_values)))
+        if bad:
+            raise VlmlabelError(f"reward {key!r} holds {bad} NaN or infinite value(s) in {episode.name}; no "
+                                "correlation with them means anything: relabel, or find what wrote them")
     return values, attrs
 
 
@@ -171,7 +176,7 @@ def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, de
 
 def evaluate_file(request: EvaluateRequest) -> Evaluation:
     """Compare the reward ``reward_key`` with the reference signal ``against``, episode by episode and overall."""
-    with open_source(str(request.source), request.image_key) as source:
+    with open_any_camera(str(request.source), request.image_key) as source:
         episodes = source.episodes(Align.frame)
         reward, attrs = _reward_values(source, episodes, request.reward_key)
         reference_key, reference = _reference(source, episodes, request.against)

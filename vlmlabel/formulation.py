@@ -139,12 +139,16 @@ class RewardConfig:
         if "reward_spec" not in attrs:
             # Rewards written before formulations were recorded are plain cosine.
             return cls(goals=[str(attrs.get("goal", ""))])
-        spec = json.loads(attrs["reward_spec"])
-        return cls(goals=[spec["goal"]], mode=RewardMode(spec["reward"]), templates=spec.get("templates", []),
-                   baselines=spec.get("baselines", []), negatives=spec.get("negatives", []),
-                   alpha=spec.get("alpha", 1.0), threshold=spec.get("threshold"),
-                   shaping=Shaping(spec.get("shaping", "none")), gamma=spec.get("gamma", 0.99),
-                   normalize=Normalize(spec.get("normalize", "none")))
+        try:
+            spec = json.loads(attrs["reward_spec"])
+            return cls(goals=[spec["goal"]], mode=RewardMode(spec["reward"]), templates=spec.get("templates", []),
+                       baselines=spec.get("baselines", []), negatives=spec.get("negatives", []),
+                       alpha=spec.get("alpha", 1.0), threshold=spec.get("threshold"),
+                       shaping=Shaping(spec.get("shaping", "none")), gamma=spec.get("gamma", 0.99),
+                       normalize=Normalize(spec.get("normalize", "none")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise VlmlabelError(f"the reward's reward_spec attribute is damaged ({type(exc).__name__}: {exc}); "
+                                "relabel to write it again") from None
 
 
 def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardConfig, texts: Sequence[str],
@@ -165,6 +169,10 @@ def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]],
         # Rocamonde et al.: g and b are prompt averages, not re-normalised.
         goals = _ensemble(encode_texts, config, config.goals, renormalize=False)
         baseline = _ensemble(encode_texts, config, config.baselines, renormalize=False).mean(dim=0)
+        same = [g for g, row in zip(config.goals, goals, strict=True) if torch.equal(row.float(), baseline.float())]
+        if same:
+            raise VlmlabelError(f"--goal {same[0]!r} embeds exactly like the --baseline, so the projection has no "
+                                "direction (d = g - b is zero); choose a baseline that differs from the goal")
         return lambda x: rewards.projection(x, goals, baseline, config.alpha)
     goals = _ensemble(encode_texts, config, config.goals, renormalize=True)
     if mode is RewardMode.cosine:

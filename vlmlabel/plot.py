@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.sources import Align, Episode, Segment, open_source
+from vlmlabel.sources import Align, Episode, Segment, open_any_camera, open_source
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 DEFAULT_EPISODES = 3
@@ -118,11 +119,17 @@ def plot_file(request: PlotRequest) -> PlotResult:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open_source(str(request.source), request.image_key) as source:
+    source = open_any_camera(str(request.source), request.image_key)
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: source.close())
         first = source.episodes(Align.frame)
         keys = _reward_keys(source, first[0], request.reward_key)
         attrs = [source.dataset_attrs(first[0], k) or {} for k in keys]
         align = Align(attrs[0].get("align", Align.frame.value))
+        scored = str(attrs[0].get("image_key", ""))  # thumbnails from the camera the reward scored
+        if request.image_key is None and scored != source.image_key and scored in source.cameras:
+            source.close()
+            source = open_source(str(request.source), scored)
         episodes = source.episodes(align)
         picked = request.episodes if request.episodes is not None else list(range(min(DEFAULT_EPISODES,
                                                                                       len(episodes))))

@@ -20,7 +20,7 @@ class DestinationClass(Protocol):
     """A destination class. Its source is ``Any``: each class takes its own source class, which the registry
     pairs with it by ``SourceKind`` (something the types cannot say)."""
 
-    def __call__(self, source: Any, output: Path | None, episodes: list[Episode]) -> Destination: ...
+    def __call__(self, source: Any, output: Path | None, episodes: list[Episode], link: bool) -> Destination: ...
 
     def default_output(self, source: Any) -> Path: ...
 
@@ -54,9 +54,12 @@ def family_of(source: FrameSource) -> Family:
     return _families()[source.kind]
 
 
-def destination_for(source: FrameSource, output: Path | None, episodes: list[Episode]) -> Destination:
-    """The destination of ``source``'s rewards: ``output`` when given, else the family's default place."""
-    return family_of(source).build(source, output, episodes)
+def destination_for(source: FrameSource, output: Path | None, episodes: list[Episode],
+                    link: bool = False) -> Destination:
+    """The destination of ``source``'s rewards: ``output`` when given, else the family's default place.
+
+    ``link``: files a new dataset carries over unchanged are hard-linked to the source's, not copied."""
+    return family_of(source).build(source, output, episodes, link)
 
 
 def destination_path(source: FrameSource, output: Path | None) -> Path:

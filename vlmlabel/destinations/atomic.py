@@ -39,6 +39,12 @@ def _beside(target: Path, what: str) -> Path:
     return target.parent / f".{target.name}.vlmlabel-{_HOST}-{os.getpid()}.{what}"
 
 
+def staging_names(target: Path) -> list[str]:
+    """The names ``staged`` gives its temporary paths beside ``target`` (to check their length up front)."""
+    real = real_target(target)
+    return [_beside(real, "tmp").name, _beside(real, "old").name]
+
+
 def remove(path: Path) -> None:
     """Remove a file, link or folder if it is there."""
     if path.is_dir() and not path.is_symlink():

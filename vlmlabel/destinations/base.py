@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ NAME_MAX = 255  # bytes in one file name on common file systems (ext4, xfs, NFS,
 
 @dataclass(frozen=True)
 class Stamp:
-    """Size and modification time of every file a source reads: the one way a change is noticed."""
+    """Size and modification time of every file a source reads: the one way a change is noticed.
+
+    Paths are resolved, so the same dataset named another way (relative, through a link) has the same stamp."""
 
     files: tuple[tuple[str, int, int], ...]
 
@@ -30,7 +33,7 @@ class Stamp:
         found = []
         for path in paths:
             stat = path.stat()
-            found.append((str(path), stat.st_size, stat.st_mtime_ns))
+            found.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
         return cls(tuple(found))
 
     def as_json(self) -> list[list[Any]]:
@@ -99,8 +102,8 @@ def check_names(names: list[str], derived: Iterable[str]) -> None:
             raise OutputError(f"--reward-key {name!r} must be a non-empty name without '/' (not '.' or '..')")
     for file_name in derived:
         if len(os.fsencode(file_name)) > NAME_MAX:
-            raise OutputError(f"--reward-key is too long: vlmlabel keeps its progress in {file_name[:40]}..., "
-                              f"over the {NAME_MAX}-byte file name limit; choose a shorter --reward-key")
+            raise OutputError(f"a file vlmlabel keeps beside the output ({file_name[:40]}...) would be over the "
+                              f"{NAME_MAX}-byte file name limit; choose a shorter --reward-key or --output name")
 
 
 def refuse_replacing(names: list[str], replaced: dict[str, Present], where: object, overwrite: bool) -> None:
@@ -118,8 +121,6 @@ def refuse_replacing(names: list[str], replaced: dict[str, Present], where: obje
 
 def check_space(folder: Path, needed: int, what: str) -> None:
     """Refuse a write that cannot fit, before any compute."""
-    import shutil
-
     free = shutil.disk_usage(folder).free
     needed += 16 * 1024 * 1024
     if free < needed:

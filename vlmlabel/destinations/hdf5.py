@@ -157,7 +157,7 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
     """Per name, what is found at its locations in the file at ``path``: the first one present, or
     (``everywhere``) only when every location holds it with the same attributes. Groups count as {}."""
     found: dict[str, Present] = {}
-    if not path.is_file():
+    if not path.is_file() or not h5py.is_hdf5(path):
         return found
     with h5py.File(path, "r") as handle:
         for name, paths in locations.items():
@@ -172,7 +172,8 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
 class HDF5Destination:
     """The source file itself (in place) or an ``--output`` copy; rewards land beside each episode's data."""
 
-    def __init__(self, source: HDF5Source, output: Path | None, episodes: list[Episode]):
+    def __init__(self, source: HDF5Source, output: Path | None, episodes: list[Episode], link: bool = False):
+        # ``link`` does not apply: the file is copied whole and written into (the copy is never linked).
         self.source_path = source.path
         self.output = output
         self.path = source.path if output is None else output
@@ -196,6 +197,9 @@ class HDF5Destination:
             raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
         if output is not None and output.exists() and not overwrite:
             raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+        if output is not None and output.is_file() and not h5py.is_hdf5(output):
+            raise OutputError(f"output {output} exists and is not an HDF5 file; vlmlabel only replaces HDF5 files "
+                              "(--overwrite): choose a new --output")
         folder = atomic.real_target(self.path).parent
         check_folder(folder)
         if output is None and not os.access(source, os.W_OK):

@@ -2,7 +2,7 @@
 
 Every data parquet file is rewritten with the float32 column(s) appended; ``meta/info.json``
 declares each as a feature (dtype float32, shape [1]) and ``meta/stats.json`` gets its statistics.
-Videos and the rest of ``meta`` are hard-linked (copied across file systems).
+Videos and the rest of ``meta`` are carried over as copy-on-write clones or copies (hard links on request).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
-from vlmlabel.destinations.tables import TableCopy, link_tree
+from vlmlabel.destinations.tables import TableCopy, carry_tree
 from vlmlabel.errors import OutputError
 from vlmlabel.sources.lerobot import OBSERVATION_PREFIX, LeRobotSource
 
@@ -55,7 +55,7 @@ class LeRobotDestination(TableCopy):
         root = self.source.folder
         skip = {f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
         with atomic.staged(self.path) as tmp:
-            link_tree(root, tmp, skip)
+            carry_tree(root, tmp, skip, self.link)
             self.rewrite_all(tmp, columns)
             info = json.loads((root / INFO).read_text())
             features = info.setdefault("features", {})

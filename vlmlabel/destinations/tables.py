@@ -2,7 +2,8 @@
 
 Files are rewritten record batch by record batch (or row group by row group) with the reward
 columns appended: image data is copied as Arrow buffers, never decoded or re-encoded. Files that do
-not change are hard-linked (copied across file systems). Everything is written into a hidden folder
+not change are cloned copy-on-write where the file system can, else copied (hard links only on request:
+they would share storage with the source). Everything is written into a hidden folder
 beside the destination (``atomic.staged``) and renamed into place at the end; the source is only read.
 """
 
@@ -113,29 +114,59 @@ def rewrite_file(src: Path, dst: Path, fmt: str, schema: pa.Schema, columns: lis
     return rows
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link the file itself (a Hub cache symlink is followed to its blob), else copy it."""
+_FICLONE = 0x40049409  # Linux ioctl: dst shares src's blocks copy-on-write (btrfs, xfs, bcachefs, ...)
+
+
+def carry_over(src: Path, dst: Path, link: bool) -> None:
+    """Put an unchanged file in the new dataset without sharing storage that can be edited: a copy-on-write
+    clone where the file system has them, else a copy. ``link``: a hard link (the same file as the source's;
+    an in-place edit of one is an edit of both), copied where links fail. Hub cache symlinks are followed."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    real = src.resolve()
+    if link:
+        try:
+            os.link(real, dst)
+            return
+        except OSError:
+            pass
+    elif _clone(real, dst):
+        return
+    shutil.copy2(real, dst)
+
+
+def _clone(src: Path, dst: Path) -> bool:
     try:
-        os.link(src.resolve(), dst)
+        import fcntl
+    except ImportError:  # not on this platform
+        return False
+    try:
+        with open(src, "rb") as source, open(dst, "wb") as target:
+            fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())
     except OSError:
-        shutil.copy2(src, dst)
+        dst.unlink(missing_ok=True)
+        return False
+    shutil.copystat(src, dst)
+    return True
 
 
-def link_tree(src_root: Path, dst_root: Path, skip: set[Path]) -> None:
-    """Mirror ``src_root`` into ``dst_root`` with hard links (copies where links fail), except ``skip``."""
+def carry_tree(src_root: Path, dst_root: Path, skip: set[Path], link: bool) -> None:
+    """Mirror ``src_root`` into ``dst_root`` (``carry_over`` each file), except ``skip``."""
     for folder, _, files in os.walk(src_root):
         for name in files:
             path = Path(folder) / name
             if path.resolve() not in skip:
-                link_or_copy(path, dst_root / path.relative_to(src_root))
+                carry_over(path, dst_root / path.relative_to(src_root), link)
 
 
-def _replaceable(folder: Path) -> bool:
-    """An empty folder or a dataset: --overwrite never deletes an arbitrary folder given by mistake."""
+def _replaceable(path: Path) -> bool:
+    """A parquet file, an empty folder or a dataset folder: --overwrite never deletes a file or folder given by
+    mistake."""
+    if path.is_file():
+        with open(path, "rb") as handle:
+            return path.suffix == ".parquet" and handle.read(4) == b"PAR1"
     markers = ("state.json", "dataset_dict.json", "meta/info.json")
-    return (not any(folder.iterdir()) or any((folder / m).is_file() for m in markers)
-            or next(folder.rglob("*.parquet"), None) is not None)
+    return (not any(path.iterdir()) or any((path / m).is_file() for m in markers)
+            or next(path.rglob("*.parquet"), None) is not None)
 
 
 # -- destinations -----------------------------------------------------------------------------------
@@ -148,17 +179,18 @@ class TableCopy:
     else is carried over) through ``atomic.staged``; checks and what is already there are shared.
     """
 
-    def __init__(self, source: TableSource, output: Path | None, episodes: list[Episode]):
+    def __init__(self, source: TableSource, output: Path | None, episodes: list[Episode], link: bool = False):
         self.source = source
         self.episodes = episodes
+        self.link = link
         self.files: RowFiles = source.files
         self.path = (output or self.default_output(source)).absolute()
         self.stamp = Stamp.of(self.files.paths)
 
     @staticmethod
     def default_output(source: TableSource) -> Path:
-        """``<name>-vlmlabel`` beside a local source."""
-        root = Path(str(source.root)).resolve()
+        """``<name>-vlmlabel`` beside a local source (beside the link, for a symlinked one)."""
+        root = Path(str(source.root)).absolute()
         return root.with_name(f"{root.name}{OUTPUT_SUFFIX}")
 
     def local_root(self) -> Path | None:
@@ -177,9 +209,10 @@ class TableCopy:
                                   "a dataset in place: choose an --output outside it")
         if dest.exists() and not overwrite:
             raise OutputError(f"output {dest} already exists; choose another --output or pass --overwrite")
-        if dest.is_dir() and not _replaceable(dest):
-            raise OutputError(f"output {dest} is a folder that holds no dataset; vlmlabel only replaces datasets "
-                              "(--overwrite): choose a new --output")
+        if dest.exists() and not _replaceable(dest):
+            what = "a folder that holds no dataset" if dest.is_dir() else "a file that is not a parquet dataset"
+            raise OutputError(f"output {dest} is {what}; vlmlabel only replaces datasets (--overwrite): "
+                              "choose a new --output")
         folder = atomic.real_target(dest).parent
         check_folder(folder)
         check_space(folder, sum(f.stat().st_size for f in self.files.paths), "the new dataset")
@@ -250,7 +283,7 @@ class DiskDestination(TableCopy):
         skip = {f.resolve() for f in self.files.paths} | {(split_dir / n).resolve()
                                                          for n in ("state.json", "dataset_info.json")}
         with atomic.staged(self.path) as tmp:
-            link_tree(Path(str(self.source.root)), tmp, skip)
+            carry_tree(Path(str(self.source.root)), tmp, skip, self.link)
             schema = self.rewrite_all(tmp, columns)
             out_dir = self.targets(tmp)[0].parent
             info = json.loads((split_dir / "dataset_info.json").read_text())
@@ -298,7 +331,7 @@ class ParquetDestination(TableCopy):
         root = Path(str(source.root))
         if root.is_file():
             return root.with_name(f"{root.stem}{OUTPUT_SUFFIX}{root.suffix}")
-        base = (root if root.exists() else source.base or root).resolve()
+        base = (root if root.exists() else source.base or root).absolute()
         return base.with_name(f"{base.name}{OUTPUT_SUFFIX}")
 
     def _single_file(self) -> bool:
@@ -313,6 +346,6 @@ class ParquetDestination(TableCopy):
     def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
         with atomic.staged(self.path) as tmp:
             if Path(str(self.source.root)).is_dir() and self.source.base is not None:
-                link_tree(self.source.base, tmp, {f.resolve() for f in self.files.paths})
+                carry_tree(self.source.base, tmp, {f.resolve() for f in self.files.paths}, self.link)
             self.rewrite_all(tmp, columns)
         return self.path

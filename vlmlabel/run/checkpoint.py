@@ -199,6 +199,11 @@ class Checkpoint:
     def _write_state(self) -> None:
         atomic.write_bytes(self.folder / STATE_FILE, json.dumps(self._state).encode())
 
+    @property
+    def holds_rows(self) -> bool:
+        """Whether any computed row was saved (else there is nothing worth keeping after a failure)."""
+        return self._state is not None and int(self._state["done"]) > int(self._state["start"])
+
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.folder, ignore_errors=True)

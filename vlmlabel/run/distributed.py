@@ -82,6 +82,6 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
             return summary if isinstance(summary, FinishedSummary) else None
         return merge_shards(request.source, request.reward_key, request.output, request.overwrite, on_note,
                             count=env.world_size, image_key=request.image_keys()[0], split=request.split,
-                            revision=request.revision)
+                            revision=request.revision, link=request.link)
     finally:
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vlmlabel import __version__, cache
-from vlmlabel.destinations import Destination, RewardColumn, Stamp, destination_for, family_of
+from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of
 from vlmlabel.destinations.base import RESULT_ATTR, check_names
 from vlmlabel.destinations.hdf5 import write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
@@ -79,6 +79,7 @@ class RelabelRequest:
     device: str = "auto"
     align: Align = Align.frame
     camera_reduce: CameraReduce = CameraReduce.mean
+    link: bool = False  # hard-link unchanged files into a new dataset (shares storage with the source)
     split: str = "train"
     revision: str | None = None
     streaming: bool = False
@@ -212,7 +213,7 @@ class OpenRun:
         as another result."""
         request = self.request
         return {
-            "source": str(Path(str(request.source)).absolute()),
+            "source": str(Path(str(request.source)).resolve()),
             "stamp": Stamp.of(self.source.paths).as_json(),
             "frames": self.fingerprint,
             "layout": self.source.layout,
@@ -265,9 +266,9 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
             if [e.steps for e in episodes] != [e.steps for e in camera_episodes[0]]:
                 raise VlmlabelError(f"cameras {cameras.keys[0]} and {key} do not have the same episodes and steps; "
                                     "score them in separate runs")
-        destination = destination_for(source, request.output, camera_episodes[0])
+        destination = destination_for(source, request.output, camera_episodes[0], request.link)
         work = work_dir(destination.path, request.reward_key)
-        check_names([], [work.name, dest_lock(destination.path).name])
+        check_names([], [work.name, dest_lock(destination.path).name, *atomic.staging_names(destination.path)])
         run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
                       shard, [content_fingerprint(s) for s in sources], GracefulStop())
         yield run
@@ -444,8 +445,12 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             else:
                 summary = _commit_run(run, model, scored, wanted, str(match))
         except VlmlabelError:
-            # Bad input or a changed source: what was saved cannot serve a rerun. Signals and OS errors keep it.
+            # Bad input or a changed source: what was saved cannot serve a rerun.
             _discard(checkpoints, run.work)
+            raise
+        except BaseException:
+            # Signals, kills, a full disk: saved rows serve the rerun; a sidecar holding none is only junk.
+            _discard([c for c in checkpoints if not c.holds_rows], run.work)
             raise
         _discard(checkpoints, run.work)
         return summary

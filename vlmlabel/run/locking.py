@@ -48,16 +48,21 @@ def describe_holder(info: dict) -> str:
 def read_holder(path: Path) -> dict | None:
     """The owner recorded in a lock file, or None when there is none (or it cannot be read)."""
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def holder_alive(info: dict) -> bool:
     """Whether the lock's owner may still run (a lock from another host counts as alive)."""
     if info.get("host") != socket.gethostname():
         return True
-    return _alive(int(info.get("pid", -1)), info.get("proc_start"))
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False  # no process of this host is named: nothing can hold it
+    start = info.get("proc_start")
+    return _alive(pid, start if isinstance(start, str) else None)
 
 
 class RunLock:
@@ -97,6 +102,8 @@ class RunLock:
             info = json.loads(text)
         except ValueError:
             info = None
+        if not isinstance(info, dict):
+            info = None  # garbled (a truncated write, or edited by hand): judged by its age below
         if info is None:
             # Being written by its owner right now, or left empty by a crash at the wrong moment.
             if time.time() - self._mtime() < _TAKEOVER_GUARD_SECONDS:

@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from vlmlabel.destinations import Stamp, destination_for, destination_path
+from vlmlabel.destinations.base import RESULT_ATTR
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences
-from vlmlabel.run.lifecycle import DEFAULT_REWARD_KEY, RAW_SUFFIX, commit, reward_names
+from vlmlabel.run.lifecycle import DEFAULT_REWARD_KEY, RAW_SUFFIX, FinishedSummary, commit, reward_names
 from vlmlabel.run.locking import RunLock, describe_holder, holder_alive, read_holder
 from vlmlabel.run.shards import ShardResult, dest_lock, list_results, read_result, work_dir
-from vlmlabel.sources import Align, open_source
+from vlmlabel.sources import Align, open_any_camera
 from vlmlabel.sources.base import Episode
 
 
@@ -73,23 +74,31 @@ def _check_complete(results: list[ShardResult], work: Path) -> None:
 def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, output: Path | None = None,
                  overwrite: bool = False, on_note: Callable[[str], None] | None = None,
                  count: int | None = None, image_key: str | None = None, split: str = "train",
-                 revision: str | None = None) -> MergeSummary:
+                 revision: str | None = None, link: bool = False) -> MergeSummary | FinishedSummary:
     """Verify the parts cover the dataset exactly once with one configuration, then commit them.
 
     ``count`` (torchrun: the world size) ignores parts left by an earlier split into another number of shards.
+    Without parts, rewards already merged (a requeued merge job) are reported as done.
     """
-    with open_source(str(source), image_key, split, revision) as opened:
+    with open_any_camera(str(source), image_key, split, revision) as opened:
         dest = destination_path(opened, output)
         work = work_dir(dest, reward_key)
         paths = [p for p in list_results(work) if count is None or p.name.endswith(f"-of-{count}.npz")]
         if not paths:
+            merged = destination_for(opened, output, opened.episodes(Align.frame)).written(
+                [reward_key, f"{reward_key}_0"])
+            done = [name for name, present in merged.items() if RESULT_ATTR in present.attrs]
+            if done:
+                if on_note is not None:
+                    on_note(f"{done[0]} is already merged into {dest}; nothing to do")
+                return FinishedSummary(dest, done)
             raise VlmlabelError(f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
                                 "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)")
         with RunLock(dest_lock(dest), str(dest), on_note):
             results = [read_result(p) for p in paths]
             _check_complete(results, work)
             meta = results[0].meta
-            if meta.cameras[0] != opened.image_key:
+            if image_key is not None and opened.image_key not in meta.cameras:
                 raise VlmlabelError(f"the shards read frames from {', '.join(meta.cameras)}, not "
                                     f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}")
             if Stamp.of(opened.paths).as_json() != meta.identity["stamp"]:
@@ -100,7 +109,7 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
             episodes = opened.episodes(Align(meta.align))
             raw = _gather(episodes, results)
-            destination = destination_for(opened, output, episodes)
+            destination = destination_for(opened, output, episodes, link)
             cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
             destination.check(names + raw_names + cameras.column_names(names), overwrite)
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import SeveralCameras, SourceError
 from vlmlabel.sources.base import Align, DatasetSource, Episode, FrameFormat, FrameSource, Segment
 from vlmlabel.sources.hdf5 import HDF5Source
 
-__all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_source"]
+__all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_any_camera", "open_source"]
 
 _PARQUET_MAGIC = b"PAR1"
 
@@ -50,3 +50,13 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
             return open_streaming(path, image_key, split, revision)
         return tables.open_hub(path, image_key, split, revision)
     return HDF5Source(path, image_key)
+
+
+def open_any_camera(path: str, image_key: str | None = None, split: str = "train",
+                    revision: str | None = None) -> DatasetSource:
+    """Open a dataset to read what is not frames (written rewards, episodes): with several cameras and none
+    named, the first one does."""
+    try:
+        return open_source(path, image_key, split, revision)
+    except SeveralCameras as several:
+        return open_source(path, several.cameras[0], split, revision)

@@ -101,6 +101,7 @@ class FrameSource(Protocol):
     cameras: list[str]  # every image stream of the dataset (``image_key`` is the one read)
     frame_format: FrameFormat
     seekable: bool  # rows can be read in any order without reading those before them (not a stream)
+    holds_outputs: bool  # vlmlabel writes rewards or its cache into the source's own files (HDF5)
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -163,15 +164,21 @@ FINGERPRINT_SAMPLES = 8
 def content_fingerprint(source: FrameSource) -> str:
     """A cheap digest of what the frames are: image key, format, episode lengths and a few sampled frames.
 
-    It names the data, not the files: it survives rewards being added to an HDF5 file in place and tells
-    an edited or another dataset apart (frames sampled at the first row of evenly spaced episodes; a stream,
-    which cannot seek, contributes its first frame only).
+    Where vlmlabel never writes into the source's files (tables, LeRobot), their sizes and modification
+    times are part of it too, so any edit counts. An HDF5 file receives rewards and caches in place, so there
+    only the sampled frames speak for the content (frames at the first row of evenly spaced episodes): an
+    edit of frames that are not sampled goes unnoticed. A stream, which cannot seek, contributes its first
+    frame only.
     """
     import hashlib
+
+    from vlmlabel.destinations.base import Stamp
 
     episodes = source.episodes(Align.frame)
     digest = hashlib.sha256()
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
+    if not source.holds_outputs:
+        digest.update(repr(Stamp.of(source.paths).files).encode())
     count = min(len(episodes), FINGERPRINT_SAMPLES if source.seekable else 1)
     picks = sorted({round(i * (len(episodes) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picks:

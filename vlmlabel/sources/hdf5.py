@@ -129,6 +129,7 @@ class HDF5Source:
 
     kind = SourceKind.hdf5
     seekable = True
+    holds_outputs = True  # rewards and the embedding cache are written into the file itself
 
     def __init__(self, path: str | Path, image_key: str | None = None):
         self.path = Path(path)

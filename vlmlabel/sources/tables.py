@@ -170,6 +170,7 @@ class TableSource:
         self.files, self.kind, self.root, self.base = files, kind, root, base
         self.layout = kind.value
         self.seekable = files.seekable
+        self.holds_outputs = False  # outputs and caches go beside the dataset, never into it
         self.cache_file = cache_file
         self.hub_info: Any = None  # the `datasets` DatasetInfo of a Hub download
         self.split: str | None = None
