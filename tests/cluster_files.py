@@ -53,3 +53,15 @@ def env(**extra: str) -> dict[str, str]:
 
 def run(args: list[str], timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env(**extra_env))
+
+
+def interrupt_after(frames: int):
+    """An on_progress callback that stops the run like Ctrl-C once ``frames`` frames are scored."""
+    seen = []
+
+    def on_progress(count: int) -> None:
+        seen.append(count)
+        if sum(seen) >= frames:
+            raise KeyboardInterrupt
+
+    return on_progress

@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests import table_layouts
+from tests.cluster_files import interrupt_after
 from tests.table_layouts import TableCase
 from vlmlabel.cli import app
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
@@ -413,15 +414,8 @@ def test_streaming_run_interrupted_resumes_to_the_same_rewards(fake_hub, tiny_mo
     whole = relabel_file(request())
     expected = pq.read_table(whole.written_to)
     whole.written_to.unlink()
-    done = []
-
-    def stop_after_some(count: int) -> None:
-        done.append(count)
-        if sum(done) >= 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        relabel_file(request(), on_progress=stop_after_some)
+        relabel_file(request(), on_progress=interrupt_after(8))
     assert not whole.written_to.exists()
     notes = []
     resumed = relabel_file(request(), on_note=notes.append)

@@ -15,6 +15,7 @@ from datasets import Dataset, Features, Image, Value
 from typer.testing import CliRunner
 
 from tests import layouts, table_layouts
+from tests.cluster_files import interrupt_after
 from tests.layouts import make_frames
 from vlmlabel.cli import app
 from vlmlabel.run.lifecycle import EmbedRequest, FinishedSummary, RelabelRequest, embed_file, relabel_file
@@ -58,15 +59,8 @@ def test_shards_and_merge_with_the_source_spelled_two_ways(tmp_path, tiny_model_
 def test_resume_with_the_source_spelled_another_way(tmp_path, tiny_model_dir, monkeypatch):
     source = _parquet(tmp_path / "one.parquet")
     monkeypatch.chdir(tmp_path)
-    seen = []
-
-    def interrupt(count: int) -> None:
-        seen.append(count)
-        if sum(seen) >= 6:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        relabel_file(_request("one.parquet", tiny_model_dir, checkpoint_every=2), on_progress=interrupt)
+        relabel_file(_request("one.parquet", tiny_model_dir, checkpoint_every=2), on_progress=interrupt_after(6))
     notes: list[str] = []
     summary = relabel_file(_request(source, tiny_model_dir, checkpoint_every=2), on_note=notes.append)
     assert summary.result.resumed >= 4 and any("resuming" in n for n in notes), notes
@@ -236,3 +230,15 @@ def test_evaluate_refuses_damaged_rewards_in_one_line(damage, tmp_path, tiny_mod
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
     assert ("NaN" in lines[0]) if damage == "nan reward" else ("reward_spec" in lines[0])
+
+
+@pytest.mark.parametrize("option", [["--normalize", "episode"], ["--shaping", "delta"]])
+def test_per_episode_post_processing_refuses_scattered_episodes(option, tmp_path, tiny_model_dir):
+    frames = make_frames(6, 24, 32, seed=3)
+    Dataset.from_dict({"image": list(frames), "episode_index": [1, 0, 1, 0, 0, 1]},
+                      features=Features({"image": Image(), "episode_index": Value("int64")})
+                      ).save_to_disk(str(tmp_path / "shuffled"))
+    result = runner.invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", GOAL, "--model",
+                                 str(tiny_model_dir), "--device", "cpu", *option], terminal_width=300)
+    assert result.exit_code == 2 and "not consecutive" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shuffled"]

@@ -79,6 +79,11 @@ class RewardConfig:
         return self
 
     @property
+    def per_episode(self) -> bool:
+        """Whether post-processing reads whole episodes (so their boundaries must be right)."""
+        return self.normalize is Normalize.episode or self.shaping is not Shaping.none
+
+    @property
     def keeps_raw(self) -> bool:
         """Whether the written reward differs from the formula's output, so the raw scores are written too."""
         return self.threshold is not None or self.shaping is not Shaping.none or self.normalize is not Normalize.none

@@ -185,7 +185,7 @@ class TableCopy:
         self.link = link
         self.files: RowFiles = source.files
         self.path = (output or self.default_output(source)).absolute()
-        self.stamp = Stamp.of(self.files.paths)
+        self.stamp = Stamp.of(source.paths)
 
     @staticmethod
     def default_output(source: TableSource) -> Path:

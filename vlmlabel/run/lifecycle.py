@@ -247,7 +247,8 @@ def _shard_for(request: RelabelRequest, source: CachingSource, events: Events) -
 
 @contextlib.contextmanager
 def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
-    """Open the source and destination and hold the lock; refuse early whatever the write would refuse."""
+    """Open the sources (one per camera) and the destination; refuse early names and cameras that cannot work.
+    The destination's own checks and the lock follow in ``_checks_and_lock``."""
     config = request.reward_config()
     names = reward_names(request.reward_key, len(config.goals))
     raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
@@ -266,12 +267,26 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
             if [e.steps for e in episodes] != [e.steps for e in camera_episodes[0]]:
                 raise VlmlabelError(f"cameras {cameras.keys[0]} and {key} do not have the same episodes and steps; "
                                     "score them in separate runs")
+        _refuse_split_episodes(config, camera_episodes[0])
         destination = destination_for(source, request.output, camera_episodes[0], request.link)
         work = work_dir(destination.path, request.reward_key)
         check_names([], [work.name, dest_lock(destination.path).name, *atomic.staging_names(destination.path)])
         run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
                       shard, [content_fingerprint(s) for s in sources], GracefulStop())
         yield run
+
+
+def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> None:
+    """Per-episode post-processing on an episode whose rows are scattered would cross wrong boundaries."""
+    if not config.per_episode:
+        return
+    seen: set[str] = set()
+    for episode in episodes:
+        if episode.key in seen:
+            raise VlmlabelError(f"rows of {episode.key} are not consecutive; --normalize episode and --shaping "
+                                "need each episode's rows together and in frame order: sort the dataset by "
+                                "episode_index, frame_index first")
+        seen.add(episode.key)
 
 
 def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) -> None:
@@ -289,7 +304,7 @@ def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) 
 
 @dataclass
 class Scored:
-    """Raw scores of episodes [lo, hi), one (steps, goals) array each."""
+    """Raw scores of episodes [lo, hi), one (steps, cameras x goals) array each, camera by camera."""
 
     lo: int
     hi: int
@@ -428,32 +443,38 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         if not isinstance(match, str):
             return _commit_run(run, model, score_from_cache(run, match, score_fn, model, events), wanted,
                                "using cached embeddings")
-        numerics = run_numerics(device)
-        if run.shard and _part_done(shard_result(run.work, run.shard), identity, numerics, events):
-            return _shard_summary(run, 0.0, True)
-        checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), on_note)
-                       for folder in checkpoint_folders(run)]
-        try:
-            scorer = FrameScorer(model, run.config.goals, score_fn)
-            scored = score_frames(run, scorer, batch_size, checkpoints, events)
-            if run.shard:
-                _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
-                                                 model.logit_scale, _common_attrs(run, model, scored, wanted),
-                                                 request.align.value, list(run.cameras.keys),
-                                                 run.cameras.reduce.value, wanted))
-                summary: Summary = _shard_summary(run, scored.seconds, False)
-            else:
-                summary = _commit_run(run, model, scored, wanted, str(match))
-        except VlmlabelError:
-            # Bad input or a changed source: what was saved cannot serve a rerun.
-            _discard(checkpoints, run.work)
-            raise
-        except BaseException:
-            # Signals, kills, a full disk: saved rows serve the rerun; a sidecar holding none is only junk.
-            _discard([c for c in checkpoints if not c.holds_rows], run.work)
-            raise
+        return _score_frames_and_finish(run, model, FrameScorer(model, run.config.goals, score_fn), identity,
+                                        wanted, batch_size, events, str(match))
+
+
+def _score_frames_and_finish(run: OpenRun, model: ClipModel, scorer: FrameScorer, identity: dict[str, Any],
+                             wanted: str, batch_size: int, events: Events, cache_note: str) -> Summary:
+    """Score frames with saved progress, then commit (a whole run) or save the part (a shard)."""
+    numerics = run_numerics(model.device)
+    if run.shard and _part_done(shard_result(run.work, run.shard), identity, numerics, events):
+        return _shard_summary(run, 0.0, True)
+    checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), events.on_note)
+                   for folder in checkpoint_folders(run)]
+    try:
+        scored = score_frames(run, scorer, batch_size, checkpoints, events)
+        if run.shard:
+            _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
+                                             model.logit_scale, _common_attrs(run, model, scored, wanted),
+                                             run.request.align.value, list(run.cameras.keys),
+                                             run.cameras.reduce.value, wanted))
+            summary: Summary = _shard_summary(run, scored.seconds, False)
+        else:
+            summary = _commit_run(run, model, scored, wanted, cache_note)
+    except VlmlabelError:
+        # Bad input or a changed source: what was saved cannot serve a rerun.
         _discard(checkpoints, run.work)
-        return summary
+        raise
+    except BaseException:
+        # Signals, kills, a full disk: saved rows serve the rerun; a sidecar holding none is only junk.
+        _discard([c for c in checkpoints if not c.holds_rows], run.work)
+        raise
+    _discard(checkpoints, run.work)
+    return summary
 
 
 def _discard(checkpoints: list[Checkpoint], work: Path) -> None:

@@ -49,6 +49,11 @@ class Episode:
     steps: int
     frames: tuple[Segment, ...]
     target: str
+    identity: str = ""  # which episode of the data this is ('' : the name says it); runs of one episode share it
+
+    @property
+    def key(self) -> str:
+        return self.identity or self.name
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,12 @@ class LeRobotSource(TableSource):
             probe(path)
         return located
 
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The data files, and the camera's video files once the episodes are known: an edited video counts."""
+        videos = sorted({path for path, _ in (self._videos or {}).values()})
+        return self.files.paths + tuple(videos)
+
     # -- reading ----------------------------------------------------------------------------------
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:

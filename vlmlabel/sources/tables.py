@@ -158,7 +158,7 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
                 raise SourceError("frame_index is not increasing within an episode; --align next needs frames in "
                                   "order: sort the dataset by episode_index, frame_index first")
     return [Episode(f"episode {episode_index[a]} (rows {a}-{b - 1})", int(b - a),
-                    step_segments(array, int(a), int(b), align), "")
+                    step_segments(array, int(a), int(b), align), "", f"episode {episode_index[a]}")
             for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
 
 
