@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from tests import layouts
 from vlmlabel.cli import app
 from vlmlabel.destinations import hdf5 as hdf5_writer
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 
 runner = CliRunner()
 
@@ -166,6 +167,9 @@ def test_failure_during_write_leaves_source_intact(tmp_path, tiny_model_dir, mon
     assert sorted(p.name for p in (tmp_path / "r.h5.vlmlabel-vlm_reward").iterdir()) == ["progress"]
     with h5py.File(lf.path, "r") as f:
         assert "vlm_reward" not in f["data/demo_0"]
+    monkeypatch.undo()  # space freed: the rerun takes every score from the saved progress
+    again = relabel_file(RelabelRequest(source=lf.path, goals=["x"], model=str(tiny_model_dir)))
+    assert again.result.resumed == sum(lf.steps)
 
 
 def test_unreachable_hub_fails_within_seconds(tmp_path):

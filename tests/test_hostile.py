@@ -242,3 +242,33 @@ def test_per_episode_post_processing_refuses_scattered_episodes(option, tmp_path
                                  str(tiny_model_dir), "--device", "cpu", *option], terminal_width=300)
     assert result.exit_code == 2 and "not consecutive" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shuffled"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("hdf5_locking", ["FALSE", "TRUE"])
+def test_a_file_another_program_is_writing_is_reported_busy_and_left_alone(hdf5_locking, tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    lf = layouts.build_robomimic(tmp_path / "data.h5")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\n"
+         "time.sleep(60)", str(lf.path)],
+        env={**os.environ, "HDF5_USE_FILE_LOCKING": hdf5_locking}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
+        before = hashlib.sha256(lf.path.read_bytes()).hexdigest()
+        time.sleep(0.1)
+        result = runner.invoke(app, ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir),
+                                     "--device", "cpu"], terminal_width=300)
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "corrupt" not in line and "h5clear" not in line
+        assert ("open for writing by another program" in line) or ("locked by another program" in line), line
+        assert hashlib.sha256(lf.path.read_bytes()).hexdigest() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+    finally:
+        writer.kill()
+        writer.wait()

@@ -21,6 +21,7 @@ import numpy as np
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
+from vlmlabel.run.locking import open_for_writing
 from vlmlabel.sources.base import Episode, reward_path
 from vlmlabel.sources.hdf5 import HDF5Source
 
@@ -50,11 +51,21 @@ class RowStream:
     width: int = 0  # set once the first block arrives
 
 
+def refuse_if_busy(path: Path) -> None:
+    """Replacing a file another program is writing would lose what it writes after the copy was made."""
+    writers = open_for_writing(path)
+    if writers:
+        raise OutputError(f"{path} is open for writing by another program ({writers[0]}); vlmlabel would "
+                          "replace the file under it: wait for it to finish, or use --output")
+
+
 def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
                stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
                keep_mode: bool = True) -> Path:
     """A copy of ``base`` (a new file without one) with ``datasets`` (and ``stream``) added and ``remove`` deleted,
     put at ``dest`` atomically. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write)."""
+    if base is not None and dest.exists() and base.resolve() == dest.resolve():
+        refuse_if_busy(base)  # again, just before the copy: it may have been opened since the checks
     with atomic.staged(dest) as tmp:
         mode = stat.S_IMODE(base.stat().st_mode) if base is not None else 0o644
         if base is not None:
@@ -204,6 +215,8 @@ class HDF5Destination:
         check_folder(folder)
         if output is None and not os.access(source, os.W_OK):
             raise OutputError(f"{source} is read-only; use --output to write a labelled copy elsewhere")
+        if output is None:
+            refuse_if_busy(source)
         refuse_replacing(names, self.replaced(names), source, overwrite)
         check_space(folder, source.stat().st_size, "the write (a full copy of the source)")
 

@@ -26,7 +26,7 @@ import torch
 from vlmlabel import __version__, cache
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of
 from vlmlabel.destinations.base import RESULT_ATTR, check_names
-from vlmlabel.destinations.hdf5 import write_file
+from vlmlabel.destinations.hdf5 import refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
@@ -616,3 +616,5 @@ def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path) 
     folder = target.resolve().parent
     check_folder(folder)
     check_space(folder, base.stat().st_size if base is not None else 0, "the embedding cache")
+    if base is not None and output is None:
+        refuse_if_busy(base)

@@ -153,3 +153,39 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self._read_text() == self._text:
             self.path.unlink(missing_ok=True)
+
+
+def open_for_writing(path: Path) -> list[str]:
+    """Other processes of this host holding ``path`` open for writing, described (Linux /proc; [] elsewhere).
+
+    HDF5's own file lock is often disabled (HDF5_USE_FILE_LOCKING=FALSE on NFS and Lustre), so a file being
+    written by another program is looked for directly before vlmlabel replaces it.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    real = str(path.resolve())
+    found = []
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) != real:
+                    continue
+                flags = next(line for line in (pid_dir / "fdinfo" / fd.name).read_text().splitlines()
+                             if line.startswith("flags:"))
+            except (OSError, StopIteration):
+                continue
+            if int(flags.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                try:
+                    command = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    command = "?"
+                found.append(f"PID {pid_dir.name} ({command.strip()[:80]})")
+                break
+    return found

@@ -126,6 +126,8 @@ def score_span(
                 stop.check(_kept(saved - start, end - start))
             if delay:
                 time.sleep(delay)
+        if position > saved:  # everything scored is kept: a write that fails after this resumes at once
+            checkpoint.save(position, scores[saved - start:position - start])
         checkpoint.flush()
     finally:
         checkpoint.close()

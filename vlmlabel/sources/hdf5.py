@@ -144,6 +144,9 @@ class HDF5Source:
         try:
             self.file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
         except OSError as exc:
+            if "unable to lock file" in str(exc).lower():
+                raise SourceError(f"{self.path} is locked by another program that has it open for writing (HDF5 "
+                                  "file locking); wait for it to finish. The file is not damaged") from None
             raise SourceError(f"{self.path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
         try:
             self._detect(image_key)
