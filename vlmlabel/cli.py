@@ -327,8 +327,8 @@ def relabel(
     if quiet or summary is None:
         return
     if isinstance(summary, FinishedSummary):
-        stdout.print(f"{', '.join(summary.reward_names)} already written to {summary.written_to}; nothing to do")
-    elif isinstance(summary, ShardSummary):
+        return  # its note said so
+    if isinstance(summary, ShardSummary):
         _print_shard_summary(summary, request)
     elif isinstance(summary, RelabelSummary):
         _print_summary(summary)
