@@ -52,7 +52,9 @@ def test_info_json_and_parquet_agree(video, tmp_path, tiny_model_dir):
     assert dest == tmp_path / f"{case.path.name}-vlmlabel"
     assert tree_digest(case.path) == before
     info = json.loads((dest / "meta" / "info.json").read_text())
-    assert info["features"]["vlm.progress"] == {"dtype": "float32", "shape": [1], "names": None}
+    declared = info["features"]["vlm.progress"]
+    assert {k: v for k, v in declared.items() if k != "info"} == {"dtype": "float32", "shape": [1], "names": None}
+    assert declared["info"]["goal"]  # provenance travels with the feature (tests/test_lerobot_meta.py)
     assert {k: v for k, v in info.items() if k != "features"} == {
         k: v for k, v in case.extra["info"].items() if k != "features"}
     non_video = {k for k, f in info["features"].items() if f["dtype"] != "video"}
@@ -76,8 +78,8 @@ def test_info_json_and_parquet_agree(video, tmp_path, tiny_model_dir):
     assert stats["vlm.progress"]["count"] == [rows]
     np.testing.assert_allclose(stats["vlm.progress"]["mean"], [expected.mean()], rtol=1e-5)
     assert stats["action"] == {"min": [1, 1], "max": [1, 1]}
-    # Untouched files are carried over unchanged.
-    for rel in ["meta/episodes/chunk-000/file-000.parquet", "meta/tasks.parquet"] + (
+    # Untouched files are carried over unchanged (meta/episodes gains the reward's per-episode stats).
+    for rel in ["meta/tasks.parquet"] + (
             ["videos/observation.images.top/chunk-000/file-000.mp4"] if video else []):
         assert (dest / rel).read_bytes() == (case.path / rel).read_bytes()
 

@@ -9,6 +9,7 @@ one. Scores come back one batch late, so the GPU never waits for the host betwee
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
@@ -117,18 +118,100 @@ def as_nchw(frames: torch.Tensor, axes: str) -> torch.Tensor:
     return frames
 
 
-def _as_tensor(blob: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(np.asarray(blob, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
+# Frames are scored exactly as open_clip's PIL transform scores the image as opened (resize and crop in the
+# image's own mode, then convert("RGB")) only for these modes, found by experiment (tests/test_frames_exact.py).
+_EXACT_MODES = frozenset({"RGB", "L"})
+_ALPHA_MODES = frozenset({"RGBA", "LA"})  # exact where fully opaque: PIL resizes them in premultiplied alpha
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+_REFUSED = {  # mode -> (what the frame is, why PIL's result differs, what to do)
+    "P": ("a palette {fmt}", "PIL resizes palette images nearest-neighbour",
+          "convert it to RGB first (PIL image.convert('RGB'))"),
+    "1": ("a 1-bit {fmt}", "PIL resizes 1-bit images nearest-neighbour",
+          "save it as 8-bit grayscale first (PIL image.convert('L'))"),
+    "I;16": ("a 16-bit grayscale {fmt}", "PIL clips 16-bit gray to 0-255 when converting to RGB",
+             "save it as 8-bit grayscale or RGB first"),
+    "CMYK": ("a CMYK {fmt}", "PIL resizes it in CMYK before converting to RGB",
+             "save it as RGB first (PIL image.convert('RGB'))"),
+}
 
 
-def _decode(blobs: Sequence[torch.Tensor], where: str) -> list[torch.Tensor]:
+def frame_mode(data: bytes) -> tuple[str, str]:
+    """(format, PIL mode) of an encoded frame, read from its header only; ("", "") when not recognised."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 26:
+        depth, colour = data[24], data[25]
+        if colour == 0:
+            return "PNG", "1" if depth == 1 else "I;16" if depth == 16 else "L"
+        return "PNG", _PNG_MODES.get(colour, f"colour type {colour}")
+    if data.startswith(_JPEG_MAGIC):
+        return "JPEG", _jpeg_mode(data)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # other formats: PIL reads the header only
+            return str(image.format), image.mode
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "", ""  # the decoder says what is wrong
+
+
+def _jpeg_mode(data: bytes) -> str:
+    """The mode PIL opens a JPEG in, from the component count of its SOF marker ("" if none is found)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return ""
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif marker in _JPEG_SOF:
+            if pos + 9 >= len(data):
+                return ""
+            return _JPEG_MODES.get(data[pos + 9], f"{data[pos + 9]} components")
+        elif marker == 0xDA:  # start of scan: no frame header before it
+            return ""
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return ""
+
+
+def check_frame(data: bytes, row: int, array: str) -> str | None:
+    """Refuse a frame vlmlabel cannot score exactly as CLIP's PIL pipeline does; for an alpha mode, the start of
+    the message that refuses it if it turns out to be transparent once decoded (None: plainly exact)."""
+    fmt, mode = frame_mode(data)
+    if not mode or mode in _EXACT_MODES:
+        return None
+    if mode in _ALPHA_MODES:
+        return f"frame {row} of {array} is a {fmt} with transparency ({mode})"
+    what, why, fix = _REFUSED.get(mode, ("a {fmt} image in an unsupported mode", "vlmlabel scores RGB, grayscale "
+                                         "and opaque RGBA frames", "convert it to RGB first"))
+    raise SourceError(f"frame {row} of {array} is {what.format(fmt=fmt)} ({mode}); vlmlabel cannot score it "
+                      f"exactly as CLIP's PIL pipeline does ({why}): {fix}")
+
+
+def _decode(blobs: Sequence[torch.Tensor], where: str, alpha: Sequence[str | None] = ()) -> list[torch.Tensor]:
+    """RGB uint8 frames, decoded on the CPU. ``alpha[i]`` (from ``check_frame``) marks frame i as having an alpha
+    channel: it is refused where transparent, as PIL would resize it in premultiplied alpha, and dropped."""
     decoded = []
-    for blob in blobs:
+    for index, blob in enumerate(blobs):
+        transparent = alpha[index] if index < len(alpha) else None
         try:
-            decoded.append(decode_image(blob, mode=ImageReadMode.RGB))
+            frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
         except RuntimeError as exc:
             raise SourceError(f"a frame in {where} is not a decodable JPEG/PNG image ({exc}); "
                               "check the file or choose another --image-key") from None
+        if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
+            frame = (frame.to(torch.int32) >> 8).to(torch.uint8)
+        if transparent is not None:
+            if bool((frame[3] != 255).any()):
+                raise SourceError(f"{transparent}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does "
+                                  "(PIL resizes it in premultiplied alpha): flatten it onto a background first "
+                                  "(e.g. PIL Image.alpha_composite) or save it as RGB")
+            frame = frame[:3]
+        decoded.append(frame)
     return decoded
 
 
@@ -186,19 +269,24 @@ def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
 def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
                      jpeg_on_device: bool) -> Iterator[Batch]:
     pending: list[torch.Tensor] = []
+    alpha: list[str | None] = []  # per pending frame: check_frame's verdict
 
     def flush() -> Batch:
-        nonlocal pending
-        blobs, pending = pending, []
+        nonlocal pending, alpha
+        (blobs, pending), (marks, alpha) = (pending, []), (alpha, [])
         if jpeg_on_device and all(bytes(b[:3].numpy()) == _JPEG_MAGIC for b in blobs):
             return Batch(blobs, len(blobs), "jpeg")
-        return Batch(_decode(blobs, source.image_key), len(blobs), "decoded")
+        return Batch(_decode(blobs, source.image_key, marks), len(blobs), "decoded")
 
     for episode in episodes:
         for segment in episode.frames:
+            row = segment.start
             for block in source.read_blocks(segment, batch_size):
                 for blob in block:
-                    pending.append(_as_tensor(blob))
+                    data = np.asarray(blob, dtype=np.uint8).tobytes()
+                    alpha.append(check_frame(data, row, segment.array))  # header only; refuses inexact frames
+                    pending.append(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()))
+                    row += 1
                     if len(pending) == batch_size:
                         yield flush()
     if pending:

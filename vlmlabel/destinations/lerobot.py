@@ -1,8 +1,14 @@
-"""Rewards as new columns of a copy of a LeRobot dataset folder that LeRobot's loader still reads.
+"""Rewards as new columns of a copy of a LeRobot dataset folder that LeRobot's loader and tools keep intact.
 
 Every data parquet file is rewritten with the float32 column(s) appended; ``meta/info.json``
-declares each as a feature (dtype float32, shape [1]) and ``meta/stats.json`` gets its statistics.
-Videos and the rest of ``meta`` are carried over as copy-on-write clones or copies (hard links on request).
+declares each as a feature (dtype float32, shape [1], its provenance under ``info``), ``meta/stats.json`` gets
+its statistics and every ``meta/episodes`` parquet file its per-episode ``stats/<key>/<stat>`` columns, as
+LeRobot v3.0 keeps them for every feature (``compute_stats.get_feature_stats``: min, max, mean, std, count and
+the quantiles q01 q10 q50 q90 q99; flattened by ``flatten_dict({"stats": ...})``). LeRobot's edits
+(``dataset_tools.delete_episodes``/``split_dataset``, ``aggregate``) rebuild ``stats.json`` from those columns,
+so a reward without them would lose its statistics there. Quantiles here are exact (numpy, linear), where
+LeRobot estimates them from histograms. Videos and the rest of ``meta`` are carried over as copy-on-write
+clones or copies (hard links on request).
 """
 
 from __future__ import annotations
@@ -11,29 +17,87 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
 from vlmlabel.destinations.tables import TableCopy, carry_tree
 from vlmlabel.errors import OutputError
+from vlmlabel.sources.base import Episode
 from vlmlabel.sources.lerobot import OBSERVATION_PREFIX, LeRobotSource
 
 INFO = Path("meta") / "info.json"
 STATS = Path("meta") / "stats.json"
+EPISODES = Path("meta") / "episodes"
+# LeRobot's compute_stats.DEFAULT_QUANTILES, keyed as it keys them (f"q{int(q * 100):02d}").
+QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+STAT_NAMES = ("min", "max", "mean", "std", "count", *QUANTILES)
+# Attributes that name one run over one dataset, not what the reward is: kept out of info.json, where LeRobot's
+# aggregate compares features (``features_equal_for_merge``) and would refuse to merge two labelled datasets.
+RUN_ONLY_ATTRS = ("result_id", "embeddings")
 
 
-def feature_entry(info: dict) -> dict:
-    """A scalar float32 feature, shaped like LeRobot's own scalar features (with fps where they have it)."""
-    entry = {"dtype": "float32", "shape": [1], "names": None}
+def _json_value(value: object) -> object:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def provenance(attrs: dict) -> dict:
+    """How the reward was made (goal, model, formula, ...), as plain JSON values for ``features[key]["info"]``."""
+    return {k: _json_value(v) for k, v in attrs.items() if k not in RUN_ONLY_ATTRS}
+
+
+def feature_entry(info: dict, attrs: dict | None = None) -> dict:
+    """A scalar float32 feature, shaped like LeRobot's own scalar features (with fps where they have it), its
+    provenance under ``info`` (the key LeRobot keeps per feature and copies through its edits)."""
+    entry: dict = {"dtype": "float32", "shape": [1], "names": None}
     if any("fps" in f for f in (info.get("features") or {}).values() if f.get("dtype") != "video"):
         entry["fps"] = info.get("fps")
+    if attrs:
+        entry["info"] = provenance(attrs)
     return entry
 
 
 def column_stats(values: np.ndarray) -> dict:
-    values = values.astype(np.float64)
-    return {"min": [float(values.min())], "max": [float(values.max())], "mean": [float(values.mean())],
-            "std": [float(values.std())], "count": [int(values.size)]}
+    """LeRobot's statistics of a shape-[1] feature: lists of one value, count an int, then the quantiles."""
+    values = np.asarray(values, dtype=np.float32).astype(np.float64)
+    stats: dict = {"min": [float(values.min())], "max": [float(values.max())], "mean": [float(values.mean())],
+                   "std": [float(values.std())], "count": [int(values.size)]}
+    stats.update({key: [float(np.quantile(values, q))] for key, q in QUANTILES.items()})
+    return stats
+
+
+def episode_values(column: RewardColumn, episodes: list[Episode]) -> dict[int, np.ndarray]:
+    """A column's rewards per LeRobot episode_index (runs of one episode joined), {} when episodes are not named."""
+    found: dict[int, list[np.ndarray]] = {}
+    for episode, values in zip(episodes, column.values, strict=True):
+        prefix, _, number = episode.key.partition(" ")
+        if prefix != "episode" or not number.lstrip("-").isdigit():
+            return {}
+        found.setdefault(int(number), []).append(np.asarray(values, dtype=np.float32))
+    return {e: np.concatenate(parts) for e, parts in found.items()}
+
+
+def episode_stats_table(table: pa.Table, columns: list[RewardColumn], episodes: list[Episode]) -> pa.Table | None:
+    """``table`` (one meta/episodes file) with ``stats/<key>/<stat>`` columns per reward, typed as LeRobot writes
+    them (list<double>, count list<int64>); None when some row's episode has no rewards (then left as it is)."""
+    if "episode_index" not in table.column_names:
+        return None
+    rows = table.column("episode_index").to_pylist()
+    for column in columns:
+        per_episode = episode_values(column, episodes)
+        if not rows or any(e not in per_episode for e in rows):
+            return None
+        prefix = f"stats/{column.name}/"
+        table = table.drop_columns([n for n in table.column_names if n.startswith(prefix)])
+        stats = [column_stats(per_episode[e]) for e in rows]
+        for name in STAT_NAMES:
+            kind = pa.int64() if name == "count" else pa.float64()
+            table = table.append_column(pa.field(prefix + name, pa.list_(kind)),
+                                        pa.array([s[name] for s in stats], type=pa.list_(kind)))
+    return table
 
 
 class LeRobotDestination(TableCopy):
@@ -51,19 +115,44 @@ class LeRobotDestination(TableCopy):
     def targets(self, root: Path) -> list[Path]:
         return [root / f.relative_to(self.source.folder) for f in self.files.paths]
 
+    def episode_files(self, columns: list[RewardColumn]) -> dict[Path, pa.Table]:
+        """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added."""
+        rewritten = {}
+        for path in sorted((self.source.folder / EPISODES).rglob("*.parquet")):
+            table = episode_stats_table(pq.read_table(path), columns, self.episodes)
+            if table is not None:
+                rewritten[path] = table
+        return rewritten
+
     def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
         root = self.source.folder
-        skip = {f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
+        episode_files = self.episode_files(columns)
+        skip = ({f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
+                | {p.resolve() for p in episode_files})
         with atomic.staged(self.path) as tmp:
             carry_tree(root, tmp, skip, self.link)
             self.rewrite_all(tmp, columns)
+            for path, table in episode_files.items():
+                target = tmp / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table, target, compression=_compression(path))
+                atomic.fsync(target)
             info = json.loads((root / INFO).read_text())
             features = info.setdefault("features", {})
             for column in columns:
-                features[column.name] = feature_entry(info)
+                features[column.name] = feature_entry(info, column.attrs)
             (tmp / INFO).write_text(json.dumps(info, indent=4))
             if (root / STATS).is_file():
                 stats = json.loads((root / STATS).read_text())
                 stats.update({c.name: column_stats(c.flat()) for c in columns})
                 (tmp / STATS).write_text(json.dumps(stats, indent=4))
         return self.path
+
+
+def _compression(path: Path) -> str:
+    """The codec a parquet file was written with (snappy when it has no columns to tell)."""
+    meta = pq.ParquetFile(path).metadata
+    if not meta.num_row_groups or not meta.num_columns:
+        return "snappy"
+    codec = meta.row_group(0).column(0).compression.lower()
+    return "none" if codec == "uncompressed" else codec

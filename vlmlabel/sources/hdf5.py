@@ -86,15 +86,17 @@ def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2) -> li
     return found
 
 
-def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 2) -> list[str]:
-    found = []
+def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 3) -> list[str]:
+    """The first float array shaped like frames under ``group`` (deep enough for data/demo_0/obs/x), if any."""
     for name, item in group.items():
         if isinstance(item, h5py.Dataset) and item.ndim == 4 and item.dtype.kind == "f" and (
                 item.shape[-1] in (1, 3) or item.shape[1] in (1, 3)):
-            found.append(f"{prefix}{name}")
-        elif isinstance(item, h5py.Group) and depth > 0:
-            found.extend(_float_image_like(item, f"{prefix}{name}/", depth - 1))
-    return found
+            return [f"{prefix}{name}"]
+        if isinstance(item, h5py.Group) and depth > 0:
+            found = _float_image_like(item, f"{prefix}{name}/", depth - 1)
+            if found:
+                return found
+    return []
 
 
 def read_rows(dataset: h5py.Dataset, start: int, stop: int, max_rows: int, where: object) -> Iterator[np.ndarray]:

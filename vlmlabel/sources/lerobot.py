@@ -167,8 +167,10 @@ class LeRobotSource(TableSource):
 
     @property
     def paths(self) -> tuple[Path, ...]:
-        """The data files, and the camera's video files once the episodes are known: an edited video counts."""
-        videos = sorted({path for path, _ in (self._videos or {}).values()})
+        """The data files and, for a video camera, its video files: an edited video counts as a change."""
+        if not self.is_video:
+            return self.files.paths
+        videos = sorted(p for p in (self.folder / "videos").rglob("*.mp4") if self.image_key in p.parts)
         return self.files.paths + tuple(videos)
 
     # -- reading ----------------------------------------------------------------------------------
