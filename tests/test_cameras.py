@@ -99,7 +99,7 @@ def _short(key: str) -> str:
 def test_mean_of_two_cameras_equals_the_mean_of_their_references(two, tiny_model_dir, reference):
     args = ["relabel", str(two.source), "--image-key", two.keys[0], "--image-key", two.keys[1], "--camera-reduce",
             "mean", "--goal", GOALS[0], "--goal", GOALS[1], "--model", str(tiny_model_dir), "--device", "cpu",
-            "--output", str(two.output), "--quiet"]
+            "--output", str(two.output), "--align", "frame", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     per_camera = [reference(frames, GOALS) for frames in two.frames]

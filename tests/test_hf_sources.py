@@ -94,7 +94,7 @@ def reload_output(case: TableCase, dest: Path) -> tuple[datasets.Dataset, pa.Sch
 def test_storage_suite(case: TableCase, tiny_model_dir, tmp_path):
     """Default output: same rewards as HDF5, reloads with its own loader, images stay images, provenance kept."""
     before = tree_digest(case.path)
-    summary = relabel_file(request_for(case, tiny_model_dir))
+    summary = relabel_file(request_for(case, tiny_model_dir, align=Align.frame))
     dest = summary.written_to
     assert dest.parent == (case.path.parent if "*" not in str(case.path) else case.path.parent.parent)
     assert dest.name.split(".")[0].endswith("-vlmlabel")
@@ -167,7 +167,7 @@ def test_unsorted_rows_frame_alignment_scores_each_row(tmp_path, tiny_model_dir)
                                                                 "frame_index": datasets.Value("int64")}))
     ds.save_to_disk(str(tmp_path / "shuffled"))
     case = TableCase(tmp_path / "shuffled", "disk", frames, None, "image", True)
-    dest = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1])).written_to
+    dest = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1], align=Align.frame)).written_to
     got = np.asarray(datasets.load_from_disk(str(dest))["vlm_reward"], dtype=np.float32)
     expected = hdf5_rewards(tmp_path, frames, None, tiny_model_dir, Align.frame, GOALS[:1])[:, 0]
     np.testing.assert_allclose(got, expected, atol=2e-6)
@@ -176,6 +176,12 @@ def test_unsorted_rows_frame_alignment_scores_each_row(tmp_path, tiny_model_dir)
                                       "--output", str(tmp_path / "next")])
     assert result.exit_code == 2 and "not consecutive" in result.output
     assert not (tmp_path / "next").exists()
+    # next is the default: without --align the same refusal, naming --align frame as the way to score these rows
+    result = CliRunner().invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", "x", "--model",
+                                      str(tiny_model_dir), "--device", "cpu", "--output", str(tmp_path / "default")],
+                                terminal_width=300)
+    assert result.exit_code == 2 and "not consecutive" in result.output and "--align frame" in result.output
+    assert not (tmp_path / "default").exists()
 
 
 def test_existing_output_and_columns(tmp_path, tiny_model_dir):
@@ -273,7 +279,7 @@ def test_cli_subprocess_end_to_end(tmp_path, tiny_model_dir):
     case = table_layouts.build_parquet_float_chw(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(case.path), "--goal", "a cube",
-                          "--model", str(tiny_model_dir), "--device", "cpu", "--quiet"],
+                          "--model", str(tiny_model_dir), "--device", "cpu", "--align", "frame", "--quiet"],
                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     out = tmp_path / "float_chw-vlmlabel.parquet"
@@ -308,7 +314,7 @@ def fake_hub(monkeypatch, tmp_path) -> TableCase:
 
 def test_hub_id_writes_a_save_to_disk_dataset(fake_hub, tiny_model_dir, tmp_path):
     summary = relabel_file(RelabelRequest(source=Path(HUB_ID), goals=GOALS[:1], model=str(tiny_model_dir),
-                                          device="cpu", revision="v1.0"))
+                                          device="cpu", revision="v1.0", align=Align.frame))
     assert summary.written_to == tmp_path / "work" / "robot-pushes-vlmlabel"
     loaded = datasets.load_from_disk(str(summary.written_to))
     assert isinstance(loaded.features["image"], datasets.Image)

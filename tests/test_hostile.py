@@ -239,7 +239,8 @@ def test_per_episode_post_processing_refuses_scattered_episodes(option, tmp_path
                       features=Features({"image": Image(), "episode_index": Value("int64")})
                       ).save_to_disk(str(tmp_path / "shuffled"))
     result = runner.invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", GOAL, "--model",
-                                 str(tiny_model_dir), "--device", "cpu", *option], terminal_width=300)
+                                 str(tiny_model_dir), "--device", "cpu", "--align", "frame", *option],
+                           terminal_width=300)
     assert result.exit_code == 2 and "not consecutive" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shuffled"]
 

@@ -47,7 +47,8 @@ def test_info_json_and_parquet_agree(video, tmp_path, tiny_model_dir):
     case = table_layouts.build_lerobot(tmp_path, video=video)
     before = tree_digest(case.path)
     summary = relabel_file(RelabelRequest(source=case.path, goals=["grasp the cube"], model=str(tiny_model_dir),
-                                          device="cpu", image_key="top", reward_key="vlm.progress"))
+                                          device="cpu", image_key="top", reward_key="vlm.progress",
+                                          align=Align.frame))
     dest = summary.written_to
     assert dest == tmp_path / f"{case.path.name}-vlmlabel"
     assert tree_digest(case.path) == before
@@ -90,7 +91,7 @@ def test_second_camera_from_video_by_short_name(tmp_path, tiny_model_dir):
     truth = np.concatenate([table_layouts.decode_mp4(case.path / "videos" / wrist / "chunk-000" / f"file-{k:03d}.mp4")
                             for k in range(2)])
     summary = relabel_file(RelabelRequest(source=case.path, goals=["a gripper"], model=str(tiny_model_dir),
-                                          device="cpu", image_key="wrist", batch_size=3))
+                                          device="cpu", image_key="wrist", batch_size=3, align=Align.frame))
     assert summary.image_key == wrist
     got = pq.read_table(summary.written_to / "data").column("vlm_reward").to_numpy()
     expected = hdf5_rewards(tmp_path, truth, case.episode_index, tiny_model_dir, Align.frame, ["a gripper"])

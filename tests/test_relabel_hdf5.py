@@ -27,9 +27,10 @@ def read_rewards(lf: layouts.LayoutFile, name: str) -> list[np.ndarray]:
     return values
 
 
-@pytest.mark.parametrize("align", ["frame", "next"])
+@pytest.mark.parametrize("align", ["frame", "next", None])  # None: no --align, the default is next
 def test_rewards_match_open_clip_reference(layout_file, tiny_model_dir, reference, align):
-    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), "--align", align,
+    option = [] if align is None else ["--align", align]
+    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), *option,
                      "--goal", GOALS[0], "--goal", GOALS[1], "--batch-size", "5")
     assert result.exit_code == 0, result.output
     expected_frames = layout_file.frame_steps if align == "frame" else layout_file.next_steps

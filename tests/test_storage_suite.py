@@ -34,6 +34,7 @@ from vlmlabel.run.lifecycle import (
 )
 from vlmlabel.run.merge import merge_shards
 from vlmlabel.run.shards import ShardSpec, shard_result, work_dir
+from vlmlabel.sources import Align
 
 GOALS = ["a red cube on the table", "an empty table"]
 NAMES = ["vlm_reward_0", "vlm_reward_1"]
@@ -73,7 +74,7 @@ def neighbours(case: Case) -> set[str]:
 
 def test_rewards_equal_open_clip_reference_and_source_untouched(case, tiny_model_dir, reference):
     before, beside = tree_digest(case.source), neighbours(case)
-    summary = relabel_file(request_for(case, tiny_model_dir, "single"))
+    summary = relabel_file(request_for(case, tiny_model_dir, "single", align=Align.frame))
     assert isinstance(summary, RelabelSummary)
     got = read_all(case, summary.written_to)
     assert got.dtype == np.float32 and len(got) == sum(case.steps)

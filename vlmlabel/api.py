@@ -12,6 +12,7 @@ Only per-frame formulations apply: shaping and normalisation need whole episodes
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from vlmlabel import rewards
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import Batch, FrameScorer
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.formulation import RewardConfig, build_score_fn
+from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import RewardMode
 
@@ -70,6 +71,8 @@ class RewardModel:
             raise VlmlabelError(f"batch_size must be at least 1, not {batch_size}")
         self.batch_size = batch_size or default_batch_size(resolved)
         self.model: ClipModel = load_model(model, pretrained, resolved, resolve_precision(precision, resolved))
+        for note in check_prompt_lengths(self.config, self.model):
+            warnings.warn(note, stacklevel=2)
         score_fn = build_score_fn(self.config, self.model.encode_texts, self.model.logit_scale)
         self._scorer = FrameScorer(self.model, score_fn=score_fn)
 

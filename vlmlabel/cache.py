@@ -26,7 +26,7 @@ from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 
 CACHE_CHUNK_ROWS = 8192
 SCORE_BLOCK_ROWS = 65536
-_MATCH_KEYS = ("model", "pretrained", "preprocess", "image_key", "source_fingerprint")
+_MATCH_KEYS = ("model", "pretrained", "model_weights", "preprocess", "image_key", "source_fingerprint")
 
 
 @dataclass
@@ -63,6 +63,7 @@ def identity(model: ClipModel, image_key: str, fingerprint: str) -> dict[str, st
     ``fingerprint`` (``sources.base.content_fingerprint``) ties the cache to the frames it was computed from."""
     described = model.describe()
     return {"model": described["model"], "pretrained": described["pretrained"],
+            "model_weights": model.weights_identity(),  # same path, other weights: another cache
             "preprocess": described["preprocess"], "image_key": image_key, "source_fingerprint": fingerprint}
 
 
@@ -111,6 +112,9 @@ def find(source: CachingSource, episodes: list[Episode], model: ClipModel, finge
         for key in _MATCH_KEYS:
             if key == "source_fingerprint" and str(attrs.get(key)) != wanted[key]:
                 return (f"embedding cache at {location} was made from other frames (the data changed since "
+                        "`vlmlabel embed`, or an older vlmlabel made it): ignored")
+            if key == "model_weights" and str(attrs.get(key)) != wanted[key]:
+                return (f"embedding cache at {location} was made with other model weights (they changed since "
                         "`vlmlabel embed`, or an older vlmlabel made it): ignored")
             if str(attrs.get(key)) != wanted[key]:
                 return (f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "

@@ -48,6 +48,7 @@ from vlmlabel.run.lifecycle import (
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import shard_from_options
 from vlmlabel.sources import Align, open_source
+from vlmlabel.sources.base import describe_frames
 
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
@@ -248,8 +249,12 @@ def relabel(
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
-        help="frame: step t scores its own frame o_t; next: step t scores o_{t+1} (D4RL/robomimic convention).",
-        rich_help_panel=REWARD_PANEL)] = Align.frame,
+        help="next (default): step t scores o_{t+1}, the result of action a_t, as offline RL rewards are defined "
+             "(D4RL, robomimic, d3rlpy, LeRobot next.reward): use it to train on the rewards. Needs ordered "
+             "episodes: table rows grouped by episode_index and in frame_index order, else refused. frame: step "
+             "t scores its own frame o_t: use it to score or inspect frames themselves, for per-frame analysis, "
+             "or for datasets without ordered episodes (rows are scored one by one).",
+        rich_help_panel=REWARD_PANEL)] = Align.next,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
     streaming: StreamingOpt = False,
@@ -580,7 +585,8 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = 
         table.add_row("layout", opened.layout)
         table.add_row("image key", opened.image_key)
         table.add_row("cameras", ", ".join(opened.cameras) or opened.image_key)
-        table.add_row("frames", opened.frame_format.describe())
+        table.add_row("frames", describe_frames(opened, episodes[0].frames[0]) if episodes
+                      else opened.frame_format.describe())
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
         table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} "

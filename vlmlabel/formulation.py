@@ -10,7 +10,7 @@ import enum
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from vlmlabel import rewards
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
+
+if TYPE_CHECKING:
+    from vlmlabel.model import ClipModel
 
 _FORMULAS = {
     RewardMode.cosine: rewards.COSINE_FORMULA,
@@ -164,6 +167,35 @@ def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardCon
     bounds = np.cumsum([0] + [len(g) for g in groups])
     return torch.stack([rewards.prompt_average(embedded[a:b], renormalize)
                         for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+def check_prompt_lengths(config: RewardConfig, model: ClipModel) -> list[str]:
+    """Notes for prompts longer than the model's context (the tokenizer cuts them: say what it keeps and drops);
+    refuses two goals the cut makes identical, as they would get identical rewards."""
+    notes, cut = [], False
+    for role, texts in (("goal", config.goals), ("baseline", config.baselines), ("negative", config.negatives)):
+        for text in texts:
+            for prompt in config.prompts(text):
+                truncation = model.truncation(prompt)
+                if truncation is not None:
+                    cut = True
+                    notes.append(truncation.describe(role if prompt == text else f"{role} prompt"))
+    if not cut:
+        return notes
+    tokens = [model.tokenizer(config.prompts(goal)) for goal in config.goals]
+    for i, first in enumerate(config.goals):
+        for j in range(i + 1, len(config.goals)):
+            second = config.goals[j]
+            if first != second and torch.equal(tokens[i], tokens[j]):
+                raise VlmlabelError(f"goals {i} ({_short(first)}) and {j} ({_short(second)}) are the same once cut "
+                                    f"to the model's context: they share the first {model.context_length} tokens, "
+                                    "all the model reads, so their rewards would be identical; shorten them so they "
+                                    "differ early")
+    return notes
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor],

@@ -8,11 +8,12 @@ can never drift apart: ``preprocess.py`` builds its transform from ``ClipModel.p
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -28,6 +29,9 @@ LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+HASH_CHUNK = 1 << 20
+_UNCUT_CONTEXT = 4096
 _OFFLINE_HELP = (
     "give a local checkpoint with --pretrained FILE, a folder with --model local-dir:PATH, "
     "or pre-fill the Hugging Face cache on a connected machine and set HF_HUB_OFFLINE=1"
@@ -102,6 +106,8 @@ class ClipModel:
     preprocess: PreprocessConfig
     device: torch.device
     precision: str
+    # Which weights these are: for local files their absolute path and sha256, for the Hub the repo and revision.
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def logit_scale(self) -> float:
@@ -129,6 +135,41 @@ class ClipModel:
             features = self.module.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
+    @property
+    def context_length(self) -> int | None:
+        """How many tokens (start and end included) the text tower reads; longer texts are cut."""
+        length = getattr(self.tokenizer, "context_length", None) or getattr(self.module, "context_length", None)
+        return int(length) if length else None
+
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` with start and end, as the model's own tokenizer makes them, before any cut."""
+        tokenizer: Any = self.tokenizer
+        if callable(getattr(tokenizer, "encode", None)) and hasattr(tokenizer, "sot_token_id"):
+            return len(tokenizer.encode(text)) + 2  # open_clip's SimpleTokenizer: exact, no padding to guess
+        # Any other tokenizer (Hugging Face ones): tokenize with a context long enough to cut nothing and count
+        # up to the last position that is not padding.
+        row = tokenizer([text], context_length=_UNCUT_CONTEXT)[0]
+        used = torch.nonzero(row != row[-1])
+        return int(used[-1].item()) + 2 if len(used) else 1
+
+    def truncation(self, text: str) -> Truncation | None:
+        """What the tokenizer cuts off ``text`` (None when it fits the context)."""
+        context = self.context_length
+        if context is None:
+            return None
+        count = self.token_count(text)
+        if count <= context:
+            return None
+        words = text.split()
+        low, high = 0, len(words)  # the most whole words that fit: low fits, high + 1 does not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.token_count(" ".join(words[:middle])) <= context:
+                low = middle
+            else:
+                high = middle - 1
+        return Truncation(text, count, context, " ".join(words[:low]), " ".join(words[low:]))
+
     def reference_transform(self) -> Callable:
         """open_clip's own PIL transform for this model: the reference the fast path must match."""
         oc = _open_clip()
@@ -138,7 +179,28 @@ class ClipModel:
     def describe(self) -> dict[str, Any]:
         """What a written reward records about the model that made it."""
         return {"model": self.name, "pretrained": self.pretrained, "precision": self.precision,
-                "preprocess": json.dumps(self.preprocess.as_dict())}
+                "preprocess": json.dumps(self.preprocess.as_dict()),
+                "model_identity": json.dumps(self.identity, sort_keys=True)}
+
+    def weights_identity(self) -> str:
+        """The identity without where the files are: what an embedding cache must match (moved weights are the
+        same weights; other weights at the same path are not)."""
+        return json.dumps({k: v for k, v in self.identity.items() if k != "path"}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A text longer than the model's context: what the model reads of it and what it never sees."""
+
+    text: str
+    tokens: int  # start and end tokens included
+    context: int
+    kept: str  # the whole words that fit
+    dropped: str  # the rest (a word cut in the middle is counted as dropped)
+
+    def describe(self, what: str) -> str:
+        return (f"{what} {self.text!r} is {self.tokens} tokens, longer than the model's context of {self.context}: "
+                f"it reads only {self.kept!r} and drops {self.dropped!r}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +209,8 @@ class _Resolved:
     weights: str | None
     force_preprocess: dict[str, Any] | None
     pretrained_label: str
+    identity: dict[str, Any] = field(default_factory=dict)  # which weights, before hashing
+    hashed: tuple[Path, ...] = ()  # local files whose sha256 the identity records
 
 
 def load_model(
@@ -180,8 +244,29 @@ def load_model(
         root.setLevel(previous_level)
     module.eval().to(device)
     preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
+    identity = dict(resolved.identity)
+    if resolved.hashed:
+        identity["sha256"] = {path.name: file_sha256(path) for path in resolved.hashed}
     return ClipModel(module=module, tokenizer=tokenizer, name=name, pretrained=resolved.pretrained_label,
-                     preprocess=preprocess, device=device, precision=precision)
+                     preprocess=preprocess, device=device, precision=precision, identity=identity)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file read in 1 MiB chunks (weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_revision(path: str | Path) -> str | None:
+    """The commit a Hugging Face cache file belongs to (``.../snapshots/COMMIT/FILE``), if it is one."""
+    parts = Path(path).parts
+    if "snapshots" in parts[:-1]:
+        index = len(parts) - 1 - parts[::-1].index("snapshots")
+        return parts[index + 1] if index + 1 < len(parts) - 1 else None
+    return None
 
 
 def _resolve(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
@@ -206,11 +291,12 @@ def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
         raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}); re-export the model") from exc
     if "model_cfg" not in cfg:
         raise ModelError(f"{folder / CONFIG_FILE} has no 'model_cfg'; re-export the model with open_clip")
-    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")]
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
         raise ModelError(f"model folder {folder} holds no weights (.safetensors/.bin/.pth); add "
                          f"{WEIGHT_FILES[0]} beside {CONFIG_FILE}")
-    return _Resolved(f"{LOCAL_DIR}{folder}", None, None, "bundled")
+    identity = {"source": "local folder", "path": str(folder.resolve())}
+    return _Resolved(f"{LOCAL_DIR}{folder}", None, None, "bundled", identity, (folder / CONFIG_FILE, *weights))
 
 
 def _resolve_hf_hub(repo_id: str, pretrained: str | None) -> _Resolved:
@@ -222,7 +308,8 @@ def _resolve_hf_hub(repo_id: str, pretrained: str | None) -> _Resolved:
     if Path(weights).parent != snapshot:
         raise ModelError(f"hf-hub:{repo_id}: config and weights come from different snapshots; clear the cache "
                          "entry and download again")
-    return _Resolved(f"{LOCAL_DIR}{snapshot}", None, None, f"hf-hub:{repo_id}")
+    identity = {"source": "hf-hub", "repo": repo_id, "revision": _hub_revision(weights), "file": Path(weights).name}
+    return _Resolved(f"{LOCAL_DIR}{snapshot}", None, None, f"hf-hub:{repo_id}", identity)
 
 
 def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
@@ -244,9 +331,10 @@ def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _
     if pretrained == RANDOM_WEIGHTS:
         if not allow_random:
             raise ModelError("--pretrained random gives meaningless rewards; it is only accepted by `vlmlabel bench`")
-        return _Resolved(name, None, None, RANDOM_WEIGHTS)
+        return _Resolved(name, None, None, RANDOM_WEIGHTS, {"source": "random", "architecture": name})
     if os.path.isfile(pretrained):
-        return _Resolved(name, pretrained, None, pretrained)
+        local = {"source": "file", "architecture": name, "path": str(Path(pretrained).resolve())}
+        return _Resolved(name, pretrained, None, pretrained, local, (Path(pretrained),))
     looks_like_path = os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))
     if looks_like_path:
         raise ModelError(f"checkpoint file {pretrained} does not exist; give an existing .safetensors/.bin/.pt file")
@@ -259,7 +347,10 @@ def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _
     weights = _tag_weights(name, pretrained, tag_cfg)
     preprocess_keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
     force = {k: tag_cfg[k] for k in preprocess_keys if k in tag_cfg}
-    return _Resolved(name, weights, force, pretrained)
+    identity: dict[str, Any] = {"source": "open_clip tag", "architecture": name, "tag": pretrained,
+                "repo": os.path.split(tag_cfg.get("hf_hub", ""))[0] or None, "url": tag_cfg.get("url") or None,
+                "revision": _hub_revision(weights), "file": Path(weights).name}
+    return _Resolved(name, weights, force, pretrained, {k: v for k, v in identity.items() if v is not None})
 
 
 def _tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ from vlmlabel.destinations.hdf5 import refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
-from vlmlabel.formulation import RewardConfig, build_score_fn
+from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
@@ -77,7 +77,7 @@ class RelabelRequest:
     batch_size: int | None = None
     precision: str = "auto"
     device: str = "auto"
-    align: Align = Align.frame
+    align: Align = Align.next  # r_t rewards o_{t+1}, the offline RL convention; Align.frame scores o_t
     camera_reduce: CameraReduce = CameraReduce.mean
     link: bool = False  # hard-link unchanged files into a new dataset (shares storage with the source)
     split: str = "train"
@@ -439,6 +439,8 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             _checks_and_lock(run, stack, events)
         if request.compile:
             model.compile_image_tower()
+        for note in check_prompt_lengths(run.config, model):
+            events.note(note)
         score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale)
         if not isinstance(match, str):
             return _commit_run(run, model, score_from_cache(run, match, score_fn, model, events), wanted,

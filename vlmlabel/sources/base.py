@@ -192,3 +192,32 @@ def content_fingerprint(source: FrameSource) -> str:
         for frame in block:
             digest.update(np.ascontiguousarray(np.asarray(frame)).tobytes())
     return digest.hexdigest()[:32]
+
+
+_MODES = {1: "grayscale", 3: "RGB", 4: "RGBA"}
+
+
+def describe_frames(source: FrameSource, segment: Segment) -> str:
+    """``frame_format.describe()`` plus the resolution of the frame at ``segment.start`` where the format does
+    not state it (encoded images: their header is read; videos: the frame is decoded), e.g.
+    "encoded PNG, first frame 24x32 RGB". Only for ``inspect``; falls back to the format alone."""
+    fmt = source.frame_format
+    video = "video" in fmt.dtype
+    if not (fmt.encoded or video) or not source.seekable or len(segment) == 0:
+        return fmt.describe()
+    try:
+        block = next(iter(source.read_blocks(Segment(segment.array, segment.start, segment.start + 1), 1)))
+        if isinstance(block, np.ndarray):
+            frame = block[0]
+            height, width = (frame.shape[:2] if fmt.axes != "CHW" else frame.shape[1:3])
+            channels = 1 if frame.ndim == 2 else (frame.shape[-1] if fmt.axes != "CHW" else frame.shape[0])
+            return f"{fmt.describe()}, first frame {height}x{width} {_MODES.get(channels, f'{channels} channels')}"
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(np.asarray(block[0], dtype=np.uint8).tobytes())) as image:
+            width, height = image.size
+            return f"encoded {image.format or 'image'}, first frame {height}x{width} {image.mode}"
+    except Exception:  # a frame that cannot be read is reported by relabel; inspect still shows the rest
+        return fmt.describe()

@@ -148,15 +148,17 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
     if align is Align.next:
         ids = episode_index[starts]
         if len(np.unique(ids)) != len(ids):
-            raise SourceError("rows of one episode are not consecutive; --align next needs them grouped and in "
-                              "frame order: sort the dataset by episode_index, frame_index first")
+            raise SourceError("rows of one episode are not consecutive; --align next (the default) needs them "
+                              "grouped and in frame order: sort the dataset by episode_index, frame_index first, "
+                              "or pass --align frame to score each row's own frame")
         if frame_index is not None:
             steps = np.diff(frame_index)
             inner = np.ones(len(steps), dtype=bool)
             inner[starts[1:] - 1] = False
             if np.any(steps[inner] <= 0):
-                raise SourceError("frame_index is not increasing within an episode; --align next needs frames in "
-                                  "order: sort the dataset by episode_index, frame_index first")
+                raise SourceError("frame_index is not increasing within an episode; --align next (the default) "
+                                  "needs frames in order: sort the dataset by episode_index, frame_index first, "
+                                  "or pass --align frame to score each row's own frame")
     return [Episode(f"episode {episode_index[a]} (rows {a}-{b - 1})", int(b - a),
                     step_segments(array, int(a), int(b), align), "", f"episode {episode_index[a]}")
             for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
