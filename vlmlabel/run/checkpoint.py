@@ -35,21 +35,6 @@ STATE_FILE = "state.json"
 ROWS_FILE = "rewards.f32"
 
 
-def _file_stamps(path: Path) -> dict[str, list[int]]:
-    """Size and mtime of a local weights file or of the files in a model folder."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
-
-
-def local_weights(model_name: str, pretrained: str | None) -> dict[str, dict[str, list[int]]]:
-    """Stamps of weights given as local files or folders, so edited weights never reuse saved progress."""
-    local = {}
-    for label, value in (("model", model_name.removeprefix("local-dir:")), ("pretrained", pretrained)):
-        if value and Path(value).exists():
-            local[label] = _file_stamps(Path(value))
-    return local
-
-
 def device_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"

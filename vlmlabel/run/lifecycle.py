@@ -34,7 +34,7 @@ from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_leng
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
-from vlmlabel.run.checkpoint import Checkpoint, differences, local_weights, run_numerics
+from vlmlabel.run.checkpoint import Checkpoint, differences, run_numerics
 from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
@@ -222,9 +222,8 @@ class OpenRun:
             "align": request.align.value,
             "goals": self.config.goals,
             "reward": {k: v for k, v in self.config.to_json().items() if k != "goals"},
-            "model_attrs": model.describe(),
+            "model_attrs": model.describe(),  # model_identity: local weights by path and sha256
             "embeddings": "cache" if used_cache else "frames",
-            "local_weights": local_weights(request.model, request.pretrained),
             "vlmlabel": __version__,
         }
 
