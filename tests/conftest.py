@@ -25,11 +25,15 @@ TINY_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.27], "interpol
                    "resize_mode": "shortest"}
 
 
+def build_model_dir(folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: dict = TINY_PREPROCESS) -> Path:
+    """A random open_clip model saved in local-dir layout, loaded by tests through the users' code path."""
+    torch.manual_seed(seed)
+    return save_local_dir(create_untrained(cfg), cfg, preprocess, folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    module = create_untrained(TINY_CFG)
-    return save_local_dir(module, TINY_CFG, TINY_PREPROCESS, tmp_path_factory.mktemp("models") / "tiny-clip")
+    return build_model_dir(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
 
 
 @pytest.fixture()

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from tests import layouts
-from tests.conftest import TINY_CFG
+from tests.conftest import TINY_CFG, build_model_dir
 from vlmlabel import RewardModel
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.model import create_untrained, save_local_dir
 from vlmlabel.rewards import RewardMode
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only lose from intra-op threads
@@ -30,9 +29,7 @@ OTHER_PREPROCESS = {"mean": [0.3, 0.5, 0.6], "std": [0.2, 0.22, 0.3], "interpola
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    module = create_untrained(OTHER_CFG)
-    return save_local_dir(module, OTHER_CFG, OTHER_PREPROCESS, tmp_path_factory.mktemp("models") / "other-clip")
+    return build_model_dir(tmp_path_factory.mktemp("models") / "other-clip", 1, OTHER_CFG, OTHER_PREPROCESS)
 
 
 def _oracle(model_dir: Path):

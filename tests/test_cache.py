@@ -5,16 +5,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tests import layouts
-from tests.conftest import TINY_CFG, TINY_PREPROCESS
+from tests.conftest import TINY_CFG, build_model_dir
 from vlmlabel.cli import app
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.model import create_untrained, save_local_dir
 from vlmlabel.rewards import RewardMode
 from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
 from vlmlabel.sources import Align, open_source
@@ -26,9 +24,7 @@ FP16_ATOL = 3e-3
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    torch.manual_seed(7)
-    return save_local_dir(create_untrained(TINY_CFG), TINY_CFG, TINY_PREPROCESS,
-                          tmp_path_factory.mktemp("other") / "other-clip")
+    return build_model_dir(tmp_path_factory.mktemp("other") / "other-clip", seed=7)
 
 
 def _rewards(path, paths):

@@ -9,15 +9,13 @@ import shutil
 
 import h5py
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tests import layouts, table_layouts
-from tests.conftest import TINY_CFG, TINY_PREPROCESS
+from tests.conftest import build_model_dir
 from vlmlabel.api import RewardModel
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.model import create_untrained, save_local_dir
 from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
 
 runner = CliRunner()
@@ -107,8 +105,7 @@ def test_an_embedding_cache_made_with_other_weights_at_the_same_path_is_ignored(
     embed_file(EmbedRequest(source=truth.path, model=str(folder), device="cpu"))
     request = RelabelRequest(source=truth.path, goals=["x"], model=str(folder), device="cpu", overwrite=True)
     assert relabel_file(request).used_cache  # the same weights: the cache serves
-    torch.manual_seed(11)
-    save_local_dir(create_untrained(TINY_CFG), TINY_CFG, TINY_PREPROCESS, folder)  # new weights, same path
+    build_model_dir(folder, seed=11)  # new weights, same path
     summary = relabel_file(request)
     assert not summary.used_cache
     assert "other model weights" in summary.cache_note
