@@ -273,3 +273,13 @@ def test_a_file_another_program_is_writing_is_reported_busy_and_left_alone(hdf5_
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_embed_overwrite_never_replaces_a_file_that_is_not_hdf5(tmp_path, tiny_model_dir):
+    lf = layouts.build_robomimic(tmp_path / "data.h5")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    result = runner.invoke(app, ["embed", str(lf.path), "--model", str(tiny_model_dir), "--device", "cpu",
+                                 "--output", str(notes), "--overwrite"], terminal_width=300)
+    assert result.exit_code == 2 and "not an HDF5 file" in result.output, result.output
+    assert notes.read_text() == "my notes"

@@ -59,6 +59,20 @@ def refuse_if_busy(path: Path) -> None:
                           "replace the file under it: wait for it to finish, or use --output")
 
 
+def check_output_file(output: Path | None, overwrite: bool) -> None:
+    """An ``--output`` HDF5 file may be written: not a folder, not there without --overwrite, never a file of
+    another kind (that is not vlmlabel's to replace)."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
+    if output.exists() and not overwrite:
+        raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+    if output.is_file() and not h5py.is_hdf5(output):
+        raise OutputError(f"output {output} exists and is not an HDF5 file; vlmlabel only replaces HDF5 files "
+                          "(--overwrite): choose a new --output")
+
+
 def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
                stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
                keep_mode: bool = True) -> Path:
@@ -204,13 +218,7 @@ class HDF5Destination:
         if output is not None and output.exists() and output.resolve() == source.resolve():
             raise OutputError(f"--output {output} is SOURCE itself; drop --output to add the rewards to SOURCE, "
                               "or name a new file")
-        if output is not None and output.is_dir():
-            raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
-        if output is not None and output.exists() and not overwrite:
-            raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
-        if output is not None and output.is_file() and not h5py.is_hdf5(output):
-            raise OutputError(f"output {output} exists and is not an HDF5 file; vlmlabel only replaces HDF5 files "
-                              "(--overwrite): choose a new --output")
+        check_output_file(output, overwrite)
         folder = atomic.real_target(self.path).parent
         check_folder(folder)
         if output is None and not os.access(source, os.W_OK):

@@ -25,8 +25,8 @@ import torch
 
 from vlmlabel import __version__, cache
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of
-from vlmlabel.destinations.base import RESULT_ATTR, check_names
-from vlmlabel.destinations.hdf5 import refuse_if_busy, write_file
+from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
+from vlmlabel.destinations.hdf5 import check_output_file, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
@@ -227,10 +227,10 @@ class OpenRun:
             "vlmlabel": __version__,
         }
 
-    def already_written(self, wanted: str) -> bool:
-        """Whether every reward of this run is at the destination, made by a run with the same result id."""
-        found = self.destination.written(self.all_names)
-        return all(n in found and str(found[n].attrs.get(RESULT_ATTR)) == wanted for n in self.all_names)
+    def already_written(self, present: dict[str, Present], wanted: str) -> bool:
+        """Whether every reward of this run is in ``present`` (what the destination holds), made by a run with the
+        same result id."""
+        return all(n in present and str(present[n].attrs.get(RESULT_ATTR)) == wanted for n in self.all_names)
 
 
 def _shard_for(request: RelabelRequest, source: CachingSource, events: Events) -> ShardSpec | None:
@@ -271,7 +271,8 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
         work = work_dir(destination.path, request.reward_key)
         check_names([], [work.name, dest_lock(destination.path).name, *atomic.staging_names(destination.path)])
         run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
-                      shard, [content_fingerprint(s) for s in sources], GracefulStop())
+                      shard, [content_fingerprint(s, e if request.align is Align.frame else None)
+                              for s, e in zip(sources, camera_episodes, strict=True)], GracefulStop())
         yield run
 
 
@@ -430,7 +431,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             match = find_caches(run, model)
         identity = run.identity(model, not isinstance(match, str))
         wanted = result_id(identity, run.fingerprint)
-        if maybe_done and run.already_written(wanted):
+        if maybe_done and run.already_written(present, wanted):
             events.note(f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
                         "(same frames, goals, model and formulation); nothing to do")
             return FinishedSummary(run.destination.path, run.names)
@@ -607,13 +608,9 @@ def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path) 
     from vlmlabel.destinations.base import check_folder, check_space
 
     output = request.output
-    if output is not None:
-        if base is not None and output.exists() and output.resolve() == base.resolve():
-            raise OutputError(f"--output {output} is where the cache already goes; drop --output")
-        if output.is_dir():
-            raise OutputError(f"--output {output} is a folder; name the HDF5 file to write")
-        if output.exists() and not request.overwrite:
-            raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
+    if output is not None and base is not None and output.exists() and output.resolve() == base.resolve():
+        raise OutputError(f"--output {output} is where the cache already goes; drop --output")
+    check_output_file(output, request.overwrite)
     folder = target.resolve().parent
     check_folder(folder)
     check_space(folder, base.stat().st_size if base is not None else 0, "the embedding cache")

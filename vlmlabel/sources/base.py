@@ -166,20 +166,20 @@ class DatasetSource(CachingSource, LabelledData, Protocol):
 FINGERPRINT_SAMPLES = 8
 
 
-def content_fingerprint(source: FrameSource) -> str:
+def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | None = None) -> str:
     """A cheap digest of what the frames are: image key, format, episode lengths and a few sampled frames.
 
     Where vlmlabel never writes into the source's files (tables, LeRobot), their sizes and modification
     times are part of it too, so any edit counts. An HDF5 file receives rewards and caches in place, so there
     only the sampled frames speak for the content (frames at the first row of evenly spaced episodes): an
     edit of frames that are not sampled goes unnoticed. A stream, which cannot seek, contributes its first
-    frame only.
+    frame only. ``frame_episodes``: the frame-aligned episodes when the caller already has them.
     """
     import hashlib
 
     from vlmlabel.destinations.base import Stamp
 
-    episodes = source.episodes(Align.frame)
+    episodes = frame_episodes if frame_episodes is not None else source.episodes(Align.frame)
     digest = hashlib.sha256()
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
     if not source.holds_outputs:

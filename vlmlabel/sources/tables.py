@@ -280,10 +280,7 @@ class TableSource:
     def _column(self, key: str) -> np.ndarray | None:
         if key not in self.schema.names or arrow_frames.looks_like_frames(self.schema.field(key), None):
             return None
-        if key not in self._index:
-            parts = [b.column(0).to_numpy(zero_copy_only=False) for b in self.files.batches([key], 65536)]
-            self._index[key] = np.concatenate(parts) if parts else np.empty(0)
-        return self._index[key]
+        return self.index_columns((key,))[key]
 
     def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
         """A per-row column (rewards, success, a written reward...) over the rows of one episode."""
