@@ -44,14 +44,20 @@ class LayoutFile:
     path: Path
     layout: str
     image_key: str
-    frame_steps: list[np.ndarray]  # align=frame: frames scoring steps 0..T-1
-    next_steps: list[np.ndarray]  # align=next
+    frame_steps: list[np.ndarray]  # align=frame: frames scoring steps 0..T-1 (Minari: observations 0..T)
+    next_steps: list[np.ndarray]  # align=next (Minari: observations 0..T)
     reward_paths: list[str]  # where the rewards land, per target (flat: one path)
     flat: bool = False
 
     @property
     def steps(self) -> list[int]:
+        """Reward values per episode (Minari: one per observation)."""
         return [len(f) for f in self.frame_steps]
+
+    @property
+    def transitions(self) -> list[int]:
+        """Steps per episode, as the dataset's own per-step arrays count them."""
+        return [n - 1 for n in self.steps] if self.layout == "minari" else self.steps
 
 
 LENGTHS = (5, 7, 4)
@@ -136,14 +142,14 @@ def _minari(path: Path, encoded: bool) -> LayoutFile:
             group.create_dataset("terminations", data=np.zeros(length, bool))
             group.create_dataset("truncations", data=np.zeros(length, bool))
             group.attrs["total_steps"] = length
-            eps.append(obs[:-1])
-            nexts.append(obs[1:])
+            eps.append(obs)  # one score per observation (T+1), whatever the alignment
+            nexts.append(obs)
             paths.append(f"episode_{k}/infos/vlm_reward")
     return LayoutFile(path, "minari", "observations", eps, nexts, paths)
 
 
 def build_minari(path: Path) -> LayoutFile:
-    """Minari: `episode_K/observations` holds T+1 frames; rewards go to `episode_K/infos/`."""
+    """Minari: `episode_K/observations` holds T+1 frames; rewards go to `episode_K/infos/`, T+1 of them."""
     return _minari(path, encoded=False)
 
 

@@ -27,7 +27,8 @@ class Case:
     source: Path
     image_key: str
     frames: np.ndarray  # RGB frames scoring each step (align=frame), in episode order
-    steps: list[int]
+    steps: list[int]  # reward values per episode
+    transitions: list[int]  # steps per episode, as the dataset's own per-step arrays count them
     reference_key: str  # a numeric per-step value already in the data, for `evaluate --against`
     output: Callable[[str], Path]  # an --output for a run tagged ``tag``
     read: Callable[[Path, str], np.ndarray]  # the reward ``name`` at a destination, all steps in episode order
@@ -42,7 +43,8 @@ def _hdf5(builder: Callable[[Path], layouts.LayoutFile], reference_key: str) -> 
                 return np.concatenate([handle[p.replace("vlm_reward", name)][()] for p in lf.reward_paths])
 
         frames = np.concatenate(lf.frame_steps)
-        return Case(lf.path, lf.image_key, frames, lf.steps, reference_key, lambda tag: root / f"out-{tag}.h5", read)
+        return Case(lf.path, lf.image_key, frames, lf.steps, lf.transitions, reference_key,
+                    lambda tag: root / f"out-{tag}.h5", read)
 
     return build
 
@@ -71,7 +73,7 @@ def _table(builder: Callable[[Path], table_layouts.TableCase], reference_key: st
             return _read_arrow_files(files, name)
 
         steps = np.bincount(tc.episode_index).tolist() if tc.episode_index is not None else [len(tc.frames)]
-        return Case(tc.path, tc.image_key, tc.frames, steps, reference_key,
+        return Case(tc.path, tc.image_key, tc.frames, steps, steps, reference_key,
                     lambda tag: root / f"out-{tag}{suffix}", read)
 
     return build

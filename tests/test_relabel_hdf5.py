@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -70,6 +72,35 @@ def test_single_goal_uses_plain_name_and_minari_root_untouched(tmp_path, tiny_mo
         assert sorted(f.keys()) == root_before
         for path, steps in zip(lf.reward_paths, lf.steps):
             assert f[path].shape == (steps,)
+
+
+@pytest.mark.parametrize("align", ["next", "frame"])
+def test_minari_infos_hold_one_score_per_observation_and_evaluate_reads_steps(tmp_path, tiny_model_dir, reference,
+                                                                              align):
+    """Minari's infos have T+1 rows (the reset's, then one per step): the reward lines up with them, and
+    evaluate gives step t the row its alignment names (t+1 next, t frame) against T per-step rewards."""
+    lf = layouts.build_minari(tmp_path / "m.h5")
+    with h5py.File(lf.path, "r+") as f:
+        for k, transitions in enumerate(lf.transitions):
+            obs_scores = reference(lf.frame_steps[k], ["x"])[:, 0]
+            env = obs_scores[1:] if align == "next" else obs_scores[:-1]
+            f[f"episode_{k}/rewards"][...] = env  # the env's reward is exactly the score: r = 1
+            f[f"episode_{k}/infos/success"] = np.r_[0, (np.arange(transitions) % 2)].astype(bool)
+    result = run_cli("relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "--align", align, "-q")
+    assert result.exit_code == 0, result.output
+    with h5py.File(lf.path, "r") as f:
+        for k, path in enumerate(lf.reward_paths):
+            assert f[path].shape == f[f"episode_{k}/observations"].shape[:1] == (lf.transitions[k] + 1,)
+            assert f[path].shape == f[f"episode_{k}/infos/success"].shape
+            np.testing.assert_allclose(f[path][()], reference(lf.frame_steps[k], ["x"])[:, 0], atol=2e-3)
+            assert f[path].attrs["rows"] == "observations" and f[path].attrs["align"] == align
+    report = run_cli("evaluate", str(lf.path), "--against", "rewards", "--no-blank", "--json")
+    assert report.exit_code == 0, report.output
+    parsed = json.loads(report.stdout)
+    assert parsed["steps"] == sum(lf.transitions) and parsed["pearson"] > 0.999
+    against_infos = run_cli("evaluate", str(lf.path), "--against", "success", "--no-blank", "--json")
+    assert against_infos.exit_code == 0, against_infos.output
+    assert json.loads(against_infos.stdout)["steps"] == sum(lf.transitions)
 
 
 def test_each_frame_encoded_once_whatever_the_number_of_goals(tmp_path, tiny_model_dir, monkeypatch):

@@ -196,7 +196,7 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path):
                                  "--image-key", case.image_key, "--no-blank", "--json"])
     assert report.exit_code == 0, report.output
     parsed = json.loads(report.output)
-    assert parsed["steps"] == sum(case.steps) and parsed["episodes"] == len(case.steps)
+    assert parsed["steps"] == sum(case.transitions) and parsed["episodes"] == len(case.steps)
     assert parsed["against"] == case.reference_key
     picture = tmp_path / "rewards.png"
     drawn = runner.invoke(app, ["plot", dest, "--reward-key", "vlm_reward", "--image-key", case.image_key,

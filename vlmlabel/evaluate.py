@@ -110,7 +110,17 @@ class Evaluation:
         return clean(asdict(self))
 
 
-def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: str) -> list[np.ndarray]:
+def _per_step(values: np.ndarray, episode: Episode, align: Align) -> np.ndarray:
+    """One value per step. Data with one value per observation (Minari infos: T+1 rows, row 0 the reset's)
+    gives step t the row of the observation that scores it: t+1 (next; also every info the step returned)
+    or t (frame)."""
+    if not episode.per_observation or len(values) != episode.steps:
+        return values
+    return values[1:] if align is Align.next else values[:-1]
+
+
+def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: str,
+                 align: Align = Align.next) -> list[np.ndarray]:
     values = []
     for episode in episodes:
         found = source.step_values(episode, key)
@@ -120,10 +130,10 @@ def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: 
         if found.ndim > 1 and int(np.prod(found.shape[1:])) != 1:
             raise SourceError(f"{what} {key!r} has shape {found.shape} in {episode.name}: not one number per step; "
                               "choose a per-step scalar key")
-        found = found.astype(np.float64).reshape(len(found))
-        if len(found) != episode.steps:
+        found = _per_step(found.astype(np.float64).reshape(len(found)), episode, align)
+        if len(found) != episode.transitions:
             raise SourceError(f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
-                              f"{episode.steps} steps; choose a per-step key")
+                              f"{episode.transitions} steps; choose a per-step key")
         values.append(found)
     return values
 
@@ -139,9 +149,19 @@ def _reference(source: LabelledData, episodes: list[Episode], against: str) -> t
                         "name one with --against KEY")
 
 
+def _align_of(attrs: dict | None) -> Align:
+    """The alignment a reward was written with (rewards written before it was recorded scored o_t)."""
+    recorded = (attrs or {}).get("align", Align.frame.value)
+    try:
+        return Align(str(recorded))
+    except ValueError:
+        raise VlmlabelError(f"the reward's align attribute {recorded!r} is not one of "
+                            f"{', '.join(a.value for a in Align)}: the file was edited; relabel") from None
+
+
 def _reward_values(source: LabelledData, episodes: list[Episode], key: str) -> tuple[list[np.ndarray], dict]:
     attrs = source.dataset_attrs(episodes[0], key)
-    values = _per_episode(source, episodes, key, "--reward-key") if attrs is not None else []
+    values = _per_episode(source, episodes, key, "--reward-key", _align_of(attrs)) if attrs is not None else []
     if not values:
         written = source.reward_keys(episodes[0])
         listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
@@ -181,7 +201,7 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
         reward, attrs = _reward_values(source, episodes, request.reward_key)
         reference_key, reference = _reference(source, episodes, request.against)
         raw_key = attrs.get("raw_key")
-        raw = _per_episode(source, episodes, str(raw_key), "raw") if raw_key else reward
+        raw = _per_episode(source, episodes, str(raw_key), "raw", _align_of(attrs)) if raw_key else reward
         success: list[np.ndarray] = []
         if not _is_binary(np.concatenate(reference)):
             success = next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])

@@ -154,7 +154,7 @@ def plot_file(request: PlotRequest) -> PlotResult:
             curve.plot(values[key][index], label=f"{key}: {key_attrs.get('goal', '')}"[:70])
         curve.vlines(steps, *curve.get_ylim(), colors="0.8", linestyles=":", linewidth=0.8)
         curve.set_title(f"episode {index} ({episodes[index].name})", fontsize=9, loc="left")
-        curve.set_xlabel("step", fontsize=8)
+        curve.set_xlabel("observation" if episodes[index].per_observation else "step", fontsize=8)
         curve.set_ylabel("reward", fontsize=8)
         curve.legend(fontsize=7, loc="best")
         thumbs = fig.add_subplot(grid[2 * row + 1])

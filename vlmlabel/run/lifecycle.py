@@ -151,10 +151,13 @@ def _batch_size(requested: int | None, device: torch.device) -> int:
     return requested or default_batch_size(device)
 
 
-def base_attrs(align: Align, image_key: str, used_cache: bool, model_attrs: dict[str, Any]) -> dict[str, Any]:
-    """Attributes every written reward records besides its formulation."""
-    return {"align": align.value, "image_key": image_key, "embeddings": "cache" if used_cache else "frames",
-            "vlmlabel_version": __version__, **model_attrs}
+def base_attrs(align: Align, image_key: str, used_cache: bool, model_attrs: dict[str, Any],
+               per_observation: bool) -> dict[str, Any]:
+    """Attributes every written reward records besides its formulation. ``rows`` says what one value is:
+    a step's reward, or (Minari infos) an observation's score, T+1 of them, step t reading row t+1 (next)
+    or t (frame)."""
+    return {"align": align.value, "rows": "observations" if per_observation else "steps", "image_key": image_key,
+            "embeddings": "cache" if used_cache else "frames", "vlmlabel_version": __version__, **model_attrs}
 
 
 def result_id(identity: dict[str, Any], fingerprint: str) -> str:
@@ -486,7 +489,8 @@ def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
 
 
 def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -> dict[str, Any]:
-    return {**base_attrs(run.request.align, run.source.image_key, scored.used_cache, model.describe()),
+    return {**base_attrs(run.request.align, run.source.image_key, scored.used_cache, model.describe(),
+                         run.episodes[0].per_observation),
             RESULT_ATTR: wanted}
 
 

@@ -50,10 +50,16 @@ class Episode:
     frames: tuple[Segment, ...]
     target: str
     identity: str = ""  # which episode of the data this is ('' : the name says it); runs of one episode share it
+    per_observation: bool = False  # one value per observation, T+1 for T steps (Minari infos), not per step
 
     @property
     def key(self) -> str:
         return self.identity or self.name
+
+    @property
+    def transitions(self) -> int:
+        """Steps (actions taken) in the episode: what per-step data such as the dataset's own rewards hold."""
+        return self.steps - 1 if self.per_observation else self.steps
 
 
 @dataclass(frozen=True)

@@ -257,11 +257,12 @@ class HDF5Source:
         array = f"{name}/{key}"
         rows = self.file[array].shape[0]
         if self.layout == "minari":
-            steps = rows - 1  # Minari stores T+1 observations for T steps
-            if steps <= 0:
+            # Minari stores T+1 observations and T+1 infos (the reset's, then one per step): the reward lands
+            # in infos with one score per observation, whatever the alignment; step t reads row t+1 (next)
+            # or row t (frame).
+            if rows <= 1:
                 raise SourceError(f"episode {name} has {rows} observation(s) and no steps; remove it or fix the file")
-            first = 1 if align is Align.next else 0
-            return Episode(name, steps, (Segment(array, first, first + steps),), f"{name}/infos")
+            return Episode(name, rows, (Segment(array, 0, rows),), f"{name}/infos", per_observation=True)
         if rows == 0:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
         next_array = self._next_obs_path(name, key)
