@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Digests vlmlabel remembers between runs go to a folder of the test session, not the user's ~/.cache.
+os.environ["VLMLABEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlmlabel-tests-")
 
 from pathlib import Path  # noqa: E402
 
@@ -29,6 +32,24 @@ def build_model_dir(folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: d
     """A random open_clip model saved in local-dir layout, loaded by tests through the users' code path."""
     torch.manual_seed(seed)
     return save_local_dir(create_untrained(cfg), cfg, preprocess, folder)
+
+
+# Read once, before any test hides the GPU: initialising CUDA here fixes which GPUs this process sees.
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """Every test not marked ``gpu`` runs as on a CPU-only machine, in this process and in those it starts: they
+    leave the device on auto and compare with open_clip's fp32 CPU pipeline at CPU tolerances, expect CPU
+    defaults (fp32, batch 32) and the "no CUDA GPU" refusal. Tests marked ``gpu`` run on the GPU and are
+    skipped without one."""
+    if request.node.get_closest_marker("gpu"):
+        if not CUDA:
+            pytest.skip("needs a CUDA GPU")
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 @pytest.fixture(scope="session")

@@ -92,3 +92,18 @@ def test_relabel_in_place_through_a_symlink_and_after_a_killed_write(tmp_path, t
     with h5py.File(lf.path, "r") as f:
         assert np.isfinite(f["data/demo_0/vlm_reward"][()]).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.h5", "real.h5"]
+
+
+def test_a_folder_set_aside_by_a_killed_run_is_put_back_not_removed(tmp_path):
+    """kill -9 between the two renames of a folder replacement: the old folder is aside, none in its place."""
+    target = tmp_path / "out"
+    aside = _leftover(target, _dead_pid(), "old")
+    aside.mkdir()
+    (aside / "data.parquet").write_bytes(b"the user's labelled data")
+    half = _leftover(target, _dead_pid(), "tmp")
+    half.mkdir()
+    with atomic.staged(target) as tmp:
+        tmp.mkdir()
+        assert (target / "data.parquet").read_bytes() == b"the user's labelled data"  # back before the new write
+        (tmp / "data.parquet").write_bytes(b"new")
+    assert (target / "data.parquet").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -138,3 +138,45 @@ def test_row_stream_fills_datasets_chunk_by_chunk_and_refuses_a_short_stream(tmp
     with pytest.raises(OutputError, match="did not match"):
         write_file(path, path, [], overwrite=False, stream=short)
     assert path.read_bytes() == before  # nothing half-written
+
+
+def test_a_relabel_served_by_the_cache_loads_the_text_tower_only(tmp_path, tiny_model_dir, other_model_dir):
+    truth = layouts.build_robomimic(tmp_path / "r.h5")
+    embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu", batch_size=4))
+    whole = relabel_file(_request(truth, tiny_model_dir, Align.next, use_cache=False))
+    from_frames, _ = _rewards(truth.path, truth.reward_paths)
+    served = relabel_file(_request(truth, tiny_model_dir, Align.next))
+    assert served.used_cache and not served.model.has_image_tower and whole.model.has_image_tower
+    from_cache, _ = _rewards(truth.path, truth.reward_paths)
+    for cached, scored in zip(from_cache, from_frames):
+        np.testing.assert_allclose(cached, scored, atol=FP16_ATOL)
+    # Another model's cache does not serve the run: it loads whole and scores the frames.
+    other = relabel_file(_request(truth, other_model_dir, Align.next))
+    assert not other.used_cache and other.model.has_image_tower
+
+
+@pytest.mark.parametrize("storage", ["gzip chunks, one frame edited", "lzf chunks (robomimic), one frame edited",
+                                     "uncompressed, channels swapped"])
+def test_frames_edited_in_place_after_embed_invalidate_the_cache(storage, tmp_path, tiny_model_dir):
+    """Fixing frames in the file after `embed` (one bad frame, BGR to RGB) must not leave stale cached rewards."""
+    frames = layouts.make_frames(60, 16, 20, seed=21)
+    path = tmp_path / "d.h5"
+    if storage.startswith("lzf"):
+        layouts.build_robomimic(path)
+        array, row = "data/demo_1/obs/agentview_image", 3  # not the first frame of any episode: never sampled
+    else:
+        with h5py.File(path, "w") as f:
+            options = dict(chunks=(4, 16, 20, 3), compression="gzip") if storage.startswith("gzip") else {}
+            f.create_dataset("observations", data=frames, **options)
+            f.create_dataset("terminals", data=np.arange(60) % 10 == 9)
+        array, row = "observations", 37
+    embed_file(EmbedRequest(source=path, model=str(tiny_model_dir), device="cpu"))
+    with h5py.File(path, "r+") as f:
+        if storage.startswith("uncompressed"):
+            f[array][...] = f[array][()][..., ::-1]
+        else:
+            f[array][row] = 255 - f[array][row]
+    notes: list[str] = []
+    summary = relabel_file(RelabelRequest(source=path, goals=["a red block"], model=str(tiny_model_dir),
+                                          device="cpu"), on_note=notes.append)
+    assert not summary.used_cache and "made from other frames" in summary.cache_note, summary.cache_note

@@ -53,7 +53,7 @@ def test_jpeg_batches_decoded_on_the_device_match_cpu_decoding(tiny, tmp_path):
         episodes = source.episodes(Align.frame)
         on_device = list(iter_batches(source, episodes, 4, jpeg_on_device=True))
         on_host = list(iter_batches(source, episodes, 4))
-    assert {b.form for b in on_device} == {"jpeg"} and {b.form for b in on_host} == {"decoded"}
+    assert {b.form for b in on_device} == {"jpeg"} and {b.form for b in on_host} == {"CHW"}
     scorer = FrameScorer(tiny, GOALS)
     device_scores = torch.cat([scorer.score(b) for b in on_device])
     host_scores = torch.cat([scorer.score(b) for b in on_host])

@@ -15,6 +15,7 @@ import pytest
 
 from tests import table_layouts
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.sources import Align
 
 datasets.disable_progress_bars()
 
@@ -159,3 +160,28 @@ def test_relabelling_a_labelled_copy_replaces_its_stats(labelled, tmp_path, tiny
     episode, reward = written_rewards(again, KEYS[0])
     first = meta.column("episode_index")[0].as_py()
     assert meta.column(f"stats/{KEYS[0]}/mean")[0].as_py() == pytest.approx([reward[episode == first].mean()])
+
+
+def test_lerobots_own_edits_drop_field_metadata_but_the_column_stays_ours(labelled, tmp_path, tiny_model_dir):
+    """LeRobot's editors (delete/split/merge episodes) rewrite the data files without the columns' field
+    metadata and keep info.json's features[key]["info"] (seen with lerobot 0.6.1, tools/clients): the reward
+    must still count as vlmlabel's, for --overwrite and for evaluate."""
+    import shutil
+
+    from vlmlabel.sources import open_source
+
+    _, dest = labelled
+    edited = tmp_path / "edited"
+    shutil.copytree(dest, edited)
+    for path in (edited / "data").rglob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.replace_schema_metadata(None).cast(pa.schema([f.remove_metadata() for f in table.schema])),
+                       path)
+    with open_source(str(edited), "top") as source:
+        episode = source.episodes(Align.frame)[0]
+        assert source.dataset_attrs(episode, KEYS[0])["goal"] == GOALS[0]
+        assert KEYS[0] in source.reward_keys(episode) and source.dataset_attrs(episode, "frame_index") == {}
+    again = relabel_file(RelabelRequest(source=edited, goals=["a red cube", "a blue cube"], model=str(tiny_model_dir),
+                                        device="cpu", image_key="top", reward_key="vlm.progress", overwrite=True,
+                                        output=tmp_path / "again"))
+    assert again.written_to == tmp_path / "again"

@@ -41,3 +41,39 @@ def test_hf_hub_model_loads_offline_from_a_prefilled_cache(tmp_path, tiny_model_
     assert proc.returncode == 0, proc.stderr
     with h5py.File(source, "r") as f:
         assert f["data/demo_0/vlm_reward"].attrs["pretrained"] == "hf-hub:acme/tiny-clip"
+
+
+def test_text_only_load_matches_the_whole_model(tiny_model_dir):
+    """A relabel served by the cache loads the text tower only: same text embeddings to the bit, same logit
+    scale, same description (so the same cache matches and the same result id), and no image weights."""
+    import torch
+
+    whole = load_model(str(tiny_model_dir))
+    texts = load_model(str(tiny_model_dir), image_tower=False)
+    goals = ["a red block on a plate", "the drawer is open"]
+    assert torch.equal(whole.encode_texts(goals), texts.encode_texts(goals))
+    assert texts.logit_scale == whole.logit_scale
+    assert texts.describe() == whole.describe() and texts.weights_identity() == whole.weights_identity()
+    assert whole.has_image_tower and not texts.has_image_tower
+    assert not any(name.startswith("visual.") for name, _ in texts.module.named_parameters())
+    with pytest.raises(ModelError, match="without its image tower"):
+        texts.encode_images(torch.zeros(1, 3, *texts.preprocess.size))
+    assert torch.nn.init.normal_(torch.zeros(2)).abs().sum() > 0  # the load leaves torch's initialisers working
+
+
+def test_random_weights_have_no_text_only_load():
+    model = load_model("ViT-B-32", "random", allow_random=True, image_tower=False)
+    assert model.has_image_tower  # nothing to load the text tower from: the whole random model
+
+
+def test_text_only_load_of_a_checkpoint_missing_text_weights_fails_as_the_whole_load(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "open_clip_model.safetensors"
+    state = load_file(str(weights))
+    del state["ln_final.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(ModelError, match="could not load model"):
+        load_model(str(broken), image_tower=False)

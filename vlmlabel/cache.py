@@ -93,6 +93,14 @@ class CacheMatch:
     locations: dict[str, tuple[str, np.ndarray | None, int]]
 
 
+def stored(source: CachingSource, episodes: list[Episode]) -> bool:
+    """Whether a cache (made by any model) is stored for the first frame array ``episodes`` read: a cheap sign
+    that ``find`` may serve the run, so the model is loaded for texts only (and whole if ``find`` says no)."""
+    if source.cache_file is None or not episodes or not episodes[0].frames:
+        return False
+    return source.read_embedding_meta(source.embedding_location(episodes[0].frames[0].array)) is not None
+
+
 def find(source: CachingSource, episodes: list[Episode], model: ClipModel, fingerprint: str) -> CacheMatch | str:
     """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
     if source.cache_file is None:

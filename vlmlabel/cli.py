@@ -121,6 +121,10 @@ PretrainedOpt = Annotated[str | None, typer.Option(
          "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False, rich_help_panel=MODEL_PANEL)]
 BatchSizeOpt = Annotated[int | None, typer.Option(
     help="Frames per batch; default chosen for the device.", show_default=False, rich_help_panel=MODEL_PANEL)]
+WorkersOpt = Annotated[int | None, typer.Option(
+    min=0, help="Processes decoding frames in parallel (encoded images, compressed HDF5, Arrow lists, video); "
+                "0 decodes in this process. Default: usable cores minus one, at most 8.", show_default=False,
+    rich_help_panel=MODEL_PANEL)]
 PrecisionOpt = Annotated[Precision, typer.Option(
     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.", rich_help_panel=MODEL_PANEL)]
 DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps", rich_help_panel=MODEL_PANEL)]
@@ -246,6 +250,7 @@ def relabel(
         help="Replace reward datasets or columns (and an --output dataset) that already exist.",
         rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
@@ -253,7 +258,8 @@ def relabel(
              "(D4RL, robomimic, d3rlpy, LeRobot next.reward): use it to train on the rewards. Needs ordered "
              "episodes: table rows grouped by episode_index and in frame_index order, else refused. frame: step "
              "t scores its own frame o_t: use it to score or inspect frames themselves, for per-frame analysis, "
-             "or for datasets without ordered episodes (rows are scored one by one).",
+             "or for datasets without ordered episodes (rows are scored one by one). Minari: every observation "
+             "is scored, T+1 values in infos/ like Minari's other infos; step t reads row t+1 (next) or t (frame).",
         rich_help_panel=REWARD_PANEL)] = Align.next,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
@@ -261,9 +267,11 @@ def relabel(
     link: Annotated[bool, typer.Option(
         "--link", help="New datasets (tables, LeRobot): hard-link files carried over unchanged (videos, metadata, "
                        "other splits) instead of copying them (copy-on-write clones where the file system has "
-                       "them). Saves space and time, but the output then shares those files with the source: "
-                       "editing them in place in the output (e.g. LeRobot's tools re-encoding videos) changes "
-                       "the source too.", rich_help_panel=OUTPUT_PANEL)] = False,
+                       "them). HDF5 with --output: write a labels file holding the rewards and reaching every "
+                       "other dataset of SOURCE through external links, instead of a full copy. Saves space and "
+                       "time, but the output then shares that data with the source: editing it in place through "
+                       "the output (e.g. LeRobot's tools re-encoding videos) changes the source too, and an HDF5 "
+                       "labels file needs SOURCE where the link says.", rich_help_panel=OUTPUT_PANEL)] = False,
     push_to_hub: Annotated[str | None, typer.Option(
         "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
         show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
@@ -306,6 +314,7 @@ def relabel(
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
         checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index), compile=compile,
+        workers=workers,
     )
     other_rank = dist_env is not None and dist_env.rank != 0
     quiet = quiet or other_rank
@@ -457,6 +466,7 @@ def embed(
         "--overwrite", help="Replace an --output file that already exists (a cache in SOURCE is always "
                             "replaced).", rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     split: SplitOpt = "train",
@@ -469,7 +479,7 @@ def embed(
     HDF5: inside the file (or an --output copy). Table and LeRobot datasets: NAME.vlmlabel-cache.h5 beside them."""
     request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
                            overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device,
-                           split=split, revision=revision)
+                           split=split, revision=revision, workers=workers)
     if quiet:
         embed_file(request)
         return

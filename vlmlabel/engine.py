@@ -1,43 +1,59 @@
 """The relabelling loop: read frames -> device -> preprocess -> encode -> score.
 
-A background thread reads (and, on the CPU, decodes) the next batches while the device
-encodes the current one. Raw frames are copied into a few reusable host buffers (pinned on
-CUDA, so the copy to the GPU is asynchronous and no memory is pinned per batch); uint8 bytes
-cross to the device and become floats there. JPEG frames are decoded on the GPU when there is
-one. Scores come back one batch late, so the GPU never waits for the host between batches.
+The next batches are read while the device encodes the current one: by decoding worker processes
+(``--workers N``, for frames that cost decoding: encoded images, compressed chunks, Arrow lists, video)
+or by a background thread. Frames are read or decoded straight into a few reusable host buffers
+(pinned on CUDA, so the copy to the GPU is asynchronous and no memory is pinned per batch; in shared
+memory for workers); uint8 bytes cross to the device and become floats there. JPEG frames are decoded
+on the GPU when there is one. Scores come back one batch late, so the GPU never waits for the host
+between batches.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
+import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from vlmlabel import rewards
+from vlmlabel.batchfill import (
+    DECODED_AXES,
+    JPEG_MAGIC,
+    Filled,
+    check_frame,
+    decode_frame,
+    fill,
+    frame_bytes,
+    plan_batches,
+)
+from vlmlabel.decode_workers import DecodeWorkers, start_server
 from vlmlabel.errors import SourceError
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
+from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Reopenable, Segment, SourceRecipe
 
 PREFETCH_BATCHES = 3
 _DONE = object()
-_JPEG_MAGIC = b"\xff\xd8\xff"
 RAW_AXES = ("HWC", "CHW", "HW")
 
 
 class HostBuffer:
-    """One reusable host buffer for a batch of raw frames (``array`` is a numpy view of ``tensor``)."""
+    """One reusable host buffer for a batch of frames (``array`` is a numpy view of ``tensor``; ``slot``: its
+    place in its pool, which names it to decoding workers)."""
 
-    def __init__(self, tensor: torch.Tensor, pool: BufferPool | None):
+    def __init__(self, tensor: torch.Tensor, pool: BufferPool | None, slot: int = 0):
         self.tensor = tensor
+        self.slot = slot
         self.array = tensor.numpy()
         self.pool = pool
         self.event: torch.cuda.Event | None = None
@@ -55,14 +71,18 @@ class BufferPool:
     """A fixed set of host buffers: memory stays flat whatever the file length.
 
     Pinned on CUDA so copies to the GPU are asynchronous; a buffer is written again only once
-    the copy recorded by its event has completed.
+    the copy recorded by its event has completed. ``shared``: in shared memory, so decoding worker
+    processes write into them (not pinned then).
     """
 
-    def __init__(self, count: int, shape: tuple[int, ...], pin: bool):
+    def __init__(self, count: int, shape: tuple[int, ...], pin: bool, shared: bool = False):
         self.free: queue.Queue[HostBuffer] = queue.Queue()
-        for _ in range(count):
-            buffer = HostBuffer(torch.empty(shape, dtype=torch.uint8, pin_memory=pin), self)
+        self.buffers = []
+        for slot in range(count):
+            tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=pin and not shared)
+            buffer = HostBuffer(tensor.share_memory_() if shared else tensor, self, slot)
             buffer.busy = False
+            self.buffers.append(buffer)
             self.free.put(buffer)
 
     def acquire(self) -> HostBuffer:
@@ -78,8 +98,8 @@ class BufferPool:
 class Batch:
     """Frames ready for the device.
 
-    form HWC/CHW/HW: one uint8 tensor of raw frames as stored (in ``buffer``); "decoded": CHW
-    tensors of possibly different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
+    form HWC/CHW/HW: one uint8 tensor of frames as stored, or decoded (CHW), in ``buffer``; "decoded": CHW
+    tensors of different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
     """
 
     frames: torch.Tensor | list[torch.Tensor]
@@ -118,101 +138,10 @@ def as_nchw(frames: torch.Tensor, axes: str) -> torch.Tensor:
     return frames
 
 
-# Frames are scored exactly as open_clip's PIL transform scores the image as opened (resize and crop in the
-# image's own mode, then convert("RGB")) only for these modes, found by experiment (tests/test_frames_exact.py).
-_EXACT_MODES = frozenset({"RGB", "L"})
-_ALPHA_MODES = frozenset({"RGBA", "LA"})  # exact where fully opaque: PIL resizes them in premultiplied alpha
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_MODES = {2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
-_REFUSED = {  # mode -> (what the frame is, why PIL's result differs, what to do)
-    "P": ("a palette {fmt}", "PIL resizes palette images nearest-neighbour",
-          "convert it to RGB first (PIL image.convert('RGB'))"),
-    "1": ("a 1-bit {fmt}", "PIL resizes 1-bit images nearest-neighbour",
-          "save it as 8-bit grayscale first (PIL image.convert('L'))"),
-    "I;16": ("a 16-bit grayscale {fmt}", "PIL clips 16-bit gray to 0-255 when converting to RGB",
-             "save it as 8-bit grayscale or RGB first"),
-    "CMYK": ("a CMYK {fmt}", "PIL resizes it in CMYK before converting to RGB",
-             "save it as RGB first (PIL image.convert('RGB'))"),
-}
-
-
-def frame_mode(data: bytes) -> tuple[str, str]:
-    """(format, PIL mode) of an encoded frame, read from its header only; ("", "") when not recognised."""
-    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 26:
-        depth, colour = data[24], data[25]
-        if colour == 0:
-            return "PNG", "1" if depth == 1 else "I;16" if depth == 16 else "L"
-        return "PNG", _PNG_MODES.get(colour, f"colour type {colour}")
-    if data.startswith(_JPEG_MAGIC):
-        return "JPEG", _jpeg_mode(data)
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # other formats: PIL reads the header only
-            return str(image.format), image.mode
-    except (UnidentifiedImageError, OSError, ValueError):
-        return "", ""  # the decoder says what is wrong
-
-
-def _jpeg_mode(data: bytes) -> str:
-    """The mode PIL opens a JPEG in, from the component count of its SOF marker ("" if none is found)."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return ""
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            pos += 2
-        elif marker in _JPEG_SOF:
-            if pos + 9 >= len(data):
-                return ""
-            return _JPEG_MODES.get(data[pos + 9], f"{data[pos + 9]} components")
-        elif marker == 0xDA:  # start of scan: no frame header before it
-            return ""
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return ""
-
-
-def check_frame(data: bytes, row: int, array: str) -> str | None:
-    """Refuse a frame vlmlabel cannot score exactly as CLIP's PIL pipeline does; for an alpha mode, the start of
-    the message that refuses it if it turns out to be transparent once decoded (None: plainly exact)."""
-    fmt, mode = frame_mode(data)
-    if not mode or mode in _EXACT_MODES:
-        return None
-    if mode in _ALPHA_MODES:
-        return f"frame {row} of {array} is a {fmt} with transparency ({mode})"
-    what, why, fix = _REFUSED.get(mode, ("a {fmt} image in an unsupported mode", "vlmlabel scores RGB, grayscale "
-                                         "and opaque RGBA frames", "convert it to RGB first"))
-    raise SourceError(f"frame {row} of {array} is {what.format(fmt=fmt)} ({mode}); vlmlabel cannot score it "
-                      f"exactly as CLIP's PIL pipeline does ({why}): {fix}")
-
-
 def _decode(blobs: Sequence[torch.Tensor], where: str, alpha: Sequence[str | None] = ()) -> list[torch.Tensor]:
-    """RGB uint8 frames, decoded on the CPU. ``alpha[i]`` (from ``check_frame``) marks frame i as having an alpha
-    channel: it is refused where transparent, as PIL would resize it in premultiplied alpha, and dropped."""
-    decoded = []
-    for index, blob in enumerate(blobs):
-        transparent = alpha[index] if index < len(alpha) else None
-        try:
-            frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
-        except RuntimeError as exc:
-            raise SourceError(f"a frame in {where} is not a decodable JPEG/PNG image ({exc}); "
-                              "check the file or choose another --image-key") from None
-        if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
-            frame = (frame.to(torch.int32) >> 8).to(torch.uint8)
-        if transparent is not None:
-            if bool((frame[3] != 255).any()):
-                raise SourceError(f"{transparent}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does "
-                                  "(PIL resizes it in premultiplied alpha): flatten it onto a background first "
-                                  "(e.g. PIL Image.alpha_composite) or save it as RGB")
-            frame = frame[:3]
-        decoded.append(frame)
-    return decoded
+    """RGB uint8 frames decoded on the CPU, one tensor each (``alpha[i]``: ``check_frame``'s verdict on frame i)."""
+    return [decode_frame(blob, f"a frame in {where}", alpha[i] if i < len(alpha) else None)
+            for i, blob in enumerate(blobs)]
 
 
 def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -227,54 +156,108 @@ def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.
 
 def iter_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
                  pool: BufferPool | None = None, jpeg_on_device: bool = False) -> Iterator[Batch]:
-    """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short).
+    """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short), read
+    in this thread.
 
-    Raw frames are copied into buffers from ``pool`` (fresh buffers without one); encoded frames
-    are decoded here, except JPEGs when ``jpeg_on_device`` asks the device to decode them.
+    Frames are read (raw) or decoded (encoded) straight into buffers from ``pool`` (fresh buffers without
+    one): one tensor per batch, no per-frame list. JPEGs stay bytes when ``jpeg_on_device`` asks the device
+    to decode them.
     """
-    if source.frame_format.encoded:
-        return _encoded_batches(source, episodes, batch_size, jpeg_on_device)
-    return _raw_batches(source, episodes, batch_size, pool)
+    if jpeg_on_device and source.frame_format.encoded:
+        return _encoded_batches(source, episodes, batch_size)
+    return _filled_batches(source, episodes, batch_size, pool)
 
 
-def _raw_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
-                 pool: BufferPool | None) -> Iterator[Batch]:
+def _batch_of(buffer: HostBuffer, filled: Filled, axes: str) -> Batch | None:
+    """The frames a fill left in ``buffer``: one tensor when they share a shape (form ``axes``), else a list
+    ("decoded"); None when there were none."""
+    if filled.size == 0:
+        buffer.release()
+        return None
+    flat = buffer.tensor.view(-1)
+    if not filled.spill and len(set(filled.shapes)) == 1:
+        shape, count = filled.shapes[0], len(filled.shapes)
+        return Batch(flat[:count * math.prod(shape)].view(count, *shape), count, axes, buffer)
+    frames, offset = [], 0
+    for shape in filled.shapes:
+        frames.append(flat[offset:offset + math.prod(shape)].view(shape))
+        offset += math.prod(shape)
+    frames.extend(torch.from_numpy(frame) for frame in filled.spill)
+    return Batch(frames, filled.size, "decoded", buffer)
+
+
+def _axes(fmt: FrameFormat) -> str:
+    return DECODED_AXES if fmt.encoded else fmt.axes
+
+
+def _filled_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
+                    pool: BufferPool | None) -> Iterator[Batch]:
     fmt = source.frame_format
-    shape = (batch_size, *fmt.frame_shape)
-    acquire = pool.acquire if pool is not None else lambda: HostBuffer(torch.empty(shape, dtype=torch.uint8), None)
-    buffer, filled = None, 0
-    for episode in episodes:
-        for segment in episode.frames:
-            for block in source.read_blocks(segment, batch_size):
-                assert isinstance(block, np.ndarray)  # raw frames are read as arrays
-                if block.shape[1:] != fmt.frame_shape or block.dtype != np.uint8:
-                    raise SourceError(f"{segment.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
-                                      f"but {source.image_key} has uint8 {fmt.frame_shape}; frames must all match")
-                offset = 0
-                while offset < len(block):
-                    if buffer is None:
-                        buffer = acquire()
-                    take = min(batch_size - filled, len(block) - offset)
-                    buffer.array[filled:filled + take] = block[offset:offset + take]
-                    filled += take
-                    offset += take
-                    if filled == batch_size:
-                        yield Batch(buffer.tensor, filled, fmt.axes, buffer)
-                        buffer, filled = None, 0
-    if filled:
-        assert buffer is not None  # rows were copied into it
-        yield Batch(buffer.tensor[:filled], filled, fmt.axes, buffer)
+    plan = plan_batches(episodes, batch_size)
+    first = next(plan, None)
+    if first is None:
+        return
+    if pool is not None:
+        acquire = pool.acquire
+    else:  # the caller may keep every batch: each gets a buffer of its own
+        size = batch_size * frame_bytes(source, first[0], fmt, source.image_key)
+        acquire = lambda: HostBuffer(torch.empty(size, dtype=torch.uint8), None)  # noqa: E731
+    for pieces in itertools.chain([first], plan):
+        buffer = acquire()
+        filled = fill(source, pieces, buffer.array.reshape(-1), fmt, source.image_key)
+        batch = _batch_of(buffer, filled, _axes(fmt))
+        if batch is not None:
+            yield batch
 
 
-def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
-                     jpeg_on_device: bool) -> Iterator[Batch]:
+def _worker_batches(source: FrameSource, recipe: SourceRecipe, episodes: list[Episode], batch_size: int,
+                    workers: int) -> Iterator[Batch]:
+    """Batches filled by ``workers`` processes into shared buffers, handed out in order; ``workers + 2`` batches
+    are in flight, so each worker finds its next batch queued when it finishes one."""
+    fmt = source.frame_format
+    plan = plan_batches(episodes, batch_size)
+    first = next(plan, None)
+    if first is None:
+        return
+    in_flight = workers + 2
+    size = batch_size * frame_bytes(source, first[0], fmt, source.image_key)
+    pool = BufferPool(in_flight + 2, (size,), pin=False, shared=True)  # + the model's batch and one to spare
+    pending: deque[tuple[int, HostBuffer]] = deque()
+
+    def take(decoders: DecodeWorkers) -> Batch | None:
+        index, buffer = pending.popleft()
+        return _batch_of(buffer, decoders.result(index), _axes(fmt))
+
+    with DecodeWorkers(recipe, [b.tensor for b in pool.buffers], workers, fmt, source.image_key) as decoders:
+        for index, pieces in enumerate(itertools.chain([first], plan)):
+            while len(pending) >= in_flight:
+                if (batch := take(decoders)) is not None:
+                    yield batch
+            buffer = pool.acquire()
+            decoders.submit(index, buffer.slot, pieces)
+            pending.append((index, buffer))
+        while pending:
+            if (batch := take(decoders)) is not None:
+                yield batch
+
+
+def _first_is_jpeg(source: FrameSource, episodes: list[Episode]) -> bool:
+    first = next((s for e in episodes for s in e.frames if len(s)), None)
+    if first is None:
+        return False
+    block = next(iter(source.read_blocks(Segment(first.array, first.start, first.start + 1), 1)))
+    return np.asarray(block[0], dtype=np.uint8)[:3].tobytes() == JPEG_MAGIC
+
+
+def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: int) -> Iterator[Batch]:
+    """Undecoded JPEG batches for the device's decoder (any other frame in a batch: decoded here)."""
     pending: list[torch.Tensor] = []
     alpha: list[str | None] = []  # per pending frame: check_frame's verdict
 
     def flush() -> Batch:
         nonlocal pending, alpha
         (blobs, pending), (marks, alpha) = (pending, []), (alpha, [])
-        if jpeg_on_device and all(bytes(b[:3].numpy()) == _JPEG_MAGIC for b in blobs):
+        if all(bytes(b[:3].numpy()) == JPEG_MAGIC for b in blobs):
             return Batch(blobs, len(blobs), "jpeg")
         return Batch(_decode(blobs, source.image_key, marks), len(blobs), "decoded")
 
@@ -293,7 +276,7 @@ def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: i
         yield flush()
 
 
-def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+def _prefetch(batches: Iterator[Batch], depth: int) -> Generator[Batch, None, None]:
     """Run ``batches`` in a background thread, ``depth`` batches ahead; errors surface in the caller."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -362,6 +345,7 @@ class FrameScorer:
             if embeddings is None:
                 embeddings = torch.empty((batch.size, encoded.shape[1]), device=device)
             embeddings[indices] = encoded
+        batch.release()  # every frame was copied by the stack
         assert embeddings is not None
         return embeddings
 
@@ -385,29 +369,29 @@ class FrameScorer:
 
 
 def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
-              compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
-              ) -> Iterator[np.ndarray]:
-    """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch.
+                 compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
+                 workers: int = 0) -> Iterator[np.ndarray]:
+    """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch;
+    ``workers`` decoding processes (0: a reader thread in this process).
 
     Rows come back one batch late: the copy to the host that waits for batch i is made after batch
     i + 1 has been queued, so a GPU never idles between batches.
     """
     total = sum(e.steps for e in episodes)
-    fmt = source.frame_format
-    pool = None
-    if not fmt.encoded:
-        pool = BufferPool(PREFETCH_BATCHES + 2, (batch_size, *fmt.frame_shape), pin=device.type == "cuda")
-    batches = iter_batches(source, episodes, batch_size, pool, jpeg_on_device=device.type == "cuda")
     position = 0
     pending: torch.Tensor | None = None
-    for batch in _prefetch(batches, PREFETCH_BATCHES):
-        queued = compute(batch)
-        if pending is not None:
-            yield pending.cpu().numpy()
-            if on_progress is not None:
-                on_progress(len(pending))
-        pending = queued
-        position += batch.size
+    batches = read_ahead(source, episodes, batch_size, device, workers)
+    try:
+        for batch in batches:
+            queued = compute(batch)
+            if pending is not None:
+                yield pending.cpu().numpy()
+                if on_progress is not None:
+                    on_progress(len(pending))
+            pending = queued
+            position += batch.size
+    finally:
+        batches.close()  # stops the reader thread or the workers, also when the caller stops early
     if pending is not None:
         yield pending.cpu().numpy()
         if on_progress is not None:
@@ -416,13 +400,50 @@ def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, 
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
 
 
+def worker_recipe(source: FrameSource, workers: int) -> SourceRecipe | None:
+    """How decoding workers reopen ``source``, when ``workers`` are asked for and its rows cost decoding
+    (raw uncompressed frames are a copy: read in this process whatever ``workers`` says)."""
+    recipe = source.recipe() if workers > 0 and isinstance(source, Reopenable) else None
+    return recipe if recipe is not None and recipe.decodes else None
+
+
+def prepare_workers(source: FrameSource, workers: int) -> None:
+    """Before the model loads: start what the workers will fork from, if they will be used."""
+    if worker_recipe(source, workers) is not None:
+        start_server()
+
+
+def read_ahead(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
+               workers: int) -> Generator[Batch, None, None]:
+    """The batches of ``episodes`` in order, read ahead of the model: by ``workers`` processes when the rows
+    cost decoding and the source can be opened again elsewhere, else by a reader thread. JPEGs go to a CUDA
+    device undecoded (nvJPEG) when the first frame is one."""
+    fmt = source.frame_format
+    jpeg_on_device = device.type == "cuda" and fmt.encoded and _first_is_jpeg(source, episodes)
+    recipe = worker_recipe(source, workers)
+    if recipe is not None and not jpeg_on_device:
+        yield from _worker_batches(source, recipe, episodes, batch_size, workers)
+        return
+    pool = None
+    if not jpeg_on_device:
+        first = next((s for e in episodes for s in e.frames if len(s)), None)
+        size = batch_size * frame_bytes(source, first, fmt, source.image_key) if first is not None else 1
+        pool = BufferPool(PREFETCH_BATCHES + 2, (size,), pin=device.type == "cuda")
+    batches = _prefetch(iter_batches(source, episodes, batch_size, pool, jpeg_on_device), PREFETCH_BATCHES)
+    try:
+        yield from batches
+    finally:
+        batches.close()
+
+
 def _run(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
-         compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None) -> np.ndarray:
+         compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
+         workers: int = 0) -> np.ndarray:
     """All rows of ``compute_rows`` in one fp32 array."""
     total = sum(e.steps for e in episodes)
     out: np.ndarray | None = None
     position = 0
-    for rows in compute_rows(source, episodes, batch_size, device, compute, on_progress):
+    for rows in compute_rows(source, episodes, batch_size, device, compute, on_progress, workers):
         if out is None:
             out = np.empty((total, rows.shape[1]), dtype=np.float32)
         out[position:position + len(rows)] = rows
@@ -446,23 +467,25 @@ def score_episodes(
     on_progress: Callable[[int], None] | None = None,
     score_fn: ScoreFn | None = None,
     episodes: list[Episode] | None = None,
+    workers: int = 0,
 ) -> RelabelResult:
     """Score every step of every episode (cosine to ``goals``, or ``score_fn``); nothing is written here.
 
-    Pass ``episodes`` when the caller already has them: for table sources they cost a pass over the columns."""
+    Pass ``episodes`` when the caller already has them: for table sources they cost a pass over the columns.
+    ``workers``: decoding processes (0: a reader thread in this process)."""
     episodes = source.episodes(align) if episodes is None else episodes
     scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
-    scores = _run(source, episodes, batch_size, model.device, scorer.score, on_progress)
+    scores = _run(source, episodes, batch_size, model.device, scorer.score, on_progress, workers)
     seconds = time.perf_counter() - start
     return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
 
 
 def embed_segments(source: FrameSource, model: ClipModel, segments: Sequence[Segment], batch_size: int,
-                   on_progress: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+                   on_progress: Callable[[int], None] | None = None, workers: int = 0) -> Iterator[np.ndarray]:
     """Unit image embeddings (float16) of the rows of ``segments``, in order, block by block: what the cache
     stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)
     parts = [Episode(s.array, len(s), (s,), "") for s in segments]
-    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, on_progress):
+    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, on_progress, workers):
         yield rows.astype(np.float16)

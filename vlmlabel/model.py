@@ -7,6 +7,7 @@ can never drift apart: ``preprocess.py`` builds its transform from ``ClipModel.p
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -108,6 +109,7 @@ class ClipModel:
     precision: str
     # Which weights these are: for local files their absolute path and sha256, for the Hub the repo and revision.
     identity: dict[str, Any] = field(default_factory=dict)
+    has_image_tower: bool = True  # False: loaded to encode texts only (a relabel the embedding cache serves)
 
     @property
     def logit_scale(self) -> float:
@@ -219,8 +221,15 @@ def load_model(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     allow_random: bool = False,
+    image_tower: bool = True,
 ) -> ClipModel:
-    """Resolve ``name``/``pretrained`` as open_clip users write them and load the model, failing fast offline."""
+    """Resolve ``name``/``pretrained`` as open_clip users write them and load the model, failing fast offline.
+
+    ``image_tower=False`` loads what encodes texts only (text tower, logit scale, tokenizer, the preprocessing
+    config and the weights' identity, all as a full load gives them): a relabel served by the embedding cache
+    then skips building and loading the image tower. Architectures and checkpoints where that is not possible
+    load whole.
+    """
     device = torch.device(device)
     resolved = _resolve(name, pretrained, allow_random)
     oc = _open_clip()
@@ -228,13 +237,20 @@ def load_model(
     previous_level = root.level
     root.setLevel(max(previous_level, logging.ERROR))  # open_clip logs every load step on the root logger
     try:
-        module = oc.create_model(
-            resolved.open_clip_name,
-            pretrained=resolved.weights,
-            force_preprocess_cfg=resolved.force_preprocess,
-            require_pretrained=resolved.weights is not None,
-            load_weights=resolved.weights is not None or resolved.open_clip_name.startswith(LOCAL_DIR),
-        )
+        module: Any = None
+        if not image_tower:
+            try:
+                module = _text_only(oc, resolved)
+            except Exception:  # a checkpoint the text-only load cannot take: the whole load says what is wrong
+                module = None
+        if module is None:
+            module = oc.create_model(
+                resolved.open_clip_name,
+                pretrained=resolved.weights,
+                force_preprocess_cfg=resolved.force_preprocess,
+                require_pretrained=resolved.weights is not None,
+                load_weights=resolved.weights is not None or resolved.open_clip_name.startswith(LOCAL_DIR),
+            )
         tokenizer = oc.get_tokenizer(resolved.open_clip_name)
     except Exception as exc:  # a user's checkpoint can fail to load in many ways; each is one line for them
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -248,7 +264,67 @@ def load_model(
     if resolved.hashed:
         identity["sha256"] = {path.name: file_sha256(path) for path in resolved.hashed}
     return ClipModel(module=module, tokenizer=tokenizer, name=name, pretrained=resolved.pretrained_label,
-                     preprocess=preprocess, device=device, precision=precision, identity=identity)
+                     preprocess=preprocess, device=device, precision=precision, identity=identity,
+                     has_image_tower=not isinstance(module.visual, NoImageTower))
+
+
+class NoImageTower(torch.nn.Module):
+    """Stands in for the image tower of a model loaded to encode texts only; it keeps the tower's input size,
+    from which open_clip sets the preprocessing config, and refuses images."""
+
+    def __init__(self, tower: torch.nn.Module):
+        super().__init__()
+        if hasattr(tower, "image_size"):
+            self.image_size = tower.image_size
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise ModelError("this model was loaded without its image tower (texts only); load it whole to encode images")
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _text_tower_build(oc: Any) -> Any:
+    """While open_clip builds a CLIP: its image tower is built on the meta device (no memory, no random init)
+    and replaced by a ``NoImageTower``, and ``torch.nn.init`` does nothing, since every weight the model keeps
+    is then loaded from the checkpoint (``_text_only`` checks that none is missing)."""
+    build = oc.model._build_vision_tower
+    initialisers = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+
+    def stand_in(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        with torch.device("meta"):
+            return NoImageTower(build(*args, **kwargs))
+
+    oc.model._build_vision_tower = stand_in
+    for name in initialisers:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        oc.model._build_vision_tower = build
+        for name, function in initialisers.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _text_only(oc: Any, resolved: _Resolved) -> torch.nn.Module | None:
+    """The model with a ``NoImageTower`` and every other weight loaded from the checkpoint, or None when this
+    architecture or checkpoint does not allow it (the caller then loads the whole model)."""
+    checkpoint = resolved.weights
+    if resolved.open_clip_name.startswith(LOCAL_DIR):
+        checkpoint = oc.factory._find_checkpoint_in_dir(Path(resolved.open_clip_name[len(LOCAL_DIR):]))
+    if checkpoint is None or Path(checkpoint).suffix in (".npz", ".npy"):
+        return None  # random weights, or big_vision checkpoints, which open_clip loads tower by tower
+    with _text_tower_build(oc):
+        module = oc.create_model(resolved.open_clip_name, force_preprocess_cfg=resolved.force_preprocess,
+                                 load_weights=False, pretrained_text=False)
+    if not isinstance(getattr(module, "visual", None), NoImageTower):
+        return None  # an architecture that builds its image tower another way (CoCa)
+    missing, unexpected = oc.load_checkpoint(module, checkpoint, strict=False)
+    if missing or any(not key.startswith("visual.") for key in unexpected):
+        return None  # weights left uninitialised, or a checkpoint of another layout: the whole load judges it
+    return module
 
 
 def file_sha256(path: Path) -> str:

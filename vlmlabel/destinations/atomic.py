@@ -64,7 +64,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_dead_leftovers(target: Path) -> list[Path]:
-    """Remove temporary copies of ``target`` left by runs on this host whose process is gone."""
+    """Remove temporary copies of ``target`` left by runs on this host whose process is gone. A run killed
+    between the two renames of a folder replacement left the old folder aside and none in its place: that
+    one is put back, never removed."""
     removed: list[Path] = []
     prefix = f".{target.name}.vlmlabel-"
     try:
@@ -76,6 +78,9 @@ def clean_dead_leftovers(target: Path) -> list[Path]:
             continue
         match = _TAG.search(entry.name)
         if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+            if entry.name.endswith(".old") and not target.exists() and not target.is_symlink():
+                os.rename(entry, target)
+                continue
             remove(entry)
             removed.append(entry)
     return removed

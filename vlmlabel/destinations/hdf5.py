@@ -19,11 +19,28 @@ import h5py
 import numpy as np
 
 from vlmlabel.destinations import atomic
-from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
+from vlmlabel.destinations.base import (
+    RESULT_ATTR,
+    VERSION_ATTR,
+    Present,
+    RewardColumn,
+    Stamp,
+    check_folder,
+    check_space,
+    refuse_replacing,
+)
 from vlmlabel.errors import OutputError
 from vlmlabel.run.locking import open_for_writing
+from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import Episode, reward_path
-from vlmlabel.sources.hdf5 import HDF5Source
+from vlmlabel.sources.hdf5 import (
+    ExternalRef,
+    HDF5Source,
+    all_external_links,
+    external_links,
+    links_on_path,
+    virtual_sources,
+)
 
 
 @dataclass
@@ -73,6 +90,43 @@ def check_output_file(output: Path | None, overwrite: bool) -> None:
                           "(--overwrite): choose a new --output")
 
 
+def _linked_containers(handle: h5py.File) -> dict[str, ExternalRef]:
+    """External links among the groups that hold episodes: the root's and ``data/``'s own link tables, read in
+    one cheap pass each (no object opened)."""
+    tables = [handle] + ([handle["data"]] if isinstance(handle.get("data"), h5py.Group) else [])
+    return {ref.where: ref for table in tables for ref in external_links(table)}
+
+
+def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_arrays: list[str]) -> None:
+    """What vlmlabel adds must land in the file it copies, and a copy elsewhere must find what the file reads
+    from other files.
+
+    A location behind an external link would be written into the other file directly, outside the crash-safe
+    copy: refused. Checked for every location's episode group and for the whole path of the first location.
+    An output in another folder is refused when an external link of the file, or a virtual dataset among
+    ``frame_arrays``, names a file that would be found elsewhere, or not at all, from there.
+    """
+    handle = source.file
+    linked = _linked_containers(handle)
+    for index, location in enumerate(locations):
+        parts = location.strip("/").split("/")
+        behind = [linked[p] for p in ("/" + "/".join(parts[:d]) for d in range(1, len(parts))) if p in linked]
+        behind += links_on_path(handle, location) if index == 0 else []
+        if behind:
+            raise OutputError(f"{location} lies behind {behind[0].where}, an external link into "
+                              f"{behind[0].filename}: vlmlabel would write into that other file outside its "
+                              "crash-safe copy; relabel that file itself, or use another --reward-key")
+    here, there = source.path.absolute().parent, dest.absolute().parent
+    if here.resolve() == there.resolve():
+        return
+    refs = all_external_links(handle) + [r for array in frame_arrays for r in virtual_sources(handle[array])]
+    for ref in refs:
+        if ref.resolve(here) != ref.resolve(there):
+            raise OutputError(f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "
+                              f"{there} would not find that file: write the output in {here}, relabel in place, "
+                              "or make the link's file name absolute")
+
+
 def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
                stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
                keep_mode: bool = True) -> Path:
@@ -80,6 +134,7 @@ def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwri
     put at ``dest`` atomically. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write)."""
     if base is not None and dest.exists() and base.resolve() == dest.resolve():
         refuse_if_busy(base)  # again, just before the copy: it may have been opened since the checks
+    version = stored_digest.version_of(base) if base is not None else None
     with atomic.staged(dest) as tmp:
         mode = stat.S_IMODE(base.stat().st_mode) if base is not None else 0o644
         if base is not None:
@@ -89,15 +144,48 @@ def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwri
             for path in remove or []:
                 if path in handle:
                     del handle[path]
-            for dataset in datasets:
-                _put(handle, dataset, overwrite)
+            _put_all(handle, datasets, overwrite)
             if stream is not None:
                 _fill(handle, stream, overwrite)
         if keep_mode:
             os.chmod(tmp, mode)
         if stamp is not None:
             stamp.verify(base)
+    stored_digest.carry(version, dest)  # the frames are the base's: what is known of them holds
     return dest
+
+
+def write_linked(base: Path, dest: Path, datasets: list[H5Dataset]) -> Path:
+    """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` reached through
+    an external link, and its groups and attributes mirrored: one file shows everything, at a cost that grows
+    with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so the two
+    may move together."""
+    target = atomic.real_target(dest)
+    name = os.path.relpath(base.resolve(), target.parent)
+    written = {d.path.strip("/") for d in datasets}
+    with atomic.staged(dest) as tmp:
+        with h5py.File(base, "r") as source, h5py.File(tmp, "w") as out:
+            _mirror(source, out, name, written)
+            for dataset in datasets:
+                _put(out, dataset, overwrite=False)
+    return dest
+
+
+def _mirror(group: h5py.Group, out: h5py.Group, file_name: str, skip: set[str]) -> None:
+    """``group``'s attributes and members into ``out``: groups again, datasets as external links into
+    ``file_name``, soft and external links as they are; ``skip`` names paths replaced by the new datasets."""
+    out.attrs.update(group.attrs)
+    for name in group:
+        path = f"{group.name.strip('/')}/{name}".strip("/")
+        if path in skip:
+            continue
+        link = group.get(name, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            out[name] = link
+        elif isinstance(group.get(name), h5py.Group):
+            _mirror(group[name], out.create_group(name), file_name, skip)
+        else:
+            out[name] = h5py.ExternalLink(file_name, f"/{path}")
 
 
 def _replace(handle: h5py.File, path: str, overwrite: bool) -> None:
@@ -119,6 +207,29 @@ def _put(handle: h5py.File, dataset: H5Dataset, overwrite: bool) -> None:
     written = handle.create_dataset(dataset.path, data=values, chunks=chunks)
     for key, value in dataset.attrs.items():
         written.attrs[key] = value
+
+
+def _put_all(handle: h5py.File, datasets: list[H5Dataset], overwrite: bool) -> None:
+    """Create every dataset; one with the attributes, dtype and shape of an earlier one is an HDF5 copy of it
+    (attributes copied inside the library) refilled with its own values.
+
+    Writing an attribute through h5py costs ~40 us and a reward carries ~20, in each of up to 100k episode
+    groups: the copy keeps the write linear and cheap in episodes (~0.2 ms each instead of ~1.2 ms)."""
+    first: dict[tuple[int, str, tuple[int, ...], int | None], bytes] = {}
+    link_props = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    link_props.set_create_intermediate_group(True)  # Minari's infos/ may not exist yet
+    for dataset in datasets:
+        values = np.ascontiguousarray(dataset.values, dtype=dataset.dtype)
+        # Attribute dicts are compared by identity: each column's dict is shared by all its datasets.
+        key = (id(dataset.attrs), values.dtype.str, values.shape, dataset.chunk_rows)
+        if key not in first or not values.size:
+            _put(handle, dataset, overwrite)
+            first.setdefault(key, dataset.path.encode())
+            continue
+        _replace(handle, dataset.path, overwrite)
+        path = dataset.path.encode()
+        h5py.h5o.copy(handle.id, first[key], handle.id, path, lcpl=link_props)
+        h5py.h5d.open(handle.id, path).write(h5py.h5s.ALL, h5py.h5s.ALL, values)
 
 
 def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
@@ -178,19 +289,34 @@ def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
     yield from rest
 
 
+def _attrs(item: h5py.HLObject) -> dict[str, Any]:
+    return dict(item.attrs) if isinstance(item, h5py.Dataset) else {}
+
+
 def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> dict[str, Present]:
-    """Per name, what is found at its locations in the file at ``path``: the first one present, or
-    (``everywhere``) only when every location holds it with the same attributes. Groups count as {}."""
+    """Per name, what is found at its locations in the file at ``path``.
+
+    ``everywhere`` (what is already written): only when every location holds it, made by the same run (one
+    attribute read per location, all of them for the first). Otherwise (what a write would replace): a
+    location vlmlabel did not write if there is one, so it is never replaced unseen, else the first.
+    Groups count as {}."""
     found: dict[str, Present] = {}
     if not path.is_file() or not h5py.is_hdf5(path):
         return found
     with h5py.File(path, "r") as handle:
         for name, paths in locations.items():
-            items = [(p, handle.get(p)) for p in paths]
-            here = [Present(p, dict(i.attrs) if isinstance(i, h5py.Dataset) else {}) for p, i in items if i is not None]
-            if not here or everywhere and (len(here) < len(paths) or any(h.attrs != here[0].attrs for h in here)):
+            present = [(p, i) for p in paths if (i := handle.get(p)) is not None]
+            if not present or everywhere and len(present) < len(paths):
                 continue
-            found[name] = here[0]
+            if everywhere:
+                made = [i.attrs.get(RESULT_ATTR) if isinstance(i, h5py.Dataset) else None for _, i in present]
+                if any(m != made[0] for m in made[1:]):
+                    continue
+                where, item = present[0]
+            else:
+                where, item = next(((p, i) for p, i in present
+                                    if not (isinstance(i, h5py.Dataset) and VERSION_ATTR in i.attrs)), present[0])
+            found[name] = Present(where, _attrs(item))
     return found
 
 
@@ -198,7 +324,9 @@ class HDF5Destination:
     """The source file itself (in place) or an ``--output`` copy; rewards land beside each episode's data."""
 
     def __init__(self, source: HDF5Source, output: Path | None, episodes: list[Episode], link: bool = False):
-        # ``link`` does not apply: the file is copied whole and written into (the copy is never linked).
+        # ``link`` with ``output``: a labels file linking to the source's data instead of a full copy.
+        self.linked = link and output is not None
+        self.source = source
         self.source_path = source.path
         self.output = output
         self.path = source.path if output is None else output
@@ -226,7 +354,10 @@ class HDF5Destination:
         if output is None:
             refuse_if_busy(source)
         refuse_replacing(names, self.replaced(names), source, overwrite)
-        check_space(folder, source.stat().st_size, "the write (a full copy of the source)")
+        refuse_external(self.source, self.path, [loc for n in names for loc in self._locations(n)],
+                        sorted({s.array for s in self.episodes[0].frames}))
+        if not self.linked:
+            check_space(folder, source.stat().st_size, "the write (a full copy of the source)")
 
     def replaced(self, names: list[str]) -> dict[str, Present]:
         return _present(self.source_path, {n: self._locations(n) for n in names}, everywhere=False)
@@ -235,11 +366,17 @@ class HDF5Destination:
         return _present(self.path, {n: self._locations(n) for n in names}, everywhere=True)
 
     def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
-        datasets = [H5Dataset(reward_path(target, column.name), self._values(column, target), column.attrs)
-                    for column in columns for target in self.targets]
+        datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
+                    for column in columns for target, values in self._by_target(column)]
+        if self.linked:
+            return write_linked(self.source_path, self.path, datasets)
         return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
                           keep_mode=self.output is None)
 
-    def _values(self, column: RewardColumn, target: str) -> np.ndarray:
-        """One reward's values for the episodes written under ``target``, in episode order."""
-        return np.concatenate([v for e, v in zip(self.episodes, column.values, strict=True) if e.target == target])
+    def _by_target(self, column: RewardColumn) -> list[tuple[str, np.ndarray]]:
+        """One reward's values per target (the episodes written under it, in episode order), in one pass over the
+        episodes: a pass per target would make the write quadratic in episodes."""
+        parts: dict[str, list[np.ndarray]] = {target: [] for target in self.targets}
+        for episode, values in zip(self.episodes, column.values, strict=True):
+            parts[episode.target].append(values)
+        return [(target, np.concatenate(parts[target])) for target in self.targets]

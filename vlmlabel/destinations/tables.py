@@ -23,10 +23,9 @@ from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
 from vlmlabel.sources.base import Episode
-from vlmlabel.sources.tables import RowFiles, TableSource
+from vlmlabel.sources.tables import PROVENANCE_KEY, RowFiles, TableSource, field_provenance
 
 OUTPUT_SUFFIX = "-vlmlabel"
-PROVENANCE_KEY = b"vlmlabel"
 
 # -- schema -----------------------------------------------------------------------------------------
 
@@ -58,16 +57,7 @@ def reward_schema(schema: pa.Schema, columns: list[RewardColumn]) -> pa.Schema:
 
 def column_provenance(schema: pa.Schema, names: list[str]) -> dict[str, Present]:
     """Of ``names``, the columns of ``schema``, with the provenance vlmlabel recorded ({} for others)."""
-    found = {}
-    for name in names:
-        if name in schema.names:
-            metadata = schema.field(name).metadata or {}
-            try:
-                attrs = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else {}
-            except ValueError:
-                attrs = {}
-            found[name] = Present(name, attrs if isinstance(attrs, dict) else {})
-    return found
+    return {name: Present(name, field_provenance(schema.field(name))) for name in names if name in schema.names}
 
 
 def read_schema(path: Path, fmt: str) -> pa.Schema | None:
@@ -218,7 +208,8 @@ class TableCopy:
         check_space(folder, sum(f.stat().st_size for f in self.files.paths), "the new dataset")
 
     def replaced(self, names: list[str]) -> dict[str, Present]:
-        return column_provenance(self.source.schema, names)
+        found = {name: self.source.column_provenance(name) for name in names}
+        return {name: Present(name, attrs) for name, attrs in found.items() if attrs is not None}
 
     def written(self, names: list[str]) -> dict[str, Present]:
         targets = self.targets(self.path)

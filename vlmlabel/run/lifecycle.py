@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from vlmlabel import __version__, cache
+from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of
 from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
-from vlmlabel.destinations.hdf5 import check_output_file, refuse_if_busy, write_file
+from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
+from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
 from vlmlabel.errors import OutputError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
@@ -41,7 +42,7 @@ from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_sp
 from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_result, shard_result, work_dir, write_result
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, content_fingerprint
-from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
+from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
 
 DEFAULT_REWARD_KEY = "vlm_reward"
 RAW_SUFFIX = "_raw"
@@ -90,6 +91,7 @@ class RelabelRequest:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     shard: ShardSpec | None = None
     compile: bool = False
+    workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
 
     def reward_config(self) -> RewardConfig:
         config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
@@ -364,7 +366,7 @@ def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints
         start = (lambda total: events.start(total * count)) if index == 0 else None
         span = score_span(source, scorer, episodes, lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
                           batch_size, checkpoint, run.stop, run.request.restart, run.request.checkpoint_every,
-                          start, events.on_progress, events.on_note)
+                          start, events.on_progress, events.on_note, resolve_workers(run.request.workers))
         per_camera.append([span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)])
         seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
     return Scored(lo, hi, _side_by_side(per_camera), seconds, resumed, batch_size, False)
@@ -428,10 +430,15 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         maybe_done = all(n in present and RESULT_ATTR in present[n].attrs for n in run.all_names)
         if not maybe_done:
             _checks_and_lock(run, stack, events)
-        model = load_model(request.model, request.pretrained, device, precision)
-        match: list[cache.CacheMatch] | str = "--no-cache"
-        if request.use_cache and run.shard is None:  # shards score frames, like every other shard
-            match = find_caches(run, model)
+        use_cache = request.use_cache and run.shard is None  # shards score frames, like every other shard
+        cached = use_cache and all(cache.stored(source, episodes)
+                                   for source, episodes in zip(run.sources, run.camera_episodes, strict=True))
+        if not (maybe_done or cached):  # frames will be read: the decoding workers' server starts as the model loads
+            prepare_workers(run.source, resolve_workers(request.workers))
+        # A run that may encode no frame (served by the cache, or already done) loads the text tower only.
+        model = load_model(request.model, request.pretrained, device, precision,
+                           image_tower=not (maybe_done or cached))
+        match: list[cache.CacheMatch] | str = find_caches(run, model) if use_cache else "--no-cache"
         identity = run.identity(model, not isinstance(match, str))
         wanted = result_id(identity, run.fingerprint)
         if maybe_done and run.already_written(present, wanted):
@@ -440,6 +447,8 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             return FinishedSummary(run.destination.path, run.names)
         if maybe_done:
             _checks_and_lock(run, stack, events)
+        if isinstance(match, str) and not model.has_image_tower:  # frames to encode after all
+            model = load_model(request.model, request.pretrained, device, precision)
         if request.compile:
             model.compile_image_tower()
         for note in check_prompt_lengths(run.config, model):
@@ -559,6 +568,7 @@ class EmbedRequest:
     device: str = "auto"
     split: str = "train"
     revision: str | None = None
+    workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
 
 
 @dataclass
@@ -586,12 +596,16 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
                                 "download it (drop --streaming) to make one")
         target = request.output or source.cache_file
         base = source.cache_file if source.cache_file.exists() else None
+        plans = cache.plan(source)
+        locations = [source.embedding_location(p.array) for p in plans]
         _check_embed_target(request, base, target)
+        if isinstance(source, HDF5Source):  # the cache goes inside the source file (or its --output copy)
+            refuse_external(source, target, locations, [p.array for p in plans[:1]])
         stamp = Stamp.of(source.paths)
         fingerprint = content_fingerprint(source)
         stack.enter_context(RunLock(dest_lock(target), str(target), on_note))
-        plans = cache.plan(source)
-        locations = [source.embedding_location(p.array) for p in plans]
+        workers = resolve_workers(request.workers)
+        prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
         model = load_model(request.model, request.pretrained, device, precision)
         segments = [s for p in plans for s in p.segments]
         total = sum(len(s) for s in segments)
@@ -599,7 +613,7 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
             on_start(total)
         start = time.perf_counter()
         # Embeddings are computed while the copy is written, so memory stays at one batch.
-        blocks = embed_segments(source, model, segments, batch_size, on_progress)
+        blocks = embed_segments(source, model, segments, batch_size, on_progress, workers)
         indices, stream = cache.cache_stream(source, plans, blocks, model, fingerprint)
         stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations, strict=True) if p.dense]
         written = write_file(base, target, indices, True, stamp, remove=stale_rows, stream=stream,

@@ -78,8 +78,10 @@ def score_span(
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    workers: int = 0,
 ) -> ScoredSpan:
-    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames."""
+    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
+    ``workers`` decoding processes (0: a reader thread)."""
     goals = checkpoint.goals
     progress = checkpoint.load(restart)
     if progress is not None and progress.batch_size != batch_size:
@@ -113,7 +115,7 @@ def score_span(
     try:
         stop.check(_kept(saved - start, end - start))
         for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
-                                 scorer.score, None):
+                                 scorer.score, None, workers):
             scores[position - start:position - start + len(rows)] = rows
             position += len(rows)
             if on_progress is not None:

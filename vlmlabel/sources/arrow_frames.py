@@ -122,7 +122,7 @@ def _nested_to_numpy(array: pa.Array, fmt: FrameFormat, name: str) -> np.ndarray
 
 def _to_uint8(block: np.ndarray, name: str) -> np.ndarray:
     if block.dtype == np.uint8:
-        return block if block.flags.writeable else block.copy()  # Arrow memory is read-only; torch wants writable
+        return block  # a read-only view of Arrow memory: readers copy it into their batch buffer
     if not (np.all(block >= 0) and np.all(block <= 1)):  # also false for NaN
         low, high = np.nanmin(block), np.nanmax(block)
         raise SourceError(f"column {name!r} holds float frames outside [0, 1] (min {low:g}, max {high:g}"
@@ -132,13 +132,24 @@ def _to_uint8(block: np.ndarray, name: str) -> np.ndarray:
 
 
 def _image_bytes(struct: pa.Array, name: str, base: Path | None) -> list[np.ndarray]:
-    blobs = []
+    """Each row's image bytes: views of the column's own buffer (no Python bytes object per row), or the
+    file a row names where it holds a path instead."""
     names = [struct.type.field(i).name for i in range(struct.type.num_fields)]
     children = dict(zip(names, struct.flatten(), strict=True))
-    for blob, path in zip(children["bytes"].to_pylist(), children["path"].to_pylist(), strict=True):
-        if blob is None:
-            blob = _read_image_file(path, name, base)
-        blobs.append(np.frombuffer(blob, dtype=np.uint8))
+    data = children["bytes"]
+    if not (pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type)):
+        data = data.cast(pa.large_binary())
+    _, offset_buffer, value_buffer = data.buffers()
+    width = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+    offsets = np.frombuffer(offset_buffer, dtype=width)[data.offset:data.offset + len(data) + 1]
+    values = np.frombuffer(value_buffer, dtype=np.uint8) if value_buffer is not None else np.empty(0, np.uint8)
+    paths = children["path"].to_pylist() if data.null_count else None
+    blobs = []
+    for row, (begin, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)):
+        if paths is not None and not data[row].is_valid:
+            blobs.append(np.frombuffer(_read_image_file(paths[row], name, base), dtype=np.uint8))
+        else:
+            blobs.append(values[begin:end])
     return blobs
 
 

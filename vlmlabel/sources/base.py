@@ -6,7 +6,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -130,6 +130,44 @@ class FrameSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class FrameReader(Protocol):
+    """The rows of a source's frame arrays, and nothing else: what a decoding worker opens."""
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class DirectReader(Protocol):
+    """A reader of raw frames that can read rows straight into a caller's buffer (no intermediate array)."""
+
+    def read_into(self, segment: Segment, out: np.ndarray) -> bool:
+        """False, reading nothing, when the rows are not of ``out``'s dtype and frame shape."""
+        ...
+
+
+class SourceRecipe(Protocol):
+    """How to open a source's frames again in another process: picklable, by path, read-only.
+
+    Decoding workers cannot share open file handles, so each opens the source itself from this.
+    """
+
+    @property
+    def decodes(self) -> bool:
+        """Reading a row costs CPU beyond a copy (encoded images, compressed chunks, Arrow lists, video)."""
+        ...
+
+    def open(self) -> FrameReader: ...
+
+
+@runtime_checkable
+class Reopenable(Protocol):
+    """A source that can say how to open its frames again elsewhere (None: it cannot, e.g. a stream)."""
+
+    def recipe(self) -> SourceRecipe | None: ...
+
+
 class EmbeddingStore(Protocol):
     """A source that can hold an embedding cache: per frame array, stored rows and their metadata.
 
@@ -172,14 +210,21 @@ class DatasetSource(CachingSource, LabelledData, Protocol):
 FINGERPRINT_SAMPLES = 8
 
 
+@runtime_checkable
+class StorageDescribed(Protocol):
+    """A source whose files vlmlabel writes into, so only the stored bytes of its frames say they changed."""
+
+    def storage_digest(self, arrays: list[str]) -> str: ...
+
+
 def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | None = None) -> str:
     """A cheap digest of what the frames are: image key, format, episode lengths and a few sampled frames.
 
     Where vlmlabel never writes into the source's files (tables, LeRobot), their sizes and modification
     times are part of it too, so any edit counts. An HDF5 file receives rewards and caches in place, so there
-    only the sampled frames speak for the content (frames at the first row of evenly spaced episodes): an
-    edit of frames that are not sampled goes unnoticed. A stream, which cannot seek, contributes its first
-    frame only. ``frame_episodes``: the frame-aligned episodes when the caller already has them.
+    every stored byte of its frame arrays speaks for the content (``StorageDescribed``; read once per version
+    of the file). A stream, which cannot seek, contributes its first frame only.
+    ``frame_episodes``: the frame-aligned episodes when the caller already has them.
     """
     import hashlib
 
@@ -190,6 +235,8 @@ def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | Non
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
     if not source.holds_outputs:
         digest.update(repr(Stamp.of(source.paths).files).encode())
+    if isinstance(source, StorageDescribed):
+        digest.update(source.storage_digest(sorted({s.array for e in episodes for s in e.frames})).encode())
     count = min(len(episodes), FINGERPRINT_SAMPLES if source.seekable else 1)
     picks = sorted({round(i * (len(episodes) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picks:

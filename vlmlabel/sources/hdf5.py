@@ -6,14 +6,18 @@ one block whatever the file's length and compressed chunks are decompressed once
 
 from __future__ import annotations
 
+import os
 import re
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
+from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import (
     Align,
     Episode,
@@ -34,6 +38,108 @@ _EPISODE_END_KEYS = ("terminals", "timeouts")
 _STEP_TYPE_LAST = 2  # dm_env StepType.LAST
 EMBEDDING_GROUP = "vlm_embedding"
 EMBEDDING_ROWS_SUFFIX = "__rows"
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Data a file reads from another file: an external link, or a source file of a virtual dataset."""
+
+    where: str  # the link or the virtual dataset, inside the file
+    filename: str  # the other file, as the file names it
+    prefix_variable: str  # HDF5_EXT_PREFIX (links) or HDF5_VDS_PREFIX (virtual datasets)
+
+    def resolve(self, folder: Path) -> Path | None:
+        """The file HDF5 opens for a file that lies in ``folder``: the name itself when absolute, else (and when
+        that is missing) the name under the prefix variable's folders, ``folder``, then the working folder."""
+        name = Path(self.filename)
+        tail = Path(name.name) if name.is_absolute() else name
+        prefixes = [Path(p) for p in os.environ.get(self.prefix_variable, "").split(os.pathsep) if p]
+        candidates = ([name] if name.is_absolute() else []) + [p / tail for p in prefixes] + [folder / tail,
+                                                                                             Path.cwd() / tail]
+        return next((c.resolve() for c in candidates if c.is_file()), None)
+
+    def missing(self, file: Path) -> str:
+        return (f"{file}: {self.where} reads {self.filename}, which is not found beside it (nor under "
+                f"${self.prefix_variable} or the working folder); put that file back or fix the link")
+
+
+def _link_refs(group: h5py.Group, recursive: bool) -> list[ExternalRef]:
+    """External links in ``group`` (or under it): a pass over link tables that opens no object."""
+    found: list[bytes] = []
+
+    def note(name: bytes, info: h5py.h5l.LinkInfo) -> None:
+        if info.type == h5py.h5l.TYPE_EXTERNAL:
+            found.append(name)
+
+    (group.id.links.visit if recursive else group.id.links.iterate)(note, info=True)
+    prefix = group.name.rstrip("/")
+    return [ExternalRef(f"{prefix}/{name.decode()}", group.id.links.get_val(name)[0].decode(), "HDF5_EXT_PREFIX")
+            for name in found]
+
+
+def external_links(group: h5py.Group) -> list[ExternalRef]:
+    """External links directly in ``group`` (cheap: about 1 us a link)."""
+    return _link_refs(group, recursive=False)
+
+
+def all_external_links(group: h5py.Group) -> list[ExternalRef]:
+    """Every external link under ``group`` (a walk of the whole tree: about 10 us a link)."""
+    return _link_refs(group, recursive=True)
+
+
+def virtual_sources(dataset: h5py.Dataset) -> list[ExternalRef]:
+    """The other files a virtual dataset maps (a missing one would read as fill values: silent zeros)."""
+    if not dataset.is_virtual:
+        return []
+    names = sorted({m.file_name for m in dataset.virtual_sources() if m.file_name != "."})
+    return [ExternalRef(dataset.name, name, "HDF5_VDS_PREFIX") for name in names]
+
+
+def links_on_path(handle: h5py.File, path: str) -> list[ExternalRef]:
+    """The external link that ``path`` passes through, if any (the first one: past it lies another file)."""
+    parts = path.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:depth])
+        link = handle.get(prefix, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            return [ExternalRef(f"/{prefix}", link.filename, "HDF5_EXT_PREFIX")]
+        if link is None:
+            break
+    return []
+
+
+def frames_dataset(handle: h5py.File, array: str, file: Path) -> h5py.Dataset:
+    """The frame array ``array``; one whose rows live in a missing file is refused by name (a virtual dataset
+    would otherwise read as zeros)."""
+    folder = file.absolute().parent
+    try:
+        dataset = handle[array]
+    except KeyError as exc:
+        missing = [r for r in links_on_path(handle, array) if r.resolve(folder) is None]
+        if missing:
+            raise SourceError(missing[0].missing(file)) from None
+        raise SourceError(f"{array} cannot be opened in {file} (truncated or corrupt?): {exc}") from None
+    for ref in virtual_sources(dataset):
+        if ref.resolve(folder) is None:
+            raise SourceError(ref.missing(file))
+    return dataset
+
+
+def _stored_bytes(dataset: h5py.Dataset) -> bytes:
+    """A CRC-32 of each stored chunk as it lies in the file (compressed chunks are not decompressed), or of
+    blocks of rows where the rows are not in chunks of their own bytes (contiguous data, variable-length
+    images whose bytes live outside the chunks)."""
+    crcs: list[int] = []
+    if dataset.chunks is not None and not _is_encoded_bytes(dataset):
+        dataset.id.chunk_iter(lambda c: crcs.append(zlib.crc32(dataset.id.read_direct_chunk(c.chunk_offset)[1])))
+    else:
+        for block in read_rows(dataset, 0, dataset.shape[0], 256, dataset.file.filename):
+            crcs.append(zlib.crc32(b"".join(r.tobytes() for r in block) if block.dtype == object else block.tobytes()))
+    return np.asarray(crcs, dtype=np.uint32).tobytes()
+
+
+def _member(group: h5py.Group, name: str) -> str:
+    return f"{group.name.rstrip('/')}/{name}"
 
 
 def _natural_key(name: str) -> list:
@@ -114,6 +220,59 @@ def read_rows(dataset: h5py.Dataset, start: int, stop: int, max_rows: int, where
         start = end
 
 
+def read_rows_into(dataset: h5py.Dataset, segment: Segment, out: np.ndarray, where: object) -> bool:
+    """Rows of ``segment`` straight into ``out``: HDF5 writes into the caller's buffer, with no intermediate
+    array (about 1.7x faster than slicing at 224 px). False, reading nothing, when the rows are not of
+    ``out``'s dtype and frame shape: the caller then reads them the ordinary way and says what is wrong."""
+    if dataset.dtype != out.dtype or dataset.shape[1:] != out.shape[1:] or len(segment) != len(out):
+        return False
+    try:
+        dataset.read_direct(out, source_sel=np.s_[segment.start:segment.stop])
+    except (OSError, RuntimeError) as exc:
+        raise SourceError(f"reading {dataset.name} rows {segment.start}-{segment.stop} of {where} failed "
+                          f"(truncated or corrupt?): {exc}") from None
+    return True
+
+
+def open_read_only(path: Path) -> h5py.File:
+    """The file opened for reading, with a chunk cache large enough that each compressed chunk is
+    decompressed once although consecutive batches cut through it."""
+    return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+
+
+class HDF5Rows:
+    """The frame rows of an HDF5 file, opened again by path (read-only): what a decoding worker reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.file = open_read_only(path)
+        except OSError as exc:
+            raise SourceError(f"{path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        dataset = frames_dataset(self.file, segment.array, self.path)
+        yield from read_rows(dataset, segment.start, segment.stop, max_rows, self.path)
+
+    def read_into(self, segment: Segment, out: np.ndarray) -> bool:
+        return read_rows_into(frames_dataset(self.file, segment.array, self.path), segment, out, self.path)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+@dataclass(frozen=True)
+class HDF5Recipe:
+    """Opens an HDF5 file's frames again in a decoding worker."""
+
+    path: Path
+    decodes: bool  # encoded images or compressed chunks: worth decoding in parallel
+
+    def open(self) -> HDF5Rows:
+        return HDF5Rows(self.path)
+
+
 def read_embedding_meta(handle: h5py.File, location: str) -> tuple[dict, np.ndarray | None, int] | None:
     """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
     item = handle.get(location)
@@ -137,6 +296,7 @@ class HDF5Source:
         self.path = Path(path)
         self.cache_file: Path | None = self.path
         self.cameras: list[str] = []  # every image dataset found; the frames read are ``image_key``
+        self._arrays: dict[str, tuple[str, int, str | None]] = {}  # per episode group, see _group_arrays
         if not self.path.exists():
             raise SourceError(f"{self.path} does not exist; check the path")
         if self.path.is_dir():
@@ -144,7 +304,7 @@ class HDF5Source:
         if not h5py.is_hdf5(self.path):
             raise SourceError(f"{self.path} is not an HDF5 file; vlmlabel reads .h5/.hdf5 files")
         try:
-            self.file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+            self.file = open_read_only(self.path)
         except OSError as exc:
             if "unable to lock file" in str(exc).lower():
                 raise SourceError(f"{self.path} is locked by another program that has it open for writing (HDF5 "
@@ -203,9 +363,10 @@ class HDF5Source:
         if image_key is not None:
             key = self._find_key(group, image_key)
             if key is None:
+                self._refuse_missing_files(group, [image_key, f"obs/{image_key}", f"observations/{image_key}"])
                 listed = ", ".join(found) if found else "none"
                 raise SourceError(f"--image-key {image_key!r} not found in {where}; image datasets there: {listed}")
-            fmt = frame_format_of(group[key])
+            fmt = frame_format_of(frames_dataset(self.file, _member(group, key), self.path))
             if isinstance(fmt, str):
                 raise SourceError(f"{key} in {where} {fmt}")
             self.image_key, self.frame_format = key, fmt
@@ -216,9 +377,17 @@ class HDF5Source:
             raise SeveralCameras(f"several image datasets in {where}: {', '.join(found)}; "
                                  f"{MULTI_CAMERA}", found)
         self.image_key = found[0]
-        fmt = frame_format_of(group[found[0]])
+        fmt = frame_format_of(frames_dataset(self.file, _member(group, found[0]), self.path))
         assert isinstance(fmt, FrameFormat)  # every candidate was listed for having a frame format
         self.frame_format = fmt
+
+    def _refuse_missing_files(self, group: h5py.Group, names: list[str]) -> None:
+        """A name that leads through an external link to a missing file is reported as that, not as absent."""
+        folder = self.path.absolute().parent
+        for name in names:
+            for ref in links_on_path(self.file, _member(group, name)):
+                if ref.resolve(folder) is None:
+                    raise SourceError(ref.missing(self.path))
 
     def _find_key(self, group: h5py.Group, key: str) -> str | None:
         for candidate in (key, f"obs/{key}", f"observations/{key}"):
@@ -227,6 +396,10 @@ class HDF5Source:
         return None
 
     def _no_images(self, group: h5py.Group, where: str):
+        folder = self.path.absolute().parent
+        for ref in all_external_links(group):
+            if ref.resolve(folder) is None:
+                raise SourceError(ref.missing(self.path))
         floats = _float_image_like(group)
         if floats:
             raise SourceError(f"{floats[0]} in {where} holds float frames; vlmlabel reads uint8 images (0-255): "
@@ -250,12 +423,7 @@ class HDF5Source:
         return episodes
 
     def _group_episode(self, name: str, align: Align) -> Episode:
-        group = self.file[name]
-        key = self._find_key(group, self.image_key)
-        if key is None:
-            raise SourceError(f"episode {name} has no {self.image_key}; every episode needs the same image key")
-        array = f"{name}/{key}"
-        rows = self.file[array].shape[0]
+        array, rows, next_array = self._group_arrays(name)
         if self.layout == "minari":
             # Minari stores T+1 observations and T+1 infos (the reset's, then one per step): the reward lands
             # in infos with one score per observation, whatever the alignment; step t reads row t+1 (next)
@@ -265,8 +433,20 @@ class HDF5Source:
             return Episode(name, rows, (Segment(array, 0, rows),), f"{name}/infos", per_observation=True)
         if rows == 0:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
-        next_array = self._next_obs_path(name, key)
         return Episode(name, rows, step_segments(array, 0, rows, align, next_array), name)
+
+    def _group_arrays(self, name: str) -> tuple[str, int, str | None]:
+        """An episode group's frame array, its rows and its next-observation array, looked up once per source
+        (the run and the fingerprint ask for both alignments; each lookup is a few h5py calls)."""
+        if name not in self._arrays:
+            group = self.file[name]
+            key = self._find_key(group, self.image_key)
+            if key is None:
+                raise SourceError(f"episode {name} has no {self.image_key}; every episode needs the same image key")
+            array = f"{name}/{key}"
+            self._arrays[name] = (array, self.file[array].shape[0],
+                                  None if self.layout == "minari" else self._next_obs_path(name, key))
+        return self._arrays[name]
 
     def _flat_episodes(self, align: Align) -> list[Episode]:
         frames = self.file[self.image_key]
@@ -318,7 +498,36 @@ class HDF5Source:
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         """Rows of ``segment`` in blocks whose edges fall on chunk boundaries."""
-        yield from read_rows(self.file[segment.array], segment.start, segment.stop, max_rows, self.path)
+        dataset = frames_dataset(self.file, segment.array, self.path)
+        yield from read_rows(dataset, segment.start, segment.stop, max_rows, self.path)
+
+    def read_into(self, segment: Segment, out: np.ndarray) -> bool:
+        return read_rows_into(frames_dataset(self.file, segment.array, self.path), segment, out, self.path)
+
+    def recipe(self) -> HDF5Recipe:
+        """How a decoding worker opens the frames again; they are worth decoding in parallel when encoded or
+        compressed (every frame array of a file is taken to be stored like the first)."""
+        if self.layout == "flat":
+            first = self.file[self.image_key]
+        else:
+            group = self.file[self._episode_groups[0]]
+            first = group[self._find_key(group, self.image_key) or self.image_key]
+        compressed = first.id.get_create_plist().get_nfilters() > 0
+        return HDF5Recipe(self.path, self.frame_format.encoded or compressed)
+
+    def storage_digest(self, arrays: list[str]) -> str:
+        """A digest of every stored byte of the frame arrays (compressed chunks as stored, not decoded), read
+        once per version of the file (``stored_digest``)."""
+        def compute() -> tuple[bytes, list[Path]]:
+            datasets = [frames_dataset(self.file, a, self.path) for a in arrays]
+            here = self.path.resolve()
+            folder = self.path.absolute().parent
+            mapped = [r.resolve(folder) for d in datasets for r in virtual_sources(d)]  # virtual datasets' files
+            found = {Path(d.file.filename).resolve() for d in datasets} | {m for m in mapped if m is not None}
+            others = sorted(found - {here})
+            return b"".join(_stored_bytes(d) for d in datasets), others
+
+        return stored_digest.remembered(self.path, repr(arrays), compute)
 
     # -- embedding cache and per-step values -------------------------------------------------------
 

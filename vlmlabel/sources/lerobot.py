@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind
+from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, SourceRecipe
 from vlmlabel.sources.tables import TableFiles, TableSource, cache_beside, episode_runs
 from vlmlabel.sources.video import VideoReader, probe
 
@@ -46,7 +47,7 @@ class LeRobotSource(TableSource):
         files = tuple(sorted((folder / "data").rglob("*.parquet")))
         if not files:
             raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
-        self._video: VideoReader | None = None
+        self._video: VideoRows | None = None
         self._videos: dict[int, tuple[Path, float]] | None = None
         super().__init__(TableFiles(files, "parquet"), image_key, SourceKind.lerobot, folder, base=folder,
                          cache_file=cache_beside(folder))
@@ -175,25 +176,72 @@ class LeRobotSource(TableSource):
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def _video_recipe(self) -> VideoRecipe:
+        assert self._videos is not None  # set by episodes(), which the segments come from
+        return VideoRecipe(self._videos, self._index["episode_index"], self._index["timestamp"], self.fps)
+
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         if not self.is_video:
             yield from super().read_blocks(segment, max_rows)
             return
         if self._video is None:
-            self._video = VideoReader(tolerance=0.5 / self.fps)
-        assert self._videos is not None  # set by episodes(), which the segments come from
-        episodes, times = self._index["episode_index"], self._index["timestamp"]
-        start = segment.start
-        while start < segment.stop:
-            stop = min(segment.stop, start + max_rows)
-            other = np.flatnonzero(episodes[start:stop] != episodes[start])  # blocks end where an episode does
-            stop = start + int(other[0]) if len(other) else stop
-            path, offset = self._videos[int(episodes[start])]
-            yield self._video.frames(path, offset + times[start:stop].astype(np.float64))
-            start = stop
+            self._video = self._video_recipe().open()
+        yield from self._video.read_blocks(segment, max_rows)
+
+    def recipe(self) -> SourceRecipe | None:
+        """How a decoding worker reads the frames again: the image column, or the videos (after ``episodes``)."""
+        return self._video_recipe() if self.is_video else super().recipe()
+
+    def column_provenance(self, name: str) -> dict | None:
+        """The column's field metadata, else what ``meta/info.json`` keeps under ``features[name]["info"]``:
+        LeRobot's own editors (delete, split, merge episodes) rewrite the data files without field metadata
+        but carry the feature's ``info`` over."""
+        from vlmlabel.destinations.base import VERSION_ATTR
+
+        found = super().column_provenance(name)
+        kept = (self.lerobot_features.get(name) or {}).get("info")
+        if found == {} and isinstance(kept, dict) and VERSION_ATTR in kept:
+            return dict(kept)
+        return found
 
     def close(self) -> None:
         if self._video is not None:
             self._video.close()
             self._video = None
         super().close()
+
+
+class VideoRows:
+    """A video camera's frames by row: the frame at the row's episode offset plus its timestamp."""
+
+    def __init__(self, recipe: VideoRecipe):
+        self._recipe = recipe
+        self._reader = VideoReader(tolerance=0.5 / recipe.fps)
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        episodes, times, videos = self._recipe.episode_index, self._recipe.timestamps, self._recipe.videos
+        start = segment.start
+        while start < segment.stop:
+            stop = min(segment.stop, start + max_rows)
+            other = np.flatnonzero(episodes[start:stop] != episodes[start])  # blocks end where an episode does
+            stop = start + int(other[0]) if len(other) else stop
+            path, offset = videos[int(episodes[start])]
+            yield self._reader.frames(path, offset + times[start:stop].astype(np.float64))
+            start = stop
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+@dataclass(frozen=True, eq=False)
+class VideoRecipe:
+    """Opens a LeRobot camera's videos again in a decoding worker."""
+
+    videos: dict[int, tuple[Path, float]]  # per episode: its video file and its start time in it
+    episode_index: np.ndarray  # per row
+    timestamps: np.ndarray  # per row, seconds from the episode's start
+    fps: float
+    decodes: bool = True
+
+    def open(self) -> VideoRows:
+        return VideoRows(self)

@@ -22,7 +22,16 @@ import pyarrow.parquet as pq
 
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
 from vlmlabel.sources import arrow_frames
-from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, step_segments
+from vlmlabel.sources.base import (
+    Align,
+    Episode,
+    FrameBlock,
+    FrameFormat,
+    Segment,
+    SourceKind,
+    SourceRecipe,
+    step_segments,
+)
 from vlmlabel.sources.hdf5 import EMBEDDING_GROUP, read_embedding_meta, read_rows
 
 EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
@@ -133,6 +142,39 @@ class ColumnCursor:
         return parts
 
 
+class ColumnRows:
+    """The frames of one image column, read forward through the files' record batches."""
+
+    def __init__(self, files: RowFiles, column: str, fmt: FrameFormat, base: Path | None):
+        self.column, self.fmt, self.base = column, fmt, base
+        self._cursor = ColumnCursor(lambda: (b.column(0) for b in files.batches([column])), f"column {column!r}")
+
+    def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
+        start = segment.start
+        while start < segment.stop:
+            stop = min(segment.stop, start + max_rows)
+            column = pa.chunked_array(self._cursor.read(start, stop))
+            yield arrow_frames.to_block(column, self.fmt, self.column, self.base)
+            start = stop
+
+    def close(self) -> None:
+        """Nothing is held open: files are opened per scan."""
+
+
+@dataclass(frozen=True)
+class TableRecipe:
+    """Opens a table's image column again in a decoding worker."""
+
+    files: TableFiles
+    column: str
+    fmt: FrameFormat
+    base: Path | None
+    decodes: bool  # image bytes, or float arrays to convert; uint8 arrays are a copy (faster read in place)
+
+    def open(self) -> ColumnRows:
+        return ColumnRows(self.files, self.column, self.fmt, self.base)
+
+
 def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.ndarray | None,
                  align: Align, array: str) -> list[Episode]:
     """Episodes as runs of consecutive rows with one episode_index, scoring rows in storage order.
@@ -164,6 +206,19 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
             for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
 
 
+PROVENANCE_KEY = b"vlmlabel"  # field metadata of a column vlmlabel wrote: how it was made, as JSON
+
+
+def field_provenance(field: pa.Field) -> dict:
+    """The provenance vlmlabel recorded in a column's field metadata ({} for a column it did not write)."""
+    metadata = field.metadata or {}
+    try:
+        attrs = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else {}
+    except ValueError:
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
 class TableSource:
     """A table of rows with an image column, read-only (see module docstring)."""
 
@@ -180,7 +235,7 @@ class TableSource:
         self.features = arrow_frames.hf_features(self.schema)
         self.rows_per_file = files.rows_per_file()
         self.rows = sum(self.rows_per_file)
-        self._cursor: ColumnCursor | None = None
+        self._rows: ColumnRows | None = None
         self._index: dict[str, np.ndarray] = {}
         self._choose_key(image_key)
 
@@ -238,15 +293,17 @@ class TableSource:
         return episode_runs(self.rows, index.get("episode_index"), index.get("frame_index"), align, self.image_key)
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
-        if self._cursor is None:
-            self._cursor = ColumnCursor(lambda: (b.column(0) for b in self.files.batches([self.image_key])),
-                                        f"column {self.image_key!r}")
-        start = segment.start
-        while start < segment.stop:
-            stop = min(segment.stop, start + max_rows)
-            column = pa.chunked_array(self._cursor.read(start, stop), type=self.schema.field(self.image_key).type)
-            yield arrow_frames.to_block(column, self.frame_format, self.image_key, self.base)
-            start = stop
+        if self._rows is None:
+            self._rows = ColumnRows(self.files, self.image_key, self.frame_format, self.base)
+        yield from self._rows.read_blocks(segment, max_rows)
+
+    def recipe(self) -> SourceRecipe | None:
+        """How a decoding worker reads the image column again; None for a stream, which only this process
+        can read, front to back."""
+        if not isinstance(self.files, TableFiles):
+            return None
+        fmt = self.frame_format
+        return TableRecipe(self.files, self.image_key, fmt, self.base, fmt.encoded or fmt.dtype != "uint8")
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -290,21 +347,19 @@ class TableSource:
         start = episode.frames[0].start
         return column[start:start + episode.steps]
 
+    def column_provenance(self, name: str) -> dict | None:
+        """How vlmlabel made column ``name``; {} for a column it did not write, None where there is no column."""
+        return field_provenance(self.schema.field(name)) if name in self.schema.names else None
+
     def dataset_attrs(self, episode: Episode, key: str) -> dict | None:
-        if key not in self.schema.names:
-            return None
-        metadata = self.schema.field(key).metadata or {}
-        try:
-            return json.loads(metadata[b"vlmlabel"]) if b"vlmlabel" in metadata else {}
-        except ValueError:
-            return {}
+        return self.column_provenance(key)
 
     def reward_keys(self, episode: Episode) -> list[str]:
-        """Columns vlmlabel wrote (their field metadata records how)."""
-        return sorted(f.name for f in self.schema if b"vlmlabel" in (f.metadata or {}))
+        """Columns vlmlabel wrote (their provenance records how)."""
+        return sorted(name for name in self.schema.names if self.column_provenance(name))
 
     def close(self) -> None:
-        self._cursor = None
+        self._rows = None
 
     def __enter__(self) -> TableSource:
         return self

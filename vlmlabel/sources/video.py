@@ -13,6 +13,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from vlmlabel.errors import SourceError
 
@@ -24,6 +25,9 @@ class VideoReader:
         self.tolerance = tolerance
         self._path: Path | None = None
         self._container: av.container.InputContainer | None = None
+        # One converter for every frame: it keeps FFmpeg's scaler between frames, where frame.to_ndarray builds a
+        # new one per frame (3-5x slower at 224 px). The pixels are the same.
+        self._rgb = VideoReformatter()
 
     def _fail(self, exc: Exception) -> SourceError:
         return SourceError(f"video {self._path} cannot be decoded ({exc}); re-encode or replace the file")
@@ -68,7 +72,7 @@ class VideoReader:
                 raise SourceError(f"video {path} has no frame at {target:.3f} s (nearest {best[0]:.3f} s); the "
                                   "video is shorter than its episode or the timestamps disagree with it")
             if converted[0] is not best[1]:
-                converted = (best[1], best[1].to_ndarray(format="rgb24"))
+                converted = (best[1], self._rgb.reformat(best[1], format="rgb24").to_ndarray())
             out.append(converted[1])
         return np.stack(out)
 

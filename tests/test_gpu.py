@@ -1,0 +1,91 @@
+"""On a CUDA GPU: nvJPEG decoding, pinned host buffers and mixed precision give what the CPU reference gives.
+
+Skipped without a GPU (``gpu`` marker, tests/conftest.py); ``benchmarks/gpu_check.sh`` runs them. Tolerances:
+nvJPEG and libjpeg-turbo may round the inverse DCT and chroma upsampling differently, so decoded pixels may
+differ by a few levels (mean under 1); fp32 on the GPU uses TF32 for the patch convolution (cuDNN's default),
+bf16 autocast keeps 8 bits of mantissa: rewards (cosines in [-1, 1]) within 5e-3 and 3e-2 of open_clip's fp32
+CPU pipeline (1e-2 more from JPEG frames, which the reference decodes with PIL).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from tests import layouts
+from vlmlabel.engine import BufferPool, decode_jpegs, iter_batches
+from vlmlabel.model import load_model
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.sources import Align, open_source
+
+pytestmark = pytest.mark.gpu
+GOALS = ["a red block on a plate", "the drawer is open"]
+CUDA = torch.device("cuda", 0)
+TOLERANCE = {"fp32": 5e-3, "bf16": 3e-2}
+JPEG_DECODING = 1e-2  # the reference decodes with PIL, the GPU with nvJPEG: pixels a few levels apart
+
+
+def _jpeg_blobs(tmp_path) -> list[torch.Tensor]:
+    layout_file = layouts.build_episodes_gray_jpeg(tmp_path / "jpeg.h5")
+    with open_source(str(layout_file.path)) as source:
+        batches = list(iter_batches(source, source.episodes(Align.frame), 64, jpeg_on_device=True))
+    assert {b.form for b in batches} == {"jpeg"}
+    return [blob for batch in batches for blob in batch.frames]
+
+
+def test_nvjpeg_decodes_the_batch_on_the_gpu_like_the_cpu_decoder(tmp_path):
+    blobs = _jpeg_blobs(tmp_path)
+    direct = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=CUDA)  # nvJPEG itself: no CPU fallback taken
+    on_gpu = decode_jpegs(blobs, CUDA)
+    on_cpu = decode_jpegs(blobs, torch.device("cpu"))
+    assert all(frame.device.type == "cuda" for frame in on_gpu)
+    for fast, nv, ref in zip(on_gpu, direct, on_cpu, strict=True):
+        assert torch.equal(fast, nv)
+        difference = (fast.cpu().int() - ref.int()).abs()
+        assert fast.shape == ref.shape and difference.float().mean() < 1.0 and difference.max() <= 16
+
+
+def test_pinned_buffers_are_reused_and_copied_whole(tmp_path):
+    layout_file = layouts.build_flat_d4rl(tmp_path / "flat.h5")
+    expected = np.concatenate(layout_file.frame_steps)
+    with open_source(str(layout_file.path)) as source:
+        pool = BufferPool(2, (4, *source.frame_format.frame_shape), pin=True)
+        assert all(buffer.tensor.is_pinned() for buffer in pool.buffers)
+        copies, pointers = [], set()
+        for batch in iter_batches(source, source.episodes(Align.frame), 4, pool):
+            assert isinstance(batch.frames, torch.Tensor) and batch.frames.is_pinned()
+            pointers.add(batch.frames.data_ptr())
+            copies.append(batch.frames.to(CUDA, non_blocking=True))
+            event = torch.cuda.Event()
+            event.record()
+            batch.release(event)  # refilled only once this copy has completed
+    assert len(pointers) == 2
+    np.testing.assert_array_equal(torch.cat(copies).cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("build, decoding", [(layouts.build_robomimic, 0.0),
+                                             (layouts.build_episodes_gray_jpeg, JPEG_DECODING)], ids=["raw", "jpeg"])
+def test_rewards_on_the_gpu_match_the_cpu_reference(tmp_path, tiny_model_dir, reference, precision, build, decoding):
+    layout_file = build(tmp_path / "data.h5")
+    summary = relabel_file(RelabelRequest(source=layout_file.path, goals=GOALS, model=str(tiny_model_dir),
+                                          device="cuda", precision=precision, align=Align.frame, batch_size=5))
+    assert summary.model.device.type == "cuda" and summary.model.precision == precision
+    for got, frames in zip(summary.result.rewards, layout_file.frame_steps, strict=True):
+        np.testing.assert_allclose(got, reference(frames, GOALS), atol=TOLERANCE[precision] + decoding)
+
+
+def test_auto_means_the_gpu_in_bf16(tmp_path, tiny_model_dir):
+    layout_file = layouts.build_robomimic(tmp_path / "data.h5")
+    summary = relabel_file(RelabelRequest(source=layout_file.path, goals=GOALS[:1], model=str(tiny_model_dir)))
+    assert summary.model.device.type == "cuda"
+    assert summary.model.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+def test_text_only_load_on_the_gpu_encodes_texts_like_the_whole_model(tiny_model_dir):
+    whole = load_model(str(tiny_model_dir), device=CUDA, precision="bf16")
+    texts = load_model(str(tiny_model_dir), device=CUDA, precision="bf16", image_tower=False)
+    assert not texts.has_image_tower
+    assert torch.equal(whole.encode_texts(GOALS), texts.encode_texts(GOALS))

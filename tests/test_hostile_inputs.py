@@ -1,0 +1,524 @@
+"""The hostile-input suite: every case either succeeds with rewards equal to open_clip's own pipeline, or fails
+with exit code 2, one line, no traceback, the source byte-identical and nothing new beside it.
+
+Faults during a run (signals, a file too large for the file system) keep one more promise: the source is
+byte-identical, only the saved progress stays beside it, and the rerun gives the reference rewards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from typer.testing import CliRunner
+
+from tests import layouts, table_layouts
+from tests.layouts import encode, make_frames
+from vlmlabel.cli import app
+
+runner = CliRunner()
+GOAL = "the cup is on the plate"
+LENGTHS = (3, 4, 2)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones and folders included) and its content hash."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        found[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+    return found
+
+
+# -- sources ----------------------------------------------------------------------------------------------
+
+
+def flat(path: Path, frames: np.ndarray | None = None, key: str = "observations", **dataset_options) -> Path:
+    frames = make_frames(sum(LENGTHS), 16, 20, seed=3) if frames is None else frames
+    with h5py.File(path, "w") as f:
+        f.create_dataset(key, data=frames, **dataset_options)
+        f.create_dataset("actions", data=np.zeros((len(frames), 2), np.float32))
+        f.create_dataset("terminals", data=np.isin(np.arange(len(frames)), np.cumsum(LENGTHS) - 1))
+    return path
+
+
+def flat_encoded(path: Path, blobs: list[bytes]) -> Path:
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset("observations", (len(blobs),), dtype=h5py.vlen_dtype(np.uint8))
+        for row, blob in enumerate(blobs):
+            dset[row] = np.frombuffer(blob, np.uint8)
+        f.create_dataset("terminals", data=np.isin(np.arange(len(blobs)), [len(blobs) - 1]))
+    return path
+
+
+def png(image: PILImage.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+def pictures(mode: str, count: int = 4) -> list[bytes]:
+    """PNG/JPEG frames in a PIL mode that CLIP's own pipeline would convert differently from plain RGB."""
+    rgb = make_frames(count, 16, 16, seed=5)
+    if mode == "RGBA-transparent":
+        alpha = np.tile(np.linspace(0, 255, 16, dtype=np.uint8), (16, 1))[..., None]
+        return [png(PILImage.fromarray(np.concatenate([f, alpha], -1), "RGBA")) for f in rgb]
+    if mode == "P":
+        return [png(PILImage.fromarray(f).convert("P")) for f in rgb]
+    if mode == "I;16":
+        return [png(PILImage.fromarray(f[..., 0].astype(np.uint16) * 257)) for f in rgb]
+    if mode == "CMYK":
+        buffers = []
+        for f in rgb:
+            buffer = io.BytesIO()
+            PILImage.fromarray(f).convert("CMYK").save(buffer, format="JPEG")
+            buffers.append(buffer.getvalue())
+        return buffers
+    if mode == "garbage":
+        return [b"\xff\xd8\xff\xe0" + bytes(range(200)) for _ in rgb]
+    raise ValueError(mode)
+
+
+def robomimic(path: Path) -> Path:
+    return layouts.build_robomimic(path).path
+
+
+def labelled_robomimic(path: Path) -> Path:
+    layouts.build_robomimic(path)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("data/demo_1/vlm_reward", data=np.zeros(7, np.float32))
+    return path
+
+
+def ours_then_theirs(path: Path) -> Path:
+    """demo_0 holds a reward vlmlabel wrote, demo_2 a dataset of the user's under the same name."""
+    layouts.build_robomimic(path)
+    with h5py.File(path, "a") as f:
+        f["data/demo_0/vlm_reward"] = np.zeros(5, np.float32)
+        f["data/demo_0/vlm_reward"].attrs["vlmlabel_version"] = "0.1.0"
+        f["data/demo_2/vlm_reward"] = np.arange(6, dtype=np.float32)
+    return path
+
+
+def two_cameras(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        for cam in ("agentview_image", "robot0_eye_in_hand_image"):
+            f.create_dataset(f"data/demo_0/obs/{cam}", data=make_frames(3, 16, 16, 0))
+    return path
+
+
+def float_frames(path: Path) -> Path:
+    return flat(path, np.random.default_rng(0).random((9, 16, 16, 3), np.float32))
+
+
+def nested_float_frames(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_image", data=np.random.rand(3, 16, 16, 3).astype(np.float32))
+        f.create_dataset("data/demo_0/actions", data=np.zeros((3, 2), np.float32))
+    return path
+
+
+def empty_episode(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_image", data=make_frames(3, 16, 16, 0))
+        f.create_dataset("data/demo_1/obs/agentview_image", shape=(0, 16, 16, 3), dtype=np.uint8)
+    return path
+
+
+def minari_without_steps(path: Path) -> Path:
+    layouts.build_minari(path)
+    with h5py.File(path, "a") as f:
+        f.create_dataset("episode_3/observations", data=make_frames(1, 32, 40, seed=1))
+    return path
+
+
+def empty_file(path: Path) -> Path:
+    h5py.File(path, "w").close()
+    return path
+
+
+def no_images(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=np.zeros((5, 7), np.float32))
+        f.create_dataset("actions", data=np.zeros((5, 2), np.float32))
+    return path
+
+
+def truncated(path: Path) -> Path:
+    layouts.build_robomimic(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+def text_file(path: Path) -> Path:
+    path.write_text("not an hdf5 file\n")
+    return path
+
+
+def linked_frames(path: Path, target: str = "frames.h5") -> Path:
+    """The frames live in another file, reached through a relative external link."""
+    flat(path.parent / "frames.h5", key="images")
+    with h5py.File(path, "w") as f:
+        f["observations"] = h5py.ExternalLink(target, "/images")
+        f.create_dataset("terminals", data=np.isin(np.arange(sum(LENGTHS)), np.cumsum(LENGTHS) - 1))
+    return path
+
+
+def dangling_link(path: Path) -> Path:
+    linked_frames(path, target="gone.h5")
+    return path
+
+
+def virtual_frames(path: Path, missing: bool) -> Path:
+    flat(path.parent / "frames.h5", key="images")
+    shape = (sum(LENGTHS), 16, 20, 3)
+    layout = h5py.VirtualLayout(shape, np.uint8)
+    layout[:] = h5py.VirtualSource("frames.h5", "/images", shape)
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("observations", layout)
+        f.create_dataset("terminals", data=np.isin(np.arange(sum(LENGTHS)), np.cumsum(LENGTHS) - 1))
+    if missing:
+        (path.parent / "frames.h5").unlink()
+    return path
+
+
+def linked_episode(path: Path) -> Path:
+    """robomimic, one demo of which is a group in another file: rewards would land in that file."""
+    with h5py.File(path.parent / "demo1.h5", "w") as f:
+        f.create_dataset("obs/agentview_image", data=make_frames(4, 16, 16, 1))
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/obs/agentview_image", data=make_frames(3, 16, 16, 0))
+        f["data/demo_1"] = h5py.ExternalLink("demo1.h5", "/")
+    return path
+
+
+def parquet_images(path: Path, episode: list[int] | None = None, blobs: list[bytes] | None = None) -> Path:
+    frames = make_frames(sum(LENGTHS), 16, 16, seed=7)
+    episode = episode if episode is not None else np.repeat(np.arange(len(LENGTHS)), LENGTHS).tolist()
+    images = blobs if blobs is not None else [encode(f, "PNG") for f in frames]
+    Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "episode_index": episode},
+                      features=Features({"image": Image(), "episode_index": Value("int64")})).to_parquet(str(path))
+    return path
+
+
+def disk_without_images(path: Path) -> Path:
+    Dataset.from_dict({"state": [[0.0, 1.0]] * 4, "episode_index": [0, 0, 1, 1]}).save_to_disk(str(path))
+    return path
+
+
+def lerobot_video_missing(path: Path) -> Path:
+    case = table_layouts.build_lerobot(path, video=True)
+    next(p for p in case.path.rglob("*.mp4") if "observation.images.top" in str(p)).unlink()
+    return case.path
+
+
+# -- cases --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Refused:
+    """Input that must be refused: exit 2, one line holding ``words``, the folder exactly as it was."""
+
+    build: Callable[[Path], Path] | None  # makes the source at the path given (None: it does not exist)
+    args: list[str] = field(default_factory=list)  # {source} and {folder} are filled in
+    words: list[str] = field(default_factory=list)
+    name: str = "data.h5"  # the source's file name
+    holder: bool = False  # another process holds the source open for writing during the run
+
+
+LONG = " ".join(["a red cube"] * 40)
+REFUSED: dict[str, Refused] = {
+    # the file itself
+    "missing file": Refused(None, words=["does not exist"]),
+    "a folder that is no dataset": Refused(lambda p: (p.mkdir(), p)[1], words=["not a dataset"], name="folder"),
+    "not hdf5": Refused(text_file, words=["not an HDF5 file"]),
+    "truncated": Refused(truncated, words=["truncated or corrupt"]),
+    "empty file": Refused(empty_file, words=["empty"]),
+    "no image dataset": Refused(no_images, words=["no image dataset", "observations", "--image-key"]),
+    "empty episode": Refused(empty_episode, words=["data/demo_1", "empty"]),
+    "minari episode without steps": Refused(minari_without_steps, words=["episode_3", "no steps"]),
+    "ambiguous cameras": Refused(two_cameras, words=["several image datasets", "--image-key"]),
+    "held open for writing": Refused(robomimic, words=["open for writing"], holder=True),
+    # frames
+    "float frames": Refused(float_frames, words=["float", "uint8"]),
+    "float frames in a nested group": Refused(nested_float_frames, words=["float", "uint8", "agentview_image"]),
+    "four channels": Refused(lambda p: flat(p, make_frames(9, 8, 8, 0, channels=4)),
+                             ["--image-key", "observations"], ["1 or 3 channels"]),
+    "int16 frames": Refused(lambda p: flat(p, np.zeros((9, 8, 8, 3), np.int16)),
+                            ["--image-key", "observations"], ["int16", "uint8"]),
+    "wrong rank": Refused(no_images, ["--image-key", "actions"], ["rank 2"]),
+    "transparent PNG": Refused(lambda p: flat_encoded(p, pictures("RGBA-transparent")), words=["RGBA"]),
+    "palette PNG": Refused(lambda p: flat_encoded(p, pictures("P")), words=["palette"]),
+    "16-bit grayscale PNG": Refused(lambda p: flat_encoded(p, pictures("I;16")), words=["16-bit"]),
+    "CMYK JPEG": Refused(lambda p: flat_encoded(p, pictures("CMYK")), words=["CMYK"]),
+    "undecodable JPEG": Refused(lambda p: flat_encoded(p, pictures("garbage")),  # --align next: row 0 is unread
+                                words=["frame 1 of observations", "not a decodable", "truncated"]),
+    "dangling external link": Refused(dangling_link, words=["gone.h5", "not found"]),
+    "virtual dataset with a missing file": Refused(lambda p: virtual_frames(p, missing=True),
+                                                   words=["frames.h5", "not found"]),
+    "episode behind an external link": Refused(linked_episode, words=["demo1.h5", "external link"]),
+    "copy elsewhere would lose a link": Refused(
+        lambda p: (linked_frames(p), (p.parent / "elsewhere").mkdir())[0],
+        ["--output", "{folder}/elsewhere/out.h5"], ["frames.h5", "would not find"]),
+    "copy elsewhere would lose a virtual dataset's file": Refused(
+        lambda p: (virtual_frames(p, missing=False), (p.parent / "elsewhere").mkdir())[0],
+        ["--output", "{folder}/elsewhere/out.h5"], ["frames.h5", "would not find"]),
+    # tables
+    "interleaved episodes, per-episode normalisation": Refused(
+        lambda p: parquet_images(p, episode=[0, 1, 0, 1, 2, 2, 2, 0, 1]), ["--normalize", "episode"],
+        ["not consecutive"], name="data.parquet"),
+    "table without images": Refused(disk_without_images, words=["image"], name="disk"),
+    "table with an undecodable image": Refused(lambda p: parquet_images(p, blobs=pictures("garbage", 9)),
+                                              words=["frame 1 of image", "not a decodable"], name="data.parquet"),
+    "LeRobot video file missing": Refused(lerobot_video_missing, ["--image-key", "observation.images.top"],
+                                          [".mp4"], name="lerobot"),
+    # reward names and outputs
+    "reward key present": Refused(labelled_robomimic, words=["data/demo_1/vlm_reward", "--overwrite"]),
+    "reward key ours in one episode, the user's in another": Refused(
+        ours_then_theirs, ["--overwrite"], ["data/demo_2/vlm_reward", "not written by vlmlabel"]),
+    "reward key is the frames group": Refused(robomimic, ["--reward-key", "obs", "--overwrite"],
+                                              ["obs", "not written by vlmlabel"]),
+    "reward key is the actions": Refused(robomimic, ["--reward-key", "actions", "--overwrite"],
+                                         ["actions", "not written by vlmlabel"]),
+    "reward key is a table's image column": Refused(parquet_images, ["--reward-key", "image", "--overwrite"],
+                                                    ["image"], name="data.parquet"),
+    "reward key '.'": Refused(robomimic, ["--reward-key", "."], ["--reward-key"]),
+    "reward key with an empty part": Refused(robomimic, ["--reward-key", "a//b"], ["--reward-key"]),
+    "reward key too long for a file name": Refused(parquet_images, ["--reward-key", "r" * 300],
+                                                   ["255-byte"], name="data.parquet"),
+    "output is the source": Refused(robomimic, ["--output", "{source}"], ["is SOURCE itself"]),
+    "output is a folder": Refused(robomimic, ["--output", "{folder}", "--overwrite"], ["is a folder"]),
+    "output folder missing": Refused(robomimic, ["--output", "{folder}/nope/out.h5"],
+                                     ["does not exist; create it first"]),
+    "output under a file": Refused(robomimic, ["--output", "{source}/out.h5"], ["not a folder"]),
+    "output is another kind of file": Refused(
+        lambda p: ((p.parent / "notes.txt").write_text("mine"), robomimic(p))[1],
+        ["--output", "{folder}/notes.txt", "--overwrite"], ["not an HDF5 file"]),
+    # goals, formulation, run options
+    "empty goal": Refused(robomimic, ["--goal", " "], ["--goal is empty"]),
+    "goals identical once cut to the context": Refused(robomimic, ["--goal", LONG + " left", "--goal",
+                                                                   LONG + " right"], ["identical"]),
+    "projection onto the goal itself": Refused(robomimic, ["--reward", "projection", "--baseline", GOAL],
+                                               ["baseline"]),
+    "bad batch size": Refused(robomimic, ["--batch-size", "0"], ["--batch-size"]),
+    "huge batch size": Refused(robomimic, ["--batch-size", "100000000000"], ["--batch-size"]),
+    "shard index out of range": Refused(robomimic, ["--num-shards", "2", "--shard-index", "5"], ["--shard-index"]),
+    "unknown alignment": Refused(robomimic, ["--align", "sideways"], ["--align"]),
+    "unknown option": Refused(robomimic, ["--gaol", "x"], ["--gaol"]),
+    # the model and the device
+    "unknown model": Refused(robomimic, ["--model", "ViT-B-33"], ["unknown model", "ViT-B-32"]),
+    "unknown tag": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b80k"],
+                           ["unknown pretrained tag", "laion2b_s34b_b79k"]),
+    "weights not cached offline": Refused(robomimic, ["--model", "ViT-B-32"],
+                                          ["not in the local", "HF_HUB_OFFLINE", "--pretrained FILE"]),
+    "missing checkpoint file": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "/nope/w.safetensors"],
+                                       ["does not exist"]),
+    "checkpoint file is not weights": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "{source}"],
+                                              ["could not load model 'ViT-B-32'"]),
+    "model folder without config": Refused(robomimic, ["--model", "local-dir:/tmp"], ["open_clip_config.json"]),
+    "unknown device": Refused(robomimic, ["--device", "tpu"], ["unknown device 'tpu'"]),
+    "cuda absent": Refused(robomimic, ["--device", "cuda:0"], ["no CUDA GPU", "--device cpu"]),
+    "fp16 on cpu": Refused(robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
+}
+
+
+def _hold_open_for_writing(path: Path) -> subprocess.Popen:
+    """Another program writing the file, with HDF5 file locking off (as on NFS/Lustre)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'r+b'); "
+                               "print('open', flush=True); time.sleep(120)", str(path)], stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
+    return holder
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_model_dir, monkeypatch):
+    spec = REFUSED[case]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    source = folder / spec.name
+    if spec.build is not None:
+        source = spec.build(source)
+    monkeypatch.chdir(tmp_path)  # a relative link must not be found through the working folder by chance
+    before = tree_digest(folder)
+    args = ["relabel", str(source)]
+    args += [] if "--goal" in spec.args else ["--goal", GOAL]
+    args += [] if "--model" in spec.args else ["--model", str(tiny_model_dir)]
+    args += [a.format(source=source, folder=folder) for a in spec.args]
+    holder = _hold_open_for_writing(source) if spec.holder else None
+    try:
+        result = runner.invoke(app, args + ["--device", "cpu"] * ("--device" not in spec.args),
+                               terminal_width=400)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), lines[0]
+    for word in spec.words:
+        assert word in lines[0], lines[0]
+    assert tree_digest(folder) == before  # the source byte-identical, nothing new beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+# -- inputs that must be scored exactly -------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Input that must succeed: the rewards at ``--output`` equal open_clip's reference on ``truth``."""
+
+    build: Callable[[Path], Path]
+    truth: Callable[[], np.ndarray]  # RGB frames scoring each step, --align frame
+    args: list[str] = field(default_factory=list)
+    output: str = "{tmp}/out/labelled.h5"  # where the rewards are read back from (an HDF5 file)
+
+
+GRAY = make_frames(sum(LENGTHS), 16, 20, seed=11, channels=1)
+RGB = make_frames(sum(LENGTHS), 16, 20, seed=3)
+
+
+def _opaque(mode: str) -> tuple[Callable[[Path], Path], Callable[[], np.ndarray]]:
+    frames = make_frames(4, 16, 16, seed=5)
+    if mode == "RGBA":
+        blobs = [png(PILImage.fromarray(np.concatenate([f, np.full((16, 16, 1), 255, np.uint8)], -1), "RGBA"))
+                 for f in frames]
+        return (lambda p: flat_encoded(p, blobs)), (lambda: frames)
+    gray = frames[..., :1]
+    blobs = [png(PILImage.fromarray(np.concatenate([g, np.full((16, 16, 1), 255, np.uint8)], -1), "LA"))
+             for g in gray]
+    return (lambda p: flat_encoded(p, blobs)), (lambda: np.repeat(gray, 3, -1))
+
+
+def _symlinked(path: Path) -> Path:
+    real = path.parent / "real" / "data.h5"
+    real.parent.mkdir()
+    flat(real)
+    path.symlink_to(real)
+    return path
+
+
+SCORED: dict[str, Scored] = {
+    "grayscale (N, H, W)": Scored(lambda p: flat(p, GRAY[..., 0]), lambda: np.repeat(GRAY, 3, -1)),
+    "grayscale (N, H, W, 1)": Scored(lambda p: flat(p, GRAY), lambda: np.repeat(GRAY, 3, -1)),
+    "channels first": Scored(lambda p: flat(p, RGB.transpose(0, 3, 1, 2).copy()), lambda: RGB),
+    "gzip-compressed chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), compression="gzip"), lambda: RGB),
+    "opaque RGBA PNG": Scored(*_opaque("RGBA")),
+    "opaque LA PNG": Scored(*_opaque("LA")),
+    "external link read in place, copy beside it": Scored(linked_frames, lambda: RGB,
+                                                          output="{folder}/labelled.h5"),
+    "virtual dataset, copy beside it": Scored(lambda p: virtual_frames(p, missing=False), lambda: RGB,
+                                              output="{folder}/labelled.h5"),
+    "a name with spaces and accents": Scored(lambda p: flat(p.parent / "données de test.h5"), lambda: RGB),
+    "symlinked source relabelled in place": Scored(_symlinked, lambda: RGB, output="{source}"),
+    "reward key that only vlmlabel wrote, --overwrite": Scored(
+        lambda p: _relabelled(flat(p)), lambda: RGB, ["--overwrite"], output="{source}"),
+}
+
+
+def _relabelled(path: Path) -> Path:
+    with h5py.File(path, "a") as f:
+        f["vlm_reward"] = np.zeros(sum(LENGTHS), np.float32)
+        f["vlm_reward"].attrs.update({"formula": "cos", "vlmlabel_version": "0.1.0"})
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(SCORED))
+def test_scored_exactly_as_open_clip_scores_them(case, tmp_path, tiny_model_dir, reference):
+    spec = SCORED[case]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (tmp_path / "out").mkdir()
+    source = spec.build(folder / "data.h5")
+    output = Path(spec.output.format(tmp=tmp_path, folder=folder, source=source))
+    in_place = output == source
+    before = tree_digest(folder)
+    args = ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu",
+            "--align", "frame", "-q", *spec.args] + ([] if in_place else ["--output", str(output)])
+    result = runner.invoke(app, args, terminal_width=400)
+    assert result.exit_code == 0, result.output
+    with h5py.File(output, "r") as f:
+        got = f["vlm_reward"][()]
+    np.testing.assert_allclose(got, reference(spec.truth(), [GOAL])[:, 0], atol=2e-3)
+    after = tree_digest(folder)
+    if in_place:
+        assert source.is_symlink() == (case.startswith("symlinked"))
+        assert sorted(after) == sorted(before)  # nothing beside it: no temp copy, no lock, no progress
+    elif output.parent == folder:
+        assert {k: v for k, v in after.items() if k != output.name} == before
+    else:
+        assert after == before
+
+
+# -- faults during a run ---------------------------------------------------------------------------------
+
+
+def _vlmlabel(args: list[str], **options) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlmlabel", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **options)
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGTERM", "SIGINT", "file too large for the file system"])
+def test_fault_mid_run_keeps_the_source_and_the_rerun_equals_the_reference(fault, tmp_path, tiny_model_dir,
+                                                                            reference):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    frames = make_frames(400, 16, 20, seed=13)
+    source = flat(folder / "data.h5", frames, chunks=(8, 16, 20, 3), compression="gzip")
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    args = ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu",
+            "--align", "frame", "--batch-size", "8", "--checkpoint-every", "16"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if fault.startswith("SIG"):
+        run = _vlmlabel(args, env=env)
+        progress = folder / "data.h5.vlmlabel-vlm_reward" / "progress"
+        deadline = time.monotonic() + 120
+        while not progress.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run.send_signal(getattr(signal, fault))
+        run.communicate(timeout=120)
+        assert run.returncode != 0
+    else:
+        run = _vlmlabel(args, env=env, preexec_fn=_limit_file_size(source.stat().st_size // 2))
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
+    kept = {"data.h5", "data.h5.vlmlabel-vlm_reward"} | ({"data.h5.vlmlabel.lock"} if fault == "SIGKILL" else set())
+    assert {p.name for p in folder.iterdir()} <= kept  # progress (and a dead lock) only: the rerun takes them
+    rerun = _vlmlabel(args + ["-q"], env=env)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    with h5py.File(source, "r") as f:
+        np.testing.assert_allclose(f["vlm_reward"][()], reference(frames, [GOAL])[:, 0], atol=2e-3)
+    assert sorted(p.name for p in folder.iterdir()) == ["data.h5"]

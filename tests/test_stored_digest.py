@@ -1,0 +1,76 @@
+"""The HDF5 frames digest: every stored byte counts, it is read once per file version, and vlmlabel's own
+writes (rewards, caches) keep it without a new read while anyone else's edit forces one."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import pytest
+
+from tests import layouts
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.sources import hdf5 as hdf5_source
+from vlmlabel.sources import open_source, stored_digest
+from vlmlabel.sources.base import content_fingerprint
+
+
+@pytest.fixture()
+def reads(monkeypatch):
+    """How many times the stored bytes of a frame array were read."""
+    count = [0]
+    original = hdf5_source._stored_bytes
+
+    def counted(dataset):
+        count[0] += 1
+        return original(dataset)
+
+    monkeypatch.setattr(hdf5_source, "_stored_bytes", counted)
+    return count
+
+
+def _fingerprint(path):
+    with open_source(str(path)) as source:
+        return content_fingerprint(source)
+
+
+def test_read_once_per_version_and_kept_through_vlmlabels_own_write(tmp_path, tiny_model_dir, reads):
+    truth = layouts.build_robomimic(tmp_path / "r.h5")
+    first = _fingerprint(truth.path)
+    assert reads[0] == len(truth.steps)  # one read of each episode's frames
+    assert _fingerprint(truth.path) == first and reads[0] == len(truth.steps)
+    relabel_file(RelabelRequest(source=truth.path, goals=["x"], model=str(tiny_model_dir), device="cpu"))
+    reads[0] = 0
+    assert _fingerprint(truth.path) == first and reads[0] == 0  # rewards added, frames untouched: no new read
+
+
+def test_an_edit_with_the_modification_time_set_back_is_still_seen(tmp_path, reads):
+    truth = layouts.build_robomimic(tmp_path / "r.h5")
+    first = _fingerprint(truth.path)
+    stat = truth.path.stat()
+    with h5py.File(truth.path, "r+") as f:
+        f["data/demo_2/obs/agentview_image"][1] = 0  # one frame, in the middle of an episode, lzf-compressed
+    os.utime(truth.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `touch -d` or `cp -p` would leave it
+    reads[0] = 0
+    assert _fingerprint(truth.path) != first and reads[0] == len(truth.steps)
+
+
+@pytest.mark.parametrize("storage", [dict(), dict(chunks=(3, 8, 8, 3)), dict(chunks=(3, 8, 8, 3), compression="gzip")])
+def test_any_changed_frame_changes_the_digest(tmp_path, storage):
+    frames = layouts.make_frames(12, 8, 8, seed=2)
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=frames, **storage)
+    before = _fingerprint(path)
+    with h5py.File(path, "r+") as f:
+        f["observations"][7, 3, 4, 1] ^= 1  # one bit of one pixel
+    assert _fingerprint(path) != before
+
+
+def test_an_unwritable_memo_folder_only_costs_a_new_read(tmp_path, monkeypatch, reads):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(stored_digest.CACHE_ENV, str(blocker / "sub"))
+    truth = layouts.build_flat_d4rl(tmp_path / "f.h5")
+    assert _fingerprint(truth.path) == _fingerprint(truth.path) and reads[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "not-a-folder"]

@@ -1,0 +1,264 @@
+"""Decoding worker processes (``--workers N``): the same rewards as decoding in this process, in order, on every
+encoded backend; a worker's refusal raised here as the same one-line error; bounded buffers; and nothing left
+behind (processes, shared memory) after success, an error or Ctrl-C."""
+
+from __future__ import annotations
+
+import gc
+import io
+import multiprocessing as mp
+import multiprocessing.synchronize
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests import layouts, table_layouts
+from vlmlabel import decode_workers, engine
+from vlmlabel.cli import app
+from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.model import load_model
+from vlmlabel.rewards import cosine
+from vlmlabel.sources import Align, open_source
+from vlmlabel.sources.base import Reopenable
+
+GOALS = ["a red square", "a blue sky"]
+runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _hdf5(builder: Callable[[Path], layouts.LayoutFile]) -> Callable[[Path], tuple[Path, str]]:
+    return lambda root: (builder(root / "data.h5").path, "")
+
+
+def _table(builder: Callable[[Path], table_layouts.TableCase]) -> Callable[[Path], tuple[Path, str]]:
+    def build(root: Path) -> tuple[Path, str]:
+        case = builder(root)
+        return case.path, case.image_key
+
+    return build
+
+
+ENCODED: dict[str, Callable[[Path], tuple[Path, str]]] = {
+    "hdf5_gzip": _hdf5(layouts.build_flat_d4rl),
+    "hdf5_lzf": _hdf5(layouts.build_robomimic),
+    "hdf5_png_vlen": _hdf5(layouts.build_minari_png),
+    "hdf5_jpeg_rows": _hdf5(layouts.build_episodes_gray_jpeg),
+    "save_to_disk_png": _table(table_layouts.build_disk_image),
+    "parquet_png": _table(table_layouts.build_parquet_folder),
+    "parquet_float_chw": _table(table_layouts.build_parquet_float_chw),
+    "lerobot_image": _table(lambda root: table_layouts.build_lerobot(root, video=False)),
+    "lerobot_video": _table(lambda root: table_layouts.build_lerobot(root, video=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu", precision="fp32")
+
+
+def _open(path: Path, key: str):
+    return open_source(str(path), key or None)
+
+
+def _scores(tiny, path: Path, key: str, workers: int, batch_size: int = 3, align: Align = Align.frame) -> np.ndarray:
+    with _open(path, key) as source:
+        return engine.score_episodes(source, tiny, GOALS, align, batch_size, workers=workers).all_rewards()
+
+
+def _children() -> set[int]:
+    return {p.pid for p in mp.active_children() if p.name.startswith("vlmlabel-decoder")}
+
+
+def _live_semaphores() -> int:
+    """Named semaphores (the queues' locks) this process still holds: each is unlinked from /dev/shm when its
+    object goes away. (The batch buffers are shared by file descriptor and never have a name there.) /dev/shm
+    itself is not compared: other processes on the machine use it too."""
+    return sum(isinstance(o, multiprocessing.synchronize.SemLock) for o in gc.get_objects())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ENCODED))
+def test_workers_give_exactly_the_rewards_of_decoding_here(tiny, tmp_path, name):
+    path, key = ENCODED[name](tmp_path)
+    with _open(path, key) as source:
+        source.episodes(Align.frame)  # a LeRobot video source knows its videos once its episodes are read
+        assert isinstance(source, Reopenable)
+        recipe = source.recipe()
+        assert recipe is not None and recipe.decodes  # these are the sources the workers are for
+    here = _scores(tiny, path, key, workers=0)
+    for workers in (1, 2):
+        np.testing.assert_array_equal(_scores(tiny, path, key, workers), here)
+    # Batches of one frame: many small tasks completing out of order must still come back in order.
+    np.testing.assert_array_equal(_scores(tiny, path, key, 2, batch_size=1),
+                                  _scores(tiny, path, key, 0, batch_size=1))
+    assert not _children()
+
+
+def test_raw_uncompressed_frames_stay_in_this_process(tiny, tmp_path):
+    """Plain uint8 arrays are a copy, nothing to decode: read in this process whatever --workers says."""
+    lf = layouts.build_minari(tmp_path / "raw.h5")
+    array = table_layouts.build_disk_array(tmp_path)  # an HF Array3D uint8 column
+    for path, key in ((lf.path, ""), (array.path, array.image_key)):
+        with _open(path, key) as source:
+            assert not source.recipe().decodes
+        np.testing.assert_array_equal(_scores(tiny, path, key, workers=2), _scores(tiny, path, key, workers=0))
+        assert not _children()
+
+
+def _mixed_sizes(path: Path) -> np.ndarray:
+    """PNG bytes whose first frame is the smallest: later frames spill out of the buffers sized from it."""
+    sizes = [(20, 24), (30, 34), (30, 34), (20, 24), (40, 28), (20, 24), (30, 34)]
+    frames = [layouts.make_frames(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)]
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("observations", (len(frames),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, frame in enumerate(frames):
+            data[i] = np.frombuffer(layouts.encode(frame, "PNG"), np.uint8)
+    return np.asarray(frames, dtype=object)
+
+
+def test_frames_of_different_sizes_and_spills_keep_order(tiny, tmp_path):
+    path = tmp_path / "mixed.h5"
+    frames = _mixed_sizes(path)
+    here = _scores(tiny, path, "", workers=0, batch_size=4)
+    np.testing.assert_array_equal(_scores(tiny, path, "", workers=2, batch_size=4), here)
+    transform = tiny.reference_transform()
+    pixels = torch.stack([transform(Image.fromarray(f)) for f in frames])
+    expected = cosine(tiny.encode_images(pixels), tiny.encode_texts(GOALS)).numpy()
+    np.testing.assert_allclose(here, expected, atol=2e-3)
+
+
+def _with_palette_frame(path: Path, row: int) -> None:
+    frames = layouts.make_frames(9, 16, 16, seed=3)
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("observations", (len(frames),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, frame in enumerate(frames):
+            image = Image.fromarray(frame)
+            if i == row:
+                image = image.convert("P")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            data[i] = np.frombuffer(buffer.getvalue(), np.uint8)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_refused_frame_is_one_line_from_any_worker(tiny, tmp_path, workers):
+    path = tmp_path / "palette.h5"
+    _with_palette_frame(path, row=6)
+    before = _live_semaphores()
+    with pytest.raises(SourceError) as caught:
+        _scores(tiny, path, "", workers=workers, batch_size=2)
+    message = str(caught.value)
+    assert message.startswith("frame 6 of observations is a palette PNG (P)") and "\n" not in message
+    assert not _children()
+    assert _live_semaphores() <= before
+
+
+def test_undecodable_bytes_are_the_same_error_with_workers(tiny, tmp_path):
+    path = tmp_path / "broken.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("observations", (5,), dtype=h5py.vlen_dtype(np.uint8))
+        for i, frame in enumerate(layouts.make_frames(5, 16, 16, seed=4)):
+            blob = np.frombuffer(layouts.encode(frame, "PNG"), np.uint8)
+            data[i] = blob[:40] if i == 3 else blob  # truncated PNG
+    messages = []
+    for workers in (0, 1):
+        with pytest.raises(SourceError) as caught:
+            _scores(tiny, path, "", workers=workers, batch_size=2)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "not a decodable JPEG/PNG image" in messages[0]
+
+
+def test_buffers_are_bounded_by_the_worker_count(tiny, tmp_path, monkeypatch):
+    lf = layouts.build_minari_png(tmp_path / "png.h5")
+    pools: list[engine.BufferPool] = []
+
+    class Recorded(engine.BufferPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(engine, "BufferPool", Recorded)
+    _scores(tiny, lf.path, "", workers=2, batch_size=2)
+    assert len(pools) == 1 and len(pools[0].buffers) == 2 + 4  # workers + 2 in flight, the model's, a spare
+    frame = int(np.prod(lf.frame_steps[0].shape[1:]))  # every frame of the file has the first one's size
+    assert all(b.tensor.numel() == 2 * frame for b in pools[0].buffers)
+    assert pools[0].free.qsize() == len(pools[0].buffers)  # all given back
+
+
+def test_ctrl_c_in_the_consumer_stops_the_workers(tiny, tmp_path):
+    lf = layouts.build_minari_png(tmp_path / "png.h5")
+    before = _live_semaphores()
+    calls = []
+
+    def compute(batch: engine.Batch) -> torch.Tensor:
+        calls.append(batch.size)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        batch.release()
+        return torch.zeros(batch.size, 1)
+
+    with open_source(str(lf.path)) as source, pytest.raises(KeyboardInterrupt):
+        list(engine.compute_rows(source, source.episodes(Align.frame), 2, torch.device("cpu"), compute, None,
+                                 workers=2))
+    assert not _children()
+    assert _live_semaphores() <= before
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tiny, tmp_path):
+    lf = layouts.build_minari_png(tmp_path / "png.h5")
+
+    def compute(batch: engine.Batch) -> torch.Tensor:
+        for pid in _children():
+            os.kill(pid, signal.SIGKILL)
+        batch.release()
+        return torch.zeros(batch.size, 1)
+
+    with open_source(str(lf.path)) as source, pytest.raises(SourceError, match="a decoding worker stopped"):
+        list(engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, None,
+                                 workers=1))
+    assert not _children()
+
+
+def test_default_worker_count(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert decode_workers.default_workers() == 8  # capped
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert decode_workers.default_workers() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert decode_workers.default_workers() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: four ranks share the node's cores
+    assert decode_workers.default_workers() == 3
+    assert decode_workers.resolve_workers(0) == 0
+    with pytest.raises(VlmlabelError, match="--workers"):
+        decode_workers.resolve_workers(-1)
+
+
+@pytest.mark.slow
+def test_cli_relabel_and_embed_take_workers(tiny_model_dir, tmp_path):
+    case = table_layouts.build_disk_image(tmp_path)
+    outputs = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"out-{workers}"
+        result = runner.invoke(app, ["relabel", str(case.path), "--goal", GOALS[0], "--model", str(tiny_model_dir),
+                                     "--device", "cpu", "--batch-size", "4", "--output", str(out), "--quiet",
+                                     "--workers", workers])
+        assert result.exit_code == 0, result.output
+        outputs.append(np.asarray(datasets.load_from_disk(str(out))["vlm_reward"], dtype=np.float32))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    result = runner.invoke(app, ["embed", str(case.path), "--model", str(tiny_model_dir), "--device", "cpu",
+                                 "--quiet", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["relabel", str(case.path), "--goal", "x", "--workers", "-1"])
+    assert result.exit_code == 2 and "--workers" in result.output and result.output.count("\n") == 1

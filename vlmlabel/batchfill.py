@@ -1,0 +1,210 @@
+"""Filling one batch buffer from a source's rows: which rows make each batch, raw frames read into the
+buffer, encoded frames decoded into it, and frames refused that cannot be scored exactly.
+
+The same code runs in the engine's reader thread (``--workers 0``) and in decoding worker processes
+(``vlmlabel.decode_workers``), so a batch holds the same bytes whoever fills it. IO and decoding only:
+no model, no device.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+from vlmlabel.errors import SourceError
+from vlmlabel.sources.base import DirectReader, Episode, FrameFormat, FrameReader, Segment
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+DECODED_AXES = "CHW"  # decoded frames are RGB (3, H, W), as torchvision decodes them
+
+# Frames are scored exactly as open_clip's PIL transform scores the image as opened (resize and crop in the
+# image's own mode, then convert("RGB")) only for these modes, found by experiment (tests/test_frames_exact.py).
+_EXACT_MODES = frozenset({"RGB", "L"})
+_ALPHA_MODES = frozenset({"RGBA", "LA"})  # exact where fully opaque: PIL resizes them in premultiplied alpha
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODES = {2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
+_REFUSED = {  # mode -> (what the frame is, why PIL's result differs, what to do)
+    "P": ("a palette {fmt}", "PIL resizes palette images nearest-neighbour",
+          "convert it to RGB first (PIL image.convert('RGB'))"),
+    "1": ("a 1-bit {fmt}", "PIL resizes 1-bit images nearest-neighbour",
+          "save it as 8-bit grayscale first (PIL image.convert('L'))"),
+    "I;16": ("a 16-bit grayscale {fmt}", "PIL clips 16-bit gray to 0-255 when converting to RGB",
+             "save it as 8-bit grayscale or RGB first"),
+    "CMYK": ("a CMYK {fmt}", "PIL resizes it in CMYK before converting to RGB",
+             "save it as RGB first (PIL image.convert('RGB'))"),
+}
+
+
+def frame_mode(data: bytes) -> tuple[str, str]:
+    """(format, PIL mode) of an encoded frame, read from its header only; ("", "") when not recognised."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 26:
+        depth, colour = data[24], data[25]
+        if colour == 0:
+            return "PNG", "1" if depth == 1 else "I;16" if depth == 16 else "L"
+        return "PNG", _PNG_MODES.get(colour, f"colour type {colour}")
+    if data.startswith(JPEG_MAGIC):
+        return "JPEG", _jpeg_mode(data)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # other formats: PIL reads the header only
+            return str(image.format), image.mode
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "", ""  # the decoder says what is wrong
+
+
+def _jpeg_mode(data: bytes) -> str:
+    """The mode PIL opens a JPEG in, from the component count of its SOF marker ("" if none is found)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return ""
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif marker in _JPEG_SOF:
+            if pos + 9 >= len(data):
+                return ""
+            return _JPEG_MODES.get(data[pos + 9], f"{data[pos + 9]} components")
+        elif marker == 0xDA:  # start of scan: no frame header before it
+            return ""
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return ""
+
+
+def check_frame(data: bytes, row: int, array: str) -> str | None:
+    """Refuse a frame vlmlabel cannot score exactly as CLIP's PIL pipeline does; for an alpha mode, the start of
+    the message that refuses it if it turns out to be transparent once decoded (None: plainly exact)."""
+    fmt, mode = frame_mode(data)
+    if not mode or mode in _EXACT_MODES:
+        return None
+    if mode in _ALPHA_MODES:
+        return f"frame {row} of {array} is a {fmt} with transparency ({mode})"
+    what, why, fix = _REFUSED.get(mode, ("a {fmt} image in an unsupported mode", "vlmlabel scores RGB, grayscale "
+                                         "and opaque RGBA frames", "convert it to RGB first"))
+    raise SourceError(f"frame {row} of {array} is {what.format(fmt=fmt)} ({mode}); vlmlabel cannot score it "
+                      f"exactly as CLIP's PIL pipeline does ({why}): {fix}")
+
+
+def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = None) -> torch.Tensor:
+    """One RGB uint8 (3, H, W) frame decoded on the CPU; ``frame_name`` says which in messages ("frame 3 of
+    obs/image"). ``transparent`` (from ``check_frame``) marks a frame with an alpha channel: it is refused where
+    transparent, as PIL would resize it in premultiplied alpha, and dropped where opaque."""
+    try:
+        frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
+    except RuntimeError as exc:
+        reason = str(exc).rsplit(", ", 1)[-1].strip()  # torchvision prefixes its C++ source location
+        raise SourceError(f"{frame_name} is not a decodable JPEG/PNG image ({reason}); "
+                          "check the file or choose another --image-key") from None
+    if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
+        frame = (frame.to(torch.int32) >> 8).to(torch.uint8)
+    if transparent is not None:
+        if bool((frame[3] != 255).any()):
+            raise SourceError(f"{transparent}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does "
+                              "(PIL resizes it in premultiplied alpha): flatten it onto a background first "
+                              "(e.g. PIL Image.alpha_composite) or save it as RGB")
+        frame = frame[:3]
+    return frame
+
+
+def plan_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[tuple[Segment, ...]]:
+    """The rows of each batch, in order: the episodes' segments cut every ``batch_size`` rows (the last batch
+    may be short). A batch is described by rows, not frames, so any process can fill it."""
+    pieces: list[Segment] = []
+    filled = 0
+    for episode in episodes:
+        for segment in episode.frames:
+            start = segment.start
+            while start < segment.stop:
+                take = min(batch_size - filled, segment.stop - start)
+                pieces.append(Segment(segment.array, start, start + take))
+                filled, start = filled + take, start + take
+                if filled == batch_size:
+                    yield tuple(pieces)
+                    pieces, filled = [], 0
+    if pieces:
+        yield tuple(pieces)
+
+
+@dataclass(frozen=True)
+class Filled:
+    """What a fill left in its buffer: the shape of each frame packed from the buffer's start, in order, then
+    the frames that did not fit (decoded frames larger than the buffer was sized for), in order after them."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    spill: tuple[np.ndarray, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.shapes) + len(self.spill)
+
+
+def fill(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray, fmt: FrameFormat, where: str) -> Filled:
+    """Read (and decode) the rows of ``pieces`` into the flat uint8 buffer ``out``; ``where`` names raw frames in
+    messages (the image key; encoded frames are named by row)."""
+    if fmt.encoded:
+        return _fill_decoded(reader, pieces, out)
+    return _fill_raw(reader, pieces, out, fmt, where)
+
+
+def _fill_raw(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray, fmt: FrameFormat,
+              where: str) -> Filled:
+    rows = sum(len(p) for p in pieces)
+    frames = out[:rows * math.prod(fmt.frame_shape)].reshape(rows, *fmt.frame_shape)
+    count = 0
+    for piece in pieces:
+        if isinstance(reader, DirectReader) and reader.read_into(piece, frames[count:count + len(piece)]):
+            count += len(piece)
+            continue
+        for block in reader.read_blocks(piece, len(piece)):
+            assert isinstance(block, np.ndarray)  # raw frames are read as arrays
+            if block.shape[1:] != fmt.frame_shape or block.dtype != np.uint8:
+                raise SourceError(f"{piece.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
+                                  f"but {where} has uint8 {fmt.frame_shape}; frames must all match")
+            taken = min(len(block), rows - count)
+            frames[count:count + taken] = block[:taken]
+            count += taken
+    return Filled((fmt.frame_shape,) * count)
+
+
+def _fill_decoded(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray) -> Filled:
+    shapes: list[tuple[int, ...]] = []
+    spill: list[np.ndarray] = []
+    offset = 0
+    for piece in pieces:
+        row = piece.start
+        for block in reader.read_blocks(piece, len(piece)):
+            for blob in block:
+                data = np.array(blob, dtype=np.uint8).reshape(-1)  # a writable copy: torch decodes from it
+                transparent = check_frame(data.tobytes(), row, piece.array)  # header only; refuses inexact frames
+                frame = decode_frame(torch.from_numpy(data), f"frame {row} of {piece.array}", transparent)
+                size = frame.numel()
+                if not spill and offset + size <= out.size:
+                    out[offset:offset + size] = frame.numpy().reshape(-1)
+                    shapes.append(tuple(frame.shape))
+                    offset += size
+                else:
+                    spill.append(frame.numpy())
+                row += 1
+    return Filled(tuple(shapes), tuple(spill))
+
+
+def frame_bytes(reader: FrameReader, segment: Segment, fmt: FrameFormat, where: str) -> int:
+    """Bytes of one frame once in a buffer: the stored shape for raw frames, the first decoded frame's for
+    encoded ones (batch buffers are sized from it; a later, larger frame spills out of the buffer)."""
+    if not fmt.encoded:
+        return math.prod(fmt.frame_shape)
+    first = fill(reader, (Segment(segment.array, segment.start, segment.start + 1),), np.empty(0, np.uint8), fmt,
+                 where)
+    return first.spill[0].size if first.spill else 1
