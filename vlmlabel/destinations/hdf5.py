@@ -155,7 +155,7 @@ def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwri
     return dest
 
 
-def write_linked(base: Path, dest: Path, datasets: list[H5Dataset]) -> Path:
+def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], stamp: Stamp | None = None) -> Path:
     """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` reached through
     an external link, and its groups and attributes mirrored: one file shows everything, at a cost that grows
     with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so the two
@@ -168,6 +168,8 @@ def write_linked(base: Path, dest: Path, datasets: list[H5Dataset]) -> Path:
             _mirror(source, out, name, written)
             for dataset in datasets:
                 _put(out, dataset, overwrite=False)
+        if stamp is not None:
+            stamp.verify(base)
     return dest
 
 
@@ -369,7 +371,7 @@ class HDF5Destination:
         datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
                     for column in columns for target, values in self._by_target(column)]
         if self.linked:
-            return write_linked(self.source_path, self.path, datasets)
+            return write_linked(self.source_path, self.path, datasets, self.stamp)
         return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
                           keep_mode=self.output is None)
 
