@@ -199,6 +199,25 @@ def virtual_frames(path: Path, missing: bool) -> Path:
     return path
 
 
+def linked_from_a_sibling_folder(path: Path) -> Path:
+    """SOURCE in src/, its frames in ../frames/f.h5 through a relative external link."""
+    (path.parent / "frames").mkdir()
+    (path.parent / "src").mkdir()
+    flat(path.parent / "frames" / "f.h5", key="images")
+    source = path.parent / "src" / "data.h5"
+    with h5py.File(source, "w") as f:
+        f["observations"] = h5py.ExternalLink("../frames/f.h5", "/images")
+        f.create_dataset("terminals", data=np.isin(np.arange(sum(LENGTHS)), np.cumsum(LENGTHS) - 1))
+    return source
+
+
+def episode_frames_behind_a_dangling_link(path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data/demo_0/actions", data=np.zeros((3, 2), np.float32))
+        f["data/demo_0/obs/agentview_image"] = h5py.ExternalLink("gone.h5", "/frames")
+    return path
+
+
 def linked_episode(path: Path) -> Path:
     """robomimic, one demo of which is a group in another file: rewards would land in that file."""
     with h5py.File(path.parent / "demo1.h5", "w") as f:
@@ -241,6 +260,7 @@ class Refused:
     words: list[str] = field(default_factory=list)
     name: str = "data.h5"  # the source's file name
     holder: bool = False  # another process holds the source open for writing during the run
+    cwd: str = ""  # the working folder, inside the data folder ('': the folder above it)
 
 
 LONG = " ".join(["a red cube"] * 40)
@@ -280,6 +300,11 @@ REFUSED: dict[str, Refused] = {
     "copy elsewhere would lose a virtual dataset's file": Refused(
         lambda p: (virtual_frames(p, missing=False), (p.parent / "elsewhere").mkdir())[0],
         ["--output", "{folder}/elsewhere/out.h5"], ["frames.h5", "would not find"]),
+    "copy elsewhere would lose a link, run from SOURCE's folder": Refused(
+        linked_from_a_sibling_folder, ["--output", "{folder}/out.h5"], ["../frames/f.h5", "would not find"],
+        cwd="src"),
+    "--image-key behind a dangling link": Refused(episode_frames_behind_a_dangling_link,
+                                                  ["--image-key", "agentview_image"], ["gone.h5", "not found"]),
     # tables
     "interleaved episodes, per-episode normalisation": Refused(
         lambda p: parquet_images(p, episode=[0, 1, 0, 1, 2, 2, 2, 0, 1]), ["--normalize", "episode"],
@@ -355,7 +380,7 @@ def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_m
     source = folder / spec.name
     if spec.build is not None:
         source = spec.build(source)
-    monkeypatch.chdir(tmp_path)  # a relative link must not be found through the working folder by chance
+    monkeypatch.chdir(folder / spec.cwd if spec.cwd else tmp_path)  # where a relative link may be found by chance
     before = tree_digest(folder)
     args = ["relabel", str(source)]
     args += [] if "--goal" in spec.args else ["--goal", GOAL]

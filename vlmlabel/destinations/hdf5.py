@@ -121,7 +121,7 @@ def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_
         return
     refs = all_external_links(handle) + [r for array in frame_arrays for r in virtual_sources(handle[array])]
     for ref in refs:
-        if ref.resolve(here) != ref.resolve(there):
+        if ref.resolve(here, working_folder=False) != ref.resolve(there, working_folder=False):
             raise OutputError(f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "
                               f"{there} would not find that file: write the output in {here}, relabel in place, "
                               "or make the link's file name absolute")

@@ -48,14 +48,16 @@ class ExternalRef:
     filename: str  # the other file, as the file names it
     prefix_variable: str  # HDF5_EXT_PREFIX (links) or HDF5_VDS_PREFIX (virtual datasets)
 
-    def resolve(self, folder: Path) -> Path | None:
+    def resolve(self, folder: Path, working_folder: bool = True) -> Path | None:
         """The file HDF5 opens for a file that lies in ``folder``: the name itself when absolute, else (and when
-        that is missing) the name under the prefix variable's folders, ``folder``, then the working folder."""
+        that is missing) the name under the prefix variable's folders, ``folder``, then the working folder
+        (``working_folder``: where this process runs; a file meant to be opened from anywhere cannot count
+        on it)."""
         name = Path(self.filename)
         tail = Path(name.name) if name.is_absolute() else name
         prefixes = [Path(p) for p in os.environ.get(self.prefix_variable, "").split(os.pathsep) if p]
-        candidates = ([name] if name.is_absolute() else []) + [p / tail for p in prefixes] + [folder / tail,
-                                                                                             Path.cwd() / tail]
+        candidates = ([name] if name.is_absolute() else []) + [p / tail for p in prefixes] + [folder / tail]
+        candidates += [Path.cwd() / tail] if working_folder else []
         return next((c.resolve() for c in candidates if c.is_file()), None)
 
     def missing(self, file: Path) -> str:
@@ -352,6 +354,8 @@ class HDF5Source:
             self.layout = "robomimic" if prefix and all(g.startswith("demo_") for g in groups) else "episodes"
             self._choose_key(first, image_key, where=self._episode_groups[0])
         elif image_key is not None:
+            if first is not None:  # the key may name frames behind a link to a missing file
+                self._refuse_missing_files(first, self._key_paths(image_key))
             self._choose_key(root, image_key, where="the file", candidates=[])
         else:
             self._no_images(root, "the file")
@@ -363,7 +367,7 @@ class HDF5Source:
         if image_key is not None:
             key = self._find_key(group, image_key)
             if key is None:
-                self._refuse_missing_files(group, [image_key, f"obs/{image_key}", f"observations/{image_key}"])
+                self._refuse_missing_files(group, self._key_paths(image_key))
                 listed = ", ".join(found) if found else "none"
                 raise SourceError(f"--image-key {image_key!r} not found in {where}; image datasets there: {listed}")
             fmt = frame_format_of(frames_dataset(self.file, _member(group, key), self.path))
@@ -389,8 +393,13 @@ class HDF5Source:
                 if ref.resolve(folder) is None:
                     raise SourceError(ref.missing(self.path))
 
+    @staticmethod
+    def _key_paths(key: str) -> list[str]:
+        """Where ``--image-key KEY`` may be, inside a group."""
+        return [key, f"obs/{key}", f"observations/{key}"]
+
     def _find_key(self, group: h5py.Group, key: str) -> str | None:
-        for candidate in (key, f"obs/{key}", f"observations/{key}"):
+        for candidate in self._key_paths(key):
             if isinstance(group.get(candidate), h5py.Dataset):
                 return candidate
         return None
