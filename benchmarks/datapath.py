@@ -140,18 +140,9 @@ def build_array3d(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
     return root / "array3d", "obs"
 
 
-def h264(path: Path, frames: np.ndarray, fps: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-
-
 def build_lerobot_h264(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
     """A LeRobot v3.0 folder (the test suite's builder), its videos replaced by ``frames`` in H.264 yuv420p."""
+    from benchmarks.table_sources import h264  # here, not at the top: workers re-run a script's imports
     from tests import table_layouts
 
     case = table_layouts.build_lerobot(root, video=True, lengths=(len(frames),), files=(1,))
