@@ -218,12 +218,12 @@ class StorageDescribed(Protocol):
 
 
 def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | None = None) -> str:
-    """A cheap digest of what the frames are: image key, format, episode lengths and a few sampled frames.
+    """A digest of what the frames are: image key, format, episode lengths, and what says their content.
 
     Where vlmlabel never writes into the source's files (tables, LeRobot), their sizes and modification
     times are part of it too, so any edit counts. An HDF5 file receives rewards and caches in place, so there
     every stored byte of its frame arrays speaks for the content (``StorageDescribed``; read once per version
-    of the file). A stream, which cannot seek, contributes its first frame only.
+    of the file). Other sources add a few sampled frames; a stream, which cannot seek, its first frame only.
     ``frame_episodes``: the frame-aligned episodes when the caller already has them.
     """
     import hashlib
@@ -235,8 +235,9 @@ def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | Non
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
     if not source.holds_outputs:
         digest.update(repr(Stamp.of(source.paths).files).encode())
-    if isinstance(source, StorageDescribed):
+    if isinstance(source, StorageDescribed):  # every stored byte already counts: sampled frames add nothing
         digest.update(source.storage_digest(sorted({s.array for e in episodes for s in e.frames})).encode())
+        return digest.hexdigest()[:32]
     count = min(len(episodes), FINGERPRINT_SAMPLES if source.seekable else 1)
     picks = sorted({round(i * (len(episodes) - 1) / max(count - 1, 1)) for i in range(count)})
     for index in picks:
