@@ -14,13 +14,17 @@ shared with other work slows every configuration alike; ratios are taken between
 
 The 16-core projection assumes each worker process decodes independently at the rate one worker reaches
 here (``--workers 1``, after the first batch), limited by the main process: its CPU seconds per frame in that
-run (handing out tasks, building batches) give the most frames/s one main process can hand over. Video is
-not projected to scale: each worker decodes the stream front to back (it only skips the colour conversion
-of frames that are not its own), so more workers add no throughput. Projected f/s =
-min(workers x f/s at --workers 1, that ceiling), at the default 8 workers (16 cores minus one, capped at 8)
-and at 15. It is a projection from two cores, not a measurement.
+run (handing out tasks, building batches) give the most frames/s one main process can hand over. Projected
+f/s = min(workers x f/s at --workers 1, that ceiling), at the default 8 workers (16 cores minus one, capped at
+8) and at 15. It is a projection from two cores, not a measurement. Video is not projected that way: PyAV's
+own decoding threads already use both cores at ``--workers 1``. For LeRobot video a second table gives the
+decoding work instead: N workers each taking every N-th batch, simulated in this process one worker after
+another, with the reader's keyframe seeking and without it (the reader before it: forward only, back to the
+file's start to go back): frames decoded per frame delivered and seeks per batch (exact counts), and the CPU
+seconds of the largest worker's share (frames / that share: what N workers with a core each could deliver).
 
     python benchmarks/datapath.py [--frames 1024] [--sizes 84,224] [--workers 0,1,2] [--repeats 5] [--json]
+        [--kinds lerobot_h264,lerobot_h264_g2,lerobot_av1] [--work-workers 1,2,4,8,16]
 """
 
 from __future__ import annotations
@@ -140,17 +144,53 @@ def build_array3d(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
     return root / "array3d", "obs"
 
 
-def build_lerobot_h264(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
-    """A LeRobot v3.0 folder (the test suite's builder), its videos replaced by ``frames`` in H.264 yuv420p."""
-    from benchmarks.table_sources import h264  # here, not at the top: workers re-run a script's imports
-    from tests import table_layouts
+LEROBOT_EPISODES = 8  # episodes per video file: LeRobot v3.0 packs many into one file per chunk
 
-    case = table_layouts.build_lerobot(root, video=True, lengths=(len(frames),), files=(1,))
+
+def _lerobot_video(root: Path, frames: np.ndarray, encode: Callable[[Path, np.ndarray, int], None]
+                   ) -> tuple[Path, str | None]:
+    """A LeRobot v3.0 folder (the test suite's builder), its videos replaced by ``frames`` encoded by ``encode``:
+    ``LEROBOT_EPISODES`` episodes in one file, each at its from_timestamp offset."""
+    from tests import table_layouts  # here, not at the top: workers re-run a script's imports
+
+    lengths = [len(part) for part in np.array_split(np.arange(len(frames)), LEROBOT_EPISODES) if len(part)]
+    case = table_layouts.build_lerobot(root, video=True, lengths=tuple(lengths), files=(len(lengths),))
     for camera in case.extra["cameras"]:
-        h264(case.path / "videos" / camera / "chunk-000" / "file-000.mp4", frames, table_layouts.FPS)
+        encode(case.path / "videos" / camera / "chunk-000" / "file-000.mp4", frames, table_layouts.FPS)
         case.extra["info"]["features"][camera]["shape"] = list(frames.shape[1:])
     (case.path / "meta" / "info.json").write_text(json.dumps(case.extra["info"]))
     return case.path, "top"
+
+
+def build_lerobot_h264(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
+    """H.264 yuv420p with x264's defaults: a keyframe every 250 frames at most, B-frames (a long-GOP file)."""
+    from benchmarks.table_sources import h264
+
+    return _lerobot_video(root, frames, h264)
+
+
+def lerobot_encode(codec: str) -> Callable[[Path, np.ndarray, int], None]:
+    """Video as LeRobot writes it (``lerobot.datasets.video_utils.encode_video_frames``: yuv420p, ``g=2``,
+    ``crf=30``; libsvtav1 by default, libx264 as the common alternative)."""
+
+    def encode(path: Path, frames: np.ndarray, fps: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream(codec, rate=fps, options={"g": "2", "crf": "30"})
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+    return encode
+
+
+def build_lerobot_h264_g2(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
+    return _lerobot_video(root, frames, lerobot_encode("libx264"))
+
+
+def build_lerobot_av1(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
+    return _lerobot_video(root, frames, lerobot_encode("libsvtav1"))
 
 
 # -- bare single-core loops over the same data ----------------------------------------------------------
@@ -229,7 +269,7 @@ class Kind:
     build: Callable[[Path, np.ndarray], tuple[Path, str | None]]
     bare: Callable[[Path, str | None], Callable[[], int]]
     bare_label: str
-    splits: bool = True  # workers share the decoding (a video is decoded front to back by every worker)
+    projected: bool = True  # False for video: PyAV's own threads already use every core at --workers 1
 
 
 KINDS: dict[str, Kind] = {
@@ -239,7 +279,11 @@ KINDS: dict[str, Kind] = {
     "disk_png": Kind("save_to_disk PNG Image", build_disk_png, bare_table_bytes, "PIL decode"),
     "parquet_png": Kind("parquet PNG Image", build_parquet_png, bare_table_bytes, "PIL decode"),
     "array3d": Kind("HF Array3D (save_to_disk)", build_array3d, bare_array3d, "Arrow flatten"),
-    "lerobot_h264": Kind("LeRobot video h264", build_lerobot_h264, bare_video, "PyAV decode + to_ndarray", False),
+    "lerobot_h264": Kind("LeRobot video h264 (x264 defaults)", build_lerobot_h264, bare_video,
+                         "PyAV decode + to_ndarray", False),
+    "lerobot_h264_g2": Kind("LeRobot video h264 g=2", build_lerobot_h264_g2, bare_video, "PyAV decode + to_ndarray",
+                            False),
+    "lerobot_av1": Kind("LeRobot video AV1 g=2", build_lerobot_av1, bare_video, "PyAV decode + to_ndarray", False),
 }
 
 
@@ -311,6 +355,65 @@ class Row:
     projected_16_cores: dict[str, float] | None = None
 
 
+@dataclass
+class WorkRow:
+    kind: str
+    size: int
+    workers: int
+    seeking: bool
+    decoded_per_frame: float  # frames decoded, all workers together, per frame delivered
+    seeks_per_batch: float
+    largest_share_cpu_s: float  # median over repetitions: CPU seconds of the worker with the most work
+
+    def frames_per_s(self, frames: int) -> float:
+        return frames / self.largest_share_cpu_s if self.largest_share_cpu_s > 0 else math.inf
+
+
+def video_work(path: Path, key: str | None, batch: int, counts: list[int], repeats: int, kind: str,
+               size: int) -> list[WorkRow]:
+    """The decoding work of N workers over a LeRobot video when each takes every N-th batch (what the one task
+    queue hands out when batches cost the same), run here one worker after another, with the reader's seeking
+    and without it (decoding forward only and restarting from the file's start to go back: the reader before
+    seeking). Each reader decodes on one thread, as a worker with a core of its own would. Deterministic counts
+    (frames decoded, seeks) and CPU seconds per worker, so a busy machine changes the seconds less than the
+    frames/s of a parallel run."""
+    from vlmlabel.batchfill import plan_batches
+    from vlmlabel.sources import video
+    from vlmlabel.sources.lerobot import VideoRecipe
+
+    with open_source(str(path), key) as source:
+        episodes = source.episodes(Align.frame)
+        recipe = source.recipe()
+    assert isinstance(recipe, VideoRecipe)
+    batches = list(plan_batches(episodes, batch))
+    frames = sum(len(piece) for pieces in batches for piece in pieces)
+    found = video.seek_points
+    runs: dict[tuple[int, bool], list[tuple[int, int, float]]] = {(n, s): [] for n in counts for s in (False, True)}
+    for _ in range(repeats):
+        for (count, seeking), samples in runs.items():
+            video.seek_points = found if seeking else lambda path: None  # type: ignore[assignment]
+            video.set_decoder_threads(1)  # a worker with a core of its own
+            try:
+                decoded, seeks, shares = 0, 0, []
+                for worker in range(count):
+                    reader = recipe.open()
+                    start = time.process_time()
+                    for pieces in batches[worker::count]:
+                        for piece in pieces:
+                            for _ in reader.read_blocks(piece, len(piece)):
+                                pass
+                    shares.append(time.process_time() - start)
+                    decoded, seeks = decoded + reader.reader.decoded, seeks + reader.reader.seeks
+                    reader.close()
+            finally:
+                video.seek_points = found
+                video.set_decoder_threads(0)
+            samples.append((decoded, seeks, max(shares)))
+    return [WorkRow(kind, size, count, seeking, round(samples[0][0] / frames, 3),
+                    round(samples[0][1] / len(batches), 3), round(statistics.median(s[2] for s in samples), 4))
+            for (count, seeking), samples in runs.items()]
+
+
 def micro_scorer() -> engine.FrameScorer:
     """The micro CLIP, on one intra-op thread: on two shared cores its parallel regions would otherwise wait
     for a core held by a worker (the test suite runs tiny models the same way)."""
@@ -333,12 +436,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--micro-model", action="store_true",
                         help="also time save_to_disk PNG end to end through a micro CLIP (the issue's target)")
+    parser.add_argument("--work-workers", default="1,2,4,8,16",
+                        help="worker counts of the video decoding-work table (simulated in this process); '' for none")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--table-from", type=Path, help="print the table of a --json report saved earlier")
     args = parser.parse_args()
     if args.table_from is not None:
         report = json.loads(args.table_from.read_text())
-        print_table(report, [Row(**row) for row in report["rows"]])
+        print_table(report, [Row(**row) for row in report["rows"]],
+                    [WorkRow(**row) for row in report.get("video_work", [])])
         return
     import datasets
 
@@ -379,13 +485,17 @@ def main() -> None:
                 sample = time_path(path, key, config.workers, args.batch_size, scorer if config.model else None)
             samples[config].append(sample)
     rows = [summarise(c, samples[c], reopened[c.kind, c.size], samples) for c in configs]
+    work_counts = [int(w) for w in args.work_workers.split(",") if w]
+    work = [row for size in sizes for name in kinds if name.startswith("lerobot") and work_counts
+            for row in video_work(*built[name, size], args.batch_size, work_counts, args.repeats, name, size)]
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
               "command": "python " + " ".join(sys.argv), "frames": args.frames, "batch_size": args.batch_size,
-              "repeats": args.repeats, "load_average": os.getloadavg(), "rows": [asdict(r) for r in rows]}
+              "repeats": args.repeats, "load_average": os.getloadavg(), "rows": [asdict(r) for r in rows],
+              "video_work": [asdict(w) for w in work]}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print_table(report, rows)
+        print_table(report, rows, work)
 
 
 def summarise(config: Config, runs: list[Sample], reopened: bool, everything: dict[Config, list[Sample]]) -> Row:
@@ -397,9 +507,7 @@ def summarise(config: Config, runs: list[Sample], reopened: bool, everything: di
     row = Row(config.kind, kind.label, config.size, workers, config.model, round(statistics.median(rates), 1),
               round(steady, 1), round(statistics.median(s.first_seconds for s in runs), 3),
               [round(r, 1) for r in rates], round(cpu, 4), reopened and bool(config.workers))
-    if config.workers == 1 and reopened and not kind.splits:
-        row.projected_16_cores = {"any_workers": row.steady_frames_per_s}  # every worker decodes the whole stream
-    elif config.workers == 1 and reopened:
+    if config.workers == 1 and reopened and kind.projected:
         ceiling = 1000 / cpu if cpu > 0 else math.inf
         row.projected_16_cores = {f"workers_{n}": round(min(n * row.steady_frames_per_s, ceiling), 1)
                                   for n in PROJECTED_WORKERS}
@@ -415,7 +523,7 @@ def machine() -> str:
            f"torch {torch.__version__}, h5py {h5py.__version__}, PyAV {av.__version__}, pyarrow {pa.__version__}"
 
 
-def print_table(report: dict, rows: list[Row]) -> None:
+def print_table(report: dict, rows: list[Row], work: list[WorkRow]) -> None:
     print(f"{report['date']}; {report['machine']}; load average {report['load_average']}")
     print(f"{report['command']}  ({report['frames']} frames, batch {report['batch_size']}, "
           f"median of {report['repeats']} interleaved repetitions)")
@@ -434,6 +542,18 @@ def print_table(report: dict, rows: list[Row]) -> None:
             projected = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in row.projected_16_cores.items())
         print(f"| {label} | {row.size} | {workers} | {row.steady_frames_per_s:,.0f} | {ratio:.2f} | "
               f"{row.frames_per_s:,.0f} | {row.startup_s:.2f} | {row.main_cpu_ms_per_frame:.3f} | {projected} |")
+    if not work:
+        return
+    print()
+    print("Video decoding work, N workers each taking every N-th batch (simulated here, one after another):")
+    print()
+    print("| source | px | workers | seeking | decoded / delivered | seeks / batch | CPU s, largest share "
+          "| frames / largest share (f/s) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    for w in work:
+        print(f"| {KINDS[w.kind].label} | {w.size} | {w.workers} | {'yes' if w.seeking else 'no'} | "
+              f"{w.decoded_per_frame:.2f} | {w.seeks_per_batch:.2f} | {w.largest_share_cpu_s:.3f} | "
+              f"{w.frames_per_s(report['frames']):,.0f} |")
 
 
 if __name__ == "__main__":

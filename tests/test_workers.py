@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests import layouts, table_layouts
+from tests import layouts, table_layouts, test_video_seek
 from vlmlabel import decode_workers, engine
 from vlmlabel.cli import app
 from vlmlabel.errors import SourceError, VlmlabelError
@@ -101,6 +101,19 @@ def test_workers_give_exactly_the_rewards_of_decoding_here(tiny, tmp_path, name)
     # Batches of one frame: many small tasks completing out of order must still come back in order.
     np.testing.assert_array_equal(_scores(tiny, path, key, 2, batch_size=1),
                                   _scores(tiny, path, key, 0, batch_size=1))
+    assert not _children()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec", ["h264_lerobot_g2", "av1_lerobot_g2"])
+def test_workers_interleaving_over_one_multi_episode_video(tiny, tmp_path, codec):
+    """Episodes sharing one video file encoded as LeRobot does (a keyframe every 2 frames), in batches long
+    enough that a worker's next batch lies beyond a keyframe: workers seek instead of decoding the whole file,
+    and the rewards stay those of one forward decode in this process."""
+    case = test_video_seek.lerobot_video(tmp_path, codec, (37, 50, 23, 61, 29))
+    here = _scores(tiny, case.path, case.image_key, workers=0, batch_size=20)
+    for workers in (1, 2, 3):
+        np.testing.assert_array_equal(_scores(tiny, case.path, case.image_key, workers, batch_size=20), here)
     assert not _children()
 
 

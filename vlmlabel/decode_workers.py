@@ -28,6 +28,7 @@ import torch.multiprocessing  # noqa: F401  (registers the pickling that shares 
 from vlmlabel.batchfill import Filled, fill
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.sources.base import FrameFormat, FrameReader, Segment, SourceRecipe
+from vlmlabel.sources.video import set_decoder_threads
 
 MAX_DEFAULT_WORKERS = 8
 POLL_SECONDS = 0.2  # how often a waiting process checks that the other side is still alive
@@ -39,17 +40,20 @@ JOIN_SECONDS = 5.0
 _PRELOAD = ["vlmlabel.cli", "vlmlabel.decode_workers", "vlmlabel.sources.lerobot"]
 
 
-def default_workers() -> int:
-    """Usable cores minus one (the main process feeds the model), at most 8: more rarely pays, as every
-    worker holds its own open source and the batches in flight grow with the count. Under torchrun the
-    cores are shared by the node's ranks (LOCAL_WORLD_SIZE)."""
+def usable_cores() -> int:
+    """This process's cores; under torchrun, its share of them (the node's ranks, LOCAL_WORLD_SIZE, share them)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "")
-    cores //= max(1, int(ranks)) if ranks.isdigit() else 1
-    return max(0, min(MAX_DEFAULT_WORKERS, cores - 1))
+    return cores // (max(1, int(ranks)) if ranks.isdigit() else 1)
+
+
+def default_workers() -> int:
+    """Usable cores minus one (the main process feeds the model), at most 8: more rarely pays, as every
+    worker holds its own open source and the batches in flight grow with the count."""
+    return max(0, min(MAX_DEFAULT_WORKERS, usable_cores() - 1))
 
 
 def resolve_workers(requested: int | None) -> int:
@@ -90,12 +94,13 @@ class Failure:
 
 
 def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, where: str,
-          tasks: mp.Queue, results: mp.Queue) -> None:
+          tasks: mp.Queue, results: mp.Queue, cores: int) -> None:
     """A worker's life: open the source once, fill the batches asked for, stop at None or when the main
-    process is gone."""
+    process is gone. ``cores``: its share of the cores, for the video decoder's threads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)  # one core per worker: intra-op threads would fight the other workers
+    set_decoder_threads(cores)
     parent = mp.parent_process()
     slots = [buffer.numpy() for buffer in buffers]
     reader: FrameReader | None = None
@@ -134,7 +139,8 @@ class DecodeWorkers:
         self._results: mp.Queue | None = context.Queue()
         self._done: dict[int, Filled | Failure] = {}
         self._processes = [context.Process(target=_work, name=f"vlmlabel-decoder-{i}", daemon=True,
-                                           args=(recipe, list(buffers), fmt, where, self._tasks, self._results))
+                                           args=(recipe, list(buffers), fmt, where, self._tasks, self._results,
+                                                 max(1, usable_cores() // count)))
                            for i in range(count)]
         try:
             for process in self._processes:

@@ -216,7 +216,7 @@ class VideoRows:
 
     def __init__(self, recipe: VideoRecipe):
         self._recipe = recipe
-        self._reader = VideoReader(tolerance=0.5 / recipe.fps)
+        self.reader = VideoReader(tolerance=0.5 / recipe.fps)  # public: its counters tell how much was decoded
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         episodes, times, videos = self._recipe.episode_index, self._recipe.timestamps, self._recipe.videos
@@ -226,11 +226,11 @@ class VideoRows:
             other = np.flatnonzero(episodes[start:stop] != episodes[start])  # blocks end where an episode does
             stop = start + int(other[0]) if len(other) else stop
             path, offset = videos[int(episodes[start])]
-            yield self._reader.frames(path, offset + times[start:stop].astype(np.float64))
+            yield self.reader.frames(path, offset + times[start:stop].astype(np.float64))
             start = stop
 
     def close(self) -> None:
-        self._reader.close()
+        self.reader.close()
 
 
 @dataclass(frozen=True, eq=False)
