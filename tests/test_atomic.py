@@ -23,7 +23,7 @@ def _dead_pid() -> int:
 
 
 def _leftover(target, pid: int, what: str = "tmp"):
-    return target.parent / f".{target.name}.vlmlabel-{atomic._HOST}-{pid}.{what}"
+    return target.parent / f".{target.name}.vlmlabel-{atomic.HOST}-{pid}.{what}"
 
 
 def test_a_file_replaces_the_target_only_on_success(tmp_path):

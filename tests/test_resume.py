@@ -9,6 +9,8 @@ import random
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -230,3 +232,32 @@ def test_checkpoint_ignores_rows_written_after_its_last_state(tmp_path):
     other_device = Checkpoint(folder, {"goals": ["a"]}, {"device": "cuda NVIDIA H100"}, goals=2, on_note=notes.append)
     assert other_device.load(restart=False) is None
     assert "another device" in notes[0] and not folder.exists()
+
+
+def test_a_lock_killed_while_being_taken_is_never_empty_and_is_taken_over(tmp_path):
+    """kill -9 of a process taking and releasing a lock in a loop: the lock left, if any, names its dead owner
+    (it appears whole, through a hard link), so the next run takes it over at once."""
+    from vlmlabel.run.locking import RunLock
+
+    lock = tmp_path / "data.h5.vlmlabel.lock"
+    loop = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from pathlib import Path
+        from vlmlabel.run.locking import RunLock
+        print("go", flush=True)
+        while True:
+            with RunLock(Path({str(lock)!r}), "data.h5"):
+                pass
+        """)], stdout=subprocess.PIPE, text=True)
+    assert loop.stdout is not None and loop.stdout.readline().strip() == "go"
+    for _ in range(5):
+        time.sleep(0.2)
+        os.kill(loop.pid, signal.SIGSTOP)  # freeze it mid-loop: the lock is there whole, or not at all
+        assert not lock.exists() or json.loads(lock.read_text())["pid"] == loop.pid
+        os.kill(loop.pid, signal.SIGCONT)
+    loop.kill()
+    loop.wait()
+    started = time.monotonic()
+    with RunLock(lock, "data.h5"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert time.monotonic() - started < 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither lock nor the dead run's temp file is left

@@ -170,7 +170,7 @@ def test_an_interruption_anywhere_in_the_write_leaves_nothing_half_written(backe
         finished = False
     finally:
         sys.settrace(None)
-    monkeypatch.setattr(atomic, "_pid_alive", lambda pid: False)  # the interrupted run has died
+    monkeypatch.setattr(atomic, "pid_alive", lambda pid: False)  # the interrupted run has died
     atomic.clean_dead_leftovers(dest)
     after = tree_digest(work)
     if not in_place:

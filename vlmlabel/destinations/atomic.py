@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(tmp|old)$")
 
 
@@ -35,14 +35,16 @@ def real_target(path: Path) -> Path:
     return path.resolve() if path.is_symlink() else path.absolute()
 
 
-def _beside(target: Path, what: str) -> Path:
-    return target.parent / f".{target.name}.vlmlabel-{_HOST}-{os.getpid()}.{what}"
+def beside(target: Path, what: str) -> Path:
+    """This process's temporary path of kind ``what`` beside ``target``: named so a later run can tell whose it is."""
+    return target.parent / f".{target.name}.vlmlabel-{HOST}-{os.getpid()}.{what}"
 
 
 def staging_names(target: Path) -> list[str]:
-    """The names ``staged`` gives its temporary paths beside ``target`` (to check their length up front)."""
+    """The names ``staged`` (and an in-place write's journal) give their paths beside ``target``, to check their
+    length up front."""
     real = real_target(target)
-    return [_beside(real, "tmp").name, _beside(real, "old").name]
+    return [beside(real, what).name for what in ("tmp", "old", "journal")]
 
 
 def remove(path: Path) -> None:
@@ -53,7 +55,8 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that PID exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +80,7 @@ def clean_dead_leftovers(target: Path) -> list[Path]:
         if not entry.name.startswith(prefix):
             continue
         match = _TAG.search(entry.name)
-        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+        if match and match["host"] == HOST and not pid_alive(int(match["pid"])):
             if entry.name.endswith(".old") and not target.exists() and not target.is_symlink():
                 os.rename(entry, target)
                 continue
@@ -95,7 +98,7 @@ def staged(target: Path) -> Iterator[Path]:
     """
     target = real_target(target)
     clean_dead_leftovers(target)
-    tmp, old = _beside(target, "tmp"), _beside(target, "old")
+    tmp, old = beside(target, "tmp"), beside(target, "old")
     remove(tmp)
     try:
         yield tmp

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vlmlabel.destinations import atomic
+from vlmlabel.destinations import atomic, journal
 from vlmlabel.destinations.base import (
     RESULT_ATTR,
     VERSION_ATTR,
@@ -30,7 +30,7 @@ from vlmlabel.destinations.base import (
     refuse_replacing,
 )
 from vlmlabel.errors import OutputError
-from vlmlabel.run.locking import open_for_writing
+from vlmlabel.run.locking import open_by_others, open_elsewhere, open_for_writing
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import Episode, reward_path
 from vlmlabel.sources.hdf5 import (
@@ -130,29 +130,73 @@ def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_
 def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
                stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
                keep_mode: bool = True) -> Path:
-    """A copy of ``base`` (a new file without one) with ``datasets`` (and ``stream``) added and ``remove`` deleted,
-    put at ``dest`` atomically. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write)."""
-    if base is not None and dest.exists() and base.resolve() == dest.resolve():
-        refuse_if_busy(base)  # again, just before the copy: it may have been opened since the checks
+    """``base`` (a new file without one) with ``datasets`` (and ``stream``) added and ``remove`` deleted, put at
+    ``dest`` all or nothing. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write).
+
+    ``dest`` being ``base`` itself, the change is made where the file lies through a rollback journal when that
+    is safe (``write_in_place``); otherwise, and always for another ``dest``, in a copy renamed into place."""
+    def edit(handle: h5py.File) -> None:
+        for path in remove or []:
+            if path in handle:
+                del handle[path]
+        _put_all(handle, datasets, overwrite)
+        if stream is not None:
+            _fill(handle, stream, overwrite)
+
+    in_place = base is not None and dest.exists() and base.resolve() == dest.resolve()
+    if in_place:
+        refuse_if_busy(dest)  # again, just before writing: it may have been opened since the checks
     version = stored_digest.version_of(base) if base is not None else None
+    small = stream is None and sum(d.values.nbytes for d in datasets) <= IN_PLACE_BYTES
+    if not (in_place and small and write_in_place(dest, edit, stamp)):
+        _write_copy(base, dest, edit, stamp, keep_mode)
+    stored_digest.carry(version, dest)  # the frames are the base's: what is known of them holds
+    return dest
+
+
+IN_PLACE_BYTES = 256 * 2**20  # what an in-place write may add: its changes are held in memory until applied
+
+
+def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp | None) -> bool:
+    """``edit`` the HDF5 file at ``path`` where it lies, all or nothing (``journal``); False, with nothing
+    changed, when another process has the file open or locked (the caller then writes a copy)."""
+    journal.recover(path)  # a dead run's journal must never outlive this write: undone first
+    atomic.clean_dead_leftovers(atomic.real_target(path))  # and copies of dead runs that wrote the other way
+    if open_elsewhere(path, skip_fd=-1):
+        return False
+    overlay = journal.Overlay(atomic.real_target(path))
+    try:
+        with h5py.File(overlay, "r+") as handle:
+            edit(handle)
+    except BaseException:
+        overlay.reraise()  # what went wrong inside h5py's driver, if that is where it went wrong
+        raise
+    finally:
+        overlay.close()
+    overlay.reraise()
+    if stamp is not None:
+        stamp.verify(path)
+    try:
+        journal.apply(path, overlay)
+    except journal.Busy:
+        return False
+    return True
+
+
+def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File], None], stamp: Stamp | None,
+                keep_mode: bool) -> None:
+    """``edit`` a copy of ``base`` (a new file without one) and rename it over ``dest``."""
     with atomic.staged(dest) as tmp:
         mode = stat.S_IMODE(base.stat().st_mode) if base is not None else 0o644
         if base is not None:
             shutil.copyfile(base, tmp)
             os.chmod(tmp, mode | stat.S_IWUSR)  # a read-only source still gives a copy we can write into
         with h5py.File(tmp, "r+" if base is not None else "w") as handle:
-            for path in remove or []:
-                if path in handle:
-                    del handle[path]
-            _put_all(handle, datasets, overwrite)
-            if stream is not None:
-                _fill(handle, stream, overwrite)
+            edit(handle)
         if keep_mode:
             os.chmod(tmp, mode)
         if stamp is not None:
             stamp.verify(base)
-    stored_digest.carry(version, dest)  # the frames are the base's: what is known of them holds
-    return dest
 
 
 def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], stamp: Stamp | None = None) -> Path:
@@ -358,7 +402,11 @@ class HDF5Destination:
         refuse_replacing(names, self.replaced(names), source, overwrite)
         refuse_external(self.source, self.path, [loc for n in names for loc in self._locations(n)],
                         sorted({s.array for s in self.episodes[0].frames}))
-        if not self.linked:
+        if self.output is None and not open_by_others(source):
+            # Written in place: the rewards, a journal of the metadata pages changed, and their new copies.
+            steps = sum(e.steps for e in self.episodes) + len(self.episodes)
+            check_space(folder, 8 * steps * len(names) + 8192 * len(self.targets), "the rewards")
+        elif not self.linked:
             check_space(folder, source.stat().st_size, "the write (a full copy of the source)")
 
     def replaced(self, names: list[str]) -> dict[str, Present]:

@@ -25,7 +25,7 @@ import torch
 
 from vlmlabel import __version__, cache
 from vlmlabel.decode_workers import resolve_workers
-from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of
+from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
 from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
@@ -259,6 +259,8 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
     check_names(names + raw_names, [])
     if request.checkpoint_every < 1:
         raise VlmlabelError(f"--checkpoint-every must be at least 1 frame, not {request.checkpoint_every}")
+    for note in journal.recover(Path(str(request.source))):  # a write to it that a killed run left half done
+        events.note(note)
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(str(request.source), key, request.split, request.revision,
                                                    request.streaming)) for key in request.image_keys()]

@@ -7,14 +7,17 @@ process) is stale and taken over; a lock from another host cannot be checked and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from vlmlabel.destinations import atomic
 from vlmlabel.errors import LockedError
 
 _TAKEOVER_GUARD_SECONDS = 60.0
@@ -83,16 +86,36 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        atomic.clean_dead_leftovers(self.path)
+        filled = atomic.beside(self.path, "tmp")
+        filled.write_text(self._text)
+        try:
+            for _ in range(20):
+                if self._create(filled):
+                    return self
                 self._handle_existing()
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self._text)
-            return self
+        finally:
+            filled.unlink(missing_ok=True)
         raise LockedError(f"could not take the lock {self.path}; another run keeps taking it — try again")
+
+    def _create(self, filled: Path) -> bool:
+        """Create the lock with its owner already written (a hard link to ``filled``), so a kill can never leave
+        an empty one; False when it exists. Where hard links are not allowed, created and then written."""
+        try:
+            os.link(filled, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+                raise
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self._text)
+        return True
 
     def _handle_existing(self) -> None:
         text = self._read_text()
@@ -161,13 +184,41 @@ def open_for_writing(path: Path) -> list[str]:
     HDF5's own file lock is often disabled (HDF5_USE_FILE_LOCKING=FALSE on NFS and Lustre), so a file being
     written by another program is looked for directly before vlmlabel replaces it.
     """
+    return [h.described for h in _holders(path) if h.writing and h.pid != os.getpid()]
+
+
+def open_by_others(path: Path) -> list[str]:
+    """Other processes of this host holding ``path`` open at all, described."""
+    return [h.described for h in _holders(path) if h.pid != os.getpid()]
+
+
+def open_elsewhere(path: Path, skip_fd: int) -> list[str]:
+    """Every process of this host holding ``path`` open (this one too, but for its descriptor ``skip_fd``),
+    described: a file changed in place must not be changed under a reader."""
+    return [h.described for h in _holders(path) if not (h.pid == os.getpid() and h.fd == skip_fd)]
+
+
+@dataclass(frozen=True)
+class _Holder:
+    pid: int
+    fd: int
+    writing: bool
+    command: str
+
+    @property
+    def described(self) -> str:
+        return f"PID {self.pid} ({self.command.strip()[:80]})"
+
+
+def _holders(path: Path) -> list[_Holder]:
+    """Open descriptors of ``path`` in every process of this host that can be looked at (Linux /proc)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return []
     real = str(path.resolve())
     found = []
     for pid_dir in proc.iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+        if not pid_dir.name.isdigit():
             continue
         try:
             fds = list((pid_dir / "fd").iterdir())
@@ -181,11 +232,10 @@ def open_for_writing(path: Path) -> list[str]:
                              if line.startswith("flags:"))
             except (OSError, StopIteration):
                 continue
-            if int(flags.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                try:
-                    command = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    command = "?"
-                found.append(f"PID {pid_dir.name} ({command.strip()[:80]})")
-                break
+            try:
+                command = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                command = "?"
+            writing = int(flags.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
+            found.append(_Holder(int(pid_dir.name), int(fd.name), writing, command))
     return found

@@ -112,6 +112,7 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             destination = destination_for(opened, output, episodes, link)
             cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
             destination.check(names + raw_names + cameras.column_names(names), overwrite)
+            opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
                                     overwrite, cameras)
         shutil.rmtree(work, ignore_errors=True)

@@ -49,6 +49,9 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
 
             return open_streaming(path, image_key, split, revision)
         return tables.open_hub(path, image_key, split, revision)
+    from vlmlabel.destinations import journal  # the writers' module: lazily, as they import the readers
+
+    journal.recover(given)  # a write a killed run left half done is finished or undone before reading
     return HDF5Source(path, image_key)
 
 
