@@ -392,7 +392,7 @@ def video_work(path: Path, key: str | None, batch: int, counts: list[int], repea
     for _ in range(repeats):
         for (count, seeking), samples in runs.items():
             video.seek_points = found if seeking else lambda path: None  # type: ignore[assignment]
-            video.set_decoder_threads(1)  # a worker with a core of its own
+            video.share_cores(1)  # a worker with a core of its own
             try:
                 decoded, seeks, shares = 0, 0, []
                 for worker in range(count):
@@ -407,7 +407,7 @@ def video_work(path: Path, key: str | None, batch: int, counts: list[int], repea
                     reader.close()
             finally:
                 video.seek_points = found
-                video.set_decoder_threads(0)
+                video.share_cores(0)  # the whole machine again, as the main process decodes
             samples.append((decoded, seeks, max(shares)))
     return [WorkRow(kind, size, count, seeking, round(samples[0][0] / frames, 3),
                     round(samples[0][1] / len(batches), 3), round(statistics.median(s[2] for s in samples), 4))

@@ -196,3 +196,23 @@ def test_batches_shared_between_workers_give_the_frames_of_one_forward_reader(tm
                 frames, seeks = _shared(recipe, batches, owners, workers)
                 np.testing.assert_array_equal(np.concatenate(frames), reference)
                 assert seeks > 0
+
+
+def test_reading_in_order_never_looks_for_seek_points(tmp_path, monkeypatch):
+    """--workers 0 reads every row in order: no pass over the file's packets, no seek, each frame decoded once
+    (the episodes' float32 timestamps leave each episode's last frame as the decoder's next one)."""
+    case = lerobot_video(tmp_path, "h264_lerobot_g2", (37, 50, 23, 61, 29))
+    with open_source(str(case.path), case.image_key) as source:
+        episodes = source.episodes(Align.frame)
+        recipe = source.recipe()
+    assert isinstance(recipe, VideoRecipe)
+
+    def refuse(path: Path) -> None:
+        raise AssertionError("a reader going forward in order needs no seek points")
+
+    monkeypatch.setattr(video, "seek_points", refuse)
+    reference, _ = decode_forward(case.path / "videos" / case.image_key / "chunk-000" / "file-000.mp4")
+    batches = list(plan_batches(episodes, 32))
+    frames, seeks = _shared(recipe, batches, np.zeros(len(batches), dtype=np.int64), 1)
+    np.testing.assert_array_equal(np.concatenate(frames), reference)
+    assert seeks == 0

@@ -28,7 +28,7 @@ import torch.multiprocessing  # noqa: F401  (registers the pickling that shares 
 from vlmlabel.batchfill import Filled, fill
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.sources.base import FrameFormat, FrameReader, Segment, SourceRecipe
-from vlmlabel.sources.video import set_decoder_threads
+from vlmlabel.sources.video import share_cores
 
 MAX_DEFAULT_WORKERS = 8
 POLL_SECONDS = 0.2  # how often a waiting process checks that the other side is still alive
@@ -100,7 +100,7 @@ def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, w
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)  # one core per worker: intra-op threads would fight the other workers
-    set_decoder_threads(cores)
+    share_cores(cores)
     parent = mp.parent_process()
     slots = [buffer.numpy() for buffer in buffers]
     reader: FrameReader | None = None

@@ -187,15 +187,16 @@ def _av1_shown_key(data: memoryview, reduced: bool | None) -> bool:
     return False
 
 
-_decoder_threads = 0
+_decoder_threads = 0  # 0: FFmpeg's choice, from every core of the machine
 
 
-def set_decoder_threads(count: int) -> None:
-    """Threads of each video decoder this process opens from now on (0: FFmpeg's choice, about one per core). A
-    decoding worker takes its share of the cores: more threads would only fight the other workers, and every
-    seek drops the frames a decoder has in flight, about one per thread."""
+def share_cores(cores: int) -> None:
+    """Give each video decoder this process opens from now on the threads FFmpeg gives a machine of ``cores``
+    cores (one per core, plus one when there are several; 0: the whole machine, FFmpeg's choice): a decoding
+    worker's share of the cores. More threads would only fight the other workers, and every seek drops the
+    frames a decoder has in flight, about one per thread."""
     global _decoder_threads
-    _decoder_threads = count
+    _decoder_threads = cores + 1 if cores > 1 else cores
 
 
 class _Diverged(Exception):
@@ -273,9 +274,10 @@ class VideoReader:
             raise self._fail(exc) from None
         frame = self._ready.popleft()
         self.decoded += 1
-        if frame.time is None:
+        time = frame.time
+        if time is None:
             raise SourceError(f"video {self._path} has frames without timestamps; re-encode or replace the file")
-        return float(frame.time), frame
+        return time, frame
 
     def _seek(self, points: SeekPoints, key: int) -> None:
         """Decode from seek point ``key``; the demuxer must land on its very packet."""
@@ -299,7 +301,10 @@ class VideoReader:
         here = self._prev or self._next
         behind = here is not None and target < here[0] - self.tolerance and (
             self._prev is not None or self._shown is not None)  # before the file's first frame: nothing to find
-        ahead = self._next is not None and target > self._next[0] + self.tolerance
+        # Ahead by more frames than a seek must skip (at the interval of the last two frames), or the index is not
+        # even looked at: reading on in order (an episode's last frame left unrequested) never needs it.
+        interval = self._next[0] - self._prev[0] if self._next is not None and self._prev is not None else 0.0
+        ahead = self._next is not None and target > self._next[0] + max(self.tolerance, SEEK_MIN_SKIP * interval)
         if not (behind or ahead):
             return
         points = self._seek_points(path)
