@@ -229,7 +229,7 @@ class VideoReader:
             self._stream = self._container.streams.video[0]
             self._stream.thread_type = "AUTO"
             self._stream.codec_context.thread_count = _decoder_threads
-            self._packets = self._container.demux(self._stream)
+            self._frames = self._container.decode(self._stream)
         except (av.FFmpegError, OSError, IndexError) as exc:
             self.close()
             raise self._fail(exc) from None
@@ -237,15 +237,13 @@ class VideoReader:
         if self._next is None:
             raise SourceError(f"video {path} holds no frames; re-encode or replace the file")
 
-    def _start(self, shown: np.ndarray | None, frames: list[Any]) -> None:
+    def _start(self, shown: np.ndarray | None, first: list[Any]) -> None:
         """Decoding starts at the file's start (``shown`` None) or at a seek point, from which it must give the
-        frames ``shown`` (pts, in order), checked as they come; ``frames`` were decoded from the first packet."""
+        frames ``shown`` (pts, in order), checked as they come; ``first``: frames of the first packet, decoded."""
         self._shown, self._taken = shown, 0
-        self._ready: deque[Any] = deque()
+        self._ready = deque(first)
         self._prev: tuple[float, Any] | None = None  # (time, frame) at or before the last request
         self._next: tuple[float, Any] | None = None
-        for frame in frames:
-            self._take(frame)
         self._next = self._decode_next()
 
     def _seek_points(self, path: Path) -> SeekPoints | None:
@@ -253,26 +251,21 @@ class VideoReader:
             self._points = (path, seek_points(path))
         return self._points[1]
 
-    def _take(self, frame: Any) -> None:
-        if self._shown is not None:
-            if self._taken >= len(self._shown) or frame.pts != self._shown[self._taken]:
-                raise _Diverged
-            self._taken += 1
-        self._ready.append(frame)
-
     def _decode_next(self) -> tuple[float, Any] | None:
         try:
-            while not self._ready:
-                packet = next(self._packets, None)
-                if packet is None:
-                    return None
-                for frame in packet.decode():
-                    self._take(frame)
+            frame = self._ready.popleft() if self._ready else next(self._frames, None)
         except (av.FFmpegError, OSError) as exc:
             if self._shown is not None:
                 raise _Diverged from None
             raise self._fail(exc) from None
-        frame = self._ready.popleft()
+        if self._shown is not None:  # after a seek: exactly the indexed frames, in order, to the end
+            if frame is None and self._taken != len(self._shown):
+                raise _Diverged
+            if frame is not None and (self._taken >= len(self._shown) or frame.pts != self._shown[self._taken]):
+                raise _Diverged
+            self._taken += 1
+        if frame is None:
+            return None
         self.decoded += 1
         time = frame.time
         if time is None:
@@ -287,10 +280,11 @@ class VideoReader:
         for offset in dict.fromkeys((pts, dts)):  # demuxers search their index by pts or by dts
             try:
                 self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
-                self._packets = self._container.demux(self._stream)
-                first = next(self._packets, None)
+                first = next(self._container.demux(self._stream), None)
                 if first is not None and (first.pts, first.dts, first.is_keyframe) == (pts, dts, True):
-                    self._start(points.shown[int(points.first[key]):], first.decode())
+                    frames = first.decode()
+                    self._frames = self._container.decode(self._stream)  # on from the packet after it
+                    self._start(points.shown[int(points.first[key]):], frames)
                     return
             except av.FFmpegError:
                 break
