@@ -11,8 +11,9 @@ into an `--output` file, and the time is split:
   model   seconds inside ``ClipModel.encode_images`` (reported apart: it is the model, not the data path)
   write   post-processing and the destination's one atomic write
 
-and the process CPU seconds of the whole relabel (all threads, model included), which a machine shared with
-other work stretches less than the wall clock. Model loading is measured apart and left out. Usage:
+and the process CPU seconds of the whole relabel (all threads, model included) and of each phase (model load
+left out of open, the model's own seconds in score), which a machine shared with other work stretches less
+than the wall clock. Model loading is measured apart and left out. Usage:
 
     python benchmarks/episodes.py [--episodes 12500,25000,50000,100000] [--layouts robomimic,minari,flat,parquet]
 """
@@ -118,6 +119,10 @@ class Split:
     scored: float = 0.0  # when the last frame was scored
     total: float = 0.0
     cpu: float = 0.0  # process CPU seconds of the whole relabel, model included (all threads)
+    cpu_load: float = 0.0  # ... spent loading the model
+    cpu_model: float = 0.0  # CPU seconds of the thread running the model, inside it
+    cpu_started: float = 0.0  # ... when scoring began
+    cpu_scored: float = 0.0  # ... when the last frame was scored
 
     @property
     def open(self) -> float:
@@ -135,6 +140,11 @@ class Split:
     def outside_model(self) -> float:
         return self.total - self.load - self.model
 
+    def cpu_phases(self) -> tuple[float, float, float]:
+        """CPU seconds of open (model load left out), score (the model's left out) and write."""
+        return (self.cpu_started - self.cpu_load, self.cpu_scored - self.cpu_started - self.cpu_model,
+                self.cpu - self.cpu_scored)
+
 
 @contextmanager
 def _timing(split: Split) -> Iterator[None]:
@@ -142,18 +152,20 @@ def _timing(split: Split) -> Iterator[None]:
     load, encode = lifecycle.load_model, model_module.ClipModel.encode_images
 
     def timed_load(*args: Any, **kwargs: Any) -> model_module.ClipModel:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return load(*args, **kwargs)
         finally:
             split.load += time.perf_counter() - start
+            split.cpu_load += time.process_time() - cpu
 
     def timed_encode(self: model_module.ClipModel, pixels: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()  # one torch thread: the model runs in this one
         try:
             return encode(self, pixels)
         finally:
             split.model += time.perf_counter() - start
+            split.cpu_model += time.thread_time() - cpu
 
     lifecycle.load_model = timed_load
     model_module.ClipModel.encode_images = timed_encode  # type: ignore[method-assign]
@@ -170,9 +182,11 @@ def relabel_timed(source: Path, model_dir: Path, output: Path) -> Split:
 
     def started(total: int) -> None:
         split.started = time.perf_counter() - begin
+        split.cpu_started = time.process_time() - cpu
 
     def progress(done: int) -> None:
         split.scored = time.perf_counter() - begin
+        split.cpu_scored = time.process_time() - cpu
 
     request = RelabelRequest(source=source, goals=["a red cube"], model=str(model_dir), device="cpu",
                              output=output, overwrite=True, batch_size=1024)
@@ -198,7 +212,7 @@ def main() -> None:
         model_dir = save_local_dir(create_untrained(MICRO_CFG), MICRO_CFG, MICRO_PREPROCESS, root / "micro")
         print(f"{args.steps} steps of {args.size}x{args.size} frames per episode; seconds (model load left out)")
         print(f"{'layout':10s} {'episodes':>9s} {'open':>7s} {'score':>7s} {'write':>7s} {'outside':>8s} "
-              f"{'x prev':>6s} {'model':>7s} {'CPU s':>7s}", flush=True)
+              f"{'x prev':>6s} {'model':>7s} {'CPU s':>7s} {'CPU open/score/write':>22s}", flush=True)
         for layout in args.layouts.split(","):
             suffix, build = BUILDERS[layout]
             previous = None
@@ -206,8 +220,10 @@ def main() -> None:
                 source = build(root / f"{layout}-{count}{suffix}", count, args.steps, args.size)
                 split = relabel_timed(source, model_dir, root / f"out-{layout}-{count}{suffix}")
                 growth = f"{split.outside_model / previous:6.2f}" if previous else f"{'':6s}"
+                phases = "/".join(f"{c:.2f}" for c in split.cpu_phases())
                 print(f"{layout:10s} {count:9,d} {split.open:7.2f} {split.score:7.2f} {split.write:7.2f} "
-                      f"{split.outside_model:8.2f} {growth} {split.model:7.2f} {split.cpu:7.2f}", flush=True)
+                      f"{split.outside_model:8.2f} {growth} {split.model:7.2f} {split.cpu:7.2f} {phases:>22s}",
+                      flush=True)
                 previous = split.outside_model
                 for leftover in root.glob(f"*{layout}-{count}*"):
                     if leftover.is_file():

@@ -17,15 +17,20 @@ from vlmlabel.sources.base import content_fingerprint
 
 @pytest.fixture()
 def reads(monkeypatch):
-    """How many times the stored bytes of a frame array were read."""
+    """How many times the stored bytes of a frame array were read (through h5py, or straight from the file)."""
     count = [0]
-    original = hdf5_source._stored_bytes
+    original, plain = hdf5_source._stored_bytes, hdf5_source._plain_crcs
 
     def counted(dataset):
         count[0] += 1
         return original(dataset)
 
+    def counted_plain(fd, arrays, where):
+        count[0] += len(arrays)
+        return plain(fd, arrays, where)
+
     monkeypatch.setattr(hdf5_source, "_stored_bytes", counted)
+    monkeypatch.setattr(hdf5_source, "_plain_crcs", counted_plain)
     return count
 
 
@@ -42,6 +47,18 @@ def test_read_once_per_version_and_kept_through_vlmlabels_own_write(tmp_path, ti
     relabel_file(RelabelRequest(source=truth.path, goals=["x"], model=str(tiny_model_dir), device="cpu"))
     reads[0] = 0
     assert _fingerprint(truth.path) == first and reads[0] == 0  # rewards added, frames untouched: no new read
+
+
+def test_plain_frame_arrays_are_read_once_per_version_too(tmp_path, reads):
+    path = tmp_path / "r.h5"
+    with h5py.File(path, "w") as f:
+        for k in range(3):
+            f[f"data/demo_{k}/obs/agentview_image"] = layouts.make_frames(4, 8, 8, seed=k)  # contiguous
+    first = _fingerprint(path)
+    assert reads[0] == 3 and _fingerprint(path) == first and reads[0] == 3
+    with h5py.File(path, "r+") as f:
+        f["data/demo_1/obs/agentview_image"][2, 0, 0, 0] ^= 1
+    assert _fingerprint(path) != first and reads[0] == 6
 
 
 def test_an_edit_with_the_modification_time_set_back_is_still_seen(tmp_path, reads):
