@@ -5,8 +5,8 @@ frame within ``tolerance`` seconds (a video shorter than its episode, or timesta
 with the video) is an error rather than a silently wrong frame. Frames are converted to RGB by
 FFmpeg's ``rgb24`` conversion, as LeRobot's PyAV backend does.
 
-Decoding runs forward. A request behind the position reached, or beyond a keyframe that decoding has not
-reached yet, seeks to the last *seek point* at or before it and decodes forward from there: LeRobot encodes
+Decoding runs forward. A request behind the position reached, or so far ahead that a seek skips more than
+``SEEK_MIN_SKIP`` frames, seeks to the last *seek point* at or before it and decodes on from there: LeRobot encodes
 a keyframe every 2 frames (libsvtav1 or libx264, ``g=2``), so with ``--workers N`` each worker decodes about
 its own batches instead of the whole file. A seek point is a keyframe from which decoding gives the very
 frames a decode from the file's start gives (``seek_points`` says how that is proved); a file with none
@@ -32,7 +32,7 @@ from vlmlabel.errors import SourceError
 # per thread) and restarts its pipeline, so a short skip (an episode's last frame left unrequested) decodes on.
 SEEK_MIN_SKIP = 16
 _H264_IDR = 5
-_HEVC_IRAP = range(16, 22)  # BLA, IDR and CRA pictures: no picture after one may reference one before it
+_HEVC_IRAP = range(16, 22)  # BLA, IDR, CRA: pictures after one in both orders never reference one before it
 _AV1_SEQUENCE_HEADER, _AV1_FRAME_HEADER, _AV1_FRAME = 1, 3, 6
 
 
