@@ -279,3 +279,34 @@ def test_the_overlay_reads_and_applies_exactly_what_was_written(original, operat
     assert written[:len(model)] == bytes(model)
     assert len(written) == max(len(model), len(original))  # never cut: the bytes past the end are HDF5's slack
     assert not list(tmp_path.glob(".*journal"))
+
+
+@pytest.mark.parametrize("where", ["read_at", "write_at"])
+def test_a_signal_inside_the_driver_is_raised_as_itself_and_the_process_exits_cleanly(where, tmp_path):
+    """A KeyboardInterrupt while h5py reads or writes through the overlay reaches the caller as itself, and the
+    interpreter then exits normally (re-raising the very object h5py holds made it crash at exit, code 139)."""
+    lf = layouts.build_robomimic(tmp_path / "data.h5")
+    before = _digest(lf.path)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from pathlib import Path
+        from vlmlabel.destinations import journal
+        from vlmlabel.destinations.hdf5 import H5Dataset, write_file
+
+        real = journal.Overlay.{where}
+        calls = [0]
+        def interrupted(self, *args):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise KeyboardInterrupt
+            return real(self, *args)
+        journal.Overlay.{where} = interrupted
+        path = Path({str(lf.path)!r})
+        try:
+            write_file(path, path, [H5Dataset("data/demo_0/vlm_reward", np.zeros(3, np.float32))], overwrite=False)
+        except KeyboardInterrupt:
+            print("interrupted")
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "interrupted"), done.stderr[-2000:]
+    assert _digest(lf.path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]

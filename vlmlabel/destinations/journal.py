@@ -20,6 +20,7 @@ readers do not notice.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import io
@@ -132,13 +133,15 @@ class Overlay(io.RawIOBase):
     # -- reading and writing ------------------------------------------------------------------------
 
     def _keep(self, exc: BaseException) -> OSError:
-        self.failure = self.failure or exc
+        # Kept without its traceback, and raised later as a copy: re-raising the object raised inside h5py's C
+        # driver, or keeping the driver's frames alive, made the interpreter crash at exit (code 139).
+        self.failure = self.failure or exc.with_traceback(None)
         return OSError(errno.EIO, f"write to memory failed: {exc!r}")
 
     def reraise(self) -> None:
         """Raise the exception kept from inside a call, if there was one."""
         if self.failure is not None:
-            raise self.failure
+            raise copy.copy(self.failure) from None
 
     def _original(self, start: int, stop: int) -> bytes:
         """The file's own bytes in [start, stop), zeros where it was cut off or never reached."""
