@@ -15,10 +15,11 @@ import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
-_TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(tmp|old)$")
+_TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(?P<what>[a-z]+)$")
 
 
 def fsync(path: Path) -> None:
@@ -66,26 +67,45 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A path ``beside`` gave a target, and the process that named it."""
+
+    path: Path
+    host: str
+    pid: int
+
+    @property
+    def dead(self) -> bool:
+        """Its process is gone (only a process of this host can be judged)."""
+        return self.host == HOST and not pid_alive(self.pid)
+
+
+def leftovers(target: Path, kinds: tuple[str, ...]) -> list[Leftover]:
+    """The paths of kinds ``kinds`` that any process's ``beside`` gave ``target``, in name order."""
+    prefix = f".{target.name}.vlmlabel-"
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return []
+    return [Leftover(entry, match["host"], int(match["pid"])) for entry in entries
+            if entry.name.startswith(prefix) and (match := _TAG.search(entry.name)) and match["what"] in kinds]
+
+
 def clean_dead_leftovers(target: Path) -> list[Path]:
     """Remove temporary copies of ``target`` left by runs on this host whose process is gone. A run killed
     between the two renames of a folder replacement left the old folder aside and none in its place: that
     one is put back, never removed."""
     removed: list[Path] = []
-    prefix = f".{target.name}.vlmlabel-"
-    try:
-        entries = list(target.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix):
+    for leftover in leftovers(target, ("tmp", "old")):
+        if not leftover.dead:
             continue
-        match = _TAG.search(entry.name)
-        if match and match["host"] == HOST and not pid_alive(int(match["pid"])):
-            if entry.name.endswith(".old") and not target.exists() and not target.is_symlink():
-                os.rename(entry, target)
-                continue
-            remove(entry)
-            removed.append(entry)
+        entry = leftover.path
+        if entry.name.endswith(".old") and not target.exists() and not target.is_symlink():
+            os.rename(entry, target)
+            continue
+        remove(entry)
+        removed.append(entry)
     return removed
 
 

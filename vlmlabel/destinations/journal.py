@@ -26,10 +26,8 @@ import fcntl
 import io
 import json
 import os
-import re
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from vlmlabel.errors import OutputError, SourceError
 
 PAGE = 512  # bytes per overwritten page kept in memory: HDF5 metadata blocks are small and scattered
 _MAGIC = b"vlmlabel rollback journal 1\n"
-_NAME = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.journal$")
 _WAIT_SECONDS = 30.0  # how long a reader waits for a live run's apply (milliseconds long) to finish
 
 
@@ -347,36 +344,25 @@ def recover(path: Path) -> list[str]:
     here and is refused with what to do."""
     real = atomic.real_target(path)
     notes: list[str] = []
-    for journal in _journals(real):
-        match = _NAME.search(journal.name)
-        assert match is not None
-        if match["host"] != atomic.HOST:
-            raise SourceError(f"{path} has an unfinished write by vlmlabel on host {match['host']} ({journal.name}); "
-                              f"run any vlmlabel command on it from {match['host']}, which repairs it")
-        if atomic.pid_alive(int(match["pid"])) and _wait_gone(journal):
-            continue
-        if journal.exists():
-            notes.append(_recover_one(real, journal))
+    for left in atomic.leftovers(real, ("journal",)):
+        if left.host != atomic.HOST:
+            raise SourceError(f"{path} has an unfinished write by vlmlabel on host {left.host} ({left.path.name}); "
+                              f"run any vlmlabel command on it from {left.host}, which repairs it")
+        if not left.dead:
+            _wait_gone(left.path, real)
+        elif left.path.exists():
+            notes.append(_recover_one(real, left.path))
     return notes
 
 
-def _journals(real: Path) -> Iterable[Path]:
-    prefix = f".{real.name}.vlmlabel-"
-    try:
-        return sorted(p for p in real.parent.iterdir() if p.name.startswith(prefix) and _NAME.search(p.name))
-    except OSError:
-        return []
-
-
-def _wait_gone(journal: Path) -> bool:
-    """Wait for a live run to finish applying; True when its journal went away."""
+def _wait_gone(journal: Path, real: Path) -> None:
+    """Wait for a live run to finish applying its journal to ``real``."""
     deadline = time.monotonic() + _WAIT_SECONDS
     while journal.exists():
         if time.monotonic() > deadline:
-            raise SourceError(f"{journal.parent / journal.name.split('.vlmlabel-')[0][1:]} is being written by "
-                              f"another vlmlabel run ({journal.name}); wait for it to finish")
+            raise SourceError(f"{real} is being written by another vlmlabel run ({journal.name}); wait for it to "
+                              "finish")
         time.sleep(0.05)
-    return True
 
 
 def _recover_one(real: Path, path: Path) -> str:
