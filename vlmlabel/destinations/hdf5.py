@@ -30,7 +30,7 @@ from vlmlabel.destinations.base import (
     refuse_replacing,
 )
 from vlmlabel.errors import OutputError
-from vlmlabel.run.locking import open_by_others, open_elsewhere, open_for_writing
+from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import Episode, reward_path
 from vlmlabel.sources.hdf5 import (
@@ -162,8 +162,6 @@ def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp |
     changed, when another process has the file open or locked (the caller then writes a copy)."""
     journal.recover(path)  # a dead run's journal must never outlive this write: undone first
     atomic.clean_dead_leftovers(atomic.real_target(path))  # and copies of dead runs that wrote the other way
-    if open_elsewhere(path, skip_fd=-1):
-        return False
     overlay = journal.Overlay(atomic.real_target(path))
     try:
         with h5py.File(overlay, "r+") as handle:
