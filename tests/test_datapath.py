@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from tests import layouts
-from vlmlabel.engine import BufferPool, FrameScorer, _prefetch, decode_jpegs, iter_batches, score_episodes
+from vlmlabel.batchfill import DECODED_AXES
+from vlmlabel.engine import BufferPool, FrameScorer, _prefetch, as_nchw, decode_jpegs, iter_batches, score_episodes
 from vlmlabel.model import load_model
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
@@ -53,13 +54,13 @@ def test_jpeg_batches_decoded_on_the_device_match_cpu_decoding(tiny, tmp_path):
         episodes = source.episodes(Align.frame)
         on_device = list(iter_batches(source, episodes, 4, jpeg_on_device=True))
         on_host = list(iter_batches(source, episodes, 4))
-    assert {b.form for b in on_device} == {"jpeg"} and {b.form for b in on_host} == {"CHW"}
+    assert {b.form for b in on_device} == {"jpeg"} and {b.form for b in on_host} == {DECODED_AXES}
     scorer = FrameScorer(tiny, GOALS)
     device_scores = torch.cat([scorer.score(b) for b in on_device])
     host_scores = torch.cat([scorer.score(b) for b in on_host])
     torch.testing.assert_close(device_scores, host_scores)
     decoded = decode_jpegs(on_device[0].frames, torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip(decoded, on_host[0].frames))
+    assert all(torch.equal(a, b) for a, b in zip(decoded, as_nchw(on_host[0].frames, DECODED_AXES), strict=True))
 
 
 def test_buffers_are_reused_and_hold_the_right_frames(tmp_path):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from tests.layouts import make_frames
 from vlmlabel.cli import app
-from vlmlabel.engine import FrameScorer, iter_batches, score_episodes
+from vlmlabel.engine import FrameScorer, as_nchw, iter_batches, score_episodes
 from vlmlabel.errors import SourceError
 from vlmlabel.model import load_model
 from vlmlabel.preprocess import DevicePreprocess
@@ -154,7 +154,7 @@ def test_accepted_modes_score_exactly_as_open_clip_pil(case, tiny, tmp_path):
     with open_source(str(_h5(tmp_path / "f.h5", blobs))) as source:
         episodes = source.episodes(Align.frame)
         got = score_episodes(source, tiny, GOALS, Align.frame, batch_size=2, episodes=episodes).all_rewards()
-        decoded = [f for batch in iter_batches(source, episodes, 8) for f in batch.frames]
+        decoded = [f for batch in iter_batches(source, episodes, 8) for f in as_nchw(batch.frames, batch.form)]
     pixels = DevicePreprocess(tiny.preprocess, torch.device("cpu"))(torch.stack(decoded))
     levels = _levels(tiny, pixels, want_pixels)
     assert levels.max() <= 1.01 and levels.mean() < 0.05, case  # uint8 rounding only
@@ -230,7 +230,7 @@ def test_device_scorer_keeps_frame_order_with_mixed_sizes_and_alpha(tiny, tmp_pa
     blobs = _blobs("RGBA PNG opaque", 2) + _blobs("RGB JPEG", 2) + _blobs("LA 16-bit PNG opaque", 1)
     with open_source(str(_h5(tmp_path / "f.h5", blobs))) as source:
         batches = list(iter_batches(source, source.episodes(Align.frame), 5))
-    assert all(f.shape == (3, H, W) and f.dtype == torch.uint8 for f in batches[0].frames)
+    assert all(f.shape == (3, H, W) and f.dtype == torch.uint8 for f in as_nchw(batches[0].frames, batches[0].form))
     scores = FrameScorer(tiny, GOALS).score(batches[0]).numpy()
     want = cosine(tiny.encode_images(_pil_pixels(tiny, blobs)), tiny.encode_texts(GOALS)).numpy()
     np.testing.assert_allclose(scores, want, atol=2e-3)

@@ -98,8 +98,8 @@ class BufferPool:
 class Batch:
     """Frames ready for the device.
 
-    form HWC/CHW/HW: one uint8 tensor of frames as stored, or decoded (CHW), in ``buffer``; "decoded": CHW
-    tensors of different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
+    form HWC/CHW/HW: one uint8 tensor of frames as stored, or decoded (``DECODED_AXES``), in ``buffer``;
+    "decoded": CHW tensors (views) of different sizes; "jpeg": undecoded JPEG bytes, decoded on the device.
     """
 
     frames: torch.Tensor | list[torch.Tensor]
@@ -180,10 +180,10 @@ def _batch_of(buffer: HostBuffer, filled: Filled, axes: str) -> Batch | None:
         return Batch(flat[:count * math.prod(shape)].view(count, *shape), count, axes, buffer)
     frames, offset = [], 0
     for shape in filled.shapes:
-        frames.append(flat[offset:offset + math.prod(shape)].view(shape))
+        frames.append(flat[offset:offset + math.prod(shape)].view(1, *shape))
         offset += math.prod(shape)
-    frames.extend(torch.from_numpy(frame) for frame in filled.spill)
-    return Batch(frames, filled.size, "decoded", buffer)
+    frames.extend(torch.from_numpy(frame).unsqueeze(0) for frame in filled.spill)
+    return Batch([as_nchw(frame, axes).squeeze(0) for frame in frames], filled.size, "decoded", buffer)
 
 
 def _axes(fmt: FrameFormat) -> str:
