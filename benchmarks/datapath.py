@@ -162,21 +162,13 @@ def _lerobot_video(root: Path, frames: np.ndarray, encode: Callable[[Path, np.nd
     return case.path, "top"
 
 
-def build_lerobot_h264(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
-    """H.264 yuv420p with x264's defaults: a keyframe every 250 frames at most, B-frames (a long-GOP file)."""
-    from benchmarks.table_sources import h264
-
-    return _lerobot_video(root, frames, h264)
-
-
-def lerobot_encode(codec: str) -> Callable[[Path, np.ndarray, int], None]:
-    """Video as LeRobot writes it (``lerobot.datasets.video_utils.encode_video_frames``: yuv420p, ``g=2``,
-    ``crf=30``; libsvtav1 by default, libx264 as the common alternative)."""
+def video_encoder(codec: str, **options: str) -> Callable[[Path, np.ndarray, int], None]:
+    """Writes uint8 RGB frames as ``codec`` video in yuv420p, with the encoder's ``options``."""
 
     def encode(path: Path, frames: np.ndarray, fps: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with av.open(str(path), "w") as container:
-            stream = container.add_stream(codec, rate=fps, options={"g": "2", "crf": "30"})
+            stream = container.add_stream(codec, rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -185,12 +177,19 @@ def lerobot_encode(codec: str) -> Callable[[Path, np.ndarray, int], None]:
     return encode
 
 
+def build_lerobot_h264(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
+    """H.264 yuv420p with x264's defaults: a keyframe every 250 frames at most, B-frames (a long-GOP file)."""
+    return _lerobot_video(root, frames, video_encoder("libx264"))
+
+
+# Video as LeRobot writes it (``lerobot.datasets.video_utils.encode_video_frames``: yuv420p, ``g=2``, ``crf=30``;
+# libsvtav1 by default, libx264 as the common alternative).
 def build_lerobot_h264_g2(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
-    return _lerobot_video(root, frames, lerobot_encode("libx264"))
+    return _lerobot_video(root, frames, video_encoder("libx264", g="2", crf="30"))
 
 
 def build_lerobot_av1(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
-    return _lerobot_video(root, frames, lerobot_encode("libsvtav1"))
+    return _lerobot_video(root, frames, video_encoder("libsvtav1", g="2", crf="30"))
 
 
 # -- bare single-core loops over the same data ----------------------------------------------------------
@@ -421,38 +420,17 @@ def micro_scorer() -> engine.FrameScorer:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    folder = save_local_dir(create_untrained(MICRO_MODEL), MICRO_MODEL, MICRO_PREPROCESS,
-                            Path(tempfile.mkdtemp(prefix="vlmlabel-micro-")) / "micro-clip")
-    return engine.FrameScorer(load_model(str(folder), device="cpu", precision="fp32"), ["a photo"])
+    with tempfile.TemporaryDirectory(prefix="vlmlabel-micro-") as parent:
+        folder = save_local_dir(create_untrained(MICRO_MODEL), MICRO_MODEL, MICRO_PREPROCESS,
+                                Path(parent) / "micro-clip")
+        return engine.FrameScorer(load_model(str(folder), device="cpu", precision="fp32"), ["a photo"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=1024)
-    parser.add_argument("--sizes", default="84,224")
-    parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--micro-model", action="store_true",
-                        help="also time save_to_disk PNG end to end through a micro CLIP (the issue's target)")
-    parser.add_argument("--work-workers", default="1,2,4,8,16",
-                        help="worker counts of the video decoding-work table (simulated in this process); '' for none")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--table-from", type=Path, help="print the table of a --json report saved earlier")
-    args = parser.parse_args()
-    if args.table_from is not None:
-        report = json.loads(args.table_from.read_text())
-        print_table(report, [Row(**row) for row in report["rows"]],
-                    [WorkRow(**row) for row in report.get("video_work", [])])
-        return
-    import datasets
-
-    datasets.disable_progress_bars()
+def measure(args: argparse.Namespace, root: Path) -> tuple[dict, list[Row], list[WorkRow]]:
+    """Build every source under ``root`` and time each configuration, repetitions interleaved."""
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
     kinds = args.kinds.split(",")
-    root = Path(tempfile.mkdtemp(prefix="vlmlabel-datapath-"))
     built: dict[tuple[str, int], tuple[Path, str | None]] = {}
     bares: dict[tuple[str, int], Callable[[], int]] = {}
     reopened: dict[tuple[str, int], bool] = {}
@@ -492,6 +470,34 @@ def main() -> None:
               "command": "python " + " ".join(sys.argv), "frames": args.frames, "batch_size": args.batch_size,
               "repeats": args.repeats, "load_average": os.getloadavg(), "rows": [asdict(r) for r in rows],
               "video_work": [asdict(w) for w in work]}
+    return report, rows, work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1024)
+    parser.add_argument("--sizes", default="84,224")
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--micro-model", action="store_true",
+                        help="also time save_to_disk PNG end to end through a micro CLIP (the issue's target)")
+    parser.add_argument("--work-workers", default="1,2,4,8,16",
+                        help="worker counts of the video decoding-work table (simulated in this process); '' for none")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--table-from", type=Path, help="print the table of a --json report saved earlier")
+    args = parser.parse_args()
+    if args.table_from is not None:
+        report = json.loads(args.table_from.read_text())
+        print_table(report, [Row(**row) for row in report["rows"]],
+                    [WorkRow(**row) for row in report.get("video_work", [])])
+        return
+    import datasets
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="vlmlabel-datapath-") as folder:  # GBs of sources: never left behind
+        report, rows, work = measure(args, Path(folder))
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -98,7 +98,7 @@ def test_summary(junit: Path | None, command: str) -> dict[str, Any]:
 
 def build_lerobot(root: Path, frames: int, size: int) -> Path:
     """A LeRobot v3.0 folder whose camera is H.264 yuv420p video, episodes of 500 frames in one file."""
-    from benchmarks.table_sources import h264
+    from benchmarks.datapath import video_encoder
     from tests import table_layouts
     from tests.layouts import make_frames
 
@@ -108,7 +108,8 @@ def build_lerobot(root: Path, frames: int, size: int) -> Path:
     info_path = case.path / "meta" / "info.json"
     info = json.loads(info_path.read_text())
     for camera in case.extra["cameras"] if case.extra else ():
-        h264(case.path / "videos" / camera / "chunk-000" / "file-000.mp4", pixels, table_layouts.FPS)
+        video_encoder("libx264")(case.path / "videos" / camera / "chunk-000" / "file-000.mp4", pixels,
+                                 table_layouts.FPS)
         info["features"][camera]["shape"] = [size, size, 3]  # the videos' size, which the reader checks
     info_path.write_text(json.dumps(info, indent=2))
     return case.path

@@ -34,6 +34,7 @@ note() { echo "gpu_check: [$(( $(date +%s) - start ))s] $*"; }
 
 # 1. What the image lacks, from the wheels; vlmlabel itself from this checkout (also as the `vlmlabel` command).
 site=$(mktemp -d /tmp/vlmlabel-site.XXXXXX)
+trap 'rm -rf "$site"' EXIT  # the installed wheels: nothing left behind
 if [ -n "$wheels" ]; then
   note "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \

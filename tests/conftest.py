@@ -7,7 +7,8 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Digests vlmlabel remembers between runs go to a folder of the test session, not the user's ~/.cache.
-os.environ["VLMLABEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="vlmlabel-tests-")
+_CACHE_DIR = tempfile.TemporaryDirectory(prefix="vlmlabel-tests-")  # removed when the session's interpreter exits
+os.environ["VLMLABEL_CACHE_DIR"] = _CACHE_DIR.name
 
 from pathlib import Path  # noqa: E402
 
