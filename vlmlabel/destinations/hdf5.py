@@ -262,6 +262,7 @@ def _put_all(handle: h5py.File, datasets: list[H5Dataset], overwrite: bool) -> N
     first: dict[tuple[int, str, tuple[int, ...], int | None], bytes] = {}
     link_props = h5py.h5p.create(h5py.h5p.LINK_CREATE)
     link_props.set_create_intermediate_group(True)  # Minari's infos/ may not exist yet
+    groups = _Groups(handle)
     for dataset in datasets:
         values = np.ascontiguousarray(dataset.values, dtype=dataset.dtype)
         # Attribute dicts are compared by identity: each column's dict is shared by all its datasets.
@@ -270,24 +271,49 @@ def _put_all(handle: h5py.File, datasets: list[H5Dataset], overwrite: bool) -> N
             _put(handle, dataset, overwrite)
             first.setdefault(key, dataset.path.encode())
             continue
-        slot = _free_slot(handle, dataset.path)
-        if slot is None:  # the name is taken, or its group is not there yet: h5py's checks, groups created
+        slot = groups.free_slot(dataset.path)
+        if slot is None:  # the name is taken, or a group on its path is not one: h5py's checks say what is wrong
             _replace(handle, dataset.path, overwrite)
             slot = handle.id, dataset.path.encode()
         h5py.h5o.copy(handle.id, first[key], *slot, lcpl=link_props)
         h5py.h5d.open(*slot).write(h5py.h5s.ALL, h5py.h5s.ALL, values)
 
 
-def _free_slot(handle: h5py.File, path: str) -> tuple[h5py.h5g.GroupID, bytes] | None:
-    """The group that is to hold ``path``, opened once, and the new link's name; None when that group is not
-    there or the name is taken. Looking the whole path up three times (is it there, copy, open) through a
-    group of 100k episodes cost a third of the write."""
-    parent, _, name = path.strip("/").rpartition("/")
-    try:
-        group = h5py.h5g.open(handle.id, (parent or "/").encode())
-    except (KeyError, ValueError):
-        return None
-    return None if group.links.exists(name.encode()) else (group, name.encode())
+class _Groups:
+    """The groups new datasets go into, each opened once for the existence check, the copy and the write, and
+    the groups above them opened once for all (looking each whole path up three times through a group of 100k
+    episodes cost a third of the write). A missing group is created, as HDF5 creates intermediate groups."""
+
+    def __init__(self, handle: h5py.File):
+        self._above: dict[str, h5py.h5g.GroupID] = {"": h5py.h5g.open(handle.id, b"/")}
+
+    def free_slot(self, path: str) -> tuple[h5py.h5g.GroupID, bytes] | None:
+        """The group that is to hold ``path`` and the new link's name; None when the name is taken or a group on
+        the way cannot be opened (a dataset, a dangling link)."""
+        parent, _, name = path.strip("/").rpartition("/")
+        group = self._group(parent, keep=False)
+        try:
+            if group is None or group.links.exists(name.encode()):
+                return None
+        except (KeyError, ValueError, RuntimeError):  # a name HDF5 does not take as a link's ("", ...)
+            return None
+        return group, name.encode()
+
+    def _group(self, path: str, keep: bool) -> h5py.h5g.GroupID | None:
+        if path in self._above:
+            return self._above[path]
+        above, _, name = path.rpartition("/")
+        parent = self._group(above, keep=True)
+        if parent is None:
+            return None
+        link = name.encode()
+        try:
+            group = h5py.h5g.open(parent, link) if parent.links.exists(link) else h5py.h5g.create(parent, link)
+        except (KeyError, ValueError, RuntimeError):  # not a group, a dangling link, a name HDF5 refuses
+            return None
+        if keep:  # the episode groups themselves are not kept: 100k open groups would hold memory for nothing
+            self._above[path] = group
+        return group
 
 
 def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
