@@ -169,3 +169,29 @@ def test_models_lists_architectures_and_tags():
     result = run_cli("models", "ViT-B-32")
     assert result.exit_code == 0
     assert "laion2b_s34b_b79k" in result.output and "ViT-B-32" in result.output
+
+
+def test_write_opens_each_group_once_and_still_finds_every_name_taken(tmp_path):
+    """The fast path (each reward's group opened once, missing groups created) writes what h5py's own path did,
+    and a name already there, in any episode, is still refused with the file unchanged."""
+    from vlmlabel.destinations.hdf5 import H5Dataset, write_file
+    from vlmlabel.errors import OutputError
+
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as handle:
+        handle.create_group("e0")  # no infos/ yet
+        handle.create_group("e1/infos").create_dataset("other", data=[1])  # infos/ with data of its own
+        handle.create_group("deep")  # two levels missing below it
+    attrs = {"goal": "a cup", "vlmlabel_version": "test"}
+    paths = ["e0/infos/r", "e1/infos/r", "deep/a/b/r", "r", "/e0/r"]
+    rewards = [H5Dataset(p, np.full(3, i, np.float32), attrs) for i, p in enumerate(paths)]
+    write_file(path, path, rewards, overwrite=False)
+    with h5py.File(path, "r") as handle:
+        for i, p in enumerate(paths):
+            assert handle[p][:].tolist() == [i] * 3 and dict(handle[p].attrs) == attrs, p
+        assert handle["e1/infos/other"][:].tolist() == [1]
+    before = path.read_bytes()
+    taken = [H5Dataset(p, np.zeros(3, np.float32), attrs) for p in ("e0/infos/s", "e1/infos/other")]
+    with pytest.raises(OutputError, match="e1/infos/other already exists"):
+        write_file(path, path, taken, overwrite=False)
+    assert path.read_bytes() == before

@@ -281,17 +281,20 @@ def _put_all(handle: h5py.File, datasets: list[H5Dataset], overwrite: bool) -> N
 
 class _Groups:
     """The groups new datasets go into, each opened once for the existence check, the copy and the write, and
-    the groups above them opened once for all (looking each whole path up three times through a group of 100k
-    episodes cost a third of the write). A missing group is created, as HDF5 creates intermediate groups."""
+    the groups above them kept open while paths pass through them (looking each whole path up three times
+    through a group of 100k episodes cost a third of the write). A missing group is created, as HDF5 creates
+    intermediate groups."""
 
     def __init__(self, handle: h5py.File):
-        self._above: dict[str, h5py.h5g.GroupID] = {"": h5py.h5g.open(handle.id, b"/")}
+        self._open: dict[str, h5py.h5g.GroupID] = {"": h5py.h5g.open(handle.id, b"/")}  # on the last path
 
     def free_slot(self, path: str) -> tuple[h5py.h5g.GroupID, bytes] | None:
         """The group that is to hold ``path`` and the new link's name; None when the name is taken or a group on
         the way cannot be opened (a dataset, a dangling link)."""
         parent, _, name = path.strip("/").rpartition("/")
-        group = self._group(parent, keep=False)
+        # Only the groups on this path stay open: 100k episode groups held open would hold memory for nothing.
+        self._open = {p: g for p, g in self._open.items() if not p or parent == p or parent.startswith(p + "/")}
+        group = self._group(parent)
         try:
             if group is None or group.links.exists(name.encode()):
                 return None
@@ -299,11 +302,11 @@ class _Groups:
             return None
         return group, name.encode()
 
-    def _group(self, path: str, keep: bool) -> h5py.h5g.GroupID | None:
-        if path in self._above:
-            return self._above[path]
+    def _group(self, path: str) -> h5py.h5g.GroupID | None:
+        if path in self._open:
+            return self._open[path]
         above, _, name = path.rpartition("/")
-        parent = self._group(above, keep=True)
+        parent = self._group(above)
         if parent is None:
             return None
         link = name.encode()
@@ -311,8 +314,7 @@ class _Groups:
             group = h5py.h5g.open(parent, link) if parent.links.exists(link) else h5py.h5g.create(parent, link)
         except (KeyError, ValueError, RuntimeError):  # not a group, a dangling link, a name HDF5 refuses
             return None
-        if keep:  # the episode groups themselves are not kept: 100k open groups would hold memory for nothing
-            self._above[path] = group
+        self._open[path] = group
         return group
 
 
