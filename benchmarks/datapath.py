@@ -166,13 +166,9 @@ def video_encoder(codec: str, **options: str) -> Callable[[Path, np.ndarray, int
     """Writes uint8 RGB frames as ``codec`` video in yuv420p, with the encoder's ``options``."""
 
     def encode(path: Path, frames: np.ndarray, fps: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream(codec, rate=fps, options=options)
-            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
+        from tests.table_layouts import encode_mp4  # here, not at the top: workers re-run a script's imports
+
+        encode_mp4(path, frames, fps, codec, "yuv420p", options)
 
     return encode
 

@@ -122,18 +122,20 @@ BUILDERS: dict[str, Callable[[Path], TableCase]] = {
 # -- LeRobot ---------------------------------------------------------------------------------------
 
 
-def encode_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
-    """Encode RGB frames losslessly (libx264rgb, qp 0) so decoded frames equal the originals."""
+LOSSLESS = ("libx264rgb", "rgb24", {"qp": "0", "preset": "ultrafast"})  # decoded frames equal the originals
+
+
+def encode_mp4(path: Path, frames: np.ndarray, fps: int = FPS, codec: str = LOSSLESS[0], pix_fmt: str = LOSSLESS[1],
+               options: dict[str, str] | None = None) -> None:
+    """Encode uint8 RGB frames as ``codec`` video in ``pix_fmt`` with the encoder's ``options`` (by default
+    losslessly: libx264rgb, qp 0)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264rgb", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        stream.options = {"qp": "0", "preset": "ultrafast"}
+        stream = container.add_stream(codec, rate=fps, options=LOSSLESS[2] if options is None else options)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def decode_mp4(path: Path) -> np.ndarray:

@@ -68,13 +68,7 @@ def encode(path: Path, frames: np.ndarray, name: str, fps: int = FPS) -> Path:
     encoder, options, _, _ = ENCODINGS[name]
     if not _available(encoder):
         pytest.skip(f"this FFmpeg has no {encoder} encoder or no decoder for it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    table_layouts.encode_mp4(path, frames, fps, encoder, "yuv420p", options)
     return path
 
 
