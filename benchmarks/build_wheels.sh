@@ -15,6 +15,7 @@ PACKAGES=(
   open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0          # open_clip and its text cleaner
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19          # Hugging Face datasets and what it pins
   av==18.1.0                                                 # LeRobot video decoding
+  simplejpeg==1.9.0                                          # JPEG decoding on the CPU
   gymnasium==1.4.0 farama-notifications==0.0.6               # tests/test_gym.py
 )
 platforms=()

@@ -83,6 +83,10 @@ def _encode(case: str, rgb: np.ndarray, rng: np.random.Generator) -> bytes:
         "LA 16-bit PNG opaque": lambda: _png(np.dstack([gray16, full16]), 4, 16),
         "RGB JPEG": lambda: _save(Image.fromarray(rgb), "JPEG", quality=95),
         "L JPEG": lambda: _save(Image.fromarray(gray), "JPEG", quality=95),
+        "RGB JPEG 4:4:4": lambda: _save(Image.fromarray(rgb), "JPEG", quality=90, subsampling=0),
+        "RGB JPEG 4:2:2": lambda: _save(Image.fromarray(rgb), "JPEG", quality=90, subsampling=1),
+        "RGB JPEG progressive": lambda: _save(Image.fromarray(rgb), "JPEG", quality=80, progressive=True),
+        "RGB JPEG optimized, quality 40": lambda: _save(Image.fromarray(rgb), "JPEG", quality=40, optimize=True),
         "RGB WEBP": lambda: _save(Image.fromarray(rgb), "WEBP", lossless=True),
         # refused
         "RGBA PNG transparent": lambda: _save(Image.fromarray(np.dstack([rgb, alpha]))),
@@ -102,6 +106,9 @@ def _encode(case: str, rgb: np.ndarray, rng: np.random.Generator) -> bytes:
 ACCEPTED = ["RGB PNG", "L PNG", "L 4-bit PNG", "L PNG with tRNS", "RGB PNG with tRNS", "RGBA PNG opaque",
             "LA PNG opaque", "RGB 16-bit PNG", "RGBA 16-bit PNG opaque", "LA 16-bit PNG opaque", "RGB JPEG",
             "L JPEG", "RGB WEBP"]
+JPEGS = ["RGB JPEG", "L JPEG", "RGB JPEG 4:4:4", "RGB JPEG 4:2:2", "RGB JPEG progressive",
+         "RGB JPEG optimized, quality 40"]
+ACCEPTED += JPEGS[2:]
 REFUSED = {  # case -> what the message names
     "RGBA PNG transparent": "is a PNG with transparency (RGBA)",
     "LA PNG transparent": "is a PNG with transparency (LA)",
@@ -159,6 +166,45 @@ def test_accepted_modes_score_exactly_as_open_clip_pil(case, tiny, tmp_path):
     levels = _levels(tiny, pixels, want_pixels)
     assert levels.max() <= 1.01 and levels.mean() < 0.05, case  # uint8 rounding only
     np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def _decoded(path: Path, batch_size: int) -> list[np.ndarray]:
+    """The frames of a flat file as the batches hold them, (H, W, 3) each."""
+    with open_source(str(path)) as source:
+        return [f.permute(1, 2, 0).numpy() for batch in iter_batches(source, source.episodes(Align.frame), batch_size)
+                for f in as_nchw(batch.frames, batch.form)]
+
+
+@pytest.mark.parametrize("case", JPEGS)
+def test_jpeg_frames_are_decoded_to_pils_very_pixels(case, tmp_path):
+    """The JPEG decoder (simplejpeg, libjpeg-turbo) gives what PIL's gives, bit for bit, in every batch slot: a
+    frame of another size in the middle of a batch (here larger, so it and the frames after it spill) too."""
+    small = make_frames(2, 30, 44, seed=3)
+    blobs = _blobs(case, 5)
+    blobs[2:2] = [_encode(case, frame, np.random.default_rng(9)) for frame in small]
+    want = [np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")) for blob in blobs]
+    for batch_size in (1, 4, 7):
+        got = _decoded(_h5(tmp_path / f"{batch_size}.h5", blobs[2:] + blobs[:2]), batch_size)  # small ones first
+        assert len(got) == len(want)
+        for mine, pils in zip(got, want[2:] + want[:2], strict=True):
+            np.testing.assert_array_equal(mine, pils, err_msg=f"{case}, batch of {batch_size}")
+
+
+def test_a_jpeg_simplejpeg_refuses_is_decoded_by_torchvision(tmp_path, monkeypatch):
+    """The fallback: what simplejpeg does not decode, torchvision's decoder decodes (or refuses, by row)."""
+    import simplejpeg
+
+    def refuse(*args, **kwargs):
+        raise ValueError("refused here")
+
+    blobs = _blobs("RGB JPEG", 3)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", refuse)
+    got = _decoded(_h5(tmp_path / "f.h5", blobs), 2)
+    for mine, blob in zip(got, blobs, strict=True):
+        np.testing.assert_array_equal(mine, np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")))
+    truncated = _h5(tmp_path / "t.h5", blobs, [blobs[0][: len(blobs[0]) // 2]], at=1)
+    with pytest.raises(SourceError, match="frame 1 of observations is not a decodable JPEG/PNG image"):
+        _decoded(truncated, 2)
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
