@@ -199,6 +199,20 @@ def virtual_frames(path: Path, missing: bool) -> Path:
     return path
 
 
+def short_next_observations(path: Path) -> Path:
+    flat(path)
+    with h5py.File(path, "r+") as f:
+        f["next_observations"] = f["observations"][:-3]
+    return path
+
+
+def name_not_utf8(path: Path) -> Path:
+    robomimic(path)
+    with h5py.File(path, "r+") as f:
+        f["data"].id.move(b"demo_1", b"demo_\xe91")
+    return path
+
+
 def linked_from_a_sibling_folder(path: Path) -> Path:
     """SOURCE in src/, its frames in ../frames/f.h5 through a relative external link."""
     (path.parent / "frames").mkdir()
@@ -291,6 +305,9 @@ REFUSED: dict[str, Refused] = {
     "undecodable JPEG": Refused(lambda p: flat_encoded(p, pictures("garbage")),  # --align next: row 0 is unread
                                 words=["frame 1 of observations", "not a decodable", "truncated"]),
     "dangling external link": Refused(dangling_link, words=["gone.h5", "not found"]),
+    "next observations shorter than the frames": Refused(
+        short_next_observations, words=["next_observations has", "rows but observations has", "--align frame"]),
+    "a group name that is not UTF-8": Refused(name_not_utf8, words=["not UTF-8", "rename"]),
     "virtual dataset with a missing file": Refused(lambda p: virtual_frames(p, missing=True),
                                                    words=["frames.h5", "not found"]),
     "episode behind an external link": Refused(linked_episode, words=["demo1.h5", "external link"]),

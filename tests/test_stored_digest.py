@@ -91,3 +91,61 @@ def test_an_unwritable_memo_folder_only_costs_a_new_read(tmp_path, monkeypatch, 
     truth = layouts.build_flat_d4rl(tmp_path / "f.h5")
     assert _fingerprint(truth.path) == _fingerprint(truth.path) and reads[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "not-a-folder"]
+
+
+def _virtual(path, source: str, name: str, shape) -> None:
+    layout = h5py.VirtualLayout(shape, "u1")
+    layout[:] = h5py.VirtualSource(source, name, shape)
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("observations", layout)
+
+
+def _overwrite(path, name: str) -> None:
+    with h5py.File(path, "r+") as f:
+        f[name][0, 0, 0, 0] ^= 1
+
+
+def test_frames_in_an_external_raw_file_count_in_the_digest(tmp_path, monkeypatch):
+    """The frames' bytes live in a raw file beside the HDF5 file, which never changes when they do."""
+    monkeypatch.chdir(tmp_path)
+    frames = layouts.make_frames(6, 8, 8, seed=4)
+    (tmp_path / "frames.raw").write_bytes(frames.tobytes())
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", frames.shape, "u1", external=[("frames.raw", 0, h5py.h5f.UNLIMITED)])
+    before = _fingerprint(path)
+    (tmp_path / "frames.raw").write_bytes((255 - frames).tobytes())
+    assert _fingerprint(path) != before
+
+
+def test_a_virtual_dataset_of_a_virtual_dataset_counts_every_file(tmp_path):
+    shape = (6, 8, 8, 3)
+    with h5py.File(tmp_path / "src.h5", "w") as f:
+        f["rows"] = layouts.make_frames(*shape[:3], seed=5)
+    _virtual(tmp_path / "mid.h5", "src.h5", "/rows", shape)
+    _virtual(tmp_path / "top.h5", "mid.h5", "/observations", shape)
+    before = _fingerprint(tmp_path / "top.h5")
+    _overwrite(tmp_path / "src.h5", "rows")
+    assert _fingerprint(tmp_path / "top.h5") != before
+    (tmp_path / "src.h5").unlink()  # two levels down, a missing file would read as zeros
+    with pytest.raises(hdf5_source.SourceError, match="mid.h5: /observations reads src.h5, which is not found"):
+        _fingerprint(tmp_path / "top.h5")
+
+
+def test_a_linked_virtual_dataset_finds_its_files_from_its_own_folder(tmp_path, monkeypatch):
+    """top.h5 links to sub/vds.h5, whose virtual dataset maps src.h5: HDF5 reads sub/src.h5, and so must the
+    digest, even with another src.h5 beside top.h5."""
+    monkeypatch.chdir("/")
+    shape = (6, 8, 8, 3)
+    (tmp_path / "sub").mkdir()
+    for folder, seed in ((tmp_path / "sub", 6), (tmp_path, 7)):
+        with h5py.File(folder / "src.h5", "w") as f:
+            f["rows"] = layouts.make_frames(*shape[:3], seed=seed)
+    _virtual(tmp_path / "sub" / "vds.h5", "src.h5", "/rows", shape)
+    with h5py.File(tmp_path / "top.h5", "w") as f:
+        f["observations"] = h5py.ExternalLink("sub/vds.h5", "/observations")
+    before = _fingerprint(tmp_path / "top.h5")
+    _overwrite(tmp_path / "src.h5", "rows")  # not the file read
+    assert _fingerprint(tmp_path / "top.h5") == before
+    _overwrite(tmp_path / "sub" / "src.h5", "rows")
+    assert _fingerprint(tmp_path / "top.h5") != before

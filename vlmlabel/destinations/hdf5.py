@@ -119,7 +119,9 @@ def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_
     here, there = source.path.absolute().parent, dest.absolute().parent
     if here.resolve() == there.resolve():
         return
-    refs = all_external_links(handle) + [r for array in frame_arrays for r in virtual_sources(handle[array])]
+    held = [handle[array] for array in frame_arrays]  # a virtual dataset names files from its own file's folder
+    refs = all_external_links(handle) + [r for dataset in held if Path(dataset.file.filename).resolve()
+                                         == source.path.resolve() for r in virtual_sources(dataset)]
     for ref in refs:
         if ref.resolve(here, working_folder=False) != ref.resolve(there, working_folder=False):
             raise OutputError(f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "

@@ -54,12 +54,16 @@ class ExternalRef:
         that is missing) the name under the prefix variable's folders, ``folder``, then the working folder
         (``working_folder``: where this process runs; a file meant to be opened from anywhere cannot count
         on it)."""
+        return next(iter(self.found(folder, working_folder)), None)
+
+    def found(self, folder: Path, working_folder: bool = True) -> list[Path]:
+        """Every place, in ``resolve``'s order, where a file of that name lies."""
         name = Path(self.filename)
         tail = Path(name.name) if name.is_absolute() else name
         prefixes = [Path(p) for p in os.environ.get(self.prefix_variable, "").split(os.pathsep) if p]
         candidates = ([name] if name.is_absolute() else []) + [p / tail for p in prefixes] + [folder / tail]
         candidates += [Path.cwd() / tail] if working_folder else []
-        return next((c.resolve() for c in candidates if c.is_file()), None)
+        return list(dict.fromkeys(c.resolve() for c in candidates if c.is_file()))
 
     def missing(self, file: Path) -> str:
         return (f"{file}: {self.where} reads {self.filename}, which is not found beside it (nor under "
@@ -98,6 +102,53 @@ def virtual_sources(dataset: h5py.Dataset) -> list[ExternalRef]:
     return [ExternalRef(dataset.name, name, "HDF5_VDS_PREFIX") for name in names]
 
 
+def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
+    """The other files ``dataset``'s values are read from, and why any that is missing would make it read wrong.
+
+    The source files of a virtual dataset, followed through virtual datasets that map virtual datasets (a missing
+    one, at any depth, reads as fill values: silent zeros), and external raw files (a missing one fails the read).
+    Each name is looked for from the folder of the file that names it, as HDF5 does, and counted wherever a file
+    of that name lies: the fingerprint must change when any of them does."""
+    files: dict[Path, None] = {}
+    missing: list[str] = []
+    seen: set[tuple[Path, str]] = set()
+
+    def walk(held: h5py.Dataset) -> None:
+        holder = Path(held.file.filename).absolute()
+        if (holder.resolve(), held.name) in seen:
+            return
+        seen.add((holder.resolve(), held.name))
+        plist = held.id.get_create_plist()
+        for index in range(plist.get_external_count()):
+            raw = ExternalRef(held.name, plist.get_external(index)[0].decode(errors="surrogateescape"),
+                              "HDF5_EXTFILE_PREFIX")
+            files.update(dict.fromkeys(raw.found(holder.parent)))
+        if not held.is_virtual:
+            return
+        for file_name, dset_name in sorted({(m.file_name, m.dset_name) for m in held.virtual_sources()}):
+            if file_name == ".":
+                within = held.file.get(dset_name)
+                if isinstance(within, h5py.Dataset):
+                    walk(within)
+                continue
+            ref = ExternalRef(held.name, file_name, "HDF5_VDS_PREFIX")
+            places = ref.found(holder.parent)
+            if not places:
+                missing.append(ref.missing(holder))
+                continue
+            files.update(dict.fromkeys(places))
+            try:
+                with h5py.File(places[0], "r") as other:
+                    mapped = other.get(dset_name)
+                    if isinstance(mapped, h5py.Dataset):
+                        walk(mapped)
+            except OSError:  # not an HDF5 file: HDF5 fails the read itself
+                continue
+
+    walk(dataset)
+    return list(files), missing
+
+
 def links_on_path(handle: h5py.File, path: str) -> list[ExternalRef]:
     """The external link that ``path`` passes through, if any (the first one: past it lies another file)."""
     parts = path.strip("/").split("/")
@@ -118,13 +169,13 @@ def frames_dataset(handle: h5py.File, array: str, file: Path) -> h5py.Dataset:
     try:
         dataset = handle[array]
     except KeyError as exc:
-        missing = [r for r in links_on_path(handle, array) if r.resolve(folder) is None]
-        if missing:
-            raise SourceError(missing[0].missing(file)) from None
+        gone = [r for r in links_on_path(handle, array) if r.resolve(folder) is None]
+        if gone:
+            raise SourceError(gone[0].missing(file)) from None
         raise SourceError(f"{array} cannot be opened in {file} (truncated or corrupt?): {exc}") from None
-    for ref in virtual_sources(dataset):
-        if ref.resolve(folder) is None:
-            raise SourceError(ref.missing(file))
+    missing = stored_elsewhere(dataset)[1]
+    if missing:
+        raise SourceError(missing[0])
     return dataset
 
 
@@ -355,7 +406,7 @@ def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2,
     """Datasets under ``group`` that look like frames (uint8 image arrays or encoded images); ``only``: the
     subgroups of ``group`` looked into (None: all; the others' members are never opened)."""
     found = []
-    for name in group:
+    for name in _names(group):
         path = f"{prefix}{name}"
         if name.startswith("next_") or name == EMBEDDING_GROUP:
             continue  # next observations are read for --align next, never scored as the frames
@@ -368,6 +419,17 @@ def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2,
         elif isinstance(item, h5py.Group) and depth > 0:
             found.extend(_image_candidates(item, f"{path}/", depth - 1))
     return found
+
+
+def _names(group: h5py.Group) -> list[str]:
+    """The names in ``group``; one that is not UTF-8 (h5py gives it as bytes) is refused: episodes, frames and
+    rewards are named by text paths."""
+    names = list(group)
+    odd = next((n for n in names if not isinstance(n, str)), None)
+    if odd is not None:
+        raise SourceError(f"{group.name} in {group.file.filename} holds a name that is not UTF-8 ({odd!r}); rename it "
+                          "(h5py: group.move(old, new)) so vlmlabel can name what it reads and writes")
+    return names
 
 
 def _is_group(parent: h5py.Group, name: str, strict: bool = False) -> bool:
@@ -517,8 +579,8 @@ class HDF5Source:
         root = self.file
         if not root.keys():
             raise SourceError(f"{self.path} is empty: it holds no datasets")
-        minari = sorted((k for k in root if re.fullmatch(r"episode_\d+", k) and _is_group(root, k, strict=True)),
-                        key=_natural_key)
+        minari = sorted((k for k in _names(root)
+                         if re.fullmatch(r"episode_\d+", k) and _is_group(root, k, strict=True)), key=_natural_key)
         if minari:
             self.layout, self._episode_groups = "minari", minari
             self._group_names = frozenset(minari)
@@ -527,7 +589,7 @@ class HDF5Source:
         flat = _image_candidates(root, depth=1, only=_FLAT_OBS_GROUPS)  # frames at the root or in observations/
         parent = root["data"] if isinstance(root.get("data"), h5py.Group) else root
         prefix = "data/" if parent is not root else ""
-        groups = sorted((k for k in parent if k != EMBEDDING_GROUP and _is_group(parent, k)
+        groups = sorted((k for k in _names(parent) if k != EMBEDDING_GROUP and _is_group(parent, k)
                          and (prefix or (k not in _FLAT_OBS_GROUPS and k not in _NEXT_OBS.values()))),
                         key=_natural_key)
         first = parent[groups[0]] if groups else None
@@ -632,7 +694,18 @@ class HDF5Source:
             return Episode(name, rows, (Segment(array, 0, rows),), f"{name}/infos", per_observation=True)
         if rows == 0:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
+        if align is Align.next and next_array is not None:
+            plain = self._plain.get(next_array)
+            self._check_next(next_array, plain.shape[0] if plain else self.file[next_array].shape[0], array, rows)
         return Episode(name, rows, step_segments(array, 0, rows, align, next_array), name)
+
+    def _check_next(self, next_array: str, next_rows: int, array: str, rows: int) -> None:
+        """``--align next`` scores an episode's last step by the stored next observation of its row: the arrays
+        must line up row for row."""
+        if next_rows != rows:
+            raise SourceError(f"{next_array} has {next_rows} rows but {array} has {rows} in {self.path}: the next "
+                              "observations do not line up with the frames; fix the file, or score each step by "
+                              "its own frame with --align frame")
 
     def _group_arrays(self, name: str) -> tuple[str, int, str | None]:
         """An episode group's frame array, its rows and its next-observation array, looked up once per source
@@ -685,6 +758,8 @@ class HDF5Source:
             raise SourceError(f"{self.image_key} in {self.path} has 0 frames")
         ends = self._flat_episode_ends(total)
         next_array = self._next_obs_path("", self.image_key)
+        if align is Align.next and next_array is not None:
+            self._check_next(next_array, self.file[next_array].shape[0], self.image_key, total)
         episodes, start = [], 0
         for index, end in enumerate(ends):
             segments = step_segments(self.image_key, start, end, align, next_array)
@@ -779,9 +854,8 @@ class HDF5Source:
                                                   strict=True))
             datasets = {a: frames_dataset(self.file, a, self.path) for a in arrays if plain[a] is None}
             here = self.path.resolve()
-            folder = self.path.absolute().parent
-            mapped = [r.resolve(folder) for d in datasets.values() for r in virtual_sources(d)]  # their files
-            found = {Path(d.file.filename).resolve() for d in datasets.values()} | {m for m in mapped if m is not None}
+            found = {Path(d.file.filename).resolve() for d in datasets.values()}
+            found |= {f for d in datasets.values() for f in stored_elsewhere(d)[0]}  # mapped and raw files
             others = sorted(found - {here})
             return b"".join(crcs[a] if a in crcs else _stored_bytes(datasets[a]) for a in arrays), others
 
