@@ -45,7 +45,7 @@ mkdir -p "$site/bin"
 printf '#!/bin/sh\nexec python3 -m vlmlabel "$@"\n' > "$site/bin/vlmlabel"
 chmod +x "$site/bin/vlmlabel"
 export PATH="$site/bin:$PATH" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -c "import open_clip, ftfy, datasets, av, h5py, typer, vlmlabel" || {
+python3 -c "import open_clip, ftfy, datasets, av, simplejpeg, h5py, typer, vlmlabel" || {
   echo "gpu_check: a package vlmlabel needs is missing; add it to benchmarks/build_wheels.sh" >&2; exit 1; }
 if [ -z "$dry_run" ]; then
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU visible')"
