@@ -189,7 +189,17 @@ def test_embedding_cache_serves_relabel(case, tiny_model_dir):
     assert tree_digest(case.source) == before
 
 
-def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path):
+def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn_values: dict[str, np.ndarray] = {}
+    original_hist = Axes.hist
+
+    def hist(self, values, *args, **kwargs):  # the histogram of every step's reward, per reward
+        drawn_values[kwargs["label"]] = np.asarray(values)
+        return original_hist(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "hist", hist)
     summary = relabel_file(request_for(case, tiny_model_dir, "out"))
     dest = str(summary.written_to)
     report = runner.invoke(app, ["evaluate", dest, "--reward-key", "vlm_reward_0", "--against", case.reference_key,
@@ -203,3 +213,6 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path):
                                 "--output", str(picture)])
     assert drawn.exit_code == 0, drawn.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn_values) == NAMES
+    for name in NAMES:  # the plot shows each episode's own rewards: all of them, once
+        np.testing.assert_array_equal(np.sort(drawn_values[name]), np.sort(case.read(summary.written_to, name)))

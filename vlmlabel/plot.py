@@ -137,7 +137,9 @@ def plot_file(request: PlotRequest) -> PlotResult:
         if bad:
             raise VlmlabelError(f"--episodes {bad[0]} is out of range: the file has {len(episodes)} episodes "
                                 f"(0-{len(episodes) - 1})")
-        values = {k: [np.asarray(source.step_values(e, k), dtype=np.float64) for e in episodes] for k in keys}
+        # Per-step values by the episodes' own rows (``episodes`` under next start one frame later: o_{t+1}).
+        rows = source.episodes(Align.frame)
+        values = {k: [np.asarray(source.step_values(e, k), dtype=np.float64) for e in rows] for k in keys}
         strips = []
         for index in picked:
             episode = episodes[index]
