@@ -190,9 +190,13 @@ def main() -> None:
     size = f"{plan.frame_size}x{plan.frame_size}"
     for model in plan.models:
         frames = str(plan.frames[model])
-        for label, bench_args in (("raw HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "raw"]),
-                                  ("JPEG HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "jpeg"]),
-                                  ("LeRobot video", [str(lerobot), "--image-key", LEROBOT_CAMERA, "--frames", frames])):
+        video = [str(lerobot), "--image-key", LEROBOT_CAMERA, "--frames", frames]
+        benches = [("raw HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "raw"]),
+                   ("JPEG HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "jpeg"]),
+                   ("LeRobot video", video)]
+        if not args.dry_run and model == plan.models[0]:  # NVDEC needs the GPU; the issue's target is ViT-B-32's
+            benches.append(("LeRobot video, NVDEC", [*video, "--video-decoder", "nvdec"]))
+        for label, bench_args in benches:
             report.benches.append(run_bench(model, label, bench_args, plan, args.out))
     (args.out / "gpu_check.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
     (args.out / "gpu_check.md").write_text(markdown(report))

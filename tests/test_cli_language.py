@@ -17,7 +17,7 @@ from vlmlabel.cli import app
 runner = CliRunner()
 PANELS = {
     "Model": ["--model", "--pretrained", "--image-key", "--camera-reduce", "--device", "--precision", "--batch-size",
-              "--workers", "--compile"],
+              "--workers", "--video-decoder", "--compile"],
     "Reward": ["--reward", "--goal-template", "--baseline", "--alpha", "--negative", "--threshold", "--shaping",
                "--gamma", "--normalize", "--align", "--cache", "--no-cache"],
     "Output": ["--reward-key", "--output", "--overwrite", "--link", "--push-to-hub", "--quiet"],

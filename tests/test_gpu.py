@@ -89,3 +89,45 @@ def test_text_only_load_on_the_gpu_encodes_texts_like_the_whole_model(tiny_model
     texts = load_model(str(tiny_model_dir), device=CUDA, precision="bf16", image_tower=False)
     assert not texts.has_image_tower
     assert torch.equal(whole.encode_texts(GOALS), texts.encode_texts(GOALS))
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libsvtav1"])
+def test_nvdec_decodes_lerobot_video_to_the_cpu_decoders_pixels(tmp_path, codec):
+    """NVDEC (H.264, AV1, as LeRobot encodes them: g=2) gives the CPU decoder's frames, in any request order
+    (seeks included), and the same rewards with or without decoding workers."""
+    import av
+
+    from tests.table_layouts import encode_mp4
+    from tests.test_video_seek import moving_frames
+    from vlmlabel.sources.video import VideoReader
+
+    path = tmp_path / "v.mp4"
+    encode_mp4(path, moving_frames(60, 96, 128), 10, codec, "yuv420p", {"g": "2", "crf": "30"})
+    with av.open(str(path)) as container:
+        times = np.asarray([f.time for f in container.decode(video=0)])
+    order = np.concatenate([np.arange(30, 60), np.arange(0, 30), np.arange(40, 45)])
+    nvdec, cpu = VideoReader(0.05, nvdec_gpu=0), VideoReader(0.05)
+    np.testing.assert_array_equal(nvdec.frames(path, times[order]), cpu.frames(path, times[order]))
+    nvdec.close()
+    cpu.close()
+
+
+def test_nvdec_rewards_equal_cpu_decoding_with_and_without_workers(tmp_path, tiny_model_dir):
+    from tests import table_layouts
+    from vlmlabel.sources.base import VideoDecoder
+
+    folder = table_layouts.build_lerobot(tmp_path, video=True).path
+    rewards = {}
+    for decoder in VideoDecoder:
+        for workers in (0, 2):
+            out = tmp_path / f"{decoder.value}-{workers}"
+            relabel_file(RelabelRequest(source=folder, goals=GOALS, model=str(tiny_model_dir), device="cuda",
+                                        precision="fp32", image_key="observation.images.top", output=out,
+                                        workers=workers, video_decoder=decoder, use_cache=False))
+            with open_source(str(out), "observation.images.top") as labelled:
+                rewards[decoder, workers] = [labelled.step_values(e, "vlm_reward_0")
+                                             for e in labelled.episodes(Align.next)]
+    first = rewards[VideoDecoder.cpu, 0]
+    for key, found in rewards.items():
+        for mine, want in zip(found, first, strict=True):
+            np.testing.assert_array_equal(mine, want, err_msg=str(key))

@@ -377,6 +377,9 @@ REFUSED: dict[str, Refused] = {
     "model folder without config": Refused(robomimic, ["--model", "local-dir:/tmp"], ["open_clip_config.json"]),
     "unknown device": Refused(robomimic, ["--device", "tpu"], ["unknown device 'tpu'"]),
     "cuda absent": Refused(robomimic, ["--device", "cuda:0"], ["no CUDA GPU", "--device cpu"]),
+    "NVDEC asked for on the CPU": Refused(lambda p: table_layouts.build_lerobot(p, video=True).path,
+                                          ["--image-key", "observation.images.top", "--video-decoder", "nvdec"],
+                                          ["--video-decoder nvdec", "this run is on cpu"], name="lerobot"),
     "fp16 on cpu": Refused(robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
 }
 

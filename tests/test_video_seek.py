@@ -210,3 +210,33 @@ def test_reading_in_order_never_looks_for_seek_points(tmp_path, monkeypatch):
     frames, seeks = _shared(recipe, batches, np.zeros(len(batches), dtype=np.int64), 1)
     np.testing.assert_array_equal(np.concatenate(frames), reference)
     assert seeks == 0
+
+
+@pytest.mark.parametrize("pix_fmt,tags", [("yuv420p", {}), ("yuvj420p", {}),
+                                          ("yuv420p", {"colorspace": "bt709", "color_range": "pc"})])
+def test_nvdec_frames_as_planar_convert_to_the_cpu_decoders_pixels(tmp_path, pix_fmt, tags):
+    """NVDEC's frames reach the host as NV12: split into planar YUV 4:2:0 (with the colour tags kept), the rgb24
+    conversion gives the CPU decoder's pixels bit for bit, where NV12 converted directly does not."""
+    path = tmp_path / "v.mp4"
+    table_layouts.encode_mp4(path, moving_frames(12, 96, 128), FPS, "libx264", pix_fmt, {"g": "2", "crf": "30", **tags})
+    direct, planar = av.video.reformatter.VideoReformatter(), av.video.reformatter.VideoReformatter()
+    differs = False
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            want = frame.to_ndarray(format="rgb24")
+            nv12 = frame.reformat(format="nv12")  # what NVDEC hands over: the same samples, chroma interleaved
+            np.testing.assert_array_equal(
+                planar.reformat(video.as_planar(nv12), format="rgb24").to_ndarray(), want)
+            differs |= not np.array_equal(direct.reformat(nv12, format="rgb24").to_ndarray(), want)
+    assert differs  # why the split is needed
+    with pytest.raises(video.SourceError, match="NVDEC gave p010le frames"):  # 10-bit: another route, refused
+        video.as_planar(frame.reformat(format="p010le"))
+
+
+def test_nvdec_where_there_is_none_is_refused_in_one_line(tmp_path):
+    path = encode(tmp_path / "v.mp4", moving_frames(6), "h264_lerobot_g2")
+    with pytest.raises(video.SourceError) as info:
+        VideoReader(TOLERANCE, nvdec_gpu=0).frames(path, np.asarray([0.0]))
+    message = str(info.value)
+    assert "cannot be decoded by NVDEC on GPU 0" in message and "drop --video-decoder nvdec" in message
+    assert "\n" not in message

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 
 from vlmlabel import __version__
-from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
+from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
 from vlmlabel.engine import RAW_AXES, as_nchw, iter_batches, score_episodes
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.preprocess import DevicePreprocess
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, Episode, FrameSource, Segment, open_source
-from vlmlabel.sources.base import FrameBlock
+from vlmlabel.sources.base import FrameBlock, VideoDecoder
 
 BENCH_GOAL = "a robot arm grasping a red cube"
 EPISODE_STEPS = 500
@@ -86,6 +86,7 @@ class BenchConfig:
     image_key: str | None = None
     repeats: int = 3
     goal: str = BENCH_GOAL
+    video_decoder: VideoDecoder = VideoDecoder.cpu
 
 
 @dataclass
@@ -416,7 +417,7 @@ def run_bench(config: BenchConfig, status: Callable[[str], None] = lambda messag
             frames = frames or DEFAULT_FRAMES.get(device.type, DEFAULT_FRAMES["cpu"])
             status(f"writing {frames:,} synthetic {config.encoding} frames")
             path = write_synthetic(Path(folder) / "bench.h5", frames, config.frame_size, config.encoding)
-        with open_source(str(path), config.image_key) as opened:
+        with open_source(str(path), config.image_key, nvdec_gpu=nvdec_gpu(config.video_decoder, device)) as opened:
             total = sum(e.steps for e in opened.episodes(Align.frame))
             frames = min(frames or total, total)
             source = Prefix(opened, frames)

@@ -48,7 +48,7 @@ from vlmlabel.run.lifecycle import (
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import shard_from_options
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import describe_frames
+from vlmlabel.sources.base import VideoDecoder, describe_frames
 
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
@@ -124,6 +124,10 @@ BatchSizeOpt = Annotated[int | None, typer.Option(
 WorkersOpt = Annotated[int | None, typer.Option(
     min=0, help="Processes decoding frames in parallel (encoded images, compressed HDF5, Arrow lists, video); "
                 "0 decodes in this process. Default: usable cores minus one, at most 8.", show_default=False,
+    rich_help_panel=MODEL_PANEL)]
+VideoDecoderOpt = Annotated[VideoDecoder, typer.Option(
+    help="LeRobot video: cpu decodes with FFmpeg on the CPU (in the --workers); nvdec decodes on the run's CUDA "
+         "GPU's video engine (H.264, HEVC, AV1), with the same pixels. Other sources have no video.",
     rich_help_panel=MODEL_PANEL)]
 PrecisionOpt = Annotated[Precision, typer.Option(
     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.", rich_help_panel=MODEL_PANEL)]
@@ -251,6 +255,7 @@ def relabel(
         rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
+    video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     align: Annotated[Align, typer.Option(
@@ -314,7 +319,7 @@ def relabel(
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
         checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index), compile=compile,
-        workers=workers,
+        workers=workers, video_decoder=video_decoder,
     )
     other_rank = dist_env is not None and dist_env.rank != 0
     quiet = quiet or other_rank
@@ -467,6 +472,7 @@ def embed(
                             "replaced).", rich_help_panel=OUTPUT_PANEL)] = False,
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
+    video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
     split: SplitOpt = "train",
@@ -479,7 +485,7 @@ def embed(
     HDF5: inside the file (or an --output copy). Table and LeRobot datasets: NAME.vlmlabel-cache.h5 beside them."""
     request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
                            overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device,
-                           split=split, revision=revision, workers=workers)
+                           split=split, revision=revision, workers=workers, video_decoder=video_decoder)
     if quiet:
         embed_file(request)
         return
@@ -661,6 +667,7 @@ def bench(
     source_option: Annotated[Path | None, typer.Option(
         "--source", hidden=True, help="Old way to give SOURCE.", show_default=False)] = None,
     image_key: ImageKeyOpt = None,
+    video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per path; the median is reported.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
@@ -676,7 +683,7 @@ def bench(
         model=model, pretrained=pretrained, precision=precision.value,
         batch_sizes=parse_batch_sizes(batch_size) if batch_size else None, device=device, frames=frames,
         frame_size=parse_frame_size(frame_size), encoding=encoding.value, compile=compile, source=source,
-        image_key=image_key, repeats=repeats,
+        image_key=image_key, repeats=repeats, video_decoder=video_decoder,
     )
     if json_output:  # stdout holds the JSON object alone; progress goes to stderr
         result = run_bench(config, status=lambda message: console.print(f"bench: {message}", highlight=False))

@@ -28,7 +28,7 @@ from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
 from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
-from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
+from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
 from vlmlabel.errors import OutputError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
@@ -41,7 +41,7 @@ from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
 from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_result, shard_result, work_dir, write_result
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, content_fingerprint
+from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, VideoDecoder, content_fingerprint
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -92,6 +92,7 @@ class RelabelRequest:
     shard: ShardSpec | None = None
     compile: bool = False
     workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
+    video_decoder: VideoDecoder = VideoDecoder.cpu  # nvdec: the run's GPU decodes video (the same pixels)
 
     def reward_config(self) -> RewardConfig:
         config = self.formulation if self.formulation is not None else RewardConfig(goals=list(self.goals))
@@ -250,9 +251,10 @@ def _shard_for(request: RelabelRequest, source: CachingSource, events: Events) -
 
 
 @contextlib.contextmanager
-def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
+def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) -> Iterator[OpenRun]:
     """Open the sources (one per camera) and the destination; refuse early names and cameras that cannot work.
-    The destination's own checks and the lock follow in ``_checks_and_lock``."""
+    The destination's own checks and the lock follow in ``_checks_and_lock``. ``nvdec``: the CUDA device whose
+    NVDEC decodes video."""
     config = request.reward_config()
     names = reward_names(request.reward_key, len(config.goals))
     raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
@@ -263,7 +265,7 @@ def open_run(request: RelabelRequest, events: Events) -> Iterator[OpenRun]:
         events.note(note)
     with contextlib.ExitStack() as stack:
         sources = [stack.enter_context(open_source(str(request.source), key, request.split, request.revision,
-                                                   request.streaming)) for key in request.image_keys()]
+                                                   request.streaming, nvdec)) for key in request.image_keys()]
         source = sources[0]
         cameras = Cameras(tuple(s.image_key for s in sources), CameraReduce(request.camera_reduce))
         check_names(cameras.column_names(names), [])
@@ -425,7 +427,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
     precision = resolve_precision(request.precision, device)
     batch_size = _batch_size(request.batch_size, device)
     with contextlib.ExitStack() as stack:
-        run = stack.enter_context(open_run(request, events))
+        run = stack.enter_context(open_run(request, events, nvdec_gpu(request.video_decoder, device)))
         # Rewards already there with a result id may be this very run's (a rerun, a requeued job): telling needs
         # the model's description, so only then do the checks that would refuse them wait for the model.
         present = run.destination.written(run.all_names)
@@ -571,6 +573,7 @@ class EmbedRequest:
     split: str = "train"
     revision: str | None = None
     workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
+    video_decoder: VideoDecoder = VideoDecoder.cpu  # nvdec: the run's GPU decodes video (the same pixels)
 
 
 @dataclass
@@ -591,7 +594,9 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     batch_size = _batch_size(request.batch_size, device)
-    with open_source(str(request.source), request.image_key, request.split, request.revision) as source, \
+    nvdec = nvdec_gpu(request.video_decoder, device)
+    with open_source(str(request.source), request.image_key, request.split, request.revision,
+                     nvdec_gpu=nvdec) as source, \
             contextlib.ExitStack() as stack:
         if source.cache_file is None:
             raise VlmlabelError(f"{request.source}: a streamed dataset cannot keep an embedding cache; "

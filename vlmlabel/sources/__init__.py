@@ -21,11 +21,12 @@ def _is_parquet_file(path: Path) -> bool:
 
 
 def open_source(path: str, image_key: str | None = None, split: str = "train", revision: str | None = None,
-                streaming: bool = False) -> DatasetSource:
+                streaming: bool = False, nvdec_gpu: int | None = None) -> DatasetSource:
     """Open a dataset read-only, choosing the reader from what the path is.
 
     An HDF5 file; a LeRobot folder (meta/info.json); a `save_to_disk` folder; a parquet file, folder or
-    glob; else, when nothing local has that name, a Hub dataset id ``org/name``.
+    glob; else, when nothing local has that name, a Hub dataset id ``org/name``. ``nvdec_gpu``: the CUDA device
+    whose NVDEC decodes video (LeRobot video; nothing else is video).
     """
     from vlmlabel.sources import lerobot, tables
 
@@ -34,7 +35,7 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
         return tables.open_parquet(path, image_key)
     if given.is_dir():
         if lerobot.is_lerobot(given):
-            return lerobot.LeRobotSource(given, image_key)
+            return lerobot.LeRobotSource(given, image_key, nvdec_gpu)
         if tables.is_disk_dataset(given):
             return tables.open_disk(given, image_key, split)
         if any(given.rglob("*.parquet")):

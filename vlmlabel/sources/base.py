@@ -22,6 +22,13 @@ class SourceKind(str, enum.Enum):
     lerobot = "lerobot"
 
 
+class VideoDecoder(str, enum.Enum):
+    """Where video is decoded: by FFmpeg on the CPU, or by the run's GPU's NVDEC engine (same pixels)."""
+
+    cpu = "cpu"
+    nvdec = "nvdec"
+
+
 class Align(str, enum.Enum):
     """Which observation scores step t."""
 
@@ -190,7 +197,8 @@ class EmbeddingStore(Protocol):
 class LabelledData(Protocol):
     """What ``evaluate`` and ``plot`` read back from a labelled dataset: per-step values and their provenance."""
 
-    def step_values(self, episode: Episode, key: str) -> np.ndarray | None: ...
+    def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
+        """Values of ``key`` for ``episode`` as ``episodes(Align.frame)`` gives it (its frames are its rows)."""
 
     def dataset_attrs(self, episode: Episode, key: str) -> dict | None: ...
 

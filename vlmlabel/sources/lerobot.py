@@ -35,8 +35,9 @@ def is_lerobot(folder: Path) -> bool:
 class LeRobotSource(TableSource):
     """A LeRobot dataset folder, read-only; frames from an image column or from the episode videos."""
 
-    def __init__(self, folder: Path, image_key: str | None):
+    def __init__(self, folder: Path, image_key: str | None, nvdec_gpu: int | None = None):
         self.folder = folder
+        self.nvdec_gpu = nvdec_gpu  # videos decoded by this CUDA device's NVDEC; None: on the CPU
         try:
             self.info = json.loads((folder / "meta" / "info.json").read_text())
         except (OSError, ValueError) as exc:
@@ -178,7 +179,8 @@ class LeRobotSource(TableSource):
 
     def _video_recipe(self) -> VideoRecipe:
         assert self._videos is not None  # set by episodes(), which the segments come from
-        return VideoRecipe(self._videos, self._index["episode_index"], self._index["timestamp"], self.fps)
+        return VideoRecipe(self._videos, self._index["episode_index"], self._index["timestamp"], self.fps,
+                           self.nvdec_gpu)
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         if not self.is_video:
@@ -216,7 +218,8 @@ class VideoRows:
 
     def __init__(self, recipe: VideoRecipe):
         self._recipe = recipe
-        self.reader = VideoReader(tolerance=0.5 / recipe.fps)  # public: its counters tell how much was decoded
+        # public: its counters tell how much was decoded
+        self.reader = VideoReader(tolerance=0.5 / recipe.fps, nvdec_gpu=recipe.nvdec_gpu)
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         episodes, times, videos = self._recipe.episode_index, self._recipe.timestamps, self._recipe.videos
@@ -241,6 +244,7 @@ class VideoRecipe:
     episode_index: np.ndarray  # per row
     timestamps: np.ndarray  # per row, seconds from the episode's start
     fps: float
+    nvdec_gpu: int | None = None
     decodes: bool = True
 
     def open(self) -> VideoRows:

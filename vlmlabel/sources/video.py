@@ -5,6 +5,10 @@ frame within ``tolerance`` seconds (a video shorter than its episode, or timesta
 with the video) is an error rather than a silently wrong frame. Frames are converted to RGB by
 FFmpeg's ``rgb24`` conversion, as LeRobot's PyAV backend does.
 
+With an NVDEC GPU (``nvdec_gpu``, ``--video-decoder nvdec``) FFmpeg decodes on the GPU's video engine and the
+decoded YUV frames come back to the host, where the same conversion makes them RGB: H.264, HEVC and AV1 decoders
+are bit-exact by their standards, so the pixels are the CPU decoder's.
+
 Decoding runs forward. A request behind the position reached, or so far ahead that a seek skips more than
 ``SEEK_MIN_SKIP`` frames, seeks to the last *seek point* at or before it and decodes on from there: LeRobot encodes
 a keyframe every 2 frames (libsvtav1 or libx264, ``g=2``), so with ``--workers N`` each worker decodes about
@@ -24,6 +28,7 @@ from typing import Any
 
 import av
 import numpy as np
+from av.codec.hwaccel import HWAccel
 from av.video.reformatter import VideoReformatter
 
 from vlmlabel.errors import SourceError
@@ -203,11 +208,35 @@ class _Diverged(Exception):
     """A decode from a seek point did not give the frames the index promised: decode from the start instead."""
 
 
+def as_planar(frame: av.VideoFrame) -> av.VideoFrame:
+    """A frame as a CPU decoder gives it: NVDEC's NV12 (chroma interleaved) as planar YUV 4:2:0 with the same
+    samples and colour tags, so the rgb24 conversion takes the CPU path's route through FFmpeg's scaler (NV12
+    converted directly takes another, up to 52 levels apart); planar formats (what CPU decoders give, and NVDEC for
+    4:4:4) as they are. Other semi-planar formats (P010 for 10-bit video) are refused rather than converted
+    along another route."""
+    if len(frame.planes) != 2:
+        return frame
+    if frame.format.name != "nv12":
+        raise SourceError(f"NVDEC gave {frame.format.name} frames, which vlmlabel cannot yet convert exactly as "
+                          "the CPU decoder's; drop --video-decoder nvdec to decode on the CPU")
+    if frame.width % 2 or frame.height % 2:
+        raise SourceError(f"NVDEC gave {frame.width}x{frame.height} frames, which vlmlabel cannot convert exactly "
+                          "(odd sizes); drop --video-decoder nvdec to decode on the CPU")
+    rows = frame.to_ndarray()  # (H * 3 / 2, W): luma, then one row of interleaved chroma per two rows
+    luma, chroma = rows[:frame.height], rows[frame.height:].reshape(frame.height // 2, frame.width // 2, 2)
+    planes = [luma.reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)]
+    samples = np.asarray(np.concatenate(planes).reshape(-1, frame.width), dtype=np.uint8)
+    planar = av.VideoFrame.from_ndarray(samples, format="yuv420p")
+    planar.colorspace, planar.color_range = frame.colorspace, frame.color_range
+    return planar
+
+
 class VideoReader:
     """One open video at a time, decoded forward, seeking to proven seek points when that saves decoding."""
 
-    def __init__(self, tolerance: float):
+    def __init__(self, tolerance: float, nvdec_gpu: int | None = None):
         self.tolerance = tolerance
+        self.nvdec_gpu = nvdec_gpu  # the CUDA device whose NVDEC decodes; None: the CPU
         self.decoded = 0  # frames decoded (all files), and seeks made: what the tests and benchmarks look at
         self.seeks = 0
         self._path: Path | None = None
@@ -217,25 +246,41 @@ class VideoReader:
         # new one per frame (3-5x slower at 224 px). The pixels are the same.
         self._rgb = VideoReformatter()
 
-    def _fail(self, exc: Exception) -> SourceError:
-        return SourceError(f"video {self._path} cannot be decoded ({exc}); re-encode or replace the file")
-
     def _open(self, path: Path) -> None:
         """Open ``path`` at its start: the reference every seek must agree with."""
         self.close()
         self._path = path
         try:
-            self._container = av.open(str(path))
+            self._container = av.open(str(path), hwaccel=self._nvdec())
             self._stream = self._container.streams.video[0]
-            self._stream.thread_type = "AUTO"
-            self._stream.codec_context.thread_count = _decoder_threads
+            if self.nvdec_gpu is None:
+                self._stream.thread_type = "AUTO"
+                self._stream.codec_context.thread_count = _decoder_threads
+            elif not self._stream.codec_context.is_hwaccel:
+                raise SourceError(f"NVDEC cannot decode {self._stream.codec_context.name} video {path}; drop "
+                                  "--video-decoder nvdec to decode on the CPU")
             self._frames = self._container.decode(self._stream)
         except (av.FFmpegError, OSError, IndexError) as exc:
             self.close()
             raise self._fail(exc) from None
+        except SourceError:
+            self.close()
+            raise
         self._start(None, [])
         if self._next is None:
             raise SourceError(f"video {path} holds no frames; re-encode or replace the file")
+
+    def _nvdec(self) -> HWAccel | None:
+        """NVDEC on ``nvdec_gpu``, without falling back to the CPU unseen (asked for, it is checked to run)."""
+        if self.nvdec_gpu is None:
+            return None
+        return HWAccel(device_type="cuda", device=str(self.nvdec_gpu), allow_software_fallback=False)
+
+    def _fail(self, exc: Exception) -> SourceError:
+        if self.nvdec_gpu is not None:
+            return SourceError(f"video {self._path} cannot be decoded by NVDEC on GPU {self.nvdec_gpu} ({exc}); "
+                               "drop --video-decoder nvdec to decode on the CPU")
+        return SourceError(f"video {self._path} cannot be decoded ({exc}); re-encode or replace the file")
 
     def _start(self, shown: np.ndarray | None, first: list[Any]) -> None:
         """Decoding starts at the file's start (``shown`` None) or at a seek point, from which it must give the
@@ -334,7 +379,7 @@ class VideoReader:
                 self._open(path)
                 frame = self._nearest(path, target)
             if converted[0] is not frame:
-                converted = (frame, self._rgb.reformat(frame, format="rgb24").to_ndarray())
+                converted = (frame, self._rgb.reformat(as_planar(frame), format="rgb24").to_ndarray())
             out.append(converted[1])
         return np.stack(out)
 
