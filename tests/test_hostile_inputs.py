@@ -148,6 +148,31 @@ def minari_without_steps(path: Path) -> Path:
     return path
 
 
+def minari_infos(path: Path, how: str) -> Path:
+    """Minari with episode_1's infos/ replaced: an external link into other.h5, a dataset, a link to nothing, or
+    a hard link to episode_0's infos (two episodes, one group)."""
+    layouts.build_minari(path)
+    with h5py.File(path, "a") as f:
+        f.require_group("episode_0/infos")
+        f["episode_1/infos"] = {
+            "external": lambda: h5py.ExternalLink("other.h5", "/infos"),
+            "dataset": lambda: np.zeros(3, np.float32),
+            "dangling": lambda: h5py.SoftLink("/nowhere"),
+            "shared": lambda: f["episode_0/infos"],
+        }[how]()
+    if how == "external":
+        with h5py.File(path.parent / "other.h5", "w") as other:
+            other.create_group("infos")
+    return path
+
+
+def dangling_reward_link(path: Path) -> Path:
+    layouts.build_robomimic(path)
+    with h5py.File(path, "a") as f:
+        f["data/demo_1/vlm_reward"] = h5py.SoftLink("/data/demo_1/gone")
+    return path
+
+
 def empty_file(path: Path) -> Path:
     h5py.File(path, "w").close()
     return path
@@ -305,6 +330,15 @@ REFUSED: dict[str, Refused] = {
     "undecodable JPEG": Refused(lambda p: flat_encoded(p, pictures("garbage")),  # --align next: row 0 is unread
                                 words=["frame 1 of observations", "not a decodable", "truncated"]),
     "dangling external link": Refused(dangling_link, words=["gone.h5", "not found"]),
+    "Minari infos/ an external link into another file": Refused(lambda p: minari_infos(p, "external"),
+                                                               words=["episode_1/infos", "external link", "other.h5"]),
+    "Minari infos/ a dataset": Refused(lambda p: minari_infos(p, "dataset"), words=["episode_1/infos", "not a group"]),
+    "Minari infos/ a link to nothing": Refused(lambda p: minari_infos(p, "dangling"),
+                                               words=["episode_1/infos", "link to nothing"]),
+    "two episodes, one infos/ group": Refused(lambda p: minari_infos(p, "shared"),
+                                              ["--overwrite"], ["episode_1/infos and episode_0/infos", "one group"]),
+    "reward name a link to nothing, --overwrite": Refused(dangling_reward_link, ["--overwrite"],
+                                                          ["data/demo_1/vlm_reward", "not written by vlmlabel"]),
     "next observations shorter than the frames": Refused(
         short_next_observations, words=["next_observations has", "rows but observations has", "--align frame"]),
     "a group name that is not UTF-8": Refused(name_not_utf8, words=["not UTF-8", "rename"]),

@@ -34,11 +34,8 @@ from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import Episode, reward_path
 from vlmlabel.sources.hdf5 import (
-    ExternalRef,
     HDF5Source,
     all_external_links,
-    external_links,
-    links_on_path,
     virtual_sources,
 )
 
@@ -90,32 +87,24 @@ def check_output_file(output: Path | None, overwrite: bool) -> None:
                           "(--overwrite): choose a new --output")
 
 
-def _linked_containers(handle: h5py.File) -> dict[str, ExternalRef]:
-    """External links among the groups that hold episodes: the root's and ``data/``'s own link tables, read in
-    one cheap pass each (no object opened)."""
-    tables = [handle] + ([handle["data"]] if isinstance(handle.get("data"), h5py.Group) else [])
-    return {ref.where: ref for table in tables for ref in external_links(table)}
-
-
 def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_arrays: list[str]) -> None:
-    """What vlmlabel adds must land in the file it copies, and a copy elsewhere must find what the file reads
-    from other files.
+    """What vlmlabel adds must land in the file it copies, each episode's in a place of its own, and a copy
+    elsewhere must find what the file reads from other files.
 
-    A location behind an external link would be written into the other file directly, outside the crash-safe
-    copy: refused. Checked for every location's episode group and for the whole path of the first location.
-    An output in another folder is refused when an external link of the file, or a virtual dataset among
+    Every location's group path is walked before any scoring (``_Groups.place``): one behind an external link
+    would be written into the other file, outside the crash-safe copy; one through a dataset or a dangling link
+    would fail after the scoring; two episodes reaching one group (hard or soft links) would write over each
+    other. An output in another folder is refused when an external link of the file, or a virtual dataset among
     ``frame_arrays``, names a file that would be found elsewhere, or not at all, from there.
     """
     handle = source.file
-    linked = _linked_containers(handle)
-    for index, location in enumerate(locations):
-        parts = location.strip("/").split("/")
-        behind = [linked[p] for p in ("/" + "/".join(parts[:d]) for d in range(1, len(parts))) if p in linked]
-        behind += links_on_path(handle, location) if index == 0 else []
-        if behind:
-            raise OutputError(f"{location} lies behind {behind[0].where}, an external link into "
-                              f"{behind[0].filename}: vlmlabel would write into that other file outside its "
-                              "crash-safe copy; relabel that file itself, or use another --reward-key")
+    groups = _Groups(handle)
+    places: dict[tuple[int, str], str] = {}
+    for target in dict.fromkeys(location.rpartition("/")[0] for location in locations):
+        first = places.setdefault(groups.place(target), target)
+        if first != target:
+            raise OutputError(f"{target} and {first} are one group of {source.path} (one is a link to the other): "
+                              "their rewards would be written over each other; remove the duplicate episode link")
     here, there = source.path.absolute().parent, dest.absolute().parent
     if here.resolve() == there.resolve():
         return
@@ -288,14 +277,56 @@ class _Groups:
     intermediate groups."""
 
     def __init__(self, handle: h5py.File):
-        self._open: dict[str, h5py.h5g.GroupID] = {"": h5py.h5g.open(handle.id, b"/")}  # on the last path
+        self._file = Path(handle.filename)
+        root = h5py.h5g.open(handle.id, b"/")
+        self._open: dict[str, h5py.h5g.GroupID] = {"": root}  # on the last path
+        self._where: dict[str, int] = {"": h5py.h5o.get_info(root).addr}  # their addresses, for ``place``
+
+    def _along(self, parent: str) -> None:
+        """Keep open only the groups on the way to ``parent``: 100k episode groups held open would hold memory
+        for nothing."""
+        self._open = {p: g for p, g in self._open.items() if not p or parent == p or parent.startswith(p + "/")}
+
+    def place(self, target: str) -> tuple[int, str]:
+        """Where datasets for group ``target`` will land: the address of the deepest group of its path there now
+        and the part of the path still to be created. Refuses a path through an external link, a dangling link
+        or something that is not a group. Nothing is created."""
+        parts = target.strip("/").split("/") if target.strip("/") else []
+        self._along(target.strip("/"))
+        done = ""
+        for depth, name in enumerate(parts):
+            path = f"{done}/{name}" if done else name
+            if path not in self._open:
+                group, link = self._open[done], name.encode()
+                if not group.links.exists(link):  # not there: the write creates it
+                    return self._where[done], "/".join(parts[depth:])
+                kind = group.links.get_info(link).type
+                if kind == h5py.h5l.TYPE_EXTERNAL:
+                    other = group.links.get_val(link)[0].decode(errors="replace")
+                    how = "is" if path == target.strip("/") else f"lies behind /{path},"
+                    raise OutputError(f"{target} {how} an external link into {other}: vlmlabel would write into that "
+                                      "other file outside its crash-safe copy; relabel that file itself, or use "
+                                      "another --reward-key")
+                try:
+                    info = h5py.h5o.get_info(group, link)
+                except (KeyError, RuntimeError, ValueError):
+                    raise OutputError(f"/{path} in {self._file} is a link to nothing; the rewards of {target} cannot "
+                                      "be written under it: fix or remove the link") from None
+                if info.type != h5py.h5o.TYPE_GROUP:
+                    raise OutputError(f"/{path} in {self._file} is not a group; the rewards of {target} cannot be "
+                                      "written under it: rename it, or use another --reward-key") from None
+                self._where[path] = info.addr
+                if depth + 1 < len(parts):
+                    self._open[path] = h5py.h5g.open(group, link)
+            done = path
+        self._where = {p: a for p, a in self._where.items() if not p or p in self._open or p == done}
+        return self._where[done], ""
 
     def free_slot(self, path: str) -> tuple[h5py.h5g.GroupID, bytes] | None:
         """The group that is to hold ``path`` and the new link's name; None when the name is taken or a group on
         the way cannot be opened (a dataset, a dangling link)."""
         parent, _, name = path.strip("/").rpartition("/")
-        # Only the groups on this path stay open: 100k episode groups held open would hold memory for nothing.
-        self._open = {p: g for p, g in self._open.items() if not p or parent == p or parent.startswith(p + "/")}
+        self._along(parent)
         group = self._group(parent)
         try:
             if group is None or group.links.exists(name.encode()):
@@ -381,6 +412,19 @@ def _attrs(item: h5py.HLObject) -> dict[str, Any]:
     return dict(item.attrs) if isinstance(item, h5py.Dataset) else {}
 
 
+def _item_or_link(handle: h5py.File, path: str, objects_only: bool) -> h5py.HLObject | h5py.SoftLink | None:
+    """What is at ``path``: the object, else (unless ``objects_only``) a link to nothing, which is the user's as
+    much as a dataset is (``get`` alone does not see it, and the write would replace it). One link lookup when
+    nothing is there, the common case (half the time of ``get``)."""
+    try:
+        if not handle.id.links.exists(path.encode()):
+            return None
+    except (KeyError, RuntimeError, ValueError):  # a group on the way is missing: nothing there
+        return None
+    found = handle.get(path)
+    return handle.get(path, getlink=True) if found is None and not objects_only else found
+
+
 def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> dict[str, Present]:
     """Per name, what is found at its locations in the file at ``path``.
 
@@ -393,7 +437,7 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
         return found
     with h5py.File(path, "r") as handle:
         for name, paths in locations.items():
-            present = [(p, i) for p in paths if (i := handle.get(p)) is not None]
+            present = [(p, i) for p in paths if (i := _item_or_link(handle, p, everywhere)) is not None]
             if not present or everywhere and len(present) < len(paths):
                 continue
             if everywhere:
