@@ -280,3 +280,11 @@ def test_device_scorer_keeps_frame_order_with_mixed_sizes_and_alpha(tiny, tmp_pa
     scores = FrameScorer(tiny, GOALS).score(batches[0]).numpy()
     want = cosine(tiny.encode_images(_pil_pixels(tiny, blobs)), tiny.encode_texts(GOALS)).numpy()
     np.testing.assert_allclose(scores, want, atol=2e-3)
+
+
+def test_bytes_that_are_no_image_are_named_without_the_decoders_internals(tmp_path):
+    path = _h5(tmp_path / "f.h5", _blobs("RGB PNG", 3), [b"these bytes are no image at all"], at=2)
+    with pytest.raises(SourceError) as info:
+        _decoded(path, 4)
+    assert str(info.value).startswith("frame 2 of observations is not a decodable JPEG/PNG image (Unsupported "
+                                      "image file); check the file or choose another --image-key")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from tests.cluster_files import ROOT, env, make_dataset, read_rewards, relabel_args
 from vlmlabel.cli import app
-from vlmlabel.errors import Interrupted, LockedError
+from vlmlabel.errors import Interrupted, LockedError, SourceError, WorkerLost
 from vlmlabel.run.checkpoint import Checkpoint
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.run.shards import dest_lock, work_dir
@@ -164,6 +164,35 @@ def test_resume_keeps_the_saved_batch_size(tmp_path, dataset, baseline, tiny_mod
     got = read_rewards(dataset)
     for name in baseline:
         np.testing.assert_array_equal(got[name], baseline[name])
+
+
+def _fail_after(frames: int, error: Exception):
+    seen = [0]
+
+    def callback(count: int) -> None:
+        seen[0] += count
+        if seen[0] >= frames:
+            raise error
+    return callback
+
+
+def test_a_lost_decoding_worker_keeps_progress_and_bad_data_does_not(dataset, baseline, tiny_model_dir):
+    """A worker killed by the out-of-memory killer is a fault, like a kill: the rerun takes the progress up. A
+    refused frame means the data changed or is bad: what was saved is dropped."""
+    lost = WorkerLost("a decoding worker stopped unexpectedly (killed by signal 9; out of memory?)")
+    with pytest.raises(WorkerLost):
+        relabel_file(_request(dataset, tiny_model_dir), on_progress=_fail_after(30, lost))
+    assert _state(dataset)["done"] >= 20  # the last checkpoint (every 10 frames) before the failure
+    notes: list[str] = []
+    relabel_file(_request(dataset, tiny_model_dir), on_note=notes.append)
+    assert any("resuming" in n for n in notes)
+    got = read_rewards(dataset)
+    for name in baseline:
+        np.testing.assert_array_equal(got[name], baseline[name])
+    other = make_dataset(dataset.parent / "other.h5")
+    with pytest.raises(SourceError):
+        relabel_file(_request(other, tiny_model_dir), on_progress=_fail_after(30, SourceError("frame 3 is bad")))
+    assert _state(other) is None
 
 
 def test_changed_goal_invalidates_and_restart_discards(tmp_path, tiny_model_dir):

@@ -10,6 +10,8 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,11 +26,11 @@ from typer.testing import CliRunner
 from tests import layouts, table_layouts, test_video_seek
 from vlmlabel import decode_workers, engine
 from vlmlabel.cli import app
-from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.errors import SourceError, VlmlabelError, WorkerLost
 from vlmlabel.model import load_model
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import Reopenable
+from vlmlabel.sources.base import Reopenable, Segment
 
 GOALS = ["a red square", "a blue sky"]
 runner = CliRunner()
@@ -239,6 +241,91 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tiny, tmp_path):
     with open_source(str(lf.path)) as source, pytest.raises(SourceError, match="a decoding worker stopped"):
         list(engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, None,
                                  workers=1))
+    assert not _children()
+
+
+def _spilling_file(path: Path) -> Path:
+    """One small frame first (the buffers are sized from it), then large ones: every batch spills, so each result
+    a worker sends is megabytes (the pipe holds 64 KiB)."""
+    small, big = layouts.make_frames(1, 8, 8, seed=1)[0], layouts.make_frames(1, 256, 256, seed=2)[0]
+    blobs = [_png(small)] + [_png(big)] * 47
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset("observations", (len(blobs),), dtype=h5py.vlen_dtype(np.uint8))
+        for row, blob in enumerate(blobs):
+            dset[row] = np.frombuffer(blob, np.uint8)
+        f.create_dataset("terminals", data=np.arange(len(blobs)) == len(blobs) - 1)
+    return path
+
+
+def _png(frame: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_worker_killed_halfway_through_sending_a_large_batch_is_an_error_not_a_hang(tmp_path):
+    """While the model is busy, both workers block sending spilled batches; killed then, the main process must
+    see it (each worker has a pipe of its own: a shared one would wait for the rest of the message forever)."""
+    path = _spilling_file(tmp_path / "spill.h5")
+    calls = []
+
+    def compute(batch: engine.Batch) -> torch.Tensor:
+        calls.append(batch.size)
+        if len(calls) == 1:
+            time.sleep(2)  # the workers fill the next batches and block writing them
+            for pid in _children():
+                os.kill(pid, signal.SIGKILL)
+        batch.release()
+        return torch.zeros(batch.size, 1)
+
+    with open_source(str(path)) as source, pytest.raises(WorkerLost, match="a decoding worker stopped"):
+        list(engine.compute_rows(source, source.episodes(Align.frame), 16, torch.device("cpu"), compute, None,
+                                 workers=2))
+    assert not _children()
+
+
+def test_a_batch_too_large_to_send_is_reported_not_dropped():
+    """Pickling a large spilled batch can run out of memory: the main process gets a one-line error for that
+    batch instead of waiting for it forever."""
+    reading, writing = mp.Pipe(duplex=False)
+    sent = []
+
+    class Refusing:
+        def send(self, message):
+            if not sent:
+                sent.append(message)
+                raise MemoryError
+            writing.send(message)
+
+    assert decode_workers._send(Refusing(), 3, decode_workers.Failure("unused", None))
+    index, outcome = reading.recv()
+    assert index == 3 and outcome.error is WorkerLost and "ran out of memory sending batch 3" in outcome.message
+    writing.close()
+    assert not decode_workers._send(_Closed(), 4, outcome)  # the main process is gone: the worker stops
+
+
+class _Closed:
+    def send(self, message):
+        raise BrokenPipeError
+
+
+def test_stopping_with_many_unread_tasks_does_not_wait_for_the_pipe(tmp_path):
+    """Thousands of short episodes make tasks of many row ranges; stopping at once drops the unread ones."""
+    lf = layouts.build_minari_png(tmp_path / "png.h5")
+    with open_source(str(lf.path)) as source:
+        recipe = source.recipe()
+        assert isinstance(source, Reopenable) and recipe is not None
+        buffers = [torch.zeros(64, dtype=torch.uint8).share_memory_()]
+        workers = decode_workers.DecodeWorkers(recipe, buffers, 1, source.frame_format, "observations")
+        pieces = tuple(Segment("nothing", row, row + 1) for row in range(4000))  # about 200 KB pickled
+        for index in range(5):
+            workers.submit(index, 0, pieces)
+        for process in workers._processes:
+            os.kill(process.pid, signal.SIGKILL)
+        closing = threading.Thread(target=workers.close, args=(False,), daemon=True)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive()
     assert not _children()
 
 

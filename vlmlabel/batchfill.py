@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -109,7 +110,7 @@ def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = 
     try:
         frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
     except RuntimeError as exc:
-        reason = str(exc).rsplit(", ", 1)[-1].strip()  # torchvision prefixes its C++ source location
+        reason = _decoder_reason(str(exc))
         raise SourceError(f"{frame_name} is not a decodable JPEG/PNG image ({reason}); "
                           "check the file or choose another --image-key") from None
     if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
@@ -121,6 +122,15 @@ def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = 
                               "(e.g. PIL Image.alpha_composite) or save it as RGB")
         frame = frame[:3]
     return frame
+
+
+def _decoder_reason(message: str) -> str:
+    """The reason in a torchvision decoder's message ("decode_jpeg, /path/decode_jpeg.cpp:171, Image is
+    incomplete or truncated"): without its C++ source location, and only the first sentence (the rest names
+    torchvision functions, not something a user of vlmlabel can act on)."""
+    parts = message.split(", ", 2)
+    reason = parts[2] if len(parts) == 3 and re.search(r":\d+$", parts[1]) else message
+    return reason.split(". ", 1)[0].strip().rstrip(".")
 
 
 def plan_batches(episodes: Sequence[Episode], batch_size: int) -> Iterator[tuple[Segment, ...]]:

@@ -9,6 +9,11 @@ set of buffers, each refilled only once the model has released it.
 
 Workers ignore SIGINT and SIGTERM: the main process decides when they stop (a first Ctrl-C finishes the batch
 in hand and saves progress), kills them when the run fails, and they exit by themselves when it dies.
+
+Each worker sends its results down a pipe of its own, pickled in its own thread: a worker that dies, even in
+the middle of a message, closes the only writing end, so the main process sees it at once (a shared queue
+would wait for the rest of the message forever), and a result that cannot be sent (out of memory while
+pickling a large batch) is reported, never dropped.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import signal
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the pickling that shares a tensor's memory with a worker)
 
 from vlmlabel.batchfill import Filled, fill
-from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.errors import SourceError, VlmlabelError, WorkerLost
 from vlmlabel.sources.base import FrameFormat, FrameReader, Segment, SourceRecipe
 from vlmlabel.sources.video import share_cores
 
@@ -87,14 +94,27 @@ def start_server() -> None:
 
 @dataclass(frozen=True)
 class Failure:
-    """A batch a worker could not fill: a ``SourceError``'s message (one line for the user) or a traceback."""
+    """A batch a worker could not fill: the one-line message of the error to raise in the main process
+    (``error``), or a traceback (``error`` None: a bug, not the data)."""
 
     message: str
-    source_error: bool
+    error: type[SourceError] | None
+
+
+def _send(results: Connection, index: int, outcome: Filled | Failure) -> bool:
+    """Send one batch's outcome; False when the main process is gone."""
+    try:
+        results.send((index, outcome))
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    except MemoryError:  # pickling a large spilled batch: nothing was sent
+        results.send((index, Failure(f"a decoding worker ran out of memory sending batch {index}; run again with "
+                                     "fewer --workers or a smaller --batch-size", WorkerLost)))
+    return True
 
 
 def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, where: str,
-          tasks: mp.Queue, results: mp.Queue, cores: int) -> None:
+          tasks: mp.Queue, results: Connection, cores: int) -> None:
     """A worker's life: open the source once, fill the batches asked for, stop at None or when the main
     process is gone. ``cores``: its share of the cores, for the video decoder's threads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -115,17 +135,21 @@ def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, w
             if task is None:
                 return
             index, slot, pieces = task
+            outcome: Filled | Failure
             try:
                 if reader is None:
                     reader = recipe.open()
-                results.put((index, fill(reader, pieces, slots[slot], fmt, where)))
+                outcome = fill(reader, pieces, slots[slot], fmt, where)
             except SourceError as exc:
-                results.put((index, Failure(str(exc), True)))
+                outcome = Failure(str(exc), type(exc))
             except Exception:  # a bug, not the data: the main process shows the worker's traceback
-                results.put((index, Failure(traceback.format_exc(), False)))
+                outcome = Failure(traceback.format_exc(), None)
+            if not _send(results, index, outcome):
+                return
     finally:
         if reader is not None:
             reader.close()
+        results.close()
 
 
 class DecodeWorkers:
@@ -136,18 +160,22 @@ class DecodeWorkers:
                  where: str):
         context = _context()
         self._tasks: mp.Queue | None = context.Queue()
-        self._results: mp.Queue | None = context.Queue()
+        pipes = [context.Pipe(duplex=False) for _ in range(count)]
+        self._results = [reading for reading, _ in pipes]
         self._done: dict[int, Filled | Failure] = {}
         self._processes = [context.Process(target=_work, name=f"vlmlabel-decoder-{i}", daemon=True,
-                                           args=(recipe, list(buffers), fmt, where, self._tasks, self._results,
+                                           args=(recipe, list(buffers), fmt, where, self._tasks, writing,
                                                  max(1, usable_cores() // count)))
-                           for i in range(count)]
+                           for i, (_, writing) in enumerate(pipes)]
         try:
             for process in self._processes:
                 process.start()
         except BaseException:
             self.close(wait=False)
             raise
+        finally:
+            for _, writing in pipes:
+                writing.close()  # each worker holds its own: its death is the end of its pipe
 
     def submit(self, index: int, slot: int, pieces: tuple[Segment, ...]) -> None:
         """Ask for batch ``index`` (rows ``pieces``) to be filled into buffer ``slot``."""
@@ -156,32 +184,43 @@ class DecodeWorkers:
 
     def result(self, index: int) -> Filled:
         """Wait for batch ``index``; a worker's ``SourceError`` is raised here, as the same one-line error."""
-        assert self._results is not None, "the workers were stopped"
+        assert self._tasks is not None, "the workers were stopped"
         while index not in self._done:
-            try:
-                done, outcome = self._results.get(timeout=POLL_SECONDS)
-            except queue.Empty:
+            ready = wait(self._results, timeout=POLL_SECONDS)
+            if not ready:
                 self._check_alive()
-                continue
-            self._done[done] = outcome
+            for reading in ready:
+                assert isinstance(reading, Connection)
+                try:
+                    done, outcome = reading.recv()
+                except (EOFError, OSError):  # its worker died, maybe halfway through a message
+                    process = self._processes[self._results.index(reading)]
+                    process.join(JOIN_SECONDS)
+                    raise self._lost(process) from None
+                self._done[done] = outcome
         outcome = self._done.pop(index)
         if isinstance(outcome, Failure):
-            if outcome.source_error:
-                raise SourceError(outcome.message)
+            if outcome.error is not None:
+                raise outcome.error(outcome.message)
             raise RuntimeError(f"a decoding worker failed:\n{outcome.message}")
         return outcome
 
     def _check_alive(self) -> None:
-        for process in self._processes:
-            if not process.is_alive():
-                code = process.exitcode
-                why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-                raise SourceError(f"a decoding worker stopped unexpectedly ({why}; out of memory?); "
-                                  "run again with --workers 0 to decode in this process")
+        stopped = next((process for process in self._processes if not process.is_alive()), None)
+        if stopped is not None:
+            raise self._lost(stopped)
+
+    @staticmethod
+    def _lost(process: BaseProcess) -> WorkerLost:
+        code = process.exitcode
+        why = (f"killed by signal {-code}" if code is not None and code < 0 else
+               f"exit code {code}" if code is not None else "its pipe closed")
+        return WorkerLost(f"a decoding worker stopped unexpectedly ({why}; out of memory?); run again, with fewer "
+                          "--workers or --workers 0 to decode in this process")
 
     def close(self, wait: bool) -> None:
         """Stop the workers: after their current batch when ``wait``, else at once (they only read)."""
-        if self._tasks is None or self._results is None:
+        if self._tasks is None:
             return
         if wait:
             for _ in self._processes:
@@ -194,12 +233,14 @@ class DecodeWorkers:
                 process.kill()
                 process.join()
             process.close()
-        for channel in (self._tasks, self._results):
-            channel.close()
-            channel.join_thread()  # a few small tasks at most, which fit the pipe whether or not a worker reads them
-        # The last references to the queues: their named semaphores are unlinked now, not when a traceback that
+        # Tasks nobody will read may fill the pipe (thousands of episodes' rows): drop them rather than wait.
+        self._tasks.cancel_join_thread()
+        self._tasks.close()
+        for reading in self._results:
+            reading.close()
+        # The last references to the queue: its named semaphores are unlinked now, not when a traceback that
         # holds this object goes away.
-        self._processes, self._tasks, self._results = [], None, None
+        self._processes, self._tasks, self._results = [], None, []
 
     def __enter__(self) -> DecodeWorkers:
         return self

@@ -24,6 +24,11 @@ class SeveralCameras(SourceError):
         self.cameras = cameras
 
 
+class WorkerLost(SourceError):
+    """A decoding worker died (the out-of-memory killer, a signal): nothing is wrong with the data or the progress
+    saved, which a rerun takes up."""
+
+
 class ModelError(VlmlabelError):
     """The model, its weights or its tokenizer cannot be loaded."""
 

@@ -30,7 +30,7 @@ from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
 from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
-from vlmlabel.errors import OutputError, VlmlabelError
+from vlmlabel.errors import OutputError, VlmlabelError, WorkerLost
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
@@ -483,9 +483,9 @@ def _score_frames_and_finish(run: OpenRun, model: ClipModel, scorer: FrameScorer
             summary: Summary = _shard_summary(run, scored.seconds, False)
         else:
             summary = _commit_run(run, model, scored, wanted, cache_note)
-    except VlmlabelError:
-        # Bad input or a changed source: what was saved cannot serve a rerun.
-        _discard(checkpoints, run.work)
+    except VlmlabelError as exc:
+        # Bad input or a changed source: what was saved cannot serve a rerun. A lost worker is a fault, like a kill.
+        _discard([c for c in checkpoints if not c.holds_rows] if isinstance(exc, WorkerLost) else checkpoints, run.work)
         raise
     except BaseException:
         # Signals, kills, a full disk: saved rows serve the rerun; a sidecar holding none is only junk.
