@@ -339,6 +339,10 @@ REFUSED: dict[str, Refused] = {
                                               ["--overwrite"], ["episode_1/infos and episode_0/infos", "one group"]),
     "reward name a link to nothing, --overwrite": Refused(dangling_reward_link, ["--overwrite"],
                                                           ["data/demo_1/vlm_reward", "not written by vlmlabel"]),
+    "SOURCE a loop of symbolic links": Refused(lambda p: (p.symlink_to(p), p)[1], words=["loop of symbolic links"]),
+    "--output a loop of symbolic links": Refused(
+        lambda p: (robomimic(p), (p.parent / "out.h5").symlink_to(p.parent / "out.h5"))[0],
+        ["--output", "{folder}/out.h5"], ["out.h5", "loop of symbolic links"]),
     "next observations shorter than the frames": Refused(
         short_next_observations, words=["next_observations has", "rows but observations has", "--align frame"]),
     "a group name that is not UTF-8": Refused(name_not_utf8, words=["not UTF-8", "rename"]),

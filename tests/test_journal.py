@@ -4,6 +4,7 @@ undone on any error, and a process killed anywhere inside it leaves a file the n
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -212,6 +213,25 @@ def test_a_journal_cut_short_is_only_removed(tmp_path):
     (left,) = tmp_path.glob(".data.h5.*.journal")
     left.write_bytes(left.read_bytes()[:-10])  # as if the kill had come while it was written
     assert "incomplete journal" in journal.recover(lf.path)[0]
+    assert _digest(lf.path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
+
+
+def test_a_journal_whose_pid_names_another_process_now_is_recovered(tmp_path, monkeypatch):
+    """After a reboot, or in a container, the dead run's PID may name a live process: what tells is the file's
+    lock, which the run held while its journal existed. Held, the journal is waited for, then refused."""
+    lf = layouts.build_robomimic(tmp_path / "data.h5")
+    before = _digest(lf.path)
+    _killed_apply(lf.path, _rewards(lf), step=3, torn=True)
+    (left,) = tmp_path.glob(".data.h5.*.journal")
+    reused = left.with_name(left.name.rsplit("-", 1)[0] + f"-{os.getpid()}.journal")  # a live process's PID
+    left.rename(reused)
+    monkeypatch.setattr(journal, "_WAIT_SECONDS", 0.3)
+    with open(lf.path, "rb") as holder:  # a run applying its journal holds the lock
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(SourceError, match="being written by another vlmlabel run"):
+            journal.recover(lf.path)
+    assert reused.exists()
+    assert "undid an interrupted write" in journal.recover(lf.path)[0]
     assert _digest(lf.path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["data.h5"]
 
 

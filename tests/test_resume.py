@@ -23,7 +23,7 @@ from tests.cluster_files import ROOT, env, make_dataset, read_rewards, relabel_a
 from vlmlabel.cli import app
 from vlmlabel.errors import Interrupted, LockedError, SourceError, WorkerLost
 from vlmlabel.run.checkpoint import Checkpoint
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
 from vlmlabel.run.shards import dest_lock, work_dir
 
 pytestmark = pytest.mark.subprocess
@@ -193,6 +193,28 @@ def test_a_lost_decoding_worker_keeps_progress_and_bad_data_does_not(dataset, ba
     with pytest.raises(SourceError):
         relabel_file(_request(other, tiny_model_dir), on_progress=_fail_after(30, SourceError("frame 3 is bad")))
     assert _state(other) is None
+
+
+def test_a_rerun_after_a_kill_past_the_write_clears_what_that_run_left(dataset, tiny_model_dir, monkeypatch):
+    """Killed after its rewards landed but before its cleanup, a run leaves its progress and its lock; the
+    identical rerun finds the rewards written and removes them, unless a live run holds the lock."""
+    from vlmlabel.run import lifecycle, locking
+
+    with monkeypatch.context() as patched:
+        patched.setattr(lifecycle, "_discard", lambda checkpoints, work: None)  # the kill: no cleanup
+        relabel_file(_request(dataset, tiny_model_dir))
+    work, lock = work_dir(dataset, "vlm_reward"), dest_lock(dataset)
+    assert (work / "progress" / "state.json").exists()
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": locking._process_start(os.getpid())}
+    lock.write_text(json.dumps(live))
+    assert isinstance(relabel_file(_request(dataset, tiny_model_dir)), FinishedSummary)
+    assert (work / "progress").exists() and lock.exists()  # a live run's: left alone
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({**live, "pid": int(gone.stdout), "proc_start": "0"}))
+    notes: list[str] = []
+    assert isinstance(relabel_file(_request(dataset, tiny_model_dir), on_note=notes.append), FinishedSummary)
+    assert not work.exists() and not lock.exists()
+    assert any("already written" in n for n in notes) and any("stale lock" in n for n in notes)
 
 
 def test_changed_goal_invalidates_and_restart_discards(tmp_path, tiny_model_dir):

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmlabel.errors import OutputError
+
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(?P<what>[a-z]+)$")
 
@@ -33,7 +35,13 @@ def fsync(path: Path) -> None:
 
 def real_target(path: Path) -> Path:
     """The path a write must replace: a symlink is followed, so the link stays a link."""
-    return path.resolve() if path.is_symlink() else path.absolute()
+    if not path.is_symlink():
+        return path.absolute()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # a loop of links (RuntimeError before Python 3.13)
+        raise OutputError(f"{path} is a loop of symbolic links; point the link at a file, or name "
+                          "another path") from None
 
 
 def beside(target: Path, what: str) -> Path:

@@ -348,11 +348,28 @@ def recover(path: Path) -> list[str]:
         if left.host != atomic.HOST:
             raise SourceError(f"{path} has an unfinished write by vlmlabel on host {left.host} ({left.path.name}); "
                               f"run any vlmlabel command on it from {left.host}, which repairs it")
-        if not left.dead:
+        if not (left.dead or _abandoned(real)):
             _wait_gone(left.path, real)
         elif left.path.exists():
             notes.append(_recover_one(real, left.path))
     return notes
+
+
+def _abandoned(real: Path) -> bool:
+    """No process holds the file's lock. A run holds it from before its journal is written until after it is
+    removed, so its journal has outlived it, even if its PID now names another process (after a reboot, in a
+    container). False where the file system has no locks: the PID is then all there is to go by."""
+    try:
+        fd = os.open(real, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held (BlockingIOError), or no locks here
+        return False
+    finally:
+        os.close(fd)
 
 
 def _wait_gone(journal: Path, real: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,12 +31,12 @@ from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
 from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
-from vlmlabel.errors import OutputError, VlmlabelError, WorkerLost
+from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
-from vlmlabel.run.checkpoint import Checkpoint, differences, run_numerics
+from vlmlabel.run.checkpoint import STATE_FILE, Checkpoint, differences, run_numerics
 from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
@@ -448,6 +449,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         if maybe_done and run.already_written(present, wanted):
             events.note(f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
                         "(same frames, goals, model and formulation); nothing to do")
+            _clear_finished(run, identity, stack, events)
             return FinishedSummary(run.destination.path, run.names)
         if maybe_done:
             _checks_and_lock(run, stack, events)
@@ -549,6 +551,26 @@ def _part_done(path: Path, identity: dict[str, Any], numerics: dict[str, str], e
         return True
     events.note(f"{path} was made with other options; computing it again")
     return False
+
+
+def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.ExitStack, events: Events) -> None:
+    """A run killed after its write landed leaves its progress and its lock beside the data; the identical rerun,
+    finding the rewards written, removes them once it holds the lock (a live run's are left alone), and only
+    progress made towards these very rewards."""
+    lock = dest_lock(run.destination.path)
+    saved = [f for f in checkpoint_folders(run) if f.exists()]
+    if run.shard or not (saved or lock.exists()):
+        return
+    try:
+        stack.enter_context(RunLock(lock, str(run.destination.path), events.on_note))
+    except LockedError:
+        return
+    for folder in saved:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            saved_identity = json.loads((folder / STATE_FILE).read_text()).get("identity", {})
+            if set(differences(saved_identity, identity)) <= {"stamp"}:  # the file's stamp moved with the write
+                shutil.rmtree(folder, ignore_errors=True)
+    _remove_if_empty(run.work)
 
 
 def _remove_if_empty(folder: Path) -> None:
