@@ -176,9 +176,14 @@ def _decoded(path: Path, batch_size: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("case", JPEGS)
-def test_jpeg_frames_are_decoded_to_pils_very_pixels(case, tmp_path):
+def test_jpeg_frames_are_decoded_to_pils_very_pixels(case, tmp_path, monkeypatch):
     """The JPEG decoder (simplejpeg, libjpeg-turbo) gives what PIL's gives, bit for bit, in every batch slot: a
     frame of another size in the middle of a batch (here larger, so it and the frames after it spill) too."""
+    import simplejpeg
+
+    decoded = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: decoded.append(1) or real(*a, **k))
     small = make_frames(2, 30, 44, seed=3)
     blobs = _blobs(case, 5)
     blobs[2:2] = [_encode(case, frame, np.random.default_rng(9)) for frame in small]
@@ -188,6 +193,8 @@ def test_jpeg_frames_are_decoded_to_pils_very_pixels(case, tmp_path):
         assert len(got) == len(want)
         for mine, pils in zip(got, want[2:] + want[:2], strict=True):
             np.testing.assert_array_equal(mine, pils, err_msg=f"{case}, batch of {batch_size}")
+    # Every frame by simplejpeg, none left to the fallback (and each file's first once more, to size the buffers).
+    assert len(decoded) == 3 * (len(blobs) + 1)
 
 
 def test_a_jpeg_simplejpeg_refuses_is_decoded_by_torchvision(tmp_path, monkeypatch):

@@ -159,8 +159,11 @@ def minari_infos(path: Path, how: str) -> Path:
             "dataset": lambda: np.zeros(3, np.float32),
             "dangling": lambda: h5py.SoftLink("/nowhere"),
             "shared": lambda: f["episode_0/infos"],
+            "soft to external": lambda: h5py.SoftLink("/elsewhere"),
         }[how]()
-    if how == "external":
+        if how == "soft to external":
+            f["elsewhere"] = h5py.ExternalLink("other.h5", "/infos")
+    if how in ("external", "soft to external"):
         with h5py.File(path.parent / "other.h5", "w") as other:
             other.create_group("infos")
     return path
@@ -332,6 +335,9 @@ REFUSED: dict[str, Refused] = {
     "dangling external link": Refused(dangling_link, words=["gone.h5", "not found"]),
     "Minari infos/ an external link into another file": Refused(lambda p: minari_infos(p, "external"),
                                                                words=["episode_1/infos", "external link", "other.h5"]),
+    "Minari infos/ a soft link to an external link": Refused(lambda p: minari_infos(p, "soft to external"),
+                                                            ["--output", "{folder}/out.h5"],
+                                                            ["episode_1/infos", "a link into another file"]),
     "Minari infos/ a dataset": Refused(lambda p: minari_infos(p, "dataset"), words=["episode_1/infos", "not a group"]),
     "Minari infos/ a link to nothing": Refused(lambda p: minari_infos(p, "dangling"),
                                                words=["episode_1/infos", "link to nothing"]),

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from vlmlabel import __version__
-from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
+from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import RAW_AXES, as_nchw, iter_batches, score_episodes
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
@@ -39,6 +39,7 @@ from vlmlabel.preprocess import DevicePreprocess
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, Episode, FrameSource, Segment, open_source
 from vlmlabel.sources.base import FrameBlock, VideoDecoder
+from vlmlabel.sources.video import nvdec_gpu
 
 BENCH_GOAL = "a robot arm grasping a red cube"
 EPISODE_STEPS = 500

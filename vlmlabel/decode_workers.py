@@ -140,8 +140,8 @@ def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, w
                 if reader is None:
                     reader = recipe.open()
                 outcome = fill(reader, pieces, slots[slot], fmt, where)
-            except SourceError as exc:
-                outcome = Failure(str(exc), type(exc))
+            except SourceError as exc:  # raised again in the main process from its message alone
+                outcome = Failure(str(exc), WorkerLost if isinstance(exc, WorkerLost) else SourceError)
             except Exception:  # a bug, not the data: the main process shows the worker's traceback
                 outcome = Failure(traceback.format_exc(), None)
             if not _send(results, index, outcome):

@@ -7,7 +7,6 @@ import enum
 import torch
 
 from vlmlabel.errors import DeviceError
-from vlmlabel.sources.base import VideoDecoder
 
 
 class Precision(str, enum.Enum):
@@ -48,16 +47,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise DeviceError("device 'mps' asked for but Apple MPS is not available; use --device cpu")
         return device
     raise DeviceError(f"unsupported device {spec!r}; use auto, cpu, cuda, cuda:N or mps")
-
-
-def nvdec_gpu(decoder: VideoDecoder, device: torch.device) -> int | None:
-    """The CUDA device whose NVDEC decodes the video (the run's own GPU), or None for the CPU."""
-    if decoder is VideoDecoder.cpu:
-        return None
-    if device.type != "cuda":
-        raise DeviceError(f"--video-decoder nvdec decodes on the run's CUDA GPU, and this run is on {device.type}; "
-                          "use --device cuda, or drop --video-decoder nvdec")
-    return 0 if device.index is None else device.index
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

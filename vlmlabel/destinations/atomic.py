@@ -38,10 +38,13 @@ def real_target(path: Path) -> Path:
     if not path.is_symlink():
         return path.absolute()
     try:
-        return path.resolve()
-    except (RuntimeError, OSError):  # a loop of links (RuntimeError before Python 3.13)
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # a loop of links, before Python 3.13
+        resolved = path
+    if resolved.is_symlink():  # a loop of links: Python 3.13 returns where the loop was found
         raise OutputError(f"{path} is a loop of symbolic links; point the link at a file, or name "
-                          "another path") from None
+                          "another path")
+    return resolved
 
 
 def beside(target: Path, what: str) -> Path:

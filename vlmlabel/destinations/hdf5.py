@@ -280,7 +280,9 @@ class _Groups:
         self._file = Path(handle.filename)
         root = h5py.h5g.open(handle.id, b"/")
         self._open: dict[str, h5py.h5g.GroupID] = {"": root}  # on the last path
-        self._where: dict[str, int] = {"": h5py.h5o.get_info(root).addr}  # their addresses, for ``place``
+        info = h5py.h5o.get_info(root)
+        self._fileno = info.fileno  # this file's: a soft link may lead into another one, through an external link
+        self._where: dict[str, int] = {"": info.addr}  # their addresses, for ``place``
 
     def _along(self, parent: str) -> None:
         """Keep open only the groups on the way to ``parent``: 100k episode groups held open would hold memory
@@ -312,9 +314,13 @@ class _Groups:
                 except (KeyError, RuntimeError, ValueError):
                     raise OutputError(f"/{path} in {self._file} is a link to nothing; the rewards of {target} cannot "
                                       "be written under it: fix or remove the link") from None
+                if info.fileno != self._fileno:
+                    raise OutputError(f"{target} leads through /{path}, a link into another file: vlmlabel would "
+                                      "write into that other file outside its crash-safe copy; relabel that file "
+                                      "itself, or use another --reward-key")
                 if info.type != h5py.h5o.TYPE_GROUP:
                     raise OutputError(f"/{path} in {self._file} is not a group; the rewards of {target} cannot be "
-                                      "written under it: rename it, or use another --reward-key") from None
+                                      "written under it: rename it, or use another --reward-key")
                 self._where[path] = info.addr
                 if depth + 1 < len(parts):
                     self._open[path] = h5py.h5g.open(group, link)

@@ -358,7 +358,8 @@ def recover(path: Path) -> list[str]:
 def _abandoned(real: Path) -> bool:
     """No process holds the file's lock. A run holds it from before its journal is written until after it is
     removed, so its journal has outlived it, even if its PID now names another process (after a reboot, in a
-    container). False where the file system has no locks: the PID is then all there is to go by."""
+    container). False where the file system has no locks (the PID is then all there is to go by), and while a
+    reader holds the file open: HDF5 takes a shared lock on every file it opens."""
     try:
         fd = os.open(real, os.O_RDONLY)
     except OSError:
@@ -377,8 +378,8 @@ def _wait_gone(journal: Path, real: Path) -> None:
     deadline = time.monotonic() + _WAIT_SECONDS
     while journal.exists():
         if time.monotonic() > deadline:
-            raise SourceError(f"{real} is being written by another vlmlabel run ({journal.name}); wait for it to "
-                              "finish")
+            raise SourceError(f"{real} is being written by another vlmlabel run ({journal.name}), or a program that "
+                              "has it open holds its lock; wait for them to finish, then run again")
         time.sleep(0.05)
 
 

@@ -29,7 +29,7 @@ from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
 from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
-from vlmlabel.device import default_batch_size, nvdec_gpu, resolve_device, resolve_precision
+from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
 from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
@@ -44,6 +44,7 @@ from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_resul
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, VideoDecoder, content_fingerprint
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
+from vlmlabel.sources.video import nvdec_gpu
 
 DEFAULT_REWARD_KEY = "vlm_reward"
 RAW_SUFFIX = "_raw"
@@ -563,7 +564,7 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
         return
     try:
         stack.enter_context(RunLock(lock, str(run.destination.path), events.on_note))
-    except LockedError:
+    except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
         return
     for folder in saved:
         with contextlib.suppress(OSError, ValueError, AttributeError):

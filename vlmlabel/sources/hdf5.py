@@ -70,28 +70,18 @@ class ExternalRef:
                 f"${self.prefix_variable} or the working folder); put that file back or fix the link")
 
 
-def _link_refs(group: h5py.Group, recursive: bool) -> list[ExternalRef]:
-    """External links in ``group`` (or under it): a pass over link tables that opens no object."""
+def all_external_links(group: h5py.Group) -> list[ExternalRef]:
+    """Every external link under ``group``: a walk of the link tables that opens no object (about 10 us a link)."""
     found: list[bytes] = []
 
     def note(name: bytes, info: h5py.h5l.LinkInfo) -> None:
         if info.type == h5py.h5l.TYPE_EXTERNAL:
             found.append(name)
 
-    (group.id.links.visit if recursive else group.id.links.iterate)(note, info=True)
+    group.id.links.visit(note, info=True)
     prefix = group.name.rstrip("/")
     return [ExternalRef(f"{prefix}/{name.decode()}", group.id.links.get_val(name)[0].decode(), "HDF5_EXT_PREFIX")
             for name in found]
-
-
-def external_links(group: h5py.Group) -> list[ExternalRef]:
-    """External links directly in ``group`` (cheap: about 1 us a link)."""
-    return _link_refs(group, recursive=False)
-
-
-def all_external_links(group: h5py.Group) -> list[ExternalRef]:
-    """Every external link under ``group`` (a walk of the whole tree: about 10 us a link)."""
-    return _link_refs(group, recursive=True)
 
 
 def virtual_sources(dataset: h5py.Dataset) -> list[ExternalRef]:
@@ -107,17 +97,19 @@ def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
 
     The source files of a virtual dataset, followed through virtual datasets that map virtual datasets (a missing
     one, at any depth, reads as fill values: silent zeros), and external raw files (a missing one fails the read).
-    Each name is looked for from the folder of the file that names it, as HDF5 does, and counted wherever a file
-    of that name lies: the fingerprint must change when any of them does."""
+    Each name is looked for where HDF5 may look (``ExternalRef.found``: its prefix variable, the folder of the
+    file that names it, the working folder) and counted wherever a file of that name lies: the fingerprint must
+    change when any of them does."""
     files: dict[Path, None] = {}
     missing: list[str] = []
     seen: set[tuple[Path, str]] = set()
 
     def walk(held: h5py.Dataset) -> None:
         holder = Path(held.file.filename).absolute()
-        if (holder.resolve(), held.name) in seen:
+        key = (holder.resolve(), held.name)
+        if key in seen:
             return
-        seen.add((holder.resolve(), held.name))
+        seen.add(key)
         plist = held.id.get_create_plist()
         for index in range(plist.get_external_count()):
             raw = ExternalRef(held.name, plist.get_external(index)[0].decode(errors="surrogateescape"),
@@ -162,9 +154,10 @@ def links_on_path(handle: h5py.File, path: str) -> list[ExternalRef]:
     return []
 
 
-def frames_dataset(handle: h5py.File, array: str, file: Path) -> h5py.Dataset:
+def frames_dataset(handle: h5py.File, array: str, file: Path, verified: set[str] | None = None) -> h5py.Dataset:
     """The frame array ``array``; one whose rows live in a missing file is refused by name (a virtual dataset
-    would otherwise read as zeros)."""
+    would otherwise read as zeros). ``verified``: the caller's arrays already checked, skipped (a virtual
+    dataset's files are opened to check it: not at every read)."""
     folder = file.absolute().parent
     try:
         dataset = handle[array]
@@ -173,9 +166,15 @@ def frames_dataset(handle: h5py.File, array: str, file: Path) -> h5py.Dataset:
         if gone:
             raise SourceError(gone[0].missing(file)) from None
         raise SourceError(f"{array} cannot be opened in {file} (truncated or corrupt?): {exc}") from None
-    missing = stored_elsewhere(dataset)[1]
-    if missing:
-        raise SourceError(missing[0])
+    if verified is not None and array in verified:
+        return dataset
+    plist = dataset.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL or plist.get_external_count():
+        missing = stored_elsewhere(dataset)[1]
+        if missing:
+            raise SourceError(missing[0])
+    if verified is not None:
+        verified.add(array)
     return dataset
 
 
@@ -495,17 +494,19 @@ class HDF5Rows:
 
     def __init__(self, path: Path):
         self.path = path
+        self._verified: set[str] = set()  # frame arrays whose other files were checked (frames_dataset)
         try:
             self.file = open_read_only(path)
         except OSError as exc:
             raise SourceError(f"{path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
-        dataset = frames_dataset(self.file, segment.array, self.path)
+        dataset = frames_dataset(self.file, segment.array, self.path, self._verified)
         yield from read_rows(dataset, segment.start, segment.stop, max_rows, self.path)
 
     def read_into(self, segment: Segment, out: np.ndarray) -> bool:
-        return read_rows_into(frames_dataset(self.file, segment.array, self.path), segment, out, self.path)
+        return read_rows_into(frames_dataset(self.file, segment.array, self.path, self._verified), segment, out,
+                              self.path)
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -548,6 +549,8 @@ class HDF5Source:
         self.cameras: list[str] = []  # every image dataset found; the frames read are ``image_key``
         self._arrays: dict[str, tuple[str, int, str | None]] = {}  # per episode group, see _group_arrays
         self._plain: dict[str, PlainRows | None] = {}  # per frame array, see PlainRows
+        self._next_rows: dict[str, int] = {}  # rows of the next-observation arrays found by low-level lookups
+        self._verified: set[str] = set()  # frame arrays whose other files were checked (frames_dataset)
         if not self.path.exists():
             raise SourceError(f"{self.path} does not exist; check the path")
         if self.path.is_dir():
@@ -695,8 +698,9 @@ class HDF5Source:
         if rows == 0:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
         if align is Align.next and next_array is not None:
-            plain = self._plain.get(next_array)
-            self._check_next(next_array, plain.shape[0] if plain else self.file[next_array].shape[0], array, rows)
+            next_rows = self._next_rows.get(next_array)
+            self._check_next(next_array, self.file[next_array].shape[0] if next_rows is None else next_rows, array,
+                             rows)
         return Episode(name, rows, step_segments(array, 0, rows, align, next_array), name)
 
     def _check_next(self, next_array: str, next_rows: int, array: str, rows: int) -> None:
@@ -739,6 +743,7 @@ class HDF5Source:
                 if found is not None:
                     next_array = f"{name}/{candidate}"
                     self._plain[next_array] = plain_rows(found, fileno)
+                    self._next_rows[next_array] = found.shape[0]
                     break
         return array, plain.shape[0] if plain else frames.shape[0], next_array
 
@@ -805,7 +810,7 @@ class HDF5Source:
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         """Rows of ``segment`` in blocks whose edges fall on chunk boundaries."""
-        dataset = frames_dataset(self.file, segment.array, self.path)
+        dataset = frames_dataset(self.file, segment.array, self.path, self._verified)
         yield from read_rows(dataset, segment.start, segment.stop, max_rows, self.path)
 
     def read_into(self, segment: Segment, out: np.ndarray) -> bool:
@@ -822,7 +827,8 @@ class HDF5Source:
                                       "failed (truncated or corrupt?): the file ends before them")
                 done += rows * plain.row_bytes
             return True
-        return read_rows_into(frames_dataset(self.file, segment.array, self.path), segment, out, self.path)
+        return read_rows_into(frames_dataset(self.file, segment.array, self.path, self._verified), segment, out,
+                              self.path)
 
     def _plain_rows(self, array: str) -> PlainRows | None:
         """Where ``array``'s rows lie in the file if they are plain bytes there (noted when the episodes were

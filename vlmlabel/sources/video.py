@@ -24,14 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-from av.codec.hwaccel import HWAccel
 from av.video.reformatter import VideoReformatter
 
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import DeviceError, SourceError
+from vlmlabel.sources.base import VideoDecoder
+
+if TYPE_CHECKING:
+    import torch
 
 # A seek forward must skip more frames than this: it drops the frames a threaded decoder has in flight (about one
 # per thread) and restarts its pipeline, so a short skip (an episode's last frame left unrequested) decodes on.
@@ -208,6 +211,16 @@ class _Diverged(Exception):
     """A decode from a seek point did not give the frames the index promised: decode from the start instead."""
 
 
+def nvdec_gpu(decoder: VideoDecoder, device: torch.device) -> int | None:
+    """The CUDA device whose NVDEC decodes the video (the run's own GPU), or None for the CPU."""
+    if decoder is VideoDecoder.cpu:
+        return None
+    if device.type != "cuda":
+        raise DeviceError(f"--video-decoder nvdec decodes on the run's CUDA GPU, and this run is on {device.type}; "
+                          "use --device cuda, or drop --video-decoder nvdec")
+    return 0 if device.index is None else device.index
+
+
 def as_planar(frame: av.VideoFrame) -> av.VideoFrame:
     """A frame as a CPU decoder gives it: NVDEC's NV12 (chroma interleaved) as planar YUV 4:2:0 with the same
     samples and colour tags, so the rgb24 conversion takes the CPU path's route through FFmpeg's scaler (NV12
@@ -270,10 +283,16 @@ class VideoReader:
         if self._next is None:
             raise SourceError(f"video {path} holds no frames; re-encode or replace the file")
 
-    def _nvdec(self) -> HWAccel | None:
-        """NVDEC on ``nvdec_gpu``, without falling back to the CPU unseen (asked for, it is checked to run)."""
+    def _nvdec(self) -> Any:
+        """NVDEC on ``nvdec_gpu`` (a PyAV ``HWAccel``), without falling back to the CPU unseen (asked for, it is
+        checked to run)."""
         if self.nvdec_gpu is None:
             return None
+        try:
+            from av.codec.hwaccel import HWAccel
+        except ImportError:  # PyAV before 14
+            raise SourceError(f"--video-decoder nvdec needs PyAV 14 or later (this is {av.__version__}): "
+                              "pip install -U av, or drop --video-decoder nvdec") from None
         return HWAccel(device_type="cuda", device=str(self.nvdec_gpu), allow_software_fallback=False)
 
     def _fail(self, exc: Exception) -> SourceError:
