@@ -291,8 +291,8 @@ class _Groups:
 
     def place(self, target: str) -> tuple[int, str]:
         """Where datasets for group ``target`` will land: the address of the deepest group of its path there now
-        and the part of the path still to be created. Refuses a path through an external link, a dangling link
-        or something that is not a group. Nothing is created."""
+        and the part of the path still to be created. Refuses a path into another file (an external link, or a
+        soft link to one), through a dangling link or through something that is not a group. Nothing is created."""
         parts = target.strip("/").split("/") if target.strip("/") else []
         self._along(target.strip("/"))
         done = ""
