@@ -105,17 +105,20 @@ def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
     seen: set[tuple[Path, str]] = set()
 
     def walk(held: h5py.Dataset) -> None:
+        plist = held.id.get_create_plist()
+        externals, virtual = plist.get_external_count(), plist.get_layout() == h5py.h5d.VIRTUAL
+        if not (externals or virtual):  # the common case: two calls, no path resolved
+            return
         holder = Path(held.file.filename).absolute()
         key = (holder.resolve(), held.name)
         if key in seen:
             return
         seen.add(key)
-        plist = held.id.get_create_plist()
-        for index in range(plist.get_external_count()):
+        for index in range(externals):
             raw = ExternalRef(held.name, plist.get_external(index)[0].decode(errors="surrogateescape"),
                               "HDF5_EXTFILE_PREFIX")
             files.update(dict.fromkeys(raw.found(holder.parent)))
-        if not held.is_virtual:
+        if not virtual:
             return
         for file_name, dset_name in sorted({(m.file_name, m.dset_name) for m in held.virtual_sources()}):
             if file_name == ".":
@@ -168,11 +171,9 @@ def frames_dataset(handle: h5py.File, array: str, file: Path, verified: set[str]
         raise SourceError(f"{array} cannot be opened in {file} (truncated or corrupt?): {exc}") from None
     if verified is not None and array in verified:
         return dataset
-    plist = dataset.id.get_create_plist()
-    if plist.get_layout() == h5py.h5d.VIRTUAL or plist.get_external_count():
-        missing = stored_elsewhere(dataset)[1]
-        if missing:
-            raise SourceError(missing[0])
+    missing = stored_elsewhere(dataset)[1]
+    if missing:
+        raise SourceError(missing[0])
     if verified is not None:
         verified.add(array)
     return dataset
