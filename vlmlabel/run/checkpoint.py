@@ -189,6 +189,15 @@ class Checkpoint:
         """Whether any computed row was saved (else there is nothing worth keeping after a failure)."""
         return self._state is not None and int(self._state["done"]) > int(self._state["start"])
 
+    def made_for(self, ignoring: frozenset[str] = frozenset()) -> bool:
+        """Whether the progress saved in the folder is towards this run's very result (``ignoring`` those fields
+        of the identity); False when there is none or it cannot be read."""
+        try:
+            saved = json.loads((self.folder / STATE_FILE).read_text())["identity"]
+            return set(differences(saved, self.identity)) <= ignoring
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+
     def discard(self) -> None:
         self.close()
         shutil.rmtree(self.folder, ignore_errors=True)

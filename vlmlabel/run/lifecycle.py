@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_leng
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
-from vlmlabel.run.checkpoint import STATE_FILE, Checkpoint, differences, run_numerics
+from vlmlabel.run.checkpoint import Checkpoint, differences, run_numerics
 from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
@@ -559,18 +558,16 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
     finding the rewards written, removes them once it holds the lock (a live run's are left alone), and only
     progress made towards these very rewards."""
     lock = dest_lock(run.destination.path)
-    saved = [f for f in checkpoint_folders(run) if f.exists()]
+    saved = [Checkpoint(f, identity, {}, 0) for f in checkpoint_folders(run) if f.exists()]
     if run.shard or not (saved or lock.exists()):
         return
     try:
         stack.enter_context(RunLock(lock, str(run.destination.path), events.on_note))
     except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
         return
-    for folder in saved:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            saved_identity = json.loads((folder / STATE_FILE).read_text()).get("identity", {})
-            if set(differences(saved_identity, identity)) <= {"stamp"}:  # the file's stamp moved with the write
-                shutil.rmtree(folder, ignore_errors=True)
+    for checkpoint in saved:
+        if checkpoint.made_for(ignoring=frozenset({"stamp"})):  # the file's stamp moved with the write
+            checkpoint.discard()
     _remove_if_empty(run.work)
 
 
