@@ -240,3 +240,17 @@ def test_nvdec_where_there_is_none_is_refused_in_one_line(tmp_path):
     message = str(info.value)
     assert "cannot be decoded by NVDEC on GPU 0" in message and "drop --video-decoder nvdec" in message
     assert "\n" not in message
+
+
+def test_cpu_decoding_passes_no_hwaccel_argument(tmp_path, monkeypatch):
+    """PyAV before 14 has no ``hwaccel`` argument to ``av.open`` (pyproject allows av >= 12): only NVDEC passes it."""
+    path = encode(tmp_path / "v.mp4", moving_frames(6), "h264_lerobot_g2")
+    reference, times = decode_forward(path)
+    real_open = av.open
+
+    def open_without_hwaccel(file, *args, **kwargs):
+        assert "hwaccel" not in kwargs
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_without_hwaccel)
+    np.testing.assert_array_equal(VideoReader(TOLERANCE).frames(path, times), reference)

@@ -264,7 +264,8 @@ class VideoReader:
         self.close()
         self._path = path
         try:
-            self._container = av.open(str(path), hwaccel=self._nvdec())
+            accel = self._nvdec()  # only then passed: PyAV before 14 has no hwaccel argument
+            self._container = av.open(str(path)) if accel is None else av.open(str(path), hwaccel=accel)
             self._stream = self._container.streams.video[0]
             if self.nvdec_gpu is None:
                 self._stream.thread_type = "AUTO"
