@@ -425,6 +425,18 @@ REFUSED: dict[str, Refused] = {
                                           ["--image-key", "observation.images.top", "--video-decoder", "nvdec"],
                                           ["--video-decoder nvdec", "this run is on cpu"], name="lerobot"),
     "fp16 on cpu": Refused(robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
+    # round two: cluster launches (SLURM arrays, torchrun, merge)
+
+    # round two: labels files, busy files, --overwrite of a whole result
+
+    # round two: post-processing of degenerate episodes
+
+    # round two: user strings and metadata files checked at open
+
+    # round two: LeRobot statistics
+
+    # round two: a fresh hostile pass
+
 }
 
 
