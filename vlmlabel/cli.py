@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import io
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -52,13 +54,16 @@ from vlmlabel.sources.base import VideoDecoder, describe_frames
 
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
+    from typer._click.globals import get_current_context
 
     from vlmlabel.run.merge import MergeSummary
 else:
     try:  # recent Typer vendors click as typer._click
         from typer._click.exceptions import UsageError
+        from typer._click.globals import get_current_context
     except ImportError:  # older Typer runs on click
         from click.exceptions import UsageError
+        from click.globals import get_current_context
 
 
 @contextlib.contextmanager
@@ -145,12 +150,49 @@ StreamingOpt = Annotated[bool, typer.Option(
     rich_help_panel=HUB_PANEL)]
 
 
+def _refuse_text_not_utf8() -> None:
+    """Every text option and argument of the command running is UTF-8, checked before anything is opened.
+
+    A shell hands bytes that are not UTF-8 (a Latin-1 terminal, a script in another encoding) to Python as lone
+    surrogates, which cannot be stored: goals, reward keys, image keys, model names and splits all end up in
+    datasets' names or metadata, or in messages. Paths (typed ``Path``) are file names, not text: any bytes are
+    accepted there, and each format says whether it can open them."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                flag = next((o for o in param.opts if o.startswith("--")), (param.name or "").upper())
+                raise VlmlabelError(f"{flag} is not UTF-8 text ({_shown_bytes(text)}); goals, names and keys are "
+                                    "stored as UTF-8: give it in UTF-8 (a script or terminal in another encoding? "
+                                    "convert it, e.g. with iconv -t UTF-8)")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_bytes(text: str) -> str:
+    """The bytes the user gave (the shell's surrogate escapes undone), as a Python bytes literal."""
+    try:
+        return repr(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # a lone surrogate that no byte escapes (from Python, not from a shell)
+        return ascii(text)
+
+
 def _exit_on_error(func: F) -> F:
-    """Turn library errors into exit code 2 and one line; Ctrl-C into 130."""
+    """Refuse text that is not UTF-8; turn library errors into exit code 2 and one line; Ctrl-C into 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            _refuse_text_not_utf8()
             return func(*args, **kwargs)
         except VlmlabelError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
@@ -732,7 +774,16 @@ def _main(
 
 
 def main() -> None:
+    _printable_output()
     app(prog_name="vlmlabel")
+
+
+def _printable_output() -> None:
+    """What vlmlabel prints never fails to encode: a file name that is not UTF-8 (legal on Linux) reaches Python as
+    lone surrogates, which a strict stdout (a UTF-8 locale) cannot write; they are shown escaped instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
 
 
 if __name__ == "__main__":
