@@ -22,6 +22,7 @@ import torch
 
 from vlmlabel.device import autocast_dtype
 from vlmlabel.errors import ModelError
+from vlmlabel.metadata import JsonObject
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_TAG = "laion2b_s34b_b79k"
@@ -361,12 +362,9 @@ def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
         raise ModelError(f"model folder {folder} does not exist; give a folder holding {CONFIG_FILE} and weights")
     if not (folder / CONFIG_FILE).is_file():
         raise ModelError(f"model folder {folder} has no {CONFIG_FILE}; it is not an open_clip local-dir model")
-    try:
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}); re-export the model") from exc
-    if "model_cfg" not in cfg:
-        raise ModelError(f"{folder / CONFIG_FILE} has no 'model_cfg'; re-export the model with open_clip")
+    cfg = JsonObject.read(folder / CONFIG_FILE, "re-export the model with open_clip", ModelError)
+    cfg.object("model_cfg", required=True)
+    cfg.object("preprocess_cfg")
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
         raise ModelError(f"model folder {folder} holds no weights (.safetensors/.bin/.pth); add "

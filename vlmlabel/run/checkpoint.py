@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from vlmlabel.destinations import atomic
+from vlmlabel.errors import VlmlabelError
+from vlmlabel.metadata import JsonObject
 
 STATE_FILE = "state.json"
 ROWS_FILE = "rewards.f32"
@@ -89,25 +91,26 @@ class Checkpoint:
             self._note(f"--restart: discarding saved progress in {self.folder}")
             self.discard()
             return None
-        try:
-            state = json.loads((self.folder / STATE_FILE).read_text())
-            done, start, stop = int(state["done"]), int(state["start"]), int(state["stop"])
+        try:  # every value used below, with its type checked: a damaged state is only a reason to start over
+            state = JsonObject.read(self.folder / STATE_FILE)
+            done, start, stop, batch_size = (state.get(key, int) for key in ("done", "start", "stop", "batch_size"))
+            saved, numerics = state.object("identity", required=True), state.object("numerics", required=True)
             count = (done - start) * self.goals
             rows = np.fromfile(self.folder / ROWS_FILE, dtype="<f4", count=count)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, VlmlabelError):
             self._note(f"saved progress in {self.folder} is unreadable; starting over")
             self.discard()
             return None
-        changed = differences(state.get("identity", {}), self.identity)
+        changed = differences(saved.values, self.identity)
         if changed:
             self._note(f"saved progress in {self.folder} was made with other options ({', '.join(changed)} "
                        "differ); starting over")
             self.discard()
             return None
-        changed = differences(state.get("numerics", {}), self.numerics)
+        changed = differences(numerics.values, self.numerics)
         if changed:
             self._note(f"saved progress in {self.folder} was computed with another {', '.join(changed)} "
-                       f"({state['numerics']} vs {self.numerics}); starting over so every reward comes from "
+                       f"({numerics.values} vs {self.numerics}); starting over so every reward comes from "
                        "the same arithmetic")
             self.discard()
             return None
@@ -115,8 +118,8 @@ class Checkpoint:
             self._note(f"saved progress in {self.folder} is incomplete; starting over")
             self.discard()
             return None
-        self._state = state
-        return Progress(int(state["batch_size"]), start, stop, done, rows.reshape(done - start, self.goals))
+        self._state = state.values
+        return Progress(batch_size, start, stop, done, rows.reshape(done - start, self.goals))
 
     def begin(self, batch_size: int, start: int, stop: int) -> None:
         """Start a fresh sidecar for rows [start, stop) computed with ``batch_size``."""
@@ -193,10 +196,10 @@ class Checkpoint:
         """Whether the progress saved in the folder is towards this run's very result (``ignoring`` those fields
         of the identity); False when there is none or it cannot be read."""
         try:
-            saved = json.loads((self.folder / STATE_FILE).read_text())["identity"]
-            return set(differences(saved, self.identity)) <= ignoring
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            saved = JsonObject.read(self.folder / STATE_FILE).object("identity", required=True)
+        except VlmlabelError:
             return False
+        return set(differences(saved.values, self.identity)) <= ignoring
 
     def discard(self) -> None:
         self.close()

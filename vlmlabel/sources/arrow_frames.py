@@ -7,7 +7,6 @@ NaN, or integer type other than uint8 is refused with a message saying how to co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlmlabel.errors import SourceError
+from vlmlabel.metadata import JsonObject
 from vlmlabel.sources.base import FrameBlock, FrameFormat
 
 
-def hf_features(schema: pa.Schema) -> dict:
-    """The `datasets` features recorded in the schema's ``huggingface`` metadata ({} when absent)."""
+def hf_features(schema: pa.Schema, where: object) -> dict[str, dict]:
+    """The `datasets` features recorded in the schema's ``huggingface`` metadata ({} when absent), which must be
+    an object whose ``info.features`` is an object (a labelled copy adds its columns there); ``where``: the file
+    the schema is from. Only features described by an object are returned (a bare list is a sequence)."""
     raw = (schema.metadata or {}).get(b"huggingface")
     if not raw:
         return {}
-    try:
-        return json.loads(raw).get("info", {}).get("features", {}) or {}
-    except (ValueError, AttributeError):
-        return {}
+    meta = JsonObject.parse(raw, f"the 'huggingface' metadata of {where}",
+                            "the file's schema metadata is damaged: write the dataset again with `datasets`")
+    features = meta.object("info").object("features").values
+    return {name: value for name, value in features.items() if isinstance(value, dict)}
 
 
 def _storage_type(kind: pa.DataType) -> pa.DataType:

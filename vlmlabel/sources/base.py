@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+# File names that say which format a file holds: open_source and the output families go by them.
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+PARQUET_SUFFIX = ".parquet"
+FILE_SUFFIXES = (*HDF5_SUFFIXES, PARQUET_SUFFIX)
+
+
+def utf8_name(path: Path) -> bool:
+    """Whether a path is UTF-8 (a Linux file name may be any bytes: HDF5 opens those, pyarrow does not)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def show_path(path: Path) -> str:
+    """A path for a message: as it is when UTF-8, else its bytes (those that are not UTF-8 escaped)."""
+    return str(path) if utf8_name(path) else repr(os.fsencode(path))[2:-1]
 
 
 class SourceKind(str, enum.Enum):

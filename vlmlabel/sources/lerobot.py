@@ -9,7 +9,6 @@ file and its ``from_timestamp`` offset in it. A row's frame is the video frame a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
+from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, SourceRecipe
 from vlmlabel.sources.tables import TableFiles, TableSource, cache_beside, episode_runs
 from vlmlabel.sources.video import VideoReader, probe
@@ -32,19 +32,29 @@ def is_lerobot(folder: Path) -> bool:
     return (folder / "meta" / "info.json").is_file()
 
 
+_DAMAGED = "is this a LeRobot dataset, written by LeRobot's own tools?"
+
+
 class LeRobotSource(TableSource):
     """A LeRobot dataset folder, read-only; frames from an image column or from the episode videos."""
 
     def __init__(self, folder: Path, image_key: str | None, nvdec_gpu: int | None = None):
         self.folder = folder
         self.nvdec_gpu = nvdec_gpu  # videos decoded by this CUDA device's NVDEC; None: on the CPU
-        try:
-            self.info = json.loads((folder / "meta" / "info.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{folder}/meta/info.json cannot be read ({exc}); is this a LeRobot dataset?") from None
-        self.version = str(self.info.get("codebase_version", "v3.0"))
-        self.fps = float(self.info.get("fps") or 0)
-        self.lerobot_features: dict = self.info.get("features") or {}
+        info = JsonObject.read(folder / "meta" / "info.json", _DAMAGED)  # every value used below, checked
+        self.info = info.values
+        self.version = info.get("codebase_version", str, "v3.0")
+        self.fps = float(info.get("fps", (float, NULL), None) or 0)
+        self.video_path: str | None = info.get("video_path", (str, NULL), None)
+        self.chunks_size = int(info.get("chunks_size", (int, NULL), None) or 1000)
+        features = info.object("features").entries()
+        for entry in features.values():
+            entry.get("dtype", str, "")
+            entry.list_of("shape", int, [])
+        self.lerobot_features: dict = {name: entry.values for name, entry in features.items()}
+        stats = folder / "meta" / "stats.json"
+        if stats.is_file():  # carried into the labelled copy with the rewards' added: one object per feature
+            JsonObject.read(stats, _DAMAGED).entries()
         files = tuple(sorted((folder / "data").rglob("*.parquet")))
         if not files:
             raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
@@ -109,10 +119,12 @@ class LeRobotSource(TableSource):
         if self.version.startswith("v2"):
             path = self.folder / "meta" / "episodes.jsonl"
             try:
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            except (OSError, ValueError) as exc:
+                lines = path.read_bytes().splitlines()
+            except OSError as exc:
                 raise SourceError(f"{path} cannot be read ({exc}); the LeRobot dataset is incomplete") from None
-            return {c: np.asarray([r[c] for r in rows]) for c in columns if rows and c in rows[0]}
+            rows = [JsonObject.parse(line, f"{path} line {number}", _DAMAGED)
+                    for number, line in enumerate(lines, 1) if line.strip()]
+            return {c: np.asarray([r.get(c, (int, float)) for r in rows]) for c in columns if rows and c in rows[0]}
         files = sorted((self.folder / "meta" / "episodes").rglob("*.parquet"))
         if not files:
             raise SourceError(f"{self.folder}/meta/episodes holds no parquet files; the LeRobot dataset is incomplete")
@@ -141,10 +153,9 @@ class LeRobotSource(TableSource):
         """Per episode: its video file for the chosen camera and the episode's start time in it."""
         key = self.image_key
         if self.version.startswith("v2"):
-            template = self.info.get("video_path") or _V2_VIDEO_PATH
-            chunk = int(self.info.get("chunks_size") or 1000)
-            located = {e: (self.folder / template.format(episode_chunk=e // chunk, video_key=key, episode_index=e),
-                           0.0) for e in episodes.tolist()}
+            template, chunk = self.video_path or _V2_VIDEO_PATH, self.chunks_size
+            located = {e: (self.folder / self._video_file(template, episode_chunk=e // chunk, video_key=key,
+                                                          episode_index=e), 0.0) for e in episodes.tolist()}
         else:
             prefix = f"videos/{key}/"
             meta = self._episodes_meta(["episode_index", f"{prefix}chunk_index", f"{prefix}file_index",
@@ -152,12 +163,11 @@ class LeRobotSource(TableSource):
             if f"{prefix}file_index" not in meta:
                 raise SourceError(f"meta/episodes of {self.folder} has no {prefix}file_index column; "
                                   "the LeRobot dataset is incomplete")
-            template = (self.info.get("video_path")
-                        or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+            template = self.video_path or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
             rows = zip(meta["episode_index"].tolist(), meta[f"{prefix}chunk_index"].tolist(),
                        meta[f"{prefix}file_index"].tolist(), meta[f"{prefix}from_timestamp"].tolist(), strict=True)
-            known = {e: (self.folder / template.format(video_key=key, chunk_index=c, file_index=f), float(t))
-                     for e, c, f, t in rows}
+            known = {e: (self.folder / self._video_file(template, video_key=key, chunk_index=c, file_index=f),
+                         float(t)) for e, c, f, t in rows}
             missing = [e for e in episodes.tolist() if e not in known]
             if missing:
                 raise SourceError(f"episode {missing[0]} is not in meta/episodes of {self.folder}; "
@@ -166,6 +176,14 @@ class LeRobotSource(TableSource):
         for path in sorted({p for p, _ in located.values()}):
             probe(path)
         return located
+
+    def _video_file(self, template: str, **fields: object) -> str:
+        """A video's file name from ``meta/info.json``'s ``video_path`` template."""
+        try:
+            return template.format(**fields)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SourceError(f"{self.folder}/meta/info.json: 'video_path' {template!r} cannot be filled in "
+                              f"({type(exc).__name__}: {exc}); {_DAMAGED}") from None
 
     @property
     def paths(self) -> tuple[Path, ...]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
+from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import (
     Align,
@@ -30,7 +31,9 @@ from vlmlabel.sources.base import (
     Segment,
     SourceKind,
     SourceRecipe,
+    show_path,
     step_segments,
+    utf8_name,
 )
 from vlmlabel.sources.hdf5 import EMBEDDING_GROUP, read_embedding_meta, read_rows
 
@@ -66,6 +69,12 @@ class TableFiles:
     paths: tuple[Path, ...]
     fmt: str  # "arrow" | "parquet"
     seekable = True  # rows can be read from anywhere (a stream cannot)
+
+    def __post_init__(self) -> None:
+        for path in self.paths:
+            if not utf8_name(path):
+                raise SourceError(f"{show_path(path)}: pyarrow opens files by UTF-8 names only, and this name is not "
+                                  "UTF-8; rename it (e.g. convmv -f latin1 -t utf8), or its folder")
 
     def _schema_of(self, path: Path) -> pa.Schema:
         handle = self._open(path)
@@ -232,7 +241,12 @@ class TableSource:
         self.hub_info: Any = None  # the `datasets` DatasetInfo of a Hub download
         self.split: str | None = None
         self.schema = files.schema()
-        self.features = arrow_frames.hf_features(self.schema)
+        where = files.paths[0] if files.paths else root
+        self.features = arrow_frames.hf_features(self.schema, where)
+        recorded = (self.schema.metadata or {}).get(PROVENANCE_KEY)
+        if recorded:  # what vlmlabel wrote into the table, which a labelled copy adds to
+            JsonObject.parse(recorded, f"the 'vlmlabel' metadata of {where}",
+                             "the file's schema metadata is damaged: write the dataset again").object("columns")
         self.rows_per_file = files.rows_per_file()
         self.rows = sum(self.rows_per_file)
         self._rows: ColumnRows | None = None
@@ -382,22 +396,40 @@ def is_disk_dataset(folder: Path) -> bool:
     return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
+def _plain_name(name: str) -> bool:
+    """A name of a file right inside a folder: no path, not '.' or '..'."""
+    return name not in ("", ".", "..") and Path(name).name == name
+
+
+_SAVED = "is this a folder written by save_to_disk? (save the dataset again with save_to_disk)"
+
+
 def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
-    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (then ``split`` is used)."""
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (then ``split`` is used).
+
+    Its JSON files are checked here, before any scoring: ``dataset_dict.json`` lists the splits, ``state.json``
+    the data files (plain names inside the split's folder), and ``dataset_info.json``, which the labelled copy
+    carries over, is an object."""
     split_dir = folder
     if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        index = JsonObject.read(folder / "dataset_dict.json", _SAVED)
+        splits = index.list_of("splits", str, [])
+        for name in splits:
+            if not _plain_name(name):
+                index.refuse(f"'splits' names {name!r}, which is not a folder of {folder}")
         if split not in splits:
             raise SourceError(f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; "
                               "choose one with --split")
         split_dir = folder / split
-    try:
-        state = json.loads((split_dir / "state.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{split_dir}/state.json cannot be read ({exc}); is this a save_to_disk folder?") from None
-    if state.get("_indices_data_files"):
+    state = JsonObject.read(split_dir / "state.json", _SAVED)
+    if state.get("_indices_data_files", (list, NULL), None):
         raise SourceError(f"{split_dir} stores an indices mapping; save it again with flatten_indices() first")
-    files = tuple(split_dir / f["filename"] for f in state.get("_data_files", []))
+    names = [entry.get("filename", str) for entry in state.objects("_data_files", [])]
+    for name in names:
+        if not _plain_name(name):
+            state.refuse(f"'_data_files' names {name!r}, which is not a file of {split_dir}")
+    JsonObject.read(split_dir / "dataset_info.json", _SAVED)
+    files = tuple(split_dir / name for name in names)
     if not files:
         raise SourceError(f"{split_dir} has no rows (empty split?): state.json lists no data files; nothing to label")
     source = TableSource(TableFiles(files, "arrow"), image_key, SourceKind.disk, folder, base=split_dir,
