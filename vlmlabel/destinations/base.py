@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vlmlabel.errors import OutputError
+from vlmlabel.sources.base import FILE_SUFFIXES, show_path
 
 # Attribute every reward vlmlabel writes carries; data without it was not written by vlmlabel.
 VERSION_ATTR = "vlmlabel_version"
@@ -104,6 +105,24 @@ def check_names(names: list[str], derived: Iterable[str]) -> None:
         if len(os.fsencode(file_name)) > NAME_MAX:
             raise OutputError(f"a file vlmlabel keeps beside the output ({file_name[:40]}...) would be over the "
                               f"{NAME_MAX}-byte file name limit; choose a shorter --reward-key or --output name")
+
+
+def check_output_suffix(output: Path, suffixes: tuple[str, ...], written: str) -> None:
+    """Refuse an ``--output`` whose name says another format than ``written``: a file (``suffixes``, the first one
+    advised; '' among them allows a name without one) ends in one of ``suffixes``, a folder (no ``suffixes``) in
+    none of a file format's."""
+    suffix, shown = output.suffix.lower(), show_path(output)
+    if suffixes and output.is_dir():
+        raise OutputError(f"--output {shown} is a folder; name the {written} file to write, e.g. "
+                          f"{show_path(output / ('labelled' + suffixes[0]))}")
+    if suffixes and suffix not in suffixes:
+        endings = " or ".join(s for s in suffixes if s)
+        raise OutputError(f"--output {shown} is written as {written}, a file, so its name must end in "
+                          f"{endings}, e.g. {output.stem or 'labelled'}{suffixes[0]} "
+                          f"({suffix or 'no suffix'} would name another format)")
+    if not suffixes and suffix in FILE_SUFFIXES:
+        raise OutputError(f"--output {shown} is written as {written}, a folder, so its name must not "
+                          f"end in {suffix}, which names a file format, e.g. {output.stem}")
 
 
 def refuse_replacing(names: list[str], replaced: dict[str, Present], where: object, overwrite: bool) -> None:

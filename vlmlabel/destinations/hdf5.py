@@ -32,7 +32,7 @@ from vlmlabel.destinations.base import (
 from vlmlabel.errors import OutputError
 from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
-from vlmlabel.sources.base import Episode, reward_path
+from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, reward_path
 from vlmlabel.sources.hdf5 import (
     HDF5Source,
     all_external_links,
@@ -71,6 +71,12 @@ def refuse_if_busy(path: Path) -> None:
     if writers:
         raise OutputError(f"{path} is open for writing by another program ({writers[0]}); vlmlabel would "
                           "replace the file under it: wait for it to finish, or use --output")
+
+
+def hdf5_suffixes(like: Path) -> tuple[str, ...]:
+    """How an HDF5 file vlmlabel writes may be named: .h5, .hdf5, .hdf, or as ``like`` (the HDF5 file it copies,
+    which may be named otherwise)."""
+    return tuple(dict.fromkeys((*HDF5_SUFFIXES, like.suffix.lower())))
 
 
 def check_output_file(output: Path | None, overwrite: bool) -> None:
@@ -475,6 +481,10 @@ class HDF5Destination:
     @staticmethod
     def default_output(source: HDF5Source) -> Path:
         return source.path.absolute()
+
+    @staticmethod
+    def output_suffixes(source: HDF5Source) -> tuple[str, ...]:
+        return hdf5_suffixes(source.path)
 
     def _locations(self, name: str) -> list[str]:
         return [reward_path(t, name) for t in self.targets]

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
 from vlmlabel.destinations.tables import HubCopy, reward_schema
+from vlmlabel.sources.base import PARQUET_SUFFIX
+from vlmlabel.sources.tables import TableSource
 
 SIDECAR_KEYS = ("episode_index", "frame_index", "index")
 
@@ -22,7 +24,11 @@ SIDECAR_KEYS = ("episode_index", "frame_index", "index")
 class SidecarDestination(HubCopy):
     """``./NAME-vlmlabel.parquet``: the keys and the rewards, nothing of the stream itself."""
 
-    suffix = ".parquet"
+    suffix = PARQUET_SUFFIX
+
+    @staticmethod
+    def output_suffixes(source: TableSource) -> tuple[str, ...]:
+        return (PARQUET_SUFFIX,)
 
     def targets(self, root: Path) -> list[Path]:
         return [root]

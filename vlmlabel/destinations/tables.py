@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
-from vlmlabel.sources.base import Episode
+from vlmlabel.sources.base import PARQUET_SUFFIX, Episode, show_path, utf8_name
 from vlmlabel.sources.tables import PROVENANCE_KEY, RowFiles, TableSource, field_provenance
 
 OUTPUT_SUFFIX = "-vlmlabel"
@@ -183,6 +183,11 @@ class TableCopy:
         root = Path(str(source.root)).absolute()
         return root.with_name(f"{root.name}{OUTPUT_SUFFIX}")
 
+    @staticmethod
+    def output_suffixes(source: TableSource) -> tuple[str, ...]:
+        """A new dataset is a folder."""
+        return ()
+
     def local_root(self) -> Path | None:
         """The source's own folder or file, which the output must not overlap (None: not local)."""
         root = Path(str(self.source.root))
@@ -191,6 +196,9 @@ class TableCopy:
     def check(self, names: list[str], overwrite: bool) -> None:
         refuse_replacing(names, self.replaced(names), self.source.root, overwrite)
         dest = self.path
+        if not utf8_name(dest):
+            raise OutputError(f"--output {show_path(dest)}: pyarrow writes files by UTF-8 names only, and this name "
+                              "is not UTF-8; choose a UTF-8 name")
         root = self.local_root()
         if root is not None:
             resolved = dest.resolve()
@@ -324,6 +332,12 @@ class ParquetDestination(TableCopy):
             return root.with_name(f"{root.stem}{OUTPUT_SUFFIX}{root.suffix}")
         base = (root if root.exists() else source.base or root).absolute()
         return base.with_name(f"{base.name}{OUTPUT_SUFFIX}")
+
+    @staticmethod
+    def output_suffixes(source: TableSource) -> tuple[str, ...]:
+        """A file's (.parquet, or the source file's own ending) for one file; () for a folder or a glob."""
+        root = Path(str(source.root))
+        return tuple(dict.fromkeys((PARQUET_SUFFIX, root.suffix.lower()))) if root.is_file() else ()
 
     def _single_file(self) -> bool:
         return Path(str(self.source.root)).is_file()

@@ -27,7 +27,13 @@ from vlmlabel import __version__, cache
 from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
-from vlmlabel.destinations.hdf5 import check_output_file, refuse_external, refuse_if_busy, write_file
+from vlmlabel.destinations.hdf5 import (
+    check_output_file,
+    hdf5_suffixes,
+    refuse_external,
+    refuse_if_busy,
+    write_file,
+)
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
 from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
@@ -625,7 +631,7 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
         base = source.cache_file if source.cache_file.exists() else None
         plans = cache.plan(source)
         locations = [source.embedding_location(p.array) for p in plans]
-        _check_embed_target(request, base, target)
+        _check_embed_target(request, base, target, source.cache_file)
         if isinstance(source, HDF5Source):  # the cache goes inside the source file (or its --output copy)
             refuse_external(source, target, locations, [p.array for p in plans[:1]])
         stamp = Stamp.of(source.paths)
@@ -649,12 +655,14 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
     return EmbedSummary(written, locations, total, stream.width, seconds, model, source.image_key)
 
 
-def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path) -> None:
-    from vlmlabel.destinations.base import check_folder, check_space
+def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path, default: Path) -> None:
+    from vlmlabel.destinations.base import check_folder, check_output_suffix, check_space
 
     output = request.output
     if output is not None and base is not None and output.exists() and output.resolve() == base.resolve():
         raise OutputError(f"--output {output} is where the cache already goes; drop --output")
+    if output is not None:  # an HDF5 file, whatever the source: the cache file (or the HDF5 source) copied
+        check_output_suffix(output, hdf5_suffixes(default), "HDF5")
     check_output_file(output, request.overwrite)
     folder = target.resolve().parent
     check_folder(folder)

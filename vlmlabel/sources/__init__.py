@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmlabel.errors import SeveralCameras, SourceError
-from vlmlabel.sources.base import Align, DatasetSource, Episode, FrameFormat, FrameSource, Segment
+from vlmlabel.sources.base import (
+    FILE_SUFFIXES,
+    PARQUET_SUFFIX,
+    Align,
+    DatasetSource,
+    Episode,
+    FrameFormat,
+    FrameSource,
+    Segment,
+)
 from vlmlabel.sources.hdf5 import HDF5Source
 
 __all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_any_camera", "open_source"]
@@ -14,7 +23,7 @@ _PARQUET_MAGIC = b"PAR1"
 
 
 def _is_parquet_file(path: Path) -> bool:
-    if path.suffix == ".parquet":
+    if path.suffix == PARQUET_SUFFIX:
         return True
     with open(path, "rb") as handle:
         return handle.read(4) == _PARQUET_MAGIC
@@ -44,7 +53,7 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
                           "dataset_dict.json or parquet files)")
     if given.is_file() and _is_parquet_file(given):
         return tables.open_parquet(path, image_key)
-    if not given.exists() and tables.HUB_ID.fullmatch(path) and given.suffix not in (".h5", ".hdf5", ".parquet"):
+    if not given.exists() and tables.HUB_ID.fullmatch(path) and given.suffix not in FILE_SUFFIXES:
         if streaming:
             from vlmlabel.sources.streaming import open_streaming
 
