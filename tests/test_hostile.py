@@ -109,7 +109,7 @@ def test_overwrite_never_replaces_an_output_that_is_not_a_dataset(kind, tmp_path
         source = _parquet(tmp_path / "one.parquet")
     else:
         source = table_layouts.build_disk_image(tmp_path).path
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / {"hdf5": "notes.h5", "parquet": "notes.parquet"}.get(kind, "notes.txt")  # named for the format
     notes.write_text("my notes")
     result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
                                  "cpu", "--output", str(notes), "--overwrite"], terminal_width=300)
@@ -277,7 +277,7 @@ def test_a_file_another_program_is_writing_is_reported_busy_and_left_alone(hdf5_
 
 def test_embed_overwrite_never_replaces_a_file_that_is_not_hdf5(tmp_path, tiny_model_dir):
     lf = layouts.build_robomimic(tmp_path / "data.h5")
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.h5"
     notes.write_text("my notes")
     result = runner.invoke(app, ["embed", str(lf.path), "--model", str(tiny_model_dir), "--device", "cpu",
                                  "--output", str(notes), "--overwrite"], terminal_width=300)

@@ -26,7 +26,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
-from tests import layouts, table_layouts
+from tests import layouts, open_inputs, table_layouts
 from tests.layouts import encode, make_frames
 from vlmlabel.cli import app
 
@@ -306,6 +306,7 @@ class Refused:
 
 
 LONG = " ".join(["a red cube"] * 40)
+NOT_UTF8, LATIN1 = open_inputs.NOT_UTF8, open_inputs.ACCENTED_LATIN1
 REFUSED: dict[str, Refused] = {
     # the file itself
     "missing file": Refused(None, words=["does not exist"]),
@@ -395,8 +396,8 @@ REFUSED: dict[str, Refused] = {
                                      ["does not exist; create it first"]),
     "output under a file": Refused(robomimic, ["--output", "{source}/out.h5"], ["not a folder"]),
     "output is another kind of file": Refused(
-        lambda p: ((p.parent / "notes.txt").write_text("mine"), robomimic(p))[1],
-        ["--output", "{folder}/notes.txt", "--overwrite"], ["not an HDF5 file"]),
+        lambda p: ((p.parent / "notes.h5").write_text("mine"), robomimic(p))[1],
+        ["--output", "{folder}/notes.h5", "--overwrite"], ["not an HDF5 file"]),
     # goals, formulation, run options
     "empty goal": Refused(robomimic, ["--goal", " "], ["--goal is empty"]),
     "goals identical once cut to the context": Refused(robomimic, ["--goal", LONG + " left", "--goal",
@@ -432,6 +433,110 @@ REFUSED: dict[str, Refused] = {
     # round two: post-processing of degenerate episodes
 
     # round two: user strings and metadata files checked at open
+    "a goal that is not UTF-8": Refused(robomimic, ["--goal", NOT_UTF8], ["--goal is not UTF-8", "b'\\xff'"]),
+    "a goal template that is not UTF-8": Refused(robomimic, ["--goal-template", NOT_UTF8 + " {{}}"],
+                                                 ["--goal-template is not UTF-8"]),
+    "a baseline that is not UTF-8": Refused(robomimic, ["--reward", "projection", "--baseline", NOT_UTF8],
+                                            ["--baseline is not UTF-8"]),
+    "a negative prompt that is not UTF-8": Refused(robomimic, ["--reward", "softmax", "--negative", NOT_UTF8],
+                                                   ["--negative is not UTF-8"]),
+    "a reward key that is not UTF-8": Refused(robomimic, ["--reward-key", "r" + NOT_UTF8],
+                                              ["--reward-key is not UTF-8"]),
+    "an image key that is not UTF-8": Refused(robomimic, ["--image-key", NOT_UTF8], ["--image-key is not UTF-8"]),
+    "a split that is not UTF-8": Refused(robomimic, ["--split", NOT_UTF8], ["--split is not UTF-8"]),
+    "a model that is not UTF-8": Refused(robomimic, ["--model", NOT_UTF8], ["--model is not UTF-8"]),
+    "a pretrained tag that is not UTF-8": Refused(robomimic, ["--pretrained", NOT_UTF8],
+                                                  ["--pretrained is not UTF-8"]),
+    "a Hub repo to push to that is not UTF-8": Refused(robomimic, ["--push-to-hub", "me/" + NOT_UTF8],
+                                                       ["--push-to-hub is not UTF-8"]),
+    "a parquet file named in Latin-1": Refused(lambda p: open_inputs.parquet_named(p, LATIN1 + ".parquet"),
+                                               words=["donn\\xe9es.parquet", "not UTF-8", "rename"]),
+    "a save_to_disk folder named in Latin-1": Refused(
+        lambda p: open_inputs.renamed(table_layouts.build_disk_image(p).path, LATIN1), words=["not UTF-8"],
+        name="disk"),
+    "a parquet --output named in Latin-1": Refused(lambda p: open_inputs.parquet_named(p, "data.parquet"),
+                                                  ["--output", "{folder}/" + LATIN1 + ".parquet"],
+                                                  ["donn\\xe9es.parquet", "not UTF-8"]),
+    "LeRobot meta/info.json a list": Refused(lambda p: open_inputs.lerobot(p, "info.json", lambda info: [info]),
+                                             words=["meta/info.json holds a list, not a JSON object"],
+                                             name="lerobot"),
+    "LeRobot features a list": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("features", [])),
+        words=["info.json: 'features' is a list", "not an object"], name="lerobot"),
+    "LeRobot feature a string": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.feature("action", "float32")),
+        words=["['features']: 'action' is a string", "not an object"], name="lerobot"),
+    "LeRobot feature shape a string": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.feature("action", {"dtype": "float32",
+                                                                                      "shape": "2"})),
+        words=["['action']: 'shape' is a string", "not a list"], name="lerobot"),
+    "LeRobot fps a string": Refused(lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("fps", "30")),
+                                    words=["'fps' is a string", "not a number or null"], name="lerobot"),
+    "LeRobot meta/stats.json a list": Refused(lambda p: open_inputs.lerobot(p, "stats.json", lambda s: [s]),
+                                              ["--image-key", "observation.images.top"],
+                                              ["meta/stats.json holds a list"], name="lerobot"),
+    "LeRobot video_path that cannot be filled in": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("video_path", "videos/{camera}.mp4"),
+                                      video=True),
+        ["--image-key", "observation.images.top"], ["'video_path'", "cannot be filled in", "camera"], name="lerobot"),
+    "LeRobot v2.1 episodes.jsonl line a list": Refused(lambda p: open_inputs.lerobot_v21_episodes(p, "[3, 4]"),
+                                                       words=["episodes.jsonl line 4 holds a list"], name="lerobot"),
+    "LeRobot v2.1 episodes.jsonl line without length": Refused(
+        lambda p: open_inputs.lerobot_v21_episodes(p, '{"episode_index": 3}'),
+        words=["episodes.jsonl line 4: 'length' is missing"], name="lerobot"),
+    "save_to_disk state.json a list": Refused(lambda p: open_inputs.disk(p, "state.json", lambda s: [s]),
+                                              words=["state.json holds a list, not a JSON object"], name="disk"),
+    "save_to_disk _data_files a string": Refused(
+        lambda p: open_inputs.disk(p, "state.json", open_inputs.set_key("_data_files", "data.arrow")),
+        words=["state.json: '_data_files' is a string", "not a list"], name="disk"),
+    "save_to_disk data file outside its folder": Refused(
+        lambda p: open_inputs.disk(p, "state.json",
+                                   open_inputs.set_key("_data_files", [{"filename": "../data.arrow"}])),
+        words=["'_data_files' names '../data.arrow'", "not a file of"], name="disk"),
+    "save_to_disk dataset_info.json a list": Refused(
+        lambda p: open_inputs.disk(p, "dataset_info.json", lambda i: [i]),
+        words=["dataset_info.json holds a list"], name="disk"),
+    "DatasetDict splits null": Refused(lambda p: open_inputs.disk(p, "dataset_dict.json",
+                                                                  open_inputs.set_key("splits", None)),
+                                       ["--split", "test"], ["dataset_dict.json: 'splits' is null", "not a list"],
+                                       name="disk"),
+    "DatasetDict split '..'": Refused(lambda p: open_inputs.disk(p, "dataset_dict.json",
+                                                                 open_inputs.set_key("splits", ["..", "test"])),
+                                      ["--split", ".."], ["'splits' names '..'"], name="disk"),
+    "parquet 'huggingface' metadata a list": Refused(
+        lambda p: open_inputs.parquet_with_metadata(p, b"huggingface", b"[]"),
+        words=["'huggingface' metadata of", "holds a list"], name="data.parquet"),
+    "parquet 'huggingface' metadata not JSON": Refused(
+        lambda p: open_inputs.parquet_with_metadata(p, b"huggingface", b"{"),
+        words=["'huggingface' metadata of", "not valid JSON"], name="data.parquet"),
+    "parquet 'vlmlabel' metadata a list": Refused(lambda p: open_inputs.parquet_with_metadata(p, b"vlmlabel", b"[]"),
+                                                  words=["'vlmlabel' metadata of", "holds a list"],
+                                                  name="data.parquet"),
+    "model config a number": Refused(lambda p: (open_inputs.model_config(p.parent / "model", 7), robomimic(p))[1],
+                                     ["--model", "{folder}/model"],
+                                     ["open_clip_config.json holds an integer (7), not a JSON object"]),
+    "model config's model_cfg a list": Refused(
+        lambda p: (open_inputs.model_config(p.parent / "model", {"model_cfg": []}), robomimic(p))[1],
+        ["--model", "{folder}/model"], ["open_clip_config.json: 'model_cfg' is a list"]),
+    "HDF5 written under a parquet name": Refused(robomimic, ["--output", "{folder}/out.parquet"],
+                                                 ["out.parquet is written as HDF5", "out.h5"]),
+    "HDF5 written under a name without a suffix": Refused(robomimic, ["--output", "{folder}/labelled"],
+                                                          ["labelled is written as HDF5", "labelled.h5", "no suffix"]),
+    "HDF5 labels file under a parquet name": Refused(robomimic, ["--output", "{folder}/out.parquet", "--link"],
+                                                     ["out.parquet is written as HDF5"]),
+    "parquet written under an HDF5 name": Refused(lambda p: open_inputs.parquet_named(p, "data.parquet"),
+                                                  ["--output", "{folder}/out.h5"],
+                                                  ["out.h5 is written as parquet, a file", "out.parquet"]),
+    "parquet folder written under a parquet name": Refused(
+        lambda p: table_layouts.build_parquet_folder(p).path, ["--output", "{folder}/out.parquet"],
+        ["out.parquet is written as parquet, a folder", "must not end in .parquet"], name="pq"),
+    "save_to_disk written under a parquet name": Refused(
+        lambda p: table_layouts.build_disk_image(p).path, ["--output", "{folder}/out.parquet"],
+        ["out.parquet is written as a save_to_disk dataset, a folder"], name="disk"),
+    "LeRobot written under an HDF5 name": Refused(
+        lambda p: table_layouts.build_lerobot(p, video=False).path,
+        ["--output", "{folder}/out.h5", "--image-key", "observation.images.top"],
+        ["out.h5 is written as a LeRobot dataset, a folder"], name="lerobot"),
 
     # round two: LeRobot statistics
 
