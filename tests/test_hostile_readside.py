@@ -77,7 +77,10 @@ class Labelled:
                 for index, where in enumerate(_datasets(handle, name)):
                     attrs = edit(dict(handle[where].attrs), index == 0)
                     handle[where].attrs.clear()
-                    handle[where].attrs.update(attrs)
+                    for key, value in attrs.items():  # text that is not UTF-8 is stored as the bytes it escapes
+                        raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+                        handle[where].attrs.create(key, raw, dtype=h5py.string_dtype() if isinstance(value, str)
+                                                   else None)
             return
         for index, (path, table) in enumerate(_tables_with(self.path, name)):
             column = table.schema.get_field_index(name)
@@ -221,6 +224,8 @@ HOSTILE: dict[str, Hostile] = {
         ["reward_spec", "damaged", "goal"]),
     "reward_spec out of range": Hostile(lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "gamma": 7})),
                                         ["reward_spec", "damaged", "gamma"]),
+    "goal attribute not UTF-8": Hostile(lambda d: d.edit_attrs(REWARD, _set({"goal": "\udcff\udcfe"})),
+                                        ["'goal' attribute", "not UTF-8"]),
     "raw_key naming nothing": Hostile(lambda d: d.edit_attrs(REWARD, _set({"raw_key": "gone"})),
                                       ["raw scores 'gone'", "missing"]),
     "raw_key naming the reward itself": Hostile(lambda d: d.edit_attrs(REWARD, _set({"raw_key": REWARD})),
