@@ -29,10 +29,16 @@ TINY_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.27], "interpol
                    "resize_mode": "shortest"}
 
 
-def build_model_dir(folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: dict = TINY_PREPROCESS) -> Path:
-    """A random open_clip model saved in local-dir layout, loaded by tests through the users' code path."""
+def build_model_dir(folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: dict = TINY_PREPROCESS,
+                    nan_weights: bool = False) -> Path:
+    """A random open_clip model saved in local-dir layout, loaded by tests through the users' code path;
+    ``nan_weights``: its image projection is NaN, so every image embedding and score it gives is NaN."""
     torch.manual_seed(seed)
-    return save_local_dir(create_untrained(cfg), cfg, preprocess, folder)
+    model = create_untrained(cfg)
+    if nan_weights:
+        with torch.no_grad():
+            model.visual.proj.fill_(float("nan"))
+    return save_local_dir(model, cfg, preprocess, folder)
 
 
 # Read once, before any test hides the GPU: initialising CUDA here fixes which GPUs this process sees.

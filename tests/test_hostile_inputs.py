@@ -27,6 +27,7 @@ from PIL import Image as PILImage
 from typer.testing import CliRunner
 
 from tests import layouts, open_inputs, table_layouts
+from tests.conftest import build_model_dir
 from tests.layouts import encode, make_frames
 from vlmlabel.cli import app
 
@@ -431,6 +432,9 @@ REFUSED: dict[str, Refused] = {
     # round two: labels files, busy files, --overwrite of a whole result
 
     # round two: post-processing of degenerate episodes
+    "a model whose weights hold NaN": Refused(
+        lambda p: (build_model_dir(p.parent / "nan-clip", 0, nan_weights=True), robomimic(p))[1],
+        ["--model", "{folder}/nan-clip"], ["NaN or infinite", "frames 0-", "--precision fp32"]),
 
     # round two: user strings and metadata files checked at open
     "a goal that is not UTF-8": Refused(robomimic, ["--goal", NOT_UTF8], ["--goal is not UTF-8", "b'\\xff'"]),

@@ -559,6 +559,7 @@ def evaluate(
         "--blank/--no-blank", help="Score constant (black/gray/white) frames with the reward's own formula "
                                    "(loads the model).")] = True,
     device: DeviceOpt = "auto",
+    split: SplitOpt = "train",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Correlate a written reward with a ground-truth signal (Pearson, Spearman, per episode; EPIC-style
@@ -570,7 +571,7 @@ def evaluate(
 
     report = evaluate_file(EvaluateRequest(source=source, reward_key=reward_key, against=against,
                                            image_key=image_key, model=model, pretrained=pretrained,
-                                           blank=blank, device=device))
+                                           blank=blank, device=device, split=split))
     if as_json:
         stdout.print_json(json.dumps(report.as_json()))
         return
@@ -612,13 +613,14 @@ def plot(
     out: Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     image_key: ImageKeyOpt = None,
     dpi: Annotated[int, typer.Option(min=30, max=600, help="Resolution of the PNG.")] = 100,
+    split: SplitOpt = "train",
 ) -> None:
     """Draw each chosen episode's reward curve over a strip of its frames, and a histogram of all rewards."""
     from vlmlabel.plot import PlotRequest, parse_episodes, plot_file
 
     picked = parse_episodes(episodes) if episodes is not None else None
     result = plot_file(PlotRequest(source=source, reward_key=reward_key, out=out or output, episodes=picked,
-                                   image_key=image_key, dpi=dpi))
+                                   image_key=image_key, dpi=dpi, split=split))
     stdout.print(f"wrote {result.out} ({', '.join(result.keys)}; episodes "
                  f"{', '.join(map(str, result.episodes))})")
 

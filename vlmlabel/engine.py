@@ -36,7 +36,7 @@ from vlmlabel.batchfill import (
     plan_batches,
 )
 from vlmlabel.decode_workers import DecodeWorkers, start_server
-from vlmlabel.errors import SourceError
+from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
@@ -385,7 +385,7 @@ def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, 
         for batch in batches:
             queued = compute(batch)
             if pending is not None:
-                yield pending.cpu().numpy()
+                yield _finite(pending.cpu().numpy(), position - len(pending))
                 if on_progress is not None:
                     on_progress(len(pending))
             pending = queued
@@ -393,11 +393,22 @@ def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, 
     finally:
         batches.close()  # stops the reader thread or the workers, also when the caller stops early
     if pending is not None:
-        yield pending.cpu().numpy()
+        yield _finite(pending.cpu().numpy(), position - len(pending))
         if on_progress is not None:
             on_progress(len(pending))
     if position != total:
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
+
+
+def _finite(rows: np.ndarray, first: int) -> np.ndarray:
+    """``rows`` (the model's output for the frames from ``first`` of this pass on), refused when any is NaN or
+    infinite: nothing made of them means anything, so the run stops at the first such batch, not after the last."""
+    bad = int(np.count_nonzero(~np.isfinite(rows)))
+    if bad:
+        raise VlmlabelError(f"the model gave {bad} NaN or infinite value(s) for frames {first}-{first + len(rows) - 1} "
+                            "of this pass (an overflow in fp16/bf16, or NaN in its weights?); nothing was written: "
+                            "run with --precision fp32, or check the checkpoint")
+    return rows
 
 
 def worker_recipe(source: FrameSource, workers: int) -> SourceRecipe | None:

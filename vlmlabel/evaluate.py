@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmlabel import labelled
 from vlmlabel.device import resolve_device, resolve_precision
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
@@ -75,6 +76,7 @@ class EvaluateRequest:
     pretrained: str | None = None
     blank: bool = True
     device: str = "auto"
+    split: str = "train"  # of a DatasetDict folder or a Hub dataset
 
 
 @dataclass
@@ -110,32 +112,17 @@ class Evaluation:
         return clean(asdict(self))
 
 
-def _per_step(values: np.ndarray, episode: Episode, align: Align) -> np.ndarray:
-    """One value per step. Data with one value per observation (Minari infos: T+1 rows, row 0 the reset's)
-    gives step t the row of the observation that scores it: t+1 (next; also every info the step returned)
-    or t (frame)."""
-    if not episode.per_observation or len(values) != episode.steps:
-        return values
-    return values[1:] if align is Align.next else values[:-1]
-
-
-def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: str,
-                 align: Align = Align.next) -> list[np.ndarray]:
-    values = []
-    for episode in episodes:
-        found = source.step_values(episode, key)
-        if found is None:
-            return []
-        found = np.asarray(found)
-        if found.ndim > 1 and int(np.prod(found.shape[1:])) != 1:
-            raise SourceError(f"{what} {key!r} has shape {found.shape} in {episode.name}: not one number per step; "
-                              "choose a per-step scalar key")
-        found = _per_step(found.astype(np.float64).reshape(len(found)), episode, align)
+def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: str) -> list[np.ndarray]:
+    """Per-step values of a key the data holds (a reference, success flags); [] when absent."""
+    values = labelled.series(source, episodes, key, what)
+    if values is None:
+        return []
+    steps = [labelled.per_step(v, e, Align.next) for v, e in zip(values, episodes, strict=True)]
+    for episode, found in zip(episodes, steps, strict=True):
         if len(found) != episode.transitions:
             raise SourceError(f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
                               f"{episode.transitions} steps; choose a per-step key")
-        values.append(found)
-    return values
+    return steps
 
 
 def _reference(source: LabelledData, episodes: list[Episode], against: str) -> tuple[str, list[np.ndarray]]:
@@ -149,33 +136,8 @@ def _reference(source: LabelledData, episodes: list[Episode], against: str) -> t
                         "name one with --against KEY")
 
 
-def _align_of(attrs: dict | None) -> Align:
-    """The alignment a reward was written with (rewards written before it was recorded scored o_t)."""
-    recorded = (attrs or {}).get("align", Align.frame.value)
-    try:
-        return Align(str(recorded))
-    except ValueError:
-        raise VlmlabelError(f"the reward's align attribute {recorded!r} is not one of "
-                            f"{', '.join(a.value for a in Align)}: the file was edited; relabel") from None
-
-
-def _reward_values(source: LabelledData, episodes: list[Episode], key: str) -> tuple[list[np.ndarray], dict]:
-    attrs = source.dataset_attrs(episodes[0], key)
-    values = _per_episode(source, episodes, key, "--reward-key", _align_of(attrs)) if attrs is not None else []
-    if not values:
-        written = source.reward_keys(episodes[0])
-        listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
-        raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
-    assert attrs is not None  # values are read only when attrs were found
-    for episode, episode_values in zip(episodes, values, strict=True):
-        bad = int(np.count_nonzero(~np.isfinite(episode_values)))
-        if bad:
-            raise VlmlabelError(f"reward {key!r} holds {bad} NaN or infinite value(s) in {episode.name}; no "
-                                "correlation with them means anything: relabel, or find what wrote them")
-    return values, attrs
-
-
-def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, device: str) -> dict[str, float]:
+def blank_scores(attrs: dict, config: RewardConfig, model_name: str | None, pretrained: str | None,
+                 device: str) -> dict[str, float]:
     """The raw formula's score of constant frames (black, gray, white): what 'nothing to see' earns."""
     name = model_name or str(attrs.get("model", ""))
     if not name:
@@ -185,7 +147,6 @@ def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, de
     tag = None if tag is None or tag == "bundled" or str(tag).startswith("hf-hub:") else str(tag)
     resolved = resolve_device(device)
     model = load_model(name, tag, resolved, resolve_precision("auto", resolved))
-    config = RewardConfig.from_attrs(attrs)
     score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
     height, width = model.preprocess.size
     levels = torch.tensor(list(BLANK_LEVELS.values()), dtype=torch.uint8).view(-1, 1, 1, 1)
@@ -196,30 +157,29 @@ def blank_scores(attrs: dict, model_name: str | None, pretrained: str | None, de
 
 def evaluate_file(request: EvaluateRequest) -> Evaluation:
     """Compare the reward ``reward_key`` with the reference signal ``against``, episode by episode and overall."""
-    with open_any_camera(str(request.source), request.image_key) as source:
+    with open_any_camera(str(request.source), request.image_key, request.split) as source:
         episodes = source.episodes(Align.frame)
-        reward, attrs = _reward_values(source, episodes, request.reward_key)
+        reward = labelled.read_reward(source, episodes, request.reward_key)
         reference_key, reference = _reference(source, episodes, request.against)
-        raw_key = attrs.get("raw_key")
-        raw = _per_episode(source, episodes, str(raw_key), "raw", _align_of(attrs)) if raw_key else reward
         success: list[np.ndarray] = []
         if not _is_binary(np.concatenate(reference)):
             success = next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])
-    return _evaluate(request, attrs, [e.name for e in episodes], reward, raw, reference_key, reference, success)
+    return _evaluate(request, reward, [e.name for e in episodes], reward.steps(episodes), reward.raw_steps(episodes),
+                     reference_key, reference, success)
 
 
-def _shuffled(attrs: dict, reward: list[np.ndarray], raw: list[np.ndarray]) -> np.ndarray:
+def _shuffled(reward: labelled.WrittenReward, raw: list[np.ndarray]) -> np.ndarray:
     """The reward as it would be on frames shuffled across episodes: raw per-frame scores permuted over the
     dataset, then thresholded/normalised/shaped within episodes exactly as the written reward was."""
     permuted = np.random.default_rng(SHUFFLE_SEED).permutation(np.concatenate(raw))
-    if "raw_key" not in attrs:
+    if reward.raw is None:
         return permuted
     bounds = np.cumsum([0] + [len(r) for r in raw])
     episodes = [permuted[a:b, None] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return np.concatenate(RewardConfig.from_attrs(attrs).postprocess(episodes))[:, 0]
+    return np.concatenate(reward.config.postprocess(episodes))[:, 0]
 
 
-def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: list[np.ndarray],
+def _evaluate(request: EvaluateRequest, written: labelled.WrittenReward, names: list[str], reward: list[np.ndarray],
               raw: list[np.ndarray], reference_key: str, reference: list[np.ndarray],
               success: list[np.ndarray]) -> Evaluation:
     all_reward, all_reference = np.concatenate(reward), np.concatenate(reference)
@@ -235,7 +195,7 @@ def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: l
     if flags:
         time_rho = _summary([spearman(r, np.arange(len(r)))
                              for r, s in zip(reward, flags, strict=True) if s.max() >= 1])
-    shuffled = _shuffled(attrs, reward, raw)
+    shuffled = _shuffled(written, raw)
     per_pearson = [pearson(r, g) for r, g in zip(reward, reference, strict=True)]
     per_spearman = [spearman(r, g) for r, g in zip(reward, reference, strict=True)]
     result = Evaluation(
@@ -250,6 +210,7 @@ def _evaluate(request: EvaluateRequest, attrs: dict, names: list[str], reward: l
                      for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman, strict=True))],
     )
     if request.blank:
-        result.blank_scores = blank_scores(attrs, request.model, request.pretrained, request.device)
+        result.blank_scores = blank_scores(written.attrs, written.config, request.model, request.pretrained,
+                                           request.device)
         result.above_blank_fraction = float((np.concatenate(raw) > max(result.blank_scores.values())).mean())
     return result

@@ -96,7 +96,15 @@ class RewardConfig:
         return [t.replace("{}", text) for t in self.templates] if self.templates else [text]
 
     def postprocess(self, raw: list[np.ndarray]) -> list[np.ndarray]:
-        """Per-episode raw scores -> written rewards: threshold, then normalise, then shape within episodes."""
+        """Per-episode raw scores -> written rewards: threshold, then normalise, then shape within episodes.
+
+        Scores are finite by construction; NaN or infinity (a damaged embedding cache or shard part, a model
+        the engine did not see overflow) is refused here, before a threshold would turn it into 0."""
+        bad = sum(int(np.count_nonzero(~np.isfinite(r))) for r in raw)
+        if bad:
+            raise VlmlabelError(f"{bad} raw score(s) are NaN or infinite, so no reward can be made of them (a "
+                                "damaged embedding cache or shard part?); nothing was written: run again with "
+                                "--no-cache, or run the shards again")
         values = [rewards.threshold(r, self.threshold) for r in raw] if self.threshold is not None else raw
         values = rewards.normalize(values, self.normalize)
         if self.shaping is Shaping.delta:
@@ -143,20 +151,53 @@ class RewardConfig:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> RewardConfig:
-        """Rebuild the raw formulation of a written reward (one goal) from its ``reward_spec`` attribute."""
+        """Rebuild the raw formulation of a written reward (one goal) from its ``reward_spec`` attribute.
+
+        The attribute was read from a file that may have been edited: anything but a JSON object whose every
+        field has the type and range a run writes is refused in one line (VlmlabelError), never used."""
         if "reward_spec" not in attrs:
             # Rewards written before formulations were recorded are plain cosine.
             return cls(goals=[str(attrs.get("goal", ""))])
         try:
             spec = json.loads(attrs["reward_spec"])
-            return cls(goals=[spec["goal"]], mode=RewardMode(spec["reward"]), templates=spec.get("templates", []),
-                       baselines=spec.get("baselines", []), negatives=spec.get("negatives", []),
-                       alpha=spec.get("alpha", 1.0), threshold=spec.get("threshold"),
-                       shaping=Shaping(spec.get("shaping", "none")), gamma=spec.get("gamma", 0.99),
-                       normalize=Normalize(spec.get("normalize", "none")))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise VlmlabelError(f"the reward's reward_spec attribute is damaged ({type(exc).__name__}: {exc}); "
-                                "relabel to write it again") from None
+            if not isinstance(spec, dict):
+                raise TypeError(f"a JSON {type(spec).__name__}, not an object")
+            config = cls(goals=[_typed(spec, "goal", str)], mode=RewardMode(spec["reward"]),
+                         templates=_texts(spec, "templates"), baselines=_texts(spec, "baselines"),
+                         negatives=_texts(spec, "negatives"), alpha=_typed(spec, "alpha", float, 1.0),
+                         threshold=_typed(spec, "threshold", float, None), shaping=Shaping(spec.get("shaping", "none")),
+                         gamma=_typed(spec, "gamma", float, 0.99), normalize=Normalize(spec.get("normalize", "none")))
+            return config.validate()
+        except (ValueError, KeyError, TypeError, AttributeError, VlmlabelError) as exc:
+            reason = str(exc) if isinstance(exc, VlmlabelError) else f"{type(exc).__name__}: {exc}"
+            raise VlmlabelError(f"the reward's reward_spec attribute is damaged ({reason}); relabel to write it "
+                                "again") from None
+
+
+_MISSING = object()
+
+
+def _typed(spec: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    """``spec[name]`` when it is a ``kind`` (a float may be written as an int; a bool is no number), else TypeError;
+    ``default`` when absent (KeyError without one). None is kept where it is the default."""
+    if name not in spec:
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+    value = spec[name]
+    if value is None and default is None:
+        return None
+    number = kind is float and isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number or (kind is not float and isinstance(value, kind))):
+        raise TypeError(f"{name} is {value!r}, not a {'number' if kind is float else kind.__name__}")
+    return float(value) if number else value
+
+
+def _texts(spec: dict[str, Any], name: str) -> list[str]:
+    values = _typed(spec, name, list, [])
+    if not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{name} is {values!r}, not a list of texts")
+    return values
 
 
 def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardConfig, texts: Sequence[str],

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmlabel import labelled
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.sources import Align, Episode, Segment, open_any_camera, open_source
 
@@ -27,6 +28,7 @@ class PlotRequest:
     episodes: list[int] | None = None
     image_key: str | None = None
     dpi: int = 100
+    split: str = "train"  # of a DatasetDict folder or a Hub dataset
 
 
 @dataclass
@@ -62,8 +64,7 @@ def _reward_keys(source: Any, episode: Episode, key: str) -> list[str]:
                      key=lambda k: int(k[len(key) + 1:]))
     if several:
         return several
-    listed = ", ".join(written) if written else "none (run `vlmlabel relabel` first)"
-    raise VlmlabelError(f"unknown reward key {key!r}; rewards written by vlmlabel here: {listed}")
+    raise labelled.unknown_reward(source, episode, key)
 
 
 def _to_rgb(block: Any, axes: str) -> np.ndarray:
@@ -119,17 +120,18 @@ def plot_file(request: PlotRequest) -> PlotResult:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    source = open_any_camera(str(request.source), request.image_key)
+    source = open_any_camera(str(request.source), request.image_key, request.split)
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: source.close())
-        first = source.episodes(Align.frame)
-        keys = _reward_keys(source, first[0], request.reward_key)
-        attrs = [source.dataset_attrs(first[0], k) or {} for k in keys]
-        align = Align(attrs[0].get("align", Align.frame.value))
-        scored = str(attrs[0].get("image_key", ""))  # thumbnails from the camera the reward scored
+        # Per-row values by the episodes' own rows (``episodes`` under next start one frame later: o_{t+1}).
+        rows = source.episodes(Align.frame)
+        keys = _reward_keys(source, rows[0], request.reward_key)
+        rewards = [labelled.read_reward(source, rows, k) for k in keys]
+        align = rewards[0].align
+        scored = str(rewards[0].attrs.get("image_key", ""))  # thumbnails from the camera the reward scored
         if request.image_key is None and scored != source.image_key and scored in source.cameras:
             source.close()
-            source = open_source(str(request.source), scored)
+            source = open_source(str(request.source), scored, request.split)
         episodes = source.episodes(align)
         picked = request.episodes if request.episodes is not None else list(range(min(DEFAULT_EPISODES,
                                                                                       len(episodes))))
@@ -137,9 +139,6 @@ def plot_file(request: PlotRequest) -> PlotResult:
         if bad:
             raise VlmlabelError(f"--episodes {bad[0]} is out of range: the file has {len(episodes)} episodes "
                                 f"(0-{len(episodes) - 1})")
-        # Per-step values by the episodes' own rows (``episodes`` under next start one frame later: o_{t+1}).
-        rows = source.episodes(Align.frame)
-        values = {k: [np.asarray(source.step_values(e, k), dtype=np.float64) for e in rows] for k in keys}
         strips = []
         for index in picked:
             episode = episodes[index]
@@ -152,8 +151,8 @@ def plot_file(request: PlotRequest) -> PlotResult:
     grid = fig.add_gridspec(len(ratios), 1, height_ratios=ratios, hspace=0.55)
     for row, (index, (steps, strip)) in enumerate(zip(picked, strips, strict=True)):
         curve = fig.add_subplot(grid[2 * row])
-        for key, key_attrs in zip(keys, attrs, strict=True):
-            curve.plot(values[key][index], label=f"{key}: {key_attrs.get('goal', '')}"[:70])
+        for reward in rewards:
+            curve.plot(reward.rows[index], label=f"{reward.key}: {reward.attrs.get('goal', '')}"[:70])
         curve.vlines(steps, *curve.get_ylim(), colors="0.8", linestyles=":", linewidth=0.8)
         curve.set_title(f"episode {index} ({episodes[index].name})", fontsize=9, loc="left")
         curve.set_xlabel("observation" if episodes[index].per_observation else "step", fontsize=8)
@@ -165,8 +164,8 @@ def plot_file(request: PlotRequest) -> PlotResult:
         thumbs.set_xticks(centres, [f"t={t}" for t in steps], fontsize=7)
         thumbs.set_yticks([])
     histogram = fig.add_subplot(grid[-1])
-    for key in keys:
-        histogram.hist(np.concatenate(values[key]), bins=50, alpha=0.6, label=key)
+    for reward in rewards:
+        histogram.hist(np.concatenate(reward.rows), bins=50, alpha=0.6, label=reward.key)
     histogram.set_title(f"all {sum(e.steps for e in episodes):,} steps", fontsize=9, loc="left")
     histogram.set_xlabel("reward", fontsize=8)
     histogram.legend(fontsize=7)

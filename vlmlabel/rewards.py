@@ -125,23 +125,54 @@ def delta_shaping(potentials: list[np.ndarray], gamma: float) -> list[np.ndarray
     return shaped
 
 
+# A series whose spread (max - min) is at most CONSTANT_SPREAD * max(1, max |x|) counts as constant.
+# Scores are functions of unit vectors (cosines, probabilities, their differences: |x| <= 2), so their rounding
+# error is absolute, set by the precision: the same frame scored at another batch position or batch size moved
+# by 4.5e-8 in fp32 and by 4.7e-6 in bf16 (sample_data/reach-clip, CPU). 1e-4 is 20 times that bf16 figure and
+# 100 times below what frames that differ visibly move a CLIP cosine (about 1e-2); the relative part keeps
+# the rule scale-free for other values (rewards.normalize on rewards of any size).
+CONSTANT_SPREAD = 1e-4
+
+
+def constant(values: np.ndarray) -> np.ndarray:
+    """Per column (axis 0): whether ``values`` are constant up to rounding noise (see ``CONSTANT_SPREAD``);
+    an empty or one-row series is constant."""
+    if not len(values):
+        return np.ones(values.shape[1:], dtype=bool)
+    x = np.asarray(values, dtype=np.float64)
+    spread = x.max(axis=0) - x.min(axis=0)
+    return spread <= CONSTANT_SPREAD * np.maximum(1.0, np.abs(x).max(axis=0))
+
+
 def normalize(values: list[np.ndarray], how: Normalize) -> list[np.ndarray]:
     """Z-score per episode or over the dataset, or min-max to [0, 1] over the dataset (per goal column).
 
-    A constant series has no spread; it is centred (z-score) or set to 0 (min-max) instead of dividing by 0.
+    A series that is ``constant`` (an episode for ``episode``, every value for ``dataset`` and ``minmax``;
+    length 0 or 1 included) has no spread to scale by: its z-scores, or its min-max values, are 0, however
+    the rounding noise in it lies. Values must be finite (ValueError otherwise: no statistic of NaN means
+    anything; ``RewardConfig.postprocess`` refuses such scores before they get here).
     """
+    if any(not np.isfinite(v).all() for v in values):
+        raise ValueError("normalize needs finite values: NaN or infinite scores have no mean, spread or range")
     if how is Normalize.none:
         return [v.astype(np.float32) for v in values]
     if how is Normalize.episode:
-        return [_zscore(v, v.mean(axis=0), v.std(axis=0)) for v in values]
+        return [_zscore(v, v) for v in values]
     everything = np.concatenate(values, axis=0).astype(np.float64)
     if how is Normalize.dataset:
-        mean, std = everything.mean(axis=0), everything.std(axis=0)
-        return [_zscore(v, mean, std) for v in values]
-    low, high = everything.min(axis=0), everything.max(axis=0)
-    span = np.where(high > low, high - low, 1.0)
-    return [((v - low) / span).astype(np.float32) for v in values]
+        return [_zscore(v, everything) for v in values]
+    if not len(everything):
+        return [v.astype(np.float32) for v in values]
+    low, flat = everything.min(axis=0), constant(everything)
+    span = np.where(flat, 1.0, everything.max(axis=0) - low)
+    return [np.where(flat, 0.0, (v - low) / span).astype(np.float32) for v in values]
 
 
-def _zscore(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+def _zscore(values: np.ndarray, over: np.ndarray) -> np.ndarray:
+    """``values`` as z-scores of the series ``over`` (float64 statistics); 0 where ``over`` is constant."""
+    if not len(over):
+        return values.astype(np.float32)
+    stats = np.asarray(over, dtype=np.float64)
+    flat = constant(stats)
+    std = np.where(flat, 1.0, stats.std(axis=0))
+    return np.where(flat, 0.0, (values - stats.mean(axis=0)) / std).astype(np.float32)

@@ -13,13 +13,16 @@ For each storage kind ("image": PNG frames in parquet; "video": mp4 encoded by L
   3. LeRobotDataset(repo_id, root=OUT2): features (float32, shape [1], info provenance), the column
      values against open_clip's own scores of the frames LeRobot decodes (next: frame t+1, the episode's
      last step its own frame; frame: frame t), ds[i] and a torch DataLoader batch, meta/stats.json (min,
-     max, mean, std, count, q01 q10 q50 q90 q99) against the column, meta/episodes stats/<key>/* columns,
-     LeRobot's own aggregate_stats over those per-episode stats.
+     max, mean, std, count, q01 q10 q50 q90 q99) against the column, meta/episodes stats/<key>/* columns;
+     every statistic, per episode and in stats.json, equal within 1e-4 to what LeRobot's own
+     compute_episode_stats and aggregate_stats give for the column (histogram quantiles), and LeRobot's
+     aggregate_stats over the written per-episode stats equal to stats.json.
   4. LeRobot's editing tools on OUT2, each output checked the same way (column values, feature info,
-     stats.json entry consistent with the remaining values): dataset_tools.delete_episodes,
-     split_dataset, merge_datasets (of the split parts), modify_features(remove_features=vlm_frame),
-     recompute_stats, and the lerobot-edit-dataset command line (delete_episodes). The source folder and
-     OUT1 are byte-identical afterwards.
+     stats.json and per-episode stats those LeRobot computes for the remaining values):
+     dataset_tools.delete_episodes, split_dataset, merge_datasets (of the split parts),
+     modify_features(remove_features=vlm_frame), recompute_stats (its stats.json and its per-episode stats
+     reproduce vlmlabel's, every statistic within 1e-4), and the lerobot-edit-dataset command line
+     (delete_episodes). The source folder and OUT1 are byte-identical afterwards.
   5. vlmlabel on the delete_episodes output (re-indexed; re-encoded video): relabel --overwrite of its own
      key, relabel under a new key (compared with the oracle), evaluate without --model.
 
@@ -47,6 +50,7 @@ LENGTHS = (6, 8, 5, 7)
 H, W = 64, 96
 STATS = ("min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99")
 TOL = {"image": 5e-3, "video": 5e-3}
+STATS_TOL = 1e-4  # LeRobot's statistics of a reward against vlmlabel's, each statistic (absolute)
 
 
 def frame_at(episode: int, t: int) -> np.ndarray:
@@ -108,10 +112,47 @@ def episode_slices(ds) -> list[np.ndarray]:
     return [np.flatnonzero(eps == e) for e in sorted(set(eps.tolist()))]
 
 
+def lerobot_episode_stats(ds, key: str) -> list[dict]:
+    """LeRobot's compute_episode_stats of each episode of the column, as recompute_stats calls it."""
+    from lerobot.datasets.compute_stats import compute_episode_stats
+
+    values = column(ds, key)
+    return [compute_episode_stats({key: values[s]}, {key: ds.meta.features[key]})[key] for s in episode_slices(ds)]
+
+
+def stat_diffs(got: dict, want: dict) -> dict[str, float]:
+    """|got - want| for every statistic (NaN when one is missing or NaN: never within a tolerance)."""
+    return {
+        s: abs(float(np.ravel(got[s])[0]) - float(np.ravel(want[s])[0])) if s in got and s in want else float("nan")
+        for s in STATS
+    }
+
+
+def within(diffs: dict[str, float]) -> bool:
+    return all(d <= STATS_TOL for d in diffs.values())
+
+
+def worst(diffs: list[dict[str, float]]) -> str:
+    """The largest difference of each statistic over episodes."""
+    return ", ".join(f"{s} {max(d[s] for d in diffs):.1e}" for s in STATS) if diffs else "no episodes"
+
+
+def episodes_stats(root: Path, key: str) -> list[dict]:
+    """The stats/<key>/* columns of meta/episodes, one dict per episode in episode_index order."""
+    import pandas as pd
+
+    meta = pd.concat([pd.read_parquet(p) for p in sorted((root / "meta" / "episodes").rglob("*.parquet"))])
+    return [
+        {s: np.asarray(r[f"stats/{key}/{s}"]) for s in STATS}
+        for r in meta.sort_values("episode_index").to_dict("records")
+    ]
+
+
 def verify(rep: common.Report, label: str, ds, expected: dict[str, list[np.ndarray]], provenance: dict) -> None:
     """Column values per episode, feature declaration + provenance, stats.json and meta/episodes stats."""
     import pandas as pd
     import pyarrow.parquet as pq
+    from lerobot.datasets.compute_stats import aggregate_stats
 
     root = Path(ds.root)
     info = json.loads((root / "meta" / "info.json").read_text())
@@ -169,10 +210,13 @@ def verify(rep: common.Report, label: str, ds, expected: dict[str, list[np.ndarr
             }
         )
         rep.check(f"{label}: stats.json[{key}] min/max/count/mean/std match the column", not bad, f"differing: {bad}")
-        qdiff = {q: float(np.ravel(entry[q])[0] - np.quantile(flat, int(q[1:]) / 100)) for q in STATS[5:]}
-        rep.note(
-            f"{label}: stats.json[{key}] quantiles minus numpy's exact quantiles",
-            ", ".join(f"{q} {d:+.2e}" for q, d in qdiff.items()),
+        theirs = lerobot_episode_stats(ds, key)
+        diffs = stat_diffs(entry, aggregate_stats([{key: t} for t in theirs])[key])
+        rep.check(
+            f"{label}: stats.json[{key}] = LeRobot's aggregate_stats(compute_episode_stats per episode), "
+            f"every statistic within {STATS_TOL:g}",
+            within(diffs),
+            ", ".join(f"{s} {d:.1e}" for s, d in diffs.items()),
         )
         cols = [f"stats/{key}/{s}" for s in STATS]
         missing_cols = [c for c in cols if c not in episodes_meta.columns]
@@ -189,6 +233,16 @@ def verify(rep: common.Report, label: str, ds, expected: dict[str, list[np.ndarr
                     ok = False
                     missing_cols.append(f"episode {ep} stats differ: {r}")
         rep.check(f"{label}: meta/episodes stats/{key}/* per episode match", ok, f"{missing_cols[:3]}")
+        if not missing_cols:
+            written = episodes_stats(root, key)
+            same_count = len(written) == len(theirs)
+            diffs = [stat_diffs(w, t) for w, t in zip(written, theirs, strict=True)] if same_count else []
+            rep.check(
+                f"{label}: meta/episodes stats/{key}/* = LeRobot's compute_episode_stats of each episode, "
+                f"every statistic within {STATS_TOL:g}",
+                same_count and all(within(d) for d in diffs),
+                f"{len(written)} episodes, largest: {worst(diffs)}",
+            )
 
 
 def check_kind(rep: common.Report, kind: str, model: Path) -> None:
@@ -309,21 +363,15 @@ def check_kind(rep: common.Report, kind: str, model: Path) -> None:
     stats = json.loads((out2 / "meta" / "stats.json").read_text())
 
     def lerobot_aggregate():
-        import pandas as pd
-
-        meta = pd.concat([pd.read_parquet(p) for p in sorted((out2 / "meta" / "episodes").rglob("*.parquet"))])
-        ep_stats = [
-            {KEY: {s: np.asarray(r[f"stats/{KEY}/{s}"]) for s in STATS}}
-            for r in meta.sort_values("episode_index").to_dict("records")
-        ]
-        agg = aggregate_stats(ep_stats)[KEY]
-        diff = {s: float(np.ravel(agg[s])[0] - np.ravel(stats[KEY][s])[0]) for s in STATS}
-        exact_ok = all(abs(diff[s]) <= 1e-6 * max(1.0, abs(np.ravel(stats[KEY][s])[0])) for s in STATS[:5])
-        rep.check(
-            f"{kind}: LeRobot aggregate_stats(meta/episodes stats) == stats.json for min/max/mean/std/count",
-            exact_ok,
-            ", ".join(f"{s} {d:+.1e}" for s, d in diff.items()),
-        )
+        for key in (KEY, FRAME_KEY):
+            agg = aggregate_stats([{key: e} for e in episodes_stats(out2, key)])[key]
+            diffs = stat_diffs(agg, stats[key])
+            rep.check(
+                f"{kind}: LeRobot aggregate_stats(meta/episodes stats/{key}) = stats.json[{key}], "
+                f"every statistic within {STATS_TOL:g}",
+                within(diffs),
+                ", ".join(f"{s} {d:.1e}" for s, d in diffs.items()),
+            )
 
     rep.guarded(f"{kind}: aggregate_stats", lerobot_aggregate)
     for name, fn in edits(rep, kind, work, ds, per_ep, provenance):
@@ -442,16 +490,42 @@ def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenanc
         verify(rep, f"{kind} modify_features(remove {FRAME_KEY})", new, {KEY: per_ep[KEY]}, provenance)
 
     def recompute():
-        shutil.copytree(ds.root, work / "recomputed")
-        copy = load("local/recomputed", work / "recomputed")
-        before = json.loads((work / "recomputed" / "meta" / "stats.json").read_text())[KEY]
+        """recompute_stats rebuilds stats.json from the data, episode by episode: it must give back vlmlabel's
+        numbers, in stats.json and per episode (compute_episode_stats, what it aggregates)."""
+        from lerobot.datasets.compute_stats import aggregate_stats
+
+        root = work / "recomputed"
+        shutil.copytree(ds.root, root)
+        copy = load("local/recomputed", root)
+        before = json.loads((root / "meta" / "stats.json").read_text())
+        ours = {key: episodes_stats(root, key) for key in per_ep}
         tools.recompute_stats(copy)
-        after = json.loads((work / "recomputed" / "meta" / "stats.json").read_text())[KEY]
-        rep.note(
-            f"{kind} recompute_stats: LeRobot's stats minus vlmlabel's",
-            ", ".join(f"{s} {np.ravel(after[s])[0] - np.ravel(before[s])[0]:+.2e}" for s in STATS),
-        )
-        verify(rep, f"{kind} recompute_stats", load("local/recomputed", work / "recomputed"), per_ep, provenance)
+        after = json.loads((root / "meta" / "stats.json").read_text())
+        for key in per_ep:
+            diffs = stat_diffs(after.get(key, {}), before[key])
+            rep.check(
+                f"{kind} recompute_stats: LeRobot's stats.json[{key}] reproduces vlmlabel's, "
+                f"every statistic within {STATS_TOL:g}",
+                within(diffs),
+                ", ".join(f"{s} {d:.1e}" for s, d in diffs.items()),
+            )
+            theirs = lerobot_episode_stats(copy, key)
+            same_count = len(theirs) == len(ours[key])
+            ep_diffs = [stat_diffs(t, o) for t, o in zip(theirs, ours[key], strict=True)] if same_count else []
+            rep.check(
+                f"{kind} recompute_stats: its per-episode stats of {key} (compute_episode_stats) reproduce "
+                f"vlmlabel's meta/episodes, every statistic within {STATS_TOL:g}",
+                same_count and all(within(d) for d in ep_diffs),
+                f"{len(theirs)} episodes, largest: {worst(ep_diffs)}",
+            )
+            agg = aggregate_stats([{key: t} for t in theirs])[key]
+            diffs = stat_diffs(agg, after[key])
+            rep.check(
+                f"{kind} recompute_stats: aggregate_stats of those per-episode stats of {key} = its stats.json",
+                within(diffs),
+                ", ".join(f"{s} {d:.1e}" for s, d in diffs.items()),
+            )
+        verify(rep, f"{kind} recompute_stats", load("local/recomputed", root), per_ep, provenance)
 
     def cli():
         exe = str(Path(sys.executable).with_name("lerobot-edit-dataset"))

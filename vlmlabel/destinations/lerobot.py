@@ -6,8 +6,9 @@ its statistics and every ``meta/episodes`` parquet file its per-episode ``stats/
 LeRobot v3.0 keeps them for every feature (``compute_stats.get_feature_stats``: min, max, mean, std, count and
 the quantiles q01 q10 q50 q90 q99; flattened by ``flatten_dict({"stats": ...})``). LeRobot's edits
 (``dataset_tools.delete_episodes``/``split_dataset``, ``aggregate``) rebuild ``stats.json`` from those columns,
-so a reward without them would lose its statistics there. Quantiles here are exact (numpy, linear), where
-LeRobot estimates them from histograms. Videos and the rest of ``meta`` are carried over as copy-on-write
+so a reward without them would lose its statistics there. Both are computed by LeRobot's own algorithm
+(``lerobot_stats``: histogram quantiles per episode, count-weighted across episodes), so that ``recompute_stats``
+and those edits give back the same numbers. Videos and the rest of ``meta`` are carried over as copy-on-write
 clones or copies (hard links on request).
 """
 
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
+from vlmlabel.destinations.lerobot_stats import STAT_NAMES, Stats, aggregate, episode_stats
 from vlmlabel.destinations.tables import TableCopy, carry_tree
 from vlmlabel.errors import OutputError
 from vlmlabel.sources.base import Episode
@@ -30,9 +32,6 @@ from vlmlabel.sources.lerobot import OBSERVATION_PREFIX, LeRobotSource
 INFO = Path("meta") / "info.json"
 STATS = Path("meta") / "stats.json"
 EPISODES = Path("meta") / "episodes"
-# LeRobot's compute_stats.DEFAULT_QUANTILES, keyed as it keys them (f"q{int(q * 100):02d}").
-QUANTILES = {"q01": 0.01, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
-STAT_NAMES = ("min", "max", "mean", "std", "count", *QUANTILES)
 # Attributes that name one run over one dataset, not what the reward is: kept out of info.json, where LeRobot's
 # aggregate compares features (``features_equal_for_merge``) and would refuse to merge two labelled datasets.
 RUN_ONLY_ATTRS = ("result_id", "embeddings")
@@ -60,15 +59,6 @@ def feature_entry(info: dict, attrs: dict | None = None) -> dict:
     return entry
 
 
-def column_stats(values: np.ndarray) -> dict:
-    """LeRobot's statistics of a shape-[1] feature: lists of one value, count an int, then the quantiles."""
-    values = np.asarray(values, dtype=np.float32).astype(np.float64)
-    stats: dict = {"min": [float(values.min())], "max": [float(values.max())], "mean": [float(values.mean())],
-                   "std": [float(values.std())], "count": [int(values.size)]}
-    stats.update({key: [float(np.quantile(values, q))] for key, q in QUANTILES.items()})
-    return stats
-
-
 def episode_values(column: RewardColumn, episodes: list[Episode]) -> dict[int, np.ndarray]:
     """A column's rewards per LeRobot episode_index (runs of one episode joined), {} when episodes are not named."""
     found: dict[int, list[np.ndarray]] = {}
@@ -80,23 +70,33 @@ def episode_values(column: RewardColumn, episodes: list[Episode]) -> dict[int, n
     return {e: np.concatenate(parts) for e, parts in found.items()}
 
 
-def episode_stats_table(table: pa.Table, columns: list[RewardColumn], episodes: list[Episode]) -> pa.Table | None:
-    """``table`` (one meta/episodes file) with ``stats/<key>/<stat>`` columns per reward, typed as LeRobot writes
-    them (list<double>, count list<int64>); None when some row's episode has no rewards (then left as it is)."""
+def per_episode_stats(column: RewardColumn, episodes: list[Episode]) -> dict[int, Stats]:
+    """A column's statistics per LeRobot episode_index ({} when episodes are not named)."""
+    return {e: episode_stats(values) for e, values in sorted(episode_values(column, episodes).items())}
+
+
+def dataset_stats(column: RewardColumn, per_episode: dict[int, Stats]) -> Stats:
+    """The column's ``stats.json`` entry: its episodes' statistics aggregated (the column as one episode when
+    its episodes are not named)."""
+    return aggregate(list(per_episode.values())) if per_episode else episode_stats(column.flat())
+
+
+def episode_stats_table(table: pa.Table, stats: dict[str, dict[int, Stats]]) -> pa.Table | None:
+    """``table`` (one meta/episodes file) with ``stats/<key>/<stat>`` columns per reward, from ``stats``
+    (reward -> episode_index -> statistics), typed as LeRobot writes them (list<double>, count list<int64>);
+    None when some row's episode has no rewards (then left as it is)."""
     if "episode_index" not in table.column_names:
         return None
     rows = table.column("episode_index").to_pylist()
-    for column in columns:
-        per_episode = episode_values(column, episodes)
+    for name, per_episode in stats.items():
         if not rows or any(e not in per_episode for e in rows):
             return None
-        prefix = f"stats/{column.name}/"
+        prefix = f"stats/{name}/"
         table = table.drop_columns([n for n in table.column_names if n.startswith(prefix)])
-        stats = [column_stats(per_episode[e]) for e in rows]
-        for name in STAT_NAMES:
-            kind = pa.int64() if name == "count" else pa.float64()
-            table = table.append_column(pa.field(prefix + name, pa.list_(kind)),
-                                        pa.array([s[name] for s in stats], type=pa.list_(kind)))
+        for stat in STAT_NAMES:
+            kind = pa.int64() if stat == "count" else pa.float64()
+            table = table.append_column(pa.field(prefix + stat, pa.list_(kind)),
+                                        pa.array([per_episode[e][stat] for e in rows], type=pa.list_(kind)))
     return table
 
 
@@ -115,18 +115,19 @@ class LeRobotDestination(TableCopy):
     def targets(self, root: Path) -> list[Path]:
         return [root / f.relative_to(self.source.folder) for f in self.files.paths]
 
-    def episode_files(self, columns: list[RewardColumn]) -> dict[Path, pa.Table]:
+    def episode_files(self, stats: dict[str, dict[int, Stats]]) -> dict[Path, pa.Table]:
         """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added."""
         rewritten = {}
         for path in sorted((self.source.folder / EPISODES).rglob("*.parquet")):
-            table = episode_stats_table(pq.read_table(path), columns, self.episodes)
+            table = episode_stats_table(pq.read_table(path), stats)
             if table is not None:
                 rewritten[path] = table
         return rewritten
 
     def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
         root = self.source.folder
-        episode_files = self.episode_files(columns)
+        stats_by_episode = {c.name: per_episode_stats(c, self.episodes) for c in columns}
+        episode_files = self.episode_files(stats_by_episode)
         skip = ({f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
                 | {p.resolve() for p in episode_files})
         with atomic.staged(self.path) as tmp:
@@ -144,7 +145,7 @@ class LeRobotDestination(TableCopy):
             (tmp / INFO).write_text(json.dumps(info, indent=4))
             if (root / STATS).is_file():
                 stats = json.loads((root / STATS).read_text())
-                stats.update({c.name: column_stats(c.flat()) for c in columns})
+                stats.update({c.name: dataset_stats(c, stats_by_episode[c.name]) for c in columns})
                 (tmp / STATS).write_text(json.dumps(stats, indent=4))
         return self.path
 

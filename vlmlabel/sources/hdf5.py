@@ -900,6 +900,10 @@ class HDF5Source:
             item = self.file.get(key)
             if not isinstance(item, h5py.Dataset):
                 return None
+            rows, frames = (item.shape or (0,))[0], self.file[episode.frames[0].array].shape[0]
+            if rows != frames:  # a slice of it would pass for one value per step
+                raise SourceError(f"{key} has {rows} rows but the frames {episode.frames[0].array} have {frames}: "
+                                  "not one value per step of this file")
             start = episode.frames[0].start
             return np.asarray(item[start:start + episode.steps])
         group = episode.name
