@@ -32,10 +32,13 @@ from vlmlabel.destinations.base import (
 from vlmlabel.errors import OutputError
 from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
-from vlmlabel.sources.base import Episode, reward_path
+from vlmlabel.sources.base import Episode, content_fingerprint, reward_path
 from vlmlabel.sources.hdf5 import (
+    LINKED_ATTR,
     HDF5Source,
+    LinkedFile,
     all_external_links,
+    open_read_only,
     virtual_sources,
 )
 
@@ -188,18 +191,21 @@ def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File], None]
             stamp.verify(base)
 
 
-def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], stamp: Stamp | None = None) -> Path:
-    """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` reached through
-    an external link, and its groups and attributes mirrored: one file shows everything, at a cost that grows
-    with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so the two
-    may move together."""
+def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict[str, str],
+                 stamp: Stamp | None = None, remove: list[str] | None = None) -> Path:
+    """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` (but ``remove``)
+    reached through an external link, and its groups and attributes mirrored: one file shows everything, at a cost
+    that grows with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so
+    the two may move together; the root records that name and ``frames`` (the content fingerprint of ``base``'s
+    frames per image key, ``LinkedFile``), which every reader verifies."""
     target = atomic.real_target(dest)
     name = os.path.relpath(base.resolve(), target.parent)
-    written = {d.path.strip("/") for d in datasets}
+    skipped = {d.path.strip("/") for d in datasets} | {path.strip("/") for path in remove or []}
     with atomic.staged(dest) as tmp:
-        with h5py.File(base, "r") as source, h5py.File(tmp, "w") as out:
-            _mirror(source, out, name, written)
-            for dataset in datasets:
+        with open_read_only(base) as source, h5py.File(tmp, "w") as out:
+            _mirror(source, out, name, skipped)
+            out.attrs[LINKED_ATTR] = LinkedFile(name, frames).to_attr()  # base's own record (a labels file) names
+            for dataset in datasets:                                       # what base links to, not base
                 _put(out, dataset, overwrite=False)
         if stamp is not None:
             stamp.verify(base)
@@ -441,7 +447,7 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
     found: dict[str, Present] = {}
     if not path.is_file() or not h5py.is_hdf5(path):
         return found
-    with h5py.File(path, "r") as handle:
+    with open_read_only(path) as handle:
         for name, paths in locations.items():
             present = [(p, i) for p in paths if (i := _item_or_link(handle, p, everywhere)) is not None]
             if not present or everywhere and len(present) < len(paths):
@@ -470,7 +476,9 @@ class HDF5Destination:
         self.path = source.path if output is None else output
         self.episodes = episodes
         self.targets = sorted({e.target for e in episodes})
-        self.stamp = Stamp.of([source.path])
+        self.stamp = Stamp.of(source.paths)  # a labels file's: the file it links to too
+        # What a labels file records of its source's frames (read once per version of the file: remembered).
+        self.linked_frames = {source.image_key: content_fingerprint(source)} if self.linked else {}
 
     @staticmethod
     def default_output(source: HDF5Source) -> Path:
@@ -511,7 +519,7 @@ class HDF5Destination:
         datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
                     for column in columns for target, values in self._by_target(column)]
         if self.linked:
-            return write_linked(self.source_path, self.path, datasets, self.stamp)
+            return write_linked(self.source_path, self.path, datasets, self.linked_frames, self.stamp)
         return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
                           keep_mode=self.output is None)
 
