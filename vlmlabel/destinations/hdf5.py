@@ -515,12 +515,29 @@ class HDF5Destination:
     def written(self, names: list[str]) -> dict[str, Present]:
         return _present(self.path, {n: self._locations(n) for n in names}, everywhere=True)
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def carried(self) -> dict[str, dict[str, Any]]:
+        """The datasets beside the first episode's data, with their attributes: vlmlabel writes every episode's
+        columns together, so the first episode's say what every episode holds."""
+        group = self.source.file.get(self.targets[0]) if self.targets[0] else self.source.file
+        if not isinstance(group, h5py.Group):
+            return {}
+        found = {}
+        for name in group:
+            try:
+                item = group.get(name)
+            except (KeyError, OSError, RuntimeError):  # a link HDF5 cannot follow: no column of vlmlabel's
+                continue
+            if isinstance(item, h5py.Dataset):
+                found[name] = dict(item.attrs)
+        return found
+
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
                     for column in columns for target, values in self._by_target(column)]
+        remove = [reward_path(target, name) for name in dropped for target in self.targets]
         if self.linked:
-            return write_linked(self.source_path, self.path, datasets, self.linked_frames, self.stamp)
-        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
+            return write_linked(self.source_path, self.path, datasets, self.linked_frames, self.stamp, remove)
+        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp, remove=remove,
                           keep_mode=self.output is None)
 
     def _by_target(self, column: RewardColumn) -> list[tuple[str, np.ndarray]]:

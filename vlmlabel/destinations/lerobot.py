@@ -80,16 +80,21 @@ def episode_values(column: RewardColumn, episodes: list[Episode]) -> dict[int, n
     return {e: np.concatenate(parts) for e, parts in found.items()}
 
 
-def episode_stats_table(table: pa.Table, columns: list[RewardColumn], episodes: list[Episode]) -> pa.Table | None:
-    """``table`` (one meta/episodes file) with ``stats/<key>/<stat>`` columns per reward, typed as LeRobot writes
-    them (list<double>, count list<int64>); None when some row's episode has no rewards (then left as it is)."""
+def episode_stats_table(table: pa.Table, columns: list[RewardColumn], episodes: list[Episode],
+                        dropped: list[str]) -> pa.Table | None:
+    """``table`` (one meta/episodes file) without the statistics of the columns ``dropped`` and with
+    ``stats/<key>/<stat>`` columns per reward, typed as LeRobot writes them (list<double>, count list<int64>);
+    when some row's episode has no rewards, without the dropped statistics only, and None when that leaves it as
+    it is."""
+    gone = [n for n in table.column_names if any(n.startswith(f"stats/{name}/") for name in dropped)]
+    table = trimmed = table.drop_columns(gone)
     if "episode_index" not in table.column_names:
-        return None
+        return trimmed if gone else None
     rows = table.column("episode_index").to_pylist()
     for column in columns:
         per_episode = episode_values(column, episodes)
         if not rows or any(e not in per_episode for e in rows):
-            return None
+            return trimmed if gone else None
         prefix = f"stats/{column.name}/"
         table = table.drop_columns([n for n in table.column_names if n.startswith(prefix)])
         stats = [column_stats(per_episode[e]) for e in rows]
@@ -115,23 +120,25 @@ class LeRobotDestination(TableCopy):
     def targets(self, root: Path) -> list[Path]:
         return [root / f.relative_to(self.source.folder) for f in self.files.paths]
 
-    def episode_files(self, columns: list[RewardColumn]) -> dict[Path, pa.Table]:
-        """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added."""
+    def episode_files(self, columns: list[RewardColumn], dropped: list[str]) -> dict[Path, pa.Table]:
+        """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added (and those of the
+        columns ``dropped`` removed)."""
         rewritten = {}
         for path in sorted((self.source.folder / EPISODES).rglob("*.parquet")):
-            table = episode_stats_table(pq.read_table(path), columns, self.episodes)
+            table = episode_stats_table(pq.read_table(path), columns, self.episodes, dropped)
             if table is not None:
                 rewritten[path] = table
         return rewritten
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
+        """The copy, with ``dropped`` gone from the data files, the features, stats.json and the episodes' stats."""
         root = self.source.folder
-        episode_files = self.episode_files(columns)
+        episode_files = self.episode_files(columns, dropped)
         skip = ({f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
                 | {p.resolve() for p in episode_files})
         with atomic.staged(self.path) as tmp:
             carry_tree(root, tmp, skip, self.link)
-            self.rewrite_all(tmp, columns)
+            self.rewrite_all(tmp, columns, dropped)
             for path, table in episode_files.items():
                 target = tmp / path.relative_to(root)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,11 +146,15 @@ class LeRobotDestination(TableCopy):
                 atomic.fsync(target)
             info = json.loads((root / INFO).read_text())
             features = info.setdefault("features", {})
+            for name in dropped:
+                features.pop(name, None)
             for column in columns:
                 features[column.name] = feature_entry(info, column.attrs)
             (tmp / INFO).write_text(json.dumps(info, indent=4))
             if (root / STATS).is_file():
                 stats = json.loads((root / STATS).read_text())
+                for name in dropped:
+                    stats.pop(name, None)
                 stats.update({c.name: column_stats(c.flat()) for c in columns})
                 (tmp / STATS).write_text(json.dumps(stats, indent=4))
         return self.path
