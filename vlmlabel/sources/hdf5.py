@@ -602,7 +602,8 @@ LINKED_ATTR = "vlmlabel_linked_file"  # on a labels file's root: ``LinkedFile`` 
 class LinkedFile:
     """What a labels file (``relabel --output FILE --link``) reads everything but its rewards from: the file its
     external links name (relative to the labels file's folder, so the two move together), and the content
-    fingerprint of that file's frames (``content_fingerprint``, per image key scored) when it was linked.
+    fingerprint of that file's frames (``content_fingerprint``, keyed by image key: the frames the run scored, its
+    first camera's) when it was linked.
 
     Recorded on the labels file's root by the writer (``destinations.hdf5.write_linked``) and verified whenever
     the labels file is opened (``HDF5Source``: every command): the file must be where the labels file names it,
@@ -649,9 +650,7 @@ class LinkedFile:
                 with HDF5Source(target, key) as linked:
                     same = content_fingerprint(linked) == fingerprint
             except SourceError as exc:
-                raise SourceError(f"{labels} is a labels file reading {os.path.normpath(target)}, which cannot be "
-                                  "read as the file "
-                                  f"it was made from: {exc}") from None
+                raise SourceError(f"{labels} is a labels file reading {os.path.normpath(target)}: {exc}") from None
             if not same:
                 raise SourceError(f"{labels} is a labels file made from {self.filename}, but "
                                   f"{os.path.normpath(target)} now holds "
