@@ -77,7 +77,7 @@ def measure(folder: Path, gib: float, repeats: int) -> dict[str, float]:
         (folder / "copy.h5").unlink()
         times["in_place"].append(timed(lambda: write_file(source, source, rewards, overwrite=True)))
         times["in_place_copy"].append(timed(lambda: write_as_copy(source, rewards)))
-        times["labels_file"].append(timed(lambda: write_linked(source, folder / "labels.h5", rewards)))
+        times["labels_file"].append(timed(lambda: write_linked(source, folder / "labels.h5", rewards, {})))
         (folder / "labels.h5").unlink()
     size = source.stat().st_size
     source.unlink()

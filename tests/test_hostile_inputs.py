@@ -26,7 +26,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
-from tests import layouts, open_inputs, table_layouts
+from tests import labels_files, layouts, open_inputs, table_layouts
 from tests.conftest import build_model_dir
 from tests.layouts import encode, make_frames
 from vlmlabel.cli import app
@@ -430,6 +430,19 @@ REFUSED: dict[str, Refused] = {
     # round two: cluster launches (SLURM arrays, torchrun, merge)
 
     # round two: labels files, busy files, --overwrite of a whole result
+    "labels file whose source moved, another of that name where the working folder leads": Refused(
+        labels_files.labels_source_moved, words=["src/data.h5", "not found at", "never reads"], cwd="elsewhere/run"),
+    "labels file whose source was replaced by another dataset": Refused(
+        labels_files.labels_source_replaced, words=["src/data.h5", "holds other frames", "not the file"]),
+    "external link's file gone, one of that name in the working folder": Refused(
+        lambda p: labels_files.link_found_in_working_folder(p, virtual=False), words=["frames.h5", "not found at"],
+        cwd="run"),
+    "virtual dataset's file gone, one of that name in the working folder": Refused(
+        lambda p: labels_files.link_found_in_working_folder(p, virtual=True), words=["frames.h5", "not found at"],
+        cwd="run"),
+    "an earlier result under the reward key, other columns, no --overwrite": Refused(
+        lambda p: labels_files.earlier_result(p, ["vlm_reward_0", "vlm_reward_1"]),
+        words=["data/demo_0/vlm_reward_0", "--overwrite", "replaced whole"]),
 
     # round two: post-processing of degenerate episodes
     "a model whose weights hold NaN": Refused(

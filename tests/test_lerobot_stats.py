@@ -62,7 +62,7 @@ def written(tmp_path_factory) -> Path:
         destination.check([KEY], overwrite=False)
     assert [e.steps for e in episodes] == [len(r) for r in REWARDS]
     column = RewardColumn(KEY, [r.copy() for r in REWARDS], {VERSION_ATTR: "test", "goal": "g"})
-    return destination.write([column], overwrite=False)
+    return destination.write([column], overwrite=False, dropped=[])
 
 
 def _close(got: dict, expected: dict) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -24,6 +25,8 @@ from tests.cluster_files import ROOT, env
 from tests.storage_backends import BACKENDS, Case, tree_digest
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.formulation import RewardConfig
+from vlmlabel.rewards import Normalize
 from vlmlabel.run.lifecycle import (
     EmbedRequest,
     FinishedSummary,
@@ -216,3 +219,44 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monke
     assert sorted(drawn_values) == NAMES
     for name in NAMES:  # the plot shows each episode's own rewards: all of them, once
         np.testing.assert_array_equal(np.sort(drawn_values[name]), np.sort(case.read(summary.written_to, name)))
+
+
+def _has(case: Case, dest: Path, name: str) -> bool:
+    try:
+        case.read(dest, name)
+    except (KeyError, ValueError):  # h5py, pyarrow (ArrowInvalid), datasets: no such dataset or column
+        return False
+    return True
+
+
+def test_overwrite_replaces_a_whole_result(case, tiny_model_dir):
+    """A result of two goals, normalised (NAME_0, NAME_1 and their NAME_i_raw), replaced with --overwrite by one
+    plain goal under the same --reward-key, relabelling the labelled data (HDF5: in place): nothing of the first
+    result stays beside the new NAME, in the data or in any metadata that declares columns."""
+    first = relabel_file(request_for(case, tiny_model_dir, "first",
+                                     formulation=RewardConfig(goals=GOALS, normalize=Normalize.episode)))
+    assert isinstance(first, RelabelSummary)
+    stale = [*NAMES, *(f"{n}_raw" for n in NAMES)]
+    assert all(_has(case, first.written_to, name) for name in stale)
+    refused = runner.invoke(app, ["relabel", str(first.written_to), "--goal", GOALS[0], "--model",
+                                  str(tiny_model_dir), "--image-key", case.image_key, "--device", "cpu"],
+                            terminal_width=300)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output  # the earlier result is there
+    second = relabel_file(RelabelRequest(source=first.written_to, goals=GOALS[:1], model=str(tiny_model_dir),
+                                         image_key=case.image_key, device="cpu", batch_size=BATCH, overwrite=True))
+    assert isinstance(second, RelabelSummary)
+    assert len(case.read(second.written_to, "vlm_reward")) == sum(case.steps)
+    assert [name for name in stale if _has(case, second.written_to, name)] == []
+    declared = json.dumps([_declared(second.written_to)])
+    assert not any(f'"{name}' in declared for name in stale), declared
+
+
+def _declared(dest: Path) -> object:
+    """What a dataset's metadata says about its columns: LeRobot's features and statistics, the save_to_disk
+    features, the columns of LeRobot's episode statistics."""
+    found: list[object] = []
+    for meta in ("meta/info.json", "meta/stats.json", "dataset_info.json"):
+        found += [json.loads(p.read_text()) for p in ([dest / meta] if dest.is_dir() else []) if p.is_file()]
+    if dest.is_dir():
+        found += [pq.read_schema(p).names for p in sorted((dest / "meta" / "episodes").rglob("*.parquet"))]
+    return found

@@ -63,7 +63,7 @@ def _write(source: Path, image_key: str, output: Path | None, name: str, overwri
     rng = np.random.default_rng(len(name))
     values = [rng.random(e.steps).astype(np.float32) for e in episodes]
     attrs = {VERSION_ATTR: "test", "formula": "made up", "goal": "g"}
-    return destination.write([RewardColumn(name, values, attrs)], overwrite), np.concatenate(values)
+    return destination.write([RewardColumn(name, values, attrs)], overwrite, []), np.concatenate(values)
 
 
 def _hdf5_datasets(path: Path) -> dict[str, bytes]:

@@ -18,6 +18,8 @@ from vlmlabel.sources.base import FILE_SUFFIXES, show_path
 VERSION_ATTR = "vlmlabel_version"
 # Attribute naming the run that made a reward: equal ids mean identical rewards (idempotent finish).
 RESULT_ATTR = "result_id"
+# Attribute naming the --reward-key of the run that wrote a column: every column of one result records it.
+REWARD_KEY_ATTR = "reward_key"
 NAME_MAX = 255  # bytes in one file name on common file systems (ext4, xfs, NFS, Lustre)
 
 
@@ -91,9 +93,35 @@ class Destination(Protocol):
         """Of ``names``, those already at the destination (in every place the write puts them)."""
         ...
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
-        """Put the rewards at the destination in one atomic step; the source is only read."""
+    def carried(self) -> dict[str, dict[str, Any]]:
+        """Every column the write carries over from the source (HDF5: the datasets beside the first episode's data),
+        with what vlmlabel recorded of it ({} for one it did not write)."""
         ...
+
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
+        """Put the rewards at the destination, without the carried columns ``dropped``, in one atomic step; the
+        source is only read."""
+        ...
+
+
+def whole_results(key: str, names: list[str], carried: dict[str, dict[str, Any]]) -> list[str]:
+    """The carried columns that writing ``names`` under ``--reward-key key`` replaces besides ``names`` themselves:
+    every other column of each result it replaces, so that no part of an earlier result stays beside the new one.
+
+    A result is what one run wrote: NAME (or NAME_0, NAME_1.. for several goals), NAME_raw, NAME_cam_*; each of its
+    columns records the run's ``REWARD_KEY_ATTR``. Replaced are the earlier result under ``key`` and every result
+    one of ``names`` belongs to. Columns written before results recorded their key count by their links: the raw
+    and per-camera columns (``raw_of``, ``camera_of``) of one of ``names``. A column vlmlabel did not write (no
+    ``VERSION_ATTR``) never counts: the user's own NAME_raw is left alone, or refused where a run writes it."""
+    ours = {name: attrs for name, attrs in carried.items() if VERSION_ATTR in attrs}
+    keys = {key} | {str(ours[n][REWARD_KEY_ATTR]) for n in names if REWARD_KEY_ATTR in ours.get(n, {})}
+
+    def belongs(attrs: dict[str, Any]) -> bool:
+        if REWARD_KEY_ATTR in attrs:
+            return str(attrs[REWARD_KEY_ATTR]) in keys
+        return any(str(attrs.get(link)) in names for link in ("raw_of", "camera_of") if link in attrs)
+
+    return [name for name, attrs in ours.items() if name not in names and belongs(attrs)]
 
 
 def check_names(names: list[str], derived: Iterable[str]) -> None:
@@ -134,8 +162,8 @@ def refuse_replacing(names: list[str], replaced: dict[str, Present], where: obje
     ours = [replaced[n].location for n in names if n in replaced]
     if ours and not overwrite:
         shown = ", ".join(ours[:4]) + (" ..." if len(ours) > 4 else "")
-        raise OutputError(f"{shown} already exist(s) in {where}; pass --overwrite to replace, "
-                          "or choose another --reward-key")
+        raise OutputError(f"{shown} already exist(s) in {where}; pass --overwrite to replace them (a result "
+                          "vlmlabel wrote is replaced whole), or choose another --reward-key")
 
 
 def check_space(folder: Path, needed: int, what: str) -> None:

@@ -32,10 +32,13 @@ from vlmlabel.destinations.base import (
 from vlmlabel.errors import OutputError
 from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
-from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, reward_path
+from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, content_fingerprint, reward_path
 from vlmlabel.sources.hdf5 import (
+    LINKED_ATTR,
     HDF5Source,
+    LinkedFile,
     all_external_links,
+    open_read_only,
     virtual_sources,
 )
 
@@ -194,18 +197,21 @@ def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File], None]
             stamp.verify(base)
 
 
-def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], stamp: Stamp | None = None) -> Path:
-    """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` reached through
-    an external link, and its groups and attributes mirrored: one file shows everything, at a cost that grows
-    with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so the two
-    may move together."""
+def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict[str, str],
+                 stamp: Stamp | None = None, remove: list[str] | None = None) -> Path:
+    """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` (but ``remove``)
+    reached through an external link, and its groups and attributes mirrored: one file shows everything, at a cost
+    that grows with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so
+    the two may move together; the root records that name and ``frames`` (the content fingerprint of ``base``'s
+    frames per image key, ``LinkedFile``), which every reader verifies."""
     target = atomic.real_target(dest)
     name = os.path.relpath(base.resolve(), target.parent)
-    written = {d.path.strip("/") for d in datasets}
+    skipped = {d.path.strip("/") for d in datasets} | {path.strip("/") for path in remove or []}
     with atomic.staged(dest) as tmp:
-        with h5py.File(base, "r") as source, h5py.File(tmp, "w") as out:
-            _mirror(source, out, name, written)
-            for dataset in datasets:
+        with open_read_only(base) as source, h5py.File(tmp, "w") as out:
+            _mirror(source, out, name, skipped)
+            out.attrs[LINKED_ATTR] = LinkedFile(name, frames).to_attr()  # base's own record (a labels file) names
+            for dataset in datasets:                                       # what base links to, not base
                 _put(out, dataset, overwrite=False)
         if stamp is not None:
             stamp.verify(base)
@@ -447,7 +453,7 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
     found: dict[str, Present] = {}
     if not path.is_file() or not h5py.is_hdf5(path):
         return found
-    with h5py.File(path, "r") as handle:
+    with open_read_only(path) as handle:
         for name, paths in locations.items():
             present = [(p, i) for p in paths if (i := _item_or_link(handle, p, everywhere)) is not None]
             if not present or everywhere and len(present) < len(paths):
@@ -476,7 +482,9 @@ class HDF5Destination:
         self.path = source.path if output is None else output
         self.episodes = episodes
         self.targets = sorted({e.target for e in episodes})
-        self.stamp = Stamp.of([source.path])
+        self.stamp = Stamp.of(source.paths)  # a labels file's: the file it links to too
+        # What a labels file records of its source's frames (read once per version of the file: remembered).
+        self.linked_frames = {source.image_key: content_fingerprint(source)} if self.linked else {}
 
     @staticmethod
     def default_output(source: HDF5Source) -> Path:
@@ -517,12 +525,29 @@ class HDF5Destination:
     def written(self, names: list[str]) -> dict[str, Present]:
         return _present(self.path, {n: self._locations(n) for n in names}, everywhere=True)
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def carried(self) -> dict[str, dict[str, Any]]:
+        """The datasets beside the first episode's data, with their attributes: vlmlabel writes every episode's
+        columns together, so the first episode's say what every episode holds."""
+        group = self.source.file.get(self.targets[0]) if self.targets[0] else self.source.file
+        if not isinstance(group, h5py.Group):
+            return {}
+        found = {}
+        for name in group:
+            try:
+                item = group.get(name)
+            except (KeyError, OSError, RuntimeError):  # a link HDF5 cannot follow: no column of vlmlabel's
+                continue
+            if isinstance(item, h5py.Dataset):
+                found[name] = dict(item.attrs)
+        return found
+
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
                     for column in columns for target, values in self._by_target(column)]
+        remove = [reward_path(target, name) for name in dropped for target in self.targets]
         if self.linked:
-            return write_linked(self.source_path, self.path, datasets, self.stamp)
-        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp,
+            return write_linked(self.source_path, self.path, datasets, self.linked_frames, self.stamp, remove)
+        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp, remove=remove,
                           keep_mode=self.output is None)
 
     def _by_target(self, column: RewardColumn) -> list[tuple[str, np.ndarray]]:

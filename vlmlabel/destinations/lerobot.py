@@ -81,16 +81,19 @@ def dataset_stats(column: RewardColumn, per_episode: dict[int, Stats]) -> Stats:
     return aggregate(list(per_episode.values())) if per_episode else episode_stats(column.flat())
 
 
-def episode_stats_table(table: pa.Table, stats: dict[str, dict[int, Stats]]) -> pa.Table | None:
-    """``table`` (one meta/episodes file) with ``stats/<key>/<stat>`` columns per reward, from ``stats``
-    (reward -> episode_index -> statistics), typed as LeRobot writes them (list<double>, count list<int64>);
-    None when some row's episode has no rewards (then left as it is)."""
+def episode_stats_table(table: pa.Table, stats: dict[str, dict[int, Stats]], dropped: list[str]) -> pa.Table | None:
+    """``table`` (one meta/episodes file) without the statistics of the columns ``dropped`` and with
+    ``stats/<key>/<stat>`` columns per reward, from ``stats`` (reward -> episode_index -> statistics), typed as
+    LeRobot writes them (list<double>, count list<int64>); when some row's episode has no rewards, without the
+    dropped statistics only, and None when that leaves it as it is."""
+    gone = [n for n in table.column_names if any(n.startswith(f"stats/{name}/") for name in dropped)]
+    table = trimmed = table.drop_columns(gone)
     if "episode_index" not in table.column_names:
-        return None
+        return trimmed if gone else None
     rows = table.column("episode_index").to_pylist()
     for name, per_episode in stats.items():
         if not rows or any(e not in per_episode for e in rows):
-            return None
+            return trimmed if gone else None
         prefix = f"stats/{name}/"
         table = table.drop_columns([n for n in table.column_names if n.startswith(prefix)])
         for stat in STAT_NAMES:
@@ -115,24 +118,26 @@ class LeRobotDestination(TableCopy):
     def targets(self, root: Path) -> list[Path]:
         return [root / f.relative_to(self.source.folder) for f in self.files.paths]
 
-    def episode_files(self, stats: dict[str, dict[int, Stats]]) -> dict[Path, pa.Table]:
-        """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added."""
+    def episode_files(self, stats: dict[str, dict[int, Stats]], dropped: list[str]) -> dict[Path, pa.Table]:
+        """The meta/episodes parquet files (v3.0) with the rewards' per-episode statistics added (and those of the
+        columns ``dropped`` removed)."""
         rewritten = {}
         for path in sorted((self.source.folder / EPISODES).rglob("*.parquet")):
-            table = episode_stats_table(pq.read_table(path), stats)
+            table = episode_stats_table(pq.read_table(path), stats, dropped)
             if table is not None:
                 rewritten[path] = table
         return rewritten
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
+        """The copy, with ``dropped`` gone from the data files, the features, stats.json and the episodes' stats."""
         root = self.source.folder
         stats_by_episode = {c.name: per_episode_stats(c, self.episodes) for c in columns}
-        episode_files = self.episode_files(stats_by_episode)
+        episode_files = self.episode_files(stats_by_episode, dropped)
         skip = ({f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
                 | {p.resolve() for p in episode_files})
         with atomic.staged(self.path) as tmp:
             carry_tree(root, tmp, skip, self.link)
-            self.rewrite_all(tmp, columns)
+            self.rewrite_all(tmp, columns, dropped)
             for path, table in episode_files.items():
                 target = tmp / path.relative_to(root)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,11 +145,15 @@ class LeRobotDestination(TableCopy):
                 atomic.fsync(target)
             info = json.loads((root / INFO).read_text())
             features = info.setdefault("features", {})
+            for name in dropped:
+                features.pop(name, None)
             for column in columns:
                 features[column.name] = feature_entry(info, column.attrs)
             (tmp / INFO).write_text(json.dumps(info, indent=4))
             if (root / STATS).is_file():
                 stats = json.loads((root / STATS).read_text())
+                for name in dropped:
+                    stats.pop(name, None)
                 stats.update({c.name: dataset_stats(c, stats_by_episode[c.name]) for c in columns})
                 (tmp / STATS).write_text(json.dumps(stats, indent=4))
         return self.path

@@ -7,6 +7,7 @@ source has (a ``row`` number when it has none) and the reward columns with their
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,11 @@ class SidecarDestination(HubCopy):
     def targets(self, root: Path) -> list[Path]:
         return [root]
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def carried(self) -> dict[str, dict[str, Any]]:
+        """Nothing: the sidecar holds the keys and this run's rewards only."""
+        return {}
+
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         keys = self.source.index_columns(SIDECAR_KEYS) or {"row": np.arange(self.source.rows, dtype=np.int64)}
         key_arrays = [pa.array(values) for values in keys.values()]
         base = pa.schema([pa.field(name, array.type) for name, array in zip(keys, key_arrays, strict=True)])

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,13 +31,14 @@ OUTPUT_SUFFIX = "-vlmlabel"
 # -- schema -----------------------------------------------------------------------------------------
 
 
-def reward_schema(schema: pa.Schema, columns: list[RewardColumn]) -> pa.Schema:
-    """``schema`` without old columns of the same names, plus float32 reward fields carrying their provenance.
+def reward_schema(schema: pa.Schema, columns: list[RewardColumn], dropped: list[str] | None = None) -> pa.Schema:
+    """``schema`` without old columns of the same names and without ``dropped``, plus float32 reward fields
+    carrying their provenance.
 
     The ``huggingface`` metadata gets a ``Value('float32')`` feature per column, so `datasets` keeps every
     other feature (Image columns stay images); a ``vlmlabel`` key records each column's provenance.
     """
-    names = {c.name for c in columns}
+    names = {c.name for c in columns} | set(dropped or [])
     kept = pa.schema([f for f in schema if f.name not in names], metadata=schema.metadata)
     metadata = dict(kept.metadata or {})
     if b"huggingface" in metadata:
@@ -48,6 +50,7 @@ def reward_schema(schema: pa.Schema, columns: list[RewardColumn]) -> pa.Schema:
             features[column.name] = {"dtype": "float32", "_type": "Value"}
         metadata[b"huggingface"] = json.dumps(hf).encode()
     recorded = json.loads(metadata.get(PROVENANCE_KEY, b"{}")).get("columns", {})
+    recorded = {name: attrs for name, attrs in recorded.items() if name not in names}
     recorded.update({c.name: c.attrs for c in columns})
     metadata[PROVENANCE_KEY] = json.dumps({"columns": recorded}).encode()
     fields = list(kept) + [pa.field(c.name, pa.float32(), metadata={PROVENANCE_KEY: json.dumps(c.attrs)})
@@ -219,6 +222,9 @@ class TableCopy:
         found = {name: self.source.column_provenance(name) for name in names}
         return {name: Present(name, attrs) for name, attrs in found.items() if attrs is not None}
 
+    def carried(self) -> dict[str, dict[str, Any]]:
+        return {name: field_provenance(self.source.schema.field(name)) for name in self.source.schema.names}
+
     def written(self, names: list[str]) -> dict[str, Present]:
         targets = self.targets(self.path)
         schema = read_schema(targets[0], self.files.fmt) if targets and self.path.exists() else None
@@ -228,9 +234,10 @@ class TableCopy:
         """Where each source data file lands in a copy rooted at ``root``."""
         raise NotImplementedError
 
-    def rewrite_all(self, root: Path, columns: list[RewardColumn]) -> pa.Schema:
-        """Every data file, rewritten under ``root`` with ``columns`` appended; refuses a changed source."""
-        schema = reward_schema(self.source.schema, columns)
+    def rewrite_all(self, root: Path, columns: list[RewardColumn], dropped: list[str]) -> pa.Schema:
+        """Every data file, rewritten under ``root`` with ``columns`` appended and ``dropped`` left out; refuses a
+        changed source."""
+        schema = reward_schema(self.source.schema, columns, dropped)
         values = [c.flat() for c in columns]
         offset = 0
         for src, dst, expected in zip(self.files.paths, self.targets(root), self.source.rows_per_file, strict=True):
@@ -277,13 +284,13 @@ class DiskDestination(TableCopy):
         split = self._split_dir().relative_to(Path(str(self.source.root)))
         return [root / split / f.name for f in self.files.paths]
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         split_dir = self._split_dir()
         skip = {f.resolve() for f in self.files.paths} | {(split_dir / n).resolve()
                                                          for n in ("state.json", "dataset_info.json")}
         with atomic.staged(self.path) as tmp:
             carry_tree(Path(str(self.source.root)), tmp, skip, self.link)
-            schema = self.rewrite_all(tmp, columns)
+            schema = self.rewrite_all(tmp, columns, dropped)
             out_dir = self.targets(tmp)[0].parent
             info = json.loads((split_dir / "dataset_info.json").read_text())
             state = json.loads((split_dir / "state.json").read_text())
@@ -311,10 +318,10 @@ class HubDownloadDestination(HubCopy):
         count = len(self.files.paths)
         return [root / f"data-{i:05d}-of-{count:05d}.arrow" for i in range(count)]
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         with atomic.staged(self.path) as tmp:
             tmp.mkdir()
-            schema = self.rewrite_all(tmp, columns)
+            schema = self.rewrite_all(tmp, columns, dropped)
             state: dict[str, object] = {"_format_columns": None, "_format_kwargs": {}, "_format_type": None,
                      "_output_all_columns": False, "_split": self.source.split, "_fingerprint": str(self.source.root)}
             info = dataclasses.asdict(self.source.hub_info) if self.source.hub_info is not None else {}
@@ -348,9 +355,9 @@ class ParquetDestination(TableCopy):
         base = self.source.base or Path(str(self.source.root))
         return [root / f.relative_to(base) for f in self.files.paths]
 
-    def write(self, columns: list[RewardColumn], overwrite: bool) -> Path:
+    def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         with atomic.staged(self.path) as tmp:
             if Path(str(self.source.root)).is_dir() and self.source.base is not None:
                 carry_tree(self.source.base, tmp, {f.resolve() for f in self.files.paths}, self.link)
-            self.rewrite_all(tmp, columns)
+            self.rewrite_all(tmp, columns, dropped)
         return self.path

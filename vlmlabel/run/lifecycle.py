@@ -26,7 +26,7 @@ import torch
 from vlmlabel import __version__, cache
 from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
-from vlmlabel.destinations.base import RESULT_ATTR, Present, check_names
+from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, check_names, whole_results
 from vlmlabel.destinations.hdf5 import (
     check_output_file,
     hdf5_suffixes,
@@ -197,6 +197,7 @@ class OpenRun:
     shard: ShardSpec | None
     fingerprints: list[str]
     stop: GracefulStop
+    dropped: list[str] = field(default_factory=list)  # columns of the results this run replaces whole (checks)
 
     @property
     def source(self) -> DatasetSource:
@@ -308,7 +309,8 @@ def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> Non
 def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) -> None:
     """The destination's own checks, then the lock (shards lock their own part) and the graceful stop."""
     request, shard = run.request, run.shard
-    run.destination.check(run.all_names, request.overwrite)
+    run.dropped = whole_results(request.reward_key, run.all_names, run.destination.carried())
+    run.destination.check(run.all_names + run.dropped, request.overwrite)
     dest = run.destination.path
     lock = run.work / f"{shard.name}.lock" if shard else dest_lock(dest)
     stack.enter_context(RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note))
@@ -388,9 +390,12 @@ def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints
 
 def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray], names: list[str],
            raw_names: list[str], logit_scale: float, common: dict[str, Any], overwrite: bool,
-           cameras: Cameras) -> tuple[Path, list[np.ndarray]]:
-    """Combine cameras, post-process, record provenance and write every reward column in one atomic step."""
+           cameras: Cameras, key: str, dropped: list[str]) -> tuple[Path, list[np.ndarray]]:
+    """Combine cameras, post-process, record provenance and write every reward column in one atomic step, which
+    also removes ``dropped`` (the rest of the results replaced, ``whole_results``). Every column records ``key``,
+    the --reward-key that names the result."""
     goals = len(config.goals)
+    common = {**common, REWARD_KEY_ATTR: key}
     combined = cameras.combine(raw, goals)
     final = config.postprocess(combined)
     columns = []
@@ -408,7 +413,7 @@ def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray]
             camera_attrs = {**common, **config.attrs(goal_index, logit_scale), "formula": formula,
                             "image_key": key, "camera_of": name}
             columns.append(RewardColumn(column, [s[:, goal_index] for s in scores], camera_attrs))
-    return destination.write(columns, overwrite), final
+    return destination.write(columns, overwrite, dropped), final
 
 
 def _push(run: OpenRun, written: Path) -> None:
@@ -518,7 +523,8 @@ def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -
 def _commit_run(run: OpenRun, model: ClipModel, scored: Scored, wanted: str, cache_note: str) -> RelabelSummary:
     run.close()
     written, final = commit(run.destination, run.config, scored.raw, run.names, run.raw_names, model.logit_scale,
-                            _common_attrs(run, model, scored, wanted), run.request.overwrite, run.cameras)
+                            _common_attrs(run, model, scored, wanted), run.request.overwrite, run.cameras,
+                            run.request.reward_key, run.dropped)
     _push(run, written)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
     return RelabelSummary(result, written, run.names, run.config.goals, model, run.source.layout,

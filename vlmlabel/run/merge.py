@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmlabel.destinations import Stamp, destination_for, destination_path
-from vlmlabel.destinations.base import RESULT_ATTR
+from vlmlabel.destinations.base import RESULT_ATTR, whole_results
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
@@ -111,10 +111,12 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             raw = _gather(episodes, results)
             destination = destination_for(opened, output, episodes, link)
             cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
-            destination.check(names + raw_names + cameras.column_names(names), overwrite)
+            every = names + raw_names + cameras.column_names(names)
+            dropped = whole_results(reward_key, every, destination.carried())
+            destination.check(every + dropped, overwrite)
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
-                                    overwrite, cameras)
+                                    overwrite, cameras, reward_key, dropped)
         shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals,
                         np.concatenate(final))

@@ -6,6 +6,8 @@ one block whatever the file's length and compressed chunks are decompressed once
 
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
 import re
@@ -26,6 +28,7 @@ from vlmlabel.sources.base import (
     FrameFormat,
     Segment,
     SourceKind,
+    content_fingerprint,
     reward_path,
     step_segments,
 )
@@ -43,7 +46,12 @@ EMBEDDING_ROWS_SUFFIX = "__rows"
 
 @dataclass(frozen=True)
 class ExternalRef:
-    """Data a file reads from another file: an external link, or a source file of a virtual dataset."""
+    """Data a file reads from another file: an external link, or a source file of a virtual dataset.
+
+    vlmlabel reads such a file only where the file naming it says it is (``intended``): the name itself when
+    absolute, else relative to the naming file's own folder. HDF5 also looks under a prefix variable's folders
+    first and, when the file is not there, for a file of that name in the working folder: another dataset's
+    frames, read without a word. ``refuse_unless_intended`` refuses both before anything is read."""
 
     where: str  # the link or the virtual dataset, inside the file
     filename: str  # the other file, as the file names it
@@ -65,9 +73,30 @@ class ExternalRef:
         candidates += [Path.cwd() / tail] if working_folder else []
         return list(dict.fromkeys(c.resolve() for c in candidates if c.is_file()))
 
+    def intended(self, folder: Path) -> Path:
+        """Where the file naming this one, lying in ``folder``, says it is."""
+        name = Path(self.filename)
+        return name if name.is_absolute() else folder / name
+
+    def refuse_unless_intended(self, file: Path) -> Path:
+        """The file HDF5 will read for ``file`` (the file naming it), refused unless it is the one ``file`` names
+        (``intended``): missing there, or another one found first under the prefix variable's folders."""
+        folder = file.absolute().parent
+        intended = self.intended(folder)
+        if not intended.is_file():
+            raise SourceError(self.missing(file))
+        opened = self.resolve(folder)
+        if opened != intended.resolve():
+            raise SourceError(f"{file}: {self.where} reads {os.path.normpath(intended)}, but "
+                              f"${self.prefix_variable} makes HDF5 read "
+                              f"{opened} instead; unset {self.prefix_variable} (vlmlabel reads a linked file only "
+                              "where the file linking to it says it is)")
+        return intended
+
     def missing(self, file: Path) -> str:
-        return (f"{file}: {self.where} reads {self.filename}, which is not found beside it (nor under "
-                f"${self.prefix_variable} or the working folder); put that file back or fix the link")
+        return (f"{file}: {self.where} reads {self.filename}, which is not found at "
+                f"{os.path.normpath(self.intended(file.absolute().parent))}; put that file back (a file and the files "
+                "it links to move together) or fix the link: vlmlabel never reads a file of that name found elsewhere")
 
 
 def all_external_links(group: h5py.Group) -> list[ExternalRef]:
@@ -97,9 +126,11 @@ def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
 
     The source files of a virtual dataset, followed through virtual datasets that map virtual datasets (a missing
     one, at any depth, reads as fill values: silent zeros), and external raw files (a missing one fails the read).
-    Each name is looked for where HDF5 may look (``ExternalRef.found``: its prefix variable, the folder of the
-    file that names it, the working folder) and counted wherever a file of that name lies: the fingerprint must
-    change when any of them does."""
+    A raw file's name is looked for where HDF5 may look (``ExternalRef.found``: its prefix variable, the folder of
+    the file that names it, the working folder) and counted wherever a file of that name lies: the fingerprint
+    must change when any of them does. A mapped file counts only where the file naming it says it is
+    (``ExternalRef.refuse_unless_intended``); missing there, or shadowed by one under $HDF5_VDS_PREFIX, it is
+    reported: HDF5 would read another file's rows."""
     files: dict[Path, None] = {}
     missing: list[str] = []
     seen: set[tuple[Path, str]] = set()
@@ -126,14 +157,14 @@ def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
                 if isinstance(within, h5py.Dataset):
                     walk(within)
                 continue
-            ref = ExternalRef(held.name, file_name, "HDF5_VDS_PREFIX")
-            places = ref.found(holder.parent)
-            if not places:
-                missing.append(ref.missing(holder))
+            try:  # only where the naming file says: HDF5 would take another file of that name found elsewhere
+                place = ExternalRef(held.name, file_name, "HDF5_VDS_PREFIX").refuse_unless_intended(holder).resolve()
+            except SourceError as exc:
+                missing.append(str(exc))
                 continue
-            files.update(dict.fromkeys(places))
+            files[place] = None
             try:
-                with h5py.File(places[0], "r") as other:
+                with h5py.File(place, "r") as other:
                     mapped = other.get(dset_name)
                     if isinstance(mapped, h5py.Dataset):
                         walk(mapped)
@@ -157,20 +188,32 @@ def links_on_path(handle: h5py.File, path: str) -> list[ExternalRef]:
     return []
 
 
+def refuse_misread(handle: h5py.File, path: str, dataset: h5py.Dataset, file: Path) -> None:
+    """``dataset``, found at ``path`` of ``handle`` (the file at ``file``), is refused when an external link on the
+    way made HDF5 read it from a file other than the one the link names from ``file``'s folder (a file of that
+    name in the working folder, or under $HDF5_EXT_PREFIX). One call for a dataset of the file itself."""
+    if dataset.id.fileno == handle.id.fileno:
+        return
+    for ref in links_on_path(handle, path):
+        ref.refuse_unless_intended(file)
+
+
 def frames_dataset(handle: h5py.File, array: str, file: Path, verified: set[str] | None = None) -> h5py.Dataset:
-    """The frame array ``array``; one whose rows live in a missing file is refused by name (a virtual dataset
-    would otherwise read as zeros). ``verified``: the caller's arrays already checked, skipped (a virtual
-    dataset's files are opened to check it: not at every read)."""
+    """The frame array ``array``; one whose rows live in a missing file, or that HDF5 would read from a file other
+    than the one named (``refuse_misread``), is refused by name (a virtual dataset would otherwise read as
+    zeros). ``verified``: the caller's arrays already checked, skipped (a virtual dataset's files are opened to
+    check it: not at every read)."""
     folder = file.absolute().parent
     try:
         dataset = handle[array]
     except KeyError as exc:
-        gone = [r for r in links_on_path(handle, array) if r.resolve(folder) is None]
+        gone = [r for r in links_on_path(handle, array) if not r.intended(folder).is_file()]
         if gone:
             raise SourceError(gone[0].missing(file)) from None
         raise SourceError(f"{array} cannot be opened in {file} (truncated or corrupt?): {exc}") from None
     if verified is not None and array in verified:
         return dataset
+    refuse_misread(handle, array, dataset, file)
     missing = stored_elsewhere(dataset)[1]
     if missing:
         raise SourceError(missing[0])
@@ -464,8 +507,7 @@ def read_rows(dataset: h5py.Dataset, start: int, stop: int, max_rows: int, where
         try:
             block = dataset[start:end]
         except (OSError, RuntimeError) as exc:
-            raise SourceError(f"reading {dataset.name} rows {start}-{end} of {where} failed "
-                              f"(truncated or corrupt?): {exc}") from None
+            raise unreadable(where, exc, f"reading {dataset.name} rows {start}-{end} of {where}") from None
         yield block
         start = end
 
@@ -479,15 +521,46 @@ def read_rows_into(dataset: h5py.Dataset, segment: Segment, out: np.ndarray, whe
     try:
         dataset.read_direct(out, source_sel=np.s_[segment.start:segment.stop])
     except (OSError, RuntimeError) as exc:
-        raise SourceError(f"reading {dataset.name} rows {segment.start}-{segment.stop} of {where} failed "
-                          f"(truncated or corrupt?): {exc}") from None
+        raise unreadable(where, exc, f"reading {dataset.name} rows {segment.start}-{segment.stop} of {where}") from None
     return True
+
+
+_LOCK_ERRNO = re.compile(r"unable to lock file, errno = (\d+)")
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)  # the file system has no locks: nothing holds one
+
+
+def unreadable(path: object, exc: BaseException, doing: str) -> SourceError:
+    """What an HDF5 error met ``doing`` something with the file at ``path`` means, in one line.
+
+    A file another process is writing is busy, not damaged: it holds HDF5's lock on the file (a lock error
+    whose errno says the lock is taken), or the file's superblock marks it open for writing (as an SWMR
+    writer, or any libver='latest' writer, leaves it until it closes the file; a writer that died leaves it
+    too). A lock error saying the file system has no locks is that. Anything else: truncated or corrupt."""
+    text = str(exc)
+    code = _LOCK_ERRNO.search(text)
+    number = int(code.group(1)) if code else getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code and number in _NO_LOCKS:
+        return SourceError(f"{path}: this file system does not support the file locks HDF5 takes ({text}); set "
+                           "HDF5_USE_FILE_LOCKING=FALSE (or BEST_EFFORT) and run again")
+    if code or number in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return SourceError(f"{path} is locked by another program that has it open for writing (HDF5 file "
+                           "locking); wait for it to finish. The file is not damaged")
+    if "already open for write" in text:
+        return SourceError(f"{path} is open for writing by another program: HDF5 marks it as being written (an "
+                           "SWMR writer does so while it runs); wait for it to finish. The file is not damaged; if "
+                           f"no program writes it any more (one that died leaves the mark), clear the mark with "
+                           f"`h5clear -s {path}`")
+    return SourceError(f"{doing} failed (truncated or corrupt?): {text}")
 
 
 def open_read_only(path: Path) -> h5py.File:
     """The file opened for reading, with a chunk cache large enough that each compressed chunk is
-    decompressed once although consecutive batches cut through it."""
-    return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+    decompressed once although consecutive batches cut through it; one that cannot be is refused in one line
+    that says why (``unreadable``: busy, or damaged)."""
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003)
+    except OSError as exc:
+        raise unreadable(path, exc, f"opening {path} as HDF5") from None
 
 
 class HDF5Rows:
@@ -496,10 +569,7 @@ class HDF5Rows:
     def __init__(self, path: Path):
         self.path = path
         self._verified: set[str] = set()  # frame arrays whose other files were checked (frames_dataset)
-        try:
-            self.file = open_read_only(path)
-        except OSError as exc:
-            raise SourceError(f"{path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
+        self.file = open_read_only(path)
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         dataset = frames_dataset(self.file, segment.array, self.path, self._verified)
@@ -525,6 +595,69 @@ class HDF5Recipe:
         return HDF5Rows(self.path)
 
 
+LINKED_ATTR = "vlmlabel_linked_file"  # on a labels file's root: ``LinkedFile`` as JSON
+
+
+@dataclass(frozen=True)
+class LinkedFile:
+    """What a labels file (``relabel --output FILE --link``) reads everything but its rewards from: the file its
+    external links name (relative to the labels file's folder, so the two move together), and the content
+    fingerprint of that file's frames (``content_fingerprint``, keyed by image key: the frames the run scored, its
+    first camera's) when it was linked.
+
+    Recorded on the labels file's root by the writer (``destinations.hdf5.write_linked``) and verified whenever
+    the labels file is opened (``HDF5Source``: every command): the file must be where the labels file names it,
+    be the file HDF5 reads, and hold the same frames. Otherwise HDF5 would read another dataset's frames: a file
+    of that name in the working folder, or one put in its place."""
+
+    filename: str
+    frames: dict[str, str]  # image key -> content fingerprint of its frames
+
+    def to_attr(self) -> str:
+        return json.dumps({"file": self.filename, "frames": self.frames}, sort_keys=True)
+
+    @classmethod
+    def recorded(cls, handle: h5py.File, path: Path) -> LinkedFile | None:
+        """The record on ``handle``'s root, None for a file that is no labels file; a damaged one is refused."""
+        raw = handle.attrs.get(LINKED_ATTR)
+        if raw is None:
+            return None
+        try:
+            found = json.loads(raw)
+            record = cls(found["file"], dict(found["frames"]))
+        except (TypeError, ValueError, KeyError):
+            record = None
+        if (record is None or not isinstance(record.filename, str)
+                or not all(isinstance(v, str) for v in [*record.frames, *record.frames.values()])):
+            raise SourceError(f"{path}: the {LINKED_ATTR} attribute, which names the file a labels file links to, "
+                              "is damaged; make the labels file again (relabel SOURCE --output FILE --link)")
+        return record
+
+    def _ref(self) -> ExternalRef:
+        return ExternalRef("the labels file", self.filename, "HDF5_EXT_PREFIX")
+
+    def target(self, labels: Path) -> Path:
+        return self._ref().intended(labels.absolute().parent)
+
+    def verify(self, labels: Path) -> None:
+        """Refuse, naming the file, a linked file that is missing where ``labels`` names it, that HDF5 would not
+        read from there, or whose frames are not those it was made from."""
+        target = self._ref().refuse_unless_intended(labels)
+        if target.resolve() == labels.resolve():
+            raise SourceError(f"{labels}: the labels file names itself as the file it links to; make it again")
+        for key, fingerprint in self.frames.items():
+            try:
+                with HDF5Source(target, key) as linked:
+                    same = content_fingerprint(linked) == fingerprint
+            except SourceError as exc:
+                raise SourceError(f"{labels} is a labels file reading {os.path.normpath(target)}: {exc}") from None
+            if not same:
+                raise SourceError(f"{labels} is a labels file made from {self.filename}, but "
+                                  f"{os.path.normpath(target)} now holds "
+                                  f"other frames ({key}): it is not the file that was linked. Put that file back "
+                                  "(the two files move together), or relabel the file to make a new labels file")
+
+
 def read_embedding_meta(handle: h5py.File, location: str) -> tuple[dict, np.ndarray | None, int] | None:
     """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
     item = handle.get(location)
@@ -539,6 +672,7 @@ class HDF5Source:
     """An HDF5 dataset of image observations, opened read-only."""
 
     _group_names: frozenset = frozenset()
+    linked: LinkedFile | None = None  # a labels file's record of the file it links to
 
     kind = SourceKind.hdf5
     seekable = True
@@ -558,21 +692,18 @@ class HDF5Source:
             raise SourceError(f"{self.path} is a folder, not an HDF5 file")
         if not h5py.is_hdf5(self.path):
             raise SourceError(f"{self.path} is not an HDF5 file; vlmlabel reads .h5/.hdf5 files")
-        try:
-            self.file = open_read_only(self.path)
-        except OSError as exc:
-            if "unable to lock file" in str(exc).lower():
-                raise SourceError(f"{self.path} is locked by another program that has it open for writing (HDF5 "
-                                  "file locking); wait for it to finish. The file is not damaged") from None
-            raise SourceError(f"{self.path} cannot be opened as HDF5 (truncated or corrupt?): {exc}") from None
+        self.file = open_read_only(self.path)
         # the descriptor HDF5 reads the file through, for reading plain arrays with os.preadv (POSIX files only)
         self._fd: int | None = (self.file.id.get_vfd_handle() if self.file.driver == "sec2" and hasattr(os, "preadv")
                                 else None)
         try:
+            self.linked = LinkedFile.recorded(self.file, self.path)
+            if self.linked is not None:  # a labels file: its frames are read from that file, and only from it
+                self.linked.verify(self.path)
             self._detect(image_key)
         except (OSError, RuntimeError, KeyError) as exc:
             self.file.close()
-            raise SourceError(f"{self.path} could not be read (truncated or corrupt?): {exc}") from None
+            raise unreadable(self.path, exc, f"reading {self.path}") from None
         except SourceError:
             self.file.close()
             raise
@@ -646,7 +777,7 @@ class HDF5Source:
         folder = self.path.absolute().parent
         for name in names:
             for ref in links_on_path(self.file, _member(group, name)):
-                if ref.resolve(folder) is None:
+                if not ref.intended(folder).is_file():
                     raise SourceError(ref.missing(self.path))
 
     @staticmethod
@@ -663,7 +794,7 @@ class HDF5Source:
     def _no_images(self, group: h5py.Group, where: str):
         folder = self.path.absolute().parent
         for ref in all_external_links(group):
-            if ref.resolve(folder) is None:
+            if not ref.intended(folder).is_file():
                 raise SourceError(ref.missing(self.path))
         floats = _float_image_like(group)
         if floats:
@@ -778,13 +909,13 @@ class HDF5Source:
         done = np.zeros(total, dtype=bool)
         markers = [k for k in _EPISODE_END_KEYS if isinstance(self.file.get(k), h5py.Dataset)]
         for key in markers:
-            flags = self.file[key]
+            flags = self._dataset(key)
             if flags.shape[0] != total:
                 raise SourceError(f"{key} has {flags.shape[0]} rows but {self.image_key} has {total}; "
                                   "the file is inconsistent")
             done |= np.asarray(flags[:]).reshape(total, -1)[:, 0].astype(bool)
         if not markers and isinstance(self.file.get("step_type"), h5py.Dataset):
-            step_type = self.file["step_type"]
+            step_type = self._dataset("step_type")
             if step_type.shape[0] != total:
                 raise SourceError(f"step_type has {step_type.shape[0]} rows but {self.image_key} has {total}")
             done = np.asarray(step_type[:]).reshape(total) == _STEP_TYPE_LAST
@@ -905,13 +1036,18 @@ class HDF5Source:
                 raise SourceError(f"{key} has {rows} rows but the frames {episode.frames[0].array} have {frames}: "
                                   "not one value per step of this file")
             start = episode.frames[0].start
-            return np.asarray(item[start:start + episode.steps])
+            return np.asarray(self._dataset(key)[start:start + episode.steps])
         group = episode.name
         for path in (f"{group}/{key}", f"{episode.target}/{key}", f"{group}/infos/{key}"):
-            item = self.file.get(path)
-            if isinstance(item, h5py.Dataset):
-                return np.asarray(item[:])
+            if isinstance(self.file.get(path), h5py.Dataset):
+                return np.asarray(self._dataset(path)[:])
         return None
+
+    def _dataset(self, path: str) -> h5py.Dataset:
+        """The dataset at ``path``, refused if a link made HDF5 read it from another file than the one named."""
+        dataset = self.file[path]
+        refuse_misread(self.file, path, dataset, self.path)
+        return dataset
 
     def dataset_attrs(self, episode: Episode, key: str) -> dict | None:
         path = reward_path(episode.target, key)
@@ -927,7 +1063,8 @@ class HDF5Source:
 
     @property
     def paths(self) -> tuple[Path, ...]:
-        return (self.path,)
+        """The file, and for a labels file the file it links to (whose frames it reads)."""
+        return (self.path,) if self.linked is None else (self.path, self.linked.target(self.path))
 
     def close(self) -> None:
         self._fd = None  # HDF5's descriptor: once closed, its number may name another file
