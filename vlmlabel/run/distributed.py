@@ -12,6 +12,7 @@ is there does a rank wait as long as the slowest shard takes (``WAIT_LIMIT``).
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,7 @@ class TorchrunEnv:
     world_size: int
     local_rank: int
     described: str = field(default="", compare=False)  # the variables as set, for messages
+    master: tuple[str, int] = field(default=("", 0), compare=False)  # MASTER_ADDR, MASTER_PORT
 
     @property
     def origin(self) -> str:
@@ -53,9 +55,10 @@ def torchrun_env(env: Mapping[str, str] = os.environ) -> TorchrunEnv | None:
         return None
     described = ", ".join(f"{name}={env[name]}" for name in _TORCHRUN_VARS)
     try:
-        found = TorchrunEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), described)
+        found = TorchrunEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), described,
+                            (env["MASTER_ADDR"], int(env["MASTER_PORT"])))
     except ValueError:
-        raise VlmlabelError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun): "
+        raise VlmlabelError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers (set by torchrun): "
                             f"{described}") from None
     return found if found.world_size > 1 else None
 
@@ -92,7 +95,7 @@ def _waiting_notes(on_note: Callable[[str], None] | None, what: str, limit: time
     start = time.monotonic()
 
     def tell() -> None:
-        while not done.wait(every):
+        while not done.wait(every) and time.monotonic() - start < limit.total_seconds():
             on_note(f"{what}: {time.monotonic() - start:.0f} s of at most {limit.total_seconds():.0f} s")
 
     teller = threading.Thread(target=tell, name="vlmlabel-rendezvous-notes", daemon=True)
@@ -104,19 +107,38 @@ def _waiting_notes(on_note: Callable[[str], None] | None, what: str, limit: time
         teller.join()
 
 
+def _answers(address: tuple[str, int], deadline: float) -> bool:
+    """Whether something accepts connections at ``address`` before ``deadline`` (time.monotonic)."""
+    while True:
+        try:
+            with socket.create_connection(address, timeout=min(2.0, max(deadline - time.monotonic(), 0.1))):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+
 def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None,
                limit: timedelta | None = None) -> None:
     """Meet the other ranks (torch.distributed's env:// rendezvous) within ``limit``, then start the gloo process
     group, whose collectives may wait ``WAIT_LIMIT``. A rank missing at the limit is one line naming the
-    variables that asked for it."""
+    variables that asked for it.
+
+    A rank other than 0 first waits here for the store at MASTER_ADDR:MASTER_PORT to answer, so that torch's own
+    client does not log a stack of C++ frames per failed try."""
     limit = limit if limit is not None else rendezvous_limit()
     what = (f"waiting for the other torch.distributed ranks ({env.described}); set {RENDEZVOUS_ENV}=SECONDS "
             "to wait longer")
+    deadline = time.monotonic() + limit.total_seconds()
     with _waiting_notes(on_note, what, limit):
         try:
-            store, rank, world_size = next(dist.rendezvous("env://", timeout=limit))
+            if env.rank != 0 and not _answers(env.master, deadline):
+                raise TimeoutError(f"nothing answers at {env.master[0]}:{env.master[1]}, where rank 0 should be")
+            left = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=left))
         except (RuntimeError, ValueError, OSError) as exc:  # torch's DistNetworkError, DistStoreError, ...
-            detail = " ".join(str(exc).split())[:200]
+            detail = " ".join(str(exc).split())[:200].rstrip(".")
             raise VlmlabelError(
                 f"rank {env.rank} of {env.world_size} could not meet the other ranks within "
                 f"{limit.total_seconds():.0f} s ({detail}); {env.described} are set in the environment: if no "

@@ -195,10 +195,11 @@ def saved_shards(work: Path) -> dict[int, list[Path]]:
 
 
 def _saved_numbering(paths: list[Path]) -> ArrayNumbering | None:
-    """The SLURM array numbering the parts among ``paths`` record (all agree, or None)."""
+    """The SLURM array numbering the parts among ``paths`` record: None unless they all agree (arrays resubmitted
+    whole under new job ids number their tasks alike)."""
     metas = [part_meta(p) for p in paths if p.suffix == ".npz"]
-    numberings = {m.numbering for m in metas if m is not None and m.numbering is not None}
-    return numberings.pop() if len(numberings) == 1 else None
+    numberings = {(n.first, n.step, n.count): n for m in metas if m is not None and (n := m.numbering) is not None}
+    return next(iter(numberings.values())) if len(numberings) == 1 else None
 
 
 def _missing_note(work: Path, count: int) -> str:
