@@ -428,6 +428,11 @@ REFUSED: dict[str, Refused] = {
                                           ["--video-decoder nvdec", "this run is on cpu"], name="lerobot"),
     "fp16 on cpu": Refused(robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
     # round two: cluster launches (SLURM arrays, torchrun, merge)
+    "--num-shards 3 without --shard-index": Refused(robomimic, ["--num-shards", "3"],
+                                                    ["--num-shards 3 needs --shard-index I (0..2)",
+                                                     "--num-shards 1 scores the whole dataset"]),
+    "--shard-index without --num-shards": Refused(robomimic, ["--shard-index", "1"],
+                                                  ["--shard-index 1 needs --num-shards N"]),
 
     # round two: labels files, busy files, --overwrite of a whole result
     "labels file whose source moved, another of that name where the working folder leads": Refused(

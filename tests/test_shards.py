@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +17,7 @@ from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize, Shaping
 from vlmlabel.run.lifecycle import RelabelRequest, ShardSummary, relabel_file
 from vlmlabel.run.merge import merge_shards
-from vlmlabel.run.shards import ShardSpec, plan, shard_from_options, work_dir
+from vlmlabel.run.shards import ArrayNumbering, ShardSpec, SlurmArrayTask, plan, shard_from_options, work_dir
 
 
 def _request(source: Path, model_dir: Path, **overrides) -> RelabelRequest:
@@ -38,19 +39,24 @@ def test_plan_is_contiguous_balanced_and_deterministic():
     assert plan([10, 10], 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]  # more shards than episodes: some are empty
 
 
-def test_shard_defaults_from_slurm_array():
-    assert shard_from_options(None, None, {}) is None
+def test_shard_defaults_from_slurm_array(tmp_path):
+    assert SlurmArrayTask.from_env({}) is None
     slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
-    assert shard_from_options(None, None, slurm) == ShardSpec(2, 4, "SLURM array task 7")
+    shard = SlurmArrayTask.from_env(slurm).shard(tmp_path / "work")
+    assert (shard.index, shard.count) == (2, 4) and shard.origin.startswith("SLURM array task 7 (")
+    assert shard.numbering == ArrayNumbering(5, 1, 4)
     stepped = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
-               "SLURM_ARRAY_TASK_STEP": "10"}
-    assert shard_from_options(None, None, stepped).index == 2
-    assert shard_from_options(1, 0, slurm) is None  # explicit options win: the whole file
-    assert shard_from_options(3, 1, {}) == ShardSpec(1, 3)
-    with pytest.raises(VlmlabelError, match="go together"):
-        shard_from_options(3, None, {})
+               "SLURM_ARRAY_TASK_STEP": "10", "SLURM_ARRAY_TASK_MAX": "20"}
+    assert SlurmArrayTask.from_env(stepped).shard(tmp_path / "work").index == 2
+    assert shard_from_options(1, 0) is None  # one shard: the whole file
+    assert shard_from_options(1, None) is None
+    assert shard_from_options(3, 1) == ShardSpec(1, 3, "--num-shards 3 --shard-index 1")
+    with pytest.raises(VlmlabelError, match="needs --shard-index"):
+        shard_from_options(3, None)
+    with pytest.raises(VlmlabelError, match="needs --num-shards"):
+        shard_from_options(None, 2)
     with pytest.raises(VlmlabelError, match=r"0\.\.2"):
-        shard_from_options(3, 3, {})
+        shard_from_options(3, 3)
 
 
 SHORT = (7, 11, 3, 9, 5, 8, 6)  # shard edges fall inside batches of 4
@@ -95,8 +101,9 @@ def test_merge_refuses_missing_and_mismatched_shards(tmp_path, tiny_model_dir):
     with pytest.raises(VlmlabelError, match=r"shard 1 was made with other options than shard 0 \(goals.* differ\)"):
         merge_shards(source, "vlm_reward", out)
     relabel_file(_request(source, tiny_model_dir, output=out, shard=ShardSpec(1, 3)))
-    source.touch()  # the source changed after the shards ran
-    with pytest.raises(VlmlabelError, match="has changed since"):
+    with h5py.File(source, "r+") as f:  # the frames changed after the shards ran
+        f["data/demo_1/obs/agentview_image"][0] = 255 - f["data/demo_1/obs/agentview_image"][0]
+    with pytest.raises(VlmlabelError, match="other frames"):
         merge_shards(source, "vlm_reward", out)
     assert not out.exists()
 
@@ -110,7 +117,8 @@ def test_slurm_array_defaults_through_the_cli(tmp_path, tiny_model_dir):
         result = runner.invoke(app, base, env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": task,
                                                "SLURM_ARRAY_TASK_MIN": "1"})
         assert result.exit_code == 0, result.output
-        assert f"SLURM array task {task}: scoring shard {int(task) - 1} of 2" in result.output
+        assert f"SLURM array task {task} (SLURM_ARRAY_TASK_ID={task}" in result.output
+        assert f"scoring shard {int(task) - 1} of 2" in result.output
     assert sorted(p.name for p in work_dir(source, "vlm_reward").iterdir()) == ["shard-0-of-2.npz",
                                                                                 "shard-1-of-2.npz"]
     result = runner.invoke(app, ["merge", str(source)])

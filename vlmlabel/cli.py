@@ -48,7 +48,7 @@ from vlmlabel.run.lifecycle import (
     relabel_file,
 )
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
-from vlmlabel.run.shards import shard_from_options
+from vlmlabel.run.shards import SlurmArrayTask, shard_from_options
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import VideoDecoder, describe_frames
 
@@ -333,10 +333,11 @@ def relabel(
         rich_help_panel=CLUSTER_PANEL)] = DEFAULT_CHECKPOINT_EVERY,
     num_shards: Annotated[int | None, typer.Option(
         help="Split the dataset into N shards of whole episodes and score only one (default: from a SLURM "
-             "job array); combine them with `vlmlabel merge`.", show_default=False,
+             "job array); combine them with `vlmlabel merge`. 1: the whole dataset in this run, which writes "
+             "the rewards itself (also inside a SLURM array).", show_default=False,
         rich_help_panel=CLUSTER_PANEL)] = None,
     shard_index: Annotated[int | None, typer.Option(
-        help="Which shard this run scores, 0..N-1 (default: SLURM_ARRAY_TASK_ID).", show_default=False,
+        help="Which shard this run scores, 0..N-1 (default: from SLURM_ARRAY_TASK_ID).", show_default=False,
         rich_help_panel=CLUSTER_PANEL)] = None,
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).",
@@ -361,16 +362,14 @@ def relabel(
         precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
         split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
         checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index), compile=compile,
-        workers=workers, video_decoder=video_decoder,
+        array=SlurmArrayTask.from_env() if num_shards is None else None, workers=workers,
+        video_decoder=video_decoder,
     )
     other_rank = dist_env is not None and dist_env.rank != 0
     quiet = quiet or other_rank
-    if request.shard is not None and request.shard.origin.startswith("SLURM") and dist_env is None:
-        _note(f"{request.shard.origin}: scoring shard {request.shard.index} of {request.shard.count} "
-              "(pass --num-shards 1 to score the whole file)")
     run: Callable[..., RelabelSummary | ShardSummary | FinishedSummary | MergeSummary | None]
-    if dist_env is not None:
-        run = functools.partial(relabel_torchrun, env=dist_env)
+    if dist_env is not None:  # every rank tells how joining the others goes, even those that are quiet
+        run = functools.partial(relabel_torchrun, env=dist_env, on_wait=_note)
     else:
         run = relabel_file
     notes = None if other_rank else _note  # notes (resume, stale lock, ...) show even with --quiet

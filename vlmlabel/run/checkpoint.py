@@ -53,6 +53,16 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
+# The identity's record of the source files' sizes and times: vlmlabel's own writes into the file (rewards, a
+# cache) move it, while the ``frames`` fingerprint, which also is in the identity, says what the frames are.
+FILE_STATE = frozenset({"stamp"})
+
+
+def frame_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``differences`` of two identities but for ``FILE_STATE``: results tied to the frames, not to file times."""
+    return [k for k in differences(saved, current) if k not in FILE_STATE]
+
+
 @dataclass
 class Progress:
     """Where a run stands: rows [start, done) of its frame range [start, stop) are computed."""

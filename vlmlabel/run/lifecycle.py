@@ -41,11 +41,21 @@ from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_leng
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
-from vlmlabel.run.checkpoint import Checkpoint, differences, run_numerics
+from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, frame_differences, run_numerics
 from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
-from vlmlabel.run.shards import PartMeta, ShardSpec, dest_lock, plan, read_result, shard_result, work_dir, write_result
+from vlmlabel.run.shards import (
+    PartMeta,
+    ShardSpec,
+    SlurmArrayTask,
+    dest_lock,
+    part_meta,
+    plan,
+    shard_result,
+    work_dir,
+    write_result,
+)
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, VideoDecoder, content_fingerprint
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
@@ -97,6 +107,7 @@ class RelabelRequest:
     restart: bool = False
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     shard: ShardSpec | None = None
+    array: SlurmArrayTask | None = None  # a SLURM job array task without --num-shards: its shard is found at open
     compile: bool = False
     workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
     video_decoder: VideoDecoder = VideoDecoder.cpu  # nvdec: the run's GPU decodes video (the same pixels)
@@ -170,6 +181,13 @@ def base_attrs(align: Align, image_key: str, used_cache: bool, model_attrs: dict
             "embeddings": "cache" if used_cache else "frames", "vlmlabel_version": __version__, **model_attrs}
 
 
+def frames_fingerprint(fingerprints: list[str]) -> str:
+    """What the frames of a run are: its camera's ``content_fingerprint``, or one digest of every camera's."""
+    if len(fingerprints) == 1:
+        return fingerprints[0]
+    return hashlib.sha256("".join(fingerprints).encode()).hexdigest()[:32]
+
+
 def result_id(identity: dict[str, Any], fingerprint: str) -> str:
     """Names the rewards a run makes: equal ids, identical rewards. The source's files and their times are
     left out (an in-place write changes them); what the frames are is in ``fingerprint``."""
@@ -209,8 +227,7 @@ class OpenRun:
 
     @property
     def fingerprint(self) -> str:
-        return self.fingerprints[0] if len(self.fingerprints) == 1 else hashlib.sha256(
-            "".join(self.fingerprints).encode()).hexdigest()[:32]
+        return frames_fingerprint(self.fingerprints)
 
     @property
     def all_names(self) -> list[str]:
@@ -247,15 +264,23 @@ class OpenRun:
         return all(n in present and str(present[n].attrs.get(RESULT_ATTR)) == wanted for n in self.all_names)
 
 
-def _shard_for(request: RelabelRequest, source: CachingSource, events: Events) -> ShardSpec | None:
-    shard = request.shard
-    if shard is None or source.seekable:
-        return shard
-    if shard.origin.startswith("SLURM"):
-        events.note(f"{shard.origin}: a stream cannot be split into shards; relabelling the whole dataset")
+def _shard_for(request: RelabelRequest, source: CachingSource, work: Path, events: Events) -> ShardSpec | None:
+    """The shard this run scores (None: the whole dataset): asked for (options, torchrun), or that of a SLURM
+    array task, checked against the shards saved in ``work``. Notes and refusals name where it came from."""
+    array = request.array
+    if array is not None and not source.seekable:
+        events.note(f"{array.described}: a stream cannot be split into shards; relabelling the whole dataset")
         return None
-    raise VlmlabelError("--num-shards needs a dataset that can be read from any row; a --streaming source is "
-                        "relabelled in one (resumable) run")
+    shard = array.shard(work) if array is not None else request.shard
+    if shard is None:
+        return None
+    if not source.seekable:
+        raise VlmlabelError(f"{shard.origin} asks for shard {shard.index} of {shard.count}, but a --streaming source "
+                            "is read front to back and cannot be split: relabel it in one (resumable) run")
+    if array is not None:
+        events.note(f"{shard.origin}: scoring shard {shard.index} of {shard.count} (--num-shards 1 scores the whole "
+                    "dataset)")
+    return shard
 
 
 @contextlib.contextmanager
@@ -277,7 +302,6 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
         source = sources[0]
         cameras = Cameras(tuple(s.image_key for s in sources), CameraReduce(request.camera_reduce))
         check_names(cameras.column_names(names), [])
-        shard = _shard_for(request, source, events)
         camera_episodes = [s.episodes(request.align) for s in sources]
         for key, episodes in zip(cameras.keys[1:], camera_episodes[1:], strict=True):
             if [e.steps for e in episodes] != [e.steps for e in camera_episodes[0]]:
@@ -287,6 +311,7 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
         destination = destination_for(source, request.output, camera_episodes[0], request.link)
         work = work_dir(destination.path, request.reward_key)
         check_names([], [work.name, dest_lock(destination.path).name, *atomic.staging_names(destination.path)])
+        shard = _shard_for(request, source, work, events)
         run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
                       shard, [content_fingerprint(s, e if request.align is Align.frame else None)
                               for s, e in zip(sources, camera_episodes, strict=True)], GracefulStop())
@@ -492,7 +517,7 @@ def _score_frames_and_finish(run: OpenRun, model: ClipModel, scorer: FrameScorer
             _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
                                              model.logit_scale, _common_attrs(run, model, scored, wanted),
                                              run.request.align.value, list(run.cameras.keys),
-                                             run.cameras.reduce.value, wanted))
+                                             run.cameras.reduce.value, wanted, run.shard.numbering))
             summary: Summary = _shard_summary(run, scored.seconds, False)
         else:
             summary = _commit_run(run, model, scored, wanted, cache_note)
@@ -551,14 +576,12 @@ def _shard_summary(run: OpenRun, seconds: float, already_done: bool) -> ShardSum
 
 
 def _part_done(path: Path, identity: dict[str, Any], numerics: dict[str, str], events: Events) -> bool:
-    """Whether this shard's part is already there from the same options (a requeued array task)."""
+    """Whether this shard's part is already there from the same options and frames (a requeued array task; the
+    source's files may have received other rewards since)."""
     if not path.exists():
         return False
-    try:
-        meta = read_result(path).meta
-    except VlmlabelError:
-        meta = None
-    if meta is not None and not differences(meta.identity, identity) and meta.numerics == numerics:
+    meta = part_meta(path)
+    if meta is not None and not frame_differences(meta.identity, identity) and meta.numerics == numerics:
         events.note(f"{path.name} is already done with the same options; nothing to compute")
         return True
     events.note(f"{path} was made with other options; computing it again")
@@ -578,7 +601,7 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
     except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
         return
     for checkpoint in saved:
-        if checkpoint.made_for(ignoring=frozenset({"stamp"})):  # the file's stamp moved with the write
+        if checkpoint.made_for(ignoring=FILE_STATE):  # the file's stamp moved with the write
             checkpoint.discard()
     _remove_if_empty(run.work)
 

@@ -1,8 +1,10 @@
 """`vlmlabel merge`: gather the parts of a sharded run, then the same commit as a single run.
 
 Merging refuses unless every episode is covered exactly once, by parts made with the same options
-from the same, unchanged source; the write is the destination's one atomic write, with the same
-attributes a single run records.
+from the same frames (their content fingerprint: rewards vlmlabel wrote into the file since do not
+count); the write is the destination's one atomic write, with the same attributes a single run
+records. A merge whose rewards are already written from these very parts (a requeued merge killed
+before its cleanup) only removes the parts.
 """
 
 from __future__ import annotations
@@ -14,18 +16,25 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmlabel.destinations import Stamp, destination_for, destination_path
+from vlmlabel.destinations import Destination, destination_for, destination_path
 from vlmlabel.destinations.base import RESULT_ATTR, whole_results
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
-from vlmlabel.run.checkpoint import differences
-from vlmlabel.run.lifecycle import DEFAULT_REWARD_KEY, RAW_SUFFIX, FinishedSummary, commit, reward_names
+from vlmlabel.run.checkpoint import differences, frame_differences
+from vlmlabel.run.lifecycle import (
+    DEFAULT_REWARD_KEY,
+    RAW_SUFFIX,
+    FinishedSummary,
+    commit,
+    frames_fingerprint,
+    reward_names,
+)
 from vlmlabel.run.locking import RunLock, describe_holder, holder_alive, read_holder
-from vlmlabel.run.shards import ShardResult, dest_lock, list_results, read_result, work_dir
-from vlmlabel.sources import Align, open_any_camera
-from vlmlabel.sources.base import Episode
+from vlmlabel.run.shards import PartMeta, ShardResult, dest_lock, list_results, read_result, saved_shards, work_dir
+from vlmlabel.sources import Align, open_any_camera, open_source
+from vlmlabel.sources.base import DatasetSource, Episode, content_fingerprint
 
 
 @dataclass
@@ -54,14 +63,11 @@ def _check_complete(results: list[ShardResult], work: Path) -> None:
         raise VlmlabelError(f"missing shard(s) {_shard_list(missing)} of {count} (no "
                             f"{work / f'shard-{missing[0]}-of-{count}.npz'}); run them with --num-shards {count} "
                             f"--shard-index {missing[0] if len(missing) == 1 else 'I'} and merge again")
-    for index in range(count):
-        holder = read_holder(work / f"shard-{index}-of-{count}.lock")
-        if holder is not None and holder_alive(holder):
-            raise VlmlabelError(f"shard {index} of {count} is still running ({describe_holder(holder)}); "
-                                "merge when it has finished")
+    _refuse_running(work)
     first = results[0].meta
     for other in results[1:]:
-        changed = differences(first.identity, other.meta.identity) + differences(first.numerics, other.meta.numerics)
+        changed = frame_differences(first.identity, other.meta.identity) + differences(first.numerics,
+                                                                                        other.meta.numerics)
         if changed:
             raise VlmlabelError(f"shard {other.index} was made with other options than shard {results[0].index} "
                                 f"({', '.join(changed)} differ); run the shards again with the same options")
@@ -69,6 +75,54 @@ def _check_complete(results: list[ShardResult], work: Path) -> None:
             raise VlmlabelError(f"shard {other.index} used --batch-size {other.meta.batch_size} but shard "
                                 f"{results[0].index} used {first.batch_size}; the rewards would not equal a "
                                 "single run bit for bit — run the shards again with one --batch-size")
+
+
+def _refuse_running(work: Path) -> None:
+    """A shard still running (its lock held by a live run) would be merged half done, or lose its part."""
+    for paths in saved_shards(work).values():
+        for lock in (p for p in paths if p.suffix == ".lock"):
+            holder = read_holder(lock)
+            if holder is not None and holder_alive(holder):
+                raise VlmlabelError(f"{lock.stem.replace('-', ' ')} is still running ({describe_holder(holder)}); "
+                                    "merge when it has finished")
+
+
+def _names(meta: PartMeta, reward_key: str) -> tuple[RewardConfig, list[str], list[str], Cameras]:
+    """The reward configuration of the parts, the names of their rewards, raw scores and cameras."""
+    config = RewardConfig.from_json(meta.config)
+    names = reward_names(reward_key, len(config.goals))
+    raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
+    return config, names, raw_names, Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
+
+
+def _already_merged(destination: Destination, results: list[ShardResult], reward_key: str) -> list[str] | None:
+    """The rewards' names when the destination holds every one of them from these very parts (same result id):
+    a merge killed between its write and its cleanup, requeued."""
+    wanted = {r.meta.result_id for r in results}
+    if len(wanted) != 1:
+        return None
+    _, names, raw_names, cameras = _names(results[0].meta, reward_key)
+    every = names + raw_names + cameras.column_names(names)
+    present = destination.written(every)
+    if all(n in present and str(present[n].attrs.get(RESULT_ATTR)) in wanted for n in every):
+        return names
+    return None
+
+
+def _refuse_other_frames(source: Path | str, opened: DatasetSource, meta: PartMeta, split: str,
+                         revision: str | None) -> None:
+    """The parts were scored from the frames the source holds now (each camera's content fingerprint)."""
+    fingerprints = []
+    for key in meta.cameras:
+        if key == opened.image_key:
+            fingerprints.append(content_fingerprint(opened))
+            continue
+        with open_source(str(source), key, split, revision) as camera:
+            fingerprints.append(content_fingerprint(camera))
+    if frames_fingerprint(fingerprints) != meta.identity.get("frames"):
+        raise VlmlabelError(f"the shards were computed from other frames than {source} holds now (made from "
+                            f"{meta.identity['source']}, whose frames have changed since, or another dataset); "
+                            "run the shards again")
 
 
 def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, output: Path | None = None,
@@ -96,21 +150,24 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
                                 "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)")
         with RunLock(dest_lock(dest), str(dest), on_note):
             results = [read_result(p) for p in paths]
-            _check_complete(results, work)
             meta = results[0].meta
+            episodes = opened.episodes(Align(meta.align))
+            destination = destination_for(opened, output, episodes, link)
+            finished = _already_merged(destination, results, reward_key)
+            if finished is not None:
+                _refuse_running(work)
+                shutil.rmtree(work, ignore_errors=True)
+                if on_note is not None:
+                    on_note(f"{', '.join(finished)} already merged into {dest} from these shards (a merge stopped "
+                            f"before it removed them); removed {work}")
+                return FinishedSummary(dest, finished)
+            _check_complete(results, work)
             if image_key is not None and opened.image_key not in meta.cameras:
                 raise VlmlabelError(f"the shards read frames from {', '.join(meta.cameras)}, not "
                                     f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}")
-            if Stamp.of(opened.paths).as_json() != meta.identity["stamp"]:
-                raise VlmlabelError(f"the shards were computed from {meta.identity['source']} as it was before; "
-                                    f"{source} is another dataset or has changed since — run the shards again")
-            config = RewardConfig.from_json(meta.config)
-            names = reward_names(reward_key, len(config.goals))
-            raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
-            episodes = opened.episodes(Align(meta.align))
+            _refuse_other_frames(source, opened, meta, split, revision)
+            config, names, raw_names, cameras = _names(meta, reward_key)
             raw = _gather(episodes, results)
-            destination = destination_for(opened, output, episodes, link)
-            cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
             every = names + raw_names + cameras.column_names(names)
             dropped = whole_results(reward_key, every, destination.carried())
             destination.check(every + dropped, overwrite)
