@@ -45,8 +45,9 @@ class LockedError(OutputError):
     """Another run is writing the same destination right now."""
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped a run after progress was saved; the CLI exits with 128 + the signal number."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run (``run.interrupt``); the CLI exits with 128 + the signal number. A
+    KeyboardInterrupt, so both signals take Ctrl-C's path: no ``except Exception`` catches it."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)

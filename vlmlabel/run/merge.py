@@ -21,6 +21,7 @@ from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences
+from vlmlabel.run.interrupt import deferred, pause_at, stoppable
 from vlmlabel.run.lifecycle import DEFAULT_REWARD_KEY, RAW_SUFFIX, FinishedSummary, commit, reward_names
 from vlmlabel.run.locking import RunLock, describe_holder, holder_alive, read_holder
 from vlmlabel.run.shards import ShardResult, dest_lock, list_results, read_result, work_dir
@@ -71,6 +72,7 @@ def _check_complete(results: list[ShardResult], work: Path) -> None:
                                 "single run bit for bit — run the shards again with one --batch-size")
 
 
+@stoppable()
 def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, output: Path | None = None,
                  overwrite: bool = False, on_note: Callable[[str], None] | None = None,
                  count: int | None = None, image_key: str | None = None, split: str = "train",
@@ -78,7 +80,8 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
     """Verify the parts cover the dataset exactly once with one configuration, then commit them.
 
     ``count`` (torchrun: the world size) ignores parts left by an earlier split into another number of shards.
-    Without parts, rewards already merged (a requeued merge job) are reported as done.
+    Without parts, rewards already merged (a requeued merge job) are reported as done. SIGINT and SIGTERM stop
+    it with the parts kept, or once the write is in place with the parts removed (``run.interrupt``).
     """
     with open_any_camera(str(source), image_key, split, revision) as opened:
         dest = destination_path(opened, output)
@@ -95,6 +98,7 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             raise VlmlabelError(f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
                                 "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)")
         with RunLock(dest_lock(dest), str(dest), on_note):
+            pause_at("open")
             results = [read_result(p) for p in paths]
             _check_complete(results, work)
             meta = results[0].meta
@@ -115,7 +119,8 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
                                     overwrite, cameras)
-        shutil.rmtree(work, ignore_errors=True)
+            with deferred():  # the parts are written: removed whole, never half
+                shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals,
                         np.concatenate(final))
 

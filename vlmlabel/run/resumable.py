@@ -72,7 +72,6 @@ def score_span(
     span: Callable[[int], tuple[int, int]],
     batch_size: int,
     checkpoint: Checkpoint,
-    stop: GracefulStop,
     restart: bool = False,
     every: int = DEFAULT_CHECKPOINT_EVERY,
     on_start: Callable[[int], None] | None = None,
@@ -81,7 +80,8 @@ def score_span(
     workers: int = 0,
 ) -> ScoredSpan:
     """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
-    ``workers`` decoding processes (0: a reader thread)."""
+    ``workers`` decoding processes (0: a reader thread). SIGINT/SIGTERM stop it between batches, progress
+    saved (``GracefulStop``)."""
     goals = checkpoint.goals
     progress = checkpoint.load(restart)
     if progress is not None and progress.batch_size != batch_size:
@@ -112,27 +112,29 @@ def score_span(
     delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
     began = time.perf_counter()
     saved = position
-    try:
-        stop.check(_kept(saved - start, end - start))
-        for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
-                                 scorer.score, None, workers):
-            scores[position - start:position - start + len(rows)] = rows
-            position += len(rows)
-            if on_progress is not None:
-                on_progress(len(rows))
-            if stop.requested or position - saved >= every:
+    with GracefulStop() as stop:
+        try:
+            stop.check(_kept(saved - start, end - start))
+            for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
+                                     scorer.score, None, workers):
+                scores[position - start:position - start + len(rows)] = rows
+                position += len(rows)
+                if on_progress is not None:
+                    on_progress(len(rows))
+                if stop.requested or position - saved >= every:
+                    checkpoint.save(position, scores[saved - start:position - start])
+                    saved = position
+                if stop.requested:
+                    checkpoint.flush()
+                    stop.check(_kept(saved - start, end - start))
+                if delay:
+                    time.sleep(delay)
+            if position > saved:  # everything scored is kept: a write that fails after this resumes at once
                 checkpoint.save(position, scores[saved - start:position - start])
-                saved = position
-            if stop.requested:
-                checkpoint.flush()
-                stop.check(_kept(saved - start, end - start))
-            if delay:
-                time.sleep(delay)
-        if position > saved:  # everything scored is kept: a write that fails after this resumes at once
-            checkpoint.save(position, scores[saved - start:position - start])
-        checkpoint.flush()
-    finally:
-        checkpoint.close()
+            checkpoint.flush()
+            stop.check(_kept(position - start, end - start))
+        finally:
+            checkpoint.close()
     if position != end:
         raise SourceError(f"read {position - start} frames but expected {end - start}; the file is inconsistent")
     return ScoredSpan(start, end, scores, resumed, time.perf_counter() - began, batch_size)
