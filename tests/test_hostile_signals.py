@@ -11,6 +11,9 @@ a phase (``VLMLABEL_TEST_PAUSE_AT``, the test-only hook of ``run.interrupt.pause
 Every case exits with 128 + the signal's number and one line. Up to commit the source is byte-identical and
 nothing but saved progress (or shard parts) stays beside it; at commit the write is finished whole and nothing
 stays. The rerun then gives the reference rewards (embed: the embeddings of an uninterrupted run).
+
+Steps that must finish once begun are checked in this process at the exact moment a signal could land: the
+rename that puts a staged write in place, the lock being taken, and the cleanup that follows a first signal.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ from tests import layouts
 from tests.cluster_files import ROOT, env, make_dataset
 from tests.forked_cli import ForkedRun
 from vlmlabel.cli import app
+from vlmlabel.destinations import atomic
+from vlmlabel.errors import Interrupted
+from vlmlabel.run import locking
+from vlmlabel.run.interrupt import check, stoppable
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.locking import RunLock
 from vlmlabel.run.shards import ShardSpec
 from vlmlabel.sources import Align
 
-pytestmark = [pytest.mark.slow, pytest.mark.subprocess, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
 GOAL = "a red block"
@@ -119,6 +127,8 @@ def _signal_at(phase: str, name: str, args: list[str], stderr: Path) -> tuple[in
     return code, [line for line in lines if line != marker]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command, phase, name", CASES)
 def test_a_signal_in_any_phase_stops_cleanly_and_the_rerun_equals_the_reference(command, phase, name, tmp_path,
                                                                                 tiny_model_dir, reference,
@@ -156,3 +166,77 @@ def test_a_signal_in_any_phase_stops_cleanly_and_the_rerun_equals_the_reference(
             np.testing.assert_array_equal(got[key], values)
     else:
         np.testing.assert_allclose(_rewards(source), reference(_frames(), [GOAL])[:, 0], atol=2e-3)
+
+
+# -- the steps that must finish once begun, at the exact line a signal lands on ---------------------------------
+
+
+def _deliver(signum: int) -> None:
+    """What the interpreter does when the signal arrives here: run the handler installed for it."""
+    handler = signal.getsignal(signum)
+    assert callable(handler), "no handler installed: the process would die"
+    handler(signum, None)
+
+
+def test_a_signal_as_a_staged_write_is_renamed_lets_it_finish_then_stops(tmp_path, monkeypatch):
+    target = tmp_path / "rewards.bin"
+    target.write_bytes(b"old")
+    rename = os.replace
+
+    def replace_on_signal(src, dst):
+        _deliver(signal.SIGTERM)
+        rename(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_on_signal)
+    went_on = []
+    with pytest.raises(Interrupted) as info, stoppable():
+        atomic.write_bytes(target, b"new")
+        went_on.append(True)  # the step in hand finished; the signal stops the run at its next safe point
+    assert info.value.exit_code == 143 and went_on
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["rewards.bin"]
+
+
+def test_a_signal_as_the_lock_is_created_never_leaves_it_behind(tmp_path, monkeypatch):
+    lock = tmp_path / "data.h5.vlmlabel.lock"
+    link = os.link
+
+    def link_then_signal(src, dst):
+        link(src, dst)
+        _deliver(signal.SIGINT)  # the lock exists; __enter__ has not returned yet
+
+    monkeypatch.setattr(locking.os, "link", link_then_signal)
+    with pytest.raises(Interrupted) as info, stoppable(), RunLock(lock, "data.h5"):
+        assert lock.exists()
+        check()  # the next safe point
+    assert info.value.exit_code == 130
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_once_stopping_a_second_signal_does_not_cut_the_cleanup(tmp_path, monkeypatch):
+    target = tmp_path / "data.h5"
+    target.write_bytes(b"source")
+    remove = atomic.remove
+
+    def remove_on_signal(path):
+        if path.exists():
+            _deliver(signal.SIGINT)  # pressed again as the copy is being removed
+        remove(path)
+
+    monkeypatch.setattr(atomic, "remove", remove_on_signal)
+    with pytest.raises(Interrupted) as info, stoppable(), atomic.staged(target) as tmp:
+        tmp.write_bytes(b"half a copy")
+        _deliver(signal.SIGTERM)
+    assert info.value.exit_code == 143  # the first signal's
+    assert [p.name for p in tmp_path.iterdir()] == ["data.h5"] and target.read_bytes() == b"source"
+
+
+def test_once_stopping_further_signals_wait_for_every_finally_block():
+    cleaned = []
+    with pytest.raises(Interrupted) as info, stoppable():
+        try:
+            _deliver(signal.SIGTERM)
+        finally:  # closing files, stopping workers, releasing buffers: no step of it may be cut
+            _deliver(signal.SIGINT)
+            _deliver(signal.SIGTERM)
+            cleaned.append(True)
+    assert info.value.exit_code == 143 and cleaned
