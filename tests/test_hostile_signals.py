@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -240,3 +241,40 @@ def test_once_stopping_further_signals_wait_for_every_finally_block():
             _deliver(signal.SIGTERM)
             cleaned.append(True)
     assert info.value.exit_code == 143 and cleaned
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("where", ["read_at", "write_at"])
+def test_sigterm_while_hdf5_builds_the_in_place_image_is_raised_whole(where, tmp_path):
+    """The signal lands inside h5py's file driver (``journal.Overlay``), which keeps the exception and re-raises a
+    copy: the copy is still the signal's ``Interrupted``, the file is untouched and the process exits normally."""
+    source = make_dataset(tmp_path / "data.h5", LENGTHS)
+    before = _digest(source)
+    script = textwrap.dedent(f"""
+        import os, signal
+        import numpy as np
+        from pathlib import Path
+        from vlmlabel.destinations import journal
+        from vlmlabel.destinations.hdf5 import H5Dataset, write_file
+        from vlmlabel.errors import Interrupted
+        from vlmlabel.run.interrupt import stoppable
+
+        real = journal.Overlay.{where}
+        calls = [0]
+        def signalled(self, *args):
+            calls[0] += 1
+            if calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, *args)
+        journal.Overlay.{where} = signalled
+        path = Path({str(source)!r})
+        try:
+            with stoppable():
+                write_file(path, path, [H5Dataset("data/demo_0/vlm_reward", np.zeros(5, np.float32))], False)
+        except Interrupted as exc:
+            print("interrupted", exc.exit_code)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=env())
+    assert (done.returncode, done.stdout.strip()) == (0, "interrupted 143"), done.stderr[-2000:]
+    assert _digest(source) == before and [p.name for p in tmp_path.iterdir()] == ["data.h5"]

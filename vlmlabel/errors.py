@@ -53,6 +53,10 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        # copied and pickled whole: an exception raised inside h5py's file driver is re-raised as a copy
+        return type(self), (self.signum, str(self))
+
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
