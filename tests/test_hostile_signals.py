@@ -18,9 +18,11 @@ rename that puts a staged write in place, the lock being taken, and the cleanup 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -278,3 +280,33 @@ def test_sigterm_while_hdf5_builds_the_in_place_image_is_raised_whole(where, tmp
                           env=env())
     assert (done.returncode, done.stdout.strip()) == (0, "interrupted 143"), done.stderr[-2000:]
     assert _digest(source) == before and [p.name for p in tmp_path.iterdir()] == ["data.h5"]
+
+
+def _listening(port: int) -> bool:
+    """Whether a process of this host listens on TCP ``port`` (Linux /proc/net/tcp, state 0A), without connecting."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            if any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A" for line in list(lines)[1:]):
+                return True
+    return False
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="Linux /proc needed to see the rank waiting")
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_rank_waiting_for_the_others_ends_on_a_signal(name, tmp_path, tiny_model_dir):
+    """torchrun's rank 0 waits, inside torch.distributed's C++ code, for a rank that never comes: no Python handler
+    runs there, so the signal must end the process at once (as it would without vlmlabel), not hours later."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    source = make_dataset(tmp_path / "data.h5", LENGTHS)
+    ranks = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    run = ForkedRun(_args("relabel", source, tiny_model_dir), {**env(), **ranks}, tmp_path / "stderr.txt")
+    deadline = time.monotonic() + 120
+    while not _listening(port) and run.process.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _listening(port), (tmp_path / "stderr.txt").read_text()
+    os.killpg(run.pid, getattr(signal, name))
+    assert run.finish(timeout=20) == -getattr(signal, name)
+    assert [p.name for p in tmp_path.iterdir() if p.name != "stderr.txt"] == ["data.h5"]

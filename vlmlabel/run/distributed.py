@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.run.interrupt import killable
 from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
 from vlmlabel.run.merge import MergeSummary, merge_shards
 from vlmlabel.run.shards import ShardSpec
@@ -62,7 +63,8 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
         raise VlmlabelError("--num-shards/--shard-index cannot be combined with torchrun: each rank takes one shard")
     shard = ShardSpec(env.rank, env.world_size, f"torchrun rank {env.rank}")
     mine = replace(request, shard=shard, device=rank_device(request.device, env.local_rank))
-    dist.init_process_group("gloo", timeout=WAIT_LIMIT)
+    with killable():  # waiting for the other ranks, in C: a signal ends the process
+        dist.init_process_group("gloo", timeout=WAIT_LIMIT)
     try:
         outcome: tuple[str | None, bool] = (None, False)
         try:
@@ -71,7 +73,8 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
         except (VlmlabelError, OSError) as exc:
             outcome = (str(exc), False)
         outcomes: list = [None] * env.world_size
-        dist.all_gather_object(outcomes, outcome)
+        with killable():
+            dist.all_gather_object(outcomes, outcome)
         failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
         if failed:
             rank, message = failed[0]

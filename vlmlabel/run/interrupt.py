@@ -13,6 +13,8 @@ a user sends SIGINT (Ctrl-C). Both take one path:
   ``check``: the phase boundaries, the scoring loop's batch boundaries and the end of the command.
 - ``GracefulStop`` (scoring): the first signal only asks to stop; the loop finishes the batch in flight, saves
   progress and raises. A second signal stops at once.
+- ``killable``: a wait inside C code that no Python handler can cut short (torch.distributed waiting for the
+  other ranks), holding nothing to undo: there the signals end the process, as they would without vlmlabel.
 
 Signals are handled by the main thread only: elsewhere (a reader thread, a library caller's thread) these
 contexts change nothing.
@@ -134,6 +136,24 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state.held -= 1
+
+
+@contextlib.contextmanager
+def killable() -> Iterator[None]:
+    """A wait in C code that Python's signal handlers cannot interrupt, with nothing held that needs undoing: SIGINT
+    and SIGTERM end the process there (their default action) instead of waiting, maybe for hours, for it to
+    return. A signal held before it is raised first."""
+    if not _in_main_thread() or _state.depth == 0:
+        yield
+        return
+    check()
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig in _SIGNALS:
+            signal.signal(sig, _handle)
 
 
 class GracefulStop:
