@@ -310,3 +310,33 @@ def test_a_rank_waiting_for_the_others_ends_on_a_signal(name, tmp_path, tiny_mod
     os.killpg(run.pid, getattr(signal, name))
     assert run.finish(timeout=20) == -getattr(signal, name)
     assert [p.name for p in tmp_path.iterdir() if p.name != "stderr.txt"] == ["data.h5"]
+
+
+def test_a_signal_as_scoring_starts_keeps_every_camera_s_saved_progress(tmp_path, tiny_model_dir):
+    """Two cameras are scored one after the other, each with its own saved progress. A run stopped while the first
+    camera's progress is taken up must keep the second's, which it has not opened yet."""
+    source = tmp_path / "data.h5"
+    with h5py.File(source, "w") as f:
+        for k, length in enumerate(LENGTHS):
+            for cam, name in enumerate(("agentview_image", "robot0_eye_in_hand_image")):
+                f[f"data/demo_{k}/obs/{name}"] = layouts.make_frames(length, 20, 24, seed=200 + 10 * cam + k)
+            f[f"data/demo_{k}/actions"] = np.zeros((length, 2), np.float32)
+    request = RelabelRequest(source, [GOAL], model=str(tiny_model_dir), device="cpu", batch_size=4, workers=0,
+                             checkpoint_every=4, image_key=["obs/agentview_image", "obs/robot0_eye_in_hand_image"])
+    frames = sum(LENGTHS)
+    seen = [0]
+
+    def stop_in_second_camera(count: int) -> None:
+        seen[0] += count
+        if seen[0] >= frames + 8:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        relabel_file(request, on_progress=stop_in_second_camera)
+    second = tmp_path / WORK / "progress-cam1" / "state.json"
+    assert second.exists()
+    with pytest.raises(Interrupted):  # stopped as the first camera's (complete) progress is taken up
+        relabel_file(request, on_start=lambda total: os.kill(os.getpid(), signal.SIGTERM))
+    assert second.exists()
+    summary = relabel_file(request)
+    assert summary.result.resumed >= frames + 8

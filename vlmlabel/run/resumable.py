@@ -65,6 +65,32 @@ class ScoredSpan:
     batch_size: int
 
 
+def _resume(checkpoint: Checkpoint, span: Callable[[int], tuple[int, int]], batch_size: int, restart: bool,
+            on_note: Callable[[str], None] | None) -> tuple[int, int, int, np.ndarray, int]:
+    """Saved progress taken up, or a fresh one begun: the batch size, the frames [start, end), the scores array
+    (filled up to the frame reached) and that frame."""
+    progress = checkpoint.load(restart)
+    if progress is not None and progress.batch_size != batch_size:
+        if on_note is not None:
+            on_note(f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
+                    f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run")
+        batch_size = progress.batch_size
+    start, end = span(batch_size)
+    if progress is not None and (progress.start, progress.stop) != (start, end):
+        if on_note is not None:
+            on_note("saved progress covers other frames than this run; starting over")
+        progress = None
+    scores = np.empty((end - start, checkpoint.goals), dtype=np.float32)
+    if progress is None:
+        checkpoint.begin(batch_size, start, end)
+        return batch_size, start, end, scores, start
+    checkpoint.resume_from(progress)
+    scores[:progress.done - start] = progress.rows
+    if on_note is not None and progress.done > start:
+        on_note(f"resuming: {progress.done - start:,} of {end - start:,} frames were already scored")
+    return batch_size, start, end, scores, progress.done
+
+
 def score_span(
     source: FrameSource,
     scorer: FrameScorer,
@@ -82,37 +108,16 @@ def score_span(
     """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
     ``workers`` decoding processes (0: a reader thread). SIGINT/SIGTERM stop it between batches, progress
     saved (``GracefulStop``)."""
-    goals = checkpoint.goals
-    progress = checkpoint.load(restart)
-    if progress is not None and progress.batch_size != batch_size:
-        if on_note is not None:
-            on_note(f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
-                    f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run")
-        batch_size = progress.batch_size
-    start, end = span(batch_size)
-    if progress is not None and (progress.start, progress.stop) != (start, end):
-        if on_note is not None:
-            on_note("saved progress covers other frames than this run; starting over")
-        progress = None
-    scores = np.empty((end - start, goals), dtype=np.float32)
-    if progress is None:
-        checkpoint.begin(batch_size, start, end)
-        position = start
-    else:
-        checkpoint.resume_from(progress)
-        position = progress.done
-        scores[:position - start] = progress.rows
-        if on_note is not None and position > start:
-            on_note(f"resuming: {position - start:,} of {end - start:,} frames were already scored")
-    resumed = position - start
-    if on_start is not None:
-        on_start(end - start)
-    if on_progress is not None and resumed:
-        on_progress(resumed)
-    delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
-    began = time.perf_counter()
-    saved = position
-    with GracefulStop() as stop:
+    with GracefulStop() as stop:  # from the start: a signal never finds saved progress half loaded
+        batch_size, start, end, scores, position = _resume(checkpoint, span, batch_size, restart, on_note)
+        resumed = position - start
+        if on_start is not None:
+            on_start(end - start)
+        if on_progress is not None and resumed:
+            on_progress(resumed)
+        delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
+        began = time.perf_counter()
+        saved = position
         try:
             stop.check(_kept(saved - start, end - start))
             for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
