@@ -57,6 +57,9 @@ PHASES = {"relabel": ("open", "score", "write", "commit"), "embed": ("open", "sc
 CASES = [(command, phase, name) for command, phases in PHASES.items() for phase in phases
          for name in ("SIGINT", "SIGTERM")]
 WORK = "data.h5.vlmlabel-vlm_reward"  # saved progress and shard parts
+# Run as the console command, a fresh interpreter (the others are forked with the CLI imported: tests.forked_cli):
+# the issue's own case, and scoring with a decoding worker, which the signal to the process group reaches too.
+CONSOLE = {("embed", "write", "SIGTERM"), ("relabel", "score", "SIGTERM")}
 
 
 def _frames() -> np.ndarray:
@@ -64,8 +67,8 @@ def _frames() -> np.ndarray:
     return np.concatenate([layouts.make_frames(n, 20, 24, seed=100 + k) for k, n in enumerate(LENGTHS)])
 
 
-def _args(command: str, source: Path, model: Path) -> list[str]:
-    common = ["--model", str(model), "--device", "cpu", "--batch-size", "4", "--workers", "0", "-q"]
+def _args(command: str, source: Path, model: Path, workers: int = 0) -> list[str]:
+    common = ["--model", str(model), "--device", "cpu", "--batch-size", "4", "--workers", str(workers), "-q"]
     if command == "relabel":
         return ["relabel", str(source), "--goal", GOAL, "--align", "frame", *common]
     if command == "embed":
@@ -99,13 +102,12 @@ def embedded(tmp_path_factory, tiny_model_dir) -> dict[str, np.ndarray]:
     return _embeddings(source)
 
 
-def _signal_at(phase: str, name: str, args: list[str], stderr: Path) -> tuple[int, list[str]]:
-    """Run ``vlmlabel ARGS`` until it pauses at ``phase``, then signal its process group: its exit code and the
-    lines of stderr besides the pause's own. The issue's own case (embed, SIGTERM, a full-size copy written) runs
-    as the console command does; the others are forked with the CLI already imported (``tests.forked_cli``)."""
+def _signal_at(phase: str, name: str, args: list[str], stderr: Path, console: bool) -> tuple[int, list[str]]:
+    """Run ``vlmlabel ARGS`` (``console``: as the console command, else forked) until it pauses at ``phase``, then
+    signal its process group: its exit code and the lines of stderr besides the pause's own."""
     marker = f"vlmlabel-test: paused at {phase}"
     environ = env(VLMLABEL_TEST_PAUSE_AT=phase)
-    if (args[0], phase, name) == ("embed", "write", "SIGTERM"):
+    if console:
         with open(stderr, "w") as sink:
             run = subprocess.Popen([sys.executable, "-m", "vlmlabel", *args], cwd=ROOT, env=environ,
                                    stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
@@ -144,9 +146,10 @@ def test_a_signal_in_any_phase_stops_cleanly_and_the_rerun_equals_the_reference(
             relabel_file(RelabelRequest(source, [GOAL], model=str(tiny_model_dir), device="cpu", batch_size=4,
                                         workers=0, align=Align.frame, shard=ShardSpec(index, 2)))
     before = _digest(source)
-    args = _args(command, source, tiny_model_dir)
+    console = (command, phase, name) in CONSOLE
+    args = _args(command, source, tiny_model_dir, workers=1 if console and phase == "score" else 0)
 
-    code, lines = _signal_at(phase, name, args, tmp_path / "stderr.txt")
+    code, lines = _signal_at(phase, name, args, tmp_path / "stderr.txt", console)
 
     assert code == 128 + getattr(signal, name), lines
     assert len(lines) == 1 and lines[0].startswith(f"interrupted: {name} received"), lines

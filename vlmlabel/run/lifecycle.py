@@ -304,7 +304,7 @@ def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) 
     run.destination.check(run.all_names, request.overwrite)
     dest = run.destination.path
     lock = run.work / f"{shard.name}.lock" if shard else dest_lock(dest)
-    stack.enter_context(RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note))
+    RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note).held_by(stack)
 
 
 # -- score --------------------------------------------------------------------------------------------
@@ -571,7 +571,7 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
     if run.shard or not (saved or lock.exists()):
         return
     try:
-        stack.enter_context(RunLock(lock, str(run.destination.path), events.on_note))
+        RunLock(lock, str(run.destination.path), events.on_note).held_by(stack)
     except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
         return
     for checkpoint in saved:
@@ -640,7 +640,7 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
             refuse_external(source, target, locations, [p.array for p in plans[:1]])
         stamp = Stamp.of(source.paths)
         fingerprint = content_fingerprint(source)
-        stack.enter_context(RunLock(dest_lock(target), str(target), on_note))
+        RunLock(dest_lock(target), str(target), on_note).held_by(stack)
         workers = resolve_workers(request.workers)
         prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
         _model_loads()

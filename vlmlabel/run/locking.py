@@ -7,6 +7,7 @@ process) is stale and taken over; a lock from another host cannot be checked and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -100,6 +101,11 @@ class RunLock:
             finally:
                 filled.unlink(missing_ok=True)
         raise LockedError(f"could not take the lock {self.path}; another run keeps taking it — try again")
+
+    def held_by(self, stack: contextlib.ExitStack) -> RunLock:
+        """Take the lock and register its release with ``stack`` as one step: no signal falls between the two."""
+        with deferred():
+            return stack.enter_context(self)
 
     def _create(self, filled: Path) -> bool:
         """Create the lock with its owner already written (a hard link to ``filled``), so a kill can never leave
