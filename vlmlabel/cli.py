@@ -37,6 +37,7 @@ from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
+from vlmlabel.run.interrupt import stoppable
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
     EmbedRequest,
@@ -187,13 +188,15 @@ def _shown_bytes(text: str) -> str:
 
 
 def _exit_on_error(func: F) -> F:
-    """Refuse text that is not UTF-8; turn library errors into exit code 2 and one line; Ctrl-C into 130."""
+    """Refuse text that is not UTF-8; turn library errors into exit code 2 and one line; SIGINT and SIGTERM, in
+    any phase, into one line and exit code 130 and 143 (``run.interrupt.stoppable``)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             _refuse_text_not_utf8()
-            return func(*args, **kwargs)
+            with stoppable():
+                return func(*args, **kwargs)
         except VlmlabelError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None

@@ -40,6 +40,7 @@ from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
+from vlmlabel.run.interrupt import pause_at
 from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Reopenable, Segment, SourceRecipe
 
 PREFETCH_BATCHES = 3
@@ -382,7 +383,9 @@ def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, 
     pending: torch.Tensor | None = None
     batches = read_ahead(source, episodes, batch_size, device, workers)
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            if index == 1:
+                pause_at("score")
             queued = compute(batch)
             if pending is not None:
                 yield _finite(pending.cpu().numpy(), position - len(pending))

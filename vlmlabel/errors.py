@@ -45,12 +45,17 @@ class LockedError(OutputError):
     """Another run is writing the same destination right now."""
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped a run after progress was saved; the CLI exits with 128 + the signal number."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run (``run.interrupt``); the CLI exits with 128 + the signal number. A
+    KeyboardInterrupt, so both signals take Ctrl-C's path: no ``except Exception`` catches it."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+    def __reduce__(self) -> tuple[type, tuple[int, str]]:
+        # copied and pickled whole: an exception raised inside h5py's file driver is re-raised as a copy
+        return type(self), (self.signum, str(self))
 
     @property
     def exit_code(self) -> int:

@@ -4,7 +4,8 @@ Every writer (rewards, embeddings, shard parts, progress state) goes through ``s
 the temporary path sits beside the real target (symlinks resolved, so it is on the same file
 system and the rename is atomic), is named after this process, and is removed on any failure.
 Leftovers of runs that died (their PID no longer exists on this host) are removed by the next
-run that stages the same target. Until the final rename the target is untouched.
+run that stages the same target. Until the final rename the target is untouched. A signal while the
+copy is written removes it; from the flush on, the step is finished first (``run.interrupt.deferred``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmlabel.errors import OutputError
+from vlmlabel.run.interrupt import deferred
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(?P<what>[a-z]+)$")
@@ -133,20 +135,22 @@ def staged(target: Path) -> Iterator[Path]:
     remove(tmp)
     try:
         yield tmp
-        if tmp.is_file():
-            fsync(tmp)
-            os.replace(tmp, target)
-        else:
-            if target.exists():
-                os.rename(target, old)
-            os.rename(tmp, target)
-        fsync(target.parent)
+        with deferred():  # put in place, or (an error) undone below; never cut by a signal
+            if tmp.is_file():
+                fsync(tmp)
+                os.replace(tmp, target)
+            else:
+                if target.exists():
+                    os.rename(target, old)
+                os.rename(tmp, target)
+            fsync(target.parent)
+            remove(old)
     except BaseException:
-        remove(tmp)
-        if old.exists() and not target.exists():
-            os.rename(old, target)
+        with deferred():
+            remove(tmp)
+            if old.exists() and not target.exists():
+                os.rename(old, target)
         raise
-    remove(old)
 
 
 def write_bytes(target: Path, data: bytes) -> None:

@@ -30,6 +30,7 @@ from vlmlabel.destinations.base import (
     refuse_replacing,
 )
 from vlmlabel.errors import OutputError
+from vlmlabel.run.interrupt import pause_at
 from vlmlabel.run.locking import open_by_others, open_for_writing
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, content_fingerprint, reward_path
@@ -174,6 +175,7 @@ def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp |
     overlay.reraise()
     if stamp is not None:
         stamp.verify(path)
+    pause_at("write")
     try:
         journal.apply(path, overlay)
     except journal.Busy:
@@ -195,6 +197,7 @@ def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File], None]
             os.chmod(tmp, mode)
         if stamp is not None:
             stamp.verify(base)
+        pause_at("write")
 
 
 def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict[str, str],

@@ -8,9 +8,10 @@ change is made in place instead:
    HDF5 works, the file on disk is not touched.
 2. ``apply`` writes the original bytes of every range it is about to overwrite, and the original size, to a
    journal beside the file (checksummed, fsynced), then writes the new bytes, fsyncs, and removes the journal.
-3. An error or signal inside ``apply`` puts the original bytes back at once (and the modification time).
-   A process killed inside it leaves the journal: ``recover``, run before vlmlabel opens the file again,
-   puts the original bytes back (or, if every new byte had landed, simply removes the journal).
+3. An error inside ``apply`` puts the original bytes back at once (and the modification time); a signal
+   waits for it to finish (``run.interrupt.deferred``: milliseconds). A process killed inside it leaves the
+   journal: ``recover``, run before vlmlabel opens the file again, puts the original bytes back (or, if every
+   new byte had landed, simply removes the journal).
 
 Between a kill inside step 2 (a few milliseconds) and the next vlmlabel command on the file, other programs
 may find the file unreadable; any vlmlabel command repairs it. ``apply`` refuses (``Busy``) when another
@@ -36,6 +37,7 @@ import numpy as np
 
 from vlmlabel.destinations import atomic
 from vlmlabel.errors import OutputError, SourceError
+from vlmlabel.run.interrupt import deferred, pause_at
 
 PAGE = 512  # bytes per overwritten page kept in memory: HDF5 metadata blocks are small and scattered
 _MAGIC = b"vlmlabel rollback journal 1\n"
@@ -248,17 +250,19 @@ def apply(path: Path, overlay: Overlay) -> None:
         entries = [Entry.of(offset, os.pread(fd, max(0, min(len(new), before.st_size - offset)), offset), new)
                    for offset, new in changes]
         journal = journal_path(real)
-        try:
-            _write_journal(journal, before, final, entries)
-            for offset, new in sorted(changes, key=lambda change: change[0] < before.st_size):
-                _write_all(fd, new, offset)  # the new end first, then the pages that point to it
-            os.fsync(fd)
-        except BaseException:
-            if journal.exists():  # else it was never written whole, nor was the file touched
-                _roll_back(fd, before.st_size, before.st_atime_ns, before.st_mtime_ns, entries)
-                _remove(journal)
-            raise
-        _remove(journal)
+        with deferred():  # written, or undone on an error; a signal waits for either
+            try:
+                _write_journal(journal, before, final, entries)
+                pause_at("commit")
+                for offset, new in sorted(changes, key=lambda change: change[0] < before.st_size):
+                    _write_all(fd, new, offset)  # the new end first, then the pages that point to it
+                os.fsync(fd)
+            except BaseException:
+                if journal.exists():  # else it was never written whole, nor was the file touched
+                    _roll_back(fd, before.st_size, before.st_atime_ns, before.st_mtime_ns, entries)
+                    _remove(journal)
+                raise
+            _remove(journal)
     finally:
         os.close(fd)
 

@@ -199,8 +199,11 @@ class Checkpoint:
 
     @property
     def holds_rows(self) -> bool:
-        """Whether any computed row was saved (else there is nothing worth keeping after a failure)."""
-        return self._state is not None and int(self._state["done"]) > int(self._state["start"])
+        """Whether any computed row was saved (else there is nothing worth keeping after a failure). Progress this
+        run has not taken up yet (another camera's, scored later) is the last run's: it counts as kept."""
+        if self._state is None:
+            return (self.folder / STATE_FILE).exists()
+        return int(self._state["done"]) > int(self._state["start"])
 
     def made_for(self, ignoring: frozenset[str] = frozenset()) -> bool:
         """Whether the progress saved in the folder is towards this run's very result (``ignoring`` those fields

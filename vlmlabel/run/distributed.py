@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.run.interrupt import killable
 from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
 from vlmlabel.run.merge import MergeSummary, merge_shards
 from vlmlabel.run.shards import ShardSpec
@@ -168,7 +169,8 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
                             "array's tasks without torchrun")
     shard = ShardSpec(env.rank, env.world_size, env.origin)
     mine = replace(request, shard=shard, device=rank_device(request.device, env.local_rank))
-    join_ranks(env, on_wait or on_note)
+    with killable():  # waiting for the other ranks, in C: a signal ends the process
+        join_ranks(env, on_wait or on_note)
     try:
         outcome: tuple[str | None, bool] = (None, False)
         try:
@@ -176,7 +178,8 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
         except (VlmlabelError, OSError) as exc:
             outcome = (str(exc), False)
         outcomes: list = [None] * env.world_size
-        dist.all_gather_object(outcomes, outcome)
+        with killable():
+            dist.all_gather_object(outcomes, outcome)
         failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
         if failed:
             rank, message = failed[0]

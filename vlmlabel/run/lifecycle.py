@@ -42,7 +42,7 @@ from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, frame_differences, run_numerics
-from vlmlabel.run.interrupt import GracefulStop
+from vlmlabel.run.interrupt import check, deferred, pause_at, stoppable
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
 from vlmlabel.run.shards import (
@@ -214,7 +214,6 @@ class OpenRun:
     work: Path
     shard: ShardSpec | None
     fingerprints: list[str]
-    stop: GracefulStop
     dropped: list[str] = field(default_factory=list)  # columns of the results this run replaces whole (checks)
 
     @property
@@ -314,7 +313,7 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
         shard = _shard_for(request, source, work, events)
         run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
                       shard, [content_fingerprint(s, e if request.align is Align.frame else None)
-                              for s, e in zip(sources, camera_episodes, strict=True)], GracefulStop())
+                              for s, e in zip(sources, camera_episodes, strict=True)])
         yield run
 
 
@@ -332,14 +331,13 @@ def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> Non
 
 
 def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) -> None:
-    """The destination's own checks, then the lock (shards lock their own part) and the graceful stop."""
+    """The destination's own checks, then the lock (shards lock their own part)."""
     request, shard = run.request, run.shard
     run.dropped = whole_results(request.reward_key, run.all_names, run.destination.carried())
     run.destination.check(run.all_names + run.dropped, request.overwrite)
     dest = run.destination.path
     lock = run.work / f"{shard.name}.lock" if shard else dest_lock(dest)
-    stack.enter_context(RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note))
-    stack.enter_context(run.stop)
+    RunLock(lock, f"{shard.name} of {dest}" if shard else str(dest), events.on_note).held_by(stack)
 
 
 # -- score --------------------------------------------------------------------------------------------
@@ -403,7 +401,7 @@ def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints
                                                                strict=True)):
         start = (lambda total: events.start(total * count)) if index == 0 else None
         span = score_span(source, scorer, episodes, lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
-                          batch_size, checkpoint, run.stop, run.request.restart, run.request.checkpoint_every,
+                          batch_size, checkpoint, run.request.restart, run.request.checkpoint_every,
                           start, events.on_progress, events.on_note, resolve_workers(run.request.workers))
         per_camera.append([span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)])
         seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
@@ -443,6 +441,7 @@ def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray]
 
 def _push(run: OpenRun, written: Path) -> None:
     if run.request.push_to_hub:
+        check()  # a signal held while the write was put in place stops the run before the upload
         from vlmlabel.destinations.hub import push
 
         push(written, family_of(run.source).push_as_dataset, run.request.push_to_hub)
@@ -451,6 +450,13 @@ def _push(run: OpenRun, written: Path) -> None:
 # -- the run ------------------------------------------------------------------------------------------
 
 
+def _model_loads() -> None:
+    """The end of the open phase: a signal held while the lock was taken stops the run before the model loads."""
+    pause_at("open")
+    check()
+
+
+@stoppable()
 def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> Summary:
@@ -458,6 +464,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
 
     The source is only read. Progress is saved beside the destination so a killed run resumes, and a
     lock keeps a second run off it. A run whose identical rewards are already written does nothing.
+    SIGINT and SIGTERM stop it in any phase (``run.interrupt``), leaving only the progress saved.
     """
     events = Events(on_start, on_progress, on_note)
     device = resolve_device(request.device)
@@ -476,6 +483,7 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
                                    for source, episodes in zip(run.sources, run.camera_episodes, strict=True))
         if not (maybe_done or cached):  # frames will be read: the decoding workers' server starts as the model loads
             prepare_workers(run.source, resolve_workers(request.workers))
+        _model_loads()
         # A run that may encode no frame (served by the cache, or already done) loads the text tower only.
         model = load_model(request.model, request.pretrained, device, precision,
                            image_tower=not (maybe_done or cached))
@@ -534,9 +542,10 @@ def _score_frames_and_finish(run: OpenRun, model: ClipModel, scorer: FrameScorer
 
 
 def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
-    for checkpoint in checkpoints:
-        checkpoint.discard()
-    _remove_if_empty(work)
+    with deferred():  # never half removed
+        for checkpoint in checkpoints:
+            checkpoint.discard()
+        _remove_if_empty(work)
 
 
 def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -> dict[str, Any]:
@@ -597,7 +606,7 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
     if run.shard or not (saved or lock.exists()):
         return
     try:
-        stack.enter_context(RunLock(lock, str(run.destination.path), events.on_note))
+        RunLock(lock, str(run.destination.path), events.on_note).held_by(stack)
     except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
         return
     for checkpoint in saved:
@@ -642,6 +651,7 @@ class EmbedSummary:
     image_key: str
 
 
+@stoppable()
 def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = None,
                on_progress: Callable[[int], None] | None = None,
                on_note: Callable[[str], None] | None = None) -> EmbedSummary:
@@ -665,9 +675,10 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
             refuse_external(source, target, locations, [p.array for p in plans[:1]])
         stamp = Stamp.of(source.paths)
         fingerprint = content_fingerprint(source)
-        stack.enter_context(RunLock(dest_lock(target), str(target), on_note))
+        RunLock(dest_lock(target), str(target), on_note).held_by(stack)
         workers = resolve_workers(request.workers)
         prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
+        _model_loads()
         model = load_model(request.model, request.pretrained, device, precision)
         segments = [s for p in plans for s in p.segments]
         total = sum(len(s) for s in segments)

@@ -7,6 +7,7 @@ process) is stale and taken over; a lock from another host cannot be checked and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from vlmlabel.destinations import atomic
 from vlmlabel.errors import LockedError
+from vlmlabel.run.interrupt import deferred
 
 _TAKEOVER_GUARD_SECONDS = 60.0
 
@@ -69,7 +71,8 @@ def holder_alive(info: dict) -> bool:
 
 
 class RunLock:
-    """Context manager holding ``path`` as a lock for this process; released in ``__exit__``."""
+    """Context manager holding ``path`` as a lock for this process; released in ``__exit__``. Taking and
+    releasing it are ``deferred`` steps: a signal cannot leave a lock that no ``__exit__`` will remove."""
 
     def __init__(self, path: Path, what: str, on_note: Callable[[str], None] | None = None):
         self.path = path
@@ -86,17 +89,23 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.clean_dead_leftovers(self.path)
-        filled = atomic.beside(self.path, "tmp")
-        filled.write_text(self._text)
-        try:
-            for _ in range(20):
-                if self._create(filled):
-                    return self
-                self._handle_existing()
-        finally:
-            filled.unlink(missing_ok=True)
+        with deferred():
+            atomic.clean_dead_leftovers(self.path)
+            filled = atomic.beside(self.path, "tmp")
+            try:
+                filled.write_text(self._text)
+                for _ in range(20):
+                    if self._create(filled):
+                        return self
+                    self._handle_existing()
+            finally:
+                filled.unlink(missing_ok=True)
         raise LockedError(f"could not take the lock {self.path}; another run keeps taking it — try again")
+
+    def held_by(self, stack: contextlib.ExitStack) -> RunLock:
+        """Take the lock and register its release with ``stack`` as one step: no signal falls between the two."""
+        with deferred():
+            return stack.enter_context(self)
 
     def _create(self, filled: Path) -> bool:
         """Create the lock with its owner already written (a hard link to ``filled``), so a kill can never leave
@@ -174,8 +183,9 @@ class RunLock:
             return time.time()
 
     def __exit__(self, *exc) -> None:
-        if self._read_text() == self._text:
-            self.path.unlink(missing_ok=True)
+        with deferred():
+            if self._read_text() == self._text:
+                self.path.unlink(missing_ok=True)
 
 
 def open_for_writing(path: Path) -> list[str]:

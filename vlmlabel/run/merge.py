@@ -23,6 +23,7 @@ from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences, frame_differences
+from vlmlabel.run.interrupt import deferred, pause_at, stoppable
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
     RAW_SUFFIX,
@@ -125,6 +126,7 @@ def _refuse_other_frames(source: Path | str, opened: DatasetSource, meta: PartMe
                             "run the shards again")
 
 
+@stoppable()
 def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, output: Path | None = None,
                  overwrite: bool = False, on_note: Callable[[str], None] | None = None,
                  count: int | None = None, image_key: str | None = None, split: str = "train",
@@ -132,7 +134,8 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
     """Verify the parts cover the dataset exactly once with one configuration, then commit them.
 
     ``count`` (torchrun: the world size) ignores parts left by an earlier split into another number of shards.
-    Without parts, rewards already merged (a requeued merge job) are reported as done.
+    Without parts, rewards already merged (a requeued merge job) are reported as done. SIGINT and SIGTERM stop
+    it with the parts kept, or once the write is in place with the parts removed (``run.interrupt``).
     """
     with open_any_camera(str(source), image_key, split, revision) as opened:
         dest = destination_path(opened, output)
@@ -149,6 +152,7 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             raise VlmlabelError(f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
                                 "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)")
         with RunLock(dest_lock(dest), str(dest), on_note):
+            pause_at("open")
             results = [read_result(p) for p in paths]
             meta = results[0].meta
             episodes = opened.episodes(Align(meta.align))
@@ -156,7 +160,8 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             finished = _already_merged(destination, results, reward_key)
             if finished is not None:
                 _refuse_running(work)
-                shutil.rmtree(work, ignore_errors=True)
+                with deferred():  # removed whole, never half
+                    shutil.rmtree(work, ignore_errors=True)
                 if on_note is not None:
                     on_note(f"{', '.join(finished)} already merged into {dest} from these shards (a merge stopped "
                             f"before it removed them); removed {work}")
@@ -174,7 +179,8 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
             written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
                                     overwrite, cameras, reward_key, dropped)
-        shutil.rmtree(work, ignore_errors=True)
+            with deferred():  # the parts are written: removed whole, never half
+                shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals,
                         np.concatenate(final))
 

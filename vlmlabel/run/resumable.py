@@ -65,24 +65,10 @@ class ScoredSpan:
     batch_size: int
 
 
-def score_span(
-    source: FrameSource,
-    scorer: FrameScorer,
-    episodes: Sequence[Episode],
-    span: Callable[[int], tuple[int, int]],
-    batch_size: int,
-    checkpoint: Checkpoint,
-    stop: GracefulStop,
-    restart: bool = False,
-    every: int = DEFAULT_CHECKPOINT_EVERY,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-    workers: int = 0,
-) -> ScoredSpan:
-    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
-    ``workers`` decoding processes (0: a reader thread)."""
-    goals = checkpoint.goals
+def _resume(checkpoint: Checkpoint, span: Callable[[int], tuple[int, int]], batch_size: int, restart: bool,
+            on_note: Callable[[str], None] | None) -> tuple[int, int, int, np.ndarray, int]:
+    """Saved progress taken up, or a fresh one begun: the batch size, the frames [start, end), the scores array
+    (filled up to the frame reached) and that frame."""
     progress = checkpoint.load(restart)
     if progress is not None and progress.batch_size != batch_size:
         if on_note is not None:
@@ -94,45 +80,66 @@ def score_span(
         if on_note is not None:
             on_note("saved progress covers other frames than this run; starting over")
         progress = None
-    scores = np.empty((end - start, goals), dtype=np.float32)
+    scores = np.empty((end - start, checkpoint.goals), dtype=np.float32)
     if progress is None:
         checkpoint.begin(batch_size, start, end)
-        position = start
-    else:
-        checkpoint.resume_from(progress)
-        position = progress.done
-        scores[:position - start] = progress.rows
-        if on_note is not None and position > start:
-            on_note(f"resuming: {position - start:,} of {end - start:,} frames were already scored")
-    resumed = position - start
-    if on_start is not None:
-        on_start(end - start)
-    if on_progress is not None and resumed:
-        on_progress(resumed)
-    delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
-    began = time.perf_counter()
-    saved = position
-    try:
-        stop.check(_kept(saved - start, end - start))
-        for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
-                                 scorer.score, None, workers):
-            scores[position - start:position - start + len(rows)] = rows
-            position += len(rows)
-            if on_progress is not None:
-                on_progress(len(rows))
-            if stop.requested or position - saved >= every:
+        return batch_size, start, end, scores, start
+    checkpoint.resume_from(progress)
+    scores[:progress.done - start] = progress.rows
+    if on_note is not None and progress.done > start:
+        on_note(f"resuming: {progress.done - start:,} of {end - start:,} frames were already scored")
+    return batch_size, start, end, scores, progress.done
+
+
+def score_span(
+    source: FrameSource,
+    scorer: FrameScorer,
+    episodes: Sequence[Episode],
+    span: Callable[[int], tuple[int, int]],
+    batch_size: int,
+    checkpoint: Checkpoint,
+    restart: bool = False,
+    every: int = DEFAULT_CHECKPOINT_EVERY,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    workers: int = 0,
+) -> ScoredSpan:
+    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
+    ``workers`` decoding processes (0: a reader thread). SIGINT/SIGTERM stop it between batches, progress
+    saved (``GracefulStop``)."""
+    with GracefulStop() as stop:  # from the start: a signal never finds saved progress half loaded
+        batch_size, start, end, scores, position = _resume(checkpoint, span, batch_size, restart, on_note)
+        resumed = position - start
+        if on_start is not None:
+            on_start(end - start)
+        if on_progress is not None and resumed:
+            on_progress(resumed)
+        delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
+        began = time.perf_counter()
+        saved = position
+        try:
+            stop.check(_kept(saved - start, end - start))
+            for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
+                                     scorer.score, None, workers):
+                scores[position - start:position - start + len(rows)] = rows
+                position += len(rows)
+                if on_progress is not None:
+                    on_progress(len(rows))
+                if stop.requested or position - saved >= every:
+                    checkpoint.save(position, scores[saved - start:position - start])
+                    saved = position
+                if stop.requested:
+                    checkpoint.flush()
+                    stop.check(_kept(saved - start, end - start))
+                if delay:
+                    time.sleep(delay)
+            if position > saved:  # everything scored is kept: a write that fails after this resumes at once
                 checkpoint.save(position, scores[saved - start:position - start])
-                saved = position
-            if stop.requested:
-                checkpoint.flush()
-                stop.check(_kept(saved - start, end - start))
-            if delay:
-                time.sleep(delay)
-        if position > saved:  # everything scored is kept: a write that fails after this resumes at once
-            checkpoint.save(position, scores[saved - start:position - start])
-        checkpoint.flush()
-    finally:
-        checkpoint.close()
+            checkpoint.flush()
+            stop.check(_kept(position - start, end - start))
+        finally:
+            checkpoint.close()
     if position != end:
         raise SourceError(f"read {position - start} frames but expected {end - start}; the file is inconsistent")
     return ScoredSpan(start, end, scores, resumed, time.perf_counter() - began, batch_size)
