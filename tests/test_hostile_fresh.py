@@ -105,7 +105,8 @@ def test_cache_of_one_camera_serves_neither_the_other_nor_both(tmp_path, tiny_mo
     with h5py.File(source) as f:
         a = np.concatenate([f[f"data/demo_{i}/obs/agentview_image"][()] for i in range(2)])
         b = np.concatenate([f[f"data/demo_{i}/obs/wrist_image"][()] for i in range(2)])
-    assert run("embed", source, "--model", tiny_model_dir, "--device", "cpu", "--image-key", "obs/agentview_image")[0] == 0
+    embedded = run("embed", source, "--model", tiny_model_dir, "--device", "cpu", "--image-key", "obs/agentview_image")
+    assert embedded[0] == 0
     code, _ = relabel(source, tiny_model_dir, "--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image",
                       "--align", "frame")
     assert code == 0

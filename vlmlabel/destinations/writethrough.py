@@ -4,9 +4,10 @@ HDF5 (2.0, through h5py 3.16) crashes the process (SIGSEGV) when a write of its 
 grown past the size limit): it flushes its metadata cache again while unwinding. ``WriteThrough`` is the file
 h5py writes (its ``fileobj`` driver): every write goes to the file on disk; the first one that fails is kept,
 and from then on the file is a ``journal.Overlay`` (later writes held in memory), so HDF5 reads back what it
-wrote and finishes without an error. ``check`` raises the kept failure (a full disk as an ``OSError`` saying what to do): callers call
-it between their writes (so at most one block is held in memory once the disk is full) and ``open_h5`` once the
-file is closed. The file is a temporary copy the caller removes on any error, never the user's data.
+wrote and finishes without an error. ``check`` raises the kept failure (a full disk as an ``OSError`` saying
+what to do): callers call it between their writes (so at most one block is held in memory once the disk is
+full) and ``open_h5`` once the file is closed. The file is a temporary copy the caller removes on any error,
+never the user's data.
 """
 
 from __future__ import annotations
