@@ -26,6 +26,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
+from tests import hostile_fresh_builders as fresh
 from tests import labels_files, layouts, open_inputs, table_layouts
 from tests.conftest import build_model_dir
 from tests.layouts import encode, make_frames
@@ -563,6 +564,36 @@ REFUSED: dict[str, Refused] = {
     # round two: LeRobot statistics
 
     # round two: a fresh hostile pass
+    "cameras with different steps": Refused(lambda p: fresh.two_cameras(p, lengths_b=(3, 5)),
+                                            ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image"],
+                                            ["do not have the same episodes and steps"]),
+    "one camera under two spellings": Refused(fresh.two_cameras, ["--image-key", "obs/agentview_image",
+                                                                  "--image-key", "agentview_image"], ["same name"]),
+    "bool frames": Refused(lambda p: flat(p, RGB > 128), ["--image-key", "observations"], ["bool", "uint8"]),
+    "int8 frames": Refused(lambda p: flat(p, RGB.astype(np.int8)), ["--image-key", "observations"], ["int8", "uint8"]),
+    "frames of two channels": Refused(lambda p: flat(p, make_frames(9, 8, 8, 0, channels=2)),
+                                      ["--image-key", "observations"], ["1 or 3 channels"]),
+    "a frames dataset of length 0": Refused(fresh.zero_frames, words=["observations", "0 frames"]),
+    "LeRobot episode listed twice in meta/episodes": Refused(
+        lambda p: fresh.lerobot_meta(p, "twice"), ["--image-key", "observation.images.top"],
+        ["lists episode 0 2 times", "one row per episode"], name="lerobot"),
+    "LeRobot episode missing from meta/episodes": Refused(
+        lambda p: fresh.lerobot_meta(p, "missing"), ["--image-key", "observation.images.top"],
+        ["episode 1 has 6 rows", "no row in the episode metadata"], name="lerobot"),
+    "LeRobot episode starting past its video's end": Refused(
+        lambda p: fresh.lerobot_meta(p, "past the video"), ["--image-key", "observation.images.top"],
+        ["no frame at 50.000 s"], name="lerobot"),
+    "LeRobot v2.1 episodes.jsonl lacking an episode": Refused(
+        fresh.lerobot_v21_missing_episode, words=["episode 2 has 3 rows", "no row"], name="lerobot"),
+    "parquet folder of two schemas": Refused(fresh.parquet_two_schemas, words=["b.parquet", "other columns or types"],
+                                             name="pq"),
+    "parquet files of two frame sizes": Refused(fresh.parquet_two_frame_sizes, words=["different shapes"], name="pq"),
+    "a parquet glob matching nothing": Refused(None, words=["no parquet file matches"], name="x-*.parquet"),
+    "a text file named .parquet": Refused(text_file, words=["cannot be read as parquet"], name="data.parquet"),
+    "a parquet file of no rows": Refused(fresh.parquet_no_rows, words=["has no rows"], name="data.parquet"),
+    "--output a symbolic link to SOURCE": Refused(
+        lambda p: (robomimic(p), fresh.symlink_to(p.parent / "alias.h5", p))[0],
+        ["--output", "{folder}/alias.h5", "--overwrite"], ["is SOURCE itself"]),
 
 }
 
@@ -660,6 +691,21 @@ SCORED: dict[str, Scored] = {
     "symlinked source relabelled in place": Scored(_symlinked, lambda: RGB, output="{source}"),
     "reward key that only vlmlabel wrote, --overwrite": Scored(
         lambda p: _relabelled(flat(p)), lambda: RGB, ["--overwrite"], output="{source}"),
+    # round two: a fresh hostile pass
+    "1x1 frames": Scored(lambda p: flat(p, fresh.noise(9, 1, 1)), lambda: fresh.noise(9, 1, 1)),
+    "1xW frames": Scored(lambda p: flat(p, fresh.noise(9, 1, 40)), lambda: fresh.noise(9, 1, 40)),
+    "very wide frames (4x2000)": Scored(lambda p: flat(p, fresh.noise(9, 4, 2000)), lambda: fresh.noise(9, 4, 2000)),
+    "very tall frames (3000x8)": Scored(lambda p: flat(p, fresh.noise(9, 3000, 8)), lambda: fresh.noise(9, 3000, 8)),
+    "fletcher32 + shuffle + gzip chunks": Scored(
+        lambda p: flat(p, RGB, chunks=(1, 16, 20, 3), fletcher32=True, shuffle=True, compression="gzip"), lambda: RGB),
+    "lzf chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), compression="lzf"), lambda: RGB),
+    "scale-offset chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), scaleoffset=0), lambda: RGB),
+    "big-endian uint8 frames": Scored(lambda p: flat(p, RGB.astype(">u1")), lambda: RGB),
+    "one camera named twice": Scored(lambda p: flat(p), lambda: RGB,
+                                     ["--image-key", "observations", "--image-key", "observations"]),
+    "--output in a folder that is a symbolic link": Scored(
+        lambda p: (fresh.symlink_to(p.parent.parent / "outlink", p.parent.parent / "out"), flat(p))[1], lambda: RGB,
+        output="{tmp}/outlink/labelled.h5"),
 }
 
 

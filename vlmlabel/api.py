@@ -61,14 +61,17 @@ class RewardModel:
     ) -> None:
         if unsupported:
             raise VlmlabelError(_unsupported_message(sorted(unsupported)))
-        goal_list = [goals] if isinstance(goals, str) else list(goals)
+        goal_list, template_list, baseline_list, negative_list = (
+            _texts(what, given) for what, given in (("goals", goals), ("templates", templates),
+                                                    ("baselines", baselines), ("negatives", negatives)))
         # Validated before the model loads, with the same words as the command line.
-        self.config = RewardConfig(goals=goal_list, mode=_reward_mode(reward), templates=list(templates),
-                                   baselines=list(baselines), negatives=list(negatives), alpha=float(alpha),
+        self.config = RewardConfig(goals=goal_list, mode=_reward_mode(reward), templates=template_list,
+                                   baselines=baseline_list, negatives=negative_list, alpha=float(alpha),
                                    threshold=threshold).validate()
         resolved = resolve_device(str(device))  # a torch.device is checked like a string
-        if batch_size is not None and batch_size < 1:
-            raise VlmlabelError(f"batch_size must be at least 1, not {batch_size}")
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
+            raise VlmlabelError(f"batch_size must be a whole number at least 1, not {batch_size!r}")
         self.batch_size = batch_size or default_batch_size(resolved)
         self.model: ClipModel = load_model(model, pretrained, resolved, resolve_precision(precision, resolved))
         for note in check_prompt_lengths(self.config, self.model):
@@ -170,6 +173,15 @@ def _as_frames_tensor(frames: Frames) -> tuple[torch.Tensor, str]:
     if min(spatial, default=0) < 1:
         raise VlmlabelError(f"frames of shape {shape} have no pixels")
     return tensor, form
+
+
+def _texts(what: str, given: Sequence[str] | str) -> list[str]:
+    """Prompts as a list: one string is one prompt (never its characters); anything but text is refused."""
+    texts = [given] if isinstance(given, str) else list(given)
+    for text in texts:
+        if not isinstance(text, str):
+            raise VlmlabelError(f"{what} must be strings, not {type(text).__name__} {text!r}")
+    return texts
 
 
 def _check_dtype(name: str, is_uint8: bool) -> None:

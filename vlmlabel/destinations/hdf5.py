@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vlmlabel.destinations import atomic, journal
+from vlmlabel.destinations import atomic, journal, writethrough
 from vlmlabel.destinations.base import (
     RESULT_ATTR,
     VERSION_ATTR,
@@ -136,13 +136,14 @@ def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwri
 
     ``dest`` being ``base`` itself, the change is made where the file lies through a rollback journal when that
     is safe (``write_in_place``); otherwise, and always for another ``dest``, in a copy renamed into place."""
-    def edit(handle: h5py.File) -> None:
+    def edit(handle: h5py.File, between: Callable[[], None]) -> None:
         for path in remove or []:
             if path in handle:
                 del handle[path]
         _put_all(handle, datasets, overwrite)
+        between()
         if stream is not None:
-            _fill(handle, stream, overwrite)
+            _fill(handle, stream, overwrite, between)
 
     in_place = base is not None and dest.exists() and base.resolve() == dest.resolve()
     if in_place:
@@ -158,7 +159,7 @@ def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwri
 IN_PLACE_BYTES = 256 * 2**20  # what an in-place write may add: its changes are held in memory until applied
 
 
-def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp | None) -> bool:
+def write_in_place(path: Path, edit: Callable[[h5py.File, Callable[[], None]], None], stamp: Stamp | None) -> bool:
     """``edit`` the HDF5 file at ``path`` where it lies, all or nothing (``journal``); False, with nothing
     changed, when another process has the file open or locked (the caller then writes a copy)."""
     journal.recover(path)  # a dead run's journal must never outlive this write: undone first
@@ -166,7 +167,7 @@ def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp |
     overlay = journal.Overlay(atomic.real_target(path))
     try:
         with h5py.File(overlay, "r+") as handle:
-            edit(handle)
+            edit(handle, overlay.reraise)
     except BaseException:
         overlay.reraise()  # what went wrong inside h5py's driver, if that is where it went wrong
         raise
@@ -183,16 +184,17 @@ def write_in_place(path: Path, edit: Callable[[h5py.File], None], stamp: Stamp |
     return True
 
 
-def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File], None], stamp: Stamp | None,
-                keep_mode: bool) -> None:
-    """``edit`` a copy of ``base`` (a new file without one) and rename it over ``dest``."""
+def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File, Callable[[], None]], None],
+                stamp: Stamp | None, keep_mode: bool) -> None:
+    """``edit`` a copy of ``base`` (a new file without one) and rename it over ``dest``; HDF5 writes it through
+    ``writethrough`` (a full disk is one line, never a crash)."""
     with atomic.staged(dest) as tmp:
         mode = stat.S_IMODE(base.stat().st_mode) if base is not None else 0o644
         if base is not None:
             shutil.copyfile(base, tmp)
             os.chmod(tmp, mode | stat.S_IWUSR)  # a read-only source still gives a copy we can write into
-        with h5py.File(tmp, "r+" if base is not None else "w") as handle:
-            edit(handle)
+        with writethrough.open_h5(tmp, "r+" if base is not None else "w") as (handle, between):
+            edit(handle, between)
         if keep_mode:
             os.chmod(tmp, mode)
         if stamp is not None:
@@ -211,8 +213,9 @@ def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict
     name = os.path.relpath(base.resolve(), target.parent)
     skipped = {d.path.strip("/") for d in datasets} | {path.strip("/") for path in remove or []}
     with atomic.staged(dest) as tmp:
-        with open_read_only(base) as source, h5py.File(tmp, "w") as out:
+        with open_read_only(base) as source, writethrough.open_h5(tmp, "w") as (out, between):
             _mirror(source, out, name, skipped)
+            between()
             out.attrs[LINKED_ATTR] = LinkedFile(name, frames).to_attr()  # base's own record (a labels file) names
             for dataset in datasets:                                       # what base links to, not base
                 _put(out, dataset, overwrite=False)
@@ -372,8 +375,9 @@ class _Groups:
         return group
 
 
-def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
-    """Create the stream's datasets once the row width is known, then write them a whole chunk at a time."""
+def _fill(handle: h5py.File, stream: RowStream, overwrite: bool, between: Callable[[], None]) -> None:
+    """Create the stream's datasets once the row width is known, then write them a whole chunk at a time,
+    calling ``between`` after each write."""
     blocks = iter(stream.blocks)
     first = next(blocks, None)
     if first is None:
@@ -387,7 +391,7 @@ def _fill(handle: h5py.File, stream: RowStream, overwrite: bool) -> None:
                                         chunks=chunks)
         created.attrs.update(dataset.attrs)
         targets.append(created)
-    if not _fill_rows(targets, _chain(first, blocks)):
+    if not _fill_rows(targets, _chain(first, blocks), between):
         raise OutputError(f"the frames read did not match the {sum(stream.rows)} rows planned; "
                           "the source changed while it was read")
 
@@ -397,7 +401,8 @@ def _write_rows(dataset: h5py.Dataset) -> int:
     return dataset.chunks[0] if dataset.chunks else max(1, len(dataset))
 
 
-def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray]) -> bool:
+def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray],
+               between: Callable[[], None] = lambda: None) -> bool:
     """Fill ``targets`` in order from ``blocks``, buffering rows until a whole chunk (or the rest) can be written.
 
     True when the rows fill the targets exactly.
@@ -415,6 +420,7 @@ def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray]) -> boo
             rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
             if want:
                 target[filled:filled + want] = rows[:want]
+                between()
             pending, pending_rows = ([rows[want:]] if len(rows) > want else []), len(rows) - want
             filled += want
             if filled == len(target):

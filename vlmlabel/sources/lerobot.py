@@ -115,7 +115,18 @@ class LeRobotSource(TableSource):
         return episode_runs(self.rows, episode_index, index.get("frame_index"), align, self.image_key)
 
     def _episodes_meta(self, columns: list[str]) -> dict[str, np.ndarray]:
-        """Columns of the per-episode metadata (v3.0 parquet files, v2.x episodes.jsonl)."""
+        """Columns of the per-episode metadata (v3.0 parquet files, v2.x episodes.jsonl); an episode listed twice
+        is refused (which row would say where its frames are?)."""
+        meta = self._read_episodes_meta(columns)
+        if "episode_index" in meta:
+            ids, counts = np.unique(meta["episode_index"], return_counts=True)
+            if (counts > 1).any():
+                raise SourceError(f"the episode metadata of {self.folder} lists episode {ids[counts > 1][0]} "
+                                  f"{counts.max()} times; the dataset is inconsistent (fix meta/ to one row per "
+                                  "episode)")
+        return meta
+
+    def _read_episodes_meta(self, columns: list[str]) -> dict[str, np.ndarray]:
         if self.version.startswith("v2"):
             path = self.folder / "meta" / "episodes.jsonl"
             try:
@@ -145,9 +156,12 @@ class LeRobotSource(TableSource):
         ids, counts = np.unique(episode_index, return_counts=True)
         declared = dict(zip(meta["episode_index"].tolist(), meta["length"].tolist(), strict=True))
         for episode, count in zip(ids.tolist(), counts.tolist(), strict=True):
-            if declared.get(episode) != count:
+            if episode not in declared:
+                raise SourceError(f"episode {episode} has {count} rows in data/ but no row in the episode metadata "
+                                  f"of {self.folder}; the dataset is inconsistent")
+            if declared[episode] != count:
                 raise SourceError(f"episode {episode} has {count} rows in data/ but meta declares "
-                                  f"{declared.get(episode)}; the dataset is inconsistent (mismatched lengths)")
+                                  f"{declared[episode]}; the dataset is inconsistent (mismatched lengths)")
 
     def _video_locations(self, episodes: np.ndarray) -> dict[int, tuple[Path, float]]:
         """Per episode: its video file for the chosen camera and the episode's start time in it."""
