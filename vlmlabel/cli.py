@@ -51,7 +51,7 @@ from vlmlabel.run.lifecycle import (
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import SlurmArrayTask, shard_from_options
 from vlmlabel.sources import Align, open_source
-from vlmlabel.sources.base import VideoDecoder, describe_frames
+from vlmlabel.sources.base import VideoDecoder, describe_frames, is_utf8
 
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
@@ -164,19 +164,11 @@ def _refuse_text_not_utf8() -> None:
     for param in ctx.command.params:
         value = ctx.params.get(param.name or "")
         for text in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(text, str) and not _is_utf8(text):
+            if isinstance(text, str) and not is_utf8(text):
                 flag = next((o for o in param.opts if o.startswith("--")), (param.name or "").upper())
                 raise VlmlabelError(f"{flag} is not UTF-8 text ({_shown_bytes(text)}); goals, names and keys are "
                                     "stored as UTF-8: give it in UTF-8 (a script or terminal in another encoding? "
                                     "convert it, e.g. with iconv -t UTF-8)")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _shown_bytes(text: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.sources.base import Align, Episode, LabelledData
+from vlmlabel.sources.base import Align, Episode, LabelledData, is_utf8
 
 RELABEL = "relabel to write it again"
 
@@ -98,7 +98,7 @@ def read_reward(source: LabelledData, episodes: list[Episode], key: str) -> Writ
                               f"{episodes[0].name} (attributes {', '.join(_differing(attrs, other))}): parts of two "
                               f"results, or an edited file; {RELABEL}")
     for name, value in attrs.items():
-        if isinstance(value, str) and not _utf8(value):  # h5py and JSON escapes decode what is not UTF-8 this way
+        if isinstance(value, str) and not is_utf8(value):  # h5py and JSON escapes decode what is not UTF-8 this way
             raise SourceError(f"reward {key!r}: its {name!r} attribute is not UTF-8 text (the file was edited or "
                               f"damaged); {RELABEL}")
     align = _align(attrs, key)
@@ -133,14 +133,6 @@ def _align(attrs: dict[str, Any], key: str) -> Align:
     except ValueError:
         raise SourceError(f"reward {key!r}: its align attribute {recorded!r} is not one of "
                           f"{', '.join(a.value for a in Align)}: the file was edited; {RELABEL}") from None
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _described(attrs: dict[str, Any]) -> dict[str, str]:

@@ -48,7 +48,37 @@ class Busy(Exception):
     """Another process has the file open or locked: it must not see the file change under it."""
 
 
-class Overlay(io.RawIOBase):
+class RandomAccessFile(io.RawIOBase):
+    """A read-write file object that h5py (its ``fileobj`` driver) moves about: subclasses read and write at
+    ``_pos`` and say where the file ends (``_end``)."""
+
+    _pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end()}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def _end(self) -> int:
+        raise NotImplementedError
+
+
+class Overlay(RandomAccessFile):
     """The file at ``path`` as a read-write file object whose writes stay in memory.
 
     Bytes below the original size that are written live in ``PAGE``-sized pages; bytes past it in one
@@ -70,22 +100,8 @@ class Overlay(io.RawIOBase):
 
     # -- the file object h5py uses ------------------------------------------------------------------
 
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    def _end(self) -> int:
+        return self.size
 
     def readinto(self, buffer: Any) -> int:  # any writable buffer
         try:
@@ -119,9 +135,6 @@ class Overlay(io.RawIOBase):
             self._tail.extend(bytes(size - self.original_size - len(self._tail)))
         self.size = size
         return size
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from vlmlabel.destinations import journal
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
-class WriteThrough(io.RawIOBase):
+class WriteThrough(journal.RandomAccessFile):
     """The file at ``path`` (created empty with ``create``) as the read-write file object h5py writes through.
     No exception from the file system crosses into HDF5 from a write: it is kept in ``failure``."""
 
@@ -43,24 +42,7 @@ class WriteThrough(io.RawIOBase):
     def __repr__(self) -> str:  # h5py names the file after it
         return str(self.path)
 
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size()}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def _size(self) -> int:
+    def _end(self) -> int:
         return self._spill.size if self._spill is not None else os.fstat(self._fd).st_size
 
     def readinto(self, buffer: Any) -> int:  # any writable buffer
@@ -99,9 +81,6 @@ class WriteThrough(io.RawIOBase):
         if self._spill is not None:
             self._spill.truncate(size)
         return size
-
-    def flush(self) -> None:
-        pass
 
     def close(self) -> None:
         if self._spill is not None:

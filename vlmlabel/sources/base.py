@@ -17,13 +17,19 @@ PARQUET_SUFFIX = ".parquet"
 FILE_SUFFIXES = (*HDF5_SUFFIXES, PARQUET_SUFFIX)
 
 
-def utf8_name(path: Path) -> bool:
-    """Whether a path is UTF-8 (a Linux file name may be any bytes: HDF5 opens those, pyarrow does not)."""
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8: bytes that are not UTF-8 (a shell's arguments, a file name, an
+    attribute h5py decoded) reach Python as lone surrogates, which cannot."""
     try:
-        str(path).encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
+
+
+def utf8_name(path: Path) -> bool:
+    """Whether a path is UTF-8 (a Linux file name may be any bytes: HDF5 opens those, pyarrow does not)."""
+    return is_utf8(str(path))
 
 
 def show_path(path: Path) -> str:
