@@ -39,9 +39,11 @@ def _random_unit_rows(rows: int, dim: int, block: int = 65536) -> Iterator[np.nd
 
 
 def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Path]:
-    cfg = {"embed_dim": dim,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": dim,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
     preprocess = {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}
     model_dir = save_local_dir(create_untrained(cfg), cfg, preprocess, folder / "model")
     path = folder / "bench.h5"
@@ -53,8 +55,9 @@ def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Pat
     model = load_model(str(model_dir), None, "cpu", "fp32")
     with open_source(str(path)) as source:
         plans = cache.plan(source)
-        indices, stream = cache.cache_stream(source, plans, _random_unit_rows(sum(len(p.rows) for p in plans), dim),
-                                             model, content_fingerprint(source))
+        indices, stream = cache.cache_stream(
+            source, plans, _random_unit_rows(sum(len(p.rows) for p in plans), dim), model, content_fingerprint(source)
+        )
         write_file(path, path, indices, overwrite=True, stream=stream)
     return path, model_dir
 
@@ -70,17 +73,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
         started = time.perf_counter()
         path, model_dir = build(Path(tmp), args.frames, args.dim, args.episodes)
-        print(f"built {args.frames:,} cached frames x {args.dim} ({path.stat().st_size / 2**30:.2f} GiB) "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(
+            f"built {args.frames:,} cached frames x {args.dim} ({path.stat().st_size / 2**30:.2f} GiB) "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         for goal in ("a red block on a plate", "the drawer is open"):
             started = time.perf_counter()
-            summary = relabel_file(RelabelRequest(source=path, goals=[goal], model=str(model_dir), device="cpu",
-                                                  overwrite=True))
+            summary = relabel_file(
+                RelabelRequest(source=path, goals=[goal], model=str(model_dir), device="cpu", overwrite=True)
+            )
             wall = time.perf_counter() - started
             assert summary.used_cache, summary.cache_note
-            print(f"goal {goal!r}: scored {summary.result.frames:,} frames from the cache in "
-                  f"{summary.result.seconds:.2f} s ({summary.result.frames_per_second:,.0f} frames/s); "
-                  f"{wall:.2f} s wall including model load and the safe write (file copy)")
+            print(
+                f"goal {goal!r}: scored {summary.result.frames:,} frames from the cache in "
+                f"{summary.result.seconds:.2f} s ({summary.result.frames_per_second:,.0f} frames/s); "
+                f"{wall:.2f} s wall including model load and the safe write (file copy)"
+            )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,16 @@ def _child(whole: bool, source: str, model: str, output: str) -> None:
         return loaded
 
     lifecycle.load_model = timed_load
-    summary = relabel_file(RelabelRequest(source=source, goals=["a red cube on a plate"], model=model, device="cpu",
-                                          output=Path(output), overwrite=True))
+    summary = relabel_file(
+        RelabelRequest(
+            source=source,
+            goals=["a red cube on a plate"],
+            model=model,
+            device="cpu",
+            output=Path(output),
+            overwrite=True,
+        )
+    )
     assert isinstance(summary, lifecycle.RelabelSummary), summary
     assert summary.used_cache, summary.cache_note
     assert summary.model.has_image_tower == whole
@@ -54,9 +62,13 @@ def _run(source: Path, model: Path, output: Path, whole: bool) -> tuple[float, f
     output.unlink(missing_ok=True)  # else the rerun finds its rewards already written and does nothing
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", str(source), str(model), str(output)]
-                          + (["--whole"] if whole else []), check=True, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", str(source), str(model), str(output)] + (["--whole"] if whole else []),
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
@@ -97,9 +109,11 @@ def main() -> None:
                 times[whole].append(_run(source, model, root / f"out-{whole}.h5", whole))
         for whole, label in ((True, "whole model (before)"), (False, "text tower only (now)")):
             walls, cpus, loads = ([run[i] for run in times[whole]] for i in range(3))
-            print(f"{label:22s} process wall s {', '.join(f'{w:.2f}' for w in walls)} (median "
-                  f"{statistics.median(walls):.2f}), CPU s median {statistics.median(cpus):.2f}; model load s "
-                  f"{', '.join(f'{s:.2f}' for s in loads)} (median {statistics.median(loads):.2f})")
+            print(
+                f"{label:22s} process wall s {', '.join(f'{w:.2f}' for w in walls)} (median "
+                f"{statistics.median(walls):.2f}), CPU s median {statistics.median(cpus):.2f}; model load s "
+                f"{', '.join(f'{s:.2f}' for s in loads)} (median {statistics.median(loads):.2f})"
+            )
         with h5py.File(root / "out-True.h5") as a, h5py.File(root / "out-False.h5") as b:
             print("rewards identical:", np.array_equal(a["vlm_reward"][()], b["vlm_reward"][()]))
 

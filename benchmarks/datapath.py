@@ -70,8 +70,12 @@ MICRO_MODEL = {  # a micro CLIP (the test suite's): the model costs little, the 
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-MICRO_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.27], "interpolation": "bicubic",
-                    "resize_mode": "shortest"}
+MICRO_PREPROCESS = {
+    "mean": [0.5, 0.45, 0.4],
+    "std": [0.25, 0.3, 0.27],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
 
 
 def camera_frames(count: int, size: int) -> np.ndarray:
@@ -120,8 +124,13 @@ def _image_table(frames: np.ndarray) -> datasets.Dataset:
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "episode_index": datasets.Value("int64")})
-    return datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in encoded(frames, "PNG")],
-                                       "episode_index": (np.arange(len(frames)) // 100).tolist()}, features=features)
+    return datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": b, "path": None} for b in encoded(frames, "PNG")],
+            "episode_index": (np.arange(len(frames)) // 100).tolist(),
+        },
+        features=features,
+    )
 
 
 def build_disk_png(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
@@ -139,16 +148,18 @@ def build_array3d(root: Path, frames: np.ndarray) -> tuple[Path, str | None]:
 
     size = frames.shape[1:]
     features = datasets.Features({"obs": datasets.Array3D(size, "uint8"), "episode_index": datasets.Value("int64")})
-    datasets.Dataset.from_dict({"obs": list(frames), "episode_index": (np.arange(len(frames)) // 100).tolist()},
-                               features=features).save_to_disk(str(root / "array3d"))
+    datasets.Dataset.from_dict(
+        {"obs": list(frames), "episode_index": (np.arange(len(frames)) // 100).tolist()}, features=features
+    ).save_to_disk(str(root / "array3d"))
     return root / "array3d", "obs"
 
 
 LEROBOT_EPISODES = 8  # episodes per video file: LeRobot v3.0 packs many into one file per chunk
 
 
-def _lerobot_video(root: Path, frames: np.ndarray, encode: Callable[[Path, np.ndarray, int], None]
-                   ) -> tuple[Path, str | None]:
+def _lerobot_video(
+    root: Path, frames: np.ndarray, encode: Callable[[Path, np.ndarray, int], None]
+) -> tuple[Path, str | None]:
     """A LeRobot v3.0 folder (the test suite's builder), its videos replaced by ``frames`` encoded by ``encode``:
     ``LEROBOT_EPISODES`` episodes in one file, each at its from_timestamp offset."""
     from tests import table_layouts  # here, not at the top: workers re-run a script's imports
@@ -205,7 +216,7 @@ def bare_h5(path: Path, key: str | None) -> Callable[[], int]:
         with h5py.File(path, "r") as handle:
             data = handle["observations"]
             for start in range(0, len(data), 64):
-                data[start:start + 64]
+                data[start : start + 64]
             return len(data)
 
     return run
@@ -220,7 +231,7 @@ def bare_h5_bytes(path: Path, key: str | None) -> Callable[[], int]:
 def bare_table_bytes(path: Path, key: str | None) -> Callable[[], int]:
     import datasets
 
-    table = (datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path)))
+    table = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
     column = table.data.column("image").combine_chunks()
     return _pil([row["bytes"] for row in column.to_pylist()])
 
@@ -274,10 +285,12 @@ KINDS: dict[str, Kind] = {
     "disk_png": Kind("save_to_disk PNG Image", build_disk_png, bare_table_bytes, "PIL decode"),
     "parquet_png": Kind("parquet PNG Image", build_parquet_png, bare_table_bytes, "PIL decode"),
     "array3d": Kind("HF Array3D (save_to_disk)", build_array3d, bare_array3d, "Arrow flatten"),
-    "lerobot_h264": Kind("LeRobot video h264 (x264 defaults)", build_lerobot_h264, bare_video,
-                         "PyAV decode + to_ndarray", False),
-    "lerobot_h264_g2": Kind("LeRobot video h264 g=2", build_lerobot_h264_g2, bare_video, "PyAV decode + to_ndarray",
-                            False),
+    "lerobot_h264": Kind(
+        "LeRobot video h264 (x264 defaults)", build_lerobot_h264, bare_video, "PyAV decode + to_ndarray", False
+    ),
+    "lerobot_h264_g2": Kind(
+        "LeRobot video h264 g=2", build_lerobot_h264_g2, bare_video, "PyAV decode + to_ndarray", False
+    ),
     "lerobot_av1": Kind("LeRobot video AV1 g=2", build_lerobot_av1, bare_video, "PyAV decode + to_ndarray", False),
 }
 
@@ -364,8 +377,9 @@ class WorkRow:
         return frames / self.largest_share_cpu_s if self.largest_share_cpu_s > 0 else math.inf
 
 
-def video_work(path: Path, key: str | None, batch: int, counts: list[int], repeats: int, kind: str,
-               size: int) -> list[WorkRow]:
+def video_work(
+    path: Path, key: str | None, batch: int, counts: list[int], repeats: int, kind: str, size: int
+) -> list[WorkRow]:
     """The decoding work of N workers over a LeRobot video when each takes every N-th batch (what the one task
     queue hands out when batches cost the same), run here one worker after another, with the reader's seeking
     and without it (decoding forward only and restarting from the file's start to go back: the reader before
@@ -404,9 +418,18 @@ def video_work(path: Path, key: str | None, batch: int, counts: list[int], repea
                 video.seek_points = found
                 video.share_cores(0)  # the whole machine again, as the main process decodes
             samples.append((decoded, seeks, max(shares)))
-    return [WorkRow(kind, size, count, seeking, round(samples[0][0] / frames, 3),
-                    round(samples[0][1] / len(batches), 3), round(statistics.median(s[2] for s in samples), 4))
-            for (count, seeking), samples in runs.items()]
+    return [
+        WorkRow(
+            kind,
+            size,
+            count,
+            seeking,
+            round(samples[0][0] / frames, 3),
+            round(samples[0][1] / len(batches), 3),
+            round(statistics.median(s[2] for s in samples), 4),
+        )
+        for (count, seeking), samples in runs.items()
+    ]
 
 
 def micro_scorer() -> engine.FrameScorer:
@@ -417,8 +440,9 @@ def micro_scorer() -> engine.FrameScorer:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="vlmlabel-micro-") as parent:
-        folder = save_local_dir(create_untrained(MICRO_MODEL), MICRO_MODEL, MICRO_PREPROCESS,
-                                Path(parent) / "micro-clip")
+        folder = save_local_dir(
+            create_untrained(MICRO_MODEL), MICRO_MODEL, MICRO_PREPROCESS, Path(parent) / "micro-clip"
+        )
         return engine.FrameScorer(load_model(str(folder), device="cpu", precision="fp32"), ["a photo"])
 
 
@@ -460,12 +484,24 @@ def measure(args: argparse.Namespace, root: Path) -> tuple[dict, list[Row], list
             samples[config].append(sample)
     rows = [summarise(c, samples[c], reopened[c.kind, c.size], samples) for c in configs]
     work_counts = [int(w) for w in args.work_workers.split(",") if w]
-    work = [row for size in sizes for name in kinds if name.startswith("lerobot") and work_counts
-            for row in video_work(*built[name, size], args.batch_size, work_counts, args.repeats, name, size)]
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-              "command": "python " + " ".join(sys.argv), "frames": args.frames, "batch_size": args.batch_size,
-              "repeats": args.repeats, "load_average": os.getloadavg(), "rows": [asdict(r) for r in rows],
-              "video_work": [asdict(w) for w in work]}
+    work = [
+        row
+        for size in sizes
+        for name in kinds
+        if name.startswith("lerobot") and work_counts
+        for row in video_work(*built[name, size], args.batch_size, work_counts, args.repeats, name, size)
+    ]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "command": "python " + " ".join(sys.argv),
+        "frames": args.frames,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "load_average": os.getloadavg(),
+        "rows": [asdict(r) for r in rows],
+        "video_work": [asdict(w) for w in work],
+    }
     return report, rows, work
 
 
@@ -477,17 +513,24 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--micro-model", action="store_true",
-                        help="also time save_to_disk PNG end to end through a micro CLIP (the issue's target)")
-    parser.add_argument("--work-workers", default="1,2,4,8,16",
-                        help="worker counts of the video decoding-work table (simulated in this process); '' for none")
+    parser.add_argument(
+        "--micro-model",
+        action="store_true",
+        help="also time save_to_disk PNG end to end through a micro CLIP (the issue's target)",
+    )
+    parser.add_argument(
+        "--work-workers",
+        default="1,2,4,8,16",
+        help="worker counts of the video decoding-work table (simulated in this process); '' for none",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--table-from", type=Path, help="print the table of a --json report saved earlier")
     args = parser.parse_args()
     if args.table_from is not None:
         report = json.loads(args.table_from.read_text())
-        print_table(report, [Row(**row) for row in report["rows"]],
-                    [WorkRow(**row) for row in report.get("video_work", [])])
+        print_table(
+            report, [Row(**row) for row in report["rows"]], [WorkRow(**row) for row in report.get("video_work", [])]
+        )
         return
     import datasets
 
@@ -506,13 +549,24 @@ def summarise(config: Config, runs: list[Sample], reopened: bool, everything: di
     kind = KINDS[config.kind]
     workers = f"bare: {kind.bare_label}" if config.workers is None else str(config.workers)
     steady = statistics.median(s.steady for s in runs) if config.workers is not None else statistics.median(rates)
-    row = Row(config.kind, kind.label, config.size, workers, config.model, round(statistics.median(rates), 1),
-              round(steady, 1), round(statistics.median(s.first_seconds for s in runs), 3),
-              [round(r, 1) for r in rates], round(cpu, 4), reopened and bool(config.workers))
+    row = Row(
+        config.kind,
+        kind.label,
+        config.size,
+        workers,
+        config.model,
+        round(statistics.median(rates), 1),
+        round(steady, 1),
+        round(statistics.median(s.first_seconds for s in runs), 3),
+        [round(r, 1) for r in rates],
+        round(cpu, 4),
+        reopened and bool(config.workers),
+    )
     if config.workers == 1 and reopened and kind.projected:
         ceiling = 1000 / cpu if cpu > 0 else math.inf
-        row.projected_16_cores = {f"workers_{n}": round(min(n * row.steady_frames_per_s, ceiling), 1)
-                                  for n in PROJECTED_WORKERS}
+        row.projected_16_cores = {
+            f"workers_{n}": round(min(n * row.steady_frames_per_s, ceiling), 1) for n in PROJECTED_WORKERS
+        }
         row.projected_16_cores["main_process_ceiling"] = round(ceiling, 1)
     elif config.workers == 0 and not reopened:
         row.projected_16_cores = {"reader_thread": row.steady_frames_per_s}  # read here whatever --workers says
@@ -521,41 +575,56 @@ def summarise(config: Config, runs: list[Sample], reopened: bool, everything: di
 
 def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.processor() or platform.machine()}, {cores} usable cores, Python {platform.python_version()}, " \
-           f"torch {torch.__version__}, h5py {h5py.__version__}, PyAV {av.__version__}, pyarrow {pa.__version__}"
+    return (
+        f"{platform.processor() or platform.machine()}, {cores} usable cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, h5py {h5py.__version__}, PyAV {av.__version__}, pyarrow {pa.__version__}"
+    )
 
 
 def print_table(report: dict, rows: list[Row], work: list[WorkRow]) -> None:
     print(f"{report['date']}; {report['machine']}; load average {report['load_average']}")
-    print(f"{report['command']}  ({report['frames']} frames, batch {report['batch_size']}, "
-          f"median of {report['repeats']} interleaved repetitions)")
+    print(
+        f"{report['command']}  ({report['frames']} frames, batch {report['batch_size']}, "
+        f"median of {report['repeats']} interleaved repetitions)"
+    )
     print()
-    print("| source | px | workers | steady f/s | vs bare | whole run f/s | start-up s | main CPU ms/frame "
-          "| 16 cores (projected f/s) |")
+    print(
+        "| source | px | workers | steady f/s | vs bare | whole run f/s | start-up s | main CPU ms/frame "
+        "| 16 cores (projected f/s) |"
+    )
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     bare = {(r.kind, r.size): r.steady_frames_per_s for r in rows if r.workers.startswith("bare")}
     for row in rows:
         label = row.label + (" + micro CLIP" if row.model else "")
-        workers = row.workers if row.workers_used or row.workers.startswith("bare") or row.workers == "0" \
+        workers = (
+            row.workers
+            if row.workers_used or row.workers.startswith("bare") or row.workers == "0"
             else f"{row.workers} (reads here)"
+        )
         ratio = row.steady_frames_per_s / bare[row.kind, row.size]
         projected = ""
         if row.projected_16_cores:
             projected = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in row.projected_16_cores.items())
-        print(f"| {label} | {row.size} | {workers} | {row.steady_frames_per_s:,.0f} | {ratio:.2f} | "
-              f"{row.frames_per_s:,.0f} | {row.startup_s:.2f} | {row.main_cpu_ms_per_frame:.3f} | {projected} |")
+        print(
+            f"| {label} | {row.size} | {workers} | {row.steady_frames_per_s:,.0f} | {ratio:.2f} | "
+            f"{row.frames_per_s:,.0f} | {row.startup_s:.2f} | {row.main_cpu_ms_per_frame:.3f} | {projected} |"
+        )
     if not work:
         return
     print()
     print("Video decoding work, N workers each taking every N-th batch (simulated here, one after another):")
     print()
-    print("| source | px | workers | seeking | decoded / delivered | seeks / batch | CPU s, largest share "
-          "| frames / largest share (f/s) |")
+    print(
+        "| source | px | workers | seeking | decoded / delivered | seeks / batch | CPU s, largest share "
+        "| frames / largest share (f/s) |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for w in work:
-        print(f"| {KINDS[w.kind].label} | {w.size} | {w.workers} | {'yes' if w.seeking else 'no'} | "
-              f"{w.decoded_per_frame:.2f} | {w.seeks_per_batch:.2f} | {w.largest_share_cpu_s:.3f} | "
-              f"{w.frames_per_s(report['frames']):,.0f} |")
+        print(
+            f"| {KINDS[w.kind].label} | {w.size} | {w.workers} | {'yes' if w.seeking else 'no'} | "
+            f"{w.decoded_per_frame:.2f} | {w.seeks_per_batch:.2f} | {w.largest_share_cpu_s:.3f} | "
+            f"{w.frames_per_s(report['frames']):,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def build_minari(path: Path, episodes: int, steps: int, size: int) -> Path:
 
 def build_flat(path: Path, episodes: int, steps: int, size: int) -> Path:
     terminals = np.zeros(episodes * steps, dtype=bool)
-    terminals[steps - 1::steps] = True
+    terminals[steps - 1 :: steps] = True
     with h5py.File(path, "w") as handle:
         handle.create_dataset("observations", data=_frames(episodes * steps, size), chunks=(4096, size, size, 3))
         handle.create_dataset("terminals", data=terminals)
@@ -91,12 +91,21 @@ def build_parquet(path: Path, episodes: int, steps: int, size: int) -> Path:
     for width in (3, size, size):  # Array3D's storage: lists of rows of pixels of channels
         pixels = pa.ListArray.from_arrays(np.arange(0, len(pixels) + 1, width, dtype=np.int32), pixels)
     frames = pa.ExtensionArray.from_storage(Array3DExtensionType((size, size, 3), "uint8"), pixels)
-    features = Features({"observation": Array3D((size, size, 3), "uint8"), "episode_index": Value("int64"),
-                         "frame_index": Value("int64")})
-    table = pa.table({"observation": frames,
-                      "episode_index": np.repeat(np.arange(episodes, dtype=np.int64), steps),
-                      "frame_index": np.tile(np.arange(steps, dtype=np.int64), episodes)},
-                     schema=features.arrow_schema)
+    features = Features(
+        {
+            "observation": Array3D((size, size, 3), "uint8"),
+            "episode_index": Value("int64"),
+            "frame_index": Value("int64"),
+        }
+    )
+    table = pa.table(
+        {
+            "observation": frames,
+            "episode_index": np.repeat(np.arange(episodes, dtype=np.int64), steps),
+            "frame_index": np.tile(np.arange(steps, dtype=np.int64), episodes),
+        },
+        schema=features.arrow_schema,
+    )
     pq.write_table(table, path)
     return path
 
@@ -142,8 +151,11 @@ class Split:
 
     def cpu_phases(self) -> tuple[float, float, float]:
         """CPU seconds of open (model load left out), score (the model's left out) and write."""
-        return (self.cpu_started - self.cpu_load, self.cpu_scored - self.cpu_started - self.cpu_model,
-                self.cpu - self.cpu_scored)
+        return (
+            self.cpu_started - self.cpu_load,
+            self.cpu_scored - self.cpu_started - self.cpu_model,
+            self.cpu - self.cpu_scored,
+        )
 
 
 @contextmanager
@@ -188,8 +200,15 @@ def relabel_timed(source: Path, model_dir: Path, output: Path) -> Split:
         split.scored = time.perf_counter() - begin
         split.cpu_scored = time.process_time() - cpu
 
-    request = RelabelRequest(source=source, goals=["a red cube"], model=str(model_dir), device="cpu",
-                             output=output, overwrite=True, batch_size=1024)
+    request = RelabelRequest(
+        source=source,
+        goals=["a red cube"],
+        model=str(model_dir),
+        device="cpu",
+        output=output,
+        overwrite=True,
+        batch_size=1024,
+    )
     with _timing(split):
         relabel_file(request, on_start=started, on_progress=progress)
     split.total = time.perf_counter() - begin
@@ -211,8 +230,11 @@ def main() -> None:
         torch.manual_seed(0)
         model_dir = save_local_dir(create_untrained(MICRO_CFG), MICRO_CFG, MICRO_PREPROCESS, root / "micro")
         print(f"{args.steps} steps of {args.size}x{args.size} frames per episode; seconds (model load left out)")
-        print(f"{'layout':10s} {'episodes':>9s} {'open':>7s} {'score':>7s} {'write':>7s} {'outside':>8s} "
-              f"{'x prev':>6s} {'model':>7s} {'CPU s':>7s} {'CPU open/score/write':>22s}", flush=True)
+        print(
+            f"{'layout':10s} {'episodes':>9s} {'open':>7s} {'score':>7s} {'write':>7s} {'outside':>8s} "
+            f"{'x prev':>6s} {'model':>7s} {'CPU s':>7s} {'CPU open/score/write':>22s}",
+            flush=True,
+        )
         for layout in args.layouts.split(","):
             suffix, build = BUILDERS[layout]
             previous = None
@@ -221,9 +243,11 @@ def main() -> None:
                 split = relabel_timed(source, model_dir, root / f"out-{layout}-{count}{suffix}")
                 growth = f"{split.outside_model / previous:6.2f}" if previous else f"{'':6s}"
                 phases = "/".join(f"{c:.2f}" for c in split.cpu_phases())
-                print(f"{layout:10s} {count:9,d} {split.open:7.2f} {split.score:7.2f} {split.write:7.2f} "
-                      f"{split.outside_model:8.2f} {growth} {split.model:7.2f} {split.cpu:7.2f} {phases:>22s}",
-                      flush=True)
+                print(
+                    f"{layout:10s} {count:9,d} {split.open:7.2f} {split.score:7.2f} {split.write:7.2f} "
+                    f"{split.outside_model:8.2f} {growth} {split.model:7.2f} {split.cpu:7.2f} {phases:>22s}",
+                    flush=True,
+                )
                 previous = split.outside_model
                 for leftover in root.glob(f"*{layout}-{count}*"):
                     if leftover.is_file():

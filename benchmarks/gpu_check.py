@@ -41,8 +41,15 @@ class Plan:
 
 
 LEROBOT_CAMERA = "observation.images.top"
-GPU_PLAN = Plan(models=("ViT-B-32", "ViT-L-14"), frames={"ViT-B-32": 4096, "ViT-L-14": 2048}, batch_size=256,
-                frame_size=224, repeats=3, precision="bf16", device="cuda")
+GPU_PLAN = Plan(
+    models=("ViT-B-32", "ViT-L-14"),
+    frames={"ViT-B-32": 4096, "ViT-L-14": 2048},
+    batch_size=256,
+    frame_size=224,
+    repeats=3,
+    precision="bf16",
+    device="cuda",
+)
 
 
 @dataclass
@@ -70,12 +77,21 @@ def environment() -> dict[str, Any]:
     import open_clip
     import torch
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "torch_cuda": torch.version.cuda, "open_clip": open_clip.__version__,
-                            "cpu_count": len(__import__("os").sched_getaffinity(0))}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "open_clip": open_clip.__version__,
+        "cpu_count": len(__import__("os").sched_getaffinity(0)),
+    }
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         info["nvidia_smi"] = smi.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         info["nvidia_smi"] = None
@@ -90,10 +106,19 @@ def test_summary(junit: Path | None, command: str) -> dict[str, Any]:
     suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
     assert suite is not None, f"{junit} holds no testsuite"
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
-    return {"command": command, "ran": True, **counts, "passed": counts["tests"] - counts["failures"]
-            - counts["errors"] - counts["skipped"], "failed": failed, "seconds": float(suite.get("time", 0))}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {
+        "command": command,
+        "ran": True,
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": failed,
+        "seconds": float(suite.get("time", 0)),
+    }
 
 
 def build_lerobot(root: Path, frames: int, size: int) -> Path:
@@ -108,8 +133,9 @@ def build_lerobot(root: Path, frames: int, size: int) -> Path:
     info_path = case.path / "meta" / "info.json"
     info = json.loads(info_path.read_text())
     for camera in case.extra["cameras"] if case.extra else ():
-        video_encoder("libx264")(case.path / "videos" / camera / "chunk-000" / "file-000.mp4", pixels,
-                                 table_layouts.FPS)
+        video_encoder("libx264")(
+            case.path / "videos" / camera / "chunk-000" / "file-000.mp4", pixels, table_layouts.FPS
+        )
         info["features"][camera]["shape"] = [size, size, 3]  # the videos' size, which the reader checks
     info_path.write_text(json.dumps(info, indent=2))
     return case.path
@@ -123,16 +149,33 @@ def tiny_model(root: Path) -> Path:
 
 def run_bench(model: str, label: str, args: list[str], plan: Plan, out: Path) -> BenchRun:
     pretrained = [] if Path(model).is_dir() else ["--pretrained", "random"]
-    command = [sys.executable, "-m", "vlmlabel", "bench", *args, "--model", model, *pretrained,
-               "--precision", plan.precision, "--device", plan.device, "--batch-size", str(plan.batch_size),
-               "--repeats", str(plan.repeats), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmlabel",
+        "bench",
+        *args,
+        "--model",
+        model,
+        *pretrained,
+        "--precision",
+        plan.precision,
+        "--device",
+        plan.device,
+        "--batch-size",
+        str(plan.batch_size),
+        "--repeats",
+        str(plan.repeats),
+        "--json",
+    ]
     shown = shlex.join(["vlmlabel", *command[3:]])
     print(f"gpu_check: {shown}", flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - start
     (out / f"bench-{Path(model).name}-{label.split()[0].lower()}-{label.split()[-1].lower()}.log").write_text(
-        done.stderr)
+        done.stderr
+    )
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         return BenchRun(model, label, shown, seconds, None, lines[-1] if lines else f"exit {done.returncode}")
@@ -141,29 +184,41 @@ def run_bench(model: str, label: str, args: list[str], plan: Plan, out: Path) ->
 
 def markdown(report: Report) -> str:
     env, tests = report.environment, report.tests
-    lines = [f"# vlmlabel GPU check, {report.when}" + (" (DRY RUN on the CPU: no GPU figure)" if report.dry_run
-                                                         else ""), "",
-             f"- card: {env.get('gpu')}; nvidia-smi: {env.get('nvidia_smi')}",
-             f"- torch {env['torch']} (CUDA {env['torch_cuda']}), open_clip {env['open_clip']}, "
-             f"Python {env['python']}, {env['cpu_count']} CPUs", f"- command: `{report.command}`", ""]
+    lines = [
+        f"# vlmlabel GPU check, {report.when}" + (" (DRY RUN on the CPU: no GPU figure)" if report.dry_run else ""),
+        "",
+        f"- card: {env.get('gpu')}; nvidia-smi: {env.get('nvidia_smi')}",
+        f"- torch {env['torch']} (CUDA {env['torch_cuda']}), open_clip {env['open_clip']}, "
+        f"Python {env['python']}, {env['cpu_count']} CPUs",
+        f"- command: `{report.command}`",
+        "",
+    ]
     if tests.get("ran"):
-        lines += [f"Tests: `{tests['command']}`: {tests['passed']} passed, {tests['failures']} failed, "
-                  f"{tests['errors']} errors, {tests['skipped']} skipped in {tests['seconds']:.0f} s", ""]
+        lines += [
+            f"Tests: `{tests['command']}`: {tests['passed']} passed, {tests['failures']} failed, "
+            f"{tests['errors']} errors, {tests['skipped']} skipped in {tests['seconds']:.0f} s",
+            "",
+        ]
         lines += [f"- FAILED {name}" for name in tests["failed"]] + ([""] if tests["failed"] else [])
     else:
         lines += [f"Tests: not run (`{tests['command']}`)", ""]
-    lines += ["| model | source | batch | model-only f/s | end-to-end f/s | naive f/s | e2e/model | e2e/naive | "
-              "TFLOP/s | of peak | max abs diff vs naive |", "|" + "---|" * 11]
+    lines += [
+        "| model | source | batch | model-only f/s | end-to-end f/s | naive f/s | e2e/model | e2e/naive | "
+        "TFLOP/s | of peak | max abs diff vs naive |",
+        "|" + "---|" * 11,
+    ]
     for run in report.benches:
         r = run.result
         if r is None:
             lines.append(f"| {Path(run.model).name} | {run.source} | | FAILED: {run.error} | | | | | | | |")
             continue
         peak = f"{r['peak_fraction']:.0%}" if r["peak_fraction"] is not None else "n/a"
-        lines.append(f"| {Path(run.model).name} | {run.source} | {r['batch_size']} | {r['model_only_fps']:,.0f} | "
-                     f"{r['end_to_end_fps']:,.0f} | {r['naive_fps']:,.0f} | {r['ratio_vs_model_only']:.2f} | "
-                     f"{r['ratio_vs_naive']:.2f} | {r['tflops']:.1f} | {peak} | "
-                     f"{r['max_abs_reward_diff_vs_naive']:.1e} |")
+        lines.append(
+            f"| {Path(run.model).name} | {run.source} | {r['batch_size']} | {r['model_only_fps']:,.0f} | "
+            f"{r['end_to_end_fps']:,.0f} | {r['naive_fps']:,.0f} | {r['ratio_vs_model_only']:.2f} | "
+            f"{r['ratio_vs_naive']:.2f} | {r['tflops']:.1f} | {peak} | "
+            f"{r['max_abs_reward_diff_vs_naive']:.1e} |"
+        )
     lines += ["", "Commands:", ""] + [f"    {run.command}" for run in report.benches]
     return "\n".join(lines) + "\n"
 
@@ -182,18 +237,26 @@ def main() -> None:
     plan = GPU_PLAN
     if args.dry_run:
         model = str(tiny_model(data))
-        plan = Plan(models=(model,), frames={model: 24}, batch_size=8, frame_size=32, repeats=1,
-                    precision="bf16", device="cpu")
-    report = Report(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), args.command, args.dry_run, environment(),
-                    test_summary(args.junit, args.pytest_command))
+        plan = Plan(
+            models=(model,), frames={model: 24}, batch_size=8, frame_size=32, repeats=1, precision="bf16", device="cpu"
+        )
+    report = Report(
+        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        args.command,
+        args.dry_run,
+        environment(),
+        test_summary(args.junit, args.pytest_command),
+    )
     lerobot = build_lerobot(data, max(plan.frames.values()), plan.frame_size)
     size = f"{plan.frame_size}x{plan.frame_size}"
     for model in plan.models:
         frames = str(plan.frames[model])
         video = [str(lerobot), "--image-key", LEROBOT_CAMERA, "--frames", frames]
-        benches = [("raw HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "raw"]),
-                   ("JPEG HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "jpeg"]),
-                   ("LeRobot video", video)]
+        benches = [
+            ("raw HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "raw"]),
+            ("JPEG HDF5", ["--frames", frames, "--frame-size", size, "--encoding", "jpeg"]),
+            ("LeRobot video", video),
+        ]
         if not args.dry_run and model == plan.models[0]:  # NVDEC needs the GPU; the issue's target is ViT-B-32's
             benches.append(("LeRobot video, NVDEC", [*video, "--video-decoder", "nvdec"]))
         for label, bench_args in benches:

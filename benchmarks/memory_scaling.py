@@ -35,8 +35,21 @@ SMALL_VIT_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.2
 
 def relabel_peak_rss_mb(data: Path, model: str, pretrained: str | None, batch_size: int | None) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one `vlmlabel relabel` subprocess."""
-    command = [sys.executable, "-m", "vlmlabel", "relabel", str(data), "--goal", "a red cube", "--model", model,
-               "--device", "cpu", "--quiet", "--overwrite"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmlabel",
+        "relabel",
+        str(data),
+        "--goal",
+        "a red cube",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--quiet",
+        "--overwrite",
+    ]
     command += ["--pretrained", pretrained] if pretrained else []
     command += ["--batch-size", str(batch_size)] if batch_size else []
     start = time.perf_counter()
@@ -63,12 +76,14 @@ def main() -> None:
         model = args.model
         if model is None:
             torch.manual_seed(0)
-            model = str(save_local_dir(create_untrained(SMALL_VIT), SMALL_VIT, SMALL_VIT_PREPROCESS,
-                                       Path(folder) / "small-vit"))
+            model = str(
+                save_local_dir(create_untrained(SMALL_VIT), SMALL_VIT, SMALL_VIT_PREPROCESS, Path(folder) / "small-vit")
+            )
         rows = []
         for frames in (args.frames, args.frames * args.factor):
-            data = write_synthetic(Path(folder) / f"{frames}.h5", frames, parse_frame_size(args.frame_size),
-                                   args.encoding)
+            data = write_synthetic(
+                Path(folder) / f"{frames}.h5", frames, parse_frame_size(args.frame_size), args.encoding
+            )
             size_mb = data.stat().st_size / 2**20
             peak, seconds = relabel_peak_rss_mb(data, model, args.pretrained, args.batch_size)
             rows.append((frames, size_mb, peak, seconds))
@@ -76,8 +91,10 @@ def main() -> None:
             data.unlink()
     ratio = rows[1][2] / rows[0][2]
     verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
-    print(f"peak RSS ratio {args.factor}x frames / 1x frames: {ratio:.3f} (target <= {TARGET_RATIO}: {verdict}); "
-          f"growth {rows[1][2] - rows[0][2]:+.1f} MiB")
+    print(
+        f"peak RSS ratio {args.factor}x frames / 1x frames: {ratio:.3f} (target <= {TARGET_RATIO}: {verdict}); "
+        f"growth {rows[1][2] - rows[0][2]:+.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

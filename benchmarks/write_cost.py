@@ -82,10 +82,14 @@ def measure(folder: Path, gib: float, repeats: int) -> dict[str, float]:
     size = source.stat().st_size
     source.unlink()
     medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"gib": size / 2**30, "frames": frames, **{f"{k}_s": v for k, v in medians.items()},
-            "in_place_vs_copy": medians["in_place"] / medians["copy"],
-            "in_place_copy_vs_copy": medians["in_place_copy"] / medians["copy"],
-            "labels_file_vs_copy": medians["labels_file"] / medians["copy"]}
+    return {
+        "gib": size / 2**30,
+        "frames": frames,
+        **{f"{k}_s": v for k, v in medians.items()},
+        "in_place_vs_copy": medians["in_place"] / medians["copy"],
+        "in_place_copy_vs_copy": medians["in_place_copy"] / medians["copy"],
+        "labels_file_vs_copy": medians["labels_file"] / medians["copy"],
+    }
 
 
 def write_episodes(path: Path, episodes: int, way: str) -> dict[str, float]:
@@ -100,11 +104,14 @@ def write_episodes(path: Path, episodes: int, way: str) -> dict[str, float]:
         write_as_copy(path, rewards)
     after = resource.getrusage(resource.RUSAGE_SELF)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
-    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
-    return {"wall_s": time.perf_counter() - start,
-            "cpu_s": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime,
-            "peak_rss_mb": peak_kb / 1024}
+    peak_kb = next(
+        int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")
+    )
+    return {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime,
+        "peak_rss_mb": peak_kb / 1024,
+    }
 
 
 def measure_episodes(folder: Path, episodes: int) -> dict[str, dict[str, float]]:
@@ -118,8 +125,12 @@ def measure_episodes(folder: Path, episodes: int) -> dict[str, dict[str, float]]
     for way in ("journal", "copy"):
         target = folder / f"episodes-{way}.h5"
         shutil.copyfile(source, target)
-        run = subprocess.run([sys.executable, __file__, "--one-write", str(target), str(episodes), way],
-                             check=True, capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, __file__, "--one-write", str(target), str(episodes), way],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         found[way] = {**json.loads(run.stdout), "file_mb": target.stat().st_size / 2**20}
         target.unlink()
     source.unlink()
@@ -151,13 +162,17 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print("| file | frames | copy (s) | in place, journal (s) | in place, as a copy (s) | labels file (s) "
-          "| journal / copy | as a copy / copy | labels / copy |")
+    print(
+        "| file | frames | copy (s) | in place, journal (s) | in place, as a copy (s) | labels file (s) "
+        "| journal / copy | as a copy / copy | labels / copy |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['gib']:.2f} GiB | {r['frames']:,} | {r['copy_s']:.2f} | {r['in_place_s']:.4f} | "
-              f"{r['in_place_copy_s']:.2f} | {r['labels_file_s']:.4f} | {r['in_place_vs_copy']:.4f} | "
-              f"{r['in_place_copy_vs_copy']:.2f} | {r['labels_file_vs_copy']:.4f} |")
+        print(
+            f"| {r['gib']:.2f} GiB | {r['frames']:,} | {r['copy_s']:.2f} | {r['in_place_s']:.4f} | "
+            f"{r['in_place_copy_s']:.2f} | {r['labels_file_s']:.4f} | {r['in_place_vs_copy']:.4f} | "
+            f"{r['in_place_copy_vs_copy']:.2f} | {r['labels_file_vs_copy']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ def make_dataset(path: Path, lengths=EPISODE_LENGTHS) -> Path:
     with h5py.File(path, "w") as f:
         for k, length in enumerate(lengths):
             frames = layouts.make_frames(length, 20, 24, seed=100 + k)
-            f.create_dataset(f"data/demo_{k}/obs/agentview_image", data=frames, chunks=(min(4, length), 20, 24, 3),
-                             compression="gzip")
+            f.create_dataset(
+                f"data/demo_{k}/obs/agentview_image",
+                data=frames,
+                chunks=(min(4, length), 20, 24, 3),
+                compression="gzip",
+            )
             f.create_dataset(f"data/demo_{k}/actions", data=np.zeros((length, 2), np.float32))
     return path
 
@@ -39,14 +43,30 @@ def read_attrs(path: Path, key: str = "vlm_reward") -> dict[str, object]:
 
 
 def relabel_args(source: Path, model_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vlmlabel", "relabel", str(source), "--goal", "a red block",
-            "--model", str(model_dir), "--device", "cpu", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vlmlabel",
+        "relabel",
+        str(source),
+        "--goal",
+        "a red block",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def env(**extra: str) -> dict[str, str]:
     """Subprocess environment: this checkout first on the path, offline, one thread, no SLURM/torchrun."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     clean.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **extra)
     return clean
 

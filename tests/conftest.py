@@ -25,12 +25,17 @@ TINY_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # Deliberately not OpenAI's statistics: the transform must come from the model's own config.
-TINY_PREPROCESS = {"mean": [0.5, 0.45, 0.4], "std": [0.25, 0.3, 0.27], "interpolation": "bicubic",
-                   "resize_mode": "shortest"}
+TINY_PREPROCESS = {
+    "mean": [0.5, 0.45, 0.4],
+    "std": [0.25, 0.3, 0.27],
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
 
 
-def build_model_dir(folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: dict = TINY_PREPROCESS,
-                    nan_weights: bool = False) -> Path:
+def build_model_dir(
+    folder: Path, seed: int, cfg: dict = TINY_CFG, preprocess: dict = TINY_PREPROCESS, nan_weights: bool = False
+) -> Path:
     """A random open_clip model saved in local-dir layout, loaded by tests through the users' code path;
     ``nan_weights``: its image projection is NaN, so every image embedding and score it gives is NaN."""
     torch.manual_seed(seed)

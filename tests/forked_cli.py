@@ -39,8 +39,9 @@ class ForkedRun:
     def __init__(self, args: list[str], environ: dict[str, str], stderr: Path):
         self.stderr = stderr
         start_server()  # multiprocessing's fork server, with the CLI imported
-        self.process = mp.get_context("forkserver").Process(target=_main, args=(args, environ, str(stderr)),
-                                                            daemon=True)
+        self.process = mp.get_context("forkserver").Process(
+            target=_main, args=(args, environ, str(stderr)), daemon=True
+        )
         self.process.start()
 
     @property

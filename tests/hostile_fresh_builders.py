@@ -39,8 +39,8 @@ def two_cameras(path: Path, lengths_b: tuple[int, ...] = (3, 4), size_b: tuple[i
         start_b = 0
         for demo, (start_a, length_b) in enumerate(zip((0, 3), lengths_b, strict=True)):
             length_a = (3, 4)[demo]
-            f.create_dataset(f"data/demo_{demo}/obs/agentview_image", data=a[start_a:start_a + length_a])
-            f.create_dataset(f"data/demo_{demo}/obs/wrist_image", data=b[start_b:start_b + length_b])
+            f.create_dataset(f"data/demo_{demo}/obs/agentview_image", data=a[start_a : start_a + length_a])
+            f.create_dataset(f"data/demo_{demo}/obs/wrist_image", data=b[start_b : start_b + length_b])
             f.create_dataset(f"data/demo_{demo}/actions", data=np.zeros((length_a, 2), np.float32))
             start_b += length_b
     return path
@@ -100,15 +100,18 @@ def parquet_two_frame_sizes(path: Path) -> Path:
     """A folder of two parquet files of uint8 array frames, 16x16 in one and 24x30 in the other."""
     path.mkdir()
     Dataset.from_dict({"image": list(make_frames(4, 16, 16, 7)), "episode_index": [0] * 4}).to_parquet(
-        str(path / "a.parquet"))
+        str(path / "a.parquet")
+    )
     Dataset.from_dict({"image": list(make_frames(4, 24, 30, 8)), "episode_index": [1] * 4}).to_parquet(
-        str(path / "b.parquet"))
+        str(path / "b.parquet")
+    )
     return path
 
 
 def parquet_no_rows(path: Path) -> Path:
-    Dataset.from_dict({"image": [], "episode_index": []},
-                      features=Features({"image": Image(), "episode_index": Value("int64")})).to_parquet(str(path))
+    Dataset.from_dict(
+        {"image": [], "episode_index": []}, features=Features({"image": Image(), "episode_index": Value("int64")})
+    ).to_parquet(str(path))
     return path
 
 

@@ -82,8 +82,9 @@ def earlier_result(path: Path, names: list[str], key: str = "vlm_reward") -> Pat
         for k, length in enumerate(layouts.LENGTHS):
             for name in names:
                 f[f"data/demo_{k}/{name}"] = np.zeros(length, np.float32)
-                f[f"data/demo_{k}/{name}"].attrs.update({"vlmlabel_version": "0.1.0", "formula": "x.g",
-                                                         "reward_key": key})
+                f[f"data/demo_{k}/{name}"].attrs.update(
+                    {"vlmlabel_version": "0.1.0", "formula": "x.g", "reward_key": key}
+                )
     return path
 
 

@@ -22,7 +22,7 @@ def make_frames(count: int, height: int, width: int, seed: int, channels: int = 
         slope = rng.uniform(-2, 2, size=(2, channels))
         img = base + ys[..., None] * slope[0] + xs[..., None] * slope[1]
         y0, x0 = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        img[y0:y0 + height // 3, x0:x0 + width // 3] = rng.uniform(0, 255, size=channels)
+        img[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.uniform(0, 255, size=channels)
         out[i] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -168,7 +168,7 @@ def build_episodes_gray_jpeg(path: Path) -> LayoutFile:
             width = max(len(b) for b in blobs) + 7
             rows = np.zeros((length, width), np.uint8)
             for i, blob in enumerate(blobs):
-                rows[i, :len(blob)] = np.frombuffer(blob, np.uint8)
+                rows[i, : len(blob)] = np.frombuffer(blob, np.uint8)
             group = f.create_group(f"traj_{k}")
             group.create_dataset("camera_jpeg", data=rows)
             group.create_dataset("actions", data=np.zeros((length, 2), np.float32))

@@ -43,8 +43,16 @@ def _hdf5(builder: Callable[[Path], layouts.LayoutFile], reference_key: str) -> 
                 return np.concatenate([handle[p.replace("vlm_reward", name)][()] for p in lf.reward_paths])
 
         frames = np.concatenate(lf.frame_steps)
-        return Case(lf.path, lf.image_key, frames, lf.steps, lf.transitions, reference_key,
-                    lambda tag: root / f"out-{tag}.h5", read)
+        return Case(
+            lf.path,
+            lf.image_key,
+            frames,
+            lf.steps,
+            lf.transitions,
+            reference_key,
+            lambda tag: root / f"out-{tag}.h5",
+            read,
+        )
 
     return build
 
@@ -60,8 +68,9 @@ def _read_arrow_files(files: list[Path], name: str) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _table(builder: Callable[[Path], table_layouts.TableCase], reference_key: str,
-           suffix: str = "") -> Callable[[Path], Case]:
+def _table(
+    builder: Callable[[Path], table_layouts.TableCase], reference_key: str, suffix: str = ""
+) -> Callable[[Path], Case]:
     def build(root: Path) -> Case:
         tc = builder(root)
 
@@ -73,8 +82,9 @@ def _table(builder: Callable[[Path], table_layouts.TableCase], reference_key: st
             return _read_arrow_files(files, name)
 
         steps = np.bincount(tc.episode_index).tolist() if tc.episode_index is not None else [len(tc.frames)]
-        return Case(tc.path, tc.image_key, tc.frames, steps, steps, reference_key,
-                    lambda tag: root / f"out-{tag}{suffix}", read)
+        return Case(
+            tc.path, tc.image_key, tc.frames, steps, steps, reference_key, lambda tag: root / f"out-{tag}{suffix}", read
+        )
 
     return build
 

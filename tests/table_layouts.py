@@ -36,15 +36,24 @@ class TableCase:
 def _episode_columns(lengths=LENGTHS) -> dict[str, list[int]]:
     episode = np.repeat(np.arange(len(lengths)), lengths)
     frame = np.concatenate([np.arange(n) for n in lengths])
-    return {"episode_index": episode.tolist(), "frame_index": frame.tolist(),
-            "index": list(range(int(sum(lengths))))}
+    return {"episode_index": episode.tolist(), "frame_index": frame.tolist(), "index": list(range(int(sum(lengths))))}
 
 
 def _image_dataset(frames: np.ndarray) -> Dataset:
-    columns = {"image": list(frames), **_episode_columns(),
-               "action": np.arange(len(frames) * 2, dtype=np.float32).reshape(-1, 2).tolist()}
-    features = Features({"image": Image(), "episode_index": Value("int64"), "frame_index": Value("int64"),
-                         "index": Value("int64"), "action": Sequence(Value("float32"))})
+    columns = {
+        "image": list(frames),
+        **_episode_columns(),
+        "action": np.arange(len(frames) * 2, dtype=np.float32).reshape(-1, 2).tolist(),
+    }
+    features = Features(
+        {
+            "image": Image(),
+            "episode_index": Value("int64"),
+            "frame_index": Value("int64"),
+            "index": Value("int64"),
+            "action": Sequence(Value("float32")),
+        }
+    )
     return Dataset.from_dict(columns, features=features)
 
 
@@ -58,9 +67,10 @@ def build_disk_image(root: Path) -> TableCase:
 def build_disk_array(root: Path) -> TableCase:
     """save_to_disk folder, uint8 HWC `Array3D` column, no episode column (one episode)."""
     frames = make_frames(9, HEIGHT, WIDTH, seed=102)
-    ds = Dataset.from_dict({"pixels": list(frames), "reward": [0.0] * 9},
-                           features=Features({"pixels": Array3D((HEIGHT, WIDTH, 3), "uint8"),
-                                              "reward": Value("float32")}))
+    ds = Dataset.from_dict(
+        {"pixels": list(frames), "reward": [0.0] * 9},
+        features=Features({"pixels": Array3D((HEIGHT, WIDTH, 3), "uint8"), "reward": Value("float32")}),
+    )
     ds.save_to_disk(str(root / "disk_array"))
     return TableCase(root / "disk_array", "disk", frames, None, "pixels", False)
 
@@ -69,11 +79,14 @@ def build_dict_split(root: Path) -> TableCase:
     """DatasetDict folder: the `test` split is labelled, `train` is carried over untouched."""
     frames = make_frames(sum(LENGTHS), HEIGHT, WIDTH, seed=103)
     other = make_frames(3, HEIGHT, WIDTH, seed=104)
-    train = Dataset.from_dict({"image": list(other), "episode_index": [0, 0, 0]},
-                              features=Features({"image": Image(), "episode_index": Value("int64")}))
+    train = Dataset.from_dict(
+        {"image": list(other), "episode_index": [0, 0, 0]},
+        features=Features({"image": Image(), "episode_index": Value("int64")}),
+    )
     DatasetDict({"train": train, "test": _image_dataset(frames)}).save_to_disk(str(root / "dict"))
-    return TableCase(root / "dict", "disk", frames, np.repeat(np.arange(3), LENGTHS), "image", True,
-                     extra={"split": "test"})
+    return TableCase(
+        root / "dict", "disk", frames, np.repeat(np.arange(3), LENGTHS), "image", True, extra={"split": "test"}
+    )
 
 
 def build_parquet_float_chw(root: Path) -> TableCase:
@@ -105,8 +118,9 @@ def build_parquet_glob(root: Path) -> TableCase:
     for part, rows in enumerate((range(0, 5), range(5, 8))):
         Dataset.from_dict({"gray": [gray[i] for i in rows]}).to_parquet(str(folder / f"part-{part}.parquet"))
     (folder / "ignored.parquet.txt").write_text("not data")
-    return TableCase(Path(str(folder / "part-*.parquet")), "parquet", np.repeat(gray[..., None], 3, axis=-1),
-                     None, "gray", False)
+    return TableCase(
+        Path(str(folder / "part-*.parquet")), "parquet", np.repeat(gray[..., None], 3, axis=-1), None, "gray", False
+    )
 
 
 BUILDERS: dict[str, Callable[[Path], TableCase]] = {
@@ -125,8 +139,14 @@ BUILDERS: dict[str, Callable[[Path], TableCase]] = {
 LOSSLESS = ("libx264rgb", "rgb24", {"qp": "0", "preset": "ultrafast"})  # decoded frames equal the originals
 
 
-def encode_mp4(path: Path, frames: np.ndarray, fps: int = FPS, codec: str = LOSSLESS[0], pix_fmt: str = LOSSLESS[1],
-               options: dict[str, str] | None = None) -> None:
+def encode_mp4(
+    path: Path,
+    frames: np.ndarray,
+    fps: int = FPS,
+    codec: str = LOSSLESS[0],
+    pix_fmt: str = LOSSLESS[1],
+    options: dict[str, str] | None = None,
+) -> None:
     """Encode uint8 RGB frames as ``codec`` video in ``pix_fmt`` with the encoder's ``options`` (by default
     losslessly: libx264rgb, qp 0)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,12 +189,20 @@ def build_lerobot(root: Path, video: bool, lengths=LENGTHS, files: tuple[int, ..
         "task_index": {"dtype": "int64", "shape": [1], "names": None},
     }
     for cam in cams:
-        features[cam] = {"dtype": "video" if video else "image", "shape": [HEIGHT, WIDTH, 3],
-                         "names": ["height", "width", "channels"]}
-    hf_features = {"timestamp": Value("float32"), "frame_index": Value("int64"), "episode_index": Value("int64"),
-                   "index": Value("int64"), "task_index": Value("int64"),
-                   "observation.state": Sequence(Value("float32"), length=2),
-                   "action": Sequence(Value("float32"), length=2)}
+        features[cam] = {
+            "dtype": "video" if video else "image",
+            "shape": [HEIGHT, WIDTH, 3],
+            "names": ["height", "width", "channels"],
+        }
+    hf_features = {
+        "timestamp": Value("float32"),
+        "frame_index": Value("int64"),
+        "episode_index": Value("int64"),
+        "index": Value("int64"),
+        "task_index": Value("int64"),
+        "observation.state": Sequence(Value("float32"), length=2),
+        "action": Sequence(Value("float32"), length=2),
+    }
     if not video:
         for cam in cams:
             cols[cam] = list(frames[cam])
@@ -191,35 +219,58 @@ def build_lerobot(root: Path, video: bool, lengths=LENGTHS, files: tuple[int, ..
         table.select(rows).to_parquet(str(data))
         offset = 0.0
         for e in group.tolist():
-            row = {"episode_index": e, "tasks": ["pick"], "length": int(lengths[e]),
-                   "data/chunk_index": 0, "data/file_index": file_index,
-                   "dataset_from_index": int(bounds[e]), "dataset_to_index": int(bounds[e + 1])}
+            row = {
+                "episode_index": e,
+                "tasks": ["pick"],
+                "length": int(lengths[e]),
+                "data/chunk_index": 0,
+                "data/file_index": file_index,
+                "dataset_from_index": int(bounds[e]),
+                "dataset_to_index": int(bounds[e + 1]),
+            }
             for cam in cams:
-                row.update({f"videos/{cam}/chunk_index": 0, f"videos/{cam}/file_index": file_index,
-                            f"videos/{cam}/from_timestamp": offset,
-                            f"videos/{cam}/to_timestamp": offset + lengths[e] / FPS})
+                row.update(
+                    {
+                        f"videos/{cam}/chunk_index": 0,
+                        f"videos/{cam}/file_index": file_index,
+                        f"videos/{cam}/from_timestamp": offset,
+                        f"videos/{cam}/to_timestamp": offset + lengths[e] / FPS,
+                    }
+                )
             offset += lengths[e] / FPS
             meta_rows.append(row)
         if video:
             for cam in cams:
-                encode_mp4(folder / "videos" / cam / "chunk-000" / f"file-{file_index:03d}.mp4",
-                           frames[cam][rows.start:rows.stop])
+                encode_mp4(
+                    folder / "videos" / cam / "chunk-000" / f"file-{file_index:03d}.mp4",
+                    frames[cam][rows.start : rows.stop],
+                )
     meta_dir = folder / "meta" / "episodes" / "chunk-000"
     meta_dir.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(meta_rows), meta_dir / "file-000.parquet")
     pq.write_table(pa.table({"task_index": [0], "task": ["pick"]}), folder / "meta" / "tasks.parquet")
-    info = {"codebase_version": "v3.0", "robot_type": "test", "total_episodes": len(lengths),
-            "total_frames": total, "total_tasks": 1, "chunks_size": 1000, "data_files_size_in_mb": 100,
-            "video_files_size_in_mb": 500, "fps": FPS, "splits": {"train": f"0:{len(lengths)}"},
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if video else None,
-            "features": features}
+    info = {
+        "codebase_version": "v3.0",
+        "robot_type": "test",
+        "total_episodes": len(lengths),
+        "total_frames": total,
+        "total_tasks": 1,
+        "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 500,
+        "fps": FPS,
+        "splits": {"train": f"0:{len(lengths)}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4" if video else None,
+        "features": features,
+    }
     (folder / "meta" / "info.json").write_text(json.dumps(info, indent=4))
     (folder / "meta" / "stats.json").write_text(json.dumps({"action": {"min": [1, 1], "max": [1, 1]}}))
     truth = frames[cams[0]]
     if video:  # score against what the videos decode to, not the originals
-        truth = np.concatenate([decode_mp4(folder / "videos" / cams[0] / "chunk-000" / f"file-{k:03d}.mp4")
-                                for k in range(len(ep_groups))])
+        truth = np.concatenate(
+            [decode_mp4(folder / "videos" / cams[0] / "chunk-000" / f"file-{k:03d}.mp4") for k in range(len(ep_groups))]
+        )
     return TableCase(folder, "lerobot", truth, episode, cams[0], not video, extra={"cameras": cams, "info": info})
 
 
@@ -240,15 +291,23 @@ def build_lerobot_v21(root: Path) -> TableCase:
             data = folder / "data" / "chunk-000" / f"episode_{e:06d}.parquet"
             data.parent.mkdir(parents=True, exist_ok=True)
             table.select(rows).to_parquet(str(data))
-            encode_mp4(folder / "videos" / "chunk-000" / cam / f"episode_{e:06d}.mp4", frames[rows.start:rows.stop])
+            encode_mp4(folder / "videos" / "chunk-000" / cam / f"episode_{e:06d}.mp4", frames[rows.start : rows.stop])
             handle.write(json.dumps({"episode_index": e, "tasks": ["pick"], "length": length}) + "\n")
-    features = {name: {"dtype": "int64" if name != "timestamp" else "float32", "shape": [1], "names": None}
-                for name in cols}
+    features = {
+        name: {"dtype": "int64" if name != "timestamp" else "float32", "shape": [1], "names": None} for name in cols
+    }
     features[cam] = {"dtype": "video", "shape": [HEIGHT, WIDTH, 3], "names": ["height", "width", "channels"]}
-    info = {"codebase_version": "v2.1", "fps": FPS, "chunks_size": 1000, "total_episodes": len(LENGTHS),
-            "total_frames": total, "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
-            "features": features}
+    info = {
+        "codebase_version": "v2.1",
+        "fps": FPS,
+        "chunks_size": 1000,
+        "total_episodes": len(LENGTHS),
+        "total_frames": total,
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+        "features": features,
+    }
     (folder / "meta" / "info.json").write_text(json.dumps(info, indent=4))
-    return TableCase(folder, "lerobot", frames, np.repeat(np.arange(len(LENGTHS)), LENGTHS), cam, False,
-                     extra={"info": info})
+    return TableCase(
+        folder, "lerobot", frames, np.repeat(np.arange(len(LENGTHS)), LENGTHS), cam, False, extra={"info": info}
+    )

@@ -21,10 +21,13 @@ NEGATIVES = ["a green triangle", "an empty frame", "a dog"]
 TOL = 2e-3
 
 # A second model that differs in everything the preprocessing reads: input size, resize mode, filter, statistics.
-OTHER_CFG = {**TINY_CFG, "embed_dim": 24,
-             "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 48, "patch_size": 12}}
-OTHER_PREPROCESS = {"mean": [0.3, 0.5, 0.6], "std": [0.2, 0.22, 0.3], "interpolation": "bilinear",
-                    "resize_mode": "squash"}
+OTHER_CFG = {**TINY_CFG, "embed_dim": 24, "vision_cfg": {**TINY_CFG["vision_cfg"], "image_size": 48, "patch_size": 12}}
+OTHER_PREPROCESS = {
+    "mean": [0.3, 0.5, 0.6],
+    "std": [0.2, 0.22, 0.3],
+    "interpolation": "bilinear",
+    "resize_mode": "squash",
+}
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +138,21 @@ def test_softmax_and_threshold_match_numpy(tiny_model_dir, rgb):
     x, g, n = images(rgb), texts(GOALS), texts(NEGATIVES)
     expected = np.empty((len(rgb), len(GOALS)))
     for j in range(len(GOALS)):
-        logits = scale * np.concatenate([x @ g[j:j + 1].T, x @ n.T], axis=1)
+        logits = scale * np.concatenate([x @ g[j : j + 1].T, x @ n.T], axis=1)
         logits -= logits.max(axis=1, keepdims=True)
         expected[:, j] = np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
     rm = RewardModel(model=str(tiny_model_dir), goals=GOALS, reward="softmax", negatives=NEGATIVES, device="cpu")
     got = rm(rgb)
     np.testing.assert_allclose(got, expected, atol=TOL)
     level = float(np.median(got))
-    cut = RewardModel(model=str(tiny_model_dir), goals=GOALS, reward=RewardMode.softmax, negatives=NEGATIVES,
-                      threshold=level, device="cpu")(rgb)
+    cut = RewardModel(
+        model=str(tiny_model_dir),
+        goals=GOALS,
+        reward=RewardMode.softmax,
+        negatives=NEGATIVES,
+        threshold=level,
+        device="cpu",
+    )(rgb)
     np.testing.assert_array_equal(cut, (got >= level).astype(np.float32))
     assert 0 < cut.sum() < cut.size
 
@@ -158,40 +167,53 @@ def test_contrastive_with_a_prompt_ensemble_matches_numpy(tiny_model_dir, rgb):
 
     x = images(rgb)
     expected = x @ ensemble(GOALS).T - (x @ ensemble(NEGATIVES).T).mean(axis=1, keepdims=True)
-    rm = RewardModel(model=str(tiny_model_dir), goals=GOALS, reward="contrastive", negatives=NEGATIVES,
-                     templates=templates, device="cpu")
+    rm = RewardModel(
+        model=str(tiny_model_dir),
+        goals=GOALS,
+        reward="contrastive",
+        negatives=NEGATIVES,
+        templates=templates,
+        device="cpu",
+    )
     np.testing.assert_allclose(rm(rgb), expected, atol=TOL)
 
 
 def test_projection_with_alpha_zero_is_cosine(tiny_model_dir, reference, rgb):
-    rm = RewardModel(model=str(tiny_model_dir), goals=GOALS, reward="projection", baselines=["a picture"],
-                     alpha=0.0, device="cpu")
+    rm = RewardModel(
+        model=str(tiny_model_dir), goals=GOALS, reward="projection", baselines=["a picture"], alpha=0.0, device="cpu"
+    )
     np.testing.assert_allclose(rm(rgb), reference(rgb, GOALS), atol=TOL)
 
 
-@pytest.mark.parametrize("frames, words", [
-    (np.zeros((2, 16, 16, 3), dtype=np.float32), "convert them"),
-    (torch.zeros((2, 3, 16, 16), dtype=torch.float16), "convert them"),
-    (np.zeros((2, 16, 16, 3), dtype=np.int64), "uint8"),
-    (np.zeros((2, 16, 16, 5), dtype=np.uint8), "1 or 3 channels"),
-    (np.zeros((4, 16, 16), dtype=np.uint8), "(N, H, W, 1)"),
-    (np.zeros((16,), dtype=np.uint8), "give one frame"),
-    ("frame.png", "numpy array or a torch tensor"),
-])
+@pytest.mark.parametrize(
+    "frames, words",
+    [
+        (np.zeros((2, 16, 16, 3), dtype=np.float32), "convert them"),
+        (torch.zeros((2, 3, 16, 16), dtype=torch.float16), "convert them"),
+        (np.zeros((2, 16, 16, 3), dtype=np.int64), "uint8"),
+        (np.zeros((2, 16, 16, 5), dtype=np.uint8), "1 or 3 channels"),
+        (np.zeros((4, 16, 16), dtype=np.uint8), "(N, H, W, 1)"),
+        (np.zeros((16,), dtype=np.uint8), "give one frame"),
+        ("frame.png", "numpy array or a torch tensor"),
+    ],
+)
 def test_bad_frames_are_refused_never_rescaled(tiny_rm, frames, words):
     with pytest.raises(VlmlabelError) as caught:
         tiny_rm(frames)
     assert words in str(caught.value)
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"shaping": "delta"}, "whole episodes"),
-    ({"normalize": "episode"}, "whole episodes"),
-    ({"reward": "sigmoid"}, "unknown reward"),
-    ({"reward": "softmax"}, "--negative"),
-    ({"goals": []}, "no goal"),
-    ({"negatives_": ["x"]}, "unknown option"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"shaping": "delta"}, "whole episodes"),
+        ({"normalize": "episode"}, "whole episodes"),
+        ({"reward": "sigmoid"}, "unknown reward"),
+        ({"reward": "softmax"}, "--negative"),
+        ({"goals": []}, "no goal"),
+        ({"negatives_": ["x"]}, "unknown option"),
+    ],
+)
 def test_bad_formulations_are_refused_before_loading(options, words):
     # The model does not exist: every refusal must come before it would be loaded.
     with pytest.raises(VlmlabelError) as caught:

@@ -14,25 +14,49 @@ from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, pea
 from vlmlabel.errors import VlmlabelError
 
 CONTRACT = {
-    "device": str, "model": str, "precision": str, "batch_size": int, "frames": int,
-    "model_only_fps": float, "end_to_end_fps": float, "naive_fps": float,
-    "ratio_vs_model_only": float, "ratio_vs_naive": float, "tflops": float,
-    "peak_fraction": (float, type(None)), "peak_rss_mb": float, "peak_device_mb": (float, type(None)),
+    "device": str,
+    "model": str,
+    "precision": str,
+    "batch_size": int,
+    "frames": int,
+    "model_only_fps": float,
+    "end_to_end_fps": float,
+    "naive_fps": float,
+    "ratio_vs_model_only": float,
+    "ratio_vs_naive": float,
+    "tflops": float,
+    "peak_fraction": (float, type(None)),
+    "peak_rss_mb": float,
+    "peak_device_mb": (float, type(None)),
 }
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only cost on a shared CPU
-    return subprocess.run([sys.executable, "-m", "vlmlabel", "bench", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "vlmlabel", "bench", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_json_has_every_contract_key(tiny_model_dir):
-    done = _run_cli("--model", str(tiny_model_dir), "--device", "cpu", "--frames", "20", "--batch-size", "8",
-                    "--frame-size", "40x48", "--repeats", "2", "--json")
+    done = _run_cli(
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--frames",
+        "20",
+        "--batch-size",
+        "8",
+        "--frame-size",
+        "40x48",
+        "--repeats",
+        "2",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # stdout is exactly one JSON object
     for key, kind in CONTRACT.items():
@@ -50,8 +74,15 @@ def test_bench_json_has_every_contract_key(tiny_model_dir):
 
 
 def test_bench_sweep_on_jpeg_frames(tiny_model_dir):
-    config = BenchConfig(model=str(tiny_model_dir), device="cpu", frames=12, batch_sizes=[4, 8],
-                         frame_size=(36, 44), encoding="jpeg", repeats=1)
+    config = BenchConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        frames=12,
+        batch_sizes=[4, 8],
+        frame_size=(36, 44),
+        encoding="jpeg",
+        repeats=1,
+    )
     result = run_bench(config)
     assert [run["batch_size"] for run in result["sweep"]] == [4, 8]
     assert result["batch_size"] in (4, 8)
@@ -64,8 +95,11 @@ def test_bench_on_a_source_file_limits_frames(tiny_model_dir, tmp_path):
     from tests import layouts
 
     layout_file = layouts.build_robomimic(tmp_path / "robomimic.h5")
-    result = run_bench(BenchConfig(model=str(tiny_model_dir), device="cpu", frames=9, batch_sizes=[4],
-                                   source=layout_file.path, repeats=1))
+    result = run_bench(
+        BenchConfig(
+            model=str(tiny_model_dir), device="cpu", frames=9, batch_sizes=[4], source=layout_file.path, repeats=1
+        )
+    )
     assert result["frames"] == 9  # spans two episodes of the file
     assert result["max_abs_reward_diff_vs_naive"] < 2e-3
 
@@ -85,17 +119,20 @@ def test_option_parsing():
             parse_batch_sizes(bad)
 
 
-@pytest.mark.parametrize("name, card, peak", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),
-    ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
-    ("NVIDIA H100 NVL", "H100 NVL", 835.5),
-    ("NVIDIA H200", "H200 SXM", 989.4),
-    ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
-    ("NVIDIA L40S", "L40S", 362.05),
-    ("NVIDIA L4", "L4", 121.0),
-    ("NVIDIA A10", "A10", 125.0),
-    ("NVIDIA GeForce RTX 3060", None, None),
-])
+@pytest.mark.parametrize(
+    "name, card, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4),
+        ("NVIDIA H100 PCIe", "H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", "H100 NVL", 835.5),
+        ("NVIDIA H200", "H200 SXM", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "A100", 312.0),
+        ("NVIDIA L40S", "L40S", 362.05),
+        ("NVIDIA L4", "L4", 121.0),
+        ("NVIDIA A10", "A10", 125.0),
+        ("NVIDIA GeForce RTX 3060", None, None),
+    ],
+)
 def test_peak_table_recognises_cards(monkeypatch, name, card, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_tflops(torch.device("cuda", 0), "bf16") == (card, peak)
@@ -106,8 +143,9 @@ def test_no_peak_on_cpu():
 
 
 def test_bench_with_random_weights_of_a_real_architecture():
-    result = run_bench(BenchConfig(model="ViT-B-32", pretrained="random", device="cpu", frames=2,
-                                   batch_sizes=[2], repeats=1))
+    result = run_bench(
+        BenchConfig(model="ViT-B-32", pretrained="random", device="cpu", frames=2, batch_sizes=[2], repeats=1)
+    )
     assert result["random_weights"] is True and result["pretrained"] == "random"
     # ViT-B-32 is quoted at 4.4 GMACs (8.8 GFLOPs) per 224 px image.
     assert 8.0e9 < result["flops_per_image"] < 9.5e9

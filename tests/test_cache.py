@@ -34,8 +34,16 @@ def _rewards(path, paths):
 
 def _request(truth, model_dir, align, **kwargs):
     config = RewardConfig(goals=["a red block"], mode=RewardMode.contrastive, negatives=["a blue block"])
-    return RelabelRequest(source=truth.path, goals=config.goals, model=str(model_dir), device="cpu", align=align,
-                          formulation=config, overwrite=True, **kwargs)
+    return RelabelRequest(
+        source=truth.path,
+        goals=config.goals,
+        model=str(model_dir),
+        device="cpu",
+        align=align,
+        formulation=config,
+        overwrite=True,
+        **kwargs,
+    )
 
 
 def test_cached_rewards_equal_rewards_from_frames(layout_file, tiny_model_dir):
@@ -124,9 +132,11 @@ def test_row_stream_fills_datasets_chunk_by_chunk_and_refuses_a_short_stream(tmp
         f.create_dataset("keep", data=np.arange(3))
     before = path.read_bytes()
     rows = np.arange(23 * 4, dtype=np.float32).reshape(23, 4)
-    targets = [H5Dataset("a/e", np.empty(0), {"k": 1}, dtype="float16", chunk_rows=4),
-               H5Dataset("b/e", np.empty(0), {}, dtype="float16", chunk_rows=4)]
-    blocks = (rows[i:i + 3] for i in range(0, 23, 3))  # block edges never meet chunk edges
+    targets = [
+        H5Dataset("a/e", np.empty(0), {"k": 1}, dtype="float16", chunk_rows=4),
+        H5Dataset("b/e", np.empty(0), {}, dtype="float16", chunk_rows=4),
+    ]
+    blocks = (rows[i : i + 3] for i in range(0, 23, 3))  # block edges never meet chunk edges
     stream = RowStream(targets, [10, 13], blocks)
     write_file(path, path, [], overwrite=False, stream=stream)
     with h5py.File(path) as f:
@@ -155,8 +165,10 @@ def test_a_relabel_served_by_the_cache_loads_the_text_tower_only(tmp_path, tiny_
     assert not other.used_cache and other.model.has_image_tower
 
 
-@pytest.mark.parametrize("storage", ["gzip chunks, one frame edited", "lzf chunks (robomimic), one frame edited",
-                                     "uncompressed, channels swapped"])
+@pytest.mark.parametrize(
+    "storage",
+    ["gzip chunks, one frame edited", "lzf chunks (robomimic), one frame edited", "uncompressed, channels swapped"],
+)
 def test_frames_edited_in_place_after_embed_invalidate_the_cache(storage, tmp_path, tiny_model_dir):
     """Fixing frames in the file after `embed` (one bad frame, BGR to RGB) must not leave stale cached rewards."""
     frames = layouts.make_frames(60, 16, 20, seed=21)
@@ -177,6 +189,8 @@ def test_frames_edited_in_place_after_embed_invalidate_the_cache(storage, tmp_pa
         else:
             f[array][row] = 255 - f[array][row]
     notes: list[str] = []
-    summary = relabel_file(RelabelRequest(source=path, goals=["a red block"], model=str(tiny_model_dir),
-                                          device="cpu"), on_note=notes.append)
+    summary = relabel_file(
+        RelabelRequest(source=path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
+        on_note=notes.append,
+    )
     assert not summary.used_cache and "made from other frames" in summary.cache_note, summary.cache_note

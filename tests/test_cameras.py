@@ -53,8 +53,13 @@ def robomimic(root: Path) -> TwoCameras:
         with h5py.File(dest, "r") as handle:
             return np.concatenate([handle[f"data/demo_{k}/{name}"][()] for k in range(len(LENGTHS))])
 
-    return TwoCameras(path, ("obs/agentview_image", "obs/robot0_eye_in_hand_image"),
-                      (np.concatenate(frames[0]), np.concatenate(frames[1])), read, root / "out.h5")
+    return TwoCameras(
+        path,
+        ("obs/agentview_image", "obs/robot0_eye_in_hand_image"),
+        (np.concatenate(frames[0]), np.concatenate(frames[1])),
+        read,
+        root / "out.h5",
+    )
 
 
 def save_to_disk(root: Path) -> TwoCameras:
@@ -62,8 +67,9 @@ def save_to_disk(root: Path) -> TwoCameras:
     front, wrist = make_frames(total, 24, 32, seed=401), make_frames(total, 24, 32, seed=402)
     episode = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
     features = Features({"front": Image(), "wrist": Image(), "episode_index": Value("int64")})
-    Dataset.from_dict({"front": list(front), "wrist": list(wrist), "episode_index": episode.tolist()},
-                      features=features).save_to_disk(str(root / "ds"))
+    Dataset.from_dict(
+        {"front": list(front), "wrist": list(wrist), "episode_index": episode.tolist()}, features=features
+    ).save_to_disk(str(root / "ds"))
 
     def read(dest: Path, name: str) -> np.ndarray:
         return np.asarray(datasets.load_from_disk(str(dest))[name], dtype=np.float32)
@@ -74,8 +80,12 @@ def save_to_disk(root: Path) -> TwoCameras:
 def lerobot_video(root: Path) -> TwoCameras:
     case = table_layouts.build_lerobot(root, video=True)
     cams = case.extra["cameras"]
-    decoded = [np.concatenate([table_layouts.decode_mp4(case.path / "videos" / cam / "chunk-000" / f"file-{k:03d}.mp4")
-                               for k in range(2)]) for cam in cams]
+    decoded = [
+        np.concatenate(
+            [table_layouts.decode_mp4(case.path / "videos" / cam / "chunk-000" / f"file-{k:03d}.mp4") for k in range(2)]
+        )
+        for cam in cams
+    ]
 
     def read(dest: Path, name: str) -> np.ndarray:
         files = sorted((dest / "data").rglob("*.parquet"))
@@ -97,9 +107,29 @@ def _short(key: str) -> str:
 
 
 def test_mean_of_two_cameras_equals_the_mean_of_their_references(two, tiny_model_dir, reference):
-    args = ["relabel", str(two.source), "--image-key", two.keys[0], "--image-key", two.keys[1], "--camera-reduce",
-            "mean", "--goal", GOALS[0], "--goal", GOALS[1], "--model", str(tiny_model_dir), "--device", "cpu",
-            "--output", str(two.output), "--align", "frame", "--quiet"]
+    args = [
+        "relabel",
+        str(two.source),
+        "--image-key",
+        two.keys[0],
+        "--image-key",
+        two.keys[1],
+        "--camera-reduce",
+        "mean",
+        "--goal",
+        GOALS[0],
+        "--goal",
+        GOALS[1],
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--output",
+        str(two.output),
+        "--align",
+        "frame",
+        "--quiet",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     per_camera = [reference(frames, GOALS) for frames in two.frames]
@@ -115,8 +145,17 @@ def test_max_reduce_and_shards_of_two_cameras_equal_a_single_run(tmp_path, tiny_
     two = save_to_disk(tmp_path)
 
     def request(output: Path, **extra) -> RelabelRequest:
-        return RelabelRequest(source=two.source, goals=GOALS[:1], model=str(tiny_model_dir), device="cpu",
-                              image_key=list(two.keys), camera_reduce="max", output=output, batch_size=4, **extra)
+        return RelabelRequest(
+            source=two.source,
+            goals=GOALS[:1],
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key=list(two.keys),
+            camera_reduce="max",
+            output=output,
+            batch_size=4,
+            **extra,
+        )
 
     single = relabel_file(request(tmp_path / "single"))
     assert single.camera_names == ["vlm_reward_cam_front", "vlm_reward_cam_wrist"]
@@ -134,6 +173,5 @@ def test_inspect_lists_every_camera_and_the_refusal_names_the_multi_camera_optio
     shown = runner.invoke(app, ["inspect", str(two.source)], terminal_width=300)
     assert shown.exit_code == 0, shown.output
     assert "front, wrist" in shown.output
-    refused = runner.invoke(app, ["relabel", str(two.source), "--goal", "x", "--model", "nowhere"],
-                            terminal_width=300)
+    refused = runner.invoke(app, ["relabel", str(two.source), "--goal", "x", "--model", "nowhere"], terminal_width=300)
     assert refused.exit_code == 2 and "--image-key A --image-key B" in refused.output

@@ -16,10 +16,32 @@ from vlmlabel.cli import app
 
 runner = CliRunner()
 PANELS = {
-    "Model": ["--model", "--pretrained", "--image-key", "--camera-reduce", "--device", "--precision", "--batch-size",
-              "--workers", "--video-decoder", "--compile"],
-    "Reward": ["--reward", "--goal-template", "--baseline", "--alpha", "--negative", "--threshold", "--shaping",
-               "--gamma", "--normalize", "--align", "--cache", "--no-cache"],
+    "Model": [
+        "--model",
+        "--pretrained",
+        "--image-key",
+        "--camera-reduce",
+        "--device",
+        "--precision",
+        "--batch-size",
+        "--workers",
+        "--video-decoder",
+        "--compile",
+    ],
+    "Reward": [
+        "--reward",
+        "--goal-template",
+        "--baseline",
+        "--alpha",
+        "--negative",
+        "--threshold",
+        "--shaping",
+        "--gamma",
+        "--normalize",
+        "--align",
+        "--cache",
+        "--no-cache",
+    ],
     "Output": ["--reward-key", "--output", "--overwrite", "--link", "--push-to-hub", "--quiet"],
     "Hugging Face": ["--split", "--revision", "--streaming"],
     "Cluster": ["--restart", "--checkpoint-every", "--num-shards", "--shard-index"],
@@ -50,10 +72,14 @@ def _panels(help_text: str) -> dict[str, list[str]]:
 USAGE_ERRORS = {
     "unknown option": (["relabel", "data.h5", "--goal", "a cup", "--foo"], ["No such option: --foo"]),
     "missing --goal": (["relabel", "data.h5"], ["Missing option", "--goal"]),
-    "bad --reward choice": (["relabel", "data.h5", "--goal", "a cup", "--reward", "nope"],
-                            ["Invalid value for '--reward'", "'nope'", "cosine"]),
-    "non-integer --batch-size": (["relabel", "data.h5", "--goal", "a cup", "--batch-size", "many"],
-                                 ["Invalid value for '--batch-size'"]),
+    "bad --reward choice": (
+        ["relabel", "data.h5", "--goal", "a cup", "--reward", "nope"],
+        ["Invalid value for '--reward'", "'nope'", "cosine"],
+    ),
+    "non-integer --batch-size": (
+        ["relabel", "data.h5", "--goal", "a cup", "--batch-size", "many"],
+        ["Invalid value for '--batch-size'"],
+    ),
 }
 
 
@@ -144,8 +170,13 @@ def test_bench_takes_the_dataset_as_an_argument(monkeypatch, tmp_path):
 
 def test_console_script_usage_error_is_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
-    proc = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(tmp_path / "data.h5"), "--goal", "a",
-                           "--batch-size", "many"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmlabel", "relabel", str(tmp_path / "data.h5"), "--goal", "a", "--batch-size", "many"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

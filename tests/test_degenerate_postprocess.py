@@ -55,8 +55,7 @@ def test_length_one_episodes():
     np.testing.assert_array_equal(episode[0], [[0.0]])
     np.testing.assert_allclose(episode[1], [[-1.0], [1.0]], atol=1e-6)
     dataset = rewards.normalize([one, two], Normalize.dataset)  # mean 0.5667, std 0.0943 over three values
-    np.testing.assert_allclose(np.concatenate(dataset)[:, 0], [-1 / np.sqrt(2), -1 / np.sqrt(2), np.sqrt(2)],
-                               atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(dataset)[:, 0], [-1 / np.sqrt(2), -1 / np.sqrt(2), np.sqrt(2)], atol=1e-5)
     minmax = rewards.normalize([one, two], Normalize.minmax)
     np.testing.assert_allclose(np.concatenate(minmax)[:, 0], [0.0, 0.0, 1.0], atol=1e-6)
     for how in MODES:  # length-1 episodes only, all one value: constant everywhere
@@ -70,13 +69,16 @@ def test_empty_episodes_stay_empty():
         assert out[0].shape == (0, 2) and out[0].dtype == np.float32
 
 
-@pytest.mark.parametrize(("values", "flat"), [
-    ((0.3, 0.3 + 0.9e-4), True),  # below 1e-4 for scores of size below 1
-    ((0.3, 0.3 + 1.5e-4), False),  # a signal, however small, above it
-    ((-2.0, -2.0 + 1.8e-4), True),  # contrastive scores reach 2: the tolerance scales with them
-    ((1000.0, 1000.05), True),  # rewards of another scale (rewards.normalize on the user's own)
-    ((1000.0, 1000.2), False),
-])
+@pytest.mark.parametrize(
+    ("values", "flat"),
+    [
+        ((0.3, 0.3 + 0.9e-4), True),  # below 1e-4 for scores of size below 1
+        ((0.3, 0.3 + 1.5e-4), False),  # a signal, however small, above it
+        ((-2.0, -2.0 + 1.8e-4), True),  # contrastive scores reach 2: the tolerance scales with them
+        ((1000.0, 1000.05), True),  # rewards of another scale (rewards.normalize on the user's own)
+        ((1000.0, 1000.2), False),
+    ],
+)
 def test_constant_below_the_documented_tolerance(values, flat):
     x = np.array(values, dtype=np.float64)[:, None]
     assert bool(rewards.constant(x)[0]) is flat
@@ -122,9 +124,26 @@ def _identical_frames(path, lengths=(37, 5, 1)):
 def test_relabel_identical_frames_writes_zeros(how, tmp_path, tiny_model_dir):
     """Episodes of 37, 5 and 1 identical frames: every z-score (and min-max value) written is 0."""
     source = _identical_frames(tmp_path / "same.h5")
-    done = runner.invoke(app, ["relabel", str(source), "--goal", "a red cube", "--model", str(tiny_model_dir),
-                               "--device", "cpu", "--normalize", how.value, "--align", "frame", "--workers", "0",
-                               "-q"])
+    done = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            "a red cube",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--normalize",
+            how.value,
+            "--align",
+            "frame",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert done.exit_code == 0, done.output
     with h5py.File(source) as handle:
         raw, written = handle["vlm_reward_raw"][()], handle["vlm_reward"][()]
@@ -148,8 +167,24 @@ def test_a_model_giving_nan_is_refused_at_its_first_batches(tmp_path, tiny_model
         return torch.full((len(images), len(goals)), float("nan"))
 
     monkeypatch.setattr(rewards, "cosine", nan_cosine)
-    result = runner.invoke(app, ["relabel", str(source), "--goal", "a red cube", "--model", str(tiny_model_dir),
-                                 "--device", "cpu", "--batch-size", "4", "--workers", "0"], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            "a red cube",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "4 NaN or infinite value(s) for frames 0-3" in lines[0], result.output
@@ -159,14 +194,29 @@ def test_a_model_giving_nan_is_refused_at_its_first_batches(tmp_path, tiny_model
 
 def test_nan_in_a_cached_embedding_is_refused_before_writing(tmp_path, tiny_model_dir):
     source = _identical_frames(tmp_path / "same.h5")
-    embedded = runner.invoke(app, ["embed", str(source), "--model", str(tiny_model_dir), "--device", "cpu",
-                                   "--workers", "0", "-q"])
+    embedded = runner.invoke(
+        app, ["embed", str(source), "--model", str(tiny_model_dir), "--device", "cpu", "--workers", "0", "-q"]
+    )
     assert embedded.exit_code == 0, embedded.output
     with h5py.File(source, "r+") as handle:
         handle["vlm_embedding/observations"][3] = np.nan
     before = _tree(tmp_path)
-    result = runner.invoke(app, ["relabel", str(source), "--goal", "a red cube", "--model", str(tiny_model_dir),
-                                 "--device", "cpu", "--workers", "0"], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            "a red cube",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "1 raw score(s) are NaN or infinite" in lines[0], result.output

@@ -35,13 +35,36 @@ def test_torchrun_env_detection():
 def test_torchrun_two_cpu_ranks_equal_a_single_run(tmp_path, tiny_model_dir):
     lengths = (7, 11, 3, 9, 5, 8, 6)  # the two shards meet inside a batch of 4
     single = make_dataset(tmp_path / "single.h5", lengths)
-    relabel_file(RelabelRequest(source=single, goals=["a red block"], model=str(tiny_model_dir), device="cpu",
-                                batch_size=4))
+    relabel_file(
+        RelabelRequest(source=single, goals=["a red block"], model=str(tiny_model_dir), device="cpu", batch_size=4)
+    )
     source = make_dataset(tmp_path / "data.h5", lengths)
     out = tmp_path / "out.h5"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "vlmlabel", "relabel", str(source), "--goal", "a red block",
-            "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "4", "--output", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "vlmlabel",
+        "relabel",
+        str(source),
+        "--goal",
+        "a red block",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 shards merged" in done.stdout
@@ -61,9 +84,30 @@ def test_torchrun_rank_failure_is_reported_and_nothing_is_written(tmp_path, tiny
     lock = work_dir(out, "vlm_reward") / "shard-1-of-2.lock"
     lock.parent.mkdir()
     lock.write_text(json.dumps({"pid": 77, "host": "node-elsewhere", "started": "now", "command": "vlmlabel"}))
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "vlmlabel", "relabel", str(source), "--goal", "a red block",
-            "--model", str(tiny_model_dir), "--device", "cpu", "--output", str(out), "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "vlmlabel",
+        "relabel",
+        str(source),
+        "--goal",
+        "a red block",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
     assert "error: rank 1 failed: shard-1-of-2" in done.stderr and "PID 77 on node-elsewhere" in done.stderr

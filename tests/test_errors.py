@@ -58,11 +58,21 @@ def test_failure_during_write_leaves_source_intact(tmp_path, tiny_model_dir, mon
 def test_unreachable_hub_fails_within_seconds(tmp_path):
     """Not offline-flagged, not cached, Hub unreachable: a clear error in seconds, not minutes of retries."""
     source = layouts.build_robomimic(tmp_path / "r.h5").path
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
-           "HF_ENDPOINT": "http://127.0.0.1:9", "NO_PROXY": "*"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "NO_PROXY": "*",
+    }
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(source), "--goal", "x"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmlabel", "relabel", str(source), "--goal", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     assert "unreachable" in proc.stderr and "--pretrained FILE" in proc.stderr
@@ -73,12 +83,20 @@ def test_unreachable_hub_fails_within_seconds(tmp_path):
 def test_console_entry_point_runs_and_reports_errors(tmp_path, tiny_model_dir):
     """The installed `vlmlabel` script, as users call it."""
     source = layouts.build_robomimic(tmp_path / "r.h5").path
-    ok = subprocess.run(["vlmlabel", "relabel", str(source), "--model", str(tiny_model_dir), "--goal", "a cup"],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        ["vlmlabel", "relabel", str(source), "--model", str(tiny_model_dir), "--goal", "a cup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "rewards written to" in ok.stdout
-    bad = subprocess.run(["vlmlabel", "relabel", str(tmp_path / "nope.h5"), "--goal", "a cup"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        ["vlmlabel", "relabel", str(tmp_path / "nope.h5"), "--goal", "a cup"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
@@ -88,8 +106,9 @@ def test_read_only_source_gets_a_labelled_copy_and_is_never_replaced(tmp_path, t
     lf.path.chmod(0o444)
     before = digest(lf.path)
     out = tmp_path / "copy.h5"
-    result = runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q",
-                                 "--output", str(out)])
+    result = runner.invoke(
+        app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q", "--output", str(out)]
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
         assert f["data/demo_0/vlm_reward"].shape == (lf.steps[0],)

@@ -31,7 +31,7 @@ def test_ranks_average_ties_and_spearman_is_rank_pearson():
     np.testing.assert_allclose(ranks(np.array([10.0, 20.0, 20.0, 5.0])), [2, 3.5, 3.5, 1])
     x = np.linspace(-2, 2, 30)
     assert spearman(x, np.exp(x)) == pytest.approx(1.0)
-    assert spearman(x, -x ** 3) == pytest.approx(-1.0)
+    assert spearman(x, -(x**3)) == pytest.approx(-1.0)
 
 
 @pytest.fixture()
@@ -67,9 +67,9 @@ def test_evaluate_matches_direct_numpy(synthetic):
     assert 0.5 < r < 0.95  # the synthetic correlation is strong but not perfect
     # Episodes 1 and 3 have constant success: only 0 and 2 give a per-episode correlation.
     assert report.per_episode_pearson["episodes"] == 2
-    per_episode = [np.corrcoef(reward[a:a + 50], success[a:a + 50])[0, 1] for a in (0, 100)]
+    per_episode = [np.corrcoef(reward[a : a + 50], success[a : a + 50])[0, 1] for a in (0, 100)]
     assert report.per_episode_pearson["mean"] == pytest.approx(np.mean(per_episode), abs=1e-6)
-    time_rho = [np.corrcoef(ranks(reward[a:a + 50]), np.arange(50))[0, 1] for a in (0, 100)]
+    time_rho = [np.corrcoef(ranks(reward[a : a + 50]), np.arange(50))[0, 1] for a in (0, 100)]
     assert report.time_spearman_successful["mean"] == pytest.approx(np.mean(time_rho), abs=1e-6)
     assert abs(report.shuffled_pearson) < 0.3 < report.pearson  # shuffling across episodes destroys it
 
@@ -94,8 +94,15 @@ def test_evaluate_cli_json_and_errors(synthetic):
 
 def test_evaluate_blank_baseline_uses_the_recorded_model(tiny_model_dir, tmp_path):
     truth = layouts.build_flat_d4rl(tmp_path / "d.h5")
-    relabel_file(RelabelRequest(source=truth.path, goals=["red"], model=str(tiny_model_dir), device="cpu",
-                                formulation=RewardConfig(goals=["red"], normalize=Normalize.dataset)))
+    relabel_file(
+        RelabelRequest(
+            source=truth.path,
+            goals=["red"],
+            model=str(tiny_model_dir),
+            device="cpu",
+            formulation=RewardConfig(goals=["red"], normalize=Normalize.dataset),
+        )
+    )
     done = _cli("evaluate", str(truth.path), "--json")
     assert done.exit_code == 0, done.output
     payload = json.loads(done.stdout)
@@ -148,7 +155,8 @@ def test_evaluate_refuses_a_reference_that_is_not_one_number_per_step(tmp_path, 
     lf = layouts.build_robomimic(tmp_path / "r.h5")
     relabelled = runner.invoke(app, ["relabel", str(lf.path), "--model", str(tiny_model_dir), "--goal", "x", "-q"])
     assert relabelled.exit_code == 0
-    result = runner.invoke(app, ["evaluate", str(lf.path), "--against", "obs/agentview_image", "--no-blank"],
-                           terminal_width=400)
+    result = runner.invoke(
+        app, ["evaluate", str(lf.path), "--against", "obs/agentview_image", "--no-blank"], terminal_width=400
+    )
     assert result.exit_code == 2
     assert "not one number per step" in result.output and len(result.output.strip().splitlines()) == 1

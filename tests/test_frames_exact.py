@@ -93,8 +93,9 @@ def _encode(case: str, rgb: np.ndarray, rng: np.random.Generator) -> bytes:
         "LA PNG transparent": lambda: _save(Image.fromarray(np.dstack([gray, alpha]), "LA")),
         "RGBA 16-bit PNG transparent": lambda: _png(np.dstack([rgb16, alpha.astype(np.uint16) * 257]), 6, 16),
         "P PNG": lambda: _save(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)),
-        "P PNG with tRNS": lambda: _save(Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE),
-                                         transparency=0),
+        "P PNG with tRNS": lambda: _save(
+            Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE), transparency=0
+        ),
         "1-bit PNG": lambda: _save(Image.fromarray(rng.random((H, W)) > 0.5)),
         "I;16 PNG": lambda: _png(gray16, 0, 16),
         "CMYK JPEG": lambda: _save(Image.fromarray(np.dstack([rgb, alpha]), "CMYK"), "JPEG", quality=95),
@@ -103,11 +104,29 @@ def _encode(case: str, rgb: np.ndarray, rng: np.random.Generator) -> bytes:
     }[case]()
 
 
-ACCEPTED = ["RGB PNG", "L PNG", "L 4-bit PNG", "L PNG with tRNS", "RGB PNG with tRNS", "RGBA PNG opaque",
-            "LA PNG opaque", "RGB 16-bit PNG", "RGBA 16-bit PNG opaque", "LA 16-bit PNG opaque", "RGB JPEG",
-            "L JPEG", "RGB WEBP"]
-JPEGS = ["RGB JPEG", "L JPEG", "RGB JPEG 4:4:4", "RGB JPEG 4:2:2", "RGB JPEG progressive",
-         "RGB JPEG optimized, quality 40"]
+ACCEPTED = [
+    "RGB PNG",
+    "L PNG",
+    "L 4-bit PNG",
+    "L PNG with tRNS",
+    "RGB PNG with tRNS",
+    "RGBA PNG opaque",
+    "LA PNG opaque",
+    "RGB 16-bit PNG",
+    "RGBA 16-bit PNG opaque",
+    "LA 16-bit PNG opaque",
+    "RGB JPEG",
+    "L JPEG",
+    "RGB WEBP",
+]
+JPEGS = [
+    "RGB JPEG",
+    "L JPEG",
+    "RGB JPEG 4:4:4",
+    "RGB JPEG 4:2:2",
+    "RGB JPEG progressive",
+    "RGB JPEG optimized, quality 40",
+]
 ACCEPTED += JPEGS[2:]
 REFUSED = {  # case -> what the message names
     "RGBA PNG transparent": "is a PNG with transparency (RGBA)",
@@ -171,8 +190,11 @@ def test_accepted_modes_score_exactly_as_open_clip_pil(case, tiny, tmp_path):
 def _decoded(path: Path, batch_size: int) -> list[np.ndarray]:
     """The frames of a flat file as the batches hold them, (H, W, 3) each."""
     with open_source(str(path)) as source:
-        return [f.permute(1, 2, 0).numpy() for batch in iter_batches(source, source.episodes(Align.frame), batch_size)
-                for f in as_nchw(batch.frames, batch.form)]
+        return [
+            f.permute(1, 2, 0).numpy()
+            for batch in iter_batches(source, source.episodes(Align.frame), batch_size)
+            for f in as_nchw(batch.frames, batch.form)
+        ]
 
 
 @pytest.mark.parametrize("case", JPEGS)
@@ -218,8 +240,9 @@ def test_a_jpeg_simplejpeg_refuses_is_decoded_by_torchvision(tmp_path, monkeypat
 def test_refused_modes_differ_from_open_clip_pil(case, tiny):
     """Why each refusal is needed: decoding to RGB and preprocessing does not give PIL's pixels."""
     blobs = _blobs(case)
-    ours = DevicePreprocess(tiny.preprocess, torch.device("cpu"))(torch.stack([_decode_rgb_like_before(b)
-                                                                               for b in blobs]))
+    ours = DevicePreprocess(tiny.preprocess, torch.device("cpu"))(
+        torch.stack([_decode_rgb_like_before(b) for b in blobs])
+    )
     assert _levels(tiny, ours, _pil_pixels(tiny, blobs)).max() > 10, case
 
 
@@ -229,8 +252,9 @@ def test_refused_modes_are_named_with_their_frame(case, tiny, tmp_path):
     with open_source(str(path)) as source, pytest.raises(SourceError) as info:
         score_episodes(source, tiny, GOALS, batch_size=2)
     message = str(info.value)
-    assert message.startswith(f"frame 3 of observations {REFUSED[case]}; vlmlabel cannot score it exactly as "
-                              "CLIP's PIL pipeline does"), message
+    assert message.startswith(
+        f"frame 3 of observations {REFUSED[case]}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does"
+    ), message
     assert "\n" not in message and ("convert it to RGB" in message or "save it as" in message)
 
 
@@ -242,8 +266,11 @@ def test_cmyk_jpeg_is_refused_before_device_decoding(tiny, tmp_path):
 
 def test_transparent_frame_exits_2_with_one_line(tiny_model_dir, tmp_path):
     path = _h5(tmp_path / "f.h5", _blobs("RGB PNG", 2), _blobs("RGBA PNG transparent", 1), at=2)
-    result = CliRunner().invoke(app, ["relabel", str(path), "--goal", "x", "--model", str(tiny_model_dir),
-                                      "--device", "cpu"], terminal_width=400)
+    result = CliRunner().invoke(
+        app,
+        ["relabel", str(path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu"],
+        terminal_width=400,
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "frame 2 of observations is a PNG with transparency (RGBA)" in lines[0]
@@ -257,8 +284,9 @@ def test_hf_image_column_refuses_a_palette_frame_and_accepts_16_bit(tiny, tmp_pa
     with open_source(str(tmp_path / "bad")) as source, pytest.raises(SourceError, match=r"frame 2 of .* \(P\)"):
         score_episodes(source, tiny, GOALS, batch_size=4)
     good = _blobs("RGB 16-bit PNG", 3)
-    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in good]},
-                               features=features).save_to_disk(str(tmp_path / "good"))
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in good]}, features=features).save_to_disk(
+        str(tmp_path / "good")
+    )
     with open_source(str(tmp_path / "good")) as source:
         got = score_episodes(source, tiny, GOALS, batch_size=2).all_rewards()
     want = cosine(tiny.encode_images(_pil_pixels(tiny, good)), tiny.encode_texts(GOALS)).numpy()
@@ -293,5 +321,7 @@ def test_bytes_that_are_no_image_are_named_without_the_decoders_internals(tmp_pa
     path = _h5(tmp_path / "f.h5", _blobs("RGB PNG", 3), [b"these bytes are no image at all"], at=2)
     with pytest.raises(SourceError) as info:
         _decoded(path, 4)
-    assert str(info.value).startswith("frame 2 of observations is not a decodable JPEG/PNG image (Unsupported "
-                                      "image file); check the file or choose another --image-key")
+    assert str(info.value).startswith(
+        "frame 2 of observations is not a decodable JPEG/PNG image (Unsupported "
+        "image file); check the file or choose another --image-key"
+    )

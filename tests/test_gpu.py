@@ -66,12 +66,24 @@ def test_pinned_buffers_are_reused_and_copied_whole(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("build, decoding", [(layouts.build_robomimic, 0.0),
-                                             (layouts.build_episodes_gray_jpeg, JPEG_DECODING)], ids=["raw", "jpeg"])
+@pytest.mark.parametrize(
+    "build, decoding",
+    [(layouts.build_robomimic, 0.0), (layouts.build_episodes_gray_jpeg, JPEG_DECODING)],
+    ids=["raw", "jpeg"],
+)
 def test_rewards_on_the_gpu_match_the_cpu_reference(tmp_path, tiny_model_dir, reference, precision, build, decoding):
     layout_file = build(tmp_path / "data.h5")
-    summary = relabel_file(RelabelRequest(source=layout_file.path, goals=GOALS, model=str(tiny_model_dir),
-                                          device="cuda", precision=precision, align=Align.frame, batch_size=5))
+    summary = relabel_file(
+        RelabelRequest(
+            source=layout_file.path,
+            goals=GOALS,
+            model=str(tiny_model_dir),
+            device="cuda",
+            precision=precision,
+            align=Align.frame,
+            batch_size=5,
+        )
+    )
     assert summary.model.device.type == "cuda" and summary.model.precision == precision
     for got, frames in zip(summary.result.rewards, layout_file.frame_steps, strict=True):
         np.testing.assert_allclose(got, reference(frames, GOALS), atol=TOLERANCE[precision] + decoding)
@@ -121,12 +133,24 @@ def test_nvdec_rewards_equal_cpu_decoding_with_and_without_workers(tmp_path, tin
     for decoder in VideoDecoder:
         for workers in (0, 2):
             out = tmp_path / f"{decoder.value}-{workers}"
-            relabel_file(RelabelRequest(source=folder, goals=GOALS, model=str(tiny_model_dir), device="cuda",
-                                        precision="fp32", image_key="observation.images.top", output=out,
-                                        workers=workers, video_decoder=decoder, use_cache=False))
+            relabel_file(
+                RelabelRequest(
+                    source=folder,
+                    goals=GOALS,
+                    model=str(tiny_model_dir),
+                    device="cuda",
+                    precision="fp32",
+                    image_key="observation.images.top",
+                    output=out,
+                    workers=workers,
+                    video_decoder=decoder,
+                    use_cache=False,
+                )
+            )
             with open_source(str(out), "observation.images.top") as labelled:
-                rewards[decoder, workers] = [labelled.step_values(e, "vlm_reward_0")
-                                             for e in labelled.episodes(Align.next)]
+                rewards[decoder, workers] = [
+                    labelled.step_values(e, "vlm_reward_0") for e in labelled.episodes(Align.next)
+                ]
     first = rewards[VideoDecoder.cpu, 0]
     for key, found in rewards.items():
         for mine, want in zip(found, first, strict=True):

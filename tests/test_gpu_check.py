@@ -15,8 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.subprocess
 @pytest.mark.timeout(900)
 def test_gpu_check_dry_run_writes_the_json_and_the_table(tmp_path):
-    done = subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=880)
+    done = subprocess.run(
+        [str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] and report["command"] == f"benchmarks/gpu_check.sh --dry-run --out {tmp_path}"

@@ -108,8 +108,9 @@ def test_reset_after_termination_clears_the_autoreset(rm):
 
 
 def test_vector_env_scores_all_sub_envs_in_one_batch(rm, reference):
-    vec = VLMRewardVector(gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync", render_mode="rgb_array"),
-                          reward_model=rm)
+    vec = VLMRewardVector(
+        gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync", render_mode="rgb_array"), reward_model=rm
+    )
     vec.reset(seed=0)
     autoreset_seen = False
     ended = np.zeros(4, dtype=bool)
@@ -134,14 +135,22 @@ def test_vector_env_scores_all_sub_envs_in_one_batch(rm, reference):
 
 
 def test_vector_modes_and_refusals(rm, tiny_model_dir):
-    vec = VLMRewardVector(gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync", render_mode="rgb_array"),
-                          mode="add", reward_model=rm)
+    vec = VLMRewardVector(
+        gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync", render_mode="rgb_array"),
+        mode="add",
+        reward_model=rm,
+    )
     vec.reset(seed=0)
     _, rewards, _, _, info = vec.step(np.array([0, 1]))
     np.testing.assert_allclose(rewards, 1.0 + info["vlm_reward"], atol=1e-6)
     vec.close()
-    same_step = gym.make_vec("CartPole-v1", num_envs=2, vectorization_mode="sync", render_mode="rgb_array",
-                             vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
+    same_step = gym.make_vec(
+        "CartPole-v1",
+        num_envs=2,
+        vectorization_mode="sync",
+        render_mode="rgb_array",
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+    )
     with pytest.raises(VlmlabelError, match="SAME_STEP"):
         VLMRewardVector(same_step, reward_model=rm)
     with pytest.raises(VlmlabelError, match="rgb_array"):
@@ -170,10 +179,24 @@ def test_missing_gymnasium_says_how_to_install(monkeypatch):
 
 @pytest.mark.subprocess
 def test_cartpole_example_runs(tiny_model_dir):
-    result = subprocess.run([sys.executable, "-m", "vlmlabel.examples.cartpole", "--model", str(tiny_model_dir),
-                             "--steps", "50", "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "SDL_VIDEODRIVER": "dummy"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmlabel.examples.cartpole",
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "50",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "SDL_VIDEODRIVER": "dummy"},
+    )
     assert result.returncode == 0, result.stderr
     assert "vlm reward over 50 scored steps: min" in result.stdout
     assert "env reward sum:" in result.stdout and "episodes ended:" in result.stdout

@@ -41,8 +41,9 @@ def _frames_at(path: Path, name: str, frames: np.ndarray, storage: dict) -> None
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_layout(h5py.h5d.COMPACT)
             space = h5py.h5s.create_simple(frames.shape)
-            h5py.h5d.create(f.id, name.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl,
-                            lcpl=f._lcpl).write(h5py.h5s.ALL, h5py.h5s.ALL, frames)
+            h5py.h5d.create(f.id, name.encode(), h5py.h5t.STD_U8LE, space, dcpl=dcpl, lcpl=f._lcpl).write(
+                h5py.h5s.ALL, h5py.h5s.ALL, frames
+            )
         elif storage.get("external"):
             raw = folder / f"{name.replace('/', '_')}.raw"
             raw.write_bytes(frames.tobytes())
@@ -71,7 +72,7 @@ def _robomimic(path: Path, lengths: list[int], storage: dict, userblock: int = 0
         pass
     start = 0
     for k, length in enumerate(lengths):
-        _frames_at(path, f"data/demo_{k}/obs/agentview_image", FRAMES[start:start + length], storage)
+        _frames_at(path, f"data/demo_{k}/obs/agentview_image", FRAMES[start : start + length], storage)
         start += length
     return path
 
@@ -110,7 +111,8 @@ def test_plain_rows_refuses_a_byte_hdf5_converts_when_reading(tmp_path):
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as f:
         h5py.h5d.create(f.id, b"x", narrow, h5py.h5s.create_simple((4, 8, 8, 3))).write(
-            h5py.h5s.ALL, h5py.h5s.ALL, np.full((4, 8, 8, 3), 0xFF, np.uint8))
+            h5py.h5s.ALL, h5py.h5s.ALL, np.full((4, 8, 8, 3), 0xFF, np.uint8)
+        )
     with h5py.File(path, "r") as f:
         assert plain_rows(f["x"].id, f.id.fileno) is None
         assert f["x"][0, 0, 0, 0] == 0x0F  # what a raw read would have got wrong
@@ -129,7 +131,7 @@ def test_rows_read_are_exactly_h5pys(tmp_path, kind, userblock, monkeypatch):
             for segment in episode.frames:
                 out = np.full((len(segment), 8, 8, 3), 99, np.uint8)
                 assert source.read_into(segment, out)
-                assert np.array_equal(out, f[segment.array][segment.start:segment.stop])
+                assert np.array_equal(out, f[segment.array][segment.start : segment.stop])
     assert (not through_h5py) == plain
 
 
@@ -218,8 +220,11 @@ def test_the_plain_digest_is_the_one_h5py_reads_give(tmp_path, monkeypatch, swee
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as f:
         for k, (start, stop) in enumerate([(0, 3), (3, 259), (259, 260), (260, 700)]):
-            f.create_dataset(f"data/demo_{k}/obs/agentview_image", data=many[start:stop],
-                             chunks=chunks and (min(chunks[0], stop - start), *chunks[1:]))
+            f.create_dataset(
+                f"data/demo_{k}/obs/agentview_image",
+                data=many[start:stop],
+                chunks=chunks and (min(chunks[0], stop - start), *chunks[1:]),
+            )
             f.create_dataset(f"data/demo_{k}/padding", data=np.zeros(50 * k, np.uint8))  # gaps of many sizes
     with HDF5Source(path) as source:  # the fast path was taken
         assert all(isinstance(source._plain_rows(f"data/demo_{k}/obs/agentview_image"), PlainRows) for k in range(4))

@@ -30,9 +30,11 @@ from vlmlabel.sources import Align
 datasets.disable_progress_bars()
 
 GOALS = ["a red cube on the table", "an empty table"]
-CASES = {**table_layouts.BUILDERS,
-         "lerobot_image": lambda root: table_layouts.build_lerobot(root, video=False),
-         "lerobot_video": lambda root: table_layouts.build_lerobot(root, video=True)}
+CASES = {
+    **table_layouts.BUILDERS,
+    "lerobot_image": lambda root: table_layouts.build_lerobot(root, video=False),
+    "lerobot_video": lambda root: table_layouts.build_lerobot(root, video=True),
+}
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -51,26 +53,32 @@ def tree_digest(path: Path) -> dict[str, str]:
     return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def hdf5_rewards(tmp: Path, frames: np.ndarray, episode_index: np.ndarray | None, model: Path, align: Align,
-                 goals=GOALS) -> np.ndarray:
+def hdf5_rewards(
+    tmp: Path, frames: np.ndarray, episode_index: np.ndarray | None, model: Path, align: Align, goals=GOALS
+) -> np.ndarray:
     """Rewards of the same frames through the HDF5 path (flat layout, episodes from terminals)."""
     path = tmp / "reference.h5"
     terminals = np.zeros(len(frames), bool)
     if episode_index is not None:
-        terminals[np.flatnonzero(np.diff(episode_index)) ] = True
+        terminals[np.flatnonzero(np.diff(episode_index))] = True
     with h5py.File(path, "w") as handle:
         handle.create_dataset("observations", data=frames)
         handle.create_dataset("terminals", data=terminals)
-    relabel_file(RelabelRequest(source=path, goals=goals, model=str(model), align=align, device="cpu",
-                                batch_size=4))
+    relabel_file(RelabelRequest(source=path, goals=goals, model=str(model), align=align, device="cpu", batch_size=4))
     with h5py.File(path, "r") as handle:
         names = ["vlm_reward"] if len(goals) == 1 else [f"vlm_reward_{i}" for i in range(len(goals))]
         return np.stack([handle[n][:] for n in names], axis=1)
 
 
 def request_for(case: TableCase, model: Path, **kwargs) -> RelabelRequest:
-    options = {"goals": GOALS, "model": str(model), "device": "cpu", "batch_size": 5,
-               "split": (case.extra or {}).get("split", "train"), "image_key": case.image_key}
+    options = {
+        "goals": GOALS,
+        "model": str(model),
+        "device": "cpu",
+        "batch_size": 5,
+        "split": (case.extra or {}).get("split", "train"),
+        "image_key": case.image_key,
+    }
     options.update(kwargs)
     return RelabelRequest(source=case.path, **options)
 
@@ -138,13 +146,19 @@ def test_parquet_files_mirror_the_source(tmp_path, tiny_model_dir):
     case = table_layouts.build_parquet_folder(tmp_path)
     dest = relabel_file(request_for(case, tiny_model_dir)).written_to
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
-        "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+        "README.md",
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+    ]
     for name in ("train-00000-of-00002.parquet", "train-00001-of-00002.parquet"):
         source_meta = pq.read_schema(case.path / "data" / name).metadata[b"huggingface"]
         written = json.loads(pq.read_schema(dest / "data" / name).metadata[b"huggingface"])
         features = json.loads(source_meta)["info"]["features"]
-        assert written["info"]["features"] == {**features, "vlm_reward_0": {"dtype": "float32", "_type": "Value"},
-                                               "vlm_reward_1": {"dtype": "float32", "_type": "Value"}}
+        assert written["info"]["features"] == {
+            **features,
+            "vlm_reward_0": {"dtype": "float32", "_type": "Value"},
+            "vlm_reward_1": {"dtype": "float32", "_type": "Value"},
+        }
     assert not list(tmp_path.glob(".*.tmp")), "the staging folder was left behind"
 
 
@@ -160,26 +174,58 @@ def test_dataset_dict_other_splits_carried_over(tmp_path, tiny_model_dir):
 def test_unsorted_rows_frame_alignment_scores_each_row(tmp_path, tiny_model_dir):
     frames = table_layouts.make_frames(8, 24, 32, seed=9)
     episode = np.array([1, 0, 1, 0, 2, 2, 0, 1])
-    ds = datasets.Dataset.from_dict({"image": list(frames), "episode_index": episode.tolist(),
-                                     "frame_index": [0, 0, 1, 1, 0, 1, 2, 2]},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                "episode_index": datasets.Value("int64"),
-                                                                "frame_index": datasets.Value("int64")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": list(frames), "episode_index": episode.tolist(), "frame_index": [0, 0, 1, 1, 0, 1, 2, 2]},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                "episode_index": datasets.Value("int64"),
+                "frame_index": datasets.Value("int64"),
+            }
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "shuffled"))
     case = TableCase(tmp_path / "shuffled", "disk", frames, None, "image", True)
     dest = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1], align=Align.frame)).written_to
     got = np.asarray(datasets.load_from_disk(str(dest))["vlm_reward"], dtype=np.float32)
     expected = hdf5_rewards(tmp_path, frames, None, tiny_model_dir, Align.frame, GOALS[:1])[:, 0]
     np.testing.assert_allclose(got, expected, atol=2e-6)
-    result = CliRunner().invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", "x", "--model",
-                                      str(tiny_model_dir), "--device", "cpu", "--align", "next",
-                                      "--output", str(tmp_path / "next")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "relabel",
+            str(tmp_path / "shuffled"),
+            "--goal",
+            "x",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "next",
+            "--output",
+            str(tmp_path / "next"),
+        ],
+    )
     assert result.exit_code == 2 and "not consecutive" in result.output
     assert not (tmp_path / "next").exists()
     # next is the default: without --align the same refusal, naming --align frame as the way to score these rows
-    result = CliRunner().invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", "x", "--model",
-                                      str(tiny_model_dir), "--device", "cpu", "--output", str(tmp_path / "default")],
-                                terminal_width=300)
+    result = CliRunner().invoke(
+        app,
+        [
+            "relabel",
+            str(tmp_path / "shuffled"),
+            "--goal",
+            "x",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "default"),
+        ],
+        terminal_width=300,
+    )
     assert result.exit_code == 2 and "not consecutive" in result.output and "--align frame" in result.output
     assert not (tmp_path / "default").exists()
 
@@ -191,8 +237,18 @@ def test_existing_output_and_columns(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(app, again)
     assert result.exit_code == 2 and "already exists" in result.output
     # Relabel the output itself: its reward column exists; --overwrite replaces it (and the old output).
-    again_out = ["relabel", str(dest), "--goal", "y", "--model", str(tiny_model_dir), "--device", "cpu",
-                 "--output", str(tmp_path / "twice")]
+    again_out = [
+        "relabel",
+        str(dest),
+        "--goal",
+        "y",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "twice"),
+    ]
     result = CliRunner().invoke(app, again_out)
     assert result.exit_code == 2 and "vlm_reward already exist" in result.output
     result = CliRunner().invoke(app, again_out + ["--overwrite"])
@@ -219,8 +275,7 @@ def _save(tmp: Path, name: str, columns: dict, features=None) -> Path:
     return tmp / name
 
 
-@pytest.mark.parametrize("problem", ["missing_column", "int16", "float_range", "nan", "empty", "no_images",
-                                     "ragged"])
+@pytest.mark.parametrize("problem", ["missing_column", "int16", "float_range", "nan", "empty", "no_images", "ragged"])
 def test_bad_input_exits_2_with_one_line(problem, tmp_path, tiny_model_dir):
     frames = table_layouts.make_frames(4, 24, 32, seed=3)
     image_key = None
@@ -278,9 +333,28 @@ def test_cli_subprocess_end_to_end(tmp_path, tiny_model_dir):
 
     case = table_layouts.build_parquet_float_chw(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(case.path), "--goal", "a cube",
-                          "--model", str(tiny_model_dir), "--device", "cpu", "--align", "frame", "--quiet"],
-                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmlabel",
+            "relabel",
+            str(case.path),
+            "--goal",
+            "a cube",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "frame",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
     assert run.returncode == 0, run.stderr
     out = tmp_path / "float_chw-vlmlabel.parquet"
     table = pq.read_table(out)
@@ -302,8 +376,14 @@ def fake_hub(monkeypatch, tmp_path) -> TableCase:
     def load_dataset(repo_id, split="train", revision=None, streaming=False, **kwargs):
         assert repo_id == HUB_ID and "trust_remote_code" not in kwargs
         calls.append((revision, streaming, kwargs.get("columns")))
-        return real("parquet", data_files=str(case.path / "data" / "*.parquet"), split=split, streaming=streaming,
-                    cache_dir=str(tmp_path / "hf-cache"), **kwargs)
+        return real(
+            "parquet",
+            data_files=str(case.path / "data" / "*.parquet"),
+            split=split,
+            streaming=streaming,
+            cache_dir=str(tmp_path / "hf-cache"),
+            **kwargs,
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     (tmp_path / "work").mkdir()
@@ -313,20 +393,42 @@ def fake_hub(monkeypatch, tmp_path) -> TableCase:
 
 
 def test_hub_id_writes_a_save_to_disk_dataset(fake_hub, tiny_model_dir, tmp_path):
-    summary = relabel_file(RelabelRequest(source=Path(HUB_ID), goals=GOALS[:1], model=str(tiny_model_dir),
-                                          device="cpu", revision="v1.0", align=Align.frame))
+    summary = relabel_file(
+        RelabelRequest(
+            source=Path(HUB_ID),
+            goals=GOALS[:1],
+            model=str(tiny_model_dir),
+            device="cpu",
+            revision="v1.0",
+            align=Align.frame,
+        )
+    )
     assert summary.written_to == tmp_path / "work" / "robot-pushes-vlmlabel"
     loaded = datasets.load_from_disk(str(summary.written_to))
     assert isinstance(loaded.features["image"], datasets.Image)
-    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.frame,
-                            GOALS[:1])
+    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.frame, GOALS[:1])
     np.testing.assert_allclose(np.asarray(loaded["vlm_reward"], dtype=np.float32), expected[:, 0], atol=2e-6)
     assert fake_hub.extra["calls"][0][:2] == ("v1.0", False)
 
 
 def test_streaming_writes_a_joinable_sidecar(fake_hub, tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(app, ["relabel", HUB_ID, "--streaming", "--goal", GOALS[0], "--model",
-                                      str(tiny_model_dir), "--device", "cpu", "--align", "next", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "relabel",
+            HUB_ID,
+            "--streaming",
+            "--goal",
+            GOALS[0],
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "next",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert all(streaming for _, streaming, _ in fake_hub.extra["calls"])
     assert ["episode_index", "frame_index"] in [c[2] for c in fake_hub.extra["calls"]], "index pass not projected"
@@ -340,16 +442,17 @@ def test_streaming_writes_a_joinable_sidecar(fake_hub, tiny_model_dir, tmp_path)
     rows = datasets.load_dataset(HUB_ID, split="train").to_pandas()
     rewards = pd.read_parquet(sidecar)
     joined = rows.merge(rewards, on=["episode_index", "frame_index", "index"], how="left")
-    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.next,
-                            GOALS[:1])
+    expected = hdf5_rewards(tmp_path, fake_hub.frames, fake_hub.episode_index, tiny_model_dir, Align.next, GOALS[:1])
     np.testing.assert_allclose(joined["vlm_reward"].to_numpy(), expected[:, 0], atol=2e-6)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_unknown_hub_id_offline_is_one_line(streaming, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _error(["relabel", "nobody-here/no-such-dataset", "--goal", "x", "--model", str(tiny_model_dir)]
-                  + (["--streaming"] if streaming else []))
+    line = _error(
+        ["relabel", "nobody-here/no-such-dataset", "--goal", "x", "--model", str(tiny_model_dir)]
+        + (["--streaming"] if streaming else [])
+    )
     assert "nobody-here/no-such-dataset" in line
     assert ("streaming the Hub dataset" if streaming else "is not a local path") in line
     assert list(tmp_path.iterdir()) == []
@@ -362,8 +465,9 @@ def test_push_to_hub_uploads_the_written_folder(monkeypatch, tmp_path, tiny_mode
     case = table_layouts.build_lerobot(tmp_path, video=False)
     uploads = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: uploads.append(repo_id))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: uploads.append((kw["repo_id"], kw["folder_path"])))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "upload_folder", lambda self, **kw: uploads.append((kw["repo_id"], kw["folder_path"]))
+    )
     summary = relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1], push_to_hub="me/labelled"))
     assert uploads == ["me/labelled", ("me/labelled", str(summary.written_to))]
 
@@ -371,8 +475,24 @@ def test_push_to_hub_uploads_the_written_folder(monkeypatch, tmp_path, tiny_mode
         raise huggingface_hub.errors.HfHubHTTPError("401 Unauthorized")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
-    line = _error(["relabel", str(case.path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu",
-                   "--image-key", "top", "--output", str(tmp_path / "second"), "--push-to-hub", "me/labelled"])
+    line = _error(
+        [
+            "relabel",
+            str(case.path),
+            "--goal",
+            "x",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--image-key",
+            "top",
+            "--output",
+            str(tmp_path / "second"),
+            "--push-to-hub",
+            "me/labelled",
+        ]
+    )
     assert "pushing to the Hub repo me/labelled failed" in line and (tmp_path / "second" / "meta").is_dir()
 
 
@@ -381,8 +501,21 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_dataset(tmp_path, tiny_
     precious = tmp_path / "thesis"
     precious.mkdir()
     (precious / "chapter1.tex").write_text("months of work")
-    line = _error(["relabel", str(case.path), "--goal", "x", "--model", str(tiny_model_dir), "--device", "cpu",
-                   "--output", str(precious), "--overwrite"])
+    line = _error(
+        [
+            "relabel",
+            str(case.path),
+            "--goal",
+            "x",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(precious),
+            "--overwrite",
+        ]
+    )
     assert "holds no dataset" in line
     assert (precious / "chapter1.tex").read_text() == "months of work"
 
@@ -392,7 +525,8 @@ def test_parquet_files_of_different_schemas_are_refused(tmp_path, tiny_model_dir
     (tmp_path / "mixed").mkdir()
     datasets.Dataset.from_dict({"obs": list(frames[:2])}).to_parquet(str(tmp_path / "mixed" / "a.parquet"))
     datasets.Dataset.from_dict({"obs": list(frames[2:]), "extra": [1, 2]}).to_parquet(
-        str(tmp_path / "mixed" / "b.parquet"))
+        str(tmp_path / "mixed" / "b.parquet")
+    )
     line = _error(["relabel", str(tmp_path / "mixed"), "--goal", "x", "--model", str(tiny_model_dir)])
     assert "other columns or types" in line and "b.parquet" in line
 
@@ -413,9 +547,17 @@ def test_source_changed_during_scoring_writes_nothing(tmp_path, tiny_model_dir):
 
 def test_streaming_run_interrupted_resumes_to_the_same_rewards(fake_hub, tiny_model_dir, tmp_path):
     """A stream cannot seek, but its saved progress still serves: the rerun skips what was scored."""
+
     def request():
-        return RelabelRequest(source=Path(HUB_ID), goals=GOALS, model=str(tiny_model_dir), device="cpu",
-                              streaming=True, batch_size=2, checkpoint_every=2)
+        return RelabelRequest(
+            source=Path(HUB_ID),
+            goals=GOALS,
+            model=str(tiny_model_dir),
+            device="cpu",
+            streaming=True,
+            batch_size=2,
+            checkpoint_every=2,
+        )
 
     whole = relabel_file(request())
     expected = pq.read_table(whole.written_to)

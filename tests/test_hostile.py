@@ -32,8 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _parquet(path: Path, seed: int = 7) -> Path:
     frames = make_frames(sum(LENGTHS), 24, 32, seed=seed)
     episode = np.repeat(np.arange(len(LENGTHS)), LENGTHS)
-    Dataset.from_dict({"image": list(frames), "episode_index": episode.tolist()},
-                      features=Features({"image": Image(), "episode_index": Value("int64")})).to_parquet(str(path))
+    Dataset.from_dict(
+        {"image": list(frames), "episode_index": episode.tolist()},
+        features=Features({"image": Image(), "episode_index": Value("int64")}),
+    ).to_parquet(str(path))
     return path
 
 
@@ -74,8 +76,10 @@ def _edit_frames(path: Path) -> None:
     for row in range(2, 9):
         images[row] = {"bytes": white, "path": None}
     index = table.schema.get_field_index("image")
-    pq.write_table(table.set_column(index, table.schema.field("image"),
-                                    pa.array(images, type=table.schema.field("image").type)), path)
+    pq.write_table(
+        table.set_column(index, table.schema.field("image"), pa.array(images, type=table.schema.field("image").type)),
+        path,
+    )
 
 
 def test_an_edited_table_invalidates_its_cache_and_its_finished_rewards(tmp_path, tiny_model_dir):
@@ -83,8 +87,11 @@ def test_an_edited_table_invalidates_its_cache_and_its_finished_rewards(tmp_path
     relabel_file(_request(source, tiny_model_dir))
     embed_file(EmbedRequest(source=source, model=str(tiny_model_dir), device="cpu"))
     _edit_frames(source)
-    again = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                "cpu", "--quiet"], terminal_width=300)
+    again = runner.invoke(
+        app,
+        ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu", "--quiet"],
+        terminal_width=300,
+    )
     assert again.exit_code == 2 and "--overwrite" in again.output  # not "already written": the frames changed
     fresh = relabel_file(_request(source, tiny_model_dir, output=tmp_path / "fresh.parquet"))
     assert not fresh.used_cache and "other frames" in fresh.cache_note
@@ -95,8 +102,11 @@ def test_an_edited_table_invalidates_its_cache_and_its_finished_rewards(tmp_path
 def test_a_name_too_long_for_the_file_system_is_refused_before_the_model_loads(tmp_path):
     # The output name fits (238 bytes), the progress folder and lock too; the staging copy beside it does not.
     source = _parquet(tmp_path / f"{'s' * 221}.parquet")
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--reward-key", "r", "--model",
-                                 str(tmp_path / "no-model")], terminal_width=400)
+    result = runner.invoke(
+        app,
+        ["relabel", str(source), "--goal", GOAL, "--reward-key", "r", "--model", str(tmp_path / "no-model")],
+        terminal_width=400,
+    )
     assert result.exit_code == 2 and "file name limit" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
@@ -111,8 +121,23 @@ def test_overwrite_never_replaces_an_output_that_is_not_a_dataset(kind, tmp_path
         source = table_layouts.build_disk_image(tmp_path).path
     notes = tmp_path / {"hdf5": "notes.h5", "parquet": "notes.parquet"}.get(kind, "notes.txt")  # named for the format
     notes.write_text("my notes")
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                 "cpu", "--output", str(notes), "--overwrite"], terminal_width=300)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(notes),
+            "--overwrite",
+        ],
+        terminal_width=300,
+    )
     assert result.exit_code == 2 and "choose a new --output" in result.output, result.output
     assert notes.read_text() == "my notes"
 
@@ -180,8 +205,23 @@ def test_a_garbled_lock_file_is_taken_over_not_a_traceback(garbled, tmp_path, ti
     lock.write_text(garbled.replace("HOST", socket.gethostname()))
     old = time.time() - 3600  # written long ago: not a lock being written right now
     os.utime(lock, (old, old))
-    result = runner.invoke(app, ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                 "cpu", "--output", str(out), "--quiet"], terminal_width=300)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(lf.path),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+        terminal_width=300,
+    )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and not lock.exists() and out.exists()
 
@@ -190,10 +230,16 @@ def test_a_garbled_lock_file_is_taken_over_not_a_traceback(garbled, tmp_path, ti
 def test_failures_at_the_start_of_scoring_are_one_line_and_leave_nothing(case, tmp_path, tiny_model_dir):
     lf = layouts.build_robomimic(tmp_path / "data.h5")
     before = hashlib.sha256(lf.path.read_bytes()).hexdigest()
-    extra = (["--reward", "projection", "--baseline", GOAL] if case == "baseline equals goal"
-             else ["--batch-size", "100000000000"])
-    result = runner.invoke(app, ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir),
-                                 "--device", "cpu", *extra], terminal_width=300)
+    extra = (
+        ["--reward", "projection", "--baseline", GOAL]
+        if case == "baseline equals goal"
+        else ["--batch-size", "100000000000"]
+    )
+    result = runner.invoke(
+        app,
+        ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu", *extra],
+        terminal_width=300,
+    )
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
@@ -235,12 +281,27 @@ def test_evaluate_refuses_damaged_rewards_in_one_line(damage, tmp_path, tiny_mod
 @pytest.mark.parametrize("option", [["--normalize", "episode"], ["--shaping", "delta"]])
 def test_per_episode_post_processing_refuses_scattered_episodes(option, tmp_path, tiny_model_dir):
     frames = make_frames(6, 24, 32, seed=3)
-    Dataset.from_dict({"image": list(frames), "episode_index": [1, 0, 1, 0, 0, 1]},
-                      features=Features({"image": Image(), "episode_index": Value("int64")})
-                      ).save_to_disk(str(tmp_path / "shuffled"))
-    result = runner.invoke(app, ["relabel", str(tmp_path / "shuffled"), "--goal", GOAL, "--model",
-                                 str(tiny_model_dir), "--device", "cpu", "--align", "frame", *option],
-                           terminal_width=300)
+    Dataset.from_dict(
+        {"image": list(frames), "episode_index": [1, 0, 1, 0, 0, 1]},
+        features=Features({"image": Image(), "episode_index": Value("int64")}),
+    ).save_to_disk(str(tmp_path / "shuffled"))
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(tmp_path / "shuffled"),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "frame",
+            *option,
+        ],
+        terminal_width=300,
+    )
     assert result.exit_code == 2 and "not consecutive" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shuffled"]
 
@@ -255,15 +316,25 @@ def test_a_file_another_program_is_writing_is_reported_busy_and_left_alone(hdf5_
 
     lf = layouts.build_robomimic(tmp_path / "data.h5")
     writer = subprocess.Popen(
-        [sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\n"
-         "time.sleep(60)", str(lf.path)],
-        env={**os.environ, "HDF5_USE_FILE_LOCKING": hdf5_locking}, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\nprint('open', flush=True)\ntime.sleep(60)",
+            str(lf.path),
+        ],
+        env={**os.environ, "HDF5_USE_FILE_LOCKING": hdf5_locking},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == "open"
         before = hashlib.sha256(lf.path.read_bytes()).hexdigest()
         time.sleep(0.1)
-        result = runner.invoke(app, ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir),
-                                     "--device", "cpu"], terminal_width=300)
+        result = runner.invoke(
+            app,
+            ["relabel", str(lf.path), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu"],
+            terminal_width=300,
+        )
         assert result.exit_code == 2, result.output
         line = result.output.strip()
         assert "corrupt" not in line and "h5clear" not in line
@@ -279,7 +350,20 @@ def test_embed_overwrite_never_replaces_a_file_that_is_not_hdf5(tmp_path, tiny_m
     lf = layouts.build_robomimic(tmp_path / "data.h5")
     notes = tmp_path / "notes.h5"
     notes.write_text("my notes")
-    result = runner.invoke(app, ["embed", str(lf.path), "--model", str(tiny_model_dir), "--device", "cpu",
-                                 "--output", str(notes), "--overwrite"], terminal_width=300)
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            str(lf.path),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(notes),
+            "--overwrite",
+        ],
+        terminal_width=300,
+    )
     assert result.exit_code == 2 and "not an HDF5 file" in result.output, result.output
     assert notes.read_text() == "my notes"

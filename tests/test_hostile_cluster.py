@@ -38,9 +38,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 runner = CliRunner()
 LENGTHS = (7, 11, 3, 9, 5, 8, 6)  # shard edges fall inside batches of 4
-_CLEARED = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
-            "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_JOB_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-            "MASTER_PORT")
+_CLEARED = (
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_ARRAY_JOB_ID",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _env(**values: str) -> dict[str, str | None]:
@@ -48,16 +58,35 @@ def _env(**values: str) -> dict[str, str | None]:
     return {**dict.fromkeys(_CLEARED), **values}
 
 
-def _array(task: int, count: int | None, first: int | None, last: int | None, step: int = 1,
-           job: str = "4242") -> dict[str, str]:
-    values = {"SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": count, "SLURM_ARRAY_TASK_MIN": first,
-              "SLURM_ARRAY_TASK_MAX": last, "SLURM_ARRAY_TASK_STEP": step, "SLURM_ARRAY_JOB_ID": job}
+def _array(
+    task: int, count: int | None, first: int | None, last: int | None, step: int = 1, job: str = "4242"
+) -> dict[str, str]:
+    values = {
+        "SLURM_ARRAY_TASK_ID": task,
+        "SLURM_ARRAY_TASK_COUNT": count,
+        "SLURM_ARRAY_TASK_MIN": first,
+        "SLURM_ARRAY_TASK_MAX": last,
+        "SLURM_ARRAY_TASK_STEP": step,
+        "SLURM_ARRAY_JOB_ID": job,
+    }
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
 def _relabel(source: Path, model: Path, *extra: str, env: dict[str, str] | None = None):
-    args = ["relabel", str(source), "--goal", "a red block", "--model", str(model), "--device", "cpu",
-            "--batch-size", "4", "--quiet", *extra]
+    args = [
+        "relabel",
+        str(source),
+        "--goal",
+        "a red block",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--quiet",
+        *extra,
+    ]
     return runner.invoke(app, args, env=_env(**(env or {})), terminal_width=400)
 
 
@@ -69,14 +98,17 @@ def _one_error_line(output: str) -> str:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _single(tmp_path: Path, model: Path, **extra) -> dict[str, np.ndarray]:
     single = make_dataset(tmp_path / "single.h5", LENGTHS)
-    relabel_file(RelabelRequest(source=single, goals=["a red block"], model=str(model), device="cpu", batch_size=4,
-                                **extra))
+    relabel_file(
+        RelabelRequest(source=single, goals=["a red block"], model=str(model), device="cpu", batch_size=4, **extra)
+    )
     return read_rewards(single, extra.get("reward_key", "vlm_reward"))
 
 
@@ -97,8 +129,7 @@ UNSAYABLE = {  # the variables cannot say how many shards the job has
 
 
 @pytest.mark.parametrize("case", sorted(UNSAYABLE))
-def test_an_array_task_that_cannot_say_its_shard_is_refused_without_touching_anything(case, tmp_path,
-                                                                                       tiny_model_dir):
+def test_an_array_task_that_cannot_say_its_shard_is_refused_without_touching_anything(case, tmp_path, tiny_model_dir):
     source = make_dataset(tmp_path / "data.h5", LENGTHS)
     before = _digest(tmp_path)
     result = _relabel(source, tiny_model_dir, env=UNSAYABLE[case])
@@ -147,8 +178,16 @@ def test_a_task_alone_refuses_a_task_id_outside_the_saved_array(tmp_path, tiny_m
 
 def test_a_task_alone_with_parts_of_explicit_shards_is_told_their_count(tmp_path, tiny_model_dir):
     source = make_dataset(tmp_path / "data.h5", LENGTHS)
-    relabel_file(RelabelRequest(source=source, goals=["a red block"], model=str(tiny_model_dir), device="cpu",
-                                batch_size=4, shard=ShardSpec(0, 3)))
+    relabel_file(
+        RelabelRequest(
+            source=source,
+            goals=["a red block"],
+            model=str(tiny_model_dir),
+            device="cpu",
+            batch_size=4,
+            shard=ShardSpec(0, 3),
+        )
+    )
     before = _digest(tmp_path)
     result = _relabel(source, tiny_model_dir, env=_array(2, 1, 2, 2))
     assert result.exit_code == 2
@@ -162,8 +201,9 @@ def test_a_stale_shard_lock_tells_the_shard_count(tmp_path, tiny_model_dir):
     source = make_dataset(tmp_path / "data.h5", LENGTHS)
     lock = work_dir(source, "vlm_reward") / "shard-1-of-4.lock"
     lock.parent.mkdir()
-    lock.write_text(json.dumps({"pid": 4_000_000, "host": socket.gethostname(), "started": "then",
-                                "command": "vlmlabel relabel"}))
+    lock.write_text(
+        json.dumps({"pid": 4_000_000, "host": socket.gethostname(), "started": "then", "command": "vlmlabel relabel"})
+    )
     before = _digest(tmp_path)
     result = _relabel(source, tiny_model_dir, env=_array(1, 1, 1, 1))
     assert result.exit_code == 2
@@ -218,8 +258,13 @@ def _free_port() -> int:
 
 
 def _torchrun(rank: int) -> dict[str, str]:
-    return {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
 
 
 def test_torchrun_inside_a_slurm_array_names_both_and_never_blames_options(tmp_path, tiny_model_dir):
@@ -239,8 +284,13 @@ def test_torchrun_inside_a_slurm_array_names_both_and_never_blames_options(tmp_p
 def test_num_shards_1_lets_torchrun_split_the_whole_dataset_inside_an_array(tmp_path, tiny_model_dir):
     """Accepted: the run goes on to meet the other rank (there is none here: refused after 1 s)."""
     source = make_dataset(tmp_path / "data.h5", LENGTHS)
-    result = _relabel(source, tiny_model_dir, "--num-shards", "1",
-                      env={**_torchrun(1), **_array(1, 2, 0, 1), "VLMLABEL_RENDEZVOUS_TIMEOUT": "1"})
+    result = _relabel(
+        source,
+        tiny_model_dir,
+        "--num-shards",
+        "1",
+        env={**_torchrun(1), **_array(1, 2, 0, 1), "VLMLABEL_RENDEZVOUS_TIMEOUT": "1"},
+    )
     assert result.exit_code == 2
     assert "could not meet the other ranks within 1 s" in result.output.splitlines()[-1]
 
@@ -282,9 +332,19 @@ def test_rendezvous_timeout_from_the_environment():
 def _shards(source: Path, model: Path, key: str, indices=(0, 1), **extra) -> list[str]:
     notes: list[str] = []
     for index in indices:
-        relabel_file(RelabelRequest(source=source, goals=["a red block"], model=str(model), device="cpu",
-                                    batch_size=4, reward_key=key, shard=ShardSpec(index, 2), **extra),
-                     on_note=notes.append)
+        relabel_file(
+            RelabelRequest(
+                source=source,
+                goals=["a red block"],
+                model=str(model),
+                device="cpu",
+                batch_size=4,
+                reward_key=key,
+                shard=ShardSpec(index, 2),
+                **extra,
+            ),
+            on_note=notes.append,
+        )
     return notes
 
 
@@ -325,9 +385,18 @@ def test_a_requeued_merge_killed_before_its_cleanup_finishes(case, tiny_model_di
     """The merge wrote the rewards and was killed before it removed the parts; SLURM runs it again."""
     dest = case.output("merged")
     for index in range(2):
-        relabel_file(RelabelRequest(source=case.source, goals=["a red block"], model=str(tiny_model_dir),
-                                    image_key=case.image_key, device="cpu", batch_size=4, output=dest,
-                                    shard=ShardSpec(index, 2)))
+        relabel_file(
+            RelabelRequest(
+                source=case.source,
+                goals=["a red block"],
+                model=str(tiny_model_dir),
+                image_key=case.image_key,
+                device="cpu",
+                batch_size=4,
+                output=dest,
+                shard=ShardSpec(index, 2),
+            )
+        )
     work = work_dir(dest, "vlm_reward")
     kept = work.parent / "kept-parts"
     shutil.copytree(work, kept)

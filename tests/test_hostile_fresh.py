@@ -78,8 +78,9 @@ def test_cache_ignored_after_a_frame_edited_with_its_time_set_back(tmp_path, tin
         f["observations"][4] = 255 - f["observations"][4]
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     frames[4] = 255 - frames[4]
-    code, output = run("relabel", source, "--goal", GOAL, "--model", tiny_model_dir, "--device", "cpu",
-                       "--align", "frame")
+    code, output = run(
+        "relabel", source, "--goal", GOAL, "--model", tiny_model_dir, "--device", "cpu", "--align", "frame"
+    )
     assert code == 0 and "made from other frames" in words(output), output
     np.testing.assert_allclose(read_reward(source), reference(frames, [GOAL])[:, 0], atol=2e-3)
 
@@ -107,13 +108,22 @@ def test_cache_of_one_camera_serves_neither_the_other_nor_both(tmp_path, tiny_mo
         b = np.concatenate([f[f"data/demo_{i}/obs/wrist_image"][()] for i in range(2)])
     embedded = run("embed", source, "--model", tiny_model_dir, "--device", "cpu", "--image-key", "obs/agentview_image")
     assert embedded[0] == 0
-    code, _ = relabel(source, tiny_model_dir, "--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image",
-                      "--align", "frame")
+    code, _ = relabel(
+        source,
+        tiny_model_dir,
+        "--image-key",
+        "obs/agentview_image",
+        "--image-key",
+        "obs/wrist_image",
+        "--align",
+        "frame",
+    )
     assert code == 0
     both = (reference(a, [GOAL])[:, 0] + reference(b, [GOAL])[:, 0]) / 2
     np.testing.assert_allclose(read_reward(source), both, atol=2e-3)
-    code, _ = relabel(source, tiny_model_dir, "--image-key", "obs/wrist_image", "--align", "frame",
-                      "--reward-key", "wrist")
+    code, _ = relabel(
+        source, tiny_model_dir, "--image-key", "obs/wrist_image", "--align", "frame", "--reward-key", "wrist"
+    )
     assert code == 0
     np.testing.assert_allclose(read_reward(source, "wrist"), reference(b, [GOAL])[:, 0], atol=2e-3)
 
@@ -124,13 +134,17 @@ def test_damaged_table_cache_is_ignored(damage, tmp_path, tiny_model_dir, refere
     cache = tmp_path / "pq_folder.vlmlabel-cache.h5"
     if damage == "truncated":
         assert run("embed", case.path, "--model", tiny_model_dir, "--device", "cpu", "--workers", "0")[0] == 0
-        cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
     else:
         cache.write_text("hello")
     code, output = relabel(case.path, tiny_model_dir, "--align", "frame", "--workers", "0")
     assert code == 0, output
-    got = np.concatenate([pq.read_table(p)["vlm_reward"].to_numpy()
-                          for p in sorted((tmp_path / "pq_folder-vlmlabel").rglob("*.parquet"))])
+    got = np.concatenate(
+        [
+            pq.read_table(p)["vlm_reward"].to_numpy()
+            for p in sorted((tmp_path / "pq_folder-vlmlabel").rglob("*.parquet"))
+        ]
+    )
     np.testing.assert_allclose(got, reference(case.frames, [GOAL])[:, 0], atol=2e-3)
 
 
@@ -151,13 +165,25 @@ def test_cameras_of_two_frame_sizes(tmp_path, tiny_model_dir, reference):
     with h5py.File(source) as f:
         a = np.concatenate([f[f"data/demo_{i}/obs/agentview_image"][()] for i in range(2)])
         b = np.concatenate([f[f"data/demo_{i}/obs/wrist_image"][()] for i in range(2)])
-    code, _ = relabel(source, tiny_model_dir, "--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image",
-                      "--align", "frame", "--output", tmp_path / "out.h5")
+    code, _ = relabel(
+        source,
+        tiny_model_dir,
+        "--image-key",
+        "obs/agentview_image",
+        "--image-key",
+        "obs/wrist_image",
+        "--align",
+        "frame",
+        "--output",
+        tmp_path / "out.h5",
+    )
     assert code == 0
-    np.testing.assert_allclose(read_reward(tmp_path / "out.h5"),
-                               (reference(a, [GOAL])[:, 0] + reference(b, [GOAL])[:, 0]) / 2, atol=2e-3)
-    np.testing.assert_allclose(read_reward(tmp_path / "out.h5", "vlm_reward_cam_wrist_image"),
-                               reference(b, [GOAL])[:, 0], atol=2e-3)
+    np.testing.assert_allclose(
+        read_reward(tmp_path / "out.h5"), (reference(a, [GOAL])[:, 0] + reference(b, [GOAL])[:, 0]) / 2, atol=2e-3
+    )
+    np.testing.assert_allclose(
+        read_reward(tmp_path / "out.h5", "vlm_reward_cam_wrist_image"), reference(b, [GOAL])[:, 0], atol=2e-3
+    )
 
 
 def test_episodes_of_one_step_under_align_next(tmp_path, tiny_model_dir, reference):
@@ -177,8 +203,16 @@ def test_lerobot_episode_index_with_a_gap(tmp_path, tiny_model_dir, reference):
         episodes = table["episode_index"].to_numpy()
         column = table.schema.get_field_index("episode_index")
         pq.write_table(table.set_column(column, "episode_index", pa.array(np.where(episodes == 2, 5, episodes))), path)
-    code, output = relabel(case.path, tiny_model_dir, "--image-key", "observation.images.top", "--align", "frame",
-                           "--output", tmp_path / "out")
+    code, output = relabel(
+        case.path,
+        tiny_model_dir,
+        "--image-key",
+        "observation.images.top",
+        "--align",
+        "frame",
+        "--output",
+        tmp_path / "out",
+    )
     assert code == 0, output
     parts = sorted((tmp_path / "out" / "data").rglob("*.parquet"))
     got = np.concatenate([pq.read_table(p)["vlm_reward"].to_numpy() for p in parts])
@@ -201,8 +235,9 @@ def test_output_a_hard_link_to_source_replaces_the_link_only(tmp_path, tiny_mode
 def test_lerobot_link_output_edited_leaves_the_source(tmp_path, tiny_model_dir):
     case = table_layouts.build_lerobot(tmp_path, video=True)
     before = tree_digest(case.path)
-    code, _ = relabel(case.path, tiny_model_dir, "--image-key", "observation.images.top", "--link",
-                      "--output", tmp_path / "out")
+    code, _ = relabel(
+        case.path, tiny_model_dir, "--image-key", "observation.images.top", "--link", "--output", tmp_path / "out"
+    )
     assert code == 0
     for edited in ("meta/info.json", "meta/stats.json"):
         with open(tmp_path / "out" / edited, "a") as handle:  # LeRobot's tools rewrite metadata in place
@@ -230,8 +265,12 @@ def test_read_only_file_system(tmp_path, tiny_model_dir):
         flat(source / "data.h5", make_frames(9, 16, 16, 1))
         table_layouts.build_parquet_folder(source)
         before = tree_digest(source)
-        for args in (["relabel", view / "data.h5", "--goal", GOAL], ["embed", view / "data.h5"],
-                     ["relabel", view / "pq_folder", "--goal", GOAL], ["embed", view / "pq_folder"]):
+        for args in (
+            ["relabel", view / "data.h5", "--goal", GOAL],
+            ["embed", view / "data.h5"],
+            ["relabel", view / "pq_folder", "--goal", GOAL],
+            ["embed", view / "pq_folder"],
+        ):
             code, output = run(*args, "--model", tiny_model_dir, "--device", "cpu", "--workers", "0")
             one_line_error(code, output, "cannot write in", "--output")
         assert relabel(view / "data.h5", tiny_model_dir, "--output", tmp_path / "out.h5")[0] == 0
@@ -252,8 +291,14 @@ def _limit_file_size(limit: int):
 
 
 def _vlmlabel(args: list[object], limit: int | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmlabel", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300, preexec_fn=_limit_file_size(limit) if limit else None)
+    return subprocess.run(
+        [sys.executable, "-m", "vlmlabel", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        preexec_fn=_limit_file_size(limit) if limit else None,
+    )
 
 
 @pytest.mark.slow
@@ -273,8 +318,12 @@ def test_full_disk_while_hdf5_writes_is_one_line_and_a_rerun_finishes(write, tmp
         "--output copy": ["relabel", source, "--goal", GOAL, *model, "--output", tmp_path / "out.h5"],
         "--link labels file": ["relabel", source, "--goal", GOAL, *model, "--output", tmp_path / "out.h5", "--link"],
     }[write]
-    limit = {"embed into HDF5": size + 512, "embed of a table": 3000, "--output copy": size + 64,
-             "--link labels file": 1500}[write]
+    limit = {
+        "embed into HDF5": size + 512,
+        "embed of a table": 3000,
+        "--output copy": size + 64,
+        "--link labels file": 1500,
+    }[write]
     before = tree_digest(tmp_path)
     failed = _vlmlabel(args, limit)
     one_line_error(failed.returncode, failed.stderr, "[Errno 27]", "make room")
@@ -296,12 +345,14 @@ def test_resume_after_changing_options(change, tmp_path, tiny_model_dir, referen
     source = flat(tmp_path / "data.h5", frames, lengths=(200, 300, 100), chunks=(8, 16, 20, 3), compression="gzip")
     base = ["relabel", source, "--model", tiny_model_dir, "--device", "cpu", "--checkpoint-every", "16"]
     first = [*base, "--goal", GOAL, "--batch-size", "8", "--align", "frame", "--workers", "0"]
-    second = {"batch size and workers": [*base, "--goal", GOAL, "--batch-size", "32", "--align", "frame",
-                                         "--workers", "2"],
-              "alignment": [*base, "--goal", GOAL, "--batch-size", "8", "--align", "next"],
-              "goal": [*base, "--goal", "a red ball", "--batch-size", "8", "--align", "frame"]}[change]
-    started = subprocess.Popen([sys.executable, "-m", "vlmlabel", *map(str, first)], env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    second = {
+        "batch size and workers": [*base, "--goal", GOAL, "--batch-size", "32", "--align", "frame", "--workers", "2"],
+        "alignment": [*base, "--goal", GOAL, "--batch-size", "8", "--align", "next"],
+        "goal": [*base, "--goal", "a red ball", "--batch-size", "8", "--align", "frame"],
+    }[change]
+    started = subprocess.Popen(
+        [sys.executable, "-m", "vlmlabel", *map(str, first)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     progress = tmp_path / "data.h5.vlmlabel-vlm_reward" / "progress"
     deadline = time.monotonic() + 120
     while not progress.exists() and started.poll() is None and time.monotonic() < deadline:
@@ -325,10 +376,28 @@ def test_resume_after_changing_options(change, tmp_path, tiny_model_dir, referen
 def test_two_runs_on_one_file_at_once(tmp_path, tiny_model_dir, reference):
     frames = make_frames(3000, 16, 20, seed=13)  # long enough for the second run to start while the first runs
     source = flat(tmp_path / "data.h5", frames, lengths=(1500, 1500))
-    args = ["relabel", source, "--model", tiny_model_dir, "--device", "cpu", "--goal", GOAL, "--align", "frame",
-            "--batch-size", "8", "-q"]
-    first = subprocess.Popen([sys.executable, "-m", "vlmlabel", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    args = [
+        "relabel",
+        source,
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--goal",
+        GOAL,
+        "--align",
+        "frame",
+        "--batch-size",
+        "8",
+        "-q",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "vlmlabel", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = tmp_path / "data.h5.vlmlabel.lock"
     deadline = time.monotonic() + 60
     while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
@@ -356,12 +425,15 @@ def test_api_one_string_is_one_prompt(tiny_model_dir):
     assert templated.config.templates == ["a photo of {}"]
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"goals": [3]}, "goals must be strings"),
-    ({"goals": [GOAL], "baselines": [None], "reward": "projection"}, "baselines must be strings"),
-    ({"goals": [GOAL], "batch_size": 2.5}, "batch_size must be a whole number"),
-    ({"goals": [GOAL], "batch_size": True}, "batch_size must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"goals": [3]}, "goals must be strings"),
+        ({"goals": [GOAL], "baselines": [None], "reward": "projection"}, "baselines must be strings"),
+        ({"goals": [GOAL], "batch_size": 2.5}, "batch_size must be a whole number"),
+        ({"goals": [GOAL], "batch_size": True}, "batch_size must be a whole number"),
+    ],
+)
 def test_api_refuses_what_is_not_text_or_a_count(options, words, tiny_model_dir):
     with pytest.raises(VlmlabelError, match=words):
         RewardModel(model=str(tiny_model_dir), device="cpu", **options)
@@ -382,17 +454,31 @@ def test_api_frames_of_odd_memory_layouts(tiny_model_dir, reference):
 # -- the other commands ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, words", [
-    (["bench", "--frames", "0"], ["--frames"]),
-    (["bench", "--frame-size", "0x0"], ["--frame-size"]),
-    (["bench", "--batch-size", ","], ["--batch-size"]),
-    (["inspect", "{folder}/nope.h5"], ["does not exist"]),
-    (["inspect", "{folder}/empty.h5"], ["0 frames"]),
-    (["plot", "{folder}/data.h5", "--reward-key", "vlm_reward", "--episodes", "-1", "--output", "{folder}/p.png"],
-     ["--episodes -1"]),
-    (["plot", "{folder}/data.h5", "--reward-key", "vlm_reward", "--output", "{folder}/p.txt"], [".png"]),
-    (["evaluate", "{folder}/data.h5", "--reward-key", "vlm_reward", "--against", "nope"], ["--against nope"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["bench", "--frames", "0"], ["--frames"]),
+        (["bench", "--frame-size", "0x0"], ["--frame-size"]),
+        (["bench", "--batch-size", ","], ["--batch-size"]),
+        (["inspect", "{folder}/nope.h5"], ["does not exist"]),
+        (["inspect", "{folder}/empty.h5"], ["0 frames"]),
+        (
+            [
+                "plot",
+                "{folder}/data.h5",
+                "--reward-key",
+                "vlm_reward",
+                "--episodes",
+                "-1",
+                "--output",
+                "{folder}/p.png",
+            ],
+            ["--episodes -1"],
+        ),
+        (["plot", "{folder}/data.h5", "--reward-key", "vlm_reward", "--output", "{folder}/p.txt"], [".png"]),
+        (["evaluate", "{folder}/data.h5", "--reward-key", "vlm_reward", "--against", "nope"], ["--against nope"]),
+    ],
+)
 def test_other_commands_refuse_odd_input_in_one_line(args, words, tmp_path, tiny_model_dir):
     source = flat(tmp_path / "data.h5", make_frames(9, 16, 16, 1))
     with h5py.File(tmp_path / "empty.h5", "w") as f:
@@ -415,8 +501,14 @@ def test_hub_id_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
 
 def test_info_json_of_a_linked_lerobot_output_is_its_own(tmp_path, tiny_model_dir):
     case = table_layouts.build_lerobot(tmp_path, video=False)
-    assert relabel(case.path, tiny_model_dir, "--image-key", "observation.images.top", "--link",
-                   "--output", tmp_path / "out")[0] == 0
+    assert (
+        relabel(
+            case.path, tiny_model_dir, "--image-key", "observation.images.top", "--link", "--output", tmp_path / "out"
+        )[0]
+        == 0
+    )
     info = json.loads((tmp_path / "out" / "meta" / "info.json").read_text())
-    assert "vlm_reward" in info["features"] and "vlm_reward" not in json.loads(
-        (case.path / "meta" / "info.json").read_text())["features"]
+    assert (
+        "vlm_reward" in info["features"]
+        and "vlm_reward" not in json.loads((case.path / "meta" / "info.json").read_text())["features"]
+    )

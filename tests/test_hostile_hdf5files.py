@@ -52,8 +52,18 @@ def refused(args: list[str], *words: str) -> str:
 
 # Every command that opens a dataset, on the file at PATH (MODEL: the tiny model, OUT: a folder of their own).
 COMMANDS: dict[str, Callable[[str, str, Path], list[str]]] = {
-    "relabel": lambda path, model, out: ["relabel", path, "--goal", GOAL, "--model", model, "--device", "cpu",
-                                         "--reward-key", "again"],
+    "relabel": lambda path, model, out: [
+        "relabel",
+        path,
+        "--goal",
+        GOAL,
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--reward-key",
+        "again",
+    ],
     "embed": lambda path, model, out: ["embed", path, "--model", model, "--device", "cpu"],
     "evaluate": lambda path, model, out: ["evaluate", path, "--no-blank"],
     "plot": lambda path, model, out: ["plot", path, "--output", str(out / "rewards.png")],
@@ -71,9 +81,23 @@ def made(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("pair")
     layouts.build_robomimic(labels_files.fresh(root / "data" / "d.h5"))
     (root / "labels").mkdir()
-    result = runner.invoke(app, ["relabel", str(root / "data" / "d.h5"), "--goal", GOAL, "--model",
-                                 str(tiny_model_dir), "--device", "cpu", "-q", "--output",
-                                 str(root / "labels" / "l.h5"), "--link"])
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(root / "data" / "d.h5"),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "-q",
+            "--output",
+            str(root / "labels" / "l.h5"),
+            "--link",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return root
 
@@ -97,8 +121,10 @@ def _shadowed_by_the_prefix_variable(pair: Path, monkeypatch) -> None:
 
 
 BROKEN = {
-    "source moved, another where the working folder leads": (_moved_another_in_the_working_folder,
-                                                             ["d.h5", "not found at", "never reads"]),
+    "source moved, another where the working folder leads": (
+        _moved_another_in_the_working_folder,
+        ["d.h5", "not found at", "never reads"],
+    ),
     "source replaced by another dataset": (_replaced_by_another_dataset, ["d.h5", "holds other frames"]),
     "source shadowed by $HDF5_EXT_PREFIX": (_shadowed_by_the_prefix_variable, ["HDF5_EXT_PREFIX", "unset"]),
 }
@@ -106,8 +132,9 @@ BROKEN = {
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("broken", sorted(BROKEN))
-def test_a_labels_file_never_reads_another_datasets_frames(broken, command, made, tmp_path, tiny_model_dir,
-                                                           monkeypatch):
+def test_a_labels_file_never_reads_another_datasets_frames(
+    broken, command, made, tmp_path, tiny_model_dir, monkeypatch
+):
     pair = tmp_path / "pair"
     shutil.copytree(made, pair)
     BROKEN[broken][0](pair, monkeypatch)
@@ -145,22 +172,30 @@ def test_a_link_shadowed_by_the_prefix_variable_is_refused(virtual, tmp_path, ti
     variable = "HDF5_VDS_PREFIX" if virtual else "HDF5_EXT_PREFIX"
     monkeypatch.setenv(variable, str(folder / "run"))
     before = tree_digest(folder)
-    refused(["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu"],
-            variable, "run/frames.h5")
+    refused(
+        ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu"],
+        variable,
+        "run/frames.h5",
+    )
     assert tree_digest(folder) == before
     monkeypatch.delenv(variable)
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir),
-                                 "--device", "cpu", "-q"])
+    result = runner.invoke(
+        app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu", "-q"]
+    )
     assert result.exit_code == 0, result.output
 
 
 # -- busy files -------------------------------------------------------------------------------------------------
 
 _WRITERS = {
-    "an SWMR writer": ("f = h5py.File(sys.argv[1], 'a', libver='latest'); f.swmr_mode = True",
-                       ["open for writing by another program", "not damaged"]),
-    "an SWMR writer that died": ("f = h5py.File(sys.argv[1], 'a', libver='latest'); f.swmr_mode = True; "
-                                 "os.kill(os.getpid(), signal.SIGKILL)", ["h5clear -s", "not damaged"]),
+    "an SWMR writer": (
+        "f = h5py.File(sys.argv[1], 'a', libver='latest'); f.swmr_mode = True",
+        ["open for writing by another program", "not damaged"],
+    ),
+    "an SWMR writer that died": (
+        "f = h5py.File(sys.argv[1], 'a', libver='latest'); f.swmr_mode = True; os.kill(os.getpid(), signal.SIGKILL)",
+        ["h5clear -s", "not damaged"],
+    ),
     "a writer holding HDF5's lock": ("f = h5py.File(sys.argv[1], 'a')", ["locked by another program"]),
 }
 
@@ -171,8 +206,12 @@ def held(request, tmp_path) -> Iterator[tuple[Path, list[str]]]:
     code, words = _WRITERS[request.param]
     path = labels_files.swmr_ready(labels_files.fresh(tmp_path / "data" / "d.h5"))
     script = f"import h5py, os, signal, sys, time\n{code}\nprint('open', flush=True)\ntime.sleep(120)"
-    writer = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"},
+    )
     try:
         assert writer.stdout is not None
         if "died" in request.param:
@@ -207,20 +246,37 @@ def _columns(path: Path, group: str = "data/demo_0") -> list[str]:
 
 
 def _relabel(source: Path, model: Path, *extra: str) -> None:
-    result = runner.invoke(app, ["relabel", str(source), "--model", str(model), "--device", "cpu", "-q", *extra],
-                           terminal_width=300)
+    result = runner.invoke(
+        app, ["relabel", str(source), "--model", str(model), "--device", "cpu", "-q", *extra], terminal_width=300
+    )
     assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("backend", ["robomimic", "save_to_disk"])
 def test_two_cameras_then_one_leaves_no_camera_column(backend, tmp_path, tiny_model_dir):
     two = test_cameras.BACKENDS[backend](tmp_path)
-    first = relabel_file(RelabelRequest(source=two.source, goals=[GOAL], model=str(tiny_model_dir), device="cpu",
-                                        image_key=list(two.keys), output=two.output))
+    first = relabel_file(
+        RelabelRequest(
+            source=two.source,
+            goals=[GOAL],
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key=list(two.keys),
+            output=two.output,
+        )
+    )
     cameras = [f"vlm_reward_cam_{test_cameras._short(k)}" for k in two.keys]
     assert all(len(two.read(first.written_to, name)) for name in cameras)
-    second = relabel_file(RelabelRequest(source=first.written_to, goals=[GOAL], model=str(tiny_model_dir),
-                                         device="cpu", image_key=two.keys[0], overwrite=True))
+    second = relabel_file(
+        RelabelRequest(
+            source=first.written_to,
+            goals=[GOAL],
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key=two.keys[0],
+            overwrite=True,
+        )
+    )
     assert len(two.read(second.written_to, "vlm_reward"))
     for name in cameras:
         with pytest.raises((KeyError, ValueError)):
@@ -263,8 +319,23 @@ def test_the_users_own_column_is_never_part_of_a_result(tmp_path, tiny_model_dir
     _relabel(source, tiny_model_dir, "--goal", "an empty table", "--overwrite")
     with h5py.File(source, "r") as f:
         np.testing.assert_array_equal(f["data/demo_1/vlm_reward_raw"][()], np.arange(layouts.LENGTHS[1]))
-    refused(["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu",
-             "--normalize", "episode", "--overwrite"], "vlm_reward_raw", "not written by vlmlabel")
+    refused(
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--normalize",
+            "episode",
+            "--overwrite",
+        ],
+        "vlm_reward_raw",
+        "not written by vlmlabel",
+    )
 
 
 def test_a_labels_file_over_a_labelled_source_links_no_column_of_the_replaced_result(tmp_path, tiny_model_dir):
@@ -280,7 +351,15 @@ def test_merge_replaces_a_whole_result(tmp_path, tiny_model_dir):
     source = layouts.build_robomimic(tmp_path / "d.h5").path
     _relabel(source, tiny_model_dir, "--goal", GOAL, "--goal", "an empty table", "--normalize", "episode")
     for index in range(2):
-        relabel_file(RelabelRequest(source=source, goals=[GOAL], model=str(tiny_model_dir), device="cpu",
-                                    shard=ShardSpec(index, 2), overwrite=True))
+        relabel_file(
+            RelabelRequest(
+                source=source,
+                goals=[GOAL],
+                model=str(tiny_model_dir),
+                device="cpu",
+                shard=ShardSpec(index, 2),
+                overwrite=True,
+            )
+        )
     merge_shards(source, overwrite=True)
     assert [n for n in _columns(source) if n.startswith("vlm_reward")] == ["vlm_reward"]

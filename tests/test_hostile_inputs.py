@@ -276,8 +276,10 @@ def parquet_images(path: Path, episode: list[int] | None = None, blobs: list[byt
     frames = make_frames(sum(LENGTHS), 16, 16, seed=7)
     episode = episode if episode is not None else np.repeat(np.arange(len(LENGTHS)), LENGTHS).tolist()
     images = blobs if blobs is not None else [encode(f, "PNG") for f in frames]
-    Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in images], "episode_index": episode},
-                      features=Features({"image": Image(), "episode_index": Value("int64")})).to_parquet(str(path))
+    Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in images], "episode_index": episode},
+        features=Features({"image": Image(), "episode_index": Value("int64")}),
+    ).to_parquet(str(path))
     return path
 
 
@@ -324,88 +326,122 @@ REFUSED: dict[str, Refused] = {
     # frames
     "float frames": Refused(float_frames, words=["float", "uint8"]),
     "float frames in a nested group": Refused(nested_float_frames, words=["float", "uint8", "agentview_image"]),
-    "four channels": Refused(lambda p: flat(p, make_frames(9, 8, 8, 0, channels=4)),
-                             ["--image-key", "observations"], ["1 or 3 channels"]),
-    "int16 frames": Refused(lambda p: flat(p, np.zeros((9, 8, 8, 3), np.int16)),
-                            ["--image-key", "observations"], ["int16", "uint8"]),
+    "four channels": Refused(
+        lambda p: flat(p, make_frames(9, 8, 8, 0, channels=4)), ["--image-key", "observations"], ["1 or 3 channels"]
+    ),
+    "int16 frames": Refused(
+        lambda p: flat(p, np.zeros((9, 8, 8, 3), np.int16)), ["--image-key", "observations"], ["int16", "uint8"]
+    ),
     "wrong rank": Refused(no_images, ["--image-key", "actions"], ["rank 2"]),
     "transparent PNG": Refused(lambda p: flat_encoded(p, pictures("RGBA-transparent")), words=["RGBA"]),
     "palette PNG": Refused(lambda p: flat_encoded(p, pictures("P")), words=["palette"]),
     "16-bit grayscale PNG": Refused(lambda p: flat_encoded(p, pictures("I;16")), words=["16-bit"]),
     "CMYK JPEG": Refused(lambda p: flat_encoded(p, pictures("CMYK")), words=["CMYK"]),
-    "undecodable JPEG": Refused(lambda p: flat_encoded(p, pictures("garbage")),  # --align next: row 0 is unread
-                                words=["frame 1 of observations", "not a decodable", "truncated"]),
+    "undecodable JPEG": Refused(
+        lambda p: flat_encoded(p, pictures("garbage")),  # --align next: row 0 is unread
+        words=["frame 1 of observations", "not a decodable", "truncated"],
+    ),
     "dangling external link": Refused(dangling_link, words=["gone.h5", "not found"]),
-    "Minari infos/ an external link into another file": Refused(lambda p: minari_infos(p, "external"),
-                                                               words=["episode_1/infos", "external link", "other.h5"]),
-    "Minari infos/ a soft link to an external link": Refused(lambda p: minari_infos(p, "soft to external"),
-                                                            ["--output", "{folder}/out.h5"],
-                                                            ["episode_1/infos", "a link into another file"]),
+    "Minari infos/ an external link into another file": Refused(
+        lambda p: minari_infos(p, "external"), words=["episode_1/infos", "external link", "other.h5"]
+    ),
+    "Minari infos/ a soft link to an external link": Refused(
+        lambda p: minari_infos(p, "soft to external"),
+        ["--output", "{folder}/out.h5"],
+        ["episode_1/infos", "a link into another file"],
+    ),
     "Minari infos/ a dataset": Refused(lambda p: minari_infos(p, "dataset"), words=["episode_1/infos", "not a group"]),
-    "Minari infos/ a link to nothing": Refused(lambda p: minari_infos(p, "dangling"),
-                                               words=["episode_1/infos", "link to nothing"]),
-    "two episodes, one infos/ group": Refused(lambda p: minari_infos(p, "shared"),
-                                              ["--overwrite"], ["episode_1/infos and episode_0/infos", "one group"]),
-    "reward name a link to nothing, --overwrite": Refused(dangling_reward_link, ["--overwrite"],
-                                                          ["data/demo_1/vlm_reward", "not written by vlmlabel"]),
+    "Minari infos/ a link to nothing": Refused(
+        lambda p: minari_infos(p, "dangling"), words=["episode_1/infos", "link to nothing"]
+    ),
+    "two episodes, one infos/ group": Refused(
+        lambda p: minari_infos(p, "shared"), ["--overwrite"], ["episode_1/infos and episode_0/infos", "one group"]
+    ),
+    "reward name a link to nothing, --overwrite": Refused(
+        dangling_reward_link, ["--overwrite"], ["data/demo_1/vlm_reward", "not written by vlmlabel"]
+    ),
     "SOURCE a loop of symbolic links": Refused(lambda p: (p.symlink_to(p), p)[1], words=["loop of symbolic links"]),
     "--output a loop of symbolic links": Refused(
         lambda p: (robomimic(p), (p.parent / "out.h5").symlink_to(p.parent / "out.h5"))[0],
-        ["--output", "{folder}/out.h5"], ["out.h5", "loop of symbolic links"]),
+        ["--output", "{folder}/out.h5"],
+        ["out.h5", "loop of symbolic links"],
+    ),
     "next observations shorter than the frames": Refused(
-        short_next_observations, words=["next_observations has", "rows but observations has", "--align frame"]),
+        short_next_observations, words=["next_observations has", "rows but observations has", "--align frame"]
+    ),
     "a group name that is not UTF-8": Refused(name_not_utf8, words=["not UTF-8", "rename"]),
-    "virtual dataset with a missing file": Refused(lambda p: virtual_frames(p, missing=True),
-                                                   words=["frames.h5", "not found"]),
+    "virtual dataset with a missing file": Refused(
+        lambda p: virtual_frames(p, missing=True), words=["frames.h5", "not found"]
+    ),
     "episode behind an external link": Refused(linked_episode, words=["demo1.h5", "external link"]),
     "copy elsewhere would lose a link": Refused(
         lambda p: (linked_frames(p), (p.parent / "elsewhere").mkdir())[0],
-        ["--output", "{folder}/elsewhere/out.h5"], ["frames.h5", "would not find"]),
+        ["--output", "{folder}/elsewhere/out.h5"],
+        ["frames.h5", "would not find"],
+    ),
     "copy elsewhere would lose a virtual dataset's file": Refused(
         lambda p: (virtual_frames(p, missing=False), (p.parent / "elsewhere").mkdir())[0],
-        ["--output", "{folder}/elsewhere/out.h5"], ["frames.h5", "would not find"]),
+        ["--output", "{folder}/elsewhere/out.h5"],
+        ["frames.h5", "would not find"],
+    ),
     "copy elsewhere would lose a link, run from SOURCE's folder": Refused(
-        linked_from_a_sibling_folder, ["--output", "{folder}/out.h5"], ["../frames/f.h5", "would not find"],
-        cwd="src"),
-    "--image-key behind a dangling link": Refused(episode_frames_behind_a_dangling_link,
-                                                  ["--image-key", "agentview_image"], ["gone.h5", "not found"]),
+        linked_from_a_sibling_folder, ["--output", "{folder}/out.h5"], ["../frames/f.h5", "would not find"], cwd="src"
+    ),
+    "--image-key behind a dangling link": Refused(
+        episode_frames_behind_a_dangling_link, ["--image-key", "agentview_image"], ["gone.h5", "not found"]
+    ),
     # tables
     "interleaved episodes, per-episode normalisation": Refused(
-        lambda p: parquet_images(p, episode=[0, 1, 0, 1, 2, 2, 2, 0, 1]), ["--normalize", "episode"],
-        ["not consecutive"], name="data.parquet"),
+        lambda p: parquet_images(p, episode=[0, 1, 0, 1, 2, 2, 2, 0, 1]),
+        ["--normalize", "episode"],
+        ["not consecutive"],
+        name="data.parquet",
+    ),
     "table without images": Refused(disk_without_images, words=["image"], name="disk"),
-    "table with an undecodable image": Refused(lambda p: parquet_images(p, blobs=pictures("garbage", 9)),
-                                              words=["frame 1 of image", "not a decodable"], name="data.parquet"),
-    "LeRobot video file missing": Refused(lerobot_video_missing, ["--image-key", "observation.images.top"],
-                                          [".mp4"], name="lerobot"),
+    "table with an undecodable image": Refused(
+        lambda p: parquet_images(p, blobs=pictures("garbage", 9)),
+        words=["frame 1 of image", "not a decodable"],
+        name="data.parquet",
+    ),
+    "LeRobot video file missing": Refused(
+        lerobot_video_missing, ["--image-key", "observation.images.top"], [".mp4"], name="lerobot"
+    ),
     # reward names and outputs
     "reward key present": Refused(labelled_robomimic, words=["data/demo_1/vlm_reward", "--overwrite"]),
     "reward key ours in one episode, the user's in another": Refused(
-        ours_then_theirs, ["--overwrite"], ["data/demo_2/vlm_reward", "not written by vlmlabel"]),
-    "reward key is the frames group": Refused(robomimic, ["--reward-key", "obs", "--overwrite"],
-                                              ["obs", "not written by vlmlabel"]),
-    "reward key is the actions": Refused(robomimic, ["--reward-key", "actions", "--overwrite"],
-                                         ["actions", "not written by vlmlabel"]),
-    "reward key is a table's image column": Refused(parquet_images, ["--reward-key", "image", "--overwrite"],
-                                                    ["image"], name="data.parquet"),
+        ours_then_theirs, ["--overwrite"], ["data/demo_2/vlm_reward", "not written by vlmlabel"]
+    ),
+    "reward key is the frames group": Refused(
+        robomimic, ["--reward-key", "obs", "--overwrite"], ["obs", "not written by vlmlabel"]
+    ),
+    "reward key is the actions": Refused(
+        robomimic, ["--reward-key", "actions", "--overwrite"], ["actions", "not written by vlmlabel"]
+    ),
+    "reward key is a table's image column": Refused(
+        parquet_images, ["--reward-key", "image", "--overwrite"], ["image"], name="data.parquet"
+    ),
     "reward key '.'": Refused(robomimic, ["--reward-key", "."], ["--reward-key"]),
     "reward key with an empty part": Refused(robomimic, ["--reward-key", "a//b"], ["--reward-key"]),
-    "reward key too long for a file name": Refused(parquet_images, ["--reward-key", "r" * 300],
-                                                   ["255-byte"], name="data.parquet"),
+    "reward key too long for a file name": Refused(
+        parquet_images, ["--reward-key", "r" * 300], ["255-byte"], name="data.parquet"
+    ),
     "output is the source": Refused(robomimic, ["--output", "{source}"], ["is SOURCE itself"]),
     "output is a folder": Refused(robomimic, ["--output", "{folder}", "--overwrite"], ["is a folder"]),
-    "output folder missing": Refused(robomimic, ["--output", "{folder}/nope/out.h5"],
-                                     ["does not exist; create it first"]),
+    "output folder missing": Refused(
+        robomimic, ["--output", "{folder}/nope/out.h5"], ["does not exist; create it first"]
+    ),
     "output under a file": Refused(robomimic, ["--output", "{source}/out.h5"], ["not a folder"]),
     "output is another kind of file": Refused(
         lambda p: ((p.parent / "notes.h5").write_text("mine"), robomimic(p))[1],
-        ["--output", "{folder}/notes.h5", "--overwrite"], ["not an HDF5 file"]),
+        ["--output", "{folder}/notes.h5", "--overwrite"],
+        ["not an HDF5 file"],
+    ),
     # goals, formulation, run options
     "empty goal": Refused(robomimic, ["--goal", " "], ["--goal is empty"]),
-    "goals identical once cut to the context": Refused(robomimic, ["--goal", LONG + " left", "--goal",
-                                                                   LONG + " right"], ["identical"]),
-    "projection onto the goal itself": Refused(robomimic, ["--reward", "projection", "--baseline", GOAL],
-                                               ["baseline"]),
+    "goals identical once cut to the context": Refused(
+        robomimic, ["--goal", LONG + " left", "--goal", LONG + " right"], ["identical"]
+    ),
+    "projection onto the goal itself": Refused(robomimic, ["--reward", "projection", "--baseline", GOAL], ["baseline"]),
     "bad batch size": Refused(robomimic, ["--batch-size", "0"], ["--batch-size"]),
     "huge batch size": Refused(robomimic, ["--batch-size", "100000000000"], ["--batch-size"]),
     "shard index out of range": Refused(robomimic, ["--num-shards", "2", "--shard-index", "5"], ["--shard-index"]),
@@ -413,195 +449,304 @@ REFUSED: dict[str, Refused] = {
     "unknown option": Refused(robomimic, ["--gaol", "x"], ["--gaol"]),
     # the model and the device
     "unknown model": Refused(robomimic, ["--model", "ViT-B-33"], ["unknown model", "ViT-B-32"]),
-    "unknown tag": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b80k"],
-                           ["unknown pretrained tag", "laion2b_s34b_b79k"]),
-    "weights not cached offline": Refused(robomimic, ["--model", "ViT-B-32"],
-                                          ["not in the local", "HF_HUB_OFFLINE", "--pretrained FILE"]),
-    "missing checkpoint file": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "/nope/w.safetensors"],
-                                       ["does not exist"]),
-    "checkpoint file is not weights": Refused(robomimic, ["--model", "ViT-B-32", "--pretrained", "{source}"],
-                                              ["could not load model 'ViT-B-32'"]),
+    "unknown tag": Refused(
+        robomimic,
+        ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b80k"],
+        ["unknown pretrained tag", "laion2b_s34b_b79k"],
+    ),
+    "weights not cached offline": Refused(
+        robomimic, ["--model", "ViT-B-32"], ["not in the local", "HF_HUB_OFFLINE", "--pretrained FILE"]
+    ),
+    "missing checkpoint file": Refused(
+        robomimic, ["--model", "ViT-B-32", "--pretrained", "/nope/w.safetensors"], ["does not exist"]
+    ),
+    "checkpoint file is not weights": Refused(
+        robomimic, ["--model", "ViT-B-32", "--pretrained", "{source}"], ["could not load model 'ViT-B-32'"]
+    ),
     "model folder without config": Refused(robomimic, ["--model", "local-dir:/tmp"], ["open_clip_config.json"]),
     "unknown device": Refused(robomimic, ["--device", "tpu"], ["unknown device 'tpu'"]),
     "cuda absent": Refused(robomimic, ["--device", "cuda:0"], ["no CUDA GPU", "--device cpu"]),
-    "NVDEC asked for on the CPU": Refused(lambda p: table_layouts.build_lerobot(p, video=True).path,
-                                          ["--image-key", "observation.images.top", "--video-decoder", "nvdec"],
-                                          ["--video-decoder nvdec", "this run is on cpu"], name="lerobot"),
+    "NVDEC asked for on the CPU": Refused(
+        lambda p: table_layouts.build_lerobot(p, video=True).path,
+        ["--image-key", "observation.images.top", "--video-decoder", "nvdec"],
+        ["--video-decoder nvdec", "this run is on cpu"],
+        name="lerobot",
+    ),
     "fp16 on cpu": Refused(robomimic, ["--device", "cpu", "--precision", "fp16"], ["fp16 is not supported on cpu"]),
     # round two: cluster launches (SLURM arrays, torchrun, merge)
-    "--num-shards 3 without --shard-index": Refused(robomimic, ["--num-shards", "3"],
-                                                    ["--num-shards 3 needs --shard-index I (0..2)",
-                                                     "--num-shards 1 scores the whole dataset"]),
-    "--shard-index without --num-shards": Refused(robomimic, ["--shard-index", "1"],
-                                                  ["--shard-index 1 needs --num-shards N"]),
-
+    "--num-shards 3 without --shard-index": Refused(
+        robomimic,
+        ["--num-shards", "3"],
+        ["--num-shards 3 needs --shard-index I (0..2)", "--num-shards 1 scores the whole dataset"],
+    ),
+    "--shard-index without --num-shards": Refused(
+        robomimic, ["--shard-index", "1"], ["--shard-index 1 needs --num-shards N"]
+    ),
     # round two: labels files, busy files, --overwrite of a whole result
     "labels file whose source moved, another of that name where the working folder leads": Refused(
-        labels_files.labels_source_moved, words=["src/data.h5", "not found at", "never reads"], cwd="elsewhere/run"),
+        labels_files.labels_source_moved, words=["src/data.h5", "not found at", "never reads"], cwd="elsewhere/run"
+    ),
     "labels file whose source was replaced by another dataset": Refused(
-        labels_files.labels_source_replaced, words=["src/data.h5", "holds other frames", "not the file"]),
+        labels_files.labels_source_replaced, words=["src/data.h5", "holds other frames", "not the file"]
+    ),
     "external link's file gone, one of that name in the working folder": Refused(
-        lambda p: labels_files.link_found_in_working_folder(p, virtual=False), words=["frames.h5", "not found at"],
-        cwd="run"),
+        lambda p: labels_files.link_found_in_working_folder(p, virtual=False),
+        words=["frames.h5", "not found at"],
+        cwd="run",
+    ),
     "virtual dataset's file gone, one of that name in the working folder": Refused(
-        lambda p: labels_files.link_found_in_working_folder(p, virtual=True), words=["frames.h5", "not found at"],
-        cwd="run"),
+        lambda p: labels_files.link_found_in_working_folder(p, virtual=True),
+        words=["frames.h5", "not found at"],
+        cwd="run",
+    ),
     "an earlier result under the reward key, other columns, no --overwrite": Refused(
         lambda p: labels_files.earlier_result(p, ["vlm_reward_0", "vlm_reward_1"]),
-        words=["data/demo_0/vlm_reward_0", "--overwrite", "replaced whole"]),
-
+        words=["data/demo_0/vlm_reward_0", "--overwrite", "replaced whole"],
+    ),
     # round two: post-processing of degenerate episodes
     "a model whose weights hold NaN": Refused(
         lambda p: (build_model_dir(p.parent / "nan-clip", 0, nan_weights=True), robomimic(p))[1],
-        ["--model", "{folder}/nan-clip"], ["NaN or infinite", "frames 0-", "--precision fp32"]),
-
+        ["--model", "{folder}/nan-clip"],
+        ["NaN or infinite", "frames 0-", "--precision fp32"],
+    ),
     # round two: user strings and metadata files checked at open
     "a goal that is not UTF-8": Refused(robomimic, ["--goal", NOT_UTF8], ["--goal is not UTF-8", "b'\\xff'"]),
-    "a goal template that is not UTF-8": Refused(robomimic, ["--goal-template", NOT_UTF8 + " {{}}"],
-                                                 ["--goal-template is not UTF-8"]),
-    "a baseline that is not UTF-8": Refused(robomimic, ["--reward", "projection", "--baseline", NOT_UTF8],
-                                            ["--baseline is not UTF-8"]),
-    "a negative prompt that is not UTF-8": Refused(robomimic, ["--reward", "softmax", "--negative", NOT_UTF8],
-                                                   ["--negative is not UTF-8"]),
-    "a reward key that is not UTF-8": Refused(robomimic, ["--reward-key", "r" + NOT_UTF8],
-                                              ["--reward-key is not UTF-8"]),
+    "a goal template that is not UTF-8": Refused(
+        robomimic, ["--goal-template", NOT_UTF8 + " {{}}"], ["--goal-template is not UTF-8"]
+    ),
+    "a baseline that is not UTF-8": Refused(
+        robomimic, ["--reward", "projection", "--baseline", NOT_UTF8], ["--baseline is not UTF-8"]
+    ),
+    "a negative prompt that is not UTF-8": Refused(
+        robomimic, ["--reward", "softmax", "--negative", NOT_UTF8], ["--negative is not UTF-8"]
+    ),
+    "a reward key that is not UTF-8": Refused(
+        robomimic, ["--reward-key", "r" + NOT_UTF8], ["--reward-key is not UTF-8"]
+    ),
     "an image key that is not UTF-8": Refused(robomimic, ["--image-key", NOT_UTF8], ["--image-key is not UTF-8"]),
     "a split that is not UTF-8": Refused(robomimic, ["--split", NOT_UTF8], ["--split is not UTF-8"]),
     "a model that is not UTF-8": Refused(robomimic, ["--model", NOT_UTF8], ["--model is not UTF-8"]),
-    "a pretrained tag that is not UTF-8": Refused(robomimic, ["--pretrained", NOT_UTF8],
-                                                  ["--pretrained is not UTF-8"]),
-    "a Hub repo to push to that is not UTF-8": Refused(robomimic, ["--push-to-hub", "me/" + NOT_UTF8],
-                                                       ["--push-to-hub is not UTF-8"]),
-    "a parquet file named in Latin-1": Refused(lambda p: open_inputs.parquet_named(p, LATIN1 + ".parquet"),
-                                               words=["donn\\xe9es.parquet", "not UTF-8", "rename"]),
+    "a pretrained tag that is not UTF-8": Refused(robomimic, ["--pretrained", NOT_UTF8], ["--pretrained is not UTF-8"]),
+    "a Hub repo to push to that is not UTF-8": Refused(
+        robomimic, ["--push-to-hub", "me/" + NOT_UTF8], ["--push-to-hub is not UTF-8"]
+    ),
+    "a parquet file named in Latin-1": Refused(
+        lambda p: open_inputs.parquet_named(p, LATIN1 + ".parquet"),
+        words=["donn\\xe9es.parquet", "not UTF-8", "rename"],
+    ),
     "a save_to_disk folder named in Latin-1": Refused(
-        lambda p: open_inputs.renamed(table_layouts.build_disk_image(p).path, LATIN1), words=["not UTF-8"],
-        name="disk"),
-    "a parquet --output named in Latin-1": Refused(lambda p: open_inputs.parquet_named(p, "data.parquet"),
-                                                  ["--output", "{folder}/" + LATIN1 + ".parquet"],
-                                                  ["donn\\xe9es.parquet", "not UTF-8"]),
-    "LeRobot meta/info.json a list": Refused(lambda p: open_inputs.lerobot(p, "info.json", lambda info: [info]),
-                                             words=["meta/info.json holds a list, not a JSON object"],
-                                             name="lerobot"),
+        lambda p: open_inputs.renamed(table_layouts.build_disk_image(p).path, LATIN1), words=["not UTF-8"], name="disk"
+    ),
+    "a parquet --output named in Latin-1": Refused(
+        lambda p: open_inputs.parquet_named(p, "data.parquet"),
+        ["--output", "{folder}/" + LATIN1 + ".parquet"],
+        ["donn\\xe9es.parquet", "not UTF-8"],
+    ),
+    "LeRobot meta/info.json a list": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", lambda info: [info]),
+        words=["meta/info.json holds a list, not a JSON object"],
+        name="lerobot",
+    ),
     "LeRobot features a list": Refused(
         lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("features", [])),
-        words=["info.json: 'features' is a list", "not an object"], name="lerobot"),
+        words=["info.json: 'features' is a list", "not an object"],
+        name="lerobot",
+    ),
     "LeRobot feature a string": Refused(
         lambda p: open_inputs.lerobot(p, "info.json", open_inputs.feature("action", "float32")),
-        words=["['features']: 'action' is a string", "not an object"], name="lerobot"),
+        words=["['features']: 'action' is a string", "not an object"],
+        name="lerobot",
+    ),
     "LeRobot feature shape a string": Refused(
-        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.feature("action", {"dtype": "float32",
-                                                                                      "shape": "2"})),
-        words=["['action']: 'shape' is a string", "not a list"], name="lerobot"),
-    "LeRobot fps a string": Refused(lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("fps", "30")),
-                                    words=["'fps' is a string", "not a number or null"], name="lerobot"),
-    "LeRobot meta/stats.json a list": Refused(lambda p: open_inputs.lerobot(p, "stats.json", lambda s: [s]),
-                                              ["--image-key", "observation.images.top"],
-                                              ["meta/stats.json holds a list"], name="lerobot"),
+        lambda p: open_inputs.lerobot(
+            p, "info.json", open_inputs.feature("action", {"dtype": "float32", "shape": "2"})
+        ),
+        words=["['action']: 'shape' is a string", "not a list"],
+        name="lerobot",
+    ),
+    "LeRobot fps a string": Refused(
+        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("fps", "30")),
+        words=["'fps' is a string", "not a number or null"],
+        name="lerobot",
+    ),
+    "LeRobot meta/stats.json a list": Refused(
+        lambda p: open_inputs.lerobot(p, "stats.json", lambda s: [s]),
+        ["--image-key", "observation.images.top"],
+        ["meta/stats.json holds a list"],
+        name="lerobot",
+    ),
     "LeRobot video_path that cannot be filled in": Refused(
-        lambda p: open_inputs.lerobot(p, "info.json", open_inputs.set_key("video_path", "videos/{camera}.mp4"),
-                                      video=True),
-        ["--image-key", "observation.images.top"], ["'video_path'", "cannot be filled in", "camera"], name="lerobot"),
-    "LeRobot v2.1 episodes.jsonl line a list": Refused(lambda p: open_inputs.lerobot_v21_episodes(p, "[3, 4]"),
-                                                       words=["episodes.jsonl line 4 holds a list"], name="lerobot"),
+        lambda p: open_inputs.lerobot(
+            p, "info.json", open_inputs.set_key("video_path", "videos/{camera}.mp4"), video=True
+        ),
+        ["--image-key", "observation.images.top"],
+        ["'video_path'", "cannot be filled in", "camera"],
+        name="lerobot",
+    ),
+    "LeRobot v2.1 episodes.jsonl line a list": Refused(
+        lambda p: open_inputs.lerobot_v21_episodes(p, "[3, 4]"),
+        words=["episodes.jsonl line 4 holds a list"],
+        name="lerobot",
+    ),
     "LeRobot v2.1 episodes.jsonl line without length": Refused(
         lambda p: open_inputs.lerobot_v21_episodes(p, '{"episode_index": 3}'),
-        words=["episodes.jsonl line 4: 'length' is missing"], name="lerobot"),
-    "save_to_disk state.json a list": Refused(lambda p: open_inputs.disk(p, "state.json", lambda s: [s]),
-                                              words=["state.json holds a list, not a JSON object"], name="disk"),
+        words=["episodes.jsonl line 4: 'length' is missing"],
+        name="lerobot",
+    ),
+    "save_to_disk state.json a list": Refused(
+        lambda p: open_inputs.disk(p, "state.json", lambda s: [s]),
+        words=["state.json holds a list, not a JSON object"],
+        name="disk",
+    ),
     "save_to_disk _data_files a string": Refused(
         lambda p: open_inputs.disk(p, "state.json", open_inputs.set_key("_data_files", "data.arrow")),
-        words=["state.json: '_data_files' is a string", "not a list"], name="disk"),
+        words=["state.json: '_data_files' is a string", "not a list"],
+        name="disk",
+    ),
     "save_to_disk data file outside its folder": Refused(
-        lambda p: open_inputs.disk(p, "state.json",
-                                   open_inputs.set_key("_data_files", [{"filename": "../data.arrow"}])),
-        words=["'_data_files' names '../data.arrow'", "not a file of"], name="disk"),
+        lambda p: open_inputs.disk(
+            p, "state.json", open_inputs.set_key("_data_files", [{"filename": "../data.arrow"}])
+        ),
+        words=["'_data_files' names '../data.arrow'", "not a file of"],
+        name="disk",
+    ),
     "save_to_disk dataset_info.json a list": Refused(
         lambda p: open_inputs.disk(p, "dataset_info.json", lambda i: [i]),
-        words=["dataset_info.json holds a list"], name="disk"),
-    "DatasetDict splits null": Refused(lambda p: open_inputs.disk(p, "dataset_dict.json",
-                                                                  open_inputs.set_key("splits", None)),
-                                       ["--split", "test"], ["dataset_dict.json: 'splits' is null", "not a list"],
-                                       name="disk"),
-    "DatasetDict split '..'": Refused(lambda p: open_inputs.disk(p, "dataset_dict.json",
-                                                                 open_inputs.set_key("splits", ["..", "test"])),
-                                      ["--split", ".."], ["'splits' names '..'"], name="disk"),
+        words=["dataset_info.json holds a list"],
+        name="disk",
+    ),
+    "DatasetDict splits null": Refused(
+        lambda p: open_inputs.disk(p, "dataset_dict.json", open_inputs.set_key("splits", None)),
+        ["--split", "test"],
+        ["dataset_dict.json: 'splits' is null", "not a list"],
+        name="disk",
+    ),
+    "DatasetDict split '..'": Refused(
+        lambda p: open_inputs.disk(p, "dataset_dict.json", open_inputs.set_key("splits", ["..", "test"])),
+        ["--split", ".."],
+        ["'splits' names '..'"],
+        name="disk",
+    ),
     "parquet 'huggingface' metadata a list": Refused(
         lambda p: open_inputs.parquet_with_metadata(p, b"huggingface", b"[]"),
-        words=["'huggingface' metadata of", "holds a list"], name="data.parquet"),
+        words=["'huggingface' metadata of", "holds a list"],
+        name="data.parquet",
+    ),
     "parquet 'huggingface' metadata not JSON": Refused(
         lambda p: open_inputs.parquet_with_metadata(p, b"huggingface", b"{"),
-        words=["'huggingface' metadata of", "not valid JSON"], name="data.parquet"),
-    "parquet 'vlmlabel' metadata a list": Refused(lambda p: open_inputs.parquet_with_metadata(p, b"vlmlabel", b"[]"),
-                                                  words=["'vlmlabel' metadata of", "holds a list"],
-                                                  name="data.parquet"),
-    "model config a number": Refused(lambda p: (open_inputs.model_config(p.parent / "model", 7), robomimic(p))[1],
-                                     ["--model", "{folder}/model"],
-                                     ["open_clip_config.json holds an integer (7), not a JSON object"]),
+        words=["'huggingface' metadata of", "not valid JSON"],
+        name="data.parquet",
+    ),
+    "parquet 'vlmlabel' metadata a list": Refused(
+        lambda p: open_inputs.parquet_with_metadata(p, b"vlmlabel", b"[]"),
+        words=["'vlmlabel' metadata of", "holds a list"],
+        name="data.parquet",
+    ),
+    "model config a number": Refused(
+        lambda p: (open_inputs.model_config(p.parent / "model", 7), robomimic(p))[1],
+        ["--model", "{folder}/model"],
+        ["open_clip_config.json holds an integer (7), not a JSON object"],
+    ),
     "model config's model_cfg a list": Refused(
         lambda p: (open_inputs.model_config(p.parent / "model", {"model_cfg": []}), robomimic(p))[1],
-        ["--model", "{folder}/model"], ["open_clip_config.json: 'model_cfg' is a list"]),
-    "HDF5 written under a parquet name": Refused(robomimic, ["--output", "{folder}/out.parquet"],
-                                                 ["out.parquet is written as HDF5", "out.h5"]),
-    "HDF5 written under a name without a suffix": Refused(robomimic, ["--output", "{folder}/labelled"],
-                                                          ["labelled is written as HDF5", "labelled.h5", "no suffix"]),
-    "HDF5 labels file under a parquet name": Refused(robomimic, ["--output", "{folder}/out.parquet", "--link"],
-                                                     ["out.parquet is written as HDF5"]),
-    "parquet written under an HDF5 name": Refused(lambda p: open_inputs.parquet_named(p, "data.parquet"),
-                                                  ["--output", "{folder}/out.h5"],
-                                                  ["out.h5 is written as parquet, a file", "out.parquet"]),
+        ["--model", "{folder}/model"],
+        ["open_clip_config.json: 'model_cfg' is a list"],
+    ),
+    "HDF5 written under a parquet name": Refused(
+        robomimic, ["--output", "{folder}/out.parquet"], ["out.parquet is written as HDF5", "out.h5"]
+    ),
+    "HDF5 written under a name without a suffix": Refused(
+        robomimic, ["--output", "{folder}/labelled"], ["labelled is written as HDF5", "labelled.h5", "no suffix"]
+    ),
+    "HDF5 labels file under a parquet name": Refused(
+        robomimic, ["--output", "{folder}/out.parquet", "--link"], ["out.parquet is written as HDF5"]
+    ),
+    "parquet written under an HDF5 name": Refused(
+        lambda p: open_inputs.parquet_named(p, "data.parquet"),
+        ["--output", "{folder}/out.h5"],
+        ["out.h5 is written as parquet, a file", "out.parquet"],
+    ),
     "parquet folder written under a parquet name": Refused(
-        lambda p: table_layouts.build_parquet_folder(p).path, ["--output", "{folder}/out.parquet"],
-        ["out.parquet is written as parquet, a folder", "must not end in .parquet"], name="pq"),
+        lambda p: table_layouts.build_parquet_folder(p).path,
+        ["--output", "{folder}/out.parquet"],
+        ["out.parquet is written as parquet, a folder", "must not end in .parquet"],
+        name="pq",
+    ),
     "save_to_disk written under a parquet name": Refused(
-        lambda p: table_layouts.build_disk_image(p).path, ["--output", "{folder}/out.parquet"],
-        ["out.parquet is written as a save_to_disk dataset, a folder"], name="disk"),
+        lambda p: table_layouts.build_disk_image(p).path,
+        ["--output", "{folder}/out.parquet"],
+        ["out.parquet is written as a save_to_disk dataset, a folder"],
+        name="disk",
+    ),
     "LeRobot written under an HDF5 name": Refused(
         lambda p: table_layouts.build_lerobot(p, video=False).path,
         ["--output", "{folder}/out.h5", "--image-key", "observation.images.top"],
-        ["out.h5 is written as a LeRobot dataset, a folder"], name="lerobot"),
-
+        ["out.h5 is written as a LeRobot dataset, a folder"],
+        name="lerobot",
+    ),
     # round two: LeRobot statistics
-
     # round two: a fresh hostile pass
-    "cameras with different steps": Refused(lambda p: fresh.two_cameras(p, lengths_b=(3, 5)),
-                                            ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image"],
-                                            ["do not have the same episodes and steps"]),
-    "one camera under two spellings": Refused(fresh.two_cameras, ["--image-key", "obs/agentview_image",
-                                                                  "--image-key", "agentview_image"], ["same name"]),
+    "cameras with different steps": Refused(
+        lambda p: fresh.two_cameras(p, lengths_b=(3, 5)),
+        ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image"],
+        ["do not have the same episodes and steps"],
+    ),
+    "one camera under two spellings": Refused(
+        fresh.two_cameras, ["--image-key", "obs/agentview_image", "--image-key", "agentview_image"], ["same name"]
+    ),
     "bool frames": Refused(lambda p: flat(p, RGB > 128), ["--image-key", "observations"], ["bool", "uint8"]),
     "int8 frames": Refused(lambda p: flat(p, RGB.astype(np.int8)), ["--image-key", "observations"], ["int8", "uint8"]),
-    "frames of two channels": Refused(lambda p: flat(p, make_frames(9, 8, 8, 0, channels=2)),
-                                      ["--image-key", "observations"], ["1 or 3 channels"]),
+    "frames of two channels": Refused(
+        lambda p: flat(p, make_frames(9, 8, 8, 0, channels=2)), ["--image-key", "observations"], ["1 or 3 channels"]
+    ),
     "a frames dataset of length 0": Refused(fresh.zero_frames, words=["observations", "0 frames"]),
     "LeRobot episode listed twice in meta/episodes": Refused(
-        lambda p: fresh.lerobot_meta(p, "twice"), ["--image-key", "observation.images.top"],
-        ["lists episode 0 2 times", "one row per episode"], name="lerobot"),
+        lambda p: fresh.lerobot_meta(p, "twice"),
+        ["--image-key", "observation.images.top"],
+        ["lists episode 0 2 times", "one row per episode"],
+        name="lerobot",
+    ),
     "LeRobot episode missing from meta/episodes": Refused(
-        lambda p: fresh.lerobot_meta(p, "missing"), ["--image-key", "observation.images.top"],
-        ["episode 1 has 6 rows", "no row in the episode metadata"], name="lerobot"),
+        lambda p: fresh.lerobot_meta(p, "missing"),
+        ["--image-key", "observation.images.top"],
+        ["episode 1 has 6 rows", "no row in the episode metadata"],
+        name="lerobot",
+    ),
     "LeRobot episode starting past its video's end": Refused(
-        lambda p: fresh.lerobot_meta(p, "past the video"), ["--image-key", "observation.images.top"],
-        ["no frame at 50.000 s"], name="lerobot"),
+        lambda p: fresh.lerobot_meta(p, "past the video"),
+        ["--image-key", "observation.images.top"],
+        ["no frame at 50.000 s"],
+        name="lerobot",
+    ),
     "LeRobot v2.1 episodes.jsonl lacking an episode": Refused(
-        fresh.lerobot_v21_missing_episode, words=["episode 2 has 3 rows", "no row"], name="lerobot"),
-    "parquet folder of two schemas": Refused(fresh.parquet_two_schemas, words=["b.parquet", "other columns or types"],
-                                             name="pq"),
+        fresh.lerobot_v21_missing_episode, words=["episode 2 has 3 rows", "no row"], name="lerobot"
+    ),
+    "parquet folder of two schemas": Refused(
+        fresh.parquet_two_schemas, words=["b.parquet", "other columns or types"], name="pq"
+    ),
     "parquet files of two frame sizes": Refused(fresh.parquet_two_frame_sizes, words=["different shapes"], name="pq"),
     "a parquet glob matching nothing": Refused(None, words=["no parquet file matches"], name="x-*.parquet"),
     "a text file named .parquet": Refused(text_file, words=["cannot be read as parquet"], name="data.parquet"),
     "a parquet file of no rows": Refused(fresh.parquet_no_rows, words=["has no rows"], name="data.parquet"),
     "--output a symbolic link to SOURCE": Refused(
         lambda p: (robomimic(p), fresh.symlink_to(p.parent / "alias.h5", p))[0],
-        ["--output", "{folder}/alias.h5", "--overwrite"], ["is SOURCE itself"]),
-
+        ["--output", "{folder}/alias.h5", "--overwrite"],
+        ["is SOURCE itself"],
+    ),
 }
 
 
 def _hold_open_for_writing(path: Path) -> subprocess.Popen:
     """Another program writing the file, with HDF5 file locking off (as on NFS/Lustre)."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'r+b'); "
-                               "print('open', flush=True); time.sleep(120)", str(path)], stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; f = open(sys.argv[1], 'r+b'); print('open', flush=True); time.sleep(120)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
     return holder
 
@@ -622,8 +767,7 @@ def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_m
     args += [a.format(source=source, folder=folder) for a in spec.args]
     holder = _hold_open_for_writing(source) if spec.holder else None
     try:
-        result = runner.invoke(app, args + ["--device", "cpu"] * ("--device" not in spec.args),
-                               terminal_width=400)
+        result = runner.invoke(app, args + ["--device", "cpu"] * ("--device" not in spec.args), terminal_width=400)
     finally:
         if holder is not None:
             holder.kill()
@@ -659,12 +803,13 @@ RGB = make_frames(sum(LENGTHS), 16, 20, seed=3)
 def _opaque(mode: str) -> tuple[Callable[[Path], Path], Callable[[], np.ndarray]]:
     frames = make_frames(4, 16, 16, seed=5)
     if mode == "RGBA":
-        blobs = [png(PILImage.fromarray(np.concatenate([f, np.full((16, 16, 1), 255, np.uint8)], -1), "RGBA"))
-                 for f in frames]
+        blobs = [
+            png(PILImage.fromarray(np.concatenate([f, np.full((16, 16, 1), 255, np.uint8)], -1), "RGBA"))
+            for f in frames
+        ]
         return (lambda p: flat_encoded(p, blobs)), (lambda: frames)
     gray = frames[..., :1]
-    blobs = [png(PILImage.fromarray(np.concatenate([g, np.full((16, 16, 1), 255, np.uint8)], -1), "LA"))
-             for g in gray]
+    blobs = [png(PILImage.fromarray(np.concatenate([g, np.full((16, 16, 1), 255, np.uint8)], -1), "LA")) for g in gray]
     return (lambda p: flat_encoded(p, blobs)), (lambda: np.repeat(gray, 3, -1))
 
 
@@ -683,29 +828,34 @@ SCORED: dict[str, Scored] = {
     "gzip-compressed chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), compression="gzip"), lambda: RGB),
     "opaque RGBA PNG": Scored(*_opaque("RGBA")),
     "opaque LA PNG": Scored(*_opaque("LA")),
-    "external link read in place, copy beside it": Scored(linked_frames, lambda: RGB,
-                                                          output="{folder}/labelled.h5"),
-    "virtual dataset, copy beside it": Scored(lambda p: virtual_frames(p, missing=False), lambda: RGB,
-                                              output="{folder}/labelled.h5"),
+    "external link read in place, copy beside it": Scored(linked_frames, lambda: RGB, output="{folder}/labelled.h5"),
+    "virtual dataset, copy beside it": Scored(
+        lambda p: virtual_frames(p, missing=False), lambda: RGB, output="{folder}/labelled.h5"
+    ),
     "a name with spaces and accents": Scored(lambda p: flat(p.parent / "données de test.h5"), lambda: RGB),
     "symlinked source relabelled in place": Scored(_symlinked, lambda: RGB, output="{source}"),
     "reward key that only vlmlabel wrote, --overwrite": Scored(
-        lambda p: _relabelled(flat(p)), lambda: RGB, ["--overwrite"], output="{source}"),
+        lambda p: _relabelled(flat(p)), lambda: RGB, ["--overwrite"], output="{source}"
+    ),
     # round two: a fresh hostile pass
     "1x1 frames": Scored(lambda p: flat(p, fresh.noise(9, 1, 1)), lambda: fresh.noise(9, 1, 1)),
     "1xW frames": Scored(lambda p: flat(p, fresh.noise(9, 1, 40)), lambda: fresh.noise(9, 1, 40)),
     "very wide frames (4x2000)": Scored(lambda p: flat(p, fresh.noise(9, 4, 2000)), lambda: fresh.noise(9, 4, 2000)),
     "very tall frames (3000x8)": Scored(lambda p: flat(p, fresh.noise(9, 3000, 8)), lambda: fresh.noise(9, 3000, 8)),
     "fletcher32 + shuffle + gzip chunks": Scored(
-        lambda p: flat(p, RGB, chunks=(1, 16, 20, 3), fletcher32=True, shuffle=True, compression="gzip"), lambda: RGB),
+        lambda p: flat(p, RGB, chunks=(1, 16, 20, 3), fletcher32=True, shuffle=True, compression="gzip"), lambda: RGB
+    ),
     "lzf chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), compression="lzf"), lambda: RGB),
     "scale-offset chunks": Scored(lambda p: flat(p, RGB, chunks=(2, 16, 20, 3), scaleoffset=0), lambda: RGB),
     "big-endian uint8 frames": Scored(lambda p: flat(p, RGB.astype(">u1")), lambda: RGB),
-    "one camera named twice": Scored(lambda p: flat(p), lambda: RGB,
-                                     ["--image-key", "observations", "--image-key", "observations"]),
+    "one camera named twice": Scored(
+        lambda p: flat(p), lambda: RGB, ["--image-key", "observations", "--image-key", "observations"]
+    ),
     "--output in a folder that is a symbolic link": Scored(
-        lambda p: (fresh.symlink_to(p.parent.parent / "outlink", p.parent.parent / "out"), flat(p))[1], lambda: RGB,
-        output="{tmp}/outlink/labelled.h5"),
+        lambda p: (fresh.symlink_to(p.parent.parent / "outlink", p.parent.parent / "out"), flat(p))[1],
+        lambda: RGB,
+        output="{tmp}/outlink/labelled.h5",
+    ),
 }
 
 
@@ -726,8 +876,20 @@ def test_scored_exactly_as_open_clip_scores_them(case, tmp_path, tiny_model_dir,
     output = Path(spec.output.format(tmp=tmp_path, folder=folder, source=source))
     in_place = output == source
     before = tree_digest(folder)
-    args = ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu",
-            "--align", "frame", "-q", *spec.args] + ([] if in_place else ["--output", str(output)])
+    args = [
+        "relabel",
+        str(source),
+        "--goal",
+        GOAL,
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--align",
+        "frame",
+        "-q",
+        *spec.args,
+    ] + ([] if in_place else ["--output", str(output)])
     result = runner.invoke(app, args, terminal_width=400)
     assert result.exit_code == 0, result.output
     with h5py.File(output, "r") as f:
@@ -747,8 +909,9 @@ def test_scored_exactly_as_open_clip_scores_them(case, tmp_path, tiny_model_dir,
 
 
 def _vlmlabel(args: list[str], **options) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlmlabel", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **options)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmlabel", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+    )
 
 
 def _limit_file_size(limit: int) -> Callable[[], None]:
@@ -762,15 +925,28 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGTERM", "SIGINT", "file too large for the file system"])
-def test_fault_mid_run_keeps_the_source_and_the_rerun_equals_the_reference(fault, tmp_path, tiny_model_dir,
-                                                                            reference):
+def test_fault_mid_run_keeps_the_source_and_the_rerun_equals_the_reference(fault, tmp_path, tiny_model_dir, reference):
     folder = tmp_path / "data"
     folder.mkdir()
     frames = make_frames(400, 16, 20, seed=13)
     source = flat(folder / "data.h5", frames, chunks=(8, 16, 20, 3), compression="gzip")
     before = hashlib.sha256(source.read_bytes()).hexdigest()
-    args = ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device", "cpu",
-            "--align", "frame", "--batch-size", "8", "--checkpoint-every", "16"]
+    args = [
+        "relabel",
+        str(source),
+        "--goal",
+        GOAL,
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--align",
+        "frame",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "16",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if fault.startswith("SIG"):
         run = _vlmlabel(args, env=env)

@@ -69,8 +69,9 @@ def test_text_that_is_not_utf8_is_refused_by_every_command(case, tmp_path, tiny_
     source = layouts.build_robomimic(folder / "data.h5").path
     before = tree_digest(folder)
     args = [a.format(source=source, folder=folder).replace("MODEL", str(tiny_model_dir)) for a in args]
-    result = runner.invoke(app, args + (["--device", "cpu"] if args[0] in ("embed", "bench") else []),
-                           terminal_width=400)
+    result = runner.invoke(
+        app, args + (["--device", "cpu"] if args[0] in ("embed", "bench") else []), terminal_width=400
+    )
     _one_line_refusal(result, f"{flag} is not UTF-8", "b'")
     assert tree_digest(folder) == before
 
@@ -79,13 +80,18 @@ def test_text_that_is_not_utf8_is_refused_by_every_command(case, tmp_path, tiny_
 
 
 METADATA = {
-    "LeRobot meta/info.json a list": (lambda root: open_inputs.lerobot(root, "info.json", lambda info: [info]),
-                                      "info.json holds a list, not a JSON object"),
-    "save_to_disk state.json a list": (lambda root: open_inputs.disk(root, "state.json", lambda state: [state]),
-                                       "state.json holds a list, not a JSON object"),
-    "DatasetDict splits null": (lambda root: open_inputs.disk(root, "dataset_dict.json",
-                                                              open_inputs.set_key("splits", None)),
-                                "dataset_dict.json: 'splits' is null, not a list"),
+    "LeRobot meta/info.json a list": (
+        lambda root: open_inputs.lerobot(root, "info.json", lambda info: [info]),
+        "info.json holds a list, not a JSON object",
+    ),
+    "save_to_disk state.json a list": (
+        lambda root: open_inputs.disk(root, "state.json", lambda state: [state]),
+        "state.json holds a list, not a JSON object",
+    ),
+    "DatasetDict splits null": (
+        lambda root: open_inputs.disk(root, "dataset_dict.json", open_inputs.set_key("splits", None)),
+        "dataset_dict.json: 'splits' is null, not a list",
+    ),
 }
 COMMANDS = {
     "inspect": ["inspect", "{source}"],
@@ -115,8 +121,20 @@ def test_embed_refuses_an_output_named_for_another_format(tmp_path, tiny_model_d
     """embed writes an HDF5 file; under a parquet name `inspect` would call it corrupt."""
     source = layouts.build_robomimic(tmp_path / "data.h5").path
     before = tree_digest(tmp_path)
-    result = runner.invoke(app, ["embed", str(source), "--model", str(tiny_model_dir), "--device", "cpu",
-                                 "--output", str(tmp_path / "cache.parquet")], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "embed",
+            str(source),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path / "cache.parquet"),
+        ],
+        terminal_width=400,
+    )
     _one_line_refusal(result, "cache.parquet is written as HDF5", "cache.h5")
     assert tree_digest(tmp_path) == before
 
@@ -127,14 +145,34 @@ def test_merge_refuses_an_output_named_for_another_format(tmp_path):
     _one_line_refusal(result, "out.h5 is written as a save_to_disk dataset, a folder", "must not end in .h5")
 
 
-@pytest.mark.parametrize("source_name, output_name", [("data.h5", "labelled.hdf5"), ("data.h5", "labelled.hdf"),
-                                                      ("data.h5", "labelled.H5"), ("data.nc", "labelled.nc")])
-def test_an_hdf5_output_may_have_any_hdf5_name_or_the_sources_own_suffix(source_name, output_name, tmp_path,
-                                                                         tiny_model_dir, reference):
+@pytest.mark.parametrize(
+    "source_name, output_name",
+    [("data.h5", "labelled.hdf5"), ("data.h5", "labelled.hdf"), ("data.h5", "labelled.H5"), ("data.nc", "labelled.nc")],
+)
+def test_an_hdf5_output_may_have_any_hdf5_name_or_the_sources_own_suffix(
+    source_name, output_name, tmp_path, tiny_model_dir, reference
+):
     source = flat(tmp_path / source_name)
     output = tmp_path / output_name
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                 "cpu", "--align", "frame", "-q", "--output", str(output)], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "frame",
+            "-q",
+            "--output",
+            str(output),
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(output, "r") as f:
         np.testing.assert_allclose(f["vlm_reward"][()], reference(RGB, [GOAL])[:, 0], atol=2e-3)
@@ -144,8 +182,23 @@ def test_a_new_dataset_folder_may_have_dots_in_its_name(tmp_path, tiny_model_dir
     """Only a file format's suffix is refused for a folder: labelled.v2 is a folder name like any other."""
     case = table_layouts.build_disk_image(tmp_path)
     output = tmp_path / "labelled.v2"
-    result = runner.invoke(app, ["relabel", str(case.path), "--goal", GOAL, "--model", str(tiny_model_dir),
-                                 "--device", "cpu", "-q", "--output", str(output)], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(case.path),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "-q",
+            "--output",
+            str(output),
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     assert (output / "state.json").is_file()
 
@@ -158,8 +211,25 @@ def test_hdf5_files_named_in_latin1_are_labelled(tmp_path, tiny_model_dir, refer
     opens them), and the rewards are the reference."""
     source = flat(tmp_path / f"{LATIN1}.h5")
     output = tmp_path / f"{LATIN1}-labelled.h5"
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                 "cpu", "--align", "frame", "-q", "--output", str(output)], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "frame",
+            "-q",
+            "--output",
+            str(output),
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(output, "r") as f:
         np.testing.assert_allclose(f["vlm_reward"][()], reference(RGB, [GOAL])[:, 0], atol=2e-3)
@@ -171,11 +241,34 @@ def test_a_file_name_that_is_not_utf8_is_printed_without_a_traceback(tmp_path, t
     """The summary names the file; a strict UTF-8 stdout (a UTF-8 locale) cannot encode it as Python holds it, which
     ended in a traceback after the rewards were written."""
     source = flat(tmp_path / f"{LATIN1}.h5")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict",
-           "COLUMNS": "1000", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", os.fsencode(source), "--goal", GOAL,
-                           "--model", str(tiny_model_dir), "--device", "cpu", "--workers", "0"],
-                          capture_output=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONIOENCODING": "utf-8:strict",
+        "COLUMNS": "1000",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmlabel",
+            "relabel",
+            os.fsencode(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert b"Traceback" not in done.stderr
     assert b"donn\\udce9es.h5" in b"".join(done.stdout.split())  # the summary (a table: wrapped) names the file
@@ -196,8 +289,23 @@ def test_damaged_saved_progress_is_discarded_and_the_run_starts_over(identity, t
     state = {"done": 3, "start": 0, "stop": 9, "batch_size": 4, "identity": identity, "numerics": {}}
     (progress / "state.json").write_text(json.dumps(state))
     (progress / "rewards.f32").write_bytes(np.zeros(3, "<f4").tobytes())
-    result = runner.invoke(app, ["relabel", str(source), "--goal", GOAL, "--model", str(tiny_model_dir), "--device",
-                                 "cpu", "--align", "frame", "-q"], terminal_width=400)
+    result = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(source),
+            "--goal",
+            GOAL,
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--align",
+            "frame",
+            "-q",
+        ],
+        terminal_width=400,
+    )
     assert result.exit_code == 0, result.output
     assert "is unreadable; starting over" in result.output
     with h5py.File(source, "r") as f:

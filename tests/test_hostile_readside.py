@@ -37,8 +37,14 @@ REWARD, RAW = "vlm_reward", "vlm_reward_raw"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # format tags: every HDF5 layout, the flat one, those with one group per episode, and the tables
-FORMATS = {"flat_d4rl": {"hdf5", "flat"}, "robomimic": {"hdf5", "groups"}, "minari": {"hdf5", "groups"},
-           "parquet": {"table"}, "save_to_disk": {"table"}, "lerobot_image": {"table"}}
+FORMATS = {
+    "flat_d4rl": {"hdf5", "flat"},
+    "robomimic": {"hdf5", "groups"},
+    "minari": {"hdf5", "groups"},
+    "parquet": {"table"},
+    "save_to_disk": {"table"},
+    "lerobot_image": {"table"},
+}
 
 
 # -- a labelled copy and how to edit what it stores ---------------------------------------------------------
@@ -65,8 +71,9 @@ class Labelled:
         for index, (path, table) in enumerate(_tables_with(self.path, name)):
             column = table.schema.get_field_index(name)
             values = edit(table.column(name).to_numpy().astype(np.float32), index == 0)
-            array = pa.array(list(values) if values.ndim > 1 else values,
-                             type=pa.list_(pa.float32()) if values.ndim > 1 else None)
+            array = pa.array(
+                list(values) if values.ndim > 1 else values, type=pa.list_(pa.float32()) if values.ndim > 1 else None
+            )
             kept = table.schema.field(name)
             _write_table(path, table.set_column(column, kept.with_type(array.type), array))
 
@@ -79,8 +86,9 @@ class Labelled:
                     handle[where].attrs.clear()
                     for key, value in attrs.items():  # text that is not UTF-8 is stored as the bytes it escapes
                         raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-                        handle[where].attrs.create(key, raw, dtype=h5py.string_dtype() if isinstance(value, str)
-                                                   else None)
+                        handle[where].attrs.create(
+                            key, raw, dtype=h5py.string_dtype() if isinstance(value, str) else None
+                        )
             return
         for index, (path, table) in enumerate(_tables_with(self.path, name)):
             column = table.schema.get_field_index(name)
@@ -92,8 +100,11 @@ class Labelled:
 
 def _datasets(handle: h5py.File, name: str) -> list[str]:
     found: list[str] = []
-    handle.visititems(lambda path, item: found.append(path) if isinstance(item, h5py.Dataset)
-                      and path.split("/")[-1] == name else None)
+    handle.visititems(
+        lambda path, item: (
+            found.append(path) if isinstance(item, h5py.Dataset) and path.split("/")[-1] == name else None
+        )
+    )
     return sorted(found)
 
 
@@ -126,9 +137,18 @@ def labelled_templates(tmp_path_factory, tiny_model_dir) -> dict[str, Labelled]:
         root = tmp_path_factory.mktemp(name)
         case: Case = BACKENDS[name](root)
         out = case.output("labelled")
-        relabel_file(RelabelRequest(source=case.source, goals=[GOAL], model=str(tiny_model_dir), device="cpu",
-                                    image_key=case.image_key, output=out, workers=0,
-                                    formulation=RewardConfig(goals=[GOAL], normalize=Normalize.dataset)))
+        relabel_file(
+            RelabelRequest(
+                source=case.source,
+                goals=[GOAL],
+                model=str(tiny_model_dir),
+                device="cpu",
+                image_key=case.image_key,
+                output=out,
+                workers=0,
+                formulation=RewardConfig(goals=[GOAL], normalize=Normalize.dataset),
+            )
+        )
         made[name] = Labelled(out, case.reference_key, "hdf5" in FORMATS[name])
     return made
 
@@ -147,13 +167,13 @@ def labelled(request, labelled_templates, tmp_path) -> tuple[str, Labelled]:
 
 
 def _evaluate(data: Labelled, tmp_path: Path):
-    return runner.invoke(app, ["evaluate", str(data.path), "--against", data.reference_key, "--no-blank"],
-                         terminal_width=400)
+    return runner.invoke(
+        app, ["evaluate", str(data.path), "--against", data.reference_key, "--no-blank"], terminal_width=400
+    )
 
 
 def _plot(data: Labelled, tmp_path: Path):
-    return runner.invoke(app, ["plot", str(data.path), "--output", str(tmp_path / "picture.png")],
-                         terminal_width=400)
+    return runner.invoke(app, ["plot", str(data.path), "--output", str(tmp_path / "picture.png")], terminal_width=400)
 
 
 COMMANDS = {"evaluate": _evaluate, "plot": _plot}
@@ -189,56 +209,81 @@ class Hostile:
 
 
 HOSTILE: dict[str, Hostile] = {
-    "align attribute edited": Hostile(lambda d: d.edit_attrs(REWARD, _set({"align": "sideways"})),
-                                      ["align attribute", "'sideways'", "relabel"]),
-    "align attribute not text": Hostile(lambda d: d.edit_attrs(REWARD, _set({"align": 3})),
-                                        ["align attribute", "3"], {"hdf5"}),
-    "an infinite reward": Hostile(lambda d: d.edit_values(REWARD, _first(_one_inf)),
-                                  ["'vlm_reward'", "1 NaN or infinite"]),
-    "every reward NaN": Hostile(lambda d: d.edit_values(REWARD, lambda v, first: np.full_like(v, np.nan)),
-                                ["'vlm_reward'", "NaN or infinite"]),
-    "2-D rewards": Hostile(lambda d: d.edit_values(REWARD, lambda v, first: np.stack([v, v], axis=1)),
-                           ["'vlm_reward'", "not one number per step"]),
+    "align attribute edited": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"align": "sideways"})), ["align attribute", "'sideways'", "relabel"]
+    ),
+    "align attribute not text": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"align": 3})), ["align attribute", "3"], {"hdf5"}
+    ),
+    "an infinite reward": Hostile(
+        lambda d: d.edit_values(REWARD, _first(_one_inf)), ["'vlm_reward'", "1 NaN or infinite"]
+    ),
+    "every reward NaN": Hostile(
+        lambda d: d.edit_values(REWARD, lambda v, first: np.full_like(v, np.nan)), ["'vlm_reward'", "NaN or infinite"]
+    ),
+    "2-D rewards": Hostile(
+        lambda d: d.edit_values(REWARD, lambda v, first: np.stack([v, v], axis=1)),
+        ["'vlm_reward'", "not one number per step"],
+    ),
     "text instead of numbers": Hostile(
         lambda d: d.edit_values(REWARD, lambda v, first: v.astype("S" if d.hdf5 else str)),
-        ["'vlm_reward'", "not one number per step"]),
-    "an episode's reward one value short": Hostile(lambda d: d.edit_values(REWARD, _first(lambda v: v[:-1])),
-                                                   ["'vlm_reward'", "values in", "frames"], {"groups"}),
+        ["'vlm_reward'", "not one number per step"],
+    ),
+    "an episode's reward one value short": Hostile(
+        lambda d: d.edit_values(REWARD, _first(lambda v: v[:-1])), ["'vlm_reward'", "values in", "frames"], {"groups"}
+    ),
     "an episode's reward one value too long": Hostile(
         lambda d: d.edit_values(REWARD, _first(lambda v: np.append(v, v[-1]))),
-        ["'vlm_reward'", "values in", "frames"], {"groups"}),
-    "a flat reward one row short": Hostile(lambda d: d.edit_values(REWARD, _first(lambda v: v[:-1])),
-                                           ["vlm_reward has", "rows but the frames"], {"flat"}),
-    "a flat reward one row too long": Hostile(lambda d: d.edit_values(REWARD, _first(lambda v: np.append(v, v[-1]))),
-                                              ["vlm_reward has", "rows but the frames"], {"flat"}),
-    "reward_spec not JSON": Hostile(lambda d: d.edit_attrs(REWARD, _set({"reward_spec": "{not json"})),
-                                    ["reward_spec", "damaged", "relabel"]),
-    "reward_spec a JSON list": Hostile(lambda d: d.edit_attrs(REWARD, _set({"reward_spec": "[1, 2]"})),
-                                       ["reward_spec", "damaged", "not an object"]),
-    "reward_spec with a number as text": Hostile(lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "gamma": "x"})),
-                                                 ["reward_spec", "damaged", "gamma"]),
+        ["'vlm_reward'", "values in", "frames"],
+        {"groups"},
+    ),
+    "a flat reward one row short": Hostile(
+        lambda d: d.edit_values(REWARD, _first(lambda v: v[:-1])), ["vlm_reward has", "rows but the frames"], {"flat"}
+    ),
+    "a flat reward one row too long": Hostile(
+        lambda d: d.edit_values(REWARD, _first(lambda v: np.append(v, v[-1]))),
+        ["vlm_reward has", "rows but the frames"],
+        {"flat"},
+    ),
+    "reward_spec not JSON": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"reward_spec": "{not json"})), ["reward_spec", "damaged", "relabel"]
+    ),
+    "reward_spec a JSON list": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"reward_spec": "[1, 2]"})), ["reward_spec", "damaged", "not an object"]
+    ),
+    "reward_spec with a number as text": Hostile(
+        lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "gamma": "x"})), ["reward_spec", "damaged", "gamma"]
+    ),
     "reward_spec with an unknown formula": Hostile(
-        lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "reward": "sine"})), ["reward_spec", "damaged", "sine"]),
+        lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "reward": "sine"})), ["reward_spec", "damaged", "sine"]
+    ),
     "reward_spec without its goal": Hostile(
         lambda d: d.edit_attrs(REWARD, _spec(lambda s: {k: v for k, v in s.items() if k != "goal"})),
-        ["reward_spec", "damaged", "goal"]),
-    "reward_spec out of range": Hostile(lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "gamma": 7})),
-                                        ["reward_spec", "damaged", "gamma"]),
-    "goal attribute not UTF-8": Hostile(lambda d: d.edit_attrs(REWARD, _set({"goal": "\udcff\udcfe"})),
-                                        ["'goal' attribute", "not UTF-8"]),
-    "raw_key naming nothing": Hostile(lambda d: d.edit_attrs(REWARD, _set({"raw_key": "gone"})),
-                                      ["raw scores 'gone'", "missing"]),
-    "raw_key naming the reward itself": Hostile(lambda d: d.edit_attrs(REWARD, _set({"raw_key": REWARD})),
-                                                ["raw_key", "names no other reward"]),
-    "raw scores infinite": Hostile(lambda d: d.edit_values(RAW, _first(_one_inf)),
-                                   ["raw scores 'vlm_reward_raw'", "NaN or infinite"]),
+        ["reward_spec", "damaged", "goal"],
+    ),
+    "reward_spec out of range": Hostile(
+        lambda d: d.edit_attrs(REWARD, _spec(lambda s: {**s, "gamma": 7})), ["reward_spec", "damaged", "gamma"]
+    ),
+    "goal attribute not UTF-8": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"goal": "\udcff\udcfe"})), ["'goal' attribute", "not UTF-8"]
+    ),
+    "raw_key naming nothing": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"raw_key": "gone"})), ["raw scores 'gone'", "missing"]
+    ),
+    "raw_key naming the reward itself": Hostile(
+        lambda d: d.edit_attrs(REWARD, _set({"raw_key": REWARD})), ["raw_key", "names no other reward"]
+    ),
+    "raw scores infinite": Hostile(
+        lambda d: d.edit_values(RAW, _first(_one_inf)), ["raw scores 'vlm_reward_raw'", "NaN or infinite"]
+    ),
     "provenance differs between episodes": Hostile(
         lambda d: d.edit_attrs(REWARD, lambda attrs, first: {**attrs, "align": "frame"} if first else attrs),
-        ["another provenance", "align"], {"groups"}),
+        ["another provenance", "align"],
+        {"groups"},
+    ),
 }
 
-CASES = [(case, name) for case, hostile in HOSTILE.items() for name, tags in FORMATS.items()
-         if hostile.formats & tags]
+CASES = [(case, name) for case, hostile in HOSTILE.items() for name, tags in FORMATS.items() if hostile.formats & tags]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -272,10 +317,16 @@ def test_untouched_copy_is_evaluated_and_drawn(labelled, command, tmp_path):
 def test_split_of_a_labelled_dataset_dict(tmp_path, tiny_model_dir):
     case = table_layouts.build_dict_split(tmp_path)  # `test` holds the episodes, `train` three other frames
     out = tmp_path / "dict-vlmlabel"
-    relabel_file(RelabelRequest(source=case.path, goals=[GOAL], model=str(tiny_model_dir), device="cpu",
-                                split="test", output=out, workers=0))
-    evaluated = runner.invoke(app, ["evaluate", str(out), "--split", "test", "--against", "frame_index",
-                                    "--no-blank", "--json"], terminal_width=400)
+    relabel_file(
+        RelabelRequest(
+            source=case.path, goals=[GOAL], model=str(tiny_model_dir), device="cpu", split="test", output=out, workers=0
+        )
+    )
+    evaluated = runner.invoke(
+        app,
+        ["evaluate", str(out), "--split", "test", "--against", "frame_index", "--no-blank", "--json"],
+        terminal_width=400,
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["steps"] == len(case.frames)
     picture = tmp_path / "test.png"
@@ -283,8 +334,10 @@ def test_split_of_a_labelled_dataset_dict(tmp_path, tiny_model_dir):
     assert drawn.exit_code == 0, drawn.output
     with Image.open(picture) as image:
         assert image.size[0] > 0
-    for command, extra in (("evaluate", ["--no-blank", "--against", "frame_index"]),
-                           ("plot", ["--output", str(tmp_path / "train.png")])):
+    for command, extra in (
+        ("evaluate", ["--no-blank", "--against", "frame_index"]),
+        ("plot", ["--output", str(tmp_path / "train.png")]),
+    ):
         train = runner.invoke(app, [command, str(out), *extra], terminal_width=400)  # default train: not labelled
         assert train.exit_code == 2 and "unknown reward key 'vlm_reward'" in train.output, train.output
         other = runner.invoke(app, [command, str(out), "--split", "validation", *extra], terminal_width=400)

@@ -52,10 +52,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 GOAL = "a red block"
 LENGTHS = (5, 7, 4)  # 16 frames, 4 batches of 4; two shards of whole episodes
-PHASES = {"relabel": ("open", "score", "write", "commit"), "embed": ("open", "score", "write"),
-          "merge": ("open", "write", "commit")}
-CASES = [(command, phase, name) for command, phases in PHASES.items() for phase in phases
-         for name in ("SIGINT", "SIGTERM")]
+PHASES = {
+    "relabel": ("open", "score", "write", "commit"),
+    "embed": ("open", "score", "write"),
+    "merge": ("open", "write", "commit"),
+}
+CASES = [
+    (command, phase, name) for command, phases in PHASES.items() for phase in phases for name in ("SIGINT", "SIGTERM")
+]
 WORK = "data.h5.vlmlabel-vlm_reward"  # saved progress and shard parts
 # Run as the console command, a fresh interpreter (the others are forked with the CLI imported: tests.forked_cli):
 # the issue's own case, and scoring with a decoding worker, which the signal to the process group reaches too.
@@ -84,8 +88,11 @@ def _rewards(path: Path) -> np.ndarray:
 def _embeddings(path: Path) -> dict[str, np.ndarray]:
     found: dict[str, np.ndarray] = {}
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, item: found.update({name: item[()]})
-                     if "vlm_embedding" in name and isinstance(item, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, item: (
+                found.update({name: item[()]}) if "vlm_embedding" in name and isinstance(item, h5py.Dataset) else None
+            )
+        )
     return found
 
 
@@ -109,8 +116,14 @@ def _signal_at(phase: str, name: str, args: list[str], stderr: Path, console: bo
     environ = env(VLMLABEL_TEST_PAUSE_AT=phase)
     if console:
         with open(stderr, "w") as sink:
-            run = subprocess.Popen([sys.executable, "-m", "vlmlabel", *args], cwd=ROOT, env=environ,
-                                   stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True)
+            run = subprocess.Popen(
+                [sys.executable, "-m", "vlmlabel", *args],
+                cwd=ROOT,
+                env=environ,
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+                start_new_session=True,
+            )
         try:
             deadline = time.monotonic() + 120
             while marker not in stderr.read_text().splitlines() and run.poll() is None and time.monotonic() < deadline:
@@ -135,16 +148,26 @@ def _signal_at(phase: str, name: str, args: list[str], stderr: Path, console: bo
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("command, phase, name", CASES)
-def test_a_signal_in_any_phase_stops_cleanly_and_the_rerun_equals_the_reference(command, phase, name, tmp_path,
-                                                                                tiny_model_dir, reference,
-                                                                                embedded):
+def test_a_signal_in_any_phase_stops_cleanly_and_the_rerun_equals_the_reference(
+    command, phase, name, tmp_path, tiny_model_dir, reference, embedded
+):
     folder = tmp_path / "data"
     folder.mkdir()
     source = make_dataset(folder / "data.h5", LENGTHS)
     if command == "merge":
         for index in range(2):
-            relabel_file(RelabelRequest(source, [GOAL], model=str(tiny_model_dir), device="cpu", batch_size=4,
-                                        workers=0, align=Align.frame, shard=ShardSpec(index, 2)))
+            relabel_file(
+                RelabelRequest(
+                    source,
+                    [GOAL],
+                    model=str(tiny_model_dir),
+                    device="cpu",
+                    batch_size=4,
+                    workers=0,
+                    align=Align.frame,
+                    shard=ShardSpec(index, 2),
+                )
+            )
     before = _digest(source)
     console = (command, phase, name) in CONSOLE
     args = _args(command, source, tiny_model_dir, workers=1 if console and phase == "score" else 0)
@@ -279,8 +302,9 @@ def test_sigterm_while_hdf5_builds_the_in_place_image_is_raised_whole(where, tmp
         except Interrupted as exc:
             print("interrupted", exc.exit_code)
         """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env=env())
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env()
+    )
     assert (done.returncode, done.stdout.strip()) == (0, "interrupted 143"), done.stderr[-2000:]
     assert _digest(source) == before and [p.name for p in tmp_path.iterdir()] == ["data.h5"]
 
@@ -324,8 +348,16 @@ def test_a_signal_as_scoring_starts_keeps_every_camera_s_saved_progress(tmp_path
             for cam, name in enumerate(("agentview_image", "robot0_eye_in_hand_image")):
                 f[f"data/demo_{k}/obs/{name}"] = layouts.make_frames(length, 20, 24, seed=200 + 10 * cam + k)
             f[f"data/demo_{k}/actions"] = np.zeros((length, 2), np.float32)
-    request = RelabelRequest(source, [GOAL], model=str(tiny_model_dir), device="cpu", batch_size=4, workers=0,
-                             checkpoint_every=4, image_key=["obs/agentview_image", "obs/robot0_eye_in_hand_image"])
+    request = RelabelRequest(
+        source,
+        [GOAL],
+        model=str(tiny_model_dir),
+        device="cpu",
+        batch_size=4,
+        workers=0,
+        checkpoint_every=4,
+        image_key=["obs/agentview_image", "obs/robot0_eye_in_hand_image"],
+    )
     frames = sum(LENGTHS)
     seen = [0]
 

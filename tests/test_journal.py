@@ -32,9 +32,11 @@ def _contents(path: Path) -> dict[str, object]:
     """Every object of the file with its values and attributes: what any reader sees."""
     found: dict[str, object] = {}
     with h5py.File(path, "r") as handle:
+
         def visit(name: str, item: h5py.HLObject) -> None:
             values = item[()].tobytes() if isinstance(item, h5py.Dataset) else None
             found[name] = (values, sorted((k, repr(v)) for k, v in item.attrs.items()))
+
         handle.visititems(visit)
     return found
 
@@ -45,8 +47,9 @@ def _digest(path: Path) -> str:
 
 def _rewards(lf: layouts.LayoutFile) -> list[H5Dataset]:
     attrs = {"formula": "cos", "vlmlabel_version": "test"}
-    return [H5Dataset(path, np.linspace(0, 1, 7 + i, dtype=np.float32), attrs)
-            for i, path in enumerate(lf.reward_paths)]
+    return [
+        H5Dataset(path, np.linspace(0, 1, 7 + i, dtype=np.float32), attrs) for i, path in enumerate(lf.reward_paths)
+    ]
 
 
 def _copy_write(path: Path, datasets: list[H5Dataset], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,13 +78,22 @@ def test_the_in_place_write_is_what_the_copy_writes_and_keeps_the_file(layout, t
 
 def test_a_reader_holding_the_file_open_gets_the_copy_instead(tmp_path):
     lf = layouts.build_robomimic(tmp_path / "data.h5")
-    reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time, h5py
         handle = h5py.File({str(lf.path)!r}, "r")
         print("open", flush=True)
         sys.stdin.read()
         print(len(handle["data"]), flush=True)
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
         inode = lf.path.stat().st_ino
@@ -127,7 +139,7 @@ def _killed_apply(path: Path, datasets: list[H5Dataset], step: int, torn: bool) 
             calls[0] += 1
             if calls[0] == step:
                 if torn:
-                    os.pwrite(fd, bytes(data)[:max(1, len(data) // 2)], offset)
+                    os.pwrite(fd, bytes(data)[: max(1, len(data) // 2)], offset)
                 os.kill(os.getpid(), signal.SIGKILL)
             real_write(fd, data, offset)
 
@@ -242,6 +254,7 @@ def test_a_journal_of_another_host_is_refused_with_what_to_do(tmp_path):
         journal.recover(lf.path)
     with pytest.raises(SourceError, match="unfinished write"):
         from vlmlabel.sources import open_source
+
         open_source(str(lf.path))
 
 
@@ -253,8 +266,10 @@ def test_the_next_relabel_recovers_before_it_reads(tmp_path, tiny_model_dir):
     _killed_apply(lf.path, _rewards(lf), step=4, torn=True)
     assert _digest(lf.path) != before  # half written
     notes: list[str] = []
-    relabel_file(RelabelRequest(source=lf.path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
-                 on_note=notes.append)
+    relabel_file(
+        RelabelRequest(source=lf.path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
+        on_note=notes.append,
+    )
     assert any("undid an interrupted write" in n for n in notes)
     with h5py.File(lf.path, "r") as handle:
         assert [handle[p].shape for p in lf.reward_paths] == [(steps,) for steps in lf.steps]
@@ -281,12 +296,12 @@ def test_the_overlay_reads_and_applies_exactly_what_was_written(original, operat
         if operation[0] == "write":
             _, offset, data = operation
             model.extend(bytes(max(0, offset - len(model))))
-            model[offset:offset + len(data)] = data
+            model[offset : offset + len(data)] = data
             overlay.seek(offset)
             assert overlay.write(data) == len(data)
         elif operation[0] == "read":
             _, offset, count = operation
-            assert overlay.read_at(offset, count) == bytes(model[offset:offset + count])
+            assert overlay.read_at(offset, count) == bytes(model[offset : offset + count])
         else:
             _, size = operation
             model = model[:size] + bytearray(max(0, size - len(model)))
@@ -296,7 +311,7 @@ def test_the_overlay_reads_and_applies_exactly_what_was_written(original, operat
     assert path.read_bytes() == original  # nothing reaches the file before apply
     journal.apply(path, overlay)
     written = path.read_bytes()
-    assert written[:len(model)] == bytes(model)
+    assert written[: len(model)] == bytes(model)
     assert len(written) == max(len(model), len(original))  # never cut: the bytes past the end are HDF5's slack
     assert not list(tmp_path.glob(".*journal"))
 

@@ -44,15 +44,24 @@ def check_against_column(got: dict[str, list], values: np.ndarray) -> None:
 def labelled(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("lerobot_meta")
     case = table_layouts.build_lerobot(root, video=False)
-    summary = relabel_file(RelabelRequest(source=case.path, goals=GOALS, model=str(tiny_model_dir), device="cpu",
-                                          image_key="top", reward_key="vlm.progress"))
+    summary = relabel_file(
+        RelabelRequest(
+            source=case.path,
+            goals=GOALS,
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key="top",
+            reward_key="vlm.progress",
+        )
+    )
     return case, summary.written_to
 
 
 def written_rewards(dest: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(episode_index, reward) of every row, read back from the written data files."""
-    table = pa.concat_tables(pq.read_table(p, columns=["episode_index", key])
-                             for p in sorted((dest / "data").rglob("*.parquet")))
+    table = pa.concat_tables(
+        pq.read_table(p, columns=["episode_index", key]) for p in sorted((dest / "data").rglob("*.parquet"))
+    )
     return table.column("episode_index").to_numpy(), table.column(key).to_numpy()
 
 
@@ -116,8 +125,9 @@ def test_per_episode_stats_aggregate_to_stats_json(labelled):
         assert col["max"].max(axis=0).tolist() == stats[key]["max"]
         assert total.tolist() == stats[key]["count"]
         for name in QUANTILES:
-            np.testing.assert_allclose((col[name] * counts).sum(axis=0) / total, stats[key][name], rtol=1e-12,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                (col[name] * counts).sum(axis=0) / total, stats[key][name], rtol=1e-12, err_msg=name
+            )
 
 
 def test_info_json_records_provenance(labelled):
@@ -154,9 +164,18 @@ def test_readers_still_read_everything(labelled):
 
 def test_relabelling_a_labelled_copy_replaces_its_stats(labelled, tmp_path, tiny_model_dir):
     _, dest = labelled
-    summary = relabel_file(RelabelRequest(source=dest, goals=["a red block", "a robot arm"],
-                                          model=str(tiny_model_dir), device="cpu", image_key="top",
-                                          reward_key="vlm.progress", output=tmp_path / "again", overwrite=True))
+    summary = relabel_file(
+        RelabelRequest(
+            source=dest,
+            goals=["a red block", "a robot arm"],
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key="top",
+            reward_key="vlm.progress",
+            output=tmp_path / "again",
+            overwrite=True,
+        )
+    )
     again = summary.written_to
     meta = pq.read_table(again / EPISODES_FILE)
     assert meta.column_names == pq.read_table(dest / EPISODES_FILE).column_names
@@ -180,13 +199,23 @@ def test_lerobots_own_edits_drop_field_metadata_but_the_column_stays_ours(labell
     shutil.copytree(dest, edited)
     for path in (edited / "data").rglob("*.parquet"):
         table = pq.read_table(path)
-        pq.write_table(table.replace_schema_metadata(None).cast(pa.schema([f.remove_metadata() for f in table.schema])),
-                       path)
+        pq.write_table(
+            table.replace_schema_metadata(None).cast(pa.schema([f.remove_metadata() for f in table.schema])), path
+        )
     with open_source(str(edited), "top") as source:
         episode = source.episodes(Align.frame)[0]
         assert source.dataset_attrs(episode, KEYS[0])["goal"] == GOALS[0]
         assert KEYS[0] in source.reward_keys(episode) and source.dataset_attrs(episode, "frame_index") == {}
-    again = relabel_file(RelabelRequest(source=edited, goals=["a red cube", "a blue cube"], model=str(tiny_model_dir),
-                                        device="cpu", image_key="top", reward_key="vlm.progress", overwrite=True,
-                                        output=tmp_path / "again"))
+    again = relabel_file(
+        RelabelRequest(
+            source=edited,
+            goals=["a red cube", "a blue cube"],
+            model=str(tiny_model_dir),
+            device="cpu",
+            image_key="top",
+            reward_key="vlm.progress",
+            overwrite=True,
+            output=tmp_path / "again",
+        )
+    )
     assert again.written_to == tmp_path / "again"

@@ -24,8 +24,11 @@ from vlmlabel.sources import Align, open_source
 
 KEY = "vlm_reward"
 # Three episodes: four values far apart (given out of order), a single value, three equal values.
-REWARDS = [np.array([0.7001, 0.0, 1.0, 0.3001], np.float32), np.array([0.25], np.float32),
-           np.array([0.5, 0.5, 0.5], np.float32)]
+REWARDS = [
+    np.array([0.7001, 0.0, 1.0, 0.3001], np.float32),
+    np.array([0.25], np.float32),
+    np.array([0.5, 0.5, 0.5], np.float32),
+]
 WIDTH = 1.0 / 5000  # episode 0's histogram: 5000 bins over [0, 1] (the 1e-10 padding is far below 1e-6)
 
 # Episode 0, cumulative counts 1 from bin 0 (0.0), 2 from bin 1500 (0.3001 = 1500.5 bins), 3 from bin 3500,
@@ -33,21 +36,55 @@ WIDTH = 1.0 / 5000  # episode 0's histogram: 5000 bins over [0, 1] (the 1e-10 pa
 # cumulative count reaches q * 4: q01 (0.04) and q10 (0.4) stop in bin 0, whose lower edge LeRobot returns;
 # q50 (2) stops in bin 1500, entered at count 1 with 1 value: its upper edge; q90 (3.6) and q99 (3.96) stop in
 # bin 4999, entered at count 3 with 1 value: 0.6 and 0.96 of the way through it.
-EPISODE_0 = {"min": 0.0, "max": 1.0, "mean": 2.0002 / 4, "std": float(np.std(REWARDS[0].astype(np.float64))),
-             "count": 4, "q01": 0.0, "q10": 0.0, "q50": 1501 * WIDTH, "q90": 1.0 - 0.4 * WIDTH,
-             "q99": 1.0 - 0.04 * WIDTH}
+EPISODE_0 = {
+    "min": 0.0,
+    "max": 1.0,
+    "mean": 2.0002 / 4,
+    "std": float(np.std(REWARDS[0].astype(np.float64))),
+    "count": 4,
+    "q01": 0.0,
+    "q10": 0.0,
+    "q50": 1501 * WIDTH,
+    "q90": 1.0 - 0.4 * WIDTH,
+    "q99": 1.0 - 0.04 * WIDTH,
+}
 # Fewer than 2 values: numpy's statistics, every quantile the mean.
-EPISODE_1 = {"min": 0.25, "max": 0.25, "mean": 0.25, "std": 0.0, "count": 1,
-             "q01": 0.25, "q10": 0.25, "q50": 0.25, "q90": 0.25, "q99": 0.25}
+EPISODE_1 = {
+    "min": 0.25,
+    "max": 0.25,
+    "mean": 0.25,
+    "std": 0.0,
+    "count": 1,
+    "q01": 0.25,
+    "q10": 0.25,
+    "q50": 0.25,
+    "q90": 0.25,
+    "q99": 0.25,
+}
 # One value three times: every bin edge is 0.5 (the padding vanishes in float32), so is every quantile.
-EPISODE_2 = {"min": 0.5, "max": 0.5, "mean": 0.5, "std": 0.0, "count": 3,
-             "q01": 0.5, "q10": 0.5, "q50": 0.5, "q90": 0.5, "q99": 0.5}
+EPISODE_2 = {
+    "min": 0.5,
+    "max": 0.5,
+    "mean": 0.5,
+    "std": 0.0,
+    "count": 3,
+    "q01": 0.5,
+    "q10": 0.5,
+    "q50": 0.5,
+    "q90": 0.5,
+    "q99": 0.5,
+}
 EPISODES = [EPISODE_0, EPISODE_1, EPISODE_2]
 # Across episodes: min of minima, max of maxima, count-weighted means (8 values in all); the count-weighted
 # variance of the episodes plus that of their means is the variance of all 8 values.
-DATASET = {"min": 0.0, "max": 1.0, "mean": (2.0002 + 0.25 + 1.5) / 8,
-           "std": float(np.std(np.concatenate(REWARDS).astype(np.float64))), "count": 8,
-           **{q: (4 * EPISODE_0[q] + 0.25 + 3 * 0.5) / 8 for q in ("q01", "q10", "q50", "q90", "q99")}}
+DATASET = {
+    "min": 0.0,
+    "max": 1.0,
+    "mean": (2.0002 + 0.25 + 1.5) / 8,
+    "std": float(np.std(np.concatenate(REWARDS).astype(np.float64))),
+    "count": 8,
+    **{q: (4 * EPISODE_0[q] + 0.25 + 3 * 0.5) / 8 for q in ("q01", "q10", "q50", "q90", "q99")},
+}
 STATS = list(EPISODE_0)
 
 

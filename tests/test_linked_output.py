@@ -45,8 +45,7 @@ def test_labels_file_holds_the_rewards_and_links_to_everything_else(builder, tmp
     with h5py.File(truth.path, "a") as f:
         f.attrs["env_args"] = "{}"
     before = tree_digest(data)
-    args = ["relabel", str(truth.path), "--goal", "a red cube", "--model", str(tiny_model_dir), "--device", "cpu",
-            "-q"]
+    args = ["relabel", str(truth.path), "--goal", "a red cube", "--model", str(tiny_model_dir), "--device", "cpu", "-q"]
     copied = runner.invoke(app, args + ["--output", str(tmp_path / "copy.h5")])
     (tmp_path / "labels").mkdir()
     labels = tmp_path / "labels" / "d-labels.h5"

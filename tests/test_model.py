@@ -36,8 +36,24 @@ def test_hf_hub_model_loads_offline_from_a_prefilled_cache(tmp_path, tiny_model_
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     source = layouts.build_robomimic(tmp_path / "r.h5").path
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "vlmlabel", "relabel", str(source), "--model", "hf-hub:acme/tiny-clip",
-                           "--goal", "a cup", "-q"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmlabel",
+            "relabel",
+            str(source),
+            "--model",
+            "hf-hub:acme/tiny-clip",
+            "--goal",
+            "a cup",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     with h5py.File(source, "r") as f:
         assert f["data/demo_0/vlm_reward"].attrs["pretrained"] == "hf-hub:acme/tiny-clip"

@@ -18,8 +18,9 @@ CPU = torch.device("cpu")
 
 
 def reference(cfg: PreprocessConfig, frames: np.ndarray) -> torch.Tensor:
-    oc_cfg = open_clip.transform.PreprocessCfg(size=cfg.size, mean=cfg.mean, std=cfg.std,
-                                               resize_mode=cfg.resize_mode, interpolation=cfg.interpolation)
+    oc_cfg = open_clip.transform.PreprocessCfg(
+        size=cfg.size, mean=cfg.mean, std=cfg.std, resize_mode=cfg.resize_mode, interpolation=cfg.interpolation
+    )
     transform = open_clip.transform.image_transform_v2(oc_cfg, is_train=False)
     return torch.stack([transform(Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f)) for f in frames])
 
@@ -65,7 +66,8 @@ def test_embeddings_match_reference_and_tolerance_separates_filters(tiny_model_d
     frames = make_frames(8, 42, 42, seed=5)
     with torch.no_grad():
         want = torch.nn.functional.normalize(
-            ref_model.eval().encode_image(torch.stack([transform(Image.fromarray(f)) for f in frames])), dim=-1)
+            ref_model.eval().encode_image(torch.stack([transform(Image.fromarray(f)) for f in frames])), dim=-1
+        )
     batch = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
     preprocess = DevicePreprocess(model.preprocess, CPU)
     assert (model.encode_images(preprocess(batch)) - want).abs().max() < 5e-4

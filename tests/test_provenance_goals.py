@@ -30,10 +30,22 @@ def _run(*args: str):
 
 
 def test_a_goal_longer_than_the_context_is_relabelled_with_a_note_showing_the_dropped_words(
-        tiny_model_dir, tmp_path, one_thread):
+    tiny_model_dir, tmp_path, one_thread
+):
     truth = layouts.build_episodes_gray(tmp_path / "g.h5")
-    result = _run("relabel", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu",
-                  "-g", CUT_A, "-g", "a short goal", "--no-cache")
+    result = _run(
+        "relabel",
+        str(truth.path),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "-g",
+        CUT_A,
+        "-g",
+        "a short goal",
+        "--no-cache",
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "86 tokens, longer than the model's context of 77" in text
@@ -43,8 +55,19 @@ def test_a_goal_longer_than_the_context_is_relabelled_with_a_note_showing_the_dr
 
 def test_two_goals_identical_after_the_cut_are_refused_in_one_line(tiny_model_dir, tmp_path, one_thread):
     truth = layouts.build_episodes_gray(tmp_path / "g.h5")
-    result = _run("relabel", str(truth.path), "--model", str(tiny_model_dir), "--device", "cpu",
-                  "-g", CUT_A, "-g", CUT_B, "--no-cache")
+    result = _run(
+        "relabel",
+        str(truth.path),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "-g",
+        CUT_A,
+        "-g",
+        CUT_B,
+        "--no-cache",
+    )
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "goals 0" in result.stderr and "and 1" in result.stderr
@@ -82,11 +105,13 @@ def test_inspect_shows_the_resolution_of_a_lerobot_camera(tmp_path, video):
     assert wanted in result.stdout, result.stdout
 
 
-def test_written_rewards_record_the_model_folder_and_the_sha256_of_its_weights(tiny_model_dir, tmp_path,
-                                                                               one_thread):
+def test_written_rewards_record_the_model_folder_and_the_sha256_of_its_weights(tiny_model_dir, tmp_path, one_thread):
     truth = layouts.build_episodes_gray(tmp_path / "g.h5")
-    relabel_file(RelabelRequest(source=truth.path, goals=["x"], model=f"local-dir:{tiny_model_dir}",
-                                device="cpu", use_cache=False))
+    relabel_file(
+        RelabelRequest(
+            source=truth.path, goals=["x"], model=f"local-dir:{tiny_model_dir}", device="cpu", use_cache=False
+        )
+    )
     with h5py.File(truth.path) as f:
         attrs = dict(f[truth.reward_paths[0]].attrs)
     identity = json.loads(attrs["model_identity"])
@@ -97,8 +122,7 @@ def test_written_rewards_record_the_model_folder_and_the_sha256_of_its_weights(t
     assert attrs["pretrained"] == "bundled"
 
 
-def test_an_embedding_cache_made_with_other_weights_at_the_same_path_is_ignored(tiny_model_dir, tmp_path,
-                                                                               one_thread):
+def test_an_embedding_cache_made_with_other_weights_at_the_same_path_is_ignored(tiny_model_dir, tmp_path, one_thread):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     truth = layouts.build_episodes_gray(tmp_path / "g.h5")

@@ -32,8 +32,19 @@ def read_rewards(lf: layouts.LayoutFile, name: str) -> list[np.ndarray]:
 @pytest.mark.parametrize("align", ["frame", "next", None])  # None: no --align, the default is next
 def test_rewards_match_open_clip_reference(layout_file, tiny_model_dir, reference, align):
     option = [] if align is None else ["--align", align]
-    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), *option,
-                     "--goal", GOALS[0], "--goal", GOALS[1], "--batch-size", "5")
+    result = run_cli(
+        "relabel",
+        str(layout_file.path),
+        "--model",
+        str(tiny_model_dir),
+        *option,
+        "--goal",
+        GOALS[0],
+        "--goal",
+        GOALS[1],
+        "--batch-size",
+        "5",
+    )
     assert result.exit_code == 0, result.output
     expected_frames = layout_file.frame_steps if align == "frame" else layout_file.next_steps
     for goal_index in range(2):
@@ -46,8 +57,21 @@ def test_rewards_match_open_clip_reference(layout_file, tiny_model_dir, referenc
 
 
 def test_attributes_record_how_each_reward_was_made(layout_file, tiny_model_dir):
-    result = run_cli("relabel", str(layout_file.path), "--model", str(tiny_model_dir), "-q",
-                     "--goal", GOALS[0], "--goal", GOALS[1], "--align", "next", "--reward-key", "clip_r")
+    result = run_cli(
+        "relabel",
+        str(layout_file.path),
+        "--model",
+        str(tiny_model_dir),
+        "-q",
+        "--goal",
+        GOALS[0],
+        "--goal",
+        GOALS[1],
+        "--align",
+        "next",
+        "--reward-key",
+        "clip_r",
+    )
     assert result.exit_code == 0, result.output
     with h5py.File(layout_file.path, "r") as f:
         for goal_index, goal in enumerate(GOALS):
@@ -75,8 +99,9 @@ def test_single_goal_uses_plain_name_and_minari_root_untouched(tmp_path, tiny_mo
 
 
 @pytest.mark.parametrize("align", ["next", "frame"])
-def test_minari_infos_hold_one_score_per_observation_and_evaluate_reads_steps(tmp_path, tiny_model_dir, reference,
-                                                                              align):
+def test_minari_infos_hold_one_score_per_observation_and_evaluate_reads_steps(
+    tmp_path, tiny_model_dir, reference, align
+):
     """Minari's infos have T+1 rows (the reset's, then one per step): the reward lines up with them, and
     evaluate gives step t the row its alignment names (t+1 next, t frame) against T per-step rewards."""
     lf = layouts.build_minari(tmp_path / "m.h5")

@@ -34,8 +34,9 @@ def _digest(path: Path) -> str:
 
 
 def _request(source: Path, model_dir: Path, **overrides) -> RelabelRequest:
-    fields = dict(source=source, goals=["a red block"], model=str(model_dir), device="cpu", batch_size=2,
-                  checkpoint_every=10)
+    fields = dict(
+        source=source, goals=["a red block"], model=str(model_dir), device="cpu", batch_size=2, checkpoint_every=10
+    )
     fields.update(overrides)
     return RelabelRequest(**fields)
 
@@ -73,8 +74,14 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 90.0) -> None:
 
 def _start(dataset: Path, model_dir: Path, delay: str) -> subprocess.Popen:
     args = relabel_args(dataset, model_dir, "--batch-size", "2", "--checkpoint-every", "10")
-    return subprocess.Popen(args, cwd=ROOT, env=env(VLMLABEL_TEST_BATCH_DELAY=delay),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env(VLMLABEL_TEST_BATCH_DELAY=delay),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _assert_untouched(dataset: Path, digest: str) -> None:
@@ -105,8 +112,14 @@ def test_kill9_at_several_points_then_rerun_gives_uninterrupted_rewards(dataset,
         state = _state(dataset)
         assert state["done"] >= point and state["done"] >= saved  # progress is kept across kills
         saved = state["done"]
-    final = subprocess.run(relabel_args(dataset, tiny_model_dir, "--batch-size", "2", "--checkpoint-every", "10"),
-                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    final = subprocess.run(
+        relabel_args(dataset, tiny_model_dir, "--batch-size", "2", "--checkpoint-every", "10"),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert final.returncode == 0, final.stderr
     assert "stale lock" in final.stderr  # the last kill left its lock behind
     got = read_rewards(dataset)
@@ -149,6 +162,7 @@ def _interrupt_after(frames: int, signum: int = signal.SIGTERM):
         seen[0] += count
         if seen[0] >= frames:
             os.kill(os.getpid(), signum)
+
     return callback
 
 
@@ -173,6 +187,7 @@ def _fail_after(frames: int, error: Exception):
         seen[0] += count
         if seen[0] >= frames:
             raise error
+
     return callback
 
 
@@ -223,13 +238,15 @@ def test_changed_goal_invalidates_and_restart_discards(tmp_path, tiny_model_dir)
         relabel_file(_request(dataset, tiny_model_dir), on_progress=_interrupt_after(12))
     notes: list[str] = []
     with pytest.raises(Interrupted):
-        relabel_file(_request(dataset, tiny_model_dir, goals=["a blue cup"]), on_note=notes.append,
-                     on_progress=_interrupt_after(8))
+        relabel_file(
+            _request(dataset, tiny_model_dir, goals=["a blue cup"]),
+            on_note=notes.append,
+            on_progress=_interrupt_after(8),
+        )
     assert any("other options (goals differ)" in n for n in notes)
     assert _state(dataset)["identity"]["goals"] == ["a blue cup"]
     notes.clear()
-    summary = relabel_file(_request(dataset, tiny_model_dir, goals=["a blue cup"], restart=True),
-                           on_note=notes.append)
+    summary = relabel_file(_request(dataset, tiny_model_dir, goals=["a blue cup"], restart=True), on_note=notes.append)
     assert any("--restart" in n for n in notes)
     assert summary.result.resumed == 0
     other = tmp_path / "other.h5"
@@ -244,15 +261,30 @@ def test_stale_lock_is_taken_over_and_foreign_host_lock_refuses(dataset, tiny_mo
     gone = subprocess.Popen(["true"])
     gone.wait()
     lock = dest_lock(dataset)
-    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "earlier",
-                                "command": "vlmlabel relabel"}))
+    lock.write_text(
+        json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "earlier", "command": "vlmlabel relabel"})
+    )
     notes: list[str] = []
     relabel_file(_request(dataset, tiny_model_dir, batch_size=32), on_note=notes.append)
     assert any(f"stale lock left by a run that is gone (PID {gone.pid}" in n for n in notes)
     assert not lock.exists()
     lock.write_text(json.dumps({"pid": 1234, "host": "node-elsewhere", "started": "now", "command": "vlmlabel"}))
-    result = CliRunner().invoke(app, ["relabel", str(dataset), "-g", "a cup", "--model", str(tiny_model_dir),
-                                      "--device", "cpu", "--reward-key", "other", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "relabel",
+            str(dataset),
+            "-g",
+            "a cup",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--reward-key",
+            "other",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2
     assert "PID 1234 on node-elsewhere" in result.output and f"remove {lock}" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -291,14 +323,22 @@ def test_a_lock_killed_while_being_taken_is_never_empty_and_is_taken_over(tmp_pa
     from vlmlabel.run.locking import RunLock
 
     lock = tmp_path / "data.h5.vlmlabel.lock"
-    loop = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    loop = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         from pathlib import Path
         from vlmlabel.run.locking import RunLock
         print("go", flush=True)
         while True:
             with RunLock(Path({str(lock)!r}), "data.h5"):
                 pass
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert loop.stdout is not None and loop.stdout.readline().strip() == "go"
     for _ in range(5):
         time.sleep(0.2)

@@ -109,24 +109,28 @@ def test_prompt_ensemble_averages_then_normalises():
 def test_projection_goal_and_baseline_are_not_renormalised():
     encoded = {"g one": [1.0, 0.0], "g two": [0.0, 1.0], "b one": [-1.0, 0.0], "b two": [-1.0, 0.0]}
     encode = lambda texts: torch.tensor([encoded[t] for t in texts]).float()  # noqa: E731
-    config = RewardConfig(goals=["g"], templates=["{} one", "{} two"], mode=RewardMode.projection,
-                          baselines=["b"], alpha=0.0).validate()
+    config = RewardConfig(
+        goals=["g"], templates=["{} one", "{} two"], mode=RewardMode.projection, baselines=["b"], alpha=0.0
+    ).validate()
     x = torch.tensor([[0.6, 0.8]])
     # g = (0.5, 0.5) as averaged (a re-normalised g would give 0.98995).
     np.testing.assert_allclose(build_score_fn(config, encode, 1.0)(x).numpy(), [[1 - 0.5 * 0.1]], atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode=RewardMode.projection), "needs --baseline"),
-    (dict(mode=RewardMode.projection, baselines=["b"], alpha=1.5), "--alpha must be in"),
-    (dict(mode=RewardMode.softmax), "needs at least one --negative"),
-    (dict(mode=RewardMode.contrastive), "needs at least one --negative"),
-    (dict(negatives=["n"]), "only applies to --reward softmax or contrastive"),
-    (dict(threshold=0.5), "--threshold only applies"),
-    (dict(mode=RewardMode.softmax, negatives=["n"], threshold=2.0), "--threshold must be in"),
-    (dict(gamma=1.5), "--gamma must be in"),
-    (dict(templates=["no placeholder"]), "must contain"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode=RewardMode.projection), "needs --baseline"),
+        (dict(mode=RewardMode.projection, baselines=["b"], alpha=1.5), "--alpha must be in"),
+        (dict(mode=RewardMode.softmax), "needs at least one --negative"),
+        (dict(mode=RewardMode.contrastive), "needs at least one --negative"),
+        (dict(negatives=["n"]), "only applies to --reward softmax or contrastive"),
+        (dict(threshold=0.5), "--threshold only applies"),
+        (dict(mode=RewardMode.softmax, negatives=["n"], threshold=2.0), "--threshold must be in"),
+        (dict(gamma=1.5), "--gamma must be in"),
+        (dict(templates=["no placeholder"]), "must contain"),
+    ],
+)
 def test_bad_combinations_are_refused(kwargs, message):
     with pytest.raises(VlmlabelError, match=message):
         RewardConfig(goals=["g"], **kwargs).validate()
@@ -134,11 +138,25 @@ def test_bad_combinations_are_refused(kwargs, message):
 
 def test_relabel_writes_formula_shaped_and_raw(tiny_model_dir, tmp_path):
     truth = layouts.build_minari(tmp_path / "m.h5")
-    config = RewardConfig(goals=["a red block"], mode=RewardMode.softmax, negatives=["a blue block", "a table"],
-                          templates=["a photo of {}", "{}"], shaping=Shaping.delta, gamma=0.9,
-                          normalize=Normalize.episode)
-    summary = relabel_file(RelabelRequest(source=truth.path, goals=config.goals, model=str(tiny_model_dir),
-                                          device="cpu", formulation=config, use_cache=False))
+    config = RewardConfig(
+        goals=["a red block"],
+        mode=RewardMode.softmax,
+        negatives=["a blue block", "a table"],
+        templates=["a photo of {}", "{}"],
+        shaping=Shaping.delta,
+        gamma=0.9,
+        normalize=Normalize.episode,
+    )
+    summary = relabel_file(
+        RelabelRequest(
+            source=truth.path,
+            goals=config.goals,
+            model=str(tiny_model_dir),
+            device="cpu",
+            formulation=config,
+            use_cache=False,
+        )
+    )
     assert summary.raw_names == ["vlm_reward_raw"]
     with h5py.File(truth.path) as f:
         raw = [f[p.replace("vlm_reward", "vlm_reward_raw")][:].astype(np.float64) for p in truth.reward_paths]
@@ -157,8 +175,9 @@ def test_relabel_writes_formula_shaped_and_raw(tiny_model_dir, tmp_path):
 
 
 def test_threshold_then_normalise_then_shape_order():
-    config = RewardConfig(goals=["g"], mode=RewardMode.softmax, negatives=["n"], threshold=0.5,
-                          shaping=Shaping.delta, gamma=1.0).validate()
+    config = RewardConfig(
+        goals=["g"], mode=RewardMode.softmax, negatives=["n"], threshold=0.5, shaping=Shaping.delta, gamma=1.0
+    ).validate()
     raw = [np.array([[0.2], [0.5], [0.9]], np.float32), np.array([[0.7]], np.float32)]
     binary = [np.array([[0.0], [1.0], [1.0]]), np.array([[1.0]])]
     for got, b in zip(config.postprocess(raw), binary):

@@ -21,8 +21,9 @@ from vlmlabel.run.shards import ArrayNumbering, ShardSpec, SlurmArrayTask, plan,
 
 
 def _request(source: Path, model_dir: Path, **overrides) -> RelabelRequest:
-    fields = dict(source=source, goals=["a red block", "an open drawer"], model=str(model_dir), device="cpu",
-                  batch_size=4)
+    fields = dict(
+        source=source, goals=["a red block", "an open drawer"], model=str(model_dir), device="cpu", batch_size=4
+    )
     fields.update(overrides)
     return RelabelRequest(**fields)
 
@@ -45,8 +46,13 @@ def test_shard_defaults_from_slurm_array(tmp_path):
     shard = SlurmArrayTask.from_env(slurm).shard(tmp_path / "work")
     assert (shard.index, shard.count) == (2, 4) and shard.origin.startswith("SLURM array task 7 (")
     assert shard.numbering == ArrayNumbering(5, 1, 4)
-    stepped = {"SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": "20", "SLURM_ARRAY_TASK_MIN": "0",
-               "SLURM_ARRAY_TASK_STEP": "10", "SLURM_ARRAY_TASK_MAX": "20"}
+    stepped = {
+        "SLURM_ARRAY_TASK_COUNT": "3",
+        "SLURM_ARRAY_TASK_ID": "20",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_STEP": "10",
+        "SLURM_ARRAY_TASK_MAX": "20",
+    }
     assert SlurmArrayTask.from_env(stepped).shard(tmp_path / "work").index == 2
     assert shard_from_options(1, 0) is None  # one shard: the whole file
     assert shard_from_options(1, None) is None
@@ -111,16 +117,27 @@ def test_merge_refuses_missing_and_mismatched_shards(tmp_path, tiny_model_dir):
 def test_slurm_array_defaults_through_the_cli(tmp_path, tiny_model_dir):
     source = make_dataset(tmp_path / "data.h5", lengths=(6, 9, 5))
     runner = CliRunner()
-    base = ["relabel", str(source), "-g", "a red block", "--model", str(tiny_model_dir), "--device", "cpu",
-            "--batch-size", "4", "--quiet"]
+    base = [
+        "relabel",
+        str(source),
+        "-g",
+        "a red block",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--quiet",
+    ]
     for task in ("1", "2"):  # --array=1-2
-        result = runner.invoke(app, base, env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": task,
-                                               "SLURM_ARRAY_TASK_MIN": "1"})
+        result = runner.invoke(
+            app, base, env={"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_MIN": "1"}
+        )
         assert result.exit_code == 0, result.output
         assert f"SLURM array task {task} (SLURM_ARRAY_TASK_ID={task}" in result.output
         assert f"scoring shard {int(task) - 1} of 2" in result.output
-    assert sorted(p.name for p in work_dir(source, "vlm_reward").iterdir()) == ["shard-0-of-2.npz",
-                                                                                "shard-1-of-2.npz"]
+    assert sorted(p.name for p in work_dir(source, "vlm_reward").iterdir()) == ["shard-0-of-2.npz", "shard-1-of-2.npz"]
     result = runner.invoke(app, ["merge", str(source)])
     assert result.exit_code == 0, result.output
     assert set(read_rewards(source)) == {"demo_0", "demo_1", "demo_2"}
@@ -132,8 +149,9 @@ def test_merge_applies_dataset_normalisation_and_shaping_like_a_single_run(tmp_p
     relabel_file(_request(single, tiny_model_dir, goals=["a red block"], formulation=formulation))
     sharded = make_dataset(tmp_path / "sharded.h5", SHORT)
     for index in (0, 1):
-        relabel_file(_request(sharded, tiny_model_dir, goals=["a red block"], formulation=formulation,
-                              shard=ShardSpec(index, 2)))
+        relabel_file(
+            _request(sharded, tiny_model_dir, goals=["a red block"], formulation=formulation, shard=ShardSpec(index, 2))
+        )
     merge_shards(sharded, "vlm_reward")
     for key in ("vlm_reward", "vlm_reward_raw"):
         expected, got = read_rewards(single, key), read_rewards(sharded, key)

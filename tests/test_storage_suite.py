@@ -55,8 +55,15 @@ def case(request, tmp_path) -> Case:
 
 
 def request_for(case: Case, model: Path, tag: str, **overrides) -> RelabelRequest:
-    fields = dict(source=case.source, goals=GOALS, model=str(model), image_key=case.image_key, device="cpu",
-                  batch_size=BATCH, output=case.output(tag))
+    fields = dict(
+        source=case.source,
+        goals=GOALS,
+        model=str(model),
+        image_key=case.image_key,
+        device="cpu",
+        batch_size=BATCH,
+        output=case.output(tag),
+    )
     fields.update(overrides)
     return RelabelRequest(**fields)
 
@@ -66,9 +73,25 @@ def read_all(case: Case, dest: Path) -> np.ndarray:
 
 
 def cli_args(case: Case, model: Path, tag: str, *extra: str) -> list[str]:
-    return ["relabel", str(case.source), "--goal", GOALS[0], "--goal", GOALS[1], "--model", str(model),
-            "--image-key", case.image_key, "--device", "cpu", "--batch-size", str(BATCH),
-            "--output", str(case.output(tag)), *extra]
+    return [
+        "relabel",
+        str(case.source),
+        "--goal",
+        GOALS[0],
+        "--goal",
+        GOALS[1],
+        "--model",
+        str(model),
+        "--image-key",
+        case.image_key,
+        "--device",
+        "cpu",
+        "--batch-size",
+        str(BATCH),
+        "--output",
+        str(case.output(tag)),
+        *extra,
+    ]
 
 
 def neighbours(case: Case) -> set[str]:
@@ -95,10 +118,15 @@ def _state(dest: Path) -> dict | None:
 
 
 def _subprocess(case: Case, model: Path, tag: str, *extra: str, delay: str = "") -> subprocess.Popen:
-    args = [sys.executable, "-m", "vlmlabel", *cli_args(case, model, tag, "--checkpoint-every", "4", "--quiet",
-                                                        *extra)]
-    return subprocess.Popen(args, cwd=ROOT, env=env(VLMLABEL_TEST_BATCH_DELAY=delay), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [sys.executable, "-m", "vlmlabel", *cli_args(case, model, tag, "--checkpoint-every", "4", "--quiet", *extra)]
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env(VLMLABEL_TEST_BATCH_DELAY=delay),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.subprocess
@@ -152,8 +180,20 @@ def _free_port() -> int:
 def test_torchrun_two_cpu_ranks_equal_a_single_run(case, tiny_model_dir):
     before = tree_digest(case.source)
     single = relabel_file(request_for(case, tiny_model_dir, "single"))
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "vlmlabel", *cli_args(case, tiny_model_dir, "torchrun")]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "vlmlabel",
+        *cli_args(case, tiny_model_dir, "torchrun"),
+    ]
     done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 shards merged" in done.stdout
@@ -171,8 +211,11 @@ def test_rerun_of_a_finished_job_exits_0_and_changes_nothing(case, tiny_model_di
     assert tree_digest(case.output("out")) == written
     summary = relabel_file(request_for(case, tiny_model_dir, "out"))
     assert isinstance(summary, FinishedSummary)
-    other = runner.invoke(app, [*cli_args(case, tiny_model_dir, "out", "--quiet"), "--reward", "contrastive",
-                                "--negative", "a dog"], terminal_width=300)
+    other = runner.invoke(
+        app,
+        [*cli_args(case, tiny_model_dir, "out", "--quiet"), "--reward", "contrastive", "--negative", "a dog"],
+        terminal_width=300,
+    )
     assert other.exit_code == 2 and "--overwrite" in other.output  # rewards made differently are not replaced
     assert tree_digest(case.output("out")) == written
 
@@ -180,8 +223,11 @@ def test_rerun_of_a_finished_job_exits_0_and_changes_nothing(case, tiny_model_di
 def test_embedding_cache_serves_relabel(case, tiny_model_dir):
     before = tree_digest(case.source)
     frames = relabel_file(request_for(case, tiny_model_dir, "frames", use_cache=False))
-    embedded = embed_file(EmbedRequest(source=case.source, model=str(tiny_model_dir), image_key=case.image_key,
-                                       device="cpu", batch_size=BATCH))
+    embedded = embed_file(
+        EmbedRequest(
+            source=case.source, model=str(tiny_model_dir), image_key=case.image_key, device="cpu", batch_size=BATCH
+        )
+    )
     assert embedded.frames >= sum(case.steps)
     cached = relabel_file(request_for(case, tiny_model_dir, "cached"))
     assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
@@ -205,15 +251,29 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monke
     monkeypatch.setattr(Axes, "hist", hist)
     summary = relabel_file(request_for(case, tiny_model_dir, "out"))
     dest = str(summary.written_to)
-    report = runner.invoke(app, ["evaluate", dest, "--reward-key", "vlm_reward_0", "--against", case.reference_key,
-                                 "--image-key", case.image_key, "--no-blank", "--json"])
+    report = runner.invoke(
+        app,
+        [
+            "evaluate",
+            dest,
+            "--reward-key",
+            "vlm_reward_0",
+            "--against",
+            case.reference_key,
+            "--image-key",
+            case.image_key,
+            "--no-blank",
+            "--json",
+        ],
+    )
     assert report.exit_code == 0, report.output
     parsed = json.loads(report.output)
     assert parsed["steps"] == sum(case.transitions) and parsed["episodes"] == len(case.steps)
     assert parsed["against"] == case.reference_key
     picture = tmp_path / "rewards.png"
-    drawn = runner.invoke(app, ["plot", dest, "--reward-key", "vlm_reward", "--image-key", case.image_key,
-                                "--output", str(picture)])
+    drawn = runner.invoke(
+        app, ["plot", dest, "--reward-key", "vlm_reward", "--image-key", case.image_key, "--output", str(picture)]
+    )
     assert drawn.exit_code == 0, drawn.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(drawn_values) == NAMES
@@ -233,17 +293,40 @@ def test_overwrite_replaces_a_whole_result(case, tiny_model_dir):
     """A result of two goals, normalised (NAME_0, NAME_1 and their NAME_i_raw), replaced with --overwrite by one
     plain goal under the same --reward-key, relabelling the labelled data (HDF5: in place): nothing of the first
     result stays beside the new NAME, in the data or in any metadata that declares columns."""
-    first = relabel_file(request_for(case, tiny_model_dir, "first",
-                                     formulation=RewardConfig(goals=GOALS, normalize=Normalize.episode)))
+    first = relabel_file(
+        request_for(case, tiny_model_dir, "first", formulation=RewardConfig(goals=GOALS, normalize=Normalize.episode))
+    )
     assert isinstance(first, RelabelSummary)
     stale = [*NAMES, *(f"{n}_raw" for n in NAMES)]
     assert all(_has(case, first.written_to, name) for name in stale)
-    refused = runner.invoke(app, ["relabel", str(first.written_to), "--goal", GOALS[0], "--model",
-                                  str(tiny_model_dir), "--image-key", case.image_key, "--device", "cpu"],
-                            terminal_width=300)
+    refused = runner.invoke(
+        app,
+        [
+            "relabel",
+            str(first.written_to),
+            "--goal",
+            GOALS[0],
+            "--model",
+            str(tiny_model_dir),
+            "--image-key",
+            case.image_key,
+            "--device",
+            "cpu",
+        ],
+        terminal_width=300,
+    )
     assert refused.exit_code == 2 and "--overwrite" in refused.output, refused.output  # the earlier result is there
-    second = relabel_file(RelabelRequest(source=first.written_to, goals=GOALS[:1], model=str(tiny_model_dir),
-                                         image_key=case.image_key, device="cpu", batch_size=BATCH, overwrite=True))
+    second = relabel_file(
+        RelabelRequest(
+            source=first.written_to,
+            goals=GOALS[:1],
+            model=str(tiny_model_dir),
+            image_key=case.image_key,
+            device="cpu",
+            batch_size=BATCH,
+            overwrite=True,
+        )
+    )
     assert isinstance(second, RelabelSummary)
     assert len(case.read(second.written_to, "vlm_reward")) == sum(case.steps)
     assert [name for name in stale if _has(case, second.written_to, name)] == []

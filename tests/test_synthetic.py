@@ -115,8 +115,19 @@ def relabelled(tmp_path_factory) -> dict[str, np.ndarray]:
     """The shipped reach file, relabelled through the CLI (on a copy) with the true goal and wrong goals."""
     copy = tmp_path_factory.mktemp("reach") / "reach.h5"
     shutil.copyfile(SAMPLE_REACH, copy)
-    args = ["relabel", str(copy), "--model", str(SAMPLE_MODEL), "--device", "cpu", "--align", "next", "-q",
-            "--goal", reach.GOAL]
+    args = [
+        "relabel",
+        str(copy),
+        "--model",
+        str(SAMPLE_MODEL),
+        "--device",
+        "cpu",
+        "--align",
+        "next",
+        "-q",
+        "--goal",
+        reach.GOAL,
+    ]
     for goal in WRONG_GOALS:
         args += ["--goal", goal]
     result = CliRunner().invoke(app, args)
@@ -128,8 +139,12 @@ def relabelled(tmp_path_factory) -> dict[str, np.ndarray]:
             vlm.append(demo["vlm_reward_0"][:])
             final.append([demo[f"vlm_reward_{i}"][-1] for i in range(1 + len(WRONG_GOALS))])
             final_success.append(bool(demo["success"][-1]))
-    return {"truth": np.concatenate(truth), "vlm": np.concatenate(vlm), "final": np.array(final),
-            "final_success": np.array(final_success)}
+    return {
+        "truth": np.concatenate(truth),
+        "vlm": np.concatenate(vlm),
+        "final": np.array(final),
+        "final_success": np.array(final_success),
+    }
 
 
 def test_sample_model_loads_through_the_users_path():

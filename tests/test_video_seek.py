@@ -28,10 +28,10 @@ def moving_frames(count: int, height: int = 48, width: int = 64, seed: int = 0) 
     rng = np.random.default_rng(seed)
     scene = rng.integers(0, 256, (height, width + count, 3)).astype(np.float32)
     scene = (scene + np.roll(scene, 1, 0) + np.roll(scene, 1, 1) + np.roll(scene, 1, (0, 1))) / 4
-    frames = np.stack([scene[:, i:i + width] for i in range(count)])
+    frames = np.stack([scene[:, i : i + width] for i in range(count)])
     for i, frame in enumerate(frames):
         y, x = (2 * i) % (height - 8), (3 * i) % (width - 8)
-        frame[y:y + 8, x:x + 8] = (255, 40, 40)
+        frame[y : y + 8, x : x + 8] = (255, 40, 40)
     return frames.astype(np.uint8)
 
 
@@ -43,11 +43,19 @@ ENCODINGS: dict[str, tuple[str, dict[str, str], bool, bool]] = {
     "av1_g24": ("libsvtav1", {"g": "24", "crf": "30"}, True, False),
     # B-frames in every GOP (b-adapt=0 places them whatever the content), closed and open GOPs
     "h264_bframes_closed": ("libx264", {"g": "12", "x264-params": "b-adapt=0:bframes=3:scenecut=0"}, True, False),
-    "h264_bframes_open": ("libx264", {"g": "12", "x264-params": "b-adapt=0:bframes=3:scenecut=0:open-gop=1"},
-                          False, True),
+    "h264_bframes_open": (
+        "libx264",
+        {"g": "12", "x264-params": "b-adapt=0:bframes=3:scenecut=0:open-gop=1"},
+        False,
+        True,
+    ),
     "h264_long_gop": ("libx264", {"x264-params": "b-adapt=0:scenecut=0"}, False, False),  # one keyframe in 250
-    "hevc_bframes_closed": ("libx265", {"g": "12", "x265-params": "b-adapt=0:scenecut=0:open-gop=0:log-level=0"},
-                            True, False),
+    "hevc_bframes_closed": (
+        "libx265",
+        {"g": "12", "x265-params": "b-adapt=0:scenecut=0:open-gop=0:log-level=0"},
+        True,
+        False,
+    ),
     # x265 writes open GOPs by default: CRA pictures, refused when leading (RASL) pictures follow them, seek
     # points when none do (without B-frames)
     "hevc_bframes_open": ("libx265", {"g": "12", "x265-params": "b-adapt=0:scenecut=0:log-level=0"}, False, True),
@@ -125,8 +133,9 @@ def test_open_gop_keyframes_are_refused_for_the_reason_given(tmp_path):
     path = encode(tmp_path / "open.mp4", moving_frames(60), "h264_bframes_open")
     with av.open(str(path)) as container:
         packets = [(p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size]
-    leading = [i for i, (pts, key) in enumerate(packets)
-               if key and i and any(later < pts for later, _ in packets[i + 1:])]
+    leading = [
+        i for i, (pts, key) in enumerate(packets) if key and i and any(later < pts for later, _ in packets[i + 1 :])
+    ]
     assert leading  # the file does have open GOPs
     points = seek_points(path)
     assert points is not None and not set(points.pts.tolist()) & {packets[i][0] for i in leading}
@@ -212,8 +221,9 @@ def test_reading_in_order_never_looks_for_seek_points(tmp_path, monkeypatch):
     assert seeks == 0
 
 
-@pytest.mark.parametrize("pix_fmt,tags", [("yuv420p", {}), ("yuvj420p", {}),
-                                          ("yuv420p", {"colorspace": "bt709", "color_range": "pc"})])
+@pytest.mark.parametrize(
+    "pix_fmt,tags", [("yuv420p", {}), ("yuvj420p", {}), ("yuv420p", {"colorspace": "bt709", "color_range": "pc"})]
+)
 def test_nvdec_frames_as_planar_convert_to_the_cpu_decoders_pixels(tmp_path, pix_fmt, tags):
     """NVDEC's frames reach the host as NV12: split into planar YUV 4:2:0 (with the colour tags kept), the rgb24
     conversion gives the CPU decoder's pixels bit for bit, where NV12 converted directly does not."""
@@ -225,8 +235,7 @@ def test_nvdec_frames_as_planar_convert_to_the_cpu_decoders_pixels(tmp_path, pix
         for frame in container.decode(video=0):
             want = frame.to_ndarray(format="rgb24")
             nv12 = frame.reformat(format="nv12")  # what NVDEC hands over: the same samples, chroma interleaved
-            np.testing.assert_array_equal(
-                planar.reformat(video.as_planar(nv12), format="rgb24").to_ndarray(), want)
+            np.testing.assert_array_equal(planar.reformat(video.as_planar(nv12), format="rgb24").to_ndarray(), want)
             differs |= not np.array_equal(direct.reformat(nv12, format="rgb24").to_ndarray(), want)
     assert differs  # why the split is needed
     with pytest.raises(video.SourceError, match="NVDEC gave p010le frames"):  # 10-bit: another route, refused

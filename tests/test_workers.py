@@ -101,8 +101,7 @@ def test_workers_give_exactly_the_rewards_of_decoding_here(tiny, tmp_path, name)
     for workers in (1, 2):
         np.testing.assert_array_equal(_scores(tiny, path, key, workers), here)
     # Batches of one frame: many small tasks completing out of order must still come back in order.
-    np.testing.assert_array_equal(_scores(tiny, path, key, 2, batch_size=1),
-                                  _scores(tiny, path, key, 0, batch_size=1))
+    np.testing.assert_array_equal(_scores(tiny, path, key, 2, batch_size=1), _scores(tiny, path, key, 0, batch_size=1))
     assert not _children()
 
 
@@ -223,8 +222,9 @@ def test_ctrl_c_in_the_consumer_stops_the_workers(tiny, tmp_path):
         return torch.zeros(batch.size, 1)
 
     with open_source(str(lf.path)) as source, pytest.raises(KeyboardInterrupt):
-        list(engine.compute_rows(source, source.episodes(Align.frame), 2, torch.device("cpu"), compute, None,
-                                 workers=2))
+        list(
+            engine.compute_rows(source, source.episodes(Align.frame), 2, torch.device("cpu"), compute, None, workers=2)
+        )
     assert not _children()
     assert _live_semaphores() <= before
 
@@ -239,8 +239,9 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tiny, tmp_path):
         return torch.zeros(batch.size, 1)
 
     with open_source(str(lf.path)) as source, pytest.raises(SourceError, match="a decoding worker stopped"):
-        list(engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, None,
-                                 workers=1))
+        list(
+            engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, None, workers=1)
+        )
     assert not _children()
 
 
@@ -279,8 +280,9 @@ def test_a_worker_killed_halfway_through_sending_a_large_batch_is_an_error_not_a
         return torch.zeros(batch.size, 1)
 
     with open_source(str(path)) as source, pytest.raises(WorkerLost, match="a decoding worker stopped"):
-        list(engine.compute_rows(source, source.episodes(Align.frame), 16, torch.device("cpu"), compute, None,
-                                 workers=2))
+        list(
+            engine.compute_rows(source, source.episodes(Align.frame), 16, torch.device("cpu"), compute, None, workers=2)
+        )
     assert not _children()
 
 
@@ -351,14 +353,32 @@ def test_cli_relabel_and_embed_take_workers(tiny_model_dir, tmp_path):
     outputs = []
     for workers in ("0", "2"):
         out = tmp_path / f"out-{workers}"
-        result = runner.invoke(app, ["relabel", str(case.path), "--goal", GOALS[0], "--model", str(tiny_model_dir),
-                                     "--device", "cpu", "--batch-size", "4", "--output", str(out), "--quiet",
-                                     "--workers", workers])
+        result = runner.invoke(
+            app,
+            [
+                "relabel",
+                str(case.path),
+                "--goal",
+                GOALS[0],
+                "--model",
+                str(tiny_model_dir),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--output",
+                str(out),
+                "--quiet",
+                "--workers",
+                workers,
+            ],
+        )
         assert result.exit_code == 0, result.output
         outputs.append(np.asarray(datasets.load_from_disk(str(out))["vlm_reward"], dtype=np.float32))
     np.testing.assert_array_equal(outputs[0], outputs[1])
-    result = runner.invoke(app, ["embed", str(case.path), "--model", str(tiny_model_dir), "--device", "cpu",
-                                 "--quiet", "--workers", "2"])
+    result = runner.invoke(
+        app, ["embed", str(case.path), "--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--workers", "2"]
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["relabel", str(case.path), "--goal", "x", "--workers", "-1"])
     assert result.exit_code == 2 and "--workers" in result.output and result.output.count("\n") == 1

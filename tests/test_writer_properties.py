@@ -28,10 +28,36 @@ from vlmlabel.sources import Align, open_source
 
 DESTINATIONS = Path(atomic.__file__).parent  # the code an interruption may hit: every line of the writers
 # Names already in the data of some backend (frames, actions, groups, columns, LeRobot features) and edge cases.
-KNOWN = ["actions", "obs", "observations", "rewards", "infos", "data", "terminals", "vlm_embedding", "image",
-         "episode_index", "frame_index", "timestamp", "index", "task_index", "observation.images.top",
-         "next.reward", "vlm_reward", ".", "..", "a/b", "", " ", "x" * 300, "é" * 130, "name\nwith newline",
-         "-", ".hidden", "__index_level_0__"]
+KNOWN = [
+    "actions",
+    "obs",
+    "observations",
+    "rewards",
+    "infos",
+    "data",
+    "terminals",
+    "vlm_embedding",
+    "image",
+    "episode_index",
+    "frame_index",
+    "timestamp",
+    "index",
+    "task_index",
+    "observation.images.top",
+    "next.reward",
+    "vlm_reward",
+    ".",
+    "..",
+    "a/b",
+    "",
+    " ",
+    "x" * 300,
+    "é" * 130,
+    "name\nwith newline",
+    "-",
+    ".hidden",
+    "__index_level_0__",
+]
 NAMES = st.one_of(st.sampled_from(KNOWN), st.text(alphabet=string.printable + "éü漢", min_size=0, max_size=40))
 
 
@@ -51,14 +77,21 @@ def _copy(pristine_root: Path, case: Case, into: Path) -> tuple[Path, Path]:
     return into / case.source.relative_to(pristine_root), into / case.output("p").relative_to(pristine_root)
 
 
-def _write(source: Path, image_key: str, output: Path | None, name: str, overwrite: bool = False
-           ) -> tuple[Path, np.ndarray]:
+def _write(
+    source: Path, image_key: str, output: Path | None, name: str, overwrite: bool = False
+) -> tuple[Path, np.ndarray]:
     """What a run's commit does, with made-up rewards: open, check every name, close, write."""
     with open_source(str(source), image_key) as opened:
         episodes = opened.episodes(Align.next)
         destination = destination_for(opened, output, episodes)
-        check_names([name], [work_dir(destination.path, name).name, dest_lock(destination.path).name,
-                             *atomic.staging_names(destination.path)])
+        check_names(
+            [name],
+            [
+                work_dir(destination.path, name).name,
+                dest_lock(destination.path).name,
+                *atomic.staging_names(destination.path),
+            ],
+        )
         destination.check([name], overwrite)
     rng = np.random.default_rng(len(name))
     values = [rng.random(e.steps).astype(np.float32) for e in episodes]
@@ -69,8 +102,11 @@ def _write(source: Path, image_key: str, output: Path | None, name: str, overwri
 def _hdf5_datasets(path: Path) -> dict[str, bytes]:
     found: dict[str, bytes] = {}
     with h5py.File(path, "r") as handle:
-        handle.visititems(lambda key, item: found.__setitem__(key, np.asarray(item[()]).tobytes())
-                          if isinstance(item, h5py.Dataset) else None)
+        handle.visititems(
+            lambda key, item: (
+                found.__setitem__(key, np.asarray(item[()]).tobytes()) if isinstance(item, h5py.Dataset) else None
+            )
+        )
     return found
 
 
@@ -89,8 +125,12 @@ def _columns(path: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(name=NAMES)
 def test_any_reward_name_is_refused_untouched_or_written_exactly(backend, name, pristine, tmp_path_factory):
     root, case = pristine[backend]
@@ -138,11 +178,16 @@ def _interrupt_at(line: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", sorted(BACKENDS) + ["flat_d4rl in place"])
-@settings(max_examples=15, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(fraction=st.floats(0, 1))
-def test_an_interruption_anywhere_in_the_write_leaves_nothing_half_written(backend, fraction, pristine,
-                                                                           tmp_path_factory, monkeypatch):
+def test_an_interruption_anywhere_in_the_write_leaves_nothing_half_written(
+    backend, fraction, pristine, tmp_path_factory, monkeypatch
+):
     import sys
 
     root, case = pristine[backend.split()[0]]

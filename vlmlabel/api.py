@@ -62,15 +62,28 @@ class RewardModel:
         if unsupported:
             raise VlmlabelError(_unsupported_message(sorted(unsupported)))
         goal_list, template_list, baseline_list, negative_list = (
-            _texts(what, given) for what, given in (("goals", goals), ("templates", templates),
-                                                    ("baselines", baselines), ("negatives", negatives)))
+            _texts(what, given)
+            for what, given in (
+                ("goals", goals),
+                ("templates", templates),
+                ("baselines", baselines),
+                ("negatives", negatives),
+            )
+        )
         # Validated before the model loads, with the same words as the command line.
-        self.config = RewardConfig(goals=goal_list, mode=_reward_mode(reward), templates=template_list,
-                                   baselines=baseline_list, negatives=negative_list, alpha=float(alpha),
-                                   threshold=threshold).validate()
+        self.config = RewardConfig(
+            goals=goal_list,
+            mode=_reward_mode(reward),
+            templates=template_list,
+            baselines=baseline_list,
+            negatives=negative_list,
+            alpha=float(alpha),
+            threshold=threshold,
+        ).validate()
         resolved = resolve_device(str(device))  # a torch.device is checked like a string
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
             raise VlmlabelError(f"batch_size must be a whole number at least 1, not {batch_size!r}")
         self.batch_size = batch_size or default_batch_size(resolved)
         self.model: ClipModel = load_model(model, pretrained, resolved, resolve_precision(precision, resolved))
@@ -89,9 +102,11 @@ class RewardModel:
         return self.model.device
 
     def __repr__(self) -> str:
-        return (f"RewardModel(model={self.model.name!r}, pretrained={self.model.pretrained!r}, goals={self.goals!r}, "
-                f"reward={self.config.mode.value!r}, device={str(self.device)!r}, "
-                f"precision={self.model.precision!r})")
+        return (
+            f"RewardModel(model={self.model.name!r}, pretrained={self.model.pretrained!r}, goals={self.goals!r}, "
+            f"reward={self.config.mode.value!r}, device={str(self.device)!r}, "
+            f"precision={self.model.precision!r})"
+        )
 
     def __call__(self, frames: Frames) -> np.ndarray:
         """float32 rewards: (N,) for one goal, (N, G) for several; one frame in gives N = 1."""
@@ -118,61 +133,75 @@ def frames_to_batches(frames: Frames, batch_size: int, device: torch.device | No
     tensor, form = _as_frames_tensor(frames)
     if device is not None and device.type == "cpu" and tensor.device.type != "cpu":
         tensor = tensor.cpu()  # the engine reads CPU batches in place; it moves them only to other devices
-    chunks = [tensor[i:i + batch_size] for i in range(0, len(tensor), batch_size)]
+    chunks = [tensor[i : i + batch_size] for i in range(0, len(tensor), batch_size)]
     return [Batch(chunk, len(chunk), form) for chunk in chunks]
 
 
 def _as_frames_tensor(frames: Frames) -> tuple[torch.Tensor, str]:
     """A (N, ...) uint8 CPU-or-device tensor and its engine form: "HWC", "CHW" or "HW"."""
-    if isinstance(frames, (list, tuple)):
-        if not frames:
-            raise VlmlabelError("no frames given: pass a uint8 array (N, H, W, C), (N, C, H, W) or one frame")
-        if all(isinstance(f, torch.Tensor) for f in frames):
-            frames = torch.stack(list(frames))
-        else:
-            shapes = {np.shape(f) for f in frames}
-            if len(shapes) != 1:
-                raise VlmlabelError(f"frames in a list must all have one shape, got {sorted(shapes)}")
-            frames = np.stack([np.asarray(f) for f in frames])
+    tensor = _uint8_tensor(_stacked(frames))
+    shape = tuple(tensor.shape)
+    tensor, form = _with_form(tensor)
+    spatial = tensor.shape[1:3] if form == "HWC" else tensor.shape[-2:]
+    if min(spatial, default=0) < 1:
+        raise VlmlabelError(f"frames of shape {shape} have no pixels")
+    return tensor, form
+
+
+def _stacked(frames: Frames) -> Frames:
+    """A list or tuple of frames as one array (tensors stay tensors); anything else as it is."""
+    if not isinstance(frames, (list, tuple)):
+        return frames
+    if not frames:
+        raise VlmlabelError("no frames given: pass a uint8 array (N, H, W, C), (N, C, H, W) or one frame")
+    if all(isinstance(f, torch.Tensor) for f in frames):
+        return torch.stack(list(frames))
+    shapes = {np.shape(f) for f in frames}
+    if len(shapes) != 1:
+        raise VlmlabelError(f"frames in a list must all have one shape, got {sorted(shapes)}")
+    return np.stack([np.asarray(f) for f in frames])
+
+
+def _uint8_tensor(frames: Frames) -> torch.Tensor:
+    """A numpy array or torch tensor of uint8 pixels as a tensor (numpy memory shared, never written)."""
     if isinstance(frames, np.ndarray):
         _check_dtype(str(frames.dtype), frames.dtype == np.uint8)
         array = np.ascontiguousarray(frames)
         if not array.flags.writeable:  # torch.from_numpy warns on read-only memory; it is never written
             array = array.copy()
-        tensor = torch.from_numpy(array)
-    elif isinstance(frames, torch.Tensor):
+        return torch.from_numpy(array)
+    if isinstance(frames, torch.Tensor):
         _check_dtype(str(frames.dtype).replace("torch.", ""), frames.dtype == torch.uint8)
-        tensor = frames
-    else:
-        raise VlmlabelError(f"frames must be a numpy array or a torch tensor of uint8 pixels, not "
-                            f"{type(frames).__name__}")
+        return frames
+    raise VlmlabelError(f"frames must be a numpy array or a torch tensor of uint8 pixels, not {type(frames).__name__}")
+
+
+def _with_form(tensor: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The frames as a batch (one frame gains a leading axis) and where their channel axis is."""
     shape = tuple(tensor.shape)
     if tensor.ndim == 2:
-        tensor, form = tensor.unsqueeze(0), "HW"
-    elif tensor.ndim == 3:
+        return tensor.unsqueeze(0), "HW"
+    if tensor.ndim == 3:
         # A 3-D array is one frame: the channel axis is last (HWC, preferred like gymnasium) or first (CHW).
         if shape[-1] in (1, 3):
-            tensor, form = tensor.unsqueeze(0), "HWC"
-        elif shape[0] in (1, 3):
-            tensor, form = tensor.unsqueeze(0), "CHW"
-        else:
-            raise VlmlabelError(f"frame of shape {shape}: a 3-D array is one frame (H, W, C) or (C, H, W) with 1 or "
-                                "3 channels; pass a batch of grayscale frames as (N, H, W, 1)")
-    elif tensor.ndim == 4:
+            return tensor.unsqueeze(0), "HWC"
+        if shape[0] in (1, 3):
+            return tensor.unsqueeze(0), "CHW"
+        raise VlmlabelError(
+            f"frame of shape {shape}: a 3-D array is one frame (H, W, C) or (C, H, W) with 1 or "
+            "3 channels; pass a batch of grayscale frames as (N, H, W, 1)"
+        )
+    if tensor.ndim == 4:
         if shape[-1] in (1, 3):
-            form = "HWC"
-        elif shape[1] in (1, 3):
-            form = "CHW"
-        else:
-            raise VlmlabelError(f"frames of shape {shape}: frames need 1 or 3 channels, first or last "
-                                "((N, H, W, C) or (N, C, H, W))")
-    else:
-        raise VlmlabelError(f"frames of shape {shape}: give one frame (H, W), (H, W, C), (C, H, W) or a batch "
-                            "(N, H, W, C), (N, C, H, W)")
-    spatial = tensor.shape[1:3] if form == "HWC" else tensor.shape[-2:]
-    if min(spatial, default=0) < 1:
-        raise VlmlabelError(f"frames of shape {shape} have no pixels")
-    return tensor, form
+            return tensor, "HWC"
+        if shape[1] in (1, 3):
+            return tensor, "CHW"
+        raise VlmlabelError(
+            f"frames of shape {shape}: frames need 1 or 3 channels, first or last ((N, H, W, C) or (N, C, H, W))"
+        )
+    raise VlmlabelError(
+        f"frames of shape {shape}: give one frame (H, W), (H, W, C), (C, H, W) or a batch (N, H, W, C), (N, C, H, W)"
+    )
 
 
 def _texts(what: str, given: Sequence[str] | str) -> list[str]:
@@ -188,9 +217,11 @@ def _check_dtype(name: str, is_uint8: bool) -> None:
     if is_uint8:
         return
     if name.startswith(("float", "bfloat", "half", "double")):
-        raise VlmlabelError(f"frames are {name}; give uint8 images (0-255) as they were captured: convert them, "
-                            "e.g. (x * 255).round().astype('uint8') for values in [0, 1]. vlmlabel never rescales "
-                            "frames itself")
+        raise VlmlabelError(
+            f"frames are {name}; give uint8 images (0-255) as they were captured: convert them, "
+            "e.g. (x * 255).round().astype('uint8') for values in [0, 1]. vlmlabel never rescales "
+            "frames itself"
+        )
     raise VlmlabelError(f"frames are {name}; give uint8 images (0-255)")
 
 
@@ -207,11 +238,15 @@ def _reward_mode(reward: RewardMode | str) -> RewardMode:
 def _unsupported_message(names: list[str]) -> str:
     episode = [n for n in names if n in _EPISODE_OPTIONS]
     if episode:
-        return (f"{', '.join(episode)} need(s) whole episodes and does not apply to frames scored one batch at a "
-                "time; apply vlmlabel.rewards.delta_shaping / vlmlabel.rewards.normalize to the collected rewards, "
-                "or label the recorded episodes with `vlmlabel relabel`")
-    return (f"unknown option(s) {', '.join(names)}; RewardModel takes templates, baselines, negatives, alpha, "
-            "threshold and batch_size")
+        return (
+            f"{', '.join(episode)} need(s) whole episodes and does not apply to frames scored one batch at a "
+            "time; apply vlmlabel.rewards.delta_shaping / vlmlabel.rewards.normalize to the collected rewards, "
+            "or label the recorded episodes with `vlmlabel relabel`"
+        )
+    return (
+        f"unknown option(s) {', '.join(names)}; RewardModel takes templates, baselines, negatives, alpha, "
+        "threshold and batch_size"
+    )
 
 
 def _shaped(scores: np.ndarray) -> np.ndarray:

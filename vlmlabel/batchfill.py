@@ -38,14 +38,26 @@ _PNG_MODES = {2: "RGB", 3: "P", 4: "LA", 6: "RGBA"}
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_MODES = {1: "L", 3: "RGB", 4: "CMYK"}
 _REFUSED = {  # mode -> (what the frame is, why PIL's result differs, what to do)
-    "P": ("a palette {fmt}", "PIL resizes palette images nearest-neighbour",
-          "convert it to RGB first (PIL image.convert('RGB'))"),
-    "1": ("a 1-bit {fmt}", "PIL resizes 1-bit images nearest-neighbour",
-          "save it as 8-bit grayscale first (PIL image.convert('L'))"),
-    "I;16": ("a 16-bit grayscale {fmt}", "PIL clips 16-bit gray to 0-255 when converting to RGB",
-             "save it as 8-bit grayscale or RGB first"),
-    "CMYK": ("a CMYK {fmt}", "PIL resizes it in CMYK before converting to RGB",
-             "save it as RGB first (PIL image.convert('RGB'))"),
+    "P": (
+        "a palette {fmt}",
+        "PIL resizes palette images nearest-neighbour",
+        "convert it to RGB first (PIL image.convert('RGB'))",
+    ),
+    "1": (
+        "a 1-bit {fmt}",
+        "PIL resizes 1-bit images nearest-neighbour",
+        "save it as 8-bit grayscale first (PIL image.convert('L'))",
+    ),
+    "I;16": (
+        "a 16-bit grayscale {fmt}",
+        "PIL clips 16-bit gray to 0-255 when converting to RGB",
+        "save it as 8-bit grayscale or RGB first",
+    ),
+    "CMYK": (
+        "a CMYK {fmt}",
+        "PIL resizes it in CMYK before converting to RGB",
+        "save it as RGB first (PIL image.convert('RGB'))",
+    ),
 }
 
 
@@ -85,7 +97,7 @@ def _jpeg_mode(data: bytes) -> str:
         elif marker == 0xDA:  # start of scan: no frame header before it
             return ""
         else:
-            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return ""
 
 
@@ -97,10 +109,18 @@ def check_frame(data: bytes, row: int, array: str) -> str | None:
         return None
     if mode in _ALPHA_MODES:
         return f"frame {row} of {array} is a {fmt} with transparency ({mode})"
-    what, why, fix = _REFUSED.get(mode, ("a {fmt} image in an unsupported mode", "vlmlabel scores RGB, grayscale "
-                                         "and opaque RGBA frames", "convert it to RGB first"))
-    raise SourceError(f"frame {row} of {array} is {what.format(fmt=fmt)} ({mode}); vlmlabel cannot score it "
-                      f"exactly as CLIP's PIL pipeline does ({why}): {fix}")
+    what, why, fix = _REFUSED.get(
+        mode,
+        (
+            "a {fmt} image in an unsupported mode",
+            "vlmlabel scores RGB, grayscale and opaque RGBA frames",
+            "convert it to RGB first",
+        ),
+    )
+    raise SourceError(
+        f"frame {row} of {array} is {what.format(fmt=fmt)} ({mode}); vlmlabel cannot score it "
+        f"exactly as CLIP's PIL pipeline does ({why}): {fix}"
+    )
 
 
 def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = None) -> torch.Tensor:
@@ -111,15 +131,18 @@ def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = 
         frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
     except RuntimeError as exc:
         reason = _decoder_reason(str(exc))
-        raise SourceError(f"{frame_name} is not a decodable JPEG/PNG image ({reason}); "
-                          "check the file or choose another --image-key") from None
+        raise SourceError(
+            f"{frame_name} is not a decodable JPEG/PNG image ({reason}); check the file or choose another --image-key"
+        ) from None
     if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
         frame = (frame.to(torch.int32) >> 8).to(torch.uint8)
     if transparent is not None:
         if bool((frame[3] != 255).any()):
-            raise SourceError(f"{transparent}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does "
-                              "(PIL resizes it in premultiplied alpha): flatten it onto a background first "
-                              "(e.g. PIL Image.alpha_composite) or save it as RGB")
+            raise SourceError(
+                f"{transparent}; vlmlabel cannot score it exactly as CLIP's PIL pipeline does "
+                "(PIL resizes it in premultiplied alpha): flatten it onto a background first "
+                "(e.g. PIL Image.alpha_composite) or save it as RGB"
+            )
         frame = frame[:3]
     return frame
 
@@ -173,22 +196,23 @@ def fill(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray, fmt: F
     return _fill_raw(reader, pieces, out, fmt, where)
 
 
-def _fill_raw(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray, fmt: FrameFormat,
-              where: str) -> Filled:
+def _fill_raw(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarray, fmt: FrameFormat, where: str) -> Filled:
     rows = sum(len(p) for p in pieces)
-    frames = out[:rows * math.prod(fmt.frame_shape)].reshape(rows, *fmt.frame_shape)
+    frames = out[: rows * math.prod(fmt.frame_shape)].reshape(rows, *fmt.frame_shape)
     count = 0
     for piece in pieces:
-        if isinstance(reader, DirectReader) and reader.read_into(piece, frames[count:count + len(piece)]):
+        if isinstance(reader, DirectReader) and reader.read_into(piece, frames[count : count + len(piece)]):
             count += len(piece)
             continue
         for block in reader.read_blocks(piece, len(piece)):
             assert isinstance(block, np.ndarray)  # raw frames are read as arrays
             if block.shape[1:] != fmt.frame_shape or block.dtype != np.uint8:
-                raise SourceError(f"{piece.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
-                                  f"but {where} has uint8 {fmt.frame_shape}; frames must all match")
+                raise SourceError(
+                    f"{piece.array} holds {block.dtype} frames of shape {block.shape[1:]}, "
+                    f"but {where} has uint8 {fmt.frame_shape}; frames must all match"
+                )
             taken = min(len(block), rows - count)
-            frames[count:count + taken] = block[:taken]
+            frames[count : count + taken] = block[:taken]
             count += taken
     return Filled((fmt.frame_shape,) * count)
 
@@ -210,7 +234,7 @@ def _fill_decoded(reader: FrameReader, pieces: Sequence[Segment], out: np.ndarra
                     frame = decode_frame(torch.from_numpy(data), f"frame {row} of {piece.array}", transparent)
                     pixels = frame.permute(1, 2, 0).numpy()  # DECODED_AXES
                     if pixels.size <= room.size:
-                        np.copyto(room[:pixels.size].reshape(pixels.shape), pixels)
+                        np.copyto(room[: pixels.size].reshape(pixels.shape), pixels)
                         placed = True
                 if placed:
                     shapes.append(pixels.shape)
@@ -241,6 +265,5 @@ def frame_bytes(reader: FrameReader, segment: Segment, fmt: FrameFormat, where: 
     encoded ones (batch buffers are sized from it; a later, larger frame spills out of the buffer)."""
     if not fmt.encoded:
         return math.prod(fmt.frame_shape)
-    first = fill(reader, (Segment(segment.array, segment.start, segment.start + 1),), np.empty(0, np.uint8), fmt,
-                 where)
+    first = fill(reader, (Segment(segment.array, segment.start, segment.start + 1),), np.empty(0, np.uint8), fmt, where)
     return first.spill[0].size if first.spill else 1

@@ -66,9 +66,15 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 # Most specific first: "H100 NVL" before "H100", "L40S" before "L4".
 _CARD_PATTERNS = (
-    (r"H100.*NVL", "H100 NVL"), (r"H100.*PCIe", "H100 PCIe"), (r"H100", "H100 SXM"),
-    (r"H200.*NVL", "H200 NVL"), (r"H200", "H200 SXM"), (r"A100", "A100"),
-    (r"L40S", "L40S"), (r"\bL4\b", "L4"), (r"\bA10\b", "A10"),
+    (r"H100.*NVL", "H100 NVL"),
+    (r"H100.*PCIe", "H100 PCIe"),
+    (r"H100", "H100 SXM"),
+    (r"H200.*NVL", "H200 NVL"),
+    (r"H200", "H200 SXM"),
+    (r"A100", "A100"),
+    (r"L40S", "L40S"),
+    (r"\bL4\b", "L4"),
+    (r"\bA10\b", "A10"),
 )
 
 
@@ -183,18 +189,20 @@ def write_synthetic(path: Path, frames: int, frame_size: tuple[int, int], encodi
     height, width = frame_size
     rng = np.random.default_rng(seed)
     terminals = np.zeros(frames, dtype=bool)
-    terminals[EPISODE_STEPS - 1::EPISODE_STEPS] = True
+    terminals[EPISODE_STEPS - 1 :: EPISODE_STEPS] = True
     with h5py.File(path, "w") as f:
         if encoding == "raw":
             rows = max(1, min(frames, CHUNK_BYTES // (height * width * 3)))
-            dset = f.create_dataset("observations", (frames, height, width, 3), np.uint8,
-                                    chunks=(rows, height, width, 3))
+            dset = f.create_dataset(
+                "observations", (frames, height, width, 3), np.uint8, chunks=(rows, height, width, 3)
+            )
         else:
-            dset = f.create_dataset("observations", (frames,), h5py.vlen_dtype(np.uint8),
-                                    chunks=(min(frames, ENCODED_CHUNK_ROWS),))
+            dset = f.create_dataset(
+                "observations", (frames,), h5py.vlen_dtype(np.uint8), chunks=(min(frames, ENCODED_CHUNK_ROWS),)
+            )
         for start in range(0, frames, 1024):
             block = _synthetic_frames(min(1024, frames - start), height, width, rng)
-            dset[start:start + len(block)] = block if encoding == "raw" else _jpeg_blobs(block)
+            dset[start : start + len(block)] = block if encoding == "raw" else _jpeg_blobs(block)
         f.create_dataset("terminals", data=terminals)
         f.create_dataset("actions", data=np.zeros((frames, 2), np.float32))
     return path
@@ -275,7 +283,7 @@ def _first_pixels(source: FrameSource, model: ClipModel, batch_size: int) -> tor
 def run_model_only(model: ClipModel, pixels: torch.Tensor, frames: int) -> None:
     batch_size = len(pixels)
     for first in range(0, frames, batch_size):
-        model.encode_images(pixels[:min(batch_size, frames - first)])
+        model.encode_images(pixels[: min(batch_size, frames - first)])
     _sync(model.device)
 
 
@@ -324,8 +332,15 @@ def run_naive(model: ClipModel, source: FrameSource, goal: str, batch_size: int)
 # -- the benchmark -------------------------------------------------------------------------------
 
 
-def _bench_batch(model: ClipModel, source: FrameSource, config: BenchConfig, frames: int, batch_size: int,
-                 flops: int, status: Callable[[str], None]) -> dict[str, Any]:
+def _bench_batch(
+    model: ClipModel,
+    source: FrameSource,
+    config: BenchConfig,
+    frames: int,
+    batch_size: int,
+    flops: int,
+    status: Callable[[str], None],
+) -> dict[str, Any]:
     """Warm up, then time the three paths ``repeats`` times, interleaved; medians and ratios."""
     pixels = _first_pixels(source, model, batch_size)
     rest = frames % batch_size
@@ -375,8 +390,13 @@ def _peak_rss_mb() -> float:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    info = {"vlmlabel": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
+    info = {
+        "vlmlabel": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -433,8 +453,9 @@ def run_bench(config: BenchConfig, status: Callable[[str], None] = lambda messag
         "precision": precision,
         "compile": config.compile,
         "frames": frames,
-        "source": str(config.source) if config.source else f"synthetic {config.encoding} "
-                                                            f"{config.frame_size[0]}x{config.frame_size[1]}",
+        "source": str(config.source)
+        if config.source
+        else f"synthetic {config.encoding} {config.frame_size[0]}x{config.frame_size[1]}",
         "frame_format": frame_desc,
         "flops_per_image": flops,
         **best,

@@ -62,27 +62,38 @@ def identity(model: ClipModel, image_key: str, fingerprint: str) -> dict[str, st
 
     ``fingerprint`` (``sources.base.content_fingerprint``) ties the cache to the frames it was computed from."""
     described = model.describe()
-    return {"model": described["model"], "pretrained": described["pretrained"],
-            "model_weights": model.weights_identity(),  # same path, other weights: another cache
-            "preprocess": described["preprocess"], "image_key": image_key, "source_fingerprint": fingerprint}
+    return {
+        "model": described["model"],
+        "pretrained": described["pretrained"],
+        "model_weights": model.weights_identity(),  # same path, other weights: another cache
+        "preprocess": described["preprocess"],
+        "image_key": image_key,
+        "source_fingerprint": fingerprint,
+    }
 
 
-def cache_stream(source: CachingSource, plans: list[ArrayPlan], blocks: Iterator[np.ndarray], model: ClipModel,
-                 fingerprint: str) -> tuple[list[H5Dataset], RowStream]:
+def cache_stream(
+    source: CachingSource, plans: list[ArrayPlan], blocks: Iterator[np.ndarray], model: ClipModel, fingerprint: str
+) -> tuple[list[H5Dataset], RowStream]:
     """What ``embed`` writes: per frame array a float16 (rows, D) dataset filled from ``blocks`` (the embeddings
     of every plan's rows, in plan order), plus the stored row indices where only some rows are kept."""
     indices, embedded = [], []
     for item in plans:
         location = source.embedding_location(item.array)
-        attrs = {**identity(model, source.image_key, fingerprint), "precision": model.precision,
-                 "source_array": item.array,
-                 "source_rows": source.array_rows(item.array), "rows": "all" if item.dense else "indexed",
-                 "vlmlabel_version": __version__,
-                 "description": "unit CLIP image embeddings, one row per frame row of source_array"}
+        attrs = {
+            **identity(model, source.image_key, fingerprint),
+            "precision": model.precision,
+            "source_array": item.array,
+            "source_rows": source.array_rows(item.array),
+            "rows": "all" if item.dense else "indexed",
+            "vlmlabel_version": __version__,
+            "description": "unit CLIP image embeddings, one row per frame row of source_array",
+        }
         embedded.append(H5Dataset(location, np.empty(0), attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))
         if not item.dense:
-            indices.append(H5Dataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array},
-                                         dtype="int64"))
+            indices.append(
+                H5Dataset(location + EMBEDDING_ROWS_SUFFIX, item.rows, {"source_array": item.array}, dtype="int64")
+            )
     return indices, RowStream(embedded, [len(p.rows) for p in plans], blocks)
 
 
@@ -119,17 +130,25 @@ def find(source: CachingSource, episodes: list[Episode], model: ClipModel, finge
         attrs, rows, count = meta
         for key in _MATCH_KEYS:
             if key == "source_fingerprint" and str(attrs.get(key)) != wanted[key]:
-                return (f"embedding cache at {location} was made from other frames (the data changed since "
-                        "`vlmlabel embed`, or an older vlmlabel made it): ignored")
+                return (
+                    f"embedding cache at {location} was made from other frames (the data changed since "
+                    "`vlmlabel embed`, or an older vlmlabel made it): ignored"
+                )
             if key == "model_weights" and str(attrs.get(key)) != wanted[key]:
-                return (f"embedding cache at {location} was made with other model weights (they changed since "
-                        "`vlmlabel embed`, or an older vlmlabel made it): ignored")
+                return (
+                    f"embedding cache at {location} was made with other model weights (they changed since "
+                    "`vlmlabel embed`, or an older vlmlabel made it): ignored"
+                )
             if str(attrs.get(key)) != wanted[key]:
-                return (f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "
-                        f"not {wanted[key]!r}: ignored")
+                return (
+                    f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "
+                    f"not {wanted[key]!r}: ignored"
+                )
         if attrs.get("source_rows") != source.array_rows(array):
-            return f"embedding cache at {location} has {attrs.get('source_rows')} rows but {array} has " \
-                   f"{source.array_rows(array)}: stale, ignored"
+            return (
+                f"embedding cache at {location} has {attrs.get('source_rows')} rows but {array} has "
+                f"{source.array_rows(array)}: stale, ignored"
+            )
         if rows is None and count != source.array_rows(array) or rows is not None and count != len(rows):
             return f"embedding cache at {location} is inconsistent: ignored"
         if rows is not None:
@@ -141,8 +160,14 @@ def find(source: CachingSource, episodes: list[Episode], model: ClipModel, finge
     return CacheMatch(locations)
 
 
-def score_cached(source: CachingSource, match: CacheMatch, episodes: list[Episode], score_fn: ScoreFn,
-                   device: torch.device, on_progress: Callable[[int], None] | None = None) -> RelabelResult:
+def score_cached(
+    source: CachingSource,
+    match: CacheMatch,
+    episodes: list[Episode],
+    score_fn: ScoreFn,
+    device: torch.device,
+    on_progress: Callable[[int], None] | None = None,
+) -> RelabelResult:
     """Score each cached row once (chunk-aligned blocks, one matrix product each), then gather the steps."""
     start = time.perf_counter()
     scored: dict[str, np.ndarray] = {}
@@ -153,7 +178,7 @@ def score_cached(source: CachingSource, match: CacheMatch, episodes: list[Episod
             values = score_fn(torch.from_numpy(np.asarray(block)).to(device, torch.float32)).cpu().numpy()
             if out is None:
                 out = np.empty((count, values.shape[1]), dtype=np.float32)
-            out[position:position + len(block)] = values
+            out[position : position + len(block)] = values
             position += len(block)
         assert out is not None  # a matched cache holds the rows the episodes need, so at least one block
         scored[array] = out
@@ -163,7 +188,7 @@ def score_cached(source: CachingSource, match: CacheMatch, episodes: list[Episod
         for segment in episode.frames:
             _, rows, _ = match.locations[segment.array]
             if rows is None:
-                parts.append(scored[segment.array][segment.start:segment.stop])
+                parts.append(scored[segment.array][segment.start : segment.stop])
             else:
                 parts.append(scored[segment.array][np.searchsorted(rows, np.arange(segment.start, segment.stop))])
         steps.append(np.concatenate(parts) if len(parts) > 1 else parts[0])

@@ -115,40 +115,88 @@ MODEL_PANEL, REWARD_PANEL, OUTPUT_PANEL = "Model", "Reward", "Output"
 HUB_PANEL, CLUSTER_PANEL = "Hugging Face", "Cluster"
 
 # Shared option definitions.
-SourceArg = Annotated[Path, typer.Argument(
-    help="Dataset to read: an HDF5 file (.h5/.hdf5); a datasets save_to_disk folder; a parquet file, folder or "
-         "quoted glob; a LeRobot dataset folder (meta/info.json); or a Hugging Face Hub dataset id ORG/NAME.",
-    metavar="SOURCE", show_default=False)]
-ModelOpt = Annotated[str, typer.Option(
-    help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
-         "open_clip_config.json + weights.", rich_help_panel=MODEL_PANEL)]
-PretrainedOpt = Annotated[str | None, typer.Option(
-    help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
-         "or a local checkpoint file (.safetensors, .bin, .pt).", show_default=False, rich_help_panel=MODEL_PANEL)]
-BatchSizeOpt = Annotated[int | None, typer.Option(
-    help="Frames per batch; default chosen for the device.", show_default=False, rich_help_panel=MODEL_PANEL)]
-WorkersOpt = Annotated[int | None, typer.Option(
-    min=0, help="Processes decoding frames in parallel (encoded images, compressed HDF5, Arrow lists, video); "
-                "0 decodes in this process. Default: usable cores minus one, at most 8.", show_default=False,
-    rich_help_panel=MODEL_PANEL)]
-VideoDecoderOpt = Annotated[VideoDecoder, typer.Option(
-    help="LeRobot video: cpu decodes with FFmpeg on the CPU (in the --workers); nvdec decodes on the run's CUDA "
-         "GPU's video engine (H.264, HEVC, AV1), with the same pixels. Other sources have no video.",
-    rich_help_panel=MODEL_PANEL)]
-PrecisionOpt = Annotated[Precision, typer.Option(
-    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.", rich_help_panel=MODEL_PANEL)]
+SourceArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Dataset to read: an HDF5 file (.h5/.hdf5); a datasets save_to_disk folder; a parquet file, folder or "
+        "quoted glob; a LeRobot dataset folder (meta/info.json); or a Hugging Face Hub dataset id ORG/NAME.",
+        metavar="SOURCE",
+        show_default=False,
+    ),
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        help="open_clip architecture (e.g. ViT-B-32), hf-hub:ORG/REPO, local-dir:PATH or a folder with "
+        "open_clip_config.json + weights.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
+        "or a local checkpoint file (.safetensors, .bin, .pt).",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Frames per batch; default chosen for the device.", show_default=False, rich_help_panel=MODEL_PANEL
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Processes decoding frames in parallel (encoded images, compressed HDF5, Arrow lists, video); "
+        "0 decodes in this process. Default: usable cores minus one, at most 8.",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+VideoDecoderOpt = Annotated[
+    VideoDecoder,
+    typer.Option(
+        help="LeRobot video: cpu decodes with FFmpeg on the CPU (in the --workers); nvdec decodes on the run's CUDA "
+        "GPU's video engine (H.264, HEVC, AV1), with the same pixels. Other sources have no video.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.", rich_help_panel=MODEL_PANEL
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps", rich_help_panel=MODEL_PANEL)]
-MergeSourceArg = Annotated[Path, typer.Argument(metavar="SOURCE", help="The dataset the shards were computed from.",
-                                               show_default=False)]
-ImageKeyOpt = Annotated[str | None, typer.Option(
-    "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
-                        "auto-detected when omitted.", rich_help_panel=MODEL_PANEL)]
+MergeSourceArg = Annotated[
+    Path, typer.Argument(metavar="SOURCE", help="The dataset the shards were computed from.", show_default=False)
+]
+ImageKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--image-key",
+        help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
+        "auto-detected when omitted.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
 SplitOpt = Annotated[str, typer.Option(help="Split of a Hub dataset or DatasetDict folder.", rich_help_panel=HUB_PANEL)]
-RevisionOpt = Annotated[str | None, typer.Option(
-    help="Hub dataset revision (branch, tag or commit).", show_default=False, rich_help_panel=HUB_PANEL)]
-StreamingOpt = Annotated[bool, typer.Option(
-    "--streaming", help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.",
-    rich_help_panel=HUB_PANEL)]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Hub dataset revision (branch, tag or commit).", show_default=False, rich_help_panel=HUB_PANEL),
+]
+StreamingOpt = Annotated[
+    bool,
+    typer.Option(
+        "--streaming",
+        help="Hub datasets: stream rows instead of downloading first; rewards go to a parquet sidecar.",
+        rich_help_panel=HUB_PANEL,
+    ),
+]
 
 
 def _refuse_text_not_utf8() -> None:
@@ -166,9 +214,11 @@ def _refuse_text_not_utf8() -> None:
         for text in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(text, str) and not is_utf8(text):
                 flag = next((o for o in param.opts if o.startswith("--")), (param.name or "").upper())
-                raise VlmlabelError(f"{flag} is not UTF-8 text ({_shown_bytes(text)}); goals, names and keys are "
-                                    "stored as UTF-8: give it in UTF-8 (a script or terminal in another encoding? "
-                                    "convert it, e.g. with iconv -t UTF-8)")
+                raise VlmlabelError(
+                    f"{flag} is not UTF-8 text ({_shown_bytes(text)}); goals, names and keys are "
+                    "stored as UTF-8: give it in UTF-8 (a script or terminal in another encoding? "
+                    "convert it, e.g. with iconv -t UTF-8)"
+                )
 
 
 def _shown_bytes(text: str) -> str:
@@ -193,8 +243,12 @@ def _exit_on_error(func: F) -> F:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
             raise typer.Exit(2) from None
         except PermissionError as exc:
-            console.print(Text(f"error: {exc}; check that you may write there, or write elsewhere with --output",
-                               style="bold red"), soft_wrap=True)
+            console.print(
+                Text(
+                    f"error: {exc}; check that you may write there, or write elsewhere with --output", style="bold red"
+                ),
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except OSError as exc:
             console.print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
@@ -202,8 +256,13 @@ def _exit_on_error(func: F) -> F:
         except (MemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
                 raise
-            console.print(Text("error: not enough memory for this run; use smaller --batch-size (or bench "
-                               "--frames/--frame-size)", style="bold red"), soft_wrap=True)
+            console.print(
+                Text(
+                    "error: not enough memory for this run; use smaller --batch-size (or bench --frames/--frame-size)",
+                    style="bold red",
+                ),
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except Interrupted as exc:
             console.print(Text(f"interrupted: {exc}", style="yellow"), soft_wrap=True)
@@ -231,112 +290,232 @@ class FramesPerSecond(ProgressColumn):
 @_exit_on_error
 def relabel(
     source: SourceArg,
-    goal: Annotated[list[str], typer.Option(
-        "--goal", "-g", help="Goal in words; repeat for several goals (one reward dataset each).",
-        show_default=False)],
+    goal: Annotated[
+        list[str],
+        typer.Option(
+            "--goal",
+            "-g",
+            help="Goal in words; repeat for several goals (one reward dataset each).",
+            show_default=False,
+        ),
+    ],
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
-    image_key: Annotated[list[str] | None, typer.Option(
-        "--image-key", help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
-                            "auto-detected when omitted. Repeat for several cameras: each is scored, "
-                            "--camera-reduce combines them, and each camera's scores are kept as NAME_cam_CAMERA.",
-        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
-    camera_reduce: Annotated[CameraReduce, typer.Option(
-        help="With several --image-key: how the cameras' scores make the reward.", rich_help_panel=MODEL_PANEL)]
-    = CameraReduce.mean,
-    reward: Annotated[RewardMode, typer.Option(
-        help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
-             "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
-             "scale | contrastive: x.g - mean x.n.", rich_help_panel=REWARD_PANEL)] = RewardMode.cosine,
-    goal_template: Annotated[list[str] | None, typer.Option(
-        help="Prompt ensemble: each goal (and baseline/negative) is embedded once per template, '{}' "
-             "replaced by the text; the embeddings are averaged, then normalised. Repeatable, e.g. "
-             "--goal-template \"a photo of {}\" --goal-template \"a picture of {}\". Include \"{}\" to keep "
-             "the bare text.", show_default=False, rich_help_panel=REWARD_PANEL)] = None,
-    baseline: Annotated[list[str] | None, typer.Option(
-        help="projection: baseline text b (repeatable; embeddings averaged).", show_default=False,
-        rich_help_panel=REWARD_PANEL)] = None,
-    alpha: Annotated[float, typer.Option(
-        help="projection: strength in [0, 1]; 0 is cosine up to an affine map, 1 keeps only the "
-             "goal-baseline direction.", rich_help_panel=REWARD_PANEL)] = 1.0,
-    negative: Annotated[list[str] | None, typer.Option(
-        help="softmax/contrastive: what the goal is not (repeatable).", show_default=False,
-        rich_help_panel=REWARD_PANEL)] = None,
-    threshold: Annotated[float | None, typer.Option(
-        help="softmax: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
-        show_default=False, rich_help_panel=REWARD_PANEL)] = None,
-    shaping: Annotated[Shaping, typer.Option(
-        help="delta: potential-based gamma*phi(o_{t+1}) - phi(o_t) within each episode (the last step "
-             "uses its own potential as the next one). Raw scores kept as NAME_raw.",
-        rich_help_panel=REWARD_PANEL)] = Shaping.none,
-    gamma: Annotated[float, typer.Option(
-        help="Discount for --shaping delta, in [0, 1].", rich_help_panel=REWARD_PANEL)] = 0.99,
-    normalize: Annotated[Normalize, typer.Option(
-        help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
-             "before shaping. Raw scores kept as NAME_raw.",
-        rich_help_panel=REWARD_PANEL)] = Normalize.none,
-    use_cache: Annotated[bool, typer.Option(
-        "--cache/--no-cache", help="Use embeddings stored by `vlmlabel embed` when they match the model, "
-                                   "weights, preprocessing and image key.",
-        rich_help_panel=REWARD_PANEL)] = True,
-    reward_key: Annotated[str, typer.Option(
-        help="Name of the written dataset (HDF5) or column (tables, LeRobot); with several goals "
-             "NAME_0, NAME_1, ...", rich_help_panel=OUTPUT_PANEL)] = DEFAULT_REWARD_KEY,
-    output: Annotated[Path | None, typer.Option(
-        help="HDF5: write a copy with the rewards added here instead of adding them to SOURCE. Hugging Face / "
-             "LeRobot: where the new dataset goes (default NAME-vlmlabel beside SOURCE).",
-        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite",
-        help="Replace reward datasets or columns (and an --output dataset) that already exist.",
-        rich_help_panel=OUTPUT_PANEL)] = False,
+    image_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--image-key",
+            help="Frames: HDF5 dataset path, table column, or LeRobot camera (observation.images.NAME); "
+            "auto-detected when omitted. Repeat for several cameras: each is scored, "
+            "--camera-reduce combines them, and each camera's scores are kept as NAME_cam_CAMERA.",
+            show_default=False,
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = None,
+    camera_reduce: Annotated[
+        CameraReduce,
+        typer.Option(
+            help="With several --image-key: how the cameras' scores make the reward.", rich_help_panel=MODEL_PANEL
+        ),
+    ] = CameraReduce.mean,
+    reward: Annotated[
+        RewardMode,
+        typer.Option(
+            help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
+            "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
+            "scale | contrastive: x.g - mean x.n.",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = RewardMode.cosine,
+    goal_template: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Prompt ensemble: each goal (and baseline/negative) is embedded once per template, '{}' "
+            "replaced by the text; the embeddings are averaged, then normalised. Repeatable, e.g. "
+            '--goal-template "a photo of {}" --goal-template "a picture of {}". Include "{}" to keep '
+            "the bare text.",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    baseline: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="projection: baseline text b (repeatable; embeddings averaged).",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="projection: strength in [0, 1]; 0 is cosine up to an affine map, 1 keeps only the "
+            "goal-baseline direction.",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = 1.0,
+    negative: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="softmax/contrastive: what the goal is not (repeatable).",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="softmax: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    shaping: Annotated[
+        Shaping,
+        typer.Option(
+            help="delta: potential-based gamma*phi(o_{t+1}) - phi(o_t) within each episode (the last step "
+            "uses its own potential as the next one). Raw scores kept as NAME_raw.",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = Shaping.none,
+    gamma: Annotated[
+        float, typer.Option(help="Discount for --shaping delta, in [0, 1].", rich_help_panel=REWARD_PANEL)
+    ] = 0.99,
+    normalize: Annotated[
+        Normalize,
+        typer.Option(
+            help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
+            "before shaping. Raw scores kept as NAME_raw.",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = Normalize.none,
+    use_cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Use embeddings stored by `vlmlabel embed` when they match the model, "
+            "weights, preprocessing and image key.",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = True,
+    reward_key: Annotated[
+        str,
+        typer.Option(
+            help="Name of the written dataset (HDF5) or column (tables, LeRobot); with several goals "
+            "NAME_0, NAME_1, ...",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = DEFAULT_REWARD_KEY,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="HDF5: write a copy with the rewards added here instead of adding them to SOURCE. Hugging Face / "
+            "LeRobot: where the new dataset goes (default NAME-vlmlabel beside SOURCE).",
+            show_default=False,
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace reward datasets or columns (and an --output dataset) that already exist.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = "auto",
-    align: Annotated[Align, typer.Option(
-        help="next (default): step t scores o_{t+1}, the result of action a_t, as offline RL rewards are defined "
-             "(D4RL, robomimic, d3rlpy, LeRobot next.reward): use it to train on the rewards. Needs ordered "
-             "episodes: table rows grouped by episode_index and in frame_index order, else refused. frame: step "
-             "t scores its own frame o_t: use it to score or inspect frames themselves, for per-frame analysis, "
-             "or for datasets without ordered episodes (rows are scored one by one). Minari: every observation "
-             "is scored, T+1 values in infos/ like Minari's other infos; step t reads row t+1 (next) or t (frame).",
-        rich_help_panel=REWARD_PANEL)] = Align.next,
+    align: Annotated[
+        Align,
+        typer.Option(
+            help="next (default): step t scores o_{t+1}, the result of action a_t, as offline RL rewards are defined "
+            "(D4RL, robomimic, d3rlpy, LeRobot next.reward): use it to train on the rewards. Needs ordered "
+            "episodes: table rows grouped by episode_index and in frame_index order, else refused. frame: step "
+            "t scores its own frame o_t: use it to score or inspect frames themselves, for per-frame analysis, "
+            "or for datasets without ordered episodes (rows are scored one by one). Minari: every observation "
+            "is scored, T+1 values in infos/ like Minari's other infos; step t reads row t+1 (next) or t (frame).",
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = Align.next,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
     streaming: StreamingOpt = False,
-    link: Annotated[bool, typer.Option(
-        "--link", help="New datasets (tables, LeRobot): hard-link files carried over unchanged (videos, metadata, "
-                       "other splits) instead of copying them (copy-on-write clones where the file system has "
-                       "them). HDF5 with --output: write a labels file holding the rewards and reaching every "
-                       "other dataset of SOURCE through external links, instead of a full copy. Saves space and "
-                       "time, but the output then shares that data with the source: editing it in place through "
-                       "the output (e.g. LeRobot's tools re-encoding videos) changes the source too, and an HDF5 "
-                       "labels file needs SOURCE where the link says.", rich_help_panel=OUTPUT_PANEL)] = False,
-    push_to_hub: Annotated[str | None, typer.Option(
-        "--push-to-hub", help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
-        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
-    quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress bar and no summary (notes and errors still show).",
-        rich_help_panel=OUTPUT_PANEL)] = False,
-    restart: Annotated[bool, typer.Option(
-        "--restart", help="Discard progress saved by an interrupted run instead of resuming it.",
-        rich_help_panel=CLUSTER_PANEL)] = False,
-    checkpoint_every: Annotated[int, typer.Option(
-        help="Save progress beside the output every this many frames (and on SIGINT/SIGTERM).",
-        rich_help_panel=CLUSTER_PANEL)] = DEFAULT_CHECKPOINT_EVERY,
-    num_shards: Annotated[int | None, typer.Option(
-        help="Split the dataset into N shards of whole episodes and score only one (default: from a SLURM "
-             "job array); combine them with `vlmlabel merge`. 1: the whole dataset in this run, which writes "
-             "the rewards itself (also inside a SLURM array).", show_default=False,
-        rich_help_panel=CLUSTER_PANEL)] = None,
-    shard_index: Annotated[int | None, typer.Option(
-        help="Which shard this run scores, 0..N-1 (default: from SLURM_ARRAY_TASK_ID).", show_default=False,
-        rich_help_panel=CLUSTER_PANEL)] = None,
-    compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).",
-        rich_help_panel=MODEL_PANEL)] = False,
+    link: Annotated[
+        bool,
+        typer.Option(
+            "--link",
+            help="New datasets (tables, LeRobot): hard-link files carried over unchanged (videos, metadata, "
+            "other splits) instead of copying them (copy-on-write clones where the file system has "
+            "them). HDF5 with --output: write a labels file holding the rewards and reaching every "
+            "other dataset of SOURCE through external links, instead of a full copy. Saves space and "
+            "time, but the output then shares that data with the source: editing it in place through "
+            "the output (e.g. LeRobot's tools re-encoding videos) changes the source too, and an HDF5 "
+            "labels file needs SOURCE where the link says.",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to-hub",
+            help="Also upload the written dataset to this Hub dataset repo (ORG/NAME).",
+            show_default=False,
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet",
+            "-q",
+            help="No progress bar and no summary (notes and errors still show).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Discard progress saved by an interrupted run instead of resuming it.",
+            rich_help_panel=CLUSTER_PANEL,
+        ),
+    ] = False,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            help="Save progress beside the output every this many frames (and on SIGINT/SIGTERM).",
+            rich_help_panel=CLUSTER_PANEL,
+        ),
+    ] = DEFAULT_CHECKPOINT_EVERY,
+    num_shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Split the dataset into N shards of whole episodes and score only one (default: from a SLURM "
+            "job array); combine them with `vlmlabel merge`. 1: the whole dataset in this run, which writes "
+            "the rewards itself (also inside a SLURM array).",
+            show_default=False,
+            rich_help_panel=CLUSTER_PANEL,
+        ),
+    ] = None,
+    shard_index: Annotated[
+        int | None,
+        typer.Option(
+            help="Which shard this run scores, 0..N-1 (default: from SLURM_ARRAY_TASK_ID).",
+            show_default=False,
+            rich_help_panel=CLUSTER_PANEL,
+        ),
+    ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the image tower: slower start, faster batches (worth it on long GPU runs).",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = False,
 ) -> None:
     """Score every step against each goal and write the rewards next to the data.
 
@@ -347,17 +526,44 @@ def relabel(
 
     dist_env = torchrun_env()
     formulation = RewardConfig(
-        goals=goal, mode=reward, templates=goal_template or [], baselines=baseline or [], alpha=alpha,
-        negatives=negative or [], threshold=threshold, shaping=shaping, gamma=gamma, normalize=normalize,
+        goals=goal,
+        mode=reward,
+        templates=goal_template or [],
+        baselines=baseline or [],
+        alpha=alpha,
+        negatives=negative or [],
+        threshold=threshold,
+        shaping=shaping,
+        gamma=gamma,
+        normalize=normalize,
     ).validate()
     request = RelabelRequest(
-        source=source, goals=goal, model=model, pretrained=pretrained, image_key=image_key,
-        camera_reduce=camera_reduce, link=link,
-        reward_key=reward_key, output=output, overwrite=overwrite, batch_size=batch_size,
-        precision=precision.value, device=device, align=align, formulation=formulation, use_cache=use_cache,
-        split=split, revision=revision, streaming=streaming, push_to_hub=push_to_hub, restart=restart,
-        checkpoint_every=checkpoint_every, shard=shard_from_options(num_shards, shard_index), compile=compile,
-        array=SlurmArrayTask.from_env() if num_shards is None else None, workers=workers,
+        source=source,
+        goals=goal,
+        model=model,
+        pretrained=pretrained,
+        image_key=image_key,
+        camera_reduce=camera_reduce,
+        link=link,
+        reward_key=reward_key,
+        output=output,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        precision=precision.value,
+        device=device,
+        align=align,
+        formulation=formulation,
+        use_cache=use_cache,
+        split=split,
+        revision=revision,
+        streaming=streaming,
+        push_to_hub=push_to_hub,
+        restart=restart,
+        checkpoint_every=checkpoint_every,
+        shard=shard_from_options(num_shards, shard_index),
+        compile=compile,
+        array=SlurmArrayTask.from_env() if num_shards is None else None,
+        workers=workers,
         video_decoder=video_decoder,
     )
     other_rank = dist_env is not None and dist_env.rank != 0
@@ -377,8 +583,9 @@ def relabel(
         def note(message: str) -> None:
             progress.console.print(Text(message, style="yellow"), soft_wrap=True)
 
-        summary = _with_progress(progress, task, lambda start, advance: run(
-            request, on_start=start, on_progress=advance, on_note=note))
+        summary = _with_progress(
+            progress, task, lambda start, advance: run(request, on_start=start, on_progress=advance, on_note=note)
+        )
     if quiet or summary is None:
         return
     if isinstance(summary, FinishedSummary):
@@ -401,14 +608,18 @@ def _print_shard_summary(summary: ShardSummary, request: RelabelRequest) -> None
     command = f"vlmlabel merge {request.source} --reward-key {request.reward_key}"
     if request.output is not None:
         command += f" --output {request.output}"
-    stdout.print(f"shard {shard.index} of {shard.count}: {summary.episodes} episodes, {summary.frames:,} frames "
-                 f"{how}; result in {summary.path}")
+    stdout.print(
+        f"shard {shard.index} of {shard.count}: {summary.episodes} episodes, {summary.frames:,} frames "
+        f"{how}; result in {summary.path}"
+    )
     stdout.print(f"when all {shard.count} shards are done, write the rewards with: {command}")
 
 
 def _print_merge_summary(summary) -> None:
-    table = Table(title=f"vlmlabel {__version__}: {summary.shards} shards merged, rewards written to "
-                        f"{summary.written_to}", title_justify="left")
+    table = Table(
+        title=f"vlmlabel {__version__}: {summary.shards} shards merged, rewards written to {summary.written_to}",
+        title_justify="left",
+    )
     for column in ("dataset", "goal", "min", "mean", "max"):
         table.add_column(column, justify="left" if column in ("dataset", "goal") else "right")
     for index, (name, goal) in enumerate(zip(summary.reward_names, summary.goals, strict=True)):
@@ -422,29 +633,46 @@ def _print_merge_summary(summary) -> None:
 @_exit_on_error
 def merge(
     source: MergeSourceArg,
-    reward_key: Annotated[str, typer.Option(help="The --reward-key the shards were run with.")]
-    = DEFAULT_REWARD_KEY,
-    output: Annotated[Path | None, typer.Option(
-        help="The --output the shards were run with (default: as relabel: SOURCE itself for HDF5, NAME-vlmlabel "
-             "beside other datasets).", show_default=False)]
-    = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace reward datasets (and an --output file) that already exist.")] = False,
+    reward_key: Annotated[str, typer.Option(help="The --reward-key the shards were run with.")] = DEFAULT_REWARD_KEY,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="The --output the shards were run with (default: as relabel: SOURCE itself for HDF5, NAME-vlmlabel "
+            "beside other datasets).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace reward datasets (and an --output file) that already exist.")
+    ] = False,
     image_key: ImageKeyOpt = None,
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
-    link: Annotated[bool, typer.Option(
-        "--link", help="As for relabel: hard-link files a new dataset carries over unchanged (they are then "
-                       "shared with the source).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary (notes and errors still show).")]
-    = False,
+    link: Annotated[
+        bool,
+        typer.Option(
+            "--link",
+            help="As for relabel: hard-link files a new dataset carries over unchanged (they are then "
+            "shared with the source).",
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary (notes and errors still show).")] = False,
 ) -> None:
     """Write the rewards of shards run with --num-shards (same SOURCE, --image-key, --split, --reward-key and
     --output as the shards)."""
     from vlmlabel.run.merge import merge_shards
 
-    summary = merge_shards(source, reward_key, output, overwrite, on_note=_note, image_key=image_key, split=split,
-                           revision=revision, link=link)
+    summary = merge_shards(
+        source,
+        reward_key,
+        output,
+        overwrite,
+        on_note=_note,
+        image_key=image_key,
+        split=split,
+        revision=revision,
+        link=link,
+    )
     if not quiet and not isinstance(summary, FinishedSummary):  # a finished merge said so in its note
         _print_merge_summary(summary)
 
@@ -474,8 +702,14 @@ def _print_summary(summary: RelabelSummary) -> None:
 
 def _progress(label: str) -> Progress:
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-        FramesPerSecond(), TimeRemainingColumn(), console=console, transient=True,
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("frames"),
+        FramesPerSecond(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
 
 
@@ -500,12 +734,22 @@ def embed(
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
     image_key: ImageKeyOpt = None,
-    output: Annotated[Path | None, typer.Option(
-        help="Write a copy with the embeddings added here instead of adding them to SOURCE.",
-        show_default=False, rich_help_panel=OUTPUT_PANEL)] = None,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace an --output file that already exists (a cache in SOURCE is always "
-                            "replaced).", rich_help_panel=OUTPUT_PANEL)] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a copy with the embeddings added here instead of adding them to SOURCE.",
+            show_default=False,
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an --output file that already exists (a cache in SOURCE is always replaced).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = False,
     batch_size: BatchSizeOpt = None,
     workers: WorkersOpt = None,
     video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
@@ -513,27 +757,43 @@ def embed(
     device: DeviceOpt = "auto",
     split: SplitOpt = "train",
     revision: RevisionOpt = None,
-    quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUTPUT_PANEL)] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUTPUT_PANEL)
+    ] = False,
 ) -> None:
     """Store every frame's unit image embedding (float16) in the dataset's cache, so relabel needs no model pass.
 
     HDF5: inside the file (or an --output copy). Table and LeRobot datasets: NAME.vlmlabel-cache.h5 beside them."""
-    request = EmbedRequest(source=source, model=model, pretrained=pretrained, image_key=image_key, output=output,
-                           overwrite=overwrite, batch_size=batch_size, precision=precision.value, device=device,
-                           split=split, revision=revision, workers=workers, video_decoder=video_decoder)
+    request = EmbedRequest(
+        source=source,
+        model=model,
+        pretrained=pretrained,
+        image_key=image_key,
+        output=output,
+        overwrite=overwrite,
+        batch_size=batch_size,
+        precision=precision.value,
+        device=device,
+        split=split,
+        revision=revision,
+        workers=workers,
+        video_decoder=video_decoder,
+    )
     if quiet:
         embed_file(request)
         return
     progress = _progress("embedding")
     task = progress.add_task("embedding", total=None)
-    summary = _with_progress(progress, task, lambda start, advance: embed_file(
-        request, on_start=start, on_progress=advance))
+    summary = _with_progress(
+        progress, task, lambda start, advance: embed_file(request, on_start=start, on_progress=advance)
+    )
     rate = summary.frames / summary.seconds if summary.seconds > 0 else float("inf")
     shown = ", ".join(summary.locations[:3]) + (" ..." if len(summary.locations) > 3 else "")
-    stdout.print(f"{summary.frames:,} embeddings of dim {summary.dim} written to {summary.written_to} ({shown}); "
-                 f"{rate:,.1f} frames/s, model {summary.model.name} {summary.model.pretrained}, "
-                 f"frames from {summary.image_key!r}")
+    stdout.print(
+        f"{summary.frames:,} embeddings of dim {summary.dim} written to {summary.written_to} ({shown}); "
+        f"{rate:,.1f} frames/s, model {summary.model.name} {summary.model.pretrained}, "
+        f"frames from {summary.image_key!r}"
+    )
 
 
 @app.command()
@@ -541,17 +801,30 @@ def embed(
 def evaluate(
     source: SourceArg,
     reward_key: Annotated[str, typer.Option(help="The written reward to judge.")] = DEFAULT_REWARD_KEY,
-    against: Annotated[str, typer.Option(
-        help="Reference signal: rewards (the environment's), success (success/is_success flags) or any "
-             "per-step dataset name.")] = "rewards",
+    against: Annotated[
+        str,
+        typer.Option(
+            help="Reference signal: rewards (the environment's), success (success/is_success flags) or any "
+            "per-step dataset name."
+        ),
+    ] = "rewards",
     image_key: ImageKeyOpt = None,
-    model: Annotated[str | None, typer.Option(
-        help="Model for the blank-frame baseline; default: the one the reward's attributes record.",
-        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model for the blank-frame baseline; default: the one the reward's attributes record.",
+            show_default=False,
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = None,
     pretrained: PretrainedOpt = None,
-    blank: Annotated[bool, typer.Option(
-        "--blank/--no-blank", help="Score constant (black/gray/white) frames with the reward's own formula "
-                                   "(loads the model).")] = True,
+    blank: Annotated[
+        bool,
+        typer.Option(
+            "--blank/--no-blank",
+            help="Score constant (black/gray/white) frames with the reward's own formula (loads the model).",
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     split: SplitOpt = "train",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -563,33 +836,51 @@ def evaluate(
 
     from vlmlabel.evaluate import EvaluateRequest, evaluate_file
 
-    report = evaluate_file(EvaluateRequest(source=source, reward_key=reward_key, against=against,
-                                           image_key=image_key, model=model, pretrained=pretrained,
-                                           blank=blank, device=device, split=split))
+    report = evaluate_file(
+        EvaluateRequest(
+            source=source,
+            reward_key=reward_key,
+            against=against,
+            image_key=image_key,
+            model=model,
+            pretrained=pretrained,
+            blank=blank,
+            device=device,
+            split=split,
+        )
+    )
     if as_json:
         stdout.print_json(json.dumps(report.as_json()))
         return
     fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
-    table = Table(title=f"{reward_key} against {report.against}: {report.steps:,} steps, "
-                        f"{report.episodes:,} episodes", title_justify="left")
+    table = Table(
+        title=f"{reward_key} against {report.against}: {report.steps:,} steps, {report.episodes:,} episodes",
+        title_justify="left",
+    )
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("Pearson (all steps)", fmt(report.pearson))
     table.add_row("Spearman (all steps)", fmt(report.spearman))
     for name, stats in (("Pearson", report.per_episode_pearson), ("Spearman", report.per_episode_spearman)):
-        table.add_row(f"{name} per episode: mean / median ({stats['episodes']} episodes)",
-                      f"{fmt(stats['mean'])} / {fmt(stats['median'])}")
+        table.add_row(
+            f"{name} per episode: mean / median ({stats['episodes']} episodes)",
+            f"{fmt(stats['mean'])} / {fmt(stats['median'])}",
+        )
     if report.epic_distance is not None:
         table.add_row("EPIC-style distance sqrt((1-r)/2) (binary reference)", fmt(report.epic_distance))
     if report.time_spearman_successful is not None:
         stats = report.time_spearman_successful
         table.add_row(f"Spearman with time, successful episodes ({stats['episodes']})", fmt(stats["mean"]))
-    table.add_row("baseline: frames shuffled across episodes, Pearson / Spearman",
-                  f"{fmt(report.shuffled_pearson)} / {fmt(report.shuffled_spearman)}")
+    table.add_row(
+        "baseline: frames shuffled across episodes, Pearson / Spearman",
+        f"{fmt(report.shuffled_pearson)} / {fmt(report.shuffled_spearman)}",
+    )
     if report.blank_scores is not None:
         shown = ", ".join(f"{k} {v:.3f}" for k, v in report.blank_scores.items())
-        table.add_row(f"baseline: blank frames ({shown}); steps scoring above the best",
-                      f"{100 * (report.above_blank_fraction or 0):.1f}%")
+        table.add_row(
+            f"baseline: blank frames ({shown}); steps scoring above the best",
+            f"{100 * (report.above_blank_fraction or 0):.1f}%",
+        )
     stdout.print(table)
     for note in report.notes:
         stdout.print(f"note: {note}")
@@ -599,10 +890,13 @@ def evaluate(
 @_exit_on_error
 def plot(
     source: SourceArg,
-    reward_key: Annotated[str, typer.Option(
-        help="The written reward; with several goals NAME_0, NAME_1, ... are overlaid.")] = DEFAULT_REWARD_KEY,
-    episodes: Annotated[str | None, typer.Option(
-        help="Episode numbers to draw, e.g. 0,3,7; default the first three.", show_default=False)] = None,
+    reward_key: Annotated[
+        str, typer.Option(help="The written reward; with several goals NAME_0, NAME_1, ... are overlaid.")
+    ] = DEFAULT_REWARD_KEY,
+    episodes: Annotated[
+        str | None,
+        typer.Option(help="Episode numbers to draw, e.g. 0,3,7; default the first three.", show_default=False),
+    ] = None,
     output: Annotated[Path, typer.Option(help="Picture to write: .png, .svg or .pdf.")] = Path("rewards.png"),
     out: Annotated[Path | None, typer.Option("--out", hidden=True, help="Old name of --output.")] = None,
     image_key: ImageKeyOpt = None,
@@ -613,22 +907,37 @@ def plot(
     from vlmlabel.plot import PlotRequest, parse_episodes, plot_file
 
     picked = parse_episodes(episodes) if episodes is not None else None
-    result = plot_file(PlotRequest(source=source, reward_key=reward_key, out=out or output, episodes=picked,
-                                   image_key=image_key, dpi=dpi, split=split))
-    stdout.print(f"wrote {result.out} ({', '.join(result.keys)}; episodes "
-                 f"{', '.join(map(str, result.episodes))})")
+    result = plot_file(
+        PlotRequest(
+            source=source,
+            reward_key=reward_key,
+            out=out or output,
+            episodes=picked,
+            image_key=image_key,
+            dpi=dpi,
+            split=split,
+        )
+    )
+    stdout.print(f"wrote {result.out} ({', '.join(result.keys)}; episodes {', '.join(map(str, result.episodes))})")
 
 
 @app.command()
 @_exit_on_error
-def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = "train",
-            revision: RevisionOpt = None, streaming: StreamingOpt = False) -> None:
+def inspect(
+    source: SourceArg,
+    image_key: ImageKeyOpt = None,
+    split: SplitOpt = "train",
+    revision: RevisionOpt = None,
+    streaming: StreamingOpt = False,
+) -> None:
     """Show the detected layout, cameras, frame format, episodes and frames."""
     try:
         opened = open_source(str(source), image_key, split, revision, streaming)
     except SeveralCameras as several:
-        _note(f"{len(several.cameras)} cameras; showing {several.cameras[0]} (choose with --image-key; relabel "
-              "scores several with --image-key A --image-key B)")
+        _note(
+            f"{len(several.cameras)} cameras; showing {several.cameras[0]} (choose with --image-key; relabel "
+            "scores several with --image-key A --image-key B)"
+        )
         opened = open_source(str(source), several.cameras[0], split, revision, streaming)
     with opened:
         episodes = opened.episodes(Align.frame)
@@ -639,17 +948,21 @@ def inspect(source: SourceArg, image_key: ImageKeyOpt = None, split: SplitOpt = 
         table.add_row("layout", opened.layout)
         table.add_row("image key", opened.image_key)
         table.add_row("cameras", ", ".join(opened.cameras) or opened.image_key)
-        table.add_row("frames", describe_frames(opened, episodes[0].frames[0]) if episodes
-                      else opened.frame_format.describe())
+        table.add_row(
+            "frames", describe_frames(opened, episodes[0].frames[0]) if episodes else opened.frame_format.describe()
+        )
         table.add_row("episodes", f"{len(episodes):,}")
         table.add_row("steps", f"{sum(steps):,} (per episode: min {min(steps):,}, max {max(steps):,})")
-        table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} "
-                                            "(or --output)")
+        table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} (or --output)")
         written = opened.reward_keys(episodes[0])
         table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
         meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
-        table.add_row("embedding cache", f"{meta[0].get('model')} {meta[0].get('pretrained')} in {opened.cache_file}"
-                      if meta else "none (make one with `vlmlabel embed`)")
+        table.add_row(
+            "embedding cache",
+            f"{meta[0].get('model')} {meta[0].get('pretrained')} in {opened.cache_file}"
+            if meta
+            else "none (make one with `vlmlabel embed`)",
+        )
         stdout.print(table)
 
 
@@ -678,32 +991,60 @@ class Encoding(str, enum.Enum):
 @app.command()
 @_exit_on_error
 def bench(
-    source: Annotated[Path | None, typer.Argument(
-        help="HDF5 file to benchmark on (read only); default: a synthetic file (--frames, --frame-size, --encoding).",
-        metavar="SOURCE", show_default=False)] = None,
-    model: Annotated[str, typer.Option(
-        help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.", rich_help_panel=MODEL_PANEL)]
-    = DEFAULT_MODEL,
-    pretrained: Annotated[str | None, typer.Option(
-        help="Pretrained tag or checkpoint file; 'random' (random weights, reported as such) is accepted here "
-             "because speed does not depend on weight values.", show_default=False,
-        rich_help_panel=MODEL_PANEL)] = None,
-    precision: Annotated[Precision, typer.Option(
-        help="auto: bf16 on GPUs that support it, fp32 on CPU.", rich_help_panel=MODEL_PANEL)] = Precision.auto,
-    batch_size: Annotated[str | None, typer.Option(
-        help="Frames per batch, or a sweep such as 32,64,128; default chosen for the device.",
-        show_default=False, rich_help_panel=MODEL_PANEL)] = None,
+    source: Annotated[
+        Path | None,
+        typer.Argument(
+            help="HDF5 file to benchmark on (read only); default: a synthetic file "
+            "(--frames, --frame-size, --encoding).",
+            metavar="SOURCE",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = DEFAULT_MODEL,
+    pretrained: Annotated[
+        str | None,
+        typer.Option(
+            help="Pretrained tag or checkpoint file; 'random' (random weights, reported as such) is accepted here "
+            "because speed does not depend on weight values.",
+            show_default=False,
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 on GPUs that support it, fp32 on CPU.", rich_help_panel=MODEL_PANEL)
+    ] = Precision.auto,
+    batch_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Frames per batch, or a sweep such as 32,64,128; default chosen for the device.",
+            show_default=False,
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
-    frames: Annotated[int | None, typer.Option(
-        help="Frames per timed run; default 20000 on CUDA, 256 on CPU (the whole file with SOURCE).",
-        show_default=False)] = None,
+    frames: Annotated[
+        int | None,
+        typer.Option(
+            help="Frames per timed run; default 20000 on CUDA, 256 on CPU (the whole file with SOURCE).",
+            show_default=False,
+        ),
+    ] = None,
     frame_size: Annotated[str, typer.Option(help="Synthetic frame size HEIGHTxWIDTH.")] = "84x84",
-    encoding: Annotated[Encoding, typer.Option(help="Synthetic frames stored raw (uint8) or as JPEG bytes.")]
-    = Encoding.raw,
-    compile: Annotated[bool, typer.Option(
-        "--compile", help="torch.compile the image tower.", rich_help_panel=MODEL_PANEL)] = False,
-    source_option: Annotated[Path | None, typer.Option(
-        "--source", hidden=True, help="Old way to give SOURCE.", show_default=False)] = None,
+    encoding: Annotated[
+        Encoding, typer.Option(help="Synthetic frames stored raw (uint8) or as JPEG bytes.")
+    ] = Encoding.raw,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the image tower.", rich_help_panel=MODEL_PANEL)
+    ] = False,
+    source_option: Annotated[
+        Path | None, typer.Option("--source", hidden=True, help="Old way to give SOURCE.", show_default=False)
+    ] = None,
     image_key: ImageKeyOpt = None,
     video_decoder: VideoDecoderOpt = VideoDecoder.cpu,
     repeats: Annotated[int, typer.Option(help="Timed repetitions per path; the median is reported.")] = 3,
@@ -718,10 +1059,19 @@ def bench(
         _note(f"--source is deprecated: give the file as an argument, vlmlabel bench {source_option}")
         source = source_option
     config = BenchConfig(
-        model=model, pretrained=pretrained, precision=precision.value,
-        batch_sizes=parse_batch_sizes(batch_size) if batch_size else None, device=device, frames=frames,
-        frame_size=parse_frame_size(frame_size), encoding=encoding.value, compile=compile, source=source,
-        image_key=image_key, repeats=repeats, video_decoder=video_decoder,
+        model=model,
+        pretrained=pretrained,
+        precision=precision.value,
+        batch_sizes=parse_batch_sizes(batch_size) if batch_size else None,
+        device=device,
+        frames=frames,
+        frame_size=parse_frame_size(frame_size),
+        encoding=encoding.value,
+        compile=compile,
+        source=source,
+        image_key=image_key,
+        repeats=repeats,
+        video_decoder=video_decoder,
     )
     if json_output:  # stdout holds the JSON object alone; progress goes to stderr
         result = run_bench(config, status=lambda message: console.print(f"bench: {message}", highlight=False))
@@ -734,25 +1084,45 @@ def bench(
 
 def _print_bench(result: dict) -> None:
     weights = "RANDOM weights" if result["random_weights"] else result["pretrained"]
-    table = Table(title=f"vlmlabel bench: {result['model']} ({weights}), {result['precision']} on "
-                        f"{result['device']}, {result['frames']:,} frames of {result['source']}",
-                  title_justify="left")
-    for column in ("batch", "model-only f/s", "end-to-end f/s", "naive f/s", "e2e/model", "e2e/naive",
-                   "e2e/model (CPU time)", "TFLOP/s", "of peak"):
+    table = Table(
+        title=f"vlmlabel bench: {result['model']} ({weights}), {result['precision']} on "
+        f"{result['device']}, {result['frames']:,} frames of {result['source']}",
+        title_justify="left",
+    )
+    for column in (
+        "batch",
+        "model-only f/s",
+        "end-to-end f/s",
+        "naive f/s",
+        "e2e/model",
+        "e2e/naive",
+        "e2e/model (CPU time)",
+        "TFLOP/s",
+        "of peak",
+    ):
         table.add_column(column, justify="right")
     for run in result["sweep"] or [result]:
         fraction = f"{run['peak_fraction']:.1%}" if run["peak_fraction"] is not None else "n/a"
-        table.add_row(str(run["batch_size"]), f"{run['model_only_fps']:,.1f}", f"{run['end_to_end_fps']:,.1f}",
-                      f"{run['naive_fps']:,.1f}", f"{run['ratio_vs_model_only']:.3f}",
-                      f"{run['ratio_vs_naive']:.2f}", f"{run['cpu_ratio_vs_model_only']:.3f}",
-                      f"{run['tflops']:.3f}", fraction)
+        table.add_row(
+            str(run["batch_size"]),
+            f"{run['model_only_fps']:,.1f}",
+            f"{run['end_to_end_fps']:,.1f}",
+            f"{run['naive_fps']:,.1f}",
+            f"{run['ratio_vs_model_only']:.3f}",
+            f"{run['ratio_vs_naive']:.2f}",
+            f"{run['cpu_ratio_vs_model_only']:.3f}",
+            f"{run['tflops']:.3f}",
+            fraction,
+        )
     stdout.print(table)
     device_mb = f"{result['peak_device_mb']:,.0f} MiB" if result["peak_device_mb"] is not None else "n/a"
-    stdout.print(f"{result['flops_per_image'] / 1e9:.2f} GFLOPs per image (TFLOP/s and peak fraction of the "
-                 f"model-only path); {result['environment']['cpu_threads']} CPU threads; peak host RSS "
-                 f"{result['peak_rss_mb']:,.0f} MiB; peak device memory {device_mb}; median of the timed runs, "
-                 "warm-up excluded; max |reward difference| vs the naive path "
-                 f"{result['max_abs_reward_diff_vs_naive']:.2e}")
+    stdout.print(
+        f"{result['flops_per_image'] / 1e9:.2f} GFLOPs per image (TFLOP/s and peak fraction of the "
+        f"model-only path); {result['environment']['cpu_threads']} CPU threads; peak host RSS "
+        f"{result['peak_rss_mb']:,.0f} MiB; peak device memory {device_mb}; median of the timed runs, "
+        "warm-up excluded; max |reward difference| vs the naive path "
+        f"{result['max_abs_reward_diff_vs_naive']:.2e}"
+    )
 
 
 def _version(value: bool) -> None:
@@ -763,8 +1133,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Label offline RL datasets with rewards from a vision-language model."""
 

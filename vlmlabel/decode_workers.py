@@ -108,13 +108,28 @@ def _send(results: Connection, index: int, outcome: Filled | Failure) -> bool:
     except (BrokenPipeError, ConnectionResetError):
         return False
     except MemoryError:  # pickling a large spilled batch: nothing was sent
-        results.send((index, Failure(f"a decoding worker ran out of memory sending batch {index}; run again with "
-                                     "fewer --workers or a smaller --batch-size", WorkerLost)))
+        results.send(
+            (
+                index,
+                Failure(
+                    f"a decoding worker ran out of memory sending batch {index}; run again with "
+                    "fewer --workers or a smaller --batch-size",
+                    WorkerLost,
+                ),
+            )
+        )
     return True
 
 
-def _work(recipe: SourceRecipe, buffers: list[torch.Tensor], fmt: FrameFormat, where: str,
-          tasks: mp.Queue, results: Connection, cores: int) -> None:
+def _work(
+    recipe: SourceRecipe,
+    buffers: list[torch.Tensor],
+    fmt: FrameFormat,
+    where: str,
+    tasks: mp.Queue,
+    results: Connection,
+    cores: int,
+) -> None:
     """A worker's life: open the source once, fill the batches asked for, stop at None or when the main
     process is gone. ``cores``: its share of the cores, for the video decoder's threads."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -156,17 +171,21 @@ class DecodeWorkers:
     """``count`` worker processes filling the shared tensors ``buffers`` (the caller decides which buffer
     each batch goes to and when it is free again). Use as a context manager: leaving it stops them."""
 
-    def __init__(self, recipe: SourceRecipe, buffers: Sequence[torch.Tensor], count: int, fmt: FrameFormat,
-                 where: str):
+    def __init__(self, recipe: SourceRecipe, buffers: Sequence[torch.Tensor], count: int, fmt: FrameFormat, where: str):
         context = _context()
         self._tasks: mp.Queue | None = context.Queue()
         pipes = [context.Pipe(duplex=False) for _ in range(count)]
         self._results = [reading for reading, _ in pipes]
         self._done: dict[int, Filled | Failure] = {}
-        self._processes = [context.Process(target=_work, name=f"vlmlabel-decoder-{i}", daemon=True,
-                                           args=(recipe, list(buffers), fmt, where, self._tasks, writing,
-                                                 max(1, usable_cores() // count)))
-                           for i, (_, writing) in enumerate(pipes)]
+        self._processes = [
+            context.Process(
+                target=_work,
+                name=f"vlmlabel-decoder-{i}",
+                daemon=True,
+                args=(recipe, list(buffers), fmt, where, self._tasks, writing, max(1, usable_cores() // count)),
+            )
+            for i, (_, writing) in enumerate(pipes)
+        ]
         try:
             for process in self._processes:
                 process.start()
@@ -213,10 +232,17 @@ class DecodeWorkers:
     @staticmethod
     def _lost(process: BaseProcess) -> WorkerLost:
         code = process.exitcode
-        why = (f"killed by signal {-code}" if code is not None and code < 0 else
-               f"exit code {code}" if code is not None else "its pipe closed")
-        return WorkerLost(f"a decoding worker stopped unexpectedly ({why}; out of memory?); run again, with fewer "
-                          "--workers or --workers 0 to decode in this process")
+        why = (
+            f"killed by signal {-code}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+            if code is not None
+            else "its pipe closed"
+        )
+        return WorkerLost(
+            f"a decoding worker stopped unexpectedly ({why}; out of memory?); run again, with fewer "
+            "--workers or --workers 0 to decode in this process"
+        )
 
     def close(self, wait: bool) -> None:
         """Stop the workers: after their current batch when ``wait``, else at once (they only read)."""

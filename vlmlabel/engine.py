@@ -141,8 +141,9 @@ def as_nchw(frames: torch.Tensor, axes: str) -> torch.Tensor:
 
 def _decode(blobs: Sequence[torch.Tensor], where: str, alpha: Sequence[str | None] = ()) -> list[torch.Tensor]:
     """RGB uint8 frames decoded on the CPU, one tensor each (``alpha[i]``: ``check_frame``'s verdict on frame i)."""
-    return [decode_frame(blob, f"a frame in {where}", alpha[i] if i < len(alpha) else None)
-            for i, blob in enumerate(blobs)]
+    return [
+        decode_frame(blob, f"a frame in {where}", alpha[i] if i < len(alpha) else None) for i, blob in enumerate(blobs)
+    ]
 
 
 def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -155,8 +156,13 @@ def decode_jpegs(blobs: list[torch.Tensor], device: torch.device) -> list[torch.
     return list(decoded)
 
 
-def iter_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
-                 pool: BufferPool | None = None, jpeg_on_device: bool = False) -> Iterator[Batch]:
+def iter_batches(
+    source: FrameSource,
+    episodes: list[Episode],
+    batch_size: int,
+    pool: BufferPool | None = None,
+    jpeg_on_device: bool = False,
+) -> Iterator[Batch]:
     """Frames of all episodes in order, regrouped into batches of ``batch_size`` (the last may be short), read
     in this thread.
 
@@ -178,10 +184,10 @@ def _batch_of(buffer: HostBuffer, filled: Filled, axes: str) -> Batch | None:
     flat = buffer.tensor.view(-1)
     if not filled.spill and len(set(filled.shapes)) == 1:
         shape, count = filled.shapes[0], len(filled.shapes)
-        return Batch(flat[:count * math.prod(shape)].view(count, *shape), count, axes, buffer)
+        return Batch(flat[: count * math.prod(shape)].view(count, *shape), count, axes, buffer)
     frames, offset = [], 0
     for shape in filled.shapes:
-        frames.append(flat[offset:offset + math.prod(shape)].view(1, *shape))
+        frames.append(flat[offset : offset + math.prod(shape)].view(1, *shape))
         offset += math.prod(shape)
     frames.extend(torch.from_numpy(frame).unsqueeze(0) for frame in filled.spill)
     return Batch([as_nchw(frame, axes).squeeze(0) for frame in frames], filled.size, "decoded", buffer)
@@ -191,8 +197,9 @@ def _axes(fmt: FrameFormat) -> str:
     return DECODED_AXES if fmt.encoded else fmt.axes
 
 
-def _filled_batches(source: FrameSource, episodes: list[Episode], batch_size: int,
-                    pool: BufferPool | None) -> Iterator[Batch]:
+def _filled_batches(
+    source: FrameSource, episodes: list[Episode], batch_size: int, pool: BufferPool | None
+) -> Iterator[Batch]:
     fmt = source.frame_format
     plan = plan_batches(episodes, batch_size)
     first = next(plan, None)
@@ -211,8 +218,9 @@ def _filled_batches(source: FrameSource, episodes: list[Episode], batch_size: in
             yield batch
 
 
-def _worker_batches(source: FrameSource, recipe: SourceRecipe, episodes: list[Episode], batch_size: int,
-                    workers: int) -> Iterator[Batch]:
+def _worker_batches(
+    source: FrameSource, recipe: SourceRecipe, episodes: list[Episode], batch_size: int, workers: int
+) -> Iterator[Batch]:
     """Batches filled by ``workers`` processes into shared buffers, handed out in order; ``workers + 2`` batches
     are in flight, so each worker finds its next batch queued when it finishes one."""
     fmt = source.frame_format
@@ -369,9 +377,15 @@ class FrameScorer:
         return self.score_fn(self.embed(batch))
 
 
-def compute_rows(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
-                 compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
-                 workers: int = 0) -> Iterator[np.ndarray]:
+def compute_rows(
+    source: FrameSource,
+    episodes: list[Episode],
+    batch_size: int,
+    device: torch.device,
+    compute: Callable[[Batch], torch.Tensor],
+    on_progress: Callable[[int], None] | None,
+    workers: int = 0,
+) -> Iterator[np.ndarray]:
     """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch;
     ``workers`` decoding processes (0: a reader thread in this process).
 
@@ -408,9 +422,11 @@ def _finite(rows: np.ndarray, first: int) -> np.ndarray:
     infinite: nothing made of them means anything, so the run stops at the first such batch, not after the last."""
     bad = int(np.count_nonzero(~np.isfinite(rows)))
     if bad:
-        raise VlmlabelError(f"the model gave {bad} NaN or infinite value(s) for frames {first}-{first + len(rows) - 1} "
-                            "of this pass (an overflow in fp16/bf16, or NaN in its weights?); nothing was written: "
-                            "run with --precision fp32, or check the checkpoint")
+        raise VlmlabelError(
+            f"the model gave {bad} NaN or infinite value(s) for frames {first}-{first + len(rows) - 1} "
+            "of this pass (an overflow in fp16/bf16, or NaN in its weights?); nothing was written: "
+            "run with --precision fp32, or check the checkpoint"
+        )
     return rows
 
 
@@ -427,8 +443,9 @@ def prepare_workers(source: FrameSource, workers: int) -> None:
         start_server()
 
 
-def read_ahead(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
-               workers: int) -> Generator[Batch, None, None]:
+def read_ahead(
+    source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device, workers: int
+) -> Generator[Batch, None, None]:
     """The batches of ``episodes`` in order, read ahead of the model: by ``workers`` processes when the rows
     cost decoding and the source can be opened again elsewhere, else by a reader thread. JPEGs go to a CUDA
     device undecoded (nvJPEG) when the first frame is one."""
@@ -450,9 +467,15 @@ def read_ahead(source: FrameSource, episodes: list[Episode], batch_size: int, de
         batches.close()
 
 
-def _run(source: FrameSource, episodes: list[Episode], batch_size: int, device: torch.device,
-         compute: Callable[[Batch], torch.Tensor], on_progress: Callable[[int], None] | None,
-         workers: int = 0) -> np.ndarray:
+def _run(
+    source: FrameSource,
+    episodes: list[Episode],
+    batch_size: int,
+    device: torch.device,
+    compute: Callable[[Batch], torch.Tensor],
+    on_progress: Callable[[int], None] | None,
+    workers: int = 0,
+) -> np.ndarray:
     """All rows of ``compute_rows`` in one fp32 array."""
     total = sum(e.steps for e in episodes)
     out: np.ndarray | None = None
@@ -460,7 +483,7 @@ def _run(source: FrameSource, episodes: list[Episode], batch_size: int, device: 
     for rows in compute_rows(source, episodes, batch_size, device, compute, on_progress, workers):
         if out is None:
             out = np.empty((total, rows.shape[1]), dtype=np.float32)
-        out[position:position + len(rows)] = rows
+        out[position : position + len(rows)] = rows
         position += len(rows)
     if out is None:
         raise SourceError("the episodes hold no frames; the file is inconsistent")
@@ -495,8 +518,14 @@ def score_episodes(
     return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
 
 
-def embed_segments(source: FrameSource, model: ClipModel, segments: Sequence[Segment], batch_size: int,
-                   on_progress: Callable[[int], None] | None = None, workers: int = 0) -> Iterator[np.ndarray]:
+def embed_segments(
+    source: FrameSource,
+    model: ClipModel,
+    segments: Sequence[Segment],
+    batch_size: int,
+    on_progress: Callable[[int], None] | None = None,
+    workers: int = 0,
+) -> Iterator[np.ndarray]:
     """Unit image embeddings (float16) of the rows of ``segments``, in order, block by block: what the cache
     stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)

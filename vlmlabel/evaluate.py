@@ -101,6 +101,7 @@ class Evaluation:
 
     def as_json(self) -> dict[str, Any]:
         """Plain JSON (NaN -> null)."""
+
         def clean(value: Any) -> Any:
             if isinstance(value, float) and not math.isfinite(value):
                 return None
@@ -109,6 +110,7 @@ class Evaluation:
             if isinstance(value, list):
                 return [clean(v) for v in value]
             return value
+
         return clean(asdict(self))
 
 
@@ -120,8 +122,10 @@ def _per_episode(source: LabelledData, episodes: list[Episode], key: str, what: 
     steps = [labelled.per_step(v, e, Align.next) for v, e in zip(values, episodes, strict=True)]
     for episode, found in zip(episodes, steps, strict=True):
         if len(found) != episode.transitions:
-            raise SourceError(f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
-                              f"{episode.transitions} steps; choose a per-step key")
+            raise SourceError(
+                f"{what} {key!r} has {len(found)} values in {episode.name}, which has "
+                f"{episode.transitions} steps; choose a per-step key"
+            )
     return steps
 
 
@@ -132,12 +136,14 @@ def _reference(source: LabelledData, episodes: list[Episode], against: str) -> t
         if values:
             return key, values
     tried = ", ".join(keys)
-    raise VlmlabelError(f"--against {against}: no per-step dataset {tried} found in every episode; "
-                        "name one with --against KEY")
+    raise VlmlabelError(
+        f"--against {against}: no per-step dataset {tried} found in every episode; name one with --against KEY"
+    )
 
 
-def blank_scores(attrs: dict, config: RewardConfig, model_name: str | None, pretrained: str | None,
-                 device: str) -> dict[str, float]:
+def blank_scores(
+    attrs: dict, config: RewardConfig, model_name: str | None, pretrained: str | None, device: str
+) -> dict[str, float]:
     """The raw formula's score of constant frames (black, gray, white): what 'nothing to see' earns."""
     name = model_name or str(attrs.get("model", ""))
     if not name:
@@ -164,8 +170,16 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
         success: list[np.ndarray] = []
         if not _is_binary(np.concatenate(reference)):
             success = next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])
-    return _evaluate(request, reward, [e.name for e in episodes], reward.steps(episodes), reward.raw_steps(episodes),
-                     reference_key, reference, success)
+    return _evaluate(
+        request,
+        reward,
+        [e.name for e in episodes],
+        reward.steps(episodes),
+        reward.raw_steps(episodes),
+        reference_key,
+        reference,
+        success,
+    )
 
 
 def _shuffled(reward: labelled.WrittenReward, raw: list[np.ndarray]) -> np.ndarray:
@@ -179,9 +193,16 @@ def _shuffled(reward: labelled.WrittenReward, raw: list[np.ndarray]) -> np.ndarr
     return np.concatenate(reward.config.postprocess(episodes))[:, 0]
 
 
-def _evaluate(request: EvaluateRequest, written: labelled.WrittenReward, names: list[str], reward: list[np.ndarray],
-              raw: list[np.ndarray], reference_key: str, reference: list[np.ndarray],
-              success: list[np.ndarray]) -> Evaluation:
+def _evaluate(
+    request: EvaluateRequest,
+    written: labelled.WrittenReward,
+    names: list[str],
+    reward: list[np.ndarray],
+    raw: list[np.ndarray],
+    reference_key: str,
+    reference: list[np.ndarray],
+    success: list[np.ndarray],
+) -> Evaluation:
     all_reward, all_reference = np.concatenate(reward), np.concatenate(reference)
     binary = _is_binary(all_reference)
     overall = pearson(all_reward, all_reference)
@@ -193,24 +214,35 @@ def _evaluate(request: EvaluateRequest, written: labelled.WrittenReward, names: 
     flags = reference if binary else success
     time_rho = None
     if flags:
-        time_rho = _summary([spearman(r, np.arange(len(r)))
-                             for r, s in zip(reward, flags, strict=True) if s.max() >= 1])
+        time_rho = _summary(
+            [spearman(r, np.arange(len(r))) for r, s in zip(reward, flags, strict=True) if s.max() >= 1]
+        )
     shuffled = _shuffled(written, raw)
     per_pearson = [pearson(r, g) for r, g in zip(reward, reference, strict=True)]
     per_spearman = [spearman(r, g) for r, g in zip(reward, reference, strict=True)]
     result = Evaluation(
-        reward_key=request.reward_key, against=reference_key, steps=len(all_reward), episodes=len(reward),
-        pearson=overall, spearman=spearman(all_reward, all_reference),
-        per_episode_pearson=_summary(per_pearson), per_episode_spearman=_summary(per_spearman),
-        reference_binary=binary, epic_distance=epic_distance(overall) if binary and np.isfinite(overall) else None,
+        reward_key=request.reward_key,
+        against=reference_key,
+        steps=len(all_reward),
+        episodes=len(reward),
+        pearson=overall,
+        spearman=spearman(all_reward, all_reference),
+        per_episode_pearson=_summary(per_pearson),
+        per_episode_spearman=_summary(per_spearman),
+        reference_binary=binary,
+        epic_distance=epic_distance(overall) if binary and np.isfinite(overall) else None,
         time_spearman_successful=time_rho,
-        shuffled_pearson=pearson(shuffled, all_reference), shuffled_spearman=spearman(shuffled, all_reference),
+        shuffled_pearson=pearson(shuffled, all_reference),
+        shuffled_spearman=spearman(shuffled, all_reference),
         notes=notes,
-        per_episode=[{"episode": i, "name": name, "steps": len(r), "pearson": p, "spearman": q}
-                     for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman, strict=True))],
+        per_episode=[
+            {"episode": i, "name": name, "steps": len(r), "pearson": p, "spearman": q}
+            for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman, strict=True))
+        ],
     )
     if request.blank:
-        result.blank_scores = blank_scores(written.attrs, written.config, request.model, request.pretrained,
-                                           request.device)
+        result.blank_scores = blank_scores(
+            written.attrs, written.config, request.model, request.pretrained, request.device
+        )
         result.above_blank_fraction = float((np.concatenate(raw) > max(result.blank_scores.values())).mean())
     return result

@@ -52,24 +52,29 @@ class RewardConfig:
         """Refuse contradictory or incomplete options before any model is loaded."""
         self.goals = [g.strip() for g in self.goals]
         if not self.goals:
-            raise VlmlabelError("no goal given; pass --goal \"describe the goal in words\"")
+            raise VlmlabelError('no goal given; pass --goal "describe the goal in words"')
         if any(not g for g in self.goals):
-            raise VlmlabelError("--goal is empty; describe the goal in words, e.g. --goal \"the drawer is open\"")
+            raise VlmlabelError('--goal is empty; describe the goal in words, e.g. --goal "the drawer is open"')
         for template in self.templates:
             if template.count("{}") != 1:
-                raise VlmlabelError(f"--goal-template {template!r} must contain '{{}}' exactly once, "
-                                    "where the goal goes, e.g. \"a photo of {}\"")
+                raise VlmlabelError(
+                    f"--goal-template {template!r} must contain '{{}}' exactly once, "
+                    'where the goal goes, e.g. "a photo of {}"'
+                )
         mode = self.mode
         if mode is RewardMode.projection and not self.baselines:
-            raise VlmlabelError("--reward projection needs --baseline TEXT (what any frame shows, "
-                                "e.g. \"a robot arm on a table\")")
+            raise VlmlabelError(
+                '--reward projection needs --baseline TEXT (what any frame shows, e.g. "a robot arm on a table")'
+            )
         if mode is not RewardMode.projection and self.baselines:
             raise VlmlabelError("--baseline only applies to --reward projection")
         if not 0.0 <= self.alpha <= 1.0:
             raise VlmlabelError(f"--alpha must be in [0, 1], not {self.alpha}")
         if mode in (RewardMode.softmax, RewardMode.contrastive) and not self.negatives:
-            raise VlmlabelError(f"--reward {mode.value} needs at least one --negative TEXT "
-                                "(what the goal is not, e.g. \"the drawer is closed\")")
+            raise VlmlabelError(
+                f"--reward {mode.value} needs at least one --negative TEXT "
+                '(what the goal is not, e.g. "the drawer is closed")'
+            )
         if mode not in (RewardMode.softmax, RewardMode.contrastive) and self.negatives:
             raise VlmlabelError("--negative only applies to --reward softmax or contrastive")
         if self.threshold is not None:
@@ -102,9 +107,11 @@ class RewardConfig:
         the engine did not see overflow) is refused here, before a threshold would turn it into 0."""
         bad = sum(int(np.count_nonzero(~np.isfinite(r))) for r in raw)
         if bad:
-            raise VlmlabelError(f"{bad} raw score(s) are NaN or infinite, so no reward can be made of them (a "
-                                "damaged embedding cache or shard part?); nothing was written: run again with "
-                                "--no-cache, or run the shards again")
+            raise VlmlabelError(
+                f"{bad} raw score(s) are NaN or infinite, so no reward can be made of them (a "
+                "damaged embedding cache or shard part?); nothing was written: run again with "
+                "--no-cache, or run the shards again"
+            )
         values = [rewards.threshold(r, self.threshold) for r in raw] if self.threshold is not None else raw
         values = rewards.normalize(values, self.normalize)
         if self.shaping is Shaping.delta:
@@ -114,8 +121,12 @@ class RewardConfig:
     def attrs(self, goal_index: int, logit_scale: float) -> dict[str, Any]:
         """What the written dataset records about how its values were made."""
         goal = self.goals[goal_index]
-        spec: dict[str, Any] = {"reward": self.mode.value, "goal": goal, "prompts": self.prompts(goal),
-                                "templates": self.templates}
+        spec: dict[str, Any] = {
+            "reward": self.mode.value,
+            "goal": goal,
+            "prompts": self.prompts(goal),
+            "templates": self.templates,
+        }
         if self.mode is RewardMode.projection:
             spec.update(baselines=self.baselines, alpha=self.alpha)
         if self.mode in (RewardMode.softmax, RewardMode.contrastive):
@@ -162,16 +173,24 @@ class RewardConfig:
             spec = json.loads(attrs["reward_spec"])
             if not isinstance(spec, dict):
                 raise TypeError(f"a JSON {type(spec).__name__}, not an object")
-            config = cls(goals=[_typed(spec, "goal", str)], mode=RewardMode(spec["reward"]),
-                         templates=_texts(spec, "templates"), baselines=_texts(spec, "baselines"),
-                         negatives=_texts(spec, "negatives"), alpha=_typed(spec, "alpha", float, 1.0),
-                         threshold=_typed(spec, "threshold", float, None), shaping=Shaping(spec.get("shaping", "none")),
-                         gamma=_typed(spec, "gamma", float, 0.99), normalize=Normalize(spec.get("normalize", "none")))
+            config = cls(
+                goals=[_typed(spec, "goal", str)],
+                mode=RewardMode(spec["reward"]),
+                templates=_texts(spec, "templates"),
+                baselines=_texts(spec, "baselines"),
+                negatives=_texts(spec, "negatives"),
+                alpha=_typed(spec, "alpha", float, 1.0),
+                threshold=_typed(spec, "threshold", float, None),
+                shaping=Shaping(spec.get("shaping", "none")),
+                gamma=_typed(spec, "gamma", float, 0.99),
+                normalize=Normalize(spec.get("normalize", "none")),
+            )
             return config.validate()
         except (ValueError, KeyError, TypeError, AttributeError, VlmlabelError) as exc:
             reason = str(exc) if isinstance(exc, VlmlabelError) else f"{type(exc).__name__}: {exc}"
-            raise VlmlabelError(f"the reward's reward_spec attribute is damaged ({reason}); relabel to write it "
-                                "again") from None
+            raise VlmlabelError(
+                f"the reward's reward_spec attribute is damaged ({reason}); relabel to write it again"
+            ) from None
 
 
 _MISSING = object()
@@ -200,14 +219,16 @@ def _texts(spec: dict[str, Any], name: str) -> list[str]:
     return values
 
 
-def _ensemble(encode: Callable[[Sequence[str]], torch.Tensor], config: RewardConfig, texts: Sequence[str],
-              renormalize: bool) -> torch.Tensor:
+def _ensemble(
+    encode: Callable[[Sequence[str]], torch.Tensor], config: RewardConfig, texts: Sequence[str], renormalize: bool
+) -> torch.Tensor:
     """One row per text: the average of its prompts' embeddings (unit again when ``renormalize``)."""
     groups = [config.prompts(t) for t in texts]
     embedded = encode([p for g in groups for p in g])
     bounds = np.cumsum([0] + [len(g) for g in groups])
-    return torch.stack([rewards.prompt_average(embedded[a:b], renormalize)
-                        for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return torch.stack(
+        [rewards.prompt_average(embedded[a:b], renormalize) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    )
 
 
 def check_prompt_lengths(config: RewardConfig, model: ClipModel) -> list[str]:
@@ -228,10 +249,12 @@ def check_prompt_lengths(config: RewardConfig, model: ClipModel) -> list[str]:
         for j in range(i + 1, len(config.goals)):
             second = config.goals[j]
             if first != second and torch.equal(tokens[i], tokens[j]):
-                raise VlmlabelError(f"goals {i} ({_short(first)}) and {j} ({_short(second)}) are the same once cut "
-                                    f"to the model's context: they share the first {model.context_length} tokens, "
-                                    "all the model reads, so their rewards would be identical; shorten them so they "
-                                    "differ early")
+                raise VlmlabelError(
+                    f"goals {i} ({_short(first)}) and {j} ({_short(second)}) are the same once cut "
+                    f"to the model's context: they share the first {model.context_length} tokens, "
+                    "all the model reads, so their rewards would be identical; shorten them so they "
+                    "differ early"
+                )
     return notes
 
 
@@ -239,8 +262,9 @@ def _short(text: str, limit: int = 48) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor],
-                   logit_scale: float) -> ScoreFn:
+def build_score_fn(
+    config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor], logit_scale: float
+) -> ScoreFn:
     """Embed the prompts once and return the formula as a function of image embeddings."""
     mode = config.mode
     if mode is RewardMode.projection:
@@ -249,8 +273,10 @@ def build_score_fn(config: RewardConfig, encode_texts: Callable[[Sequence[str]],
         baseline = _ensemble(encode_texts, config, config.baselines, renormalize=False).mean(dim=0)
         same = [g for g, row in zip(config.goals, goals, strict=True) if torch.equal(row.float(), baseline.float())]
         if same:
-            raise VlmlabelError(f"--goal {same[0]!r} embeds exactly like the --baseline, so the projection has no "
-                                "direction (d = g - b is zero); choose a baseline that differs from the goal")
+            raise VlmlabelError(
+                f"--goal {same[0]!r} embeds exactly like the --baseline, so the projection has no "
+                "direction (d = g - b is zero); choose a baseline that differs from the goal"
+            )
         return lambda x: rewards.projection(x, goals, baseline, config.alpha)
     goals = _ensemble(encode_texts, config, config.goals, renormalize=True)
     if mode is RewardMode.cosine:

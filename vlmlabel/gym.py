@@ -46,28 +46,36 @@ def _reward_model(goal: str | None, reward_model: RewardModel | None, options: d
             raise VlmlabelError('give the goal in words, e.g. goal="the pole is upright", or a reward_model')
         rm = RewardModel(goals=[goal], **options)
     if len(rm.goals) != 1:
-        raise VlmlabelError(f"an environment reward is one number per step, but the reward_model has "
-                            f"{len(rm.goals)} goals; build it with one goal")
+        raise VlmlabelError(
+            f"an environment reward is one number per step, but the reward_model has "
+            f"{len(rm.goals)} goals; build it with one goal"
+        )
     return rm
 
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise VlmlabelError(f"unknown mode {mode!r}; use replace (VLM reward), add (env + VLM) or info (env reward, "
-                            "VLM reward only in info)")
+        raise VlmlabelError(
+            f"unknown mode {mode!r}; use replace (VLM reward), add (env + VLM) or info (env reward, "
+            "VLM reward only in info)"
+        )
     return mode
 
 
 def _check_render_mode(render_mode: str | None, what: str) -> None:
     if render_mode != "rgb_array":
-        raise VlmlabelError(f"{what} has render_mode={render_mode!r}; the VLM reward scores rendered frames: create "
-                            "it with render_mode=\"rgb_array\"")
+        raise VlmlabelError(
+            f"{what} has render_mode={render_mode!r}; the VLM reward scores rendered frames: create "
+            'it with render_mode="rgb_array"'
+        )
 
 
 def _frame(rendered: Any) -> np.ndarray:
     if not isinstance(rendered, np.ndarray):
-        raise VlmlabelError(f"env.render() returned {type(rendered).__name__}, not an RGB array; create the env "
-                            "with render_mode=\"rgb_array\"")
+        raise VlmlabelError(
+            f"env.render() returned {type(rendered).__name__}, not an RGB array; create the env "
+            'with render_mode="rgb_array"'
+        )
     return rendered
 
 
@@ -78,8 +86,14 @@ class VLMReward(gymnasium.Wrapper):
     negatives, alpha, threshold. Pass ``reward_model=`` instead to share one loaded model.
     """
 
-    def __init__(self, env: gymnasium.Env, goal: str | None = None, mode: str = "replace",
-                 reward_model: RewardModel | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        env: gymnasium.Env,
+        goal: str | None = None,
+        mode: str = "replace",
+        reward_model: RewardModel | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(env)
         _check_render_mode(env.render_mode, "the environment")
         self.mode = _check_mode(mode)
@@ -111,14 +125,22 @@ class VLMRewardVector(VectorWrapper):
     ``info["_vlm_reward"]`` is False for sub-envs on an autoreset step (not scored, VLM reward 0.0).
     """
 
-    def __init__(self, env: VectorEnv, goal: str | None = None, mode: str = "replace",
-                 reward_model: RewardModel | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        env: VectorEnv,
+        goal: str | None = None,
+        mode: str = "replace",
+        reward_model: RewardModel | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(env)
         _check_render_mode(env.render_mode, "the vector environment")
         autoreset_mode = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
         if autoreset_mode == AutoresetMode.SAME_STEP:
-            raise VlmlabelError("autoreset_mode SAME_STEP resets a sub-env inside the step that ends its episode, so "
-                                "its last frame can no longer be rendered; use the default NEXT_STEP (or DISABLED)")
+            raise VlmlabelError(
+                "autoreset_mode SAME_STEP resets a sub-env inside the step that ends its episode, so "
+                "its last frame can no longer be rendered; use the default NEXT_STEP (or DISABLED)"
+            )
         self.autoreset_mode = autoreset_mode
         self.mode = _check_mode(mode)
         self.reward_model = _reward_model(goal, reward_model, options)
@@ -140,8 +162,10 @@ class VLMRewardVector(VectorWrapper):
         if scored.any():
             frames = self.env.render()
             if frames is None or len(frames) != self.num_envs:
-                raise VlmlabelError(f"the vector environment rendered {0 if frames is None else len(frames)} frames "
-                                    f"for {self.num_envs} sub-environments")
+                raise VlmlabelError(
+                    f"the vector environment rendered {0 if frames is None else len(frames)} frames "
+                    f"for {self.num_envs} sub-environments"
+                )
             vlm[scored] = self.reward_model([np.asarray(f) for f, s in zip(frames, scored, strict=True) if s])
         self._autoreset = np.logical_or(terminations, truncations)
         if self.mode == "info":

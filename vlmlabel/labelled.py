@@ -26,8 +26,10 @@ def numbers(found: Any, key: str, episode: Episode, what: str) -> np.ndarray:
     values = np.asarray(found)
     scalar_rows = values.ndim == 1 or (values.ndim > 1 and int(np.prod(values.shape[1:])) == 1)
     if values.dtype.kind not in "biuf" or not scalar_rows:
-        raise SourceError(f"{what} {key!r} has shape {values.shape} ({values.dtype}) in {episode.name}: not one number "
-                          "per step; choose a per-step scalar key")
+        raise SourceError(
+            f"{what} {key!r} has shape {values.shape} ({values.dtype}) in {episode.name}: not one number "
+            "per step; choose a per-step scalar key"
+        )
     return values.astype(np.float64).reshape(len(values))
 
 
@@ -42,8 +44,10 @@ def series(source: LabelledData, episodes: list[Episode], key: str, what: str) -
         found = numbers(found, key, episode, what)
         bad = int(np.count_nonzero(~np.isfinite(found)))
         if bad:
-            raise SourceError(f"{what} {key!r} holds {bad} NaN or infinite value(s) in {episode.name}; nothing drawn "
-                              "or correlated from them would mean anything: relabel, or find what wrote them")
+            raise SourceError(
+                f"{what} {key!r} holds {bad} NaN or infinite value(s) in {episode.name}; nothing drawn "
+                "or correlated from them would mean anything: relabel, or find what wrote them"
+            )
         values.append(found)
     return values
 
@@ -94,13 +98,16 @@ def read_reward(source: LabelledData, episodes: list[Episode], key: str) -> Writ
     for episode in episodes[1:]:
         other = source.dataset_attrs(episode, key)
         if other is not None and _described(other) != _described(attrs):
-            raise SourceError(f"reward {key!r} in {episode.name} records another provenance than in "
-                              f"{episodes[0].name} (attributes {', '.join(_differing(attrs, other))}): parts of two "
-                              f"results, or an edited file; {RELABEL}")
+            raise SourceError(
+                f"reward {key!r} in {episode.name} records another provenance than in "
+                f"{episodes[0].name} (attributes {', '.join(_differing(attrs, other))}): parts of two "
+                f"results, or an edited file; {RELABEL}"
+            )
     for name, value in attrs.items():
         if isinstance(value, str) and not is_utf8(value):  # h5py and JSON escapes decode what is not UTF-8 this way
-            raise SourceError(f"reward {key!r}: its {name!r} attribute is not UTF-8 text (the file was edited or "
-                              f"damaged); {RELABEL}")
+            raise SourceError(
+                f"reward {key!r}: its {name!r} attribute is not UTF-8 text (the file was edited or damaged); {RELABEL}"
+            )
     align = _align(attrs, key)
     config = RewardConfig.from_attrs(attrs)
     rows = _whole(source, episodes, key, "reward")
@@ -120,8 +127,10 @@ def _whole(source: LabelledData, episodes: list[Episode], key: str, what: str) -
         raise SourceError(f"{what} {key!r} is missing in {lacking.name}; {RELABEL}")
     for episode, values in zip(episodes, rows, strict=True):
         if len(values) != episode.steps:
-            raise SourceError(f"{what} {key!r} has {len(values)} values in {episode.name}, which has {episode.steps} "
-                              f"frames: not this dataset's reward (edited, or copied from another?); {RELABEL}")
+            raise SourceError(
+                f"{what} {key!r} has {len(values)} values in {episode.name}, which has {episode.steps} "
+                f"frames: not this dataset's reward (edited, or copied from another?); {RELABEL}"
+            )
     return rows
 
 
@@ -131,8 +140,10 @@ def _align(attrs: dict[str, Any], key: str) -> Align:
     try:
         return Align(recorded if isinstance(recorded, str) else None)
     except ValueError:
-        raise SourceError(f"reward {key!r}: its align attribute {recorded!r} is not one of "
-                          f"{', '.join(a.value for a in Align)}: the file was edited; {RELABEL}") from None
+        raise SourceError(
+            f"reward {key!r}: its align attribute {recorded!r} is not one of "
+            f"{', '.join(a.value for a in Align)}: the file was edited; {RELABEL}"
+        ) from None
 
 
 def _described(attrs: dict[str, Any]) -> dict[str, str]:

@@ -19,8 +19,15 @@ from vlmlabel.errors import SourceError, VlmlabelError
 
 _REQUIRED: Any = object()
 NULL = type(None)  # a kind: the value may be null
-_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-          bool: "true or false", NULL: "null"}
+_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    NULL: "null",
+}
 Kind = type | tuple[type, ...]
 
 
@@ -68,8 +75,9 @@ class JsonObject:
         return cls.of(value, str(path), advice, error)
 
     @classmethod
-    def parse(cls, text: str | bytes, where: str, advice: str = "",
-              error: type[VlmlabelError] = SourceError) -> JsonObject:
+    def parse(
+        cls, text: str | bytes, where: str, advice: str = "", error: type[VlmlabelError] = SourceError
+    ) -> JsonObject:
         """The object in the JSON text ``text`` found at ``where``."""
         try:
             value = json.loads(text)

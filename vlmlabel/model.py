@@ -63,8 +63,10 @@ class PreprocessConfig:
         size = cfg["size"]
         size = (size, size) if isinstance(size, int) else tuple(size[-2:])
         # mean and std are per RGB channel: three numbers, or one for all three
-        as3 = lambda v: cast(tuple[float, float, float],  # noqa: E731
-                             tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3)))
+        as3 = lambda v: cast(
+            tuple[float, float, float],  # noqa: E731
+            tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else (v,) * 3)),
+        )
         return cls(
             size=size,
             mean=as3(cfg["mean"]),
@@ -181,9 +183,13 @@ class ClipModel:
 
     def describe(self) -> dict[str, Any]:
         """What a written reward records about the model that made it."""
-        return {"model": self.name, "pretrained": self.pretrained, "precision": self.precision,
-                "preprocess": json.dumps(self.preprocess.as_dict()),
-                "model_identity": json.dumps(self.identity, sort_keys=True)}
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "precision": self.precision,
+            "preprocess": json.dumps(self.preprocess.as_dict()),
+            "model_identity": json.dumps(self.identity, sort_keys=True),
+        }
 
     def weights_identity(self) -> str:
         """The identity without where the files are: what an embedding cache must match (moved weights are the
@@ -202,8 +208,10 @@ class Truncation:
     dropped: str  # the rest (a word cut in the middle is counted as dropped)
 
     def describe(self, what: str) -> str:
-        return (f"{what} {self.text!r} is {self.tokens} tokens, longer than the model's context of {self.context}: "
-                f"it reads only {self.kept!r} and drops {self.dropped!r}")
+        return (
+            f"{what} {self.text!r} is {self.tokens} tokens, longer than the model's context of {self.context}: "
+            f"it reads only {self.kept!r} and drops {self.dropped!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -255,8 +263,9 @@ def load_model(
         tokenizer = oc.get_tokenizer(resolved.open_clip_name)
     except Exception as exc:  # a user's checkpoint can fail to load in many ways; each is one line for them
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"could not load model {name!r} with weights {resolved.pretrained_label!r}: "
-                         f"{first_line[:300]}") from exc
+        raise ModelError(
+            f"could not load model {name!r} with weights {resolved.pretrained_label!r}: {first_line[:300]}"
+        ) from exc
     finally:
         root.setLevel(previous_level)
     module.eval().to(device)
@@ -264,9 +273,17 @@ def load_model(
     identity = dict(resolved.identity)
     if resolved.hashed:
         identity["sha256"] = {path.name: file_sha256(path) for path in resolved.hashed}
-    return ClipModel(module=module, tokenizer=tokenizer, name=name, pretrained=resolved.pretrained_label,
-                     preprocess=preprocess, device=device, precision=precision, identity=identity,
-                     has_image_tower=not isinstance(module.visual, NoImageTower))
+    return ClipModel(
+        module=module,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=resolved.pretrained_label,
+        preprocess=preprocess,
+        device=device,
+        precision=precision,
+        identity=identity,
+        has_image_tower=not isinstance(module.visual, NoImageTower),
+    )
 
 
 class NoImageTower(torch.nn.Module):
@@ -282,8 +299,21 @@ class NoImageTower(torch.nn.Module):
         raise ModelError("this model was loaded without its image tower (texts only); load it whole to encode images")
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
 
 
 @contextlib.contextmanager
@@ -314,12 +344,16 @@ def _text_only(oc: Any, resolved: _Resolved) -> torch.nn.Module | None:
     architecture or checkpoint does not allow it (the caller then loads the whole model)."""
     checkpoint = resolved.weights
     if resolved.open_clip_name.startswith(LOCAL_DIR):
-        checkpoint = oc.factory._find_checkpoint_in_dir(Path(resolved.open_clip_name[len(LOCAL_DIR):]))
+        checkpoint = oc.factory._find_checkpoint_in_dir(Path(resolved.open_clip_name[len(LOCAL_DIR) :]))
     if checkpoint is None or Path(checkpoint).suffix in (".npz", ".npy"):
         return None  # random weights, or big_vision checkpoints, which open_clip loads tower by tower
     with _text_tower_build(oc):
-        module = oc.create_model(resolved.open_clip_name, force_preprocess_cfg=resolved.force_preprocess,
-                                 load_weights=False, pretrained_text=False)
+        module = oc.create_model(
+            resolved.open_clip_name,
+            force_preprocess_cfg=resolved.force_preprocess,
+            load_weights=False,
+            pretrained_text=False,
+        )
     if not isinstance(getattr(module, "visual", None), NoImageTower):
         return None  # an architecture that builds its image tower another way (CoCa)
     missing, unexpected = oc.load_checkpoint(module, checkpoint, strict=False)
@@ -348,10 +382,10 @@ def _hub_revision(path: str | Path) -> str | None:
 
 def _resolve(name: str, pretrained: str | None, allow_random: bool) -> _Resolved:
     if name.startswith(LOCAL_DIR) or (not name.startswith(HF_HUB) and os.path.isdir(name)):
-        folder = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else name
+        folder = name[len(LOCAL_DIR) :] if name.startswith(LOCAL_DIR) else name
         return _resolve_local_dir(Path(folder), pretrained)
     if name.startswith(HF_HUB):
-        return _resolve_hf_hub(name[len(HF_HUB):], pretrained)
+        return _resolve_hf_hub(name[len(HF_HUB) :], pretrained)
     return _resolve_builtin(name, pretrained, allow_random)
 
 
@@ -367,8 +401,10 @@ def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
     cfg.object("preprocess_cfg")
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
-        raise ModelError(f"model folder {folder} holds no weights (.safetensors/.bin/.pth); add "
-                         f"{WEIGHT_FILES[0]} beside {CONFIG_FILE}")
+        raise ModelError(
+            f"model folder {folder} holds no weights (.safetensors/.bin/.pth); add "
+            f"{WEIGHT_FILES[0]} beside {CONFIG_FILE}"
+        )
     identity = {"source": "local folder", "path": str(folder.resolve())}
     return _Resolved(f"{LOCAL_DIR}{folder}", None, None, "bundled", identity, (folder / CONFIG_FILE, *weights))
 
@@ -380,8 +416,10 @@ def _resolve_hf_hub(repo_id: str, pretrained: str | None) -> _Resolved:
     weights = _hub_file(repo_id, list(WEIGHT_FILES))
     snapshot = Path(config).parent
     if Path(weights).parent != snapshot:
-        raise ModelError(f"hf-hub:{repo_id}: config and weights come from different snapshots; clear the cache "
-                         "entry and download again")
+        raise ModelError(
+            f"hf-hub:{repo_id}: config and weights come from different snapshots; clear the cache "
+            "entry and download again"
+        )
     identity = {"source": "hf-hub", "repo": repo_id, "revision": _hub_revision(weights), "file": Path(weights).name}
     return _Resolved(f"{LOCAL_DIR}{snapshot}", None, None, f"hf-hub:{repo_id}", identity)
 
@@ -392,8 +430,10 @@ def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _
     if name not in known:
         near = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
         hint = f"did you mean {', '.join(near)}? " if near else ""
-        raise ModelError(f"unknown model {name!r}; {hint}run `vlmlabel models` to list architectures, or give "
-                         "hf-hub:ORG/REPO or a local folder")
+        raise ModelError(
+            f"unknown model {name!r}; {hint}run `vlmlabel models` to list architectures, or give "
+            "hf-hub:ORG/REPO or a local folder"
+        )
     tags = oc.list_pretrained_tags_by_model(name)
     if pretrained is None:
         if name == DEFAULT_MODEL:
@@ -421,9 +461,15 @@ def _resolve_builtin(name: str, pretrained: str | None, allow_random: bool) -> _
     weights = _tag_weights(name, pretrained, tag_cfg)
     preprocess_keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
     force = {k: tag_cfg[k] for k in preprocess_keys if k in tag_cfg}
-    identity: dict[str, Any] = {"source": "open_clip tag", "architecture": name, "tag": pretrained,
-                "repo": os.path.split(tag_cfg.get("hf_hub", ""))[0] or None, "url": tag_cfg.get("url") or None,
-                "revision": _hub_revision(weights), "file": Path(weights).name}
+    identity: dict[str, Any] = {
+        "source": "open_clip tag",
+        "architecture": name,
+        "tag": pretrained,
+        "repo": os.path.split(tag_cfg.get("hf_hub", ""))[0] or None,
+        "url": tag_cfg.get("url") or None,
+        "revision": _hub_revision(weights),
+        "file": Path(weights).name,
+    }
     return _Resolved(name, weights, force, pretrained, {k: v for k, v in identity.items() if v is not None})
 
 
@@ -454,16 +500,19 @@ def _hub_file(repo_id: str, filenames: list[str], what: str | None = None) -> st
         if isinstance(cached, str):
             return cached
     if constants.HF_HUB_OFFLINE:
-        raise ModelError(f"{what} ({repo_id}) are not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                         + _OFFLINE_HELP)
+        raise ModelError(
+            f"{what} ({repo_id}) are not in the local Hugging Face cache and HF_HUB_OFFLINE is set; " + _OFFLINE_HELP
+        )
     for filename in filenames:
         try:
             hf.get_hf_file_metadata(hf.hf_hub_url(repo_id, filename), timeout=5)
         except hf.errors.EntryNotFoundError:
             continue
         except Exception as exc:  # any network failure: say so now, not after minutes of retries
-            raise ModelError(f"{what} ({repo_id}) are not cached and the Hugging Face Hub is unreachable "
-                             f"({type(exc).__name__}); " + _OFFLINE_HELP) from None
+            raise ModelError(
+                f"{what} ({repo_id}) are not cached and the Hugging Face Hub is unreachable "
+                f"({type(exc).__name__}); " + _OFFLINE_HELP
+            ) from None
         return hf.hf_hub_download(repo_id, filename)
     raise ModelError(f"{repo_id} on the Hugging Face Hub has none of {', '.join(filenames)}")
 
@@ -484,16 +533,24 @@ def get_tokenizer(model_name: str) -> Callable[[Sequence[str]], torch.Tensor]:
     return _open_clip().get_tokenizer(model_name)
 
 
-def save_local_dir(module: torch.nn.Module, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
-                   folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def save_local_dir(
+    module: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    preprocess_cfg: dict[str, Any],
+    folder: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
-                                                 indent=2) + "\n")
-    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in module.state_dict().items()}
+    (folder / CONFIG_FILE).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n"
+    )
+    state = {
+        k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in module.state_dict().items()
+    }
     save_file(state, str(folder / WEIGHT_FILES[0]))
     return folder

@@ -60,8 +60,10 @@ def _reward_keys(source: Any, episode: Episode, key: str) -> list[str]:
     written = source.reward_keys(episode)
     if key in written:
         return [key]
-    several = sorted((k for k in written if k.startswith(f"{key}_") and k[len(key) + 1:].isdigit()),
-                     key=lambda k: int(k[len(key) + 1:]))
+    several = sorted(
+        (k for k in written if k.startswith(f"{key}_") and k[len(key) + 1 :].isdigit()),
+        key=lambda k: int(k[len(key) + 1 :]),
+    )
     if several:
         return several
     raise labelled.unknown_reward(source, episode, key)
@@ -133,12 +135,12 @@ def plot_file(request: PlotRequest) -> PlotResult:
             source.close()
             source = open_source(str(request.source), scored, request.split)
         episodes = source.episodes(align)
-        picked = request.episodes if request.episodes is not None else list(range(min(DEFAULT_EPISODES,
-                                                                                      len(episodes))))
+        picked = request.episodes if request.episodes is not None else list(range(min(DEFAULT_EPISODES, len(episodes))))
         bad = [i for i in picked if not 0 <= i < len(episodes)]
         if bad:
-            raise VlmlabelError(f"--episodes {bad[0]} is out of range: the file has {len(episodes)} episodes "
-                                f"(0-{len(episodes) - 1})")
+            raise VlmlabelError(
+                f"--episodes {bad[0]} is out of range: the file has {len(episodes)} episodes (0-{len(episodes) - 1})"
+            )
         strips = []
         for index in picked:
             episode = episodes[index]

@@ -85,4 +85,4 @@ def _center_crop_or_pad(frames: torch.Tensor, crop_h: int, crop_w: int, fill: in
         height, width = frames.shape[-2:]
     top = int(round((height - crop_h) / 2.0))
     left = int(round((width - crop_w) / 2.0))
-    return frames[..., top:top + crop_h, left:left + crop_w]
+    return frames[..., top : top + crop_h, left : left + crop_w]

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 COSINE_FORMULA = "cos(CLIP_image(o), CLIP_text(goal))"
-PROJECTION_FORMULA = ("1 - 0.5 * |(x - g) P|^2, P = alpha d d^T / |d|^2 + (1 - alpha) I, d = g - b "
-                      "(Rocamonde et al. 2023, goal-baseline regularisation)")
+PROJECTION_FORMULA = (
+    "1 - 0.5 * |(x - g) P|^2, P = alpha d d^T / |d|^2 + (1 - alpha) I, d = g - b "
+    "(Rocamonde et al. 2023, goal-baseline regularisation)"
+)
 SOFTMAX_FORMULA = "softmax(logit_scale * [x.g, x.n_1, ..., x.n_k])_0"
 CONTRASTIVE_FORMULA = "x.g - mean_i x.n_i"
 DELTA_FORMULA = "gamma * phi(o_{t+1}) - phi(o_t), phi(o_T) := phi(o_{T-1}) at the episode's last step"
@@ -70,8 +72,9 @@ def cosine(image_embeddings: torch.Tensor, goal_embeddings: torch.Tensor) -> tor
     return image_embeddings.float() @ goal_embeddings.float().T
 
 
-def projection(image_embeddings: torch.Tensor, goals: torch.Tensor, baseline: torch.Tensor,
-               alpha: float) -> torch.Tensor:
+def projection(
+    image_embeddings: torch.Tensor, goals: torch.Tensor, baseline: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """1 - 0.5 |(x - g) P|^2 with P projecting towards d = g - b, expanded so it costs two matrix products.
 
     P is symmetric with P d = d, so |(x-g)P|^2 = (1-a)^2 |x-g|^2 + (2a - a^2) ((x-g).d)^2 / |d|^2.
@@ -88,11 +91,12 @@ def projection(image_embeddings: torch.Tensor, goals: torch.Tensor, baseline: to
     x_d = x @ d.T
     diff_norm2 = (x * x).sum(dim=1, keepdim=True) - 2 * x_g + (g * g).sum(dim=1)
     diff_d = x_d - (g * d).sum(dim=1)
-    return 1 - 0.5 * ((1 - alpha) ** 2 * diff_norm2 + (2 * alpha - alpha ** 2) * diff_d ** 2 / d_norm2)
+    return 1 - 0.5 * ((1 - alpha) ** 2 * diff_norm2 + (2 * alpha - alpha**2) * diff_d**2 / d_norm2)
 
 
-def softmax(image_embeddings: torch.Tensor, goals: torch.Tensor, negatives: torch.Tensor,
-            logit_scale: float) -> torch.Tensor:
+def softmax(
+    image_embeddings: torch.Tensor, goals: torch.Tensor, negatives: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """Probability of each goal against the negatives: softmax(s [x.g, x.n_1, ...])_0, one goal at a time."""
     x = image_embeddings.float()
     goal_logits = logit_scale * (x @ goals.float().T)  # (N, G)

@@ -57,12 +57,10 @@ def _initial_scene(rng: np.random.Generator) -> scenes.Scene:
         if start is not None and np.hypot(start[0] - target.x, start[1] - target.y) >= START_MIN_DISTANCE:
             agent = scenes.SceneObject(AGENT[0], AGENT[1], *start, AGENT[2])
             # Distractors first, then the target, the agent last: it is drawn on top of the square.
-            return scenes.Scene(objects=(*placed[1:], target, agent),
-                                **scenes.random_background(rng, textured=False))
+            return scenes.Scene(objects=(*placed[1:], target, agent), **scenes.random_background(rng, textured=False))
 
 
-def _script(rng: np.random.Generator, start: np.ndarray, target: np.ndarray, steps: int,
-            reaches: bool) -> np.ndarray:
+def _script(rng: np.random.Generator, start: np.ndarray, target: np.ndarray, steps: int, reaches: bool) -> np.ndarray:
     """Agent actions (steps, 2) in pixels: noisy steering to the target, or wandering between waypoints."""
     low, high = 2 + AGENT[2], scenes.CANVAS - 2 - AGENT[2]
     speed = rng.uniform(1.5, 2.8)
@@ -90,8 +88,9 @@ def make_episode(rng: np.random.Generator, reaches: bool) -> Episode:
     start, goal = np.array([agent.x, agent.y]), np.array([target.x, target.y])
     actions = _script(rng, start, goal, steps, reaches)
     positions = np.concatenate([start[None], start + np.cumsum(actions, axis=0)])
-    frames = np.stack([scenes.render(scenes.scene_with(scene, agent_index, x=float(x), y=float(y)))
-                       for x, y in positions])
+    frames = np.stack(
+        [scenes.render(scenes.scene_with(scene, agent_index, x=float(x), y=float(y))) for x, y in positions]
+    )
     return Episode(frames, positions.astype(np.float32), goal.astype(np.float32), actions.astype(np.float32))
 
 
@@ -122,11 +121,15 @@ def write_dataset(path: str | Path, episodes: int = 40, seed: int = 0, reach_fra
             demo.attrs["num_samples"] = steps
             total += steps
         data.attrs["total"] = total
-        data.attrs["env_args"] = json.dumps({
-            "env_name": "vlmlabel-synthetic-reach", "goal": GOAL, "seed": seed,
-            "reward": "minus the agent-target centre distance after the step, in frame widths",
-            "success": f"agent centre within {SUCCESS_RADIUS} px of the target centre after the step",
-        })
+        data.attrs["env_args"] = json.dumps(
+            {
+                "env_name": "vlmlabel-synthetic-reach",
+                "goal": GOAL,
+                "seed": seed,
+                "reward": "minus the agent-target centre distance after the step, in frame widths",
+                "success": f"agent centre within {SUCCESS_RADIUS} px of the target centre after the step",
+            }
+        )
     return path
 
 

@@ -133,8 +133,9 @@ def random_identities(rng: np.random.Generator, count: int) -> list[tuple[str, s
     return [every[i] for i in picks]
 
 
-def place_relation(rng: np.random.Generator, relation: str, anchor: SceneObject, radius: float,
-                   margin: float) -> tuple[float, float] | None:
+def place_relation(
+    rng: np.random.Generator, relation: str, anchor: SceneObject, radius: float, margin: float
+) -> tuple[float, float] | None:
     """A position for an object of ``radius`` standing in ``relation`` to ``anchor``, or None if it does not fit."""
     if relation == "on":
         d, angle = rng.uniform(0, ON_MAX - 1), rng.uniform(0, 2 * np.pi)
@@ -152,8 +153,14 @@ def place_relation(rng: np.random.Generator, relation: str, anchor: SceneObject,
     return float(x), float(y)
 
 
-def free_position(rng: np.random.Generator, radius: float, others: list[SceneObject], margin: float = 2.0,
-                  gap: float = 3.0, tries: int = 200) -> tuple[float, float] | None:
+def free_position(
+    rng: np.random.Generator,
+    radius: float,
+    others: list[SceneObject],
+    margin: float = 2.0,
+    gap: float = 3.0,
+    tries: int = 200,
+) -> tuple[float, float] | None:
     """A uniformly random position that overlaps none of ``others``."""
     low, high = margin + radius, CANVAS - margin - radius
     for _ in range(tries):
@@ -163,8 +170,9 @@ def free_position(rng: np.random.Generator, radius: float, others: list[SceneObj
     return None
 
 
-def sample_pair_scene(rng: np.random.Generator, identities: list[tuple[str, str]], relation: str,
-                      background: dict, radii: list[float]) -> Scene | None:
+def sample_pair_scene(
+    rng: np.random.Generator, identities: list[tuple[str, str]], relation: str, background: dict, radii: list[float]
+) -> Scene | None:
     """A scene whose first object stands in ``relation`` to its second; the rest are distractors apart."""
     (ca, sa), (cb, sb) = identities[0], identities[1]
     pos = free_position(rng, radii[1], [])

@@ -41,18 +41,29 @@ from vlmlabel.preprocess import DevicePreprocess
 
 SAMPLE_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32,
-                   "mlp_ratio": 2.0},
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 96, "patch_size": 8, "head_width": 32, "mlp_ratio": 2.0},
     # open_clip's BPE vocabulary (49408 tokens) dominates the size: keep the text width small.
     # Captions are short, so a 24-token context is enough; the tokenizer reads it back from the config.
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3,
-                 "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3, "mlp_ratio": 2.0},
 }
 TOKENIZER = "ViT-B-32"  # open_clip's standard SimpleTokenizer
-RELATION_WEIGHTS = {"on": 0.3, "near": 0.2, "far from": 0.2, "left of": 0.075, "right of": 0.075,
-                    "above": 0.075, "below": 0.075}
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above",
-           "near": "near", "far from": "far from"}
+RELATION_WEIGHTS = {
+    "on": 0.3,
+    "near": 0.2,
+    "far from": 0.2,
+    "left of": 0.075,
+    "right of": 0.075,
+    "above": 0.075,
+    "below": 0.075,
+}
+INVERSE = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+    "near": "near",
+    "far from": "far from",
+}
 
 
 @dataclass
@@ -101,8 +112,9 @@ def _sample_member(rng: np.random.Generator, identities: list, radii: list) -> t
             other = int(rng.integers(2, len(order)))
             order[1], order[other] = order[other], order[1]
         wanted = str(rng.choice(relations, p=weights / weights.sum()))
-        scene = scenes.sample_pair_scene(rng, [identities[i] for i in order], wanted,
-                                         scenes.random_background(rng), [radii[i] for i in order])
+        scene = scenes.sample_pair_scene(
+            rng, [identities[i] for i in order], wanted, scenes.random_background(rng), [radii[i] for i in order]
+        )
         if scene is not None:
             break
     anchor, mover = scene.objects[-2], scene.objects[-1]
@@ -123,13 +135,18 @@ def measure_preprocess(rng: np.random.Generator, image_size: int, samples: int =
     """open_clip preprocessing config with the per-channel mean and std of rendered scenes."""
     frames, _ = sample_batch(rng, samples, 4)
     pixels = frames.reshape(-1, 3).astype(np.float64) / 255.0
-    return {"size": image_size, "mean": [round(float(v), 4) for v in pixels.mean(0)],
-            "std": [round(float(v), 4) for v in pixels.std(0)], "interpolation": "bicubic",
-            "resize_mode": "shortest"}
+    return {
+        "size": image_size,
+        "mean": [round(float(v), 4) for v in pixels.mean(0)],
+        "std": [round(float(v), 4) for v in pixels.std(0)],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     same: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, same: torch.Tensor
+) -> torch.Tensor:
     """Symmetric CLIP cross-entropy; ``same[i, j]`` marks pairs whose captions are equal (all positives)."""
     logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     targets = same / same.sum(dim=1, keepdim=True)
@@ -145,8 +162,12 @@ def _same_caption(captions: list[str]) -> torch.Tensor:
 def _optimizer(module: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
 
 
 def _lr_at(step: int, config: TrainConfig) -> float:
@@ -177,16 +198,19 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> Trai
         tokens = tokenizer(captions, context_length=context_length)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        loss = contrastive_loss(module.encode_image(pixels), module.encode_text(tokens), module.logit_scale,
-                                _same_caption(captions))
+        loss = contrastive_loss(
+            module.encode_image(pixels), module.encode_text(tokens), module.logit_scale, _same_caption(captions)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
         if log is not None and (step + 1) % config.log_every == 0:
-            recent = np.mean(losses[-config.log_every:])
-            log(f"step {step + 1}/{config.steps} loss {recent:.4f} "
-                f"scale {float(module.logit_scale.detach().exp()):.1f} {time.perf_counter() - start:.0f}s")
+            recent = np.mean(losses[-config.log_every :])
+            log(
+                f"step {step + 1}/{config.steps} loss {recent:.4f} "
+                f"scale {float(module.logit_scale.detach().exp()):.1f} {time.perf_counter() - start:.0f}s"
+            )
     module.eval()
     return TrainResult(module, preprocess_cfg, losses, time.perf_counter() - start)
 
@@ -200,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     args = parser.parse_args(argv)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         threads=args.threads)
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
     result = train(config, log=lambda line: print(line, flush=True))
     save_local_dir(result.module, config.model_cfg, result.preprocess_cfg, args.out, dtype=torch.float16)
     print(f"trained {config.steps} steps in {result.seconds / 60:.1f} min; wrote {args.out}", flush=True)

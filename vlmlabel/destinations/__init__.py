@@ -53,15 +53,22 @@ def _families() -> dict[SourceKind, Family]:
 
     return {
         SourceKind.hdf5: Family(HDF5Destination, False, "float32 datasets beside each episode's data in", "HDF5"),
-        SourceKind.disk: Family(DiskDestination, True, "new float32 column(s) of a new save_to_disk dataset",
-                                "a save_to_disk dataset"),
-        SourceKind.hub: Family(HubDownloadDestination, True, "new float32 column(s) of a new save_to_disk dataset",
-                               "a save_to_disk dataset"),
+        SourceKind.disk: Family(
+            DiskDestination, True, "new float32 column(s) of a new save_to_disk dataset", "a save_to_disk dataset"
+        ),
+        SourceKind.hub: Family(
+            HubDownloadDestination,
+            True,
+            "new float32 column(s) of a new save_to_disk dataset",
+            "a save_to_disk dataset",
+        ),
         SourceKind.parquet: Family(ParquetDestination, False, "new float32 column(s) of new parquet files", "parquet"),
-        SourceKind.lerobot: Family(LeRobotDestination, False, "new float32 column(s) of a new LeRobot dataset",
-                                   "a LeRobot dataset"),
-        SourceKind.stream: Family(SidecarDestination, False, "a parquet sidecar keyed by episode and frame",
-                                  "a parquet sidecar"),
+        SourceKind.lerobot: Family(
+            LeRobotDestination, False, "new float32 column(s) of a new LeRobot dataset", "a LeRobot dataset"
+        ),
+        SourceKind.stream: Family(
+            SidecarDestination, False, "a parquet sidecar keyed by episode and frame", "a parquet sidecar"
+        ),
     }
 
 
@@ -69,8 +76,9 @@ def family_of(source: FrameSource) -> Family:
     return _families()[source.kind]
 
 
-def destination_for(source: FrameSource, output: Path | None, episodes: list[Episode],
-                    link: bool = False) -> Destination:
+def destination_for(
+    source: FrameSource, output: Path | None, episodes: list[Episode], link: bool = False
+) -> Destination:
     """The destination of ``source``'s rewards: ``output`` when given, else the family's default place.
 
     ``link``: files a new dataset carries over unchanged are hard-linked to the source's, not copied. An ``output``

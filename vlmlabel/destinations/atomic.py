@@ -44,8 +44,7 @@ def real_target(path: Path) -> Path:
     except (RuntimeError, OSError):  # a loop of links, before Python 3.13
         resolved = path
     if resolved.is_symlink():  # a loop of links: Python 3.13 returns where the loop was found
-        raise OutputError(f"{path} is a loop of symbolic links; point the link at a file, or name "
-                          "another path")
+        raise OutputError(f"{path} is a loop of symbolic links; point the link at a file, or name another path")
     return resolved
 
 
@@ -101,8 +100,11 @@ def leftovers(target: Path, kinds: tuple[str, ...]) -> list[Leftover]:
         entries = sorted(target.parent.iterdir())
     except OSError:
         return []
-    return [Leftover(entry, match["host"], int(match["pid"])) for entry in entries
-            if entry.name.startswith(prefix) and (match := _TAG.search(entry.name)) and match["what"] in kinds]
+    return [
+        Leftover(entry, match["host"], int(match["pid"]))
+        for entry in entries
+        if entry.name.startswith(prefix) and (match := _TAG.search(entry.name)) and match["what"] in kinds
+    ]
 
 
 def clean_dead_leftovers(target: Path) -> list[Path]:

@@ -131,8 +131,10 @@ def check_names(names: list[str], derived: Iterable[str]) -> None:
             raise OutputError(f"--reward-key {name!r} must be a non-empty name without '/' (not '.' or '..')")
     for file_name in derived:
         if len(os.fsencode(file_name)) > NAME_MAX:
-            raise OutputError(f"a file vlmlabel keeps beside the output ({file_name[:40]}...) would be over the "
-                              f"{NAME_MAX}-byte file name limit; choose a shorter --reward-key or --output name")
+            raise OutputError(
+                f"a file vlmlabel keeps beside the output ({file_name[:40]}...) would be over the "
+                f"{NAME_MAX}-byte file name limit; choose a shorter --reward-key or --output name"
+            )
 
 
 def check_output_suffix(output: Path, suffixes: tuple[str, ...], written: str) -> None:
@@ -141,29 +143,39 @@ def check_output_suffix(output: Path, suffixes: tuple[str, ...], written: str) -
     none of a file format's."""
     suffix, shown = output.suffix.lower(), show_path(output)
     if suffixes and output.is_dir():
-        raise OutputError(f"--output {shown} is a folder; name the {written} file to write, e.g. "
-                          f"{show_path(output / ('labelled' + suffixes[0]))}")
+        raise OutputError(
+            f"--output {shown} is a folder; name the {written} file to write, e.g. "
+            f"{show_path(output / ('labelled' + suffixes[0]))}"
+        )
     if suffixes and suffix not in suffixes:
         endings = " or ".join(s for s in suffixes if s)
-        raise OutputError(f"--output {shown} is written as {written}, a file, so its name must end in "
-                          f"{endings}, e.g. {output.stem or 'labelled'}{suffixes[0]} "
-                          f"({suffix or 'no suffix'} would name another format)")
+        raise OutputError(
+            f"--output {shown} is written as {written}, a file, so its name must end in "
+            f"{endings}, e.g. {output.stem or 'labelled'}{suffixes[0]} "
+            f"({suffix or 'no suffix'} would name another format)"
+        )
     if not suffixes and suffix in FILE_SUFFIXES:
-        raise OutputError(f"--output {shown} is written as {written}, a folder, so its name must not "
-                          f"end in {suffix}, which names a file format, e.g. {output.stem}")
+        raise OutputError(
+            f"--output {shown} is written as {written}, a folder, so its name must not "
+            f"end in {suffix}, which names a file format, e.g. {output.stem}"
+        )
 
 
 def refuse_replacing(names: list[str], replaced: dict[str, Present], where: object, overwrite: bool) -> None:
     """--overwrite replaces only rewards vlmlabel wrote; anything else is never touched."""
     foreign = [replaced[n].location for n in names if n in replaced and not replaced[n].ours]
     if foreign:
-        raise OutputError(f"{foreign[0]} already exists in {where} and was not written by vlmlabel; "
-                          "vlmlabel never replaces it, even with --overwrite: choose another --reward-key")
+        raise OutputError(
+            f"{foreign[0]} already exists in {where} and was not written by vlmlabel; "
+            "vlmlabel never replaces it, even with --overwrite: choose another --reward-key"
+        )
     ours = [replaced[n].location for n in names if n in replaced]
     if ours and not overwrite:
         shown = ", ".join(ours[:4]) + (" ..." if len(ours) > 4 else "")
-        raise OutputError(f"{shown} already exist(s) in {where}; pass --overwrite to replace them (a result "
-                          "vlmlabel wrote is replaced whole), or choose another --reward-key")
+        raise OutputError(
+            f"{shown} already exist(s) in {where}; pass --overwrite to replace them (a result "
+            "vlmlabel wrote is replaced whole), or choose another --reward-key"
+        )
 
 
 def check_space(folder: Path, needed: int, what: str) -> None:
@@ -171,8 +183,10 @@ def check_space(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     needed += 16 * 1024 * 1024
     if free < needed:
-        raise OutputError(f"{folder} has {free / 2**20:.0f} MiB free but {what} needs about "
-                          f"{needed / 2**20:.0f} MiB; free space or use --output elsewhere")
+        raise OutputError(
+            f"{folder} has {free / 2**20:.0f} MiB free but {what} needs about "
+            f"{needed / 2**20:.0f} MiB; free space or use --output elsewhere"
+        )
 
 
 def check_folder(folder: Path) -> None:
@@ -182,5 +196,7 @@ def check_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise OutputError(f"{folder} is a file, not a folder; choose an --output inside a folder")
     if not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write in {folder}; vlmlabel writes a copy there and renames it into place: "
-                          "use --output in a folder you can write")
+        raise OutputError(
+            f"cannot write in {folder}; vlmlabel writes a copy there and renames it into place: "
+            "use --output in a folder you can write"
+        )

@@ -73,8 +73,10 @@ def refuse_if_busy(path: Path) -> None:
     """Replacing a file another program is writing would lose what it writes after the copy was made."""
     writers = open_for_writing(path)
     if writers:
-        raise OutputError(f"{path} is open for writing by another program ({writers[0]}); vlmlabel would "
-                          "replace the file under it: wait for it to finish, or use --output")
+        raise OutputError(
+            f"{path} is open for writing by another program ({writers[0]}); vlmlabel would "
+            "replace the file under it: wait for it to finish, or use --output"
+        )
 
 
 def hdf5_suffixes(like: Path) -> tuple[str, ...]:
@@ -93,8 +95,10 @@ def check_output_file(output: Path | None, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         raise OutputError(f"output {output} already exists; choose another --output or pass --overwrite")
     if output.is_file() and not h5py.is_hdf5(output):
-        raise OutputError(f"output {output} exists and is not an HDF5 file; vlmlabel only replaces HDF5 files "
-                          "(--overwrite): choose a new --output")
+        raise OutputError(
+            f"output {output} exists and is not an HDF5 file; vlmlabel only replaces HDF5 files "
+            "(--overwrite): choose a new --output"
+        )
 
 
 def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_arrays: list[str]) -> None:
@@ -113,29 +117,45 @@ def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_
     for target in dict.fromkeys(location.rpartition("/")[0] for location in locations):
         first = places.setdefault(groups.place(target), target)
         if first != target:
-            raise OutputError(f"{target} and {first} are one group of {source.path} (one is a link to the other): "
-                              "their rewards would be written over each other; remove the duplicate episode link")
+            raise OutputError(
+                f"{target} and {first} are one group of {source.path} (one is a link to the other): "
+                "their rewards would be written over each other; remove the duplicate episode link"
+            )
     here, there = source.path.absolute().parent, dest.absolute().parent
     if here.resolve() == there.resolve():
         return
     held = [handle[array] for array in frame_arrays]  # a virtual dataset names files from its own file's folder
-    refs = all_external_links(handle) + [r for dataset in held if Path(dataset.file.filename).resolve()
-                                         == source.path.resolve() for r in virtual_sources(dataset)]
+    refs = all_external_links(handle) + [
+        r
+        for dataset in held
+        if Path(dataset.file.filename).resolve() == source.path.resolve()
+        for r in virtual_sources(dataset)
+    ]
     for ref in refs:
         if ref.resolve(here, working_folder=False) != ref.resolve(there, working_folder=False):
-            raise OutputError(f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "
-                              f"{there} would not find that file: write the output in {here}, relabel in place, "
-                              "or make the link's file name absolute")
+            raise OutputError(
+                f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "
+                f"{there} would not find that file: write the output in {here}, relabel in place, "
+                "or make the link's file name absolute"
+            )
 
 
-def write_file(base: Path | None, dest: Path, datasets: list[H5Dataset], overwrite: bool,
-               stamp: Stamp | None = None, remove: list[str] | None = None, stream: RowStream | None = None,
-               keep_mode: bool = True) -> Path:
+def write_file(
+    base: Path | None,
+    dest: Path,
+    datasets: list[H5Dataset],
+    overwrite: bool,
+    stamp: Stamp | None = None,
+    remove: list[str] | None = None,
+    stream: RowStream | None = None,
+    keep_mode: bool = True,
+) -> Path:
     """``base`` (a new file without one) with ``datasets`` (and ``stream``) added and ``remove`` deleted, put at
     ``dest`` all or nothing. ``keep_mode``: the result keeps ``base``'s permissions (an in-place write).
 
     ``dest`` being ``base`` itself, the change is made where the file lies through a rollback journal when that
     is safe (``write_in_place``); otherwise, and always for another ``dest``, in a copy renamed into place."""
+
     def edit(handle: h5py.File, between: Callable[[], None]) -> None:
         for path in remove or []:
             if path in handle:
@@ -184,8 +204,13 @@ def write_in_place(path: Path, edit: Callable[[h5py.File, Callable[[], None]], N
     return True
 
 
-def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File, Callable[[], None]], None],
-                stamp: Stamp | None, keep_mode: bool) -> None:
+def _write_copy(
+    base: Path | None,
+    dest: Path,
+    edit: Callable[[h5py.File, Callable[[], None]], None],
+    stamp: Stamp | None,
+    keep_mode: bool,
+) -> None:
     """``edit`` a copy of ``base`` (a new file without one) and rename it over ``dest``; HDF5 writes it through
     ``writethrough`` (a full disk is one line, never a crash)."""
     with atomic.staged(dest) as tmp:
@@ -202,8 +227,14 @@ def _write_copy(base: Path | None, dest: Path, edit: Callable[[h5py.File, Callab
         pause_at("write")
 
 
-def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict[str, str],
-                 stamp: Stamp | None = None, remove: list[str] | None = None) -> Path:
+def write_linked(
+    base: Path,
+    dest: Path,
+    datasets: list[H5Dataset],
+    frames: dict[str, str],
+    stamp: Stamp | None = None,
+    remove: list[str] | None = None,
+) -> Path:
     """A new file at ``dest`` (atomically) holding ``datasets``, every other dataset of ``base`` (but ``remove``)
     reached through an external link, and its groups and attributes mirrored: one file shows everything, at a cost
     that grows with the number of objects, not bytes. The link names ``base`` relative to ``dest``'s folder, so
@@ -217,7 +248,7 @@ def write_linked(base: Path, dest: Path, datasets: list[H5Dataset], frames: dict
             _mirror(source, out, name, skipped)
             between()
             out.attrs[LINKED_ATTR] = LinkedFile(name, frames).to_attr()  # base's own record (a labels file) names
-            for dataset in datasets:                                       # what base links to, not base
+            for dataset in datasets:  # what base links to, not base
                 _put(out, dataset, overwrite=False)
         if stamp is not None:
             stamp.verify(base)
@@ -324,21 +355,29 @@ class _Groups:
                 if kind == h5py.h5l.TYPE_EXTERNAL:
                     other = group.links.get_val(link)[0].decode(errors="replace")
                     how = "is" if path == target.strip("/") else f"lies behind /{path},"
-                    raise OutputError(f"{target} {how} an external link into {other}: vlmlabel would write into that "
-                                      "other file outside its crash-safe copy; relabel that file itself, or use "
-                                      "another --reward-key")
+                    raise OutputError(
+                        f"{target} {how} an external link into {other}: vlmlabel would write into that "
+                        "other file outside its crash-safe copy; relabel that file itself, or use "
+                        "another --reward-key"
+                    )
                 try:
                     info = h5py.h5o.get_info(group, link)
                 except (KeyError, RuntimeError, ValueError):
-                    raise OutputError(f"/{path} in {self._file} is a link to nothing; the rewards of {target} cannot "
-                                      "be written under it: fix or remove the link") from None
+                    raise OutputError(
+                        f"/{path} in {self._file} is a link to nothing; the rewards of {target} cannot "
+                        "be written under it: fix or remove the link"
+                    ) from None
                 if info.fileno != self._fileno:
-                    raise OutputError(f"{target} leads through /{path}, a link into another file: vlmlabel would "
-                                      "write into that other file outside its crash-safe copy; relabel that file "
-                                      "itself, or use another --reward-key")
+                    raise OutputError(
+                        f"{target} leads through /{path}, a link into another file: vlmlabel would "
+                        "write into that other file outside its crash-safe copy; relabel that file "
+                        "itself, or use another --reward-key"
+                    )
                 if info.type != h5py.h5o.TYPE_GROUP:
-                    raise OutputError(f"/{path} in {self._file} is not a group; the rewards of {target} cannot be "
-                                      "written under it: rename it, or use another --reward-key")
+                    raise OutputError(
+                        f"/{path} in {self._file} is not a group; the rewards of {target} cannot be "
+                        "written under it: rename it, or use another --reward-key"
+                    )
                 self._where[path] = info.addr
                 if depth + 1 < len(parts):
                     self._open[path] = h5py.h5g.open(group, link)
@@ -387,13 +426,13 @@ def _fill(handle: h5py.File, stream: RowStream, overwrite: bool, between: Callab
     for dataset, rows in zip(stream.datasets, stream.rows, strict=True):
         _replace(handle, dataset.path, overwrite)
         chunks = (min(dataset.chunk_rows, rows), first.shape[1]) if dataset.chunk_rows and rows else None
-        created = handle.create_dataset(dataset.path, shape=(rows, first.shape[1]), dtype=dataset.dtype,
-                                        chunks=chunks)
+        created = handle.create_dataset(dataset.path, shape=(rows, first.shape[1]), dtype=dataset.dtype, chunks=chunks)
         created.attrs.update(dataset.attrs)
         targets.append(created)
     if not _fill_rows(targets, _chain(first, blocks), between):
-        raise OutputError(f"the frames read did not match the {sum(stream.rows)} rows planned; "
-                          "the source changed while it was read")
+        raise OutputError(
+            f"the frames read did not match the {sum(stream.rows)} rows planned; the source changed while it was read"
+        )
 
 
 def _write_rows(dataset: h5py.Dataset) -> int:
@@ -401,8 +440,9 @@ def _write_rows(dataset: h5py.Dataset) -> int:
     return dataset.chunks[0] if dataset.chunks else max(1, len(dataset))
 
 
-def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray],
-               between: Callable[[], None] = lambda: None) -> bool:
+def _fill_rows(
+    targets: list[h5py.Dataset], blocks: Iterator[np.ndarray], between: Callable[[], None] = lambda: None
+) -> bool:
     """Fill ``targets`` in order from ``blocks``, buffering rows until a whole chunk (or the rest) can be written.
 
     True when the rows fill the targets exactly.
@@ -419,7 +459,7 @@ def _fill_rows(targets: list[h5py.Dataset], blocks: Iterator[np.ndarray],
                 break
             rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
             if want:
-                target[filled:filled + want] = rows[:want]
+                target[filled : filled + want] = rows[:want]
                 between()
             pending, pending_rows = ([rows[want:]] if len(rows) > want else []), len(rows) - want
             filled += want
@@ -473,8 +513,10 @@ def _present(path: Path, locations: dict[str, list[str]], everywhere: bool) -> d
                     continue
                 where, item = present[0]
             else:
-                where, item = next(((p, i) for p, i in present
-                                    if not (isinstance(i, h5py.Dataset) and VERSION_ATTR in i.attrs)), present[0])
+                where, item = next(
+                    ((p, i) for p, i in present if not (isinstance(i, h5py.Dataset) and VERSION_ATTR in i.attrs)),
+                    present[0],
+                )
             found[name] = Present(where, _attrs(item))
     return found
 
@@ -509,8 +551,9 @@ class HDF5Destination:
     def check(self, names: list[str], overwrite: bool) -> None:
         source, output = self.source_path, self.output
         if output is not None and output.exists() and output.resolve() == source.resolve():
-            raise OutputError(f"--output {output} is SOURCE itself; drop --output to add the rewards to SOURCE, "
-                              "or name a new file")
+            raise OutputError(
+                f"--output {output} is SOURCE itself; drop --output to add the rewards to SOURCE, or name a new file"
+            )
         check_output_file(output, overwrite)
         folder = atomic.real_target(self.path).parent
         check_folder(folder)
@@ -519,8 +562,12 @@ class HDF5Destination:
         if output is None:
             refuse_if_busy(source)
         refuse_replacing(names, self.replaced(names), source, overwrite)
-        refuse_external(self.source, self.path, [loc for n in names for loc in self._locations(n)],
-                        sorted({s.array for s in self.episodes[0].frames}))
+        refuse_external(
+            self.source,
+            self.path,
+            [loc for n in names for loc in self._locations(n)],
+            sorted({s.array for s in self.episodes[0].frames}),
+        )
         if self.output is None and not open_by_others(source):
             # Written in place: the rewards, a journal of the metadata pages changed, and their new copies.
             steps = sum(e.steps for e in self.episodes) + len(self.episodes)
@@ -551,13 +598,17 @@ class HDF5Destination:
         return found
 
     def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
-        datasets = [H5Dataset(reward_path(target, column.name), values, column.attrs)
-                    for column in columns for target, values in self._by_target(column)]
+        datasets = [
+            H5Dataset(reward_path(target, column.name), values, column.attrs)
+            for column in columns
+            for target, values in self._by_target(column)
+        ]
         remove = [reward_path(target, name) for name in dropped for target in self.targets]
         if self.linked:
             return write_linked(self.source_path, self.path, datasets, self.linked_frames, self.stamp, remove)
-        return write_file(self.source_path, self.path, datasets, overwrite, self.stamp, remove=remove,
-                          keep_mode=self.output is None)
+        return write_file(
+            self.source_path, self.path, datasets, overwrite, self.stamp, remove=remove, keep_mode=self.output is None
+        )
 
     def _by_target(self, column: RewardColumn) -> list[tuple[str, np.ndarray]]:
         """One reward's values per target (the episodes written under it, in episode order), in one pass over the

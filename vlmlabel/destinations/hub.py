@@ -23,9 +23,12 @@ def push(written: Path, as_dataset: bool, repo_id: str) -> None:
         if written.is_dir():
             api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(written))
         else:
-            api.upload_file(repo_id=repo_id, repo_type="dataset", path_or_fileobj=str(written),
-                            path_in_repo=written.name)
+            api.upload_file(
+                repo_id=repo_id, repo_type="dataset", path_or_fileobj=str(written), path_in_repo=written.name
+            )
     except Exception as exc:  # network, auth, permissions: the local output is complete either way
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise OutputError(f"rewards were written to {written}, but pushing to the Hub repo {repo_id} failed "
-                          f"({first}); log in with `hf auth login` and push that folder again") from None
+        raise OutputError(
+            f"rewards were written to {written}, but pushing to the Hub repo {repo_id} failed "
+            f"({first}); log in with `hf auth login` and push that folder again"
+        ) from None

@@ -108,7 +108,7 @@ class Overlay(RandomAccessFile):
             data = self.read_at(self._pos, len(memoryview(buffer)))
         except BaseException as exc:
             raise self._keep(exc) from None
-        memoryview(buffer).cast("B")[:len(data)] = data
+        memoryview(buffer).cast("B")[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
@@ -124,13 +124,13 @@ class Overlay(RandomAccessFile):
     def truncate(self, size: int | None = None) -> int:
         size = self._pos if size is None else size
         if size < self.size:
-            self._tail = self._tail[:max(0, size - self.original_size)]
+            self._tail = self._tail[: max(0, size - self.original_size)]
             self._zero_from = min(self._zero_from, size)
             for index in [i for i in self._pages if i * PAGE >= size]:
                 del self._pages[index]
             if size % PAGE and size // PAGE in self._pages:
                 page = self._pages[size // PAGE]
-                page[size % PAGE:] = bytes(PAGE - size % PAGE)
+                page[size % PAGE :] = bytes(PAGE - size % PAGE)
         elif size > self.original_size:
             self._tail.extend(bytes(size - self.original_size - len(self._tail)))
         self.size = size
@@ -181,9 +181,9 @@ class Overlay(RandomAccessFile):
                 if page is not None:
                     start = index * PAGE
                     lo, hi = max(start, offset), min(start + PAGE, low)
-                    out[lo - offset:hi - offset] = page[lo - start:hi - start]
+                    out[lo - offset : hi - offset] = page[lo - start : hi - start]
         if stop > self.original_size:
-            out += self._tail[max(offset, self.original_size) - self.original_size:stop - self.original_size]
+            out += self._tail[max(offset, self.original_size) - self.original_size : stop - self.original_size]
         return bytes(out)
 
     def write_at(self, offset: int, data: memoryview) -> None:
@@ -194,13 +194,13 @@ class Overlay(RandomAccessFile):
             index = position // PAGE
             start = index * PAGE
             hi = min(start + PAGE, low)
-            self._page(index)[position - start:hi - start] = data[position - offset:hi - offset]
+            self._page(index)[position - start : hi - start] = data[position - offset : hi - offset]
             position = hi
         if stop > self.original_size:
             begin = max(offset, self.original_size) - self.original_size
             if len(self._tail) < begin:
                 self._tail.extend(bytes(begin - len(self._tail)))
-            self._tail[begin:stop - self.original_size] = data[max(offset, self.original_size) - offset:]
+            self._tail[begin : stop - self.original_size] = data[max(offset, self.original_size) - offset :]
         self.size = max(self.size, stop)
 
     def changes(self) -> list[tuple[int, bytes]]:
@@ -213,7 +213,7 @@ class Overlay(RandomAccessFile):
             start = index * PAGE
             if start >= cut:
                 continue
-            page = self._pages[index][:min(PAGE, cut - start)]
+            page = self._pages[index][: min(PAGE, cut - start)]
             if runs and runs[-1][0] + len(runs[-1][1]) == start:
                 runs[-1][1].extend(page)
             else:
@@ -239,7 +239,7 @@ class Entry:
 
     @classmethod
     def of(cls, offset: int, old: bytes, new: bytes) -> Entry:
-        return cls(offset, old, new[:len(old)], len(new), zlib.crc32(new))
+        return cls(offset, old, new[: len(old)], len(new), zlib.crc32(new))
 
 
 def journal_path(path: Path) -> Path:
@@ -260,8 +260,10 @@ def apply(path: Path, overlay: Overlay) -> None:
             raise OutputError(f"{path} changed while rewards were written; nothing was written — run again")
         changes = overlay.changes()
         final = max(overlay.size, overlay.original_size)  # never shorter: rolling back a cut would need its bytes
-        entries = [Entry.of(offset, os.pread(fd, max(0, min(len(new), before.st_size - offset)), offset), new)
-                   for offset, new in changes]
+        entries = [
+            Entry.of(offset, os.pread(fd, max(0, min(len(new), before.st_size - offset)), offset), new)
+            for offset, new in changes
+        ]
         journal = journal_path(real)
         with deferred():  # written, or undone on an error; a signal waits for either
             try:
@@ -304,9 +306,14 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
 
 
 def _write_journal(path: Path, before: os.stat_result, final: int, entries: list[Entry]) -> None:
-    header = {"device": before.st_dev, "inode": before.st_ino, "original_size": before.st_size, "final_size": final,
-              "times_ns": [before.st_atime_ns, before.st_mtime_ns],
-              "entries": [[e.offset, len(e.old), e.new_length, e.new_crc] for e in entries]}
+    header = {
+        "device": before.st_dev,
+        "inode": before.st_ino,
+        "original_size": before.st_size,
+        "final_size": final,
+        "times_ns": [before.st_atime_ns, before.st_mtime_ns],
+        "entries": [[e.offset, len(e.old), e.new_length, e.new_crc] for e in entries],
+    }
     body = _MAGIC + json.dumps(header).encode() + b"\n" + b"".join(e.old + e.new_below for e in entries)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
@@ -344,14 +351,23 @@ class Journal:
         if len(data) < len(_MAGIC) + 4 or not body.startswith(_MAGIC) or zlib.crc32(body).to_bytes(4, "little") != crc:
             return None
         header_end = body.index(b"\n", len(_MAGIC))
-        header = json.loads(body[len(_MAGIC):header_end])
+        header = json.loads(body[len(_MAGIC) : header_end])
         entries, position = [], header_end + 1
         for offset, old_length, new_length, new_crc in header["entries"]:
-            old, new_below = body[position:position + old_length], body[position + old_length:position + 2 * old_length]
+            old, new_below = (
+                body[position : position + old_length],
+                body[position + old_length : position + 2 * old_length],
+            )
             entries.append(Entry(offset, old, new_below, new_length, new_crc))
             position += 2 * old_length
-        return cls(header["device"], header["inode"], header["original_size"], header["final_size"],
-                   tuple(header["times_ns"]), entries)
+        return cls(
+            header["device"],
+            header["inode"],
+            header["original_size"],
+            header["final_size"],
+            tuple(header["times_ns"]),
+            entries,
+        )
 
 
 def recover(path: Path) -> list[str]:
@@ -363,8 +379,10 @@ def recover(path: Path) -> list[str]:
     notes: list[str] = []
     for left in atomic.leftovers(real, ("journal",)):
         if left.host != atomic.HOST:
-            raise SourceError(f"{path} has an unfinished write by vlmlabel on host {left.host} ({left.path.name}); "
-                              f"run any vlmlabel command on it from {left.host}, which repairs it")
+            raise SourceError(
+                f"{path} has an unfinished write by vlmlabel on host {left.host} ({left.path.name}); "
+                f"run any vlmlabel command on it from {left.host}, which repairs it"
+            )
         if not (left.dead or _abandoned(real)):
             _wait_gone(left.path, real)
         elif left.path.exists():
@@ -395,8 +413,10 @@ def _wait_gone(journal: Path, real: Path) -> None:
     deadline = time.monotonic() + _WAIT_SECONDS
     while journal.exists():
         if time.monotonic() > deadline:
-            raise SourceError(f"{real} is being written by another vlmlabel run ({journal.name}), or a program that "
-                              "has it open holds its lock; wait for them to finish, then run again")
+            raise SourceError(
+                f"{real} is being written by another vlmlabel run ({journal.name}), or a program that "
+                "has it open holds its lock; wait for them to finish, then run again"
+            )
         time.sleep(0.05)
 
 
@@ -413,9 +433,11 @@ def _recover_one(real: Path, path: Path) -> str:
             return f"removed a journal for a file that {real} no longer is"
         states = [_state(fd, entry) for entry in journal.entries]
         if "foreign" in states:
-            raise SourceError(f"{real} was changed after a vlmlabel write to it was interrupted, and the journal "
-                              f"{path.name} beside it no longer fits: move the file aside and restore it from "
-                              "a backup, or if you trust it as it is, remove the journal")
+            raise SourceError(
+                f"{real} was changed after a vlmlabel write to it was interrupted, and the journal "
+                f"{path.name} beside it no longer fits: move the file aside and restore it from "
+                "a backup, or if you trust it as it is, remove the journal"
+            )
         if all(s == "new" for s in states) and now.st_size == journal.final_size:
             _remove(path)
             return f"completed an interrupted write to {real} (every byte had been written)"
@@ -432,7 +454,7 @@ def _state(fd: int, entry: Entry) -> str:
     current = os.pread(fd, entry.new_length, entry.offset)
     if len(current) == entry.new_length and zlib.crc32(current) == entry.new_crc:
         return "new"
-    now = np.frombuffer(current[:len(entry.old)].ljust(len(entry.old), b"\0"), np.uint8)
+    now = np.frombuffer(current[: len(entry.old)].ljust(len(entry.old), b"\0"), np.uint8)
     old, new = np.frombuffer(entry.old, np.uint8), np.frombuffer(entry.new_below, np.uint8)
     return "old" if bool(np.all((now == old) | (now == new))) else "foreign"
 

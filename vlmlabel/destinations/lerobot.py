@@ -98,8 +98,10 @@ def episode_stats_table(table: pa.Table, stats: dict[str, dict[int, Stats]], dro
         table = table.drop_columns([n for n in table.column_names if n.startswith(prefix)])
         for stat in STAT_NAMES:
             kind = pa.int64() if stat == "count" else pa.float64()
-            table = table.append_column(pa.field(prefix + stat, pa.list_(kind)),
-                                        pa.array([per_episode[e][stat] for e in rows], type=pa.list_(kind)))
+            table = table.append_column(
+                pa.field(prefix + stat, pa.list_(kind)),
+                pa.array([per_episode[e][stat] for e in rows], type=pa.list_(kind)),
+            )
     return table
 
 
@@ -111,8 +113,10 @@ class LeRobotDestination(TableCopy):
     def check(self, names: list[str], overwrite: bool) -> None:
         reserved = [n for n in names if n.startswith(OBSERVATION_PREFIX)]
         if reserved:
-            raise OutputError(f"--reward-key {reserved[0]!r}: LeRobot reserves {OBSERVATION_PREFIX}* for "
-                              "observations; choose another --reward-key")
+            raise OutputError(
+                f"--reward-key {reserved[0]!r}: LeRobot reserves {OBSERVATION_PREFIX}* for "
+                "observations; choose another --reward-key"
+            )
         super().check(names, overwrite)
 
     def targets(self, root: Path) -> list[Path]:
@@ -133,8 +137,11 @@ class LeRobotDestination(TableCopy):
         root = self.source.folder
         stats_by_episode = {c.name: per_episode_stats(c, self.episodes) for c in columns}
         episode_files = self.episode_files(stats_by_episode, dropped)
-        skip = ({f.resolve() for f in self.files.paths} | {(root / INFO).resolve(), (root / STATS).resolve()}
-                | {p.resolve() for p in episode_files})
+        skip = (
+            {f.resolve() for f in self.files.paths}
+            | {(root / INFO).resolve(), (root / STATS).resolve()}
+            | {p.resolve() for p in episode_files}
+        )
         with atomic.staged(self.path) as tmp:
             carry_tree(root, tmp, skip, self.link)
             self.rewrite_all(tmp, columns, dropped)

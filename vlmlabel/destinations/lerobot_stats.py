@@ -68,8 +68,13 @@ def episode_stats(values: np.ndarray) -> Stats:
             edges = _edges(low[0] - PAD, high[0] + PAD)
             cumulative = np.cumsum(np.histogram(column[:, 0], bins=edges)[0].astype(np.float64))
         quantiles = {key: _quantile(cumulative, edges, q * count) for key, q in QUANTILES.items()}
-    stats: Stats = {"min": [float(low[0])], "max": [float(high[0])], "mean": [float(mean[0])],
-                    "std": [float(std[0])], "count": [count]}
+    stats: Stats = {
+        "min": [float(low[0])],
+        "max": [float(high[0])],
+        "mean": [float(mean[0])],
+        "std": [float(std[0])],
+        "count": [count],
+    }
     stats.update({key: [value] for key, value in quantiles.items()})
     return stats
 
@@ -86,7 +91,12 @@ def aggregate(episodes: list[Stats]) -> Stats:
     mean = float((means * counts).sum() / total)
     variances = column("std").astype(np.float32) ** 2  # squared in float32, as LeRobot squares its own stats
     variance = float(((variances + (means - mean) ** 2) * counts).sum() / total)
-    stats: Stats = {"min": [float(column("min").min())], "max": [float(column("max").max())], "mean": [mean],
-                    "std": [float(np.sqrt(variance))], "count": [total]}
+    stats: Stats = {
+        "min": [float(column("min").min())],
+        "max": [float(column("max").max())],
+        "mean": [mean],
+        "std": [float(np.sqrt(variance))],
+        "count": [total],
+    }
     stats.update({key: [float((column(key) * counts).sum() / total)] for key in QUANTILES})
     return stats

@@ -53,8 +53,9 @@ def reward_schema(schema: pa.Schema, columns: list[RewardColumn], dropped: list[
     recorded = {name: attrs for name, attrs in recorded.items() if name not in names}
     recorded.update({c.name: c.attrs for c in columns})
     metadata[PROVENANCE_KEY] = json.dumps({"columns": recorded}).encode()
-    fields = list(kept) + [pa.field(c.name, pa.float32(), metadata={PROVENANCE_KEY: json.dumps(c.attrs)})
-                           for c in columns]
+    fields = list(kept) + [
+        pa.field(c.name, pa.float32(), metadata={PROVENANCE_KEY: json.dumps(c.attrs)}) for c in columns
+    ]
     return pa.schema(fields, metadata=metadata)
 
 
@@ -73,16 +74,18 @@ def read_schema(path: Path, fmt: str) -> pa.Schema | None:
         return None
 
 
-def _with_rewards(batch: pa.RecordBatch | pa.Table, schema: pa.Schema, columns: list[RewardColumn],
-                  values: list, offset: int) -> list[pa.Array]:
+def _with_rewards(
+    batch: pa.RecordBatch | pa.Table, schema: pa.Schema, columns: list[RewardColumn], values: list, offset: int
+) -> list[pa.Array]:
     names = {c.name for c in columns}
     arrays = [batch.column(f.name) for f in schema if f.name in batch.schema.names and f.name not in names]
     rows = batch.num_rows
-    return arrays + [pa.array(v[offset:offset + rows], type=pa.float32()) for v in values]
+    return arrays + [pa.array(v[offset : offset + rows], type=pa.float32()) for v in values]
 
 
-def rewrite_file(src: Path, dst: Path, fmt: str, schema: pa.Schema, columns: list[RewardColumn],
-                 values: list, offset: int) -> int:
+def rewrite_file(
+    src: Path, dst: Path, fmt: str, schema: pa.Schema, columns: list[RewardColumn], values: list, offset: int
+) -> int:
     """Copy one file with the reward columns appended (rows from ``offset``); returns its row count."""
     rows = 0
     if fmt == "arrow":
@@ -94,8 +97,9 @@ def rewrite_file(src: Path, dst: Path, fmt: str, schema: pa.Schema, columns: lis
                 rows += batch.num_rows
     else:
         source = pq.ParquetFile(src)
-        compression = (source.metadata.row_group(0).column(0).compression.lower()
-                       if source.metadata.num_row_groups else "snappy")
+        compression = (
+            source.metadata.row_group(0).column(0).compression.lower() if source.metadata.num_row_groups else "snappy"
+        )
         compression = "none" if compression == "uncompressed" else compression
         with pq.ParquetWriter(dst, schema, compression=compression) as writer:
             for group in range(source.metadata.num_row_groups):
@@ -158,8 +162,11 @@ def _replaceable(path: Path) -> bool:
         with open(path, "rb") as handle:
             return path.suffix == ".parquet" and handle.read(4) == b"PAR1"
     markers = ("state.json", "dataset_dict.json", "meta/info.json")
-    return (not any(path.iterdir()) or any((path / m).is_file() for m in markers)
-            or next(path.rglob("*.parquet"), None) is not None)
+    return (
+        not any(path.iterdir())
+        or any((path / m).is_file() for m in markers)
+        or next(path.rglob("*.parquet"), None) is not None
+    )
 
 
 # -- destinations -----------------------------------------------------------------------------------
@@ -200,20 +207,25 @@ class TableCopy:
         refuse_replacing(names, self.replaced(names), self.source.root, overwrite)
         dest = self.path
         if not utf8_name(dest):
-            raise OutputError(f"--output {show_path(dest)}: pyarrow writes files by UTF-8 names only, and this name "
-                              "is not UTF-8; choose a UTF-8 name")
+            raise OutputError(
+                f"--output {show_path(dest)}: pyarrow writes files by UTF-8 names only, and this name "
+                "is not UTF-8; choose a UTF-8 name"
+            )
         root = self.local_root()
         if root is not None:
             resolved = dest.resolve()
             if resolved == root or root in resolved.parents or (root.is_dir() and resolved in root.parents):
-                raise OutputError(f"output {dest} overlaps the source {self.source.root}; vlmlabel never modifies "
-                                  "a dataset in place: choose an --output outside it")
+                raise OutputError(
+                    f"output {dest} overlaps the source {self.source.root}; vlmlabel never modifies "
+                    "a dataset in place: choose an --output outside it"
+                )
         if dest.exists() and not overwrite:
             raise OutputError(f"output {dest} already exists; choose another --output or pass --overwrite")
         if dest.exists() and not _replaceable(dest):
             what = "a folder that holds no dataset" if dest.is_dir() else "a file that is not a parquet dataset"
-            raise OutputError(f"output {dest} is {what}; vlmlabel only replaces datasets (--overwrite): "
-                              "choose a new --output")
+            raise OutputError(
+                f"output {dest} is {what}; vlmlabel only replaces datasets (--overwrite): choose a new --output"
+            )
         folder = atomic.real_target(dest).parent
         check_folder(folder)
         check_space(folder, sum(f.stat().st_size for f in self.files.paths), "the new dataset")
@@ -262,14 +274,18 @@ def _fingerprint(previous: str, columns: list[RewardColumn]) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_disk_metadata(folder: Path, info: dict, state: dict, schema: pa.Schema, columns: list[RewardColumn],
-                        data_files: list[str]) -> None:
+def write_disk_metadata(
+    folder: Path, info: dict, state: dict, schema: pa.Schema, columns: list[RewardColumn], data_files: list[str]
+) -> None:
     """``dataset_info.json`` and ``state.json`` of a save_to_disk split, declaring the new columns."""
     features = _features_json(schema)
     if features is not None:
         info["features"] = features
-    state = {**state, "_data_files": [{"filename": f} for f in data_files],
-             "_fingerprint": _fingerprint(str(state.get("_fingerprint", "")), columns)}
+    state = {
+        **state,
+        "_data_files": [{"filename": f} for f in data_files],
+        "_fingerprint": _fingerprint(str(state.get("_fingerprint", "")), columns),
+    }
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
 
@@ -286,8 +302,9 @@ class DiskDestination(TableCopy):
 
     def write(self, columns: list[RewardColumn], overwrite: bool, dropped: list[str]) -> Path:
         split_dir = self._split_dir()
-        skip = {f.resolve() for f in self.files.paths} | {(split_dir / n).resolve()
-                                                         for n in ("state.json", "dataset_info.json")}
+        skip = {f.resolve() for f in self.files.paths} | {
+            (split_dir / n).resolve() for n in ("state.json", "dataset_info.json")
+        }
         with atomic.staged(self.path) as tmp:
             carry_tree(Path(str(self.source.root)), tmp, skip, self.link)
             schema = self.rewrite_all(tmp, columns, dropped)
@@ -322,8 +339,14 @@ class HubDownloadDestination(HubCopy):
         with atomic.staged(self.path) as tmp:
             tmp.mkdir()
             schema = self.rewrite_all(tmp, columns, dropped)
-            state: dict[str, object] = {"_format_columns": None, "_format_kwargs": {}, "_format_type": None,
-                     "_output_all_columns": False, "_split": self.source.split, "_fingerprint": str(self.source.root)}
+            state: dict[str, object] = {
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_output_all_columns": False,
+                "_split": self.source.split,
+                "_fingerprint": str(self.source.root),
+            }
             info = dataclasses.asdict(self.source.hub_info) if self.source.hub_info is not None else {}
             write_disk_metadata(tmp, info, state, schema, columns, [t.name for t in self.targets(tmp)])
         return self.path

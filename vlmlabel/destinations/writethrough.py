@@ -48,12 +48,15 @@ class WriteThrough(journal.RandomAccessFile):
     def readinto(self, buffer: Any) -> int:  # any writable buffer
         view = memoryview(buffer).cast("B")
         try:
-            data = (self._spill.read_at(self._pos, len(view)) if self._spill is not None
-                    else os.pread(self._fd, len(view), self._pos))
+            data = (
+                self._spill.read_at(self._pos, len(view))
+                if self._spill is not None
+                else os.pread(self._fd, len(view), self._pos)
+            )
         except BaseException as exc:  # a read HDF5 cannot do is an error it must see, as a plain OSError
             self.failure = self.failure or exc.with_traceback(None)
             raise OSError(errno.EIO, f"read failed: {exc!r}") from None
-        view[:len(data)] = data
+        view[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
@@ -102,8 +105,12 @@ class WriteThrough(journal.RandomAccessFile):
         if failure is None:
             return
         if isinstance(failure, OSError) and failure.errno in _NO_ROOM:  # a fault, not bad input: an OSError still
-            raise OSError(failure.errno, f"{failure.strerror}; nothing was changed: make room (or write elsewhere "
-                          "with --output) and run the same command again", str(self.path.parent)) from None
+            raise OSError(
+                failure.errno,
+                f"{failure.strerror}; nothing was changed: make room (or write elsewhere "
+                "with --output) and run the same command again",
+                str(self.path.parent),
+            ) from None
         raise copy.copy(failure) from None
 
 

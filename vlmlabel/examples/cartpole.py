@@ -21,10 +21,14 @@ DEFAULT_GOAL = "a pole standing upright on a cart"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlmlabel.examples.cartpole",
-                                     description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--model", help="open_clip model, hf-hub:ORG/REPO or a local folder "
-                                        "(default: the repository's demo CLIP sample_data/reach-clip)")
+    parser = argparse.ArgumentParser(
+        prog="python -m vlmlabel.examples.cartpole", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "--model",
+        help="open_clip model, hf-hub:ORG/REPO or a local folder "
+        "(default: the repository's demo CLIP sample_data/reach-clip)",
+    )
     parser.add_argument("--pretrained", help="open_clip pretrained tag or checkpoint file")
     parser.add_argument("--goal", default=DEFAULT_GOAL, help=f"the goal in words (default: {DEFAULT_GOAL!r})")
     parser.add_argument("--steps", type=int, default=300, help="environment steps (per sub-env; default 300)")
@@ -46,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     if model is None:
         if not DEMO_MODEL.is_dir():
-            print("no --model given and the demo CLIP sample_data/reach-clip is not here (it ships with the "
-                  "repository, not the package); pass --model ViT-B-32 or a local model folder", file=sys.stderr)
+            print(
+                "no --model given and the demo CLIP sample_data/reach-clip is not here (it ships with the "
+                "repository, not the package); pass --model ViT-B-32 or a local model folder",
+                file=sys.stderr,
+            )
             return 2
         model = str(DEMO_MODEL)
-        print(f"model: the demo CLIP {DEMO_MODEL} (trained on synthetic 2D scenes: it runs offline, but its "
-              "rewards mean nothing on CartPole; pass --model ViT-B-32 for a real CLIP)")
+        print(
+            f"model: the demo CLIP {DEMO_MODEL} (trained on synthetic 2D scenes: it runs offline, but its "
+            "rewards mean nothing on CartPole; pass --model ViT-B-32 for a real CLIP)"
+        )
     else:
         print(f"model: {model}" + (f" ({args.pretrained})" if args.pretrained else ""))
     try:
@@ -64,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     vlm_rewards: list[np.ndarray] = []
     env_reward_sum, episodes = 0.0, 0
     if args.num_envs > 1:
-        vec = VLMRewardVector(gym.make_vec("CartPole-v1", num_envs=args.num_envs, vectorization_mode="sync",
-                                           render_mode="rgb_array"), reward_model=reward_model)
+        vec = VLMRewardVector(
+            gym.make_vec("CartPole-v1", num_envs=args.num_envs, vectorization_mode="sync", render_mode="rgb_array"),
+            reward_model=reward_model,
+        )
         vec.reset(seed=args.seed)
         vec.action_space.seed(args.seed)
         for _ in range(args.steps):

@@ -24,7 +24,7 @@ def short_name(key: str) -> str:
     last = key.rsplit("/", 1)[-1]
     for prefix in _PREFIXES:
         if last.startswith(prefix) and len(last) > len(prefix):
-            return last[len(prefix):]
+            return last[len(prefix) :]
     return last
 
 
@@ -38,8 +38,10 @@ class Cameras:
     def __post_init__(self) -> None:
         shorts = [short_name(k) for k in self.keys]
         if len(set(shorts)) != len(shorts):
-            raise VlmlabelError(f"cameras {', '.join(self.keys)} would write columns of the same name; "
-                                "score them in separate runs with different --reward-key")
+            raise VlmlabelError(
+                f"cameras {', '.join(self.keys)} would write columns of the same name; "
+                "score them in separate runs with different --reward-key"
+            )
 
     @property
     def several(self) -> bool:
@@ -59,7 +61,7 @@ class Cameras:
 
     def camera(self, raw: list[np.ndarray], goals: int, index: int) -> list[np.ndarray]:
         """One camera's (steps, goals) scores per episode."""
-        return [r[:, index * goals:(index + 1) * goals] for r in raw]
+        return [r[:, index * goals : (index + 1) * goals] for r in raw]
 
     def attrs(self) -> dict[str, Any]:
         """What the combined reward records about its cameras."""

@@ -74,12 +74,17 @@ class Progress:
     rows: np.ndarray  # (done - start, goals) float32
 
 
-
 class Checkpoint:
     """A progress sidecar folder for one run (a whole file or one shard)."""
 
-    def __init__(self, folder: Path, identity: dict[str, Any], numerics: dict[str, str], goals: int,
-                 on_note: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        identity: dict[str, Any],
+        numerics: dict[str, str],
+        goals: int,
+        on_note: Callable[[str], None] | None = None,
+    ):
         self.folder = folder
         self.identity = identity
         self.numerics = numerics
@@ -113,15 +118,19 @@ class Checkpoint:
             return None
         changed = differences(saved.values, self.identity)
         if changed:
-            self._note(f"saved progress in {self.folder} was made with other options ({', '.join(changed)} "
-                       "differ); starting over")
+            self._note(
+                f"saved progress in {self.folder} was made with other options ({', '.join(changed)} "
+                "differ); starting over"
+            )
             self.discard()
             return None
         changed = differences(numerics.values, self.numerics)
         if changed:
-            self._note(f"saved progress in {self.folder} was computed with another {', '.join(changed)} "
-                       f"({numerics.values} vs {self.numerics}); starting over so every reward comes from "
-                       "the same arithmetic")
+            self._note(
+                f"saved progress in {self.folder} was computed with another {', '.join(changed)} "
+                f"({numerics.values} vs {self.numerics}); starting over so every reward comes from "
+                "the same arithmetic"
+            )
             self.discard()
             return None
         if rows.size != count or self.goals < 1:
@@ -136,8 +145,15 @@ class Checkpoint:
         self.discard()
         self.folder.mkdir(parents=True)
         (self.folder / ROWS_FILE).touch()
-        self._state = {"identity": self.identity, "numerics": self.numerics, "batch_size": batch_size,
-                       "start": start, "stop": stop, "done": start, "goals": self.goals}
+        self._state = {
+            "identity": self.identity,
+            "numerics": self.numerics,
+            "batch_size": batch_size,
+            "start": start,
+            "stop": stop,
+            "done": start,
+            "goals": self.goals,
+        }
         self._write_state()
 
     def resume_from(self, progress: Progress) -> None:

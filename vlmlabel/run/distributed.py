@@ -56,11 +56,17 @@ def torchrun_env(env: Mapping[str, str] = os.environ) -> TorchrunEnv | None:
         return None
     described = ", ".join(f"{name}={env[name]}" for name in _TORCHRUN_VARS)
     try:
-        found = TorchrunEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), described,
-                            (env["MASTER_ADDR"], int(env["MASTER_PORT"])))
+        found = TorchrunEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env["LOCAL_RANK"]),
+            described,
+            (env["MASTER_ADDR"], int(env["MASTER_PORT"])),
+        )
     except ValueError:
-        raise VlmlabelError(f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers (set by torchrun): "
-                            f"{described}") from None
+        raise VlmlabelError(
+            f"RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers (set by torchrun): {described}"
+        ) from None
     return found if found.world_size > 1 else None
 
 
@@ -120,8 +126,7 @@ def _answers(address: tuple[str, int], deadline: float) -> bool:
             time.sleep(0.25)
 
 
-def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None,
-               limit: timedelta | None = None) -> None:
+def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None, limit: timedelta | None = None) -> None:
     """Meet the other ranks (torch.distributed's env:// rendezvous) within ``limit``, then start the gloo process
     group, whose collectives may wait ``WAIT_LIMIT``. A rank missing at the limit is one line naming the
     variables that asked for it.
@@ -129,8 +134,9 @@ def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None,
     A rank other than 0 first waits here for the store at MASTER_ADDR:MASTER_PORT to answer, so that torch's own
     client does not log a stack of C++ frames per failed try."""
     limit = limit if limit is not None else rendezvous_limit()
-    what = (f"waiting for the other torch.distributed ranks ({env.described}); set {RENDEZVOUS_ENV}=SECONDS "
-            "to wait longer")
+    what = (
+        f"waiting for the other torch.distributed ranks ({env.described}); set {RENDEZVOUS_ENV}=SECONDS to wait longer"
+    )
     deadline = time.monotonic() + limit.total_seconds()
     with _waiting_notes(on_note, what, limit):
         try:
@@ -144,29 +150,37 @@ def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None,
                 f"rank {env.rank} of {env.world_size} could not meet the other ranks within "
                 f"{limit.total_seconds():.0f} s ({detail}); {env.described} are set in the environment: if no "
                 f"torchrun started this, unset them; else check the other ranks started (or set "
-                f"{RENDEZVOUS_ENV}=SECONDS to wait longer)") from None
+                f"{RENDEZVOUS_ENV}=SECONDS to wait longer)"
+            ) from None
     store.set_timeout(WAIT_LIMIT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=WAIT_LIMIT)
 
 
-def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
-                     on_start: Callable[[int], None] | None = None,
-                     on_progress: Callable[[int], None] | None = None,
-                     on_note: Callable[[str], None] | None = None,
-                     on_wait: Callable[[str], None] | None = None) -> MergeSummary | FinishedSummary | None:
+def relabel_torchrun(
+    request: RelabelRequest,
+    env: TorchrunEnv,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> MergeSummary | FinishedSummary | None:
     """Score shard RANK of WORLD_SIZE, wait for all ranks, and on rank 0 merge and write; None on other ranks.
 
     When the rewards are already written by an identical run (a relaunched job), every rank says so and
     nothing is merged; rank 0 removes parts a merge killed before its cleanup left. ``on_wait``: notes while
     joining the other ranks (every rank's, where ``on_note`` may be rank 0's only)."""
     if request.shard is not None:
-        raise VlmlabelError(f"{request.shard.origin} cannot be combined with torchrun ({env.origin}): each rank "
-                            "already scores one shard")
+        raise VlmlabelError(
+            f"{request.shard.origin} cannot be combined with torchrun ({env.origin}): each rank "
+            "already scores one shard"
+        )
     if request.array is not None:
-        raise VlmlabelError(f"this run is both a task of a SLURM job array ({request.array.described}) and "
-                            f"{env.origin}, and each would pick the shard it scores; pass --num-shards 1 so that "
-                            "torchrun's ranks split the whole dataset (an array over several datasets), or run the "
-                            "array's tasks without torchrun")
+        raise VlmlabelError(
+            f"this run is both a task of a SLURM job array ({request.array.described}) and "
+            f"{env.origin}, and each would pick the shard it scores; pass --num-shards 1 so that "
+            "torchrun's ranks split the whole dataset (an array over several datasets), or run the "
+            "array's tasks without torchrun"
+        )
     shard = ShardSpec(env.rank, env.world_size, env.origin)
     mine = replace(request, shard=shard, device=rank_device(request.device, env.local_rank))
     with killable():  # waiting for the other ranks, in C: a signal ends the process
@@ -188,8 +202,17 @@ def relabel_torchrun(request: RelabelRequest, env: TorchrunEnv,
             return None
         # Every rank finding the rewards written already said so: the merge then only clears a killed merge's parts.
         quiet = all(finished for _, finished in outcomes)
-        return merge_shards(request.source, request.reward_key, request.output, request.overwrite,
-                            None if quiet else on_note, count=env.world_size, image_key=request.image_keys()[0],
-                            split=request.split, revision=request.revision, link=request.link)
+        return merge_shards(
+            request.source,
+            request.reward_key,
+            request.output,
+            request.overwrite,
+            None if quiet else on_note,
+            count=env.world_size,
+            image_key=request.image_keys()[0],
+            split=request.split,
+            revision=request.revision,
+            link=request.link,
+        )
     finally:
         dist.destroy_process_group()

@@ -49,7 +49,8 @@ class _State:
 
     depth: int = 0  # nested ``stoppable`` contexts
     previous: dict[int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None] = field(
-        default_factory=dict)
+        default_factory=dict
+    )
     signum: int | None = None  # the first signal received
     count: int = 0  # signals received
     raised: bool = False  # ``Interrupted`` was raised for them
@@ -90,8 +91,11 @@ def _handle(signum: int, frame: FrameType | None) -> None:
     if _state.graceful and _state.count == 1:
         return  # the scoring loop stops at the end of its batch
     if _state.graceful:
-        _raise(signum, f"{_name(signum)} received twice: stopped at once; progress up to the last checkpoint is "
-                       "kept, run the same command again to resume")
+        _raise(
+            signum,
+            f"{_name(signum)} received twice: stopped at once; progress up to the last checkpoint is "
+            "kept, run the same command again to resume",
+        )
     _raise(signum, f"{_name(signum)} received: stopped; {_FINISH}")
 
 
@@ -170,8 +174,9 @@ class GracefulStop:
             _state.graceful += 1
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if self._command is not None:
             _state.graceful -= 1
             command, self._command = self._command, None

@@ -172,13 +172,20 @@ def _batch_size(requested: int | None, device: torch.device) -> int:
     return requested or default_batch_size(device)
 
 
-def base_attrs(align: Align, image_key: str, used_cache: bool, model_attrs: dict[str, Any],
-               per_observation: bool) -> dict[str, Any]:
+def base_attrs(
+    align: Align, image_key: str, used_cache: bool, model_attrs: dict[str, Any], per_observation: bool
+) -> dict[str, Any]:
     """Attributes every written reward records besides its formulation. ``rows`` says what one value is:
     a step's reward, or (Minari infos) an observation's score, T+1 of them, step t reading row t+1 (next)
     or t (frame)."""
-    return {"align": align.value, "rows": "observations" if per_observation else "steps", "image_key": image_key,
-            "embeddings": "cache" if used_cache else "frames", "vlmlabel_version": __version__, **model_attrs}
+    return {
+        "align": align.value,
+        "rows": "observations" if per_observation else "steps",
+        "image_key": image_key,
+        "embeddings": "cache" if used_cache else "frames",
+        "vlmlabel_version": __version__,
+        **model_attrs,
+    }
 
 
 def frames_fingerprint(fingerprints: list[str]) -> str:
@@ -274,11 +281,14 @@ def _shard_for(request: RelabelRequest, source: CachingSource, work: Path, event
     if shard is None:
         return None
     if not source.seekable:
-        raise VlmlabelError(f"{shard.origin} asks for shard {shard.index} of {shard.count}, but a --streaming source "
-                            "is read front to back and cannot be split: relabel it in one (resumable) run")
+        raise VlmlabelError(
+            f"{shard.origin} asks for shard {shard.index} of {shard.count}, but a --streaming source "
+            "is read front to back and cannot be split: relabel it in one (resumable) run"
+        )
     if array is not None:
-        events.note(f"{shard.origin}: scoring shard {shard.index} of {shard.count} (--num-shards 1 scores the whole "
-                    "dataset)")
+        events.note(
+            f"{shard.origin}: scoring shard {shard.index} of {shard.count} (--num-shards 1 scores the whole dataset)"
+        )
     return shard
 
 
@@ -296,24 +306,43 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
     for note in journal.recover(Path(str(request.source))):  # a write to it that a killed run left half done
         events.note(note)
     with contextlib.ExitStack() as stack:
-        sources = [stack.enter_context(open_source(str(request.source), key, request.split, request.revision,
-                                                   request.streaming, nvdec)) for key in request.image_keys()]
+        sources = [
+            stack.enter_context(
+                open_source(str(request.source), key, request.split, request.revision, request.streaming, nvdec)
+            )
+            for key in request.image_keys()
+        ]
         source = sources[0]
         cameras = Cameras(tuple(s.image_key for s in sources), CameraReduce(request.camera_reduce))
         check_names(cameras.column_names(names), [])
         camera_episodes = [s.episodes(request.align) for s in sources]
         for key, episodes in zip(cameras.keys[1:], camera_episodes[1:], strict=True):
             if [e.steps for e in episodes] != [e.steps for e in camera_episodes[0]]:
-                raise VlmlabelError(f"cameras {cameras.keys[0]} and {key} do not have the same episodes and steps; "
-                                    "score them in separate runs")
+                raise VlmlabelError(
+                    f"cameras {cameras.keys[0]} and {key} do not have the same episodes and steps; "
+                    "score them in separate runs"
+                )
         _refuse_split_episodes(config, camera_episodes[0])
         destination = destination_for(source, request.output, camera_episodes[0], request.link)
         work = work_dir(destination.path, request.reward_key)
         check_names([], [work.name, dest_lock(destination.path).name, *atomic.staging_names(destination.path)])
         shard = _shard_for(request, source, work, events)
-        run = OpenRun(request, config, sources, camera_episodes, cameras, destination, names, raw_names, work,
-                      shard, [content_fingerprint(s, e if request.align is Align.frame else None)
-                              for s, e in zip(sources, camera_episodes, strict=True)])
+        run = OpenRun(
+            request,
+            config,
+            sources,
+            camera_episodes,
+            cameras,
+            destination,
+            names,
+            raw_names,
+            work,
+            shard,
+            [
+                content_fingerprint(s, e if request.align is Align.frame else None)
+                for s, e in zip(sources, camera_episodes, strict=True)
+            ],
+        )
         yield run
 
 
@@ -324,9 +353,11 @@ def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> Non
     seen: set[str] = set()
     for episode in episodes:
         if episode.key in seen:
-            raise VlmlabelError(f"rows of {episode.key} are not consecutive; --normalize episode and --shaping "
-                                "need each episode's rows together and in frame order: sort the dataset by "
-                                "episode_index, frame_index first")
+            raise VlmlabelError(
+                f"rows of {episode.key} are not consecutive; --normalize episode and --shaping "
+                "need each episode's rows together and in frame order: sort the dataset by "
+                "episode_index, frame_index first"
+            )
         seen.add(episode.key)
 
 
@@ -358,8 +389,7 @@ class Scored:
 
 def _side_by_side(per_camera: list[list[np.ndarray]]) -> list[np.ndarray]:
     """Per episode, the cameras' (steps, goals) scores as one (steps, cameras x goals) array."""
-    return [np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-            for parts in zip(*per_camera, strict=True)]
+    return [np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in zip(*per_camera, strict=True)]
 
 
 def find_caches(run: OpenRun, model: ClipModel) -> list[cache.CacheMatch] | str:
@@ -373,11 +403,14 @@ def find_caches(run: OpenRun, model: ClipModel) -> list[cache.CacheMatch] | str:
     return matches
 
 
-def score_from_cache(run: OpenRun, matches: list[cache.CacheMatch], score_fn: Any, model: ClipModel,
-                     events: Events) -> Scored:
+def score_from_cache(
+    run: OpenRun, matches: list[cache.CacheMatch], score_fn: Any, model: ClipModel, events: Events
+) -> Scored:
     events.start(sum(e.steps for e in run.episodes) * len(run.sources))
-    results = [cache.score_cached(source, match, episodes, score_fn, model.device, events.on_progress)
-               for source, match, episodes in zip(run.sources, matches, run.camera_episodes, strict=True)]
+    results = [
+        cache.score_cached(source, match, episodes, score_fn, model.device, events.on_progress)
+        for source, match, episodes in zip(run.sources, matches, run.camera_episodes, strict=True)
+    ]
     raw = _side_by_side([r.rewards for r in results])
     return Scored(0, len(run.episodes), raw, sum(r.seconds for r in results), 0, 0, True)
 
@@ -388,8 +421,9 @@ def checkpoint_folders(run: OpenRun) -> list[Path]:
     return [run.work / (base if index == 0 else f"{base}-cam{index}") for index in range(len(run.sources))]
 
 
-def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint],
-                 events: Events) -> Scored:
+def score_frames(
+    run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint], events: Events
+) -> Scored:
     """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes;
     camera after camera."""
     steps = [e.steps for e in run.episodes]
@@ -397,13 +431,25 @@ def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints
     lo, hi = plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
     count = len(run.sources)
     per_camera, seconds, resumed = [], 0.0, 0
-    for index, (source, episodes, checkpoint) in enumerate(zip(run.sources, run.camera_episodes, checkpoints,
-                                                               strict=True)):
+    for index, (source, episodes, checkpoint) in enumerate(
+        zip(run.sources, run.camera_episodes, checkpoints, strict=True)
+    ):
         start = (lambda total: events.start(total * count)) if index == 0 else None
-        span = score_span(source, scorer, episodes, lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
-                          batch_size, checkpoint, run.request.restart, run.request.checkpoint_every,
-                          start, events.on_progress, events.on_note, resolve_workers(run.request.workers))
-        per_camera.append([span.scores[bounds[i] - span.start:bounds[i + 1] - span.start] for i in range(lo, hi)])
+        span = score_span(
+            source,
+            scorer,
+            episodes,
+            lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
+            batch_size,
+            checkpoint,
+            run.request.restart,
+            run.request.checkpoint_every,
+            start,
+            events.on_progress,
+            events.on_note,
+            resolve_workers(run.request.workers),
+        )
+        per_camera.append([span.scores[bounds[i] - span.start : bounds[i + 1] - span.start] for i in range(lo, hi)])
         seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
     return Scored(lo, hi, _side_by_side(per_camera), seconds, resumed, batch_size, False)
 
@@ -411,9 +457,19 @@ def score_frames(run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints
 # -- commit -------------------------------------------------------------------------------------------
 
 
-def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray], names: list[str],
-           raw_names: list[str], logit_scale: float, common: dict[str, Any], overwrite: bool,
-           cameras: Cameras, key: str, dropped: list[str]) -> tuple[Path, list[np.ndarray]]:
+def commit(
+    destination: Destination,
+    config: RewardConfig,
+    raw: list[np.ndarray],
+    names: list[str],
+    raw_names: list[str],
+    logit_scale: float,
+    common: dict[str, Any],
+    overwrite: bool,
+    cameras: Cameras,
+    key: str,
+    dropped: list[str],
+) -> tuple[Path, list[np.ndarray]]:
     """Combine cameras, post-process, record provenance and write every reward column in one atomic step, which
     also removes ``dropped`` (the rest of the results replaced, ``whole_results``). Every column records ``key``,
     the --reward-key that names the result."""
@@ -433,8 +489,13 @@ def commit(destination: Destination, config: RewardConfig, raw: list[np.ndarray]
         per_camera = zip(cameras.keys, cameras.column_names([name]), strict=True) if cameras.several else []
         for index, (key, column) in enumerate(per_camera):
             scores = cameras.camera(raw, goals, index)
-            camera_attrs = {**common, **config.attrs(goal_index, logit_scale), "formula": formula,
-                            "image_key": key, "camera_of": name}
+            camera_attrs = {
+                **common,
+                **config.attrs(goal_index, logit_scale),
+                "formula": formula,
+                "image_key": key,
+                "camera_of": name,
+            }
             columns.append(RewardColumn(column, [s[:, goal_index] for s in scores], camera_attrs))
     return destination.write(columns, overwrite, dropped), final
 
@@ -457,9 +518,12 @@ def _model_loads() -> None:
 
 
 @stoppable()
-def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None = None,
-                 on_progress: Callable[[int], None] | None = None,
-                 on_note: Callable[[str], None] | None = None) -> Summary:
+def relabel_file(
+    request: RelabelRequest,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> Summary:
     """Score every step (or one shard's) and write the rewards (or save the shard's part).
 
     The source is only read. Progress is saved beside the destination so a killed run resumes, and a
@@ -479,20 +543,22 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
         if not maybe_done:
             _checks_and_lock(run, stack, events)
         use_cache = request.use_cache and run.shard is None  # shards score frames, like every other shard
-        cached = use_cache and all(cache.stored(source, episodes)
-                                   for source, episodes in zip(run.sources, run.camera_episodes, strict=True))
+        cached = use_cache and all(
+            cache.stored(source, episodes) for source, episodes in zip(run.sources, run.camera_episodes, strict=True)
+        )
         if not (maybe_done or cached):  # frames will be read: the decoding workers' server starts as the model loads
             prepare_workers(run.source, resolve_workers(request.workers))
         _model_loads()
         # A run that may encode no frame (served by the cache, or already done) loads the text tower only.
-        model = load_model(request.model, request.pretrained, device, precision,
-                           image_tower=not (maybe_done or cached))
+        model = load_model(request.model, request.pretrained, device, precision, image_tower=not (maybe_done or cached))
         match: list[cache.CacheMatch] | str = find_caches(run, model) if use_cache else "--no-cache"
         identity = run.identity(model, not isinstance(match, str))
         wanted = result_id(identity, run.fingerprint)
         if maybe_done and run.already_written(present, wanted):
-            events.note(f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
-                        "(same frames, goals, model and formulation); nothing to do")
+            events.note(
+                f"{', '.join(run.names)} already written to {run.destination.path} by an identical run "
+                "(same frames, goals, model and formulation); nothing to do"
+            )
             _clear_finished(run, identity, stack, events)
             return FinishedSummary(run.destination.path, run.names)
         if maybe_done:
@@ -505,27 +571,52 @@ def relabel_file(request: RelabelRequest, on_start: Callable[[int], None] | None
             events.note(note)
         score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale)
         if not isinstance(match, str):
-            return _commit_run(run, model, score_from_cache(run, match, score_fn, model, events), wanted,
-                               "using cached embeddings")
-        return _score_frames_and_finish(run, model, FrameScorer(model, run.config.goals, score_fn), identity,
-                                        wanted, batch_size, events, str(match))
+            return _commit_run(
+                run, model, score_from_cache(run, match, score_fn, model, events), wanted, "using cached embeddings"
+            )
+        return _score_frames_and_finish(
+            run, model, FrameScorer(model, run.config.goals, score_fn), identity, wanted, batch_size, events, str(match)
+        )
 
 
-def _score_frames_and_finish(run: OpenRun, model: ClipModel, scorer: FrameScorer, identity: dict[str, Any],
-                             wanted: str, batch_size: int, events: Events, cache_note: str) -> Summary:
+def _score_frames_and_finish(
+    run: OpenRun,
+    model: ClipModel,
+    scorer: FrameScorer,
+    identity: dict[str, Any],
+    wanted: str,
+    batch_size: int,
+    events: Events,
+    cache_note: str,
+) -> Summary:
     """Score frames with saved progress, then commit (a whole run) or save the part (a shard)."""
     numerics = run_numerics(model.device)
     if run.shard and _part_done(shard_result(run.work, run.shard), identity, numerics, events):
         return _shard_summary(run, 0.0, True)
-    checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), events.on_note)
-                   for folder in checkpoint_folders(run)]
+    checkpoints = [
+        Checkpoint(folder, identity, numerics, len(run.config.goals), events.on_note)
+        for folder in checkpoint_folders(run)
+    ]
     try:
         scored = score_frames(run, scorer, batch_size, checkpoints, events)
         if run.shard:
-            _save_part(run, scored, PartMeta(identity, numerics, scored.batch_size, run.config.to_json(),
-                                             model.logit_scale, _common_attrs(run, model, scored, wanted),
-                                             run.request.align.value, list(run.cameras.keys),
-                                             run.cameras.reduce.value, wanted, run.shard.numbering))
+            _save_part(
+                run,
+                scored,
+                PartMeta(
+                    identity,
+                    numerics,
+                    scored.batch_size,
+                    run.config.to_json(),
+                    model.logit_scale,
+                    _common_attrs(run, model, scored, wanted),
+                    run.request.align.value,
+                    list(run.cameras.keys),
+                    run.cameras.reduce.value,
+                    wanted,
+                    run.shard.numbering,
+                ),
+            )
             summary: Summary = _shard_summary(run, scored.seconds, False)
         else:
             summary = _commit_run(run, model, scored, wanted, cache_note)
@@ -549,39 +640,64 @@ def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
 
 
 def _common_attrs(run: OpenRun, model: ClipModel, scored: Scored, wanted: str) -> dict[str, Any]:
-    return {**base_attrs(run.request.align, run.source.image_key, scored.used_cache, model.describe(),
-                         run.episodes[0].per_observation),
-            RESULT_ATTR: wanted}
+    return {
+        **base_attrs(
+            run.request.align,
+            run.source.image_key,
+            scored.used_cache,
+            model.describe(),
+            run.episodes[0].per_observation,
+        ),
+        RESULT_ATTR: wanted,
+    }
 
 
 def _commit_run(run: OpenRun, model: ClipModel, scored: Scored, wanted: str, cache_note: str) -> RelabelSummary:
     run.close()
-    written, final = commit(run.destination, run.config, scored.raw, run.names, run.raw_names, model.logit_scale,
-                            _common_attrs(run, model, scored, wanted), run.request.overwrite, run.cameras,
-                            run.request.reward_key, run.dropped)
+    written, final = commit(
+        run.destination,
+        run.config,
+        scored.raw,
+        run.names,
+        run.raw_names,
+        model.logit_scale,
+        _common_attrs(run, model, scored, wanted),
+        run.request.overwrite,
+        run.cameras,
+        run.request.reward_key,
+        run.dropped,
+    )
     _push(run, written)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
-    return RelabelSummary(result, written, run.names, run.config.goals, model, run.source.layout,
-                          ", ".join(run.cameras.keys), scored.used_cache, cache_note, run.raw_names,
-                          run.cameras.column_names(run.names))
+    return RelabelSummary(
+        result,
+        written,
+        run.names,
+        run.config.goals,
+        model,
+        run.source.layout,
+        ", ".join(run.cameras.keys),
+        scored.used_cache,
+        cache_note,
+        run.raw_names,
+        run.cameras.column_names(run.names),
+    )
 
 
 def _save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
     """A shard's end: its raw scores and how they were made, for ``merge``."""
     assert run.shard is not None
-    episodes = run.episodes[scored.lo:scored.hi]
+    episodes = run.episodes[scored.lo : scored.hi]
     width = len(run.config.goals) * len(run.sources)
     part = np.concatenate(scored.raw) if scored.raw else np.empty((0, width), np.float32)
-    write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes],
-                 meta)
+    write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes], meta)
 
 
 def _shard_summary(run: OpenRun, seconds: float, already_done: bool) -> ShardSummary:
     assert run.shard is not None
     steps = [e.steps for e in run.episodes]
     lo, hi = plan(steps, run.shard.count)[run.shard.index]
-    return ShardSummary(run.shard, shard_result(run.work, run.shard), hi - lo, sum(steps[lo:hi]), seconds,
-                        already_done)
+    return ShardSummary(run.shard, shard_result(run.work, run.shard), hi - lo, sum(steps[lo:hi]), seconds, already_done)
 
 
 def _part_done(path: Path, identity: dict[str, Any], numerics: dict[str, str], events: Events) -> bool:
@@ -652,20 +768,26 @@ class EmbedSummary:
 
 
 @stoppable()
-def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = None,
-               on_progress: Callable[[int], None] | None = None,
-               on_note: Callable[[str], None] | None = None) -> EmbedSummary:
+def embed_file(
+    request: EmbedRequest,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> EmbedSummary:
     """Store every frame's unit image embedding in the source's cache file (safe write, like rewards)."""
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
     batch_size = _batch_size(request.batch_size, device)
     nvdec = nvdec_gpu(request.video_decoder, device)
-    with open_source(str(request.source), request.image_key, request.split, request.revision,
-                     nvdec_gpu=nvdec) as source, \
-            contextlib.ExitStack() as stack:
+    with (
+        open_source(str(request.source), request.image_key, request.split, request.revision, nvdec_gpu=nvdec) as source,
+        contextlib.ExitStack() as stack,
+    ):
         if source.cache_file is None:
-            raise VlmlabelError(f"{request.source}: a streamed dataset cannot keep an embedding cache; "
-                                "download it (drop --streaming) to make one")
+            raise VlmlabelError(
+                f"{request.source}: a streamed dataset cannot keep an embedding cache; "
+                "download it (drop --streaming) to make one"
+            )
         target = request.output or source.cache_file
         base = source.cache_file if source.cache_file.exists() else None
         plans = cache.plan(source)
@@ -689,8 +811,9 @@ def embed_file(request: EmbedRequest, on_start: Callable[[int], None] | None = N
         blocks = embed_segments(source, model, segments, batch_size, on_progress, workers)
         indices, stream = cache.cache_stream(source, plans, blocks, model, fingerprint)
         stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations, strict=True) if p.dense]
-        written = write_file(base, target, indices, True, stamp, remove=stale_rows, stream=stream,
-                             keep_mode=request.output is None)
+        written = write_file(
+            base, target, indices, True, stamp, remove=stale_rows, stream=stream, keep_mode=request.output is None
+        )
         seconds = time.perf_counter() - start
     return EmbedSummary(written, locations, total, stream.width, seconds, model, source.image_key)
 

@@ -46,8 +46,7 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 def describe_holder(info: dict) -> str:
-    return (f"PID {info.get('pid')} on {info.get('host')} since {info.get('started')} "
-            f"({info.get('command', '?')})")
+    return f"PID {info.get('pid')} on {info.get('host')} since {info.get('started')} ({info.get('command', '?')})"
 
 
 def read_holder(path: Path) -> dict | None:
@@ -143,8 +142,10 @@ class RunLock:
                 return
             info = {}
         elif holder_alive(info):
-            raise LockedError(f"{self.what} is being written by another vlmlabel run: {describe_holder(info)}; "
-                              f"wait for it to finish, or if it is gone remove {self.path}")
+            raise LockedError(
+                f"{self.what} is being written by another vlmlabel run: {describe_holder(info)}; "
+                f"wait for it to finish, or if it is gone remove {self.path}"
+            )
         if self._take_over(text) and self.on_note is not None:
             self.on_note(f"took over a stale lock left by a run that is gone ({describe_holder(info)})")
 
@@ -238,8 +239,11 @@ def _holders(path: Path) -> list[_Holder]:
             try:
                 if os.readlink(fd) != real:
                     continue
-                flags = next(line for line in (pid_dir / "fdinfo" / fd.name).read_text().splitlines()
-                             if line.startswith("flags:"))
+                flags = next(
+                    line
+                    for line in (pid_dir / "fdinfo" / fd.name).read_text().splitlines()
+                    if line.startswith("flags:")
+                )
             except (OSError, StopIteration):
                 continue
             try:

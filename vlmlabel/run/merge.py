@@ -56,26 +56,35 @@ def _shard_list(indices: list[int]) -> str:
 def _check_complete(results: list[ShardResult], work: Path) -> None:
     counts = sorted({r.count for r in results})
     if len(counts) > 1:
-        raise VlmlabelError(f"{work} holds results of different splits ({', '.join(f'of {c}' for c in counts)}); "
-                            "remove the stale shard files and merge again")
+        raise VlmlabelError(
+            f"{work} holds results of different splits ({', '.join(f'of {c}' for c in counts)}); "
+            "remove the stale shard files and merge again"
+        )
     count = counts[0]
     missing = sorted(set(range(count)) - {r.index for r in results})
     if missing:
-        raise VlmlabelError(f"missing shard(s) {_shard_list(missing)} of {count} (no "
-                            f"{work / f'shard-{missing[0]}-of-{count}.npz'}); run them with --num-shards {count} "
-                            f"--shard-index {missing[0] if len(missing) == 1 else 'I'} and merge again")
+        raise VlmlabelError(
+            f"missing shard(s) {_shard_list(missing)} of {count} (no "
+            f"{work / f'shard-{missing[0]}-of-{count}.npz'}); run them with --num-shards {count} "
+            f"--shard-index {missing[0] if len(missing) == 1 else 'I'} and merge again"
+        )
     _refuse_running(work)
     first = results[0].meta
     for other in results[1:]:
-        changed = frame_differences(first.identity, other.meta.identity) + differences(first.numerics,
-                                                                                        other.meta.numerics)
+        changed = frame_differences(first.identity, other.meta.identity) + differences(
+            first.numerics, other.meta.numerics
+        )
         if changed:
-            raise VlmlabelError(f"shard {other.index} was made with other options than shard {results[0].index} "
-                                f"({', '.join(changed)} differ); run the shards again with the same options")
+            raise VlmlabelError(
+                f"shard {other.index} was made with other options than shard {results[0].index} "
+                f"({', '.join(changed)} differ); run the shards again with the same options"
+            )
         if other.meta.batch_size != first.batch_size:
-            raise VlmlabelError(f"shard {other.index} used --batch-size {other.meta.batch_size} but shard "
-                                f"{results[0].index} used {first.batch_size}; the rewards would not equal a "
-                                "single run bit for bit — run the shards again with one --batch-size")
+            raise VlmlabelError(
+                f"shard {other.index} used --batch-size {other.meta.batch_size} but shard "
+                f"{results[0].index} used {first.batch_size}; the rewards would not equal a "
+                "single run bit for bit — run the shards again with one --batch-size"
+            )
 
 
 def _refuse_running(work: Path) -> None:
@@ -84,8 +93,10 @@ def _refuse_running(work: Path) -> None:
         for lock in (p for p in paths if p.suffix == ".lock"):
             holder = read_holder(lock)
             if holder is not None and holder_alive(holder):
-                raise VlmlabelError(f"{lock.stem.replace('-', ' ')} is still running ({describe_holder(holder)}); "
-                                    "merge when it has finished")
+                raise VlmlabelError(
+                    f"{lock.stem.replace('-', ' ')} is still running ({describe_holder(holder)}); "
+                    "merge when it has finished"
+                )
 
 
 def _names(meta: PartMeta, reward_key: str) -> tuple[RewardConfig, list[str], list[str], Cameras]:
@@ -110,8 +121,9 @@ def _already_merged(destination: Destination, results: list[ShardResult], reward
     return None
 
 
-def _refuse_other_frames(source: Path | str, opened: DatasetSource, meta: PartMeta, split: str,
-                         revision: str | None) -> None:
+def _refuse_other_frames(
+    source: Path | str, opened: DatasetSource, meta: PartMeta, split: str, revision: str | None
+) -> None:
     """The parts were scored from the frames the source holds now (each camera's content fingerprint)."""
     fingerprints = []
     for key in meta.cameras:
@@ -121,16 +133,26 @@ def _refuse_other_frames(source: Path | str, opened: DatasetSource, meta: PartMe
         with open_source(str(source), key, split, revision) as camera:
             fingerprints.append(content_fingerprint(camera))
     if frames_fingerprint(fingerprints) != meta.identity.get("frames"):
-        raise VlmlabelError(f"the shards were computed from other frames than {source} holds now (made from "
-                            f"{meta.identity['source']}, whose frames have changed since, or another dataset); "
-                            "run the shards again")
+        raise VlmlabelError(
+            f"the shards were computed from other frames than {source} holds now (made from "
+            f"{meta.identity['source']}, whose frames have changed since, or another dataset); "
+            "run the shards again"
+        )
 
 
 @stoppable()
-def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, output: Path | None = None,
-                 overwrite: bool = False, on_note: Callable[[str], None] | None = None,
-                 count: int | None = None, image_key: str | None = None, split: str = "train",
-                 revision: str | None = None, link: bool = False) -> MergeSummary | FinishedSummary:
+def merge_shards(
+    source: Path | str,
+    reward_key: str = DEFAULT_REWARD_KEY,
+    output: Path | None = None,
+    overwrite: bool = False,
+    on_note: Callable[[str], None] | None = None,
+    count: int | None = None,
+    image_key: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    link: bool = False,
+) -> MergeSummary | FinishedSummary:
     """Verify the parts cover the dataset exactly once with one configuration, then commit them.
 
     ``count`` (torchrun: the world size) ignores parts left by an earlier split into another number of shards.
@@ -143,14 +165,17 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
         paths = [p for p in list_results(work) if count is None or p.name.endswith(f"-of-{count}.npz")]
         if not paths:
             merged = destination_for(opened, output, opened.episodes(Align.frame)).written(
-                [reward_key, f"{reward_key}_0"])
+                [reward_key, f"{reward_key}_0"]
+            )
             done = [name for name, present in merged.items() if RESULT_ATTR in present.attrs]
             if done:
                 if on_note is not None:
                     on_note(f"{done[0]} is already merged into {dest}; nothing to do")
                 return FinishedSummary(dest, done)
-            raise VlmlabelError(f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
-                                "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)")
+            raise VlmlabelError(
+                f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
+                "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)"
+            )
         with RunLock(dest_lock(dest), str(dest), on_note):
             pause_at("open")
             results = [read_result(p) for p in paths]
@@ -163,13 +188,17 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
                 with deferred():  # removed whole, never half
                     shutil.rmtree(work, ignore_errors=True)
                 if on_note is not None:
-                    on_note(f"{', '.join(finished)} already merged into {dest} from these shards (a merge stopped "
-                            f"before it removed them); removed {work}")
+                    on_note(
+                        f"{', '.join(finished)} already merged into {dest} from these shards (a merge stopped "
+                        f"before it removed them); removed {work}"
+                    )
                 return FinishedSummary(dest, finished)
             _check_complete(results, work)
             if image_key is not None and opened.image_key not in meta.cameras:
-                raise VlmlabelError(f"the shards read frames from {', '.join(meta.cameras)}, not "
-                                    f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}")
+                raise VlmlabelError(
+                    f"the shards read frames from {', '.join(meta.cameras)}, not "
+                    f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}"
+                )
             _refuse_other_frames(source, opened, meta, split, revision)
             config, names, raw_names, cameras = _names(meta, reward_key)
             raw = _gather(episodes, results)
@@ -177,12 +206,24 @@ def merge_shards(source: Path | str, reward_key: str = DEFAULT_REWARD_KEY, outpu
             dropped = whole_results(reward_key, every, destination.carried())
             destination.check(every + dropped, overwrite)
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
-            written, final = commit(destination, config, raw, names, raw_names, meta.logit_scale, meta.base_attrs,
-                                    overwrite, cameras, reward_key, dropped)
+            written, final = commit(
+                destination,
+                config,
+                raw,
+                names,
+                raw_names,
+                meta.logit_scale,
+                meta.base_attrs,
+                overwrite,
+                cameras,
+                reward_key,
+                dropped,
+            )
             with deferred():  # the parts are written: removed whole, never half
                 shutil.rmtree(work, ignore_errors=True)
-    return MergeSummary(written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals,
-                        np.concatenate(final))
+    return MergeSummary(
+        written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals, np.concatenate(final)
+    )
 
 
 def _gather(episodes: list[Episode], results: list[ShardResult]) -> list[np.ndarray]:
@@ -192,20 +233,27 @@ def _gather(episodes: list[Episode], results: list[ShardResult]) -> list[np.ndar
         offsets = np.concatenate([[0], np.cumsum(result.steps, dtype=np.int64)])
         for name, lo, hi in zip(result.names, offsets[:-1], offsets[1:], strict=True):
             if name in found:
-                raise VlmlabelError(f"episode {name!r} is covered by shards {found[name][0]} and {result.index}; "
-                                    "remove the stale shard files and run the shards again")
+                raise VlmlabelError(
+                    f"episode {name!r} is covered by shards {found[name][0]} and {result.index}; "
+                    "remove the stale shard files and run the shards again"
+                )
             found[name] = (result.index, result.rewards[lo:hi])
     known = {e.name for e in episodes}
     strangers = sorted(set(found) - known)
     if strangers:
-        raise VlmlabelError(f"shard results name episodes the dataset does not have ({', '.join(strangers[:3])}); "
-                            "they were made from another dataset")
+        raise VlmlabelError(
+            f"shard results name episodes the dataset does not have ({', '.join(strangers[:3])}); "
+            "they were made from another dataset"
+        )
     missing = [e.name for e in episodes if e.name not in found]
     if missing:
-        raise VlmlabelError(f"{len(missing)} episode(s) are in no shard result (first: {missing[0]!r}); "
-                            "run the shards again")
+        raise VlmlabelError(
+            f"{len(missing)} episode(s) are in no shard result (first: {missing[0]!r}); run the shards again"
+        )
     for episode in episodes:
         if len(found[episode.name][1]) != episode.steps:
-            raise VlmlabelError(f"shard {found[episode.name][0]} has {len(found[episode.name][1])} rewards for "
-                                f"{episode.name!r}, which has {episode.steps} steps; run that shard again")
+            raise VlmlabelError(
+                f"shard {found[episode.name][0]} has {len(found[episode.name][1])} rewards for "
+                f"{episode.name!r}, which has {episode.steps} steps; run that shard again"
+            )
     return [found[e.name][1] for e in episodes]

@@ -65,15 +65,22 @@ class ScoredSpan:
     batch_size: int
 
 
-def _resume(checkpoint: Checkpoint, span: Callable[[int], tuple[int, int]], batch_size: int, restart: bool,
-            on_note: Callable[[str], None] | None) -> tuple[int, int, int, np.ndarray, int]:
+def _resume(
+    checkpoint: Checkpoint,
+    span: Callable[[int], tuple[int, int]],
+    batch_size: int,
+    restart: bool,
+    on_note: Callable[[str], None] | None,
+) -> tuple[int, int, int, np.ndarray, int]:
     """Saved progress taken up, or a fresh one begun: the batch size, the frames [start, end), the scores array
     (filled up to the frame reached) and that frame."""
     progress = checkpoint.load(restart)
     if progress is not None and progress.batch_size != batch_size:
         if on_note is not None:
-            on_note(f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
-                    f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run")
+            on_note(
+                f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
+                f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run"
+            )
         batch_size = progress.batch_size
     start, end = span(batch_size)
     if progress is not None and (progress.start, progress.stop) != (start, end):
@@ -85,7 +92,7 @@ def _resume(checkpoint: Checkpoint, span: Callable[[int], tuple[int, int]], batc
         checkpoint.begin(batch_size, start, end)
         return batch_size, start, end, scores, start
     checkpoint.resume_from(progress)
-    scores[:progress.done - start] = progress.rows
+    scores[: progress.done - start] = progress.rows
     if on_note is not None and progress.done > start:
         on_note(f"resuming: {progress.done - start:,} of {end - start:,} frames were already scored")
     return batch_size, start, end, scores, progress.done
@@ -120,14 +127,15 @@ def score_span(
         saved = position
         try:
             stop.check(_kept(saved - start, end - start))
-            for rows in compute_rows(source, trim(episodes, position, end), batch_size, scorer.model.device,
-                                     scorer.score, None, workers):
-                scores[position - start:position - start + len(rows)] = rows
+            for rows in compute_rows(
+                source, trim(episodes, position, end), batch_size, scorer.model.device, scorer.score, None, workers
+            ):
+                scores[position - start : position - start + len(rows)] = rows
                 position += len(rows)
                 if on_progress is not None:
                     on_progress(len(rows))
                 if stop.requested or position - saved >= every:
-                    checkpoint.save(position, scores[saved - start:position - start])
+                    checkpoint.save(position, scores[saved - start : position - start])
                     saved = position
                 if stop.requested:
                     checkpoint.flush()
@@ -135,7 +143,7 @@ def score_span(
                 if delay:
                     time.sleep(delay)
             if position > saved:  # everything scored is kept: a write that fails after this resumes at once
-                checkpoint.save(position, scores[saved - start:position - start])
+                checkpoint.save(position, scores[saved - start : position - start])
             checkpoint.flush()
             stop.check(_kept(position - start, end - start))
         finally:

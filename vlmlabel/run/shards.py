@@ -25,8 +25,14 @@ from vlmlabel.errors import VlmlabelError
 _SHARD_FILE = re.compile(r"shard-(\d+)-of-(\d+)\.npz")
 # Everything a shard leaves in the work folder: its part, its saved progress (one folder per camera), its lock.
 _SHARD_TRACE = re.compile(r"shard-(\d+)-of-(\d+)\.(npz|lock|progress(-cam\d+)?)")
-_ARRAY_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
-               "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_JOB_ID")
+_ARRAY_VARS = (
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_ARRAY_TASK_COUNT",
+    "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX",
+    "SLURM_ARRAY_TASK_STEP",
+    "SLURM_ARRAY_JOB_ID",
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,10 @@ def shard_from_options(num_shards: int | None, shard_index: int | None) -> Shard
     if num_shards == 1 and shard_index in (None, 0):
         return None
     if shard_index is None:
-        raise VlmlabelError(f"--num-shards {num_shards} needs --shard-index I (0..{num_shards - 1}): which shard "
-                            "this run scores (--num-shards 1 scores the whole dataset)")
+        raise VlmlabelError(
+            f"--num-shards {num_shards} needs --shard-index I (0..{num_shards - 1}): which shard "
+            "this run scores (--num-shards 1 scores the whole dataset)"
+        )
     if not 0 <= shard_index < num_shards:
         raise VlmlabelError(f"--shard-index must be in 0..{num_shards - 1}, not {shard_index}")
     return ShardSpec(shard_index, num_shards, f"--num-shards {num_shards} --shard-index {shard_index}")
@@ -134,8 +142,13 @@ class SlurmArrayTask:
         step = _int_env(env, "SLURM_ARRAY_TASK_STEP") or 1
         described = ", ".join(f"{name}={env[name]}" for name in _ARRAY_VARS if env.get(name))
         numbering = None
-        if count is not None and count > 1 and first is not None and step > 0 \
-                and (last is None or last == first + step * (count - 1)):  # a range, not a list of tasks
+        if (
+            count is not None
+            and count > 1
+            and first is not None
+            and step > 0
+            and (last is None or last == first + step * (count - 1))
+        ):  # a range, not a list of tasks
             numbering = ArrayNumbering(first, step, count, env.get("SLURM_ARRAY_JOB_ID", ""))
         return cls(task, described, numbering)
 
@@ -147,39 +160,56 @@ class SlurmArrayTask:
         if self.numbering is not None:
             return self._from_variables(self.numbering, saved, work)
         if not saved:
-            raise VlmlabelError(f"{self.described}: these SLURM variables do not say how many shards the job has "
-                                f"(a task resubmitted alone?), and {work} holds no shard of an earlier run; pass "
-                                "--num-shards N --shard-index I (--num-shards 1 scores the whole dataset)")
+            raise VlmlabelError(
+                f"{self.described}: these SLURM variables do not say how many shards the job has "
+                f"(a task resubmitted alone?), and {work} holds no shard of an earlier run; pass "
+                "--num-shards N --shard-index I (--num-shards 1 scores the whole dataset)"
+            )
         if len(saved) > 1:
             found = " and ".join(f"{saved[c][0].name}" for c in sorted(saved))
-            raise VlmlabelError(f"{self.described}: these SLURM variables do not say how many shards the job has, "
-                                f"and {work} holds shards of different splits ({found}); pass --num-shards N "
-                                "--shard-index I, or remove the stale shard files")
+            raise VlmlabelError(
+                f"{self.described}: these SLURM variables do not say how many shards the job has, "
+                f"and {work} holds shards of different splits ({found}); pass --num-shards N "
+                "--shard-index I, or remove the stale shard files"
+            )
         count = next(iter(saved))
         numbering = _saved_numbering(saved[count])
         advice = f"pass --num-shards {count} --shard-index I{_missing_note(work, count)}"
         if numbering is None:
-            raise VlmlabelError(f"{self.described}: these SLURM variables do not say how many shards the job has; "
-                                f"{work} holds shards of {count} ({saved[count][0].name}) but not the numbering of "
-                                f"an array that made them; {advice}")
+            raise VlmlabelError(
+                f"{self.described}: these SLURM variables do not say how many shards the job has; "
+                f"{work} holds shards of {count} ({saved[count][0].name}) but not the numbering of "
+                f"an array that made them; {advice}"
+            )
         index = numbering.index_of(self.task)
         if index is None:
-            raise VlmlabelError(f"SLURM_ARRAY_TASK_ID={self.task} is no task of {numbering.describe()}, whose "
-                                f"{count} shards {work} holds; {advice}")
-        return ShardSpec(index, count, f"SLURM array task {self.task} resubmitted alone ({self.described}), taken "
-                                       f"as task {self.task} of {numbering.describe()} from {work}", numbering)
+            raise VlmlabelError(
+                f"SLURM_ARRAY_TASK_ID={self.task} is no task of {numbering.describe()}, whose "
+                f"{count} shards {work} holds; {advice}"
+            )
+        return ShardSpec(
+            index,
+            count,
+            f"SLURM array task {self.task} resubmitted alone ({self.described}), taken "
+            f"as task {self.task} of {numbering.describe()} from {work}",
+            numbering,
+        )
 
     def _from_variables(self, numbering: ArrayNumbering, saved: dict[int, list[Path]], work: Path) -> ShardSpec:
         others = sorted(c for c in saved if c != numbering.count)
         if others:
-            raise VlmlabelError(f"{self.described}: this SLURM array makes {numbering.count} shards, but {work} holds "
-                                f"shards of {others[0]} ({saved[others[0]][0].name}), left by an earlier split or "
-                                "the array this task resubmits part of; to rerun one of those pass --num-shards "
-                                f"{others[0]} --shard-index I, to split anew remove {work}")
+            raise VlmlabelError(
+                f"{self.described}: this SLURM array makes {numbering.count} shards, but {work} holds "
+                f"shards of {others[0]} ({saved[others[0]][0].name}), left by an earlier split or "
+                "the array this task resubmits part of; to rerun one of those pass --num-shards "
+                f"{others[0]} --shard-index I, to split anew remove {work}"
+            )
         index = numbering.index_of(self.task)
         if index is None:
-            raise VlmlabelError(f"cannot derive a shard from {self.described}: task {self.task} is no task of "
-                                f"{numbering.describe()}; pass --num-shards N --shard-index I")
+            raise VlmlabelError(
+                f"cannot derive a shard from {self.described}: task {self.task} is no task of "
+                f"{numbering.describe()}; pass --num-shards N --shard-index I"
+            )
         return ShardSpec(index, numbering.count, f"SLURM array task {self.task} ({self.described})", numbering)
 
 
@@ -267,8 +297,13 @@ def write_result(path: Path, rewards: np.ndarray, names: list[str], steps: list[
     """Write a shard's rewards atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.staged(path) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, rewards=np.asarray(rewards, dtype=np.float32), names=np.array(names, dtype=str),
-                 steps=np.asarray(steps, dtype=np.int64), meta=np.array(meta.to_json()))
+        np.savez(
+            handle,
+            rewards=np.asarray(rewards, dtype=np.float32),
+            names=np.array(names, dtype=str),
+            steps=np.asarray(steps, dtype=np.int64),
+            meta=np.array(meta.to_json()),
+        )
 
 
 def read_result(path: Path) -> ShardResult:

@@ -29,8 +29,14 @@ def _is_parquet_file(path: Path) -> bool:
         return handle.read(4) == _PARQUET_MAGIC
 
 
-def open_source(path: str, image_key: str | None = None, split: str = "train", revision: str | None = None,
-                streaming: bool = False, nvdec_gpu: int | None = None) -> DatasetSource:
+def open_source(
+    path: str,
+    image_key: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+    streaming: bool = False,
+    nvdec_gpu: int | None = None,
+) -> DatasetSource:
     """Open a dataset read-only, choosing the reader from what the path is.
 
     An HDF5 file; a LeRobot folder (meta/info.json); a `save_to_disk` folder; a parquet file, folder or
@@ -49,8 +55,10 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
             return tables.open_disk(given, image_key, split)
         if any(given.rglob("*.parquet")):
             return tables.open_parquet(path, image_key)
-        raise SourceError(f"{given} is a folder but not a dataset vlmlabel reads (no meta/info.json, state.json, "
-                          "dataset_dict.json or parquet files)")
+        raise SourceError(
+            f"{given} is a folder but not a dataset vlmlabel reads (no meta/info.json, state.json, "
+            "dataset_dict.json or parquet files)"
+        )
     if given.is_file() and _is_parquet_file(given):
         return tables.open_parquet(path, image_key)
     if not given.exists() and tables.HUB_ID.fullmatch(path) and given.suffix not in FILE_SUFFIXES:
@@ -65,8 +73,9 @@ def open_source(path: str, image_key: str | None = None, split: str = "train", r
     return HDF5Source(path, image_key)
 
 
-def open_any_camera(path: str, image_key: str | None = None, split: str = "train",
-                    revision: str | None = None) -> DatasetSource:
+def open_any_camera(
+    path: str, image_key: str | None = None, split: str = "train", revision: str | None = None
+) -> DatasetSource:
     """Open a dataset to read what is not frames (written rewards, episodes): with several cameras and none
     named, the first one does."""
     try:

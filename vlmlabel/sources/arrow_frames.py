@@ -25,8 +25,11 @@ def hf_features(schema: pa.Schema, where: object) -> dict[str, dict]:
     raw = (schema.metadata or {}).get(b"huggingface")
     if not raw:
         return {}
-    meta = JsonObject.parse(raw, f"the 'huggingface' metadata of {where}",
-                            "the file's schema metadata is damaged: write the dataset again with `datasets`")
+    meta = JsonObject.parse(
+        raw,
+        f"the 'huggingface' metadata of {where}",
+        "the file's schema metadata is damaged: write the dataset again with `datasets`",
+    )
     features = meta.object("info").object("features").values
     return {name: value for name, value in features.items() if isinstance(value, dict)}
 
@@ -91,8 +94,10 @@ def frame_format(field: pa.Field, feature: dict | None, sample: pa.Array) -> Fra
         raise SourceError(f"column {name!r} has rank {rank} per row; frames must be (H, W, C), (C, H, W) or (H, W)")
     dtype = leaf.to_pandas_dtype().__name__
     if not (pa.types.is_uint8(leaf) or pa.types.is_floating(leaf)):
-        raise SourceError(f"column {name!r} holds {dtype} values; frames must be uint8 (0-255) or float in [0, 1]: "
-                          f"cast it, e.g. ds.cast_column({name!r}, Array3D(shape, 'uint8'))")
+        raise SourceError(
+            f"column {name!r} holds {dtype} values; frames must be uint8 (0-255) or float in [0, 1]: "
+            f"cast it, e.g. ds.cast_column({name!r}, Array3D(shape, 'uint8'))"
+        )
     if len(sample) == 0:
         raise SourceError(f"column {name!r} has no rows")
     shape = _row_shape(sample, rank, name)
@@ -115,8 +120,10 @@ def _nested_to_numpy(array: pa.Array, fmt: FrameFormat, name: str) -> np.ndarray
             lengths = pc.list_value_length(values)
             low, high = pc.min_max(lengths).values()
             if len(lengths) and (low.as_py() != size or high.as_py() != size):
-                raise SourceError(f"column {name!r} has frames of different shapes (axis {level} is {low}-{high}, "
-                                  f"expected {size}); all frames of one column must share a shape")
+                raise SourceError(
+                    f"column {name!r} has frames of different shapes (axis {level} is {low}-{high}, "
+                    f"expected {size}); all frames of one column must share a shape"
+                )
         values = values.flatten()
     flat = values.to_numpy(zero_copy_only=False)
     return flat.reshape((rows, *fmt.frame_shape))
@@ -127,9 +134,11 @@ def _to_uint8(block: np.ndarray, name: str) -> np.ndarray:
         return block  # a read-only view of Arrow memory: readers copy it into their batch buffer
     if not (np.all(block >= 0) and np.all(block <= 1)):  # also false for NaN
         low, high = np.nanmin(block), np.nanmax(block)
-        raise SourceError(f"column {name!r} holds float frames outside [0, 1] (min {low:g}, max {high:g}"
-                          f"{', or NaN' if np.isnan(block).any() else ''}); vlmlabel reads float frames in [0, 1] "
-                          "or uint8 (0-255): rescale or cast the column")
+        raise SourceError(
+            f"column {name!r} holds float frames outside [0, 1] (min {low:g}, max {high:g}"
+            f"{', or NaN' if np.isnan(block).any() else ''}); vlmlabel reads float frames in [0, 1] "
+            "or uint8 (0-255): rescale or cast the column"
+        )
     return np.rint(block.astype(np.float32) * 255.0).astype(np.uint8)
 
 
@@ -143,7 +152,7 @@ def _image_bytes(struct: pa.Array, name: str, base: Path | None) -> list[np.ndar
         data = data.cast(pa.large_binary())
     _, offset_buffer, value_buffer = data.buffers()
     width = np.int64 if pa.types.is_large_binary(data.type) else np.int32
-    offsets = np.frombuffer(offset_buffer, dtype=width)[data.offset:data.offset + len(data) + 1]
+    offsets = np.frombuffer(offset_buffer, dtype=width)[data.offset : data.offset + len(data) + 1]
     values = np.frombuffer(value_buffer, dtype=np.uint8) if value_buffer is not None else np.empty(0, np.uint8)
     paths = children["path"].to_pylist() if data.null_count else None
     blobs = []
@@ -162,8 +171,10 @@ def _read_image_file(path: str | None, name: str, base: Path | None) -> bytes:
     try:
         return candidate.read_bytes()
     except OSError:
-        raise SourceError(f"column {name!r} refers to image file {path!r}, which cannot be read; "
-                          "embed the images (datasets' embed_external_files) or fix the path") from None
+        raise SourceError(
+            f"column {name!r} refers to image file {path!r}, which cannot be read; "
+            "embed the images (datasets' embed_external_files) or fix the path"
+        ) from None
 
 
 def to_block(column: pa.Array | pa.ChunkedArray, fmt: FrameFormat, name: str, base: Path | None = None) -> FrameBlock:

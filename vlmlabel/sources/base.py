@@ -118,8 +118,9 @@ def reward_path(target: str, name: str) -> str:
     return f"{target}/{name}" if target else name
 
 
-def step_segments(array: str, start: int, stop: int, align: Align,
-                  next_array: str | None = None) -> tuple[Segment, ...]:
+def step_segments(
+    array: str, start: int, stop: int, align: Align, next_array: str | None = None
+) -> tuple[Segment, ...]:
     """Frame rows scoring steps [start, stop) of one episode stored contiguously in ``array``.
 
     next: step t is scored by o_{t+1}; the last step by ``next_array`` (the stored next observation)
@@ -297,7 +298,7 @@ def describe_frames(source: FrameSource, segment: Segment) -> str:
         block = next(iter(source.read_blocks(Segment(segment.array, segment.start, segment.start + 1), 1)))
         if isinstance(block, np.ndarray):
             frame = block[0]
-            height, width = (frame.shape[:2] if fmt.axes != "CHW" else frame.shape[1:3])
+            height, width = frame.shape[:2] if fmt.axes != "CHW" else frame.shape[1:3]
             channels = 1 if frame.ndim == 2 else (frame.shape[-1] if fmt.axes != "CHW" else frame.shape[0])
             return f"{fmt.describe()}, first frame {height}x{width} {_MODES.get(channels, f'{channels} channels')}"
         import io

@@ -87,16 +87,20 @@ class ExternalRef:
             raise SourceError(self.missing(file))
         opened = self.resolve(folder)
         if opened != intended.resolve():
-            raise SourceError(f"{file}: {self.where} reads {os.path.normpath(intended)}, but "
-                              f"${self.prefix_variable} makes HDF5 read "
-                              f"{opened} instead; unset {self.prefix_variable} (vlmlabel reads a linked file only "
-                              "where the file linking to it says it is)")
+            raise SourceError(
+                f"{file}: {self.where} reads {os.path.normpath(intended)}, but "
+                f"${self.prefix_variable} makes HDF5 read "
+                f"{opened} instead; unset {self.prefix_variable} (vlmlabel reads a linked file only "
+                "where the file linking to it says it is)"
+            )
         return intended
 
     def missing(self, file: Path) -> str:
-        return (f"{file}: {self.where} reads {self.filename}, which is not found at "
-                f"{os.path.normpath(self.intended(file.absolute().parent))}; put that file back (a file and the files "
-                "it links to move together) or fix the link: vlmlabel never reads a file of that name found elsewhere")
+        return (
+            f"{file}: {self.where} reads {self.filename}, which is not found at "
+            f"{os.path.normpath(self.intended(file.absolute().parent))}; put that file back (a file and the files "
+            "it links to move together) or fix the link: vlmlabel never reads a file of that name found elsewhere"
+        )
 
 
 def all_external_links(group: h5py.Group) -> list[ExternalRef]:
@@ -109,8 +113,10 @@ def all_external_links(group: h5py.Group) -> list[ExternalRef]:
 
     group.id.links.visit(note, info=True)
     prefix = group.name.rstrip("/")
-    return [ExternalRef(f"{prefix}/{name.decode()}", group.id.links.get_val(name)[0].decode(), "HDF5_EXT_PREFIX")
-            for name in found]
+    return [
+        ExternalRef(f"{prefix}/{name.decode()}", group.id.links.get_val(name)[0].decode(), "HDF5_EXT_PREFIX")
+        for name in found
+    ]
 
 
 def virtual_sources(dataset: h5py.Dataset) -> list[ExternalRef]:
@@ -146,8 +152,9 @@ def stored_elsewhere(dataset: h5py.Dataset) -> tuple[list[Path], list[str]]:
             return
         seen.add(key)
         for index in range(externals):
-            raw = ExternalRef(held.name, plist.get_external(index)[0].decode(errors="surrogateescape"),
-                              "HDF5_EXTFILE_PREFIX")
+            raw = ExternalRef(
+                held.name, plist.get_external(index)[0].decode(errors="surrogateescape"), "HDF5_EXTFILE_PREFIX"
+            )
             files.update(dict.fromkeys(raw.found(holder.parent)))
         if not virtual:
             return
@@ -330,7 +337,7 @@ def _pread(fd: int, start: int, stop: int, where: object) -> memoryview:
 
 
 def _block_crcs(data: memoryview, block: int) -> list[int]:
-    return [zlib.crc32(data[b:b + block]) for b in range(0, len(data), block)]
+    return [zlib.crc32(data[b : b + block]) for b in range(0, len(data), block)]
 
 
 def _piece_crcs(fd: int, offset: int, size: int, block: int, where: object) -> list[int]:
@@ -353,8 +360,11 @@ def _plain_crcs(fd: int, arrays: list[PlainRows], where: object) -> list[bytes]:
     """What ``_stored_bytes`` gives for each plain array, read straight from the file: every stored piece in file
     order, in sweeps of up to 8 MiB that also cover the small gaps (HDF5's metadata) between pieces, so a few
     large sequential reads instead of h5py calls per array."""
-    pieces = [(offset, size, block, a, p) for a, plain in enumerate(arrays)
-              for p, (offset, size, block) in enumerate(plain.stored())]
+    pieces = [
+        (offset, size, block, a, p)
+        for a, plain in enumerate(arrays)
+        for p, (offset, size, block) in enumerate(plain.stored())
+    ]
     crcs: dict[tuple[int, int], list[int]] = {}
 
     def sweep(group: list[tuple[int, int, int, int, int]]) -> None:
@@ -365,7 +375,7 @@ def _plain_crcs(fd: int, arrays: list[PlainRows], where: object) -> list[bytes]:
         start = group[0][0]
         data = _pread(fd, start, max(offset + size for offset, size, *_ in group), where)
         for offset, size, block, a, p in group:
-            crcs[a, p] = _block_crcs(data[offset - start:offset - start + size], block)
+            crcs[a, p] = _block_crcs(data[offset - start : offset - start + size], block)
 
     group: list[tuple[int, int, int, int, int]] = []
     reach = 0  # where the group's bytes end
@@ -381,8 +391,10 @@ def _plain_crcs(fd: int, arrays: list[PlainRows], where: object) -> list[bytes]:
     counts = [0] * len(arrays)
     for _, _, _, a, _ in pieces:
         counts[a] += 1
-    return [np.asarray([c for p in range(counts[a]) for c in crcs[a, p]], dtype=np.uint32).tobytes()
-            for a in range(len(arrays))]
+    return [
+        np.asarray([c for p in range(counts[a]) for c in crcs[a, p]], dtype=np.uint32).tobytes()
+        for a in range(len(arrays))
+    ]
 
 
 class _Unsure(Exception):
@@ -431,8 +443,9 @@ def frame_format_of(dset: h5py.Dataset) -> FrameFormat | str:
     if len(shape) not in (3, 4):
         return f"has rank {len(shape)} (shape {shape}); frames must be (N, H, W, C), (N, C, H, W) or (N, H, W)"
     if dtype.kind == "f":
-        return (f"holds {dtype} values; frames must be uint8 images (0-255): convert them, "
-                "e.g. (x * 255).astype('uint8')")
+        return (
+            f"holds {dtype} values; frames must be uint8 images (0-255): convert them, e.g. (x * 255).astype('uint8')"
+        )
     if dtype != np.uint8:
         return f"holds {dtype} values; frames must be uint8 images"
     if len(shape) == 3:
@@ -444,8 +457,9 @@ def frame_format_of(dset: h5py.Dataset) -> FrameFormat | str:
     return f"has shape {shape}: frames need 1 or 3 channels, first or last"
 
 
-def _image_candidates(group: h5py.Group, prefix: str = "", depth: int = 2,
-                      only: tuple[str, ...] | None = None) -> list[str]:
+def _image_candidates(
+    group: h5py.Group, prefix: str = "", depth: int = 2, only: tuple[str, ...] | None = None
+) -> list[str]:
     """Datasets under ``group`` that look like frames (uint8 image arrays or encoded images); ``only``: the
     subgroups of ``group`` looked into (None: all; the others' members are never opened)."""
     found = []
@@ -470,8 +484,10 @@ def _names(group: h5py.Group) -> list[str]:
     names = list(group)
     odd = next((n for n in names if not isinstance(n, str)), None)
     if odd is not None:
-        raise SourceError(f"{group.name} in {group.file.filename} holds a name that is not UTF-8 ({odd!r}); rename it "
-                          "(h5py: group.move(old, new)) so vlmlabel can name what it reads and writes")
+        raise SourceError(
+            f"{group.name} in {group.file.filename} holds a name that is not UTF-8 ({odd!r}); rename it "
+            "(h5py: group.move(old, new)) so vlmlabel can name what it reads and writes"
+        )
     return names
 
 
@@ -488,8 +504,12 @@ def _is_group(parent: h5py.Group, name: str, strict: bool = False) -> bool:
 def _float_image_like(group: h5py.Group, prefix: str = "", depth: int = 3) -> list[str]:
     """The first float array shaped like frames under ``group`` (deep enough for data/demo_0/obs/x), if any."""
     for name, item in group.items():
-        if isinstance(item, h5py.Dataset) and item.ndim == 4 and item.dtype.kind == "f" and (
-                item.shape[-1] in (1, 3) or item.shape[1] in (1, 3)):
+        if (
+            isinstance(item, h5py.Dataset)
+            and item.ndim == 4
+            and item.dtype.kind == "f"
+            and (item.shape[-1] in (1, 3) or item.shape[1] in (1, 3))
+        ):
             return [f"{prefix}{name}"]
         if isinstance(item, h5py.Group) and depth > 0:
             found = _float_image_like(item, f"{prefix}{name}/", depth - 1)
@@ -519,7 +539,7 @@ def read_rows_into(dataset: h5py.Dataset, segment: Segment, out: np.ndarray, whe
     if dataset.dtype != out.dtype or dataset.shape[1:] != out.shape[1:] or len(segment) != len(out):
         return False
     try:
-        dataset.read_direct(out, source_sel=np.s_[segment.start:segment.stop])
+        dataset.read_direct(out, source_sel=np.s_[segment.start : segment.stop])
     except (OSError, RuntimeError) as exc:
         raise unreadable(where, exc, f"reading {dataset.name} rows {segment.start}-{segment.stop} of {where}") from None
     return True
@@ -540,16 +560,22 @@ def unreadable(path: object, exc: BaseException, doing: str) -> SourceError:
     code = _LOCK_ERRNO.search(text)
     number = int(code.group(1)) if code else getattr(exc, "errno", None) if isinstance(exc, OSError) else None
     if code and number in _NO_LOCKS:
-        return SourceError(f"{path}: this file system does not support the file locks HDF5 takes ({text}); set "
-                           "HDF5_USE_FILE_LOCKING=FALSE (or BEST_EFFORT) and run again")
+        return SourceError(
+            f"{path}: this file system does not support the file locks HDF5 takes ({text}); set "
+            "HDF5_USE_FILE_LOCKING=FALSE (or BEST_EFFORT) and run again"
+        )
     if code or number in (errno.EAGAIN, errno.EWOULDBLOCK):
-        return SourceError(f"{path} is locked by another program that has it open for writing (HDF5 file "
-                           "locking); wait for it to finish. The file is not damaged")
+        return SourceError(
+            f"{path} is locked by another program that has it open for writing (HDF5 file "
+            "locking); wait for it to finish. The file is not damaged"
+        )
     if "already open for write" in text:
-        return SourceError(f"{path} is open for writing by another program: HDF5 marks it as being written (an "
-                           "SWMR writer does so while it runs); wait for it to finish. The file is not damaged; if "
-                           f"no program writes it any more (one that died leaves the mark), clear the mark with "
-                           f"`h5clear -s {path}`")
+        return SourceError(
+            f"{path} is open for writing by another program: HDF5 marks it as being written (an "
+            "SWMR writer does so while it runs); wait for it to finish. The file is not damaged; if "
+            f"no program writes it any more (one that died leaves the mark), clear the mark with "
+            f"`h5clear -s {path}`"
+        )
     return SourceError(f"{doing} failed (truncated or corrupt?): {text}")
 
 
@@ -576,8 +602,9 @@ class HDF5Rows:
         yield from read_rows(dataset, segment.start, segment.stop, max_rows, self.path)
 
     def read_into(self, segment: Segment, out: np.ndarray) -> bool:
-        return read_rows_into(frames_dataset(self.file, segment.array, self.path, self._verified), segment, out,
-                              self.path)
+        return read_rows_into(
+            frames_dataset(self.file, segment.array, self.path, self._verified), segment, out, self.path
+        )
 
     def close(self) -> None:
         if self.file.id.valid:
@@ -627,10 +654,15 @@ class LinkedFile:
             record = cls(found["file"], dict(found["frames"]))
         except (TypeError, ValueError, KeyError):
             record = None
-        if (record is None or not isinstance(record.filename, str)
-                or not all(isinstance(v, str) for v in [*record.frames, *record.frames.values()])):
-            raise SourceError(f"{path}: the {LINKED_ATTR} attribute, which names the file a labels file links to, "
-                              "is damaged; make the labels file again (relabel SOURCE --output FILE --link)")
+        if (
+            record is None
+            or not isinstance(record.filename, str)
+            or not all(isinstance(v, str) for v in [*record.frames, *record.frames.values()])
+        ):
+            raise SourceError(
+                f"{path}: the {LINKED_ATTR} attribute, which names the file a labels file links to, "
+                "is damaged; make the labels file again (relabel SOURCE --output FILE --link)"
+            )
         return record
 
     def _ref(self) -> ExternalRef:
@@ -652,10 +684,12 @@ class LinkedFile:
             except SourceError as exc:
                 raise SourceError(f"{labels} is a labels file reading {os.path.normpath(target)}: {exc}") from None
             if not same:
-                raise SourceError(f"{labels} is a labels file made from {self.filename}, but "
-                                  f"{os.path.normpath(target)} now holds "
-                                  f"other frames ({key}): it is not the file that was linked. Put that file back "
-                                  "(the two files move together), or relabel the file to make a new labels file")
+                raise SourceError(
+                    f"{labels} is a labels file made from {self.filename}, but "
+                    f"{os.path.normpath(target)} now holds "
+                    f"other frames ({key}): it is not the file that was linked. Put that file back "
+                    "(the two files move together), or relabel the file to make a new labels file"
+                )
 
 
 def read_embedding_meta(handle: h5py.File, location: str) -> tuple[dict, np.ndarray | None, int] | None:
@@ -694,8 +728,9 @@ class HDF5Source:
             raise SourceError(f"{self.path} is not an HDF5 file; vlmlabel reads .h5/.hdf5 files")
         self.file = open_read_only(self.path)
         # the descriptor HDF5 reads the file through, for reading plain arrays with os.preadv (POSIX files only)
-        self._fd: int | None = (self.file.id.get_vfd_handle() if self.file.driver == "sec2" and hasattr(os, "preadv")
-                                else None)
+        self._fd: int | None = (
+            self.file.id.get_vfd_handle() if self.file.driver == "sec2" and hasattr(os, "preadv") else None
+        )
         try:
             self.linked = LinkedFile.recorded(self.file, self.path)
             if self.linked is not None:  # a labels file: its frames are read from that file, and only from it
@@ -714,8 +749,10 @@ class HDF5Source:
         root = self.file
         if not root.keys():
             raise SourceError(f"{self.path} is empty: it holds no datasets")
-        minari = sorted((k for k in _names(root)
-                         if re.fullmatch(r"episode_\d+", k) and _is_group(root, k, strict=True)), key=_natural_key)
+        minari = sorted(
+            (k for k in _names(root) if re.fullmatch(r"episode_\d+", k) and _is_group(root, k, strict=True)),
+            key=_natural_key,
+        )
         if minari:
             self.layout, self._episode_groups = "minari", minari
             self._group_names = frozenset(minari)
@@ -724,12 +761,20 @@ class HDF5Source:
         flat = _image_candidates(root, depth=1, only=_FLAT_OBS_GROUPS)  # frames at the root or in observations/
         parent = root["data"] if isinstance(root.get("data"), h5py.Group) else root
         prefix = "data/" if parent is not root else ""
-        groups = sorted((k for k in _names(parent) if k != EMBEDDING_GROUP and _is_group(parent, k)
-                         and (prefix or (k not in _FLAT_OBS_GROUPS and k not in _NEXT_OBS.values()))),
-                        key=_natural_key)
+        groups = sorted(
+            (
+                k
+                for k in _names(parent)
+                if k != EMBEDDING_GROUP
+                and _is_group(parent, k)
+                and (prefix or (k not in _FLAT_OBS_GROUPS and k not in _NEXT_OBS.values()))
+            ),
+            key=_natural_key,
+        )
         first = parent[groups[0]] if groups else None
         episodic = first is not None and bool(
-            _image_candidates(first) or (image_key and self._find_key(first, image_key)))
+            _image_candidates(first) or (image_key and self._find_key(first, image_key))
+        )
         flat_key_ok = image_key is None or isinstance(root.get(image_key), h5py.Dataset)
         if flat and (flat_key_ok or not episodic):
             self.layout, self._episode_groups = "flat", []
@@ -747,8 +792,9 @@ class HDF5Source:
         else:
             self._no_images(root, "the file")
 
-    def _choose_key(self, group: h5py.Group, image_key: str | None, where: str,
-                    candidates: list[str] | None = None) -> None:
+    def _choose_key(
+        self, group: h5py.Group, image_key: str | None, where: str, candidates: list[str] | None = None
+    ) -> None:
         found = candidates if candidates is not None else _image_candidates(group)
         self.cameras = found
         if image_key is not None:
@@ -765,8 +811,7 @@ class HDF5Source:
         if not found:
             self._no_images(group, where)
         if len(found) > 1:
-            raise SeveralCameras(f"several image datasets in {where}: {', '.join(found)}; "
-                                 f"{MULTI_CAMERA}", found)
+            raise SeveralCameras(f"several image datasets in {where}: {', '.join(found)}; {MULTI_CAMERA}", found)
         self.image_key = found[0]
         fmt = frame_format_of(frames_dataset(self.file, _member(group, found[0]), self.path))
         assert isinstance(fmt, FrameFormat)  # every candidate was listed for having a frame format
@@ -798,13 +843,14 @@ class HDF5Source:
                 raise SourceError(ref.missing(self.path))
         floats = _float_image_like(group)
         if floats:
-            raise SourceError(f"{floats[0]} in {where} holds float frames; vlmlabel reads uint8 images (0-255): "
-                              "convert them, e.g. (x * 255).astype('uint8')")
+            raise SourceError(
+                f"{floats[0]} in {where} holds float frames; vlmlabel reads uint8 images (0-255): "
+                "convert them, e.g. (x * 255).astype('uint8')"
+            )
         datasets: list[str] = []
         group.visit(lambda name: datasets.append(name) if isinstance(group[name], h5py.Dataset) else None)
         listed = ", ".join(datasets[:12]) + (" ..." if len(datasets) > 12 else "") if datasets else "none"
-        raise SourceError(f"no image dataset found in {where} (datasets: {listed}); "
-                          "name the frames with --image-key")
+        raise SourceError(f"no image dataset found in {where} (datasets: {listed}); name the frames with --image-key")
 
     # -- episodes ---------------------------------------------------------------------------------
 
@@ -831,17 +877,20 @@ class HDF5Source:
             raise SourceError(f"episode {name} is empty ({array} has 0 frames); remove it or fix the file")
         if align is Align.next and next_array is not None:
             next_rows = self._next_rows.get(next_array)
-            self._check_next(next_array, self.file[next_array].shape[0] if next_rows is None else next_rows, array,
-                             rows)
+            self._check_next(
+                next_array, self.file[next_array].shape[0] if next_rows is None else next_rows, array, rows
+            )
         return Episode(name, rows, step_segments(array, 0, rows, align, next_array), name)
 
     def _check_next(self, next_array: str, next_rows: int, array: str, rows: int) -> None:
         """``--align next`` scores an episode's last step by the stored next observation of its row: the arrays
         must line up row for row."""
         if next_rows != rows:
-            raise SourceError(f"{next_array} has {next_rows} rows but {array} has {rows} in {self.path}: the next "
-                              "observations do not line up with the frames; fix the file, or score each step by "
-                              "its own frame with --align frame")
+            raise SourceError(
+                f"{next_array} has {next_rows} rows but {array} has {rows} in {self.path}: the next "
+                "observations do not line up with the frames; fix the file, or score each step by "
+                "its own frame with --align frame"
+            )
 
     def _group_arrays(self, name: str) -> tuple[str, int, str | None]:
         """An episode group's frame array, its rows and its next-observation array, looked up once per source
@@ -885,8 +934,7 @@ class HDF5Source:
         if key is None:
             raise SourceError(f"episode {name} has no {self.image_key}; every episode needs the same image key")
         array = f"{name}/{key}"
-        return (array, self.file[array].shape[0],
-                None if self.layout == "minari" else self._next_obs_path(name, key))
+        return (array, self.file[array].shape[0], None if self.layout == "minari" else self._next_obs_path(name, key))
 
     def _flat_episodes(self, align: Align) -> list[Episode]:
         frames = self.file[self.image_key]
@@ -911,8 +959,9 @@ class HDF5Source:
         for key in markers:
             flags = self._dataset(key)
             if flags.shape[0] != total:
-                raise SourceError(f"{key} has {flags.shape[0]} rows but {self.image_key} has {total}; "
-                                  "the file is inconsistent")
+                raise SourceError(
+                    f"{key} has {flags.shape[0]} rows but {self.image_key} has {total}; the file is inconsistent"
+                )
             done |= np.asarray(flags[:]).reshape(total, -1)[:, 0].astype(bool)
         if not markers and isinstance(self.file.get("step_type"), h5py.Dataset):
             step_type = self._dataset("step_type")
@@ -949,18 +998,27 @@ class HDF5Source:
         """Rows of ``segment`` into ``out``: a plain array's with one os.preadv from where they lie in the file
         (exactly HDF5's bytes, checked to be uint8 rows of ``out``'s frame shape), others through h5py."""
         plain = self._plain_rows(segment.array) if self._fd is not None else None
-        if (plain is not None and self._fd is not None and out.dtype == np.uint8 and out.flags.c_contiguous
-                and out.shape == (len(segment), *plain.shape[1:]) and 0 <= segment.start <= segment.stop
-                and segment.stop <= plain.shape[0]):
+        if (
+            plain is not None
+            and self._fd is not None
+            and out.dtype == np.uint8
+            and out.flags.c_contiguous
+            and out.shape == (len(segment), *plain.shape[1:])
+            and 0 <= segment.start <= segment.stop
+            and segment.stop <= plain.shape[0]
+        ):
             view, done = out.data.cast("B"), 0
             for offset, rows in plain.spans(segment.start, segment.stop):
-                if not _pread_into(self._fd, view[done:done + rows * plain.row_bytes], offset):
-                    raise SourceError(f"reading {segment.array} rows {segment.start}-{segment.stop} of {self.path} "
-                                      "failed (truncated or corrupt?): the file ends before them")
+                if not _pread_into(self._fd, view[done : done + rows * plain.row_bytes], offset):
+                    raise SourceError(
+                        f"reading {segment.array} rows {segment.start}-{segment.stop} of {self.path} "
+                        "failed (truncated or corrupt?): the file ends before them"
+                    )
                 done += rows * plain.row_bytes
             return True
-        return read_rows_into(frames_dataset(self.file, segment.array, self.path, self._verified), segment, out,
-                              self.path)
+        return read_rows_into(
+            frames_dataset(self.file, segment.array, self.path, self._verified), segment, out, self.path
+        )
 
     def _plain_rows(self, array: str) -> PlainRows | None:
         """Where ``array``'s rows lie in the file if they are plain bytes there (noted when the episodes were
@@ -984,12 +1042,12 @@ class HDF5Source:
         """A digest of every stored byte of the frame arrays (compressed chunks as stored, not decoded), read
         once per version of the file (``stored_digest``): a CRC-32 per chunk, or per block of rows where the rows
         are not chunked; plain arrays (``PlainRows``) give the same CRCs read straight from the file."""
+
         def compute() -> tuple[bytes, list[Path]]:
             fd = self._fd
             plain = {a: self._plain_rows(a) if fd is not None else None for a in arrays}
             swept = {a: p for a, p in plain.items() if p is not None}
-            crcs = {} if fd is None else dict(zip(swept, _plain_crcs(fd, list(swept.values()), self.path),
-                                                  strict=True))
+            crcs = {} if fd is None else dict(zip(swept, _plain_crcs(fd, list(swept.values()), self.path), strict=True))
             datasets = {a: frames_dataset(self.file, a, self.path) for a in arrays if plain[a] is None}
             here = self.path.resolve()
             found = {Path(d.file.filename).resolve() for d in datasets.values()}
@@ -1033,10 +1091,12 @@ class HDF5Source:
                 return None
             rows, frames = (item.shape or (0,))[0], self.file[episode.frames[0].array].shape[0]
             if rows != frames:  # a slice of it would pass for one value per step
-                raise SourceError(f"{key} has {rows} rows but the frames {episode.frames[0].array} have {frames}: "
-                                  "not one value per step of this file")
+                raise SourceError(
+                    f"{key} has {rows} rows but the frames {episode.frames[0].array} have {frames}: "
+                    "not one value per step of this file"
+                )
             start = episode.frames[0].start
-            return np.asarray(self._dataset(key)[start:start + episode.steps])
+            return np.asarray(self._dataset(key)[start : start + episode.steps])
         group = episode.name
         for path in (f"{group}/{key}", f"{episode.target}/{key}", f"{group}/infos/{key}"):
             if isinstance(self.file.get(path), h5py.Dataset):

@@ -60,8 +60,14 @@ class LeRobotSource(TableSource):
             raise SourceError(f"{folder}/data holds no parquet files; the LeRobot dataset is incomplete")
         self._video: VideoRows | None = None
         self._videos: dict[int, tuple[Path, float]] | None = None
-        super().__init__(TableFiles(files, "parquet"), image_key, SourceKind.lerobot, folder, base=folder,
-                         cache_file=cache_beside(folder))
+        super().__init__(
+            TableFiles(files, "parquet"),
+            image_key,
+            SourceKind.lerobot,
+            folder,
+            base=folder,
+            cache_file=cache_beside(folder),
+        )
         self.layout = f"lerobot {self.version}"
 
     # -- keys -------------------------------------------------------------------------------------
@@ -73,26 +79,33 @@ class LeRobotSource(TableSource):
         found = self._candidates()
         self.cameras = found
         if image_key is not None:
-            matches = [k for k in (image_key, f"{OBSERVATION_PREFIX}images.{image_key}",
-                                   f"{OBSERVATION_PREFIX}{image_key}") if k in found]
+            matches = [
+                k
+                for k in (image_key, f"{OBSERVATION_PREFIX}images.{image_key}", f"{OBSERVATION_PREFIX}{image_key}")
+                if k in found
+            ]
             if not matches:
-                raise SourceError(f"--image-key {image_key!r} is not an image or video feature of {self.folder}; "
-                                  f"cameras there: {', '.join(found) or 'none'}")
+                raise SourceError(
+                    f"--image-key {image_key!r} is not an image or video feature of {self.folder}; "
+                    f"cameras there: {', '.join(found) or 'none'}"
+                )
             image_key = matches[0]
         elif not found:
-            raise SourceError(f"{self.folder}/meta/info.json declares no image or video feature; "
-                              "name the frames with --image-key")
+            raise SourceError(
+                f"{self.folder}/meta/info.json declares no image or video feature; name the frames with --image-key"
+            )
         elif len(found) > 1:
-            raise SeveralCameras(f"several cameras in {self.folder}: {', '.join(found)}; "
-                                 f"{MULTI_CAMERA}", found)
+            raise SeveralCameras(f"several cameras in {self.folder}: {', '.join(found)}; {MULTI_CAMERA}", found)
         else:
             image_key = found[0]
         self.image_key = image_key
         self.is_video = self.lerobot_features[image_key]["dtype"] == "video"
         if not self.is_video:
             if image_key not in self.schema.names:
-                raise SourceError(f"{image_key!r} is declared in meta/info.json but is not a column of the data "
-                                  "files; the dataset is inconsistent")
+                raise SourceError(
+                    f"{image_key!r} is declared in meta/info.json but is not a column of the data "
+                    "files; the dataset is inconsistent"
+                )
             self.frame_format = self._format_of(image_key)
             return
         if self.fps <= 0:
@@ -106,8 +119,9 @@ class LeRobotSource(TableSource):
         index = self.index_columns()
         for needed in ("episode_index",) + (("timestamp",) if self.is_video else ()):
             if needed not in index:
-                raise SourceError(f"the data files of {self.folder} have no {needed!r} column; "
-                                  "the LeRobot dataset is incomplete")
+                raise SourceError(
+                    f"the data files of {self.folder} have no {needed!r} column; the LeRobot dataset is incomplete"
+                )
         episode_index = index["episode_index"].astype(np.int64)
         if self._videos is None:  # checked once, however often the episodes are asked for
             self._check_lengths(episode_index)
@@ -121,9 +135,11 @@ class LeRobotSource(TableSource):
         if "episode_index" in meta:
             ids, counts = np.unique(meta["episode_index"], return_counts=True)
             if (counts > 1).any():
-                raise SourceError(f"the episode metadata of {self.folder} lists episode {ids[counts > 1][0]} "
-                                  f"{counts.max()} times; the dataset is inconsistent (fix meta/ to one row per "
-                                  "episode)")
+                raise SourceError(
+                    f"the episode metadata of {self.folder} lists episode {ids[counts > 1][0]} "
+                    f"{counts.max()} times; the dataset is inconsistent (fix meta/ to one row per "
+                    "episode)"
+                )
         return meta
 
     def _read_episodes_meta(self, columns: list[str]) -> dict[str, np.ndarray]:
@@ -133,8 +149,11 @@ class LeRobotSource(TableSource):
                 lines = path.read_bytes().splitlines()
             except OSError as exc:
                 raise SourceError(f"{path} cannot be read ({exc}); the LeRobot dataset is incomplete") from None
-            rows = [JsonObject.parse(line, f"{path} line {number}", _DAMAGED)
-                    for number, line in enumerate(lines, 1) if line.strip()]
+            rows = [
+                JsonObject.parse(line, f"{path} line {number}", _DAMAGED)
+                for number, line in enumerate(lines, 1)
+                if line.strip()
+            ]
             return {c: np.asarray([r.get(c, (int, float)) for r in rows]) for c in columns if rows and c in rows[0]}
         files = sorted((self.folder / "meta" / "episodes").rglob("*.parquet"))
         if not files:
@@ -157,35 +176,55 @@ class LeRobotSource(TableSource):
         declared = dict(zip(meta["episode_index"].tolist(), meta["length"].tolist(), strict=True))
         for episode, count in zip(ids.tolist(), counts.tolist(), strict=True):
             if episode not in declared:
-                raise SourceError(f"episode {episode} has {count} rows in data/ but no row in the episode metadata "
-                                  f"of {self.folder}; the dataset is inconsistent")
+                raise SourceError(
+                    f"episode {episode} has {count} rows in data/ but no row in the episode metadata "
+                    f"of {self.folder}; the dataset is inconsistent"
+                )
             if declared[episode] != count:
-                raise SourceError(f"episode {episode} has {count} rows in data/ but meta declares "
-                                  f"{declared[episode]}; the dataset is inconsistent (mismatched lengths)")
+                raise SourceError(
+                    f"episode {episode} has {count} rows in data/ but meta declares "
+                    f"{declared[episode]}; the dataset is inconsistent (mismatched lengths)"
+                )
 
     def _video_locations(self, episodes: np.ndarray) -> dict[int, tuple[Path, float]]:
         """Per episode: its video file for the chosen camera and the episode's start time in it."""
         key = self.image_key
         if self.version.startswith("v2"):
             template, chunk = self.video_path or _V2_VIDEO_PATH, self.chunks_size
-            located = {e: (self.folder / self._video_file(template, episode_chunk=e // chunk, video_key=key,
-                                                          episode_index=e), 0.0) for e in episodes.tolist()}
+            located = {
+                e: (
+                    self.folder / self._video_file(template, episode_chunk=e // chunk, video_key=key, episode_index=e),
+                    0.0,
+                )
+                for e in episodes.tolist()
+            }
         else:
             prefix = f"videos/{key}/"
-            meta = self._episodes_meta(["episode_index", f"{prefix}chunk_index", f"{prefix}file_index",
-                                        f"{prefix}from_timestamp"])
+            meta = self._episodes_meta(
+                ["episode_index", f"{prefix}chunk_index", f"{prefix}file_index", f"{prefix}from_timestamp"]
+            )
             if f"{prefix}file_index" not in meta:
-                raise SourceError(f"meta/episodes of {self.folder} has no {prefix}file_index column; "
-                                  "the LeRobot dataset is incomplete")
+                raise SourceError(
+                    f"meta/episodes of {self.folder} has no {prefix}file_index column; "
+                    "the LeRobot dataset is incomplete"
+                )
             template = self.video_path or "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-            rows = zip(meta["episode_index"].tolist(), meta[f"{prefix}chunk_index"].tolist(),
-                       meta[f"{prefix}file_index"].tolist(), meta[f"{prefix}from_timestamp"].tolist(), strict=True)
-            known = {e: (self.folder / self._video_file(template, video_key=key, chunk_index=c, file_index=f),
-                         float(t)) for e, c, f, t in rows}
+            rows = zip(
+                meta["episode_index"].tolist(),
+                meta[f"{prefix}chunk_index"].tolist(),
+                meta[f"{prefix}file_index"].tolist(),
+                meta[f"{prefix}from_timestamp"].tolist(),
+                strict=True,
+            )
+            known = {
+                e: (self.folder / self._video_file(template, video_key=key, chunk_index=c, file_index=f), float(t))
+                for e, c, f, t in rows
+            }
             missing = [e for e in episodes.tolist() if e not in known]
             if missing:
-                raise SourceError(f"episode {missing[0]} is not in meta/episodes of {self.folder}; "
-                                  "the dataset is inconsistent")
+                raise SourceError(
+                    f"episode {missing[0]} is not in meta/episodes of {self.folder}; the dataset is inconsistent"
+                )
             located = {e: known[e] for e in episodes.tolist()}
         for path in sorted({p for p, _ in located.values()}):
             probe(path)
@@ -196,8 +235,10 @@ class LeRobotSource(TableSource):
         try:
             return template.format(**fields)
         except (KeyError, IndexError, ValueError) as exc:
-            raise SourceError(f"{self.folder}/meta/info.json: 'video_path' {template!r} cannot be filled in "
-                              f"({type(exc).__name__}: {exc}); {_DAMAGED}") from None
+            raise SourceError(
+                f"{self.folder}/meta/info.json: 'video_path' {template!r} cannot be filled in "
+                f"({type(exc).__name__}: {exc}); {_DAMAGED}"
+            ) from None
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -211,8 +252,9 @@ class LeRobotSource(TableSource):
 
     def _video_recipe(self) -> VideoRecipe:
         assert self._videos is not None  # set by episodes(), which the segments come from
-        return VideoRecipe(self._videos, self._index["episode_index"], self._index["timestamp"], self.fps,
-                           self.nvdec_gpu)
+        return VideoRecipe(
+            self._videos, self._index["episode_index"], self._index["timestamp"], self.fps, self.nvdec_gpu
+        )
 
     def read_blocks(self, segment: Segment, max_rows: int) -> Iterator[FrameBlock]:
         if not self.is_video:

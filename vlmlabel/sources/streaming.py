@@ -80,7 +80,8 @@ def hub_loader(repo_id: str, split: str, revision: str | None) -> Loader:
     return load
 
 
-def open_streaming(repo_id: str, image_key: str | None, split: str, revision: str | None,
-                   load: Loader | None = None) -> TableSource:
+def open_streaming(
+    repo_id: str, image_key: str | None, split: str, revision: str | None, load: Loader | None = None
+) -> TableSource:
     files = StreamFiles(load or hub_loader(repo_id, split, revision), f"{repo_id} (split {split})")
     return TableSource(files, image_key, SourceKind.stream, repo_id)

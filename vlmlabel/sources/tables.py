@@ -73,8 +73,10 @@ class TableFiles:
     def __post_init__(self) -> None:
         for path in self.paths:
             if not utf8_name(path):
-                raise SourceError(f"{show_path(path)}: pyarrow opens files by UTF-8 names only, and this name is not "
-                                  "UTF-8; rename it (e.g. convmv -f latin1 -t utf8), or its folder")
+                raise SourceError(
+                    f"{show_path(path)}: pyarrow opens files by UTF-8 names only, and this name is not "
+                    "UTF-8; rename it (e.g. convmv -f latin1 -t utf8), or its folder"
+                )
 
     def _schema_of(self, path: Path) -> pa.Schema:
         handle = self._open(path)
@@ -85,8 +87,10 @@ class TableFiles:
         first = self._schema_of(self.paths[0])
         for path in self.paths[1:]:
             if not self._schema_of(path).equals(first, check_metadata=False):
-                raise SourceError(f"{path} has other columns or types than {self.paths[0]}; vlmlabel reads files "
-                                  "of one schema: pass them separately or as a narrower glob")
+                raise SourceError(
+                    f"{path} has other columns or types than {self.paths[0]}; vlmlabel reads files "
+                    "of one schema: pass them separately or as a narrower glob"
+                )
         return first
 
     def _open(self, path: Path):
@@ -133,8 +137,10 @@ class ColumnCursor:
     def _advance(self) -> None:
         chunk = next(self._iter, None)
         if chunk is None:
-            raise SourceError(f"{self._where} ended at row {self._chunk_stop}; the dataset is shorter than its "
-                              "episode columns say (mismatched lengths)")
+            raise SourceError(
+                f"{self._where} ended at row {self._chunk_stop}; the dataset is shorter than its "
+                "episode columns say (mismatched lengths)"
+            )
         self._chunk, self._chunk_start, self._chunk_stop = chunk, self._chunk_stop, self._chunk_stop + len(chunk)
 
     def read(self, start: int, stop: int) -> list[pa.Array]:
@@ -184,8 +190,9 @@ class TableRecipe:
         return ColumnRows(self.files, self.column, self.fmt, self.base)
 
 
-def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.ndarray | None,
-                 align: Align, array: str) -> list[Episode]:
+def episode_runs(
+    rows: int, episode_index: np.ndarray | None, frame_index: np.ndarray | None, align: Align, array: str
+) -> list[Episode]:
     """Episodes as runs of consecutive rows with one episode_index, scoring rows in storage order.
 
     ``--align next`` needs each episode's rows together and in frame order; other orders are refused.
@@ -199,20 +206,31 @@ def episode_runs(rows: int, episode_index: np.ndarray | None, frame_index: np.nd
     if align is Align.next:
         ids = episode_index[starts]
         if len(np.unique(ids)) != len(ids):
-            raise SourceError("rows of one episode are not consecutive; --align next (the default) needs them "
-                              "grouped and in frame order: sort the dataset by episode_index, frame_index first, "
-                              "or pass --align frame to score each row's own frame")
+            raise SourceError(
+                "rows of one episode are not consecutive; --align next (the default) needs them "
+                "grouped and in frame order: sort the dataset by episode_index, frame_index first, "
+                "or pass --align frame to score each row's own frame"
+            )
         if frame_index is not None:
             steps = np.diff(frame_index)
             inner = np.ones(len(steps), dtype=bool)
             inner[starts[1:] - 1] = False
             if np.any(steps[inner] <= 0):
-                raise SourceError("frame_index is not increasing within an episode; --align next (the default) "
-                                  "needs frames in order: sort the dataset by episode_index, frame_index first, "
-                                  "or pass --align frame to score each row's own frame")
-    return [Episode(f"episode {episode_index[a]} (rows {a}-{b - 1})", int(b - a),
-                    step_segments(array, int(a), int(b), align), "", f"episode {episode_index[a]}")
-            for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+                raise SourceError(
+                    "frame_index is not increasing within an episode; --align next (the default) "
+                    "needs frames in order: sort the dataset by episode_index, frame_index first, "
+                    "or pass --align frame to score each row's own frame"
+                )
+    return [
+        Episode(
+            f"episode {episode_index[a]} (rows {a}-{b - 1})",
+            int(b - a),
+            step_segments(array, int(a), int(b), align),
+            "",
+            f"episode {episode_index[a]}",
+        )
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
+    ]
 
 
 PROVENANCE_KEY = b"vlmlabel"  # field metadata of a column vlmlabel wrote: how it was made, as JSON
@@ -231,8 +249,15 @@ def field_provenance(field: pa.Field) -> dict:
 class TableSource:
     """A table of rows with an image column, read-only (see module docstring)."""
 
-    def __init__(self, files: RowFiles, image_key: str | None, kind: SourceKind, root: Path | str,
-                 base: Path | None = None, cache_file: Path | None = None):
+    def __init__(
+        self,
+        files: RowFiles,
+        image_key: str | None,
+        kind: SourceKind,
+        root: Path | str,
+        base: Path | None = None,
+        cache_file: Path | None = None,
+    ):
         self.files, self.kind, self.root, self.base = files, kind, root, base
         self.layout = kind.value
         self.seekable = files.seekable
@@ -245,8 +270,11 @@ class TableSource:
         self.features = arrow_frames.hf_features(self.schema, where)
         recorded = (self.schema.metadata or {}).get(PROVENANCE_KEY)
         if recorded:  # what vlmlabel wrote into the table, which a labelled copy adds to
-            JsonObject.parse(recorded, f"the 'vlmlabel' metadata of {where}",
-                             "the file's schema metadata is damaged: write the dataset again").object("columns")
+            JsonObject.parse(
+                recorded,
+                f"the 'vlmlabel' metadata of {where}",
+                "the file's schema metadata is damaged: write the dataset again",
+            ).object("columns")
         self.rows_per_file = files.rows_per_file()
         self.rows = sum(self.rows_per_file)
         self._rows: ColumnRows | None = None
@@ -258,22 +286,28 @@ class TableSource:
         return self.schema.names
 
     def _candidates(self) -> list[str]:
-        return [f.name for f in self.schema if not f.name.startswith("next_")
-                and arrow_frames.looks_like_frames(f, self.features.get(f.name))]
+        return [
+            f.name
+            for f in self.schema
+            if not f.name.startswith("next_") and arrow_frames.looks_like_frames(f, self.features.get(f.name))
+        ]
 
     def _choose_key(self, image_key: str | None) -> None:
         found = self._candidates()
         self.cameras = found
         if image_key is not None and image_key not in self.schema.names:
-            raise SourceError(f"--image-key {image_key!r} is not a column of {self.root}; image columns there: "
-                              f"{', '.join(found) or 'none'} (all columns: {', '.join(self.schema.names[:20])})")
+            raise SourceError(
+                f"--image-key {image_key!r} is not a column of {self.root}; image columns there: "
+                f"{', '.join(found) or 'none'} (all columns: {', '.join(self.schema.names[:20])})"
+            )
         if image_key is None:
             if not found:
-                raise SourceError(f"no image column found in {self.root} (columns: {', '.join(self.schema.names[:20])})"
-                                  "; name the frames with --image-key")
+                raise SourceError(
+                    f"no image column found in {self.root} (columns: {', '.join(self.schema.names[:20])})"
+                    "; name the frames with --image-key"
+                )
             if len(found) > 1:
-                raise SeveralCameras(f"several image columns in {self.root}: {', '.join(found)}; "
-                                 f"{MULTI_CAMERA}", found)
+                raise SeveralCameras(f"several image columns in {self.root}: {', '.join(found)}; {MULTI_CAMERA}", found)
             image_key = found[0]
         self.image_key = image_key
         self.frame_format = self._format_of(image_key)
@@ -359,7 +393,7 @@ class TableSource:
         if column is None:
             return None
         start = episode.frames[0].start
-        return column[start:start + episode.steps]
+        return column[start : start + episode.steps]
 
     def column_provenance(self, name: str) -> dict | None:
         """How vlmlabel made column ``name``; {} for a column it did not write, None where there is no column."""
@@ -418,8 +452,9 @@ def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
             if not _plain_name(name):
                 index.refuse(f"'splits' names {name!r}, which is not a folder of {folder}")
         if split not in splits:
-            raise SourceError(f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; "
-                              "choose one with --split")
+            raise SourceError(
+                f"{folder} has splits {', '.join(splits) or 'none'}, not {split!r}; choose one with --split"
+            )
         split_dir = folder / split
     state = JsonObject.read(split_dir / "state.json", _SAVED)
     if state.get("_indices_data_files", (list, NULL), None):
@@ -432,8 +467,9 @@ def open_disk(folder: Path, image_key: str | None, split: str) -> TableSource:
     files = tuple(split_dir / name for name in names)
     if not files:
         raise SourceError(f"{split_dir} has no rows (empty split?): state.json lists no data files; nothing to label")
-    source = TableSource(TableFiles(files, "arrow"), image_key, SourceKind.disk, folder, base=split_dir,
-                         cache_file=cache_beside(folder))
+    source = TableSource(
+        TableFiles(files, "arrow"), image_key, SourceKind.disk, folder, base=split_dir, cache_file=cache_beside(folder)
+    )
     source.split = split if split_dir != folder else None
     return source
 
@@ -467,8 +503,14 @@ def open_parquet(path: str, image_key: str | None) -> TableSource:
     if not files:
         raise SourceError(f"{path} holds no parquet files")
     given = Path(path)
-    return TableSource(TableFiles(tuple(files), "parquet"), image_key, SourceKind.parquet, path, base=base,
-                       cache_file=cache_beside(given if given.exists() else base))
+    return TableSource(
+        TableFiles(tuple(files), "parquet"),
+        image_key,
+        SourceKind.parquet,
+        path,
+        base=base,
+        cache_file=cache_beside(given if given.exists() else base),
+    )
 
 
 def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | None) -> TableSource:
@@ -479,13 +521,19 @@ def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | No
         dataset = datasets.load_dataset(repo_id, split=split, revision=revision)
     except Exception as exc:  # datasets raises many types (network, missing split, missing repo)
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise SourceError(f"{repo_id} is not a local path, and loading it as a Hub dataset (split {split!r}) "
-                          f"failed: {first}") from None
+        raise SourceError(
+            f"{repo_id} is not a local path, and loading it as a Hub dataset (split {split!r}) failed: {first}"
+        ) from None
     if dataset._indices is not None:
         dataset = dataset.flatten_indices()
     files = tuple(Path(f["filename"]) for f in dataset.cache_files)
-    source = TableSource(TableFiles(files, "arrow"), image_key, SourceKind.hub, repo_id,
-                         cache_file=Path.cwd() / f"{repo_id.split('/')[-1]}{CACHE_SUFFIX}")
+    source = TableSource(
+        TableFiles(files, "arrow"),
+        image_key,
+        SourceKind.hub,
+        repo_id,
+        cache_file=Path.cwd() / f"{repo_id.split('/')[-1]}{CACHE_SUFFIX}",
+    )
     source.hub_info = dataset.info
     source.split = split
     return source

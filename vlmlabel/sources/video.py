@@ -106,8 +106,9 @@ def seek_points(path: Path) -> SeekPoints | None:
     if not len(at):
         return None
     # With the split, a seek point's place in presentation order is its place in decoding order.
-    return SeekPoints(_seconds(order[at], time_base), order[at], np.asarray(dts, dtype=np.int64)[at], at,
-                      np.sort(order))
+    return SeekPoints(
+        _seconds(order[at], time_base), order[at], np.asarray(dts, dtype=np.int64)[at], at, np.sort(order)
+    )
 
 
 def _seconds(pts: np.ndarray, time_base: Fraction) -> np.ndarray:
@@ -133,7 +134,7 @@ def _first_vcl(data: memoryview, size: int, nal_type: Callable[[int], int], vcl:
     """The type of the first picture NAL unit of a length-prefixed access unit (None if there is none)."""
     pos = 0
     while pos + size < len(data):
-        length = int.from_bytes(data[pos:pos + size], "big")
+        length = int.from_bytes(data[pos : pos + size], "big")
         pos += size
         if length == 0 or pos + length > len(data):
             return None
@@ -164,7 +165,7 @@ def _obus(data: bytes | memoryview) -> list[tuple[int, bytes | memoryview]] | No
                     break
         if pos + size > len(data):
             return None
-        found.append(((header >> 3) & 0x0F, data[pos:pos + size]))
+        found.append(((header >> 3) & 0x0F, data[pos : pos + size]))
         pos += size
     return found
 
@@ -216,8 +217,10 @@ def nvdec_gpu(decoder: VideoDecoder, device: torch.device) -> int | None:
     if decoder is VideoDecoder.cpu:
         return None
     if device.type != "cuda":
-        raise DeviceError(f"--video-decoder nvdec decodes on the run's CUDA GPU, and this run is on {device.type}; "
-                          "use --device cuda, or drop --video-decoder nvdec")
+        raise DeviceError(
+            f"--video-decoder nvdec decodes on the run's CUDA GPU, and this run is on {device.type}; "
+            "use --device cuda, or drop --video-decoder nvdec"
+        )
     return 0 if device.index is None else device.index
 
 
@@ -230,13 +233,17 @@ def as_planar(frame: av.VideoFrame) -> av.VideoFrame:
     if len(frame.planes) != 2:
         return frame
     if frame.format.name != "nv12":
-        raise SourceError(f"NVDEC gave {frame.format.name} frames, which vlmlabel cannot yet convert exactly as "
-                          "the CPU decoder's; drop --video-decoder nvdec to decode on the CPU")
+        raise SourceError(
+            f"NVDEC gave {frame.format.name} frames, which vlmlabel cannot yet convert exactly as "
+            "the CPU decoder's; drop --video-decoder nvdec to decode on the CPU"
+        )
     if frame.width % 2 or frame.height % 2:
-        raise SourceError(f"NVDEC gave {frame.width}x{frame.height} frames, which vlmlabel cannot convert exactly "
-                          "(odd sizes); drop --video-decoder nvdec to decode on the CPU")
+        raise SourceError(
+            f"NVDEC gave {frame.width}x{frame.height} frames, which vlmlabel cannot convert exactly "
+            "(odd sizes); drop --video-decoder nvdec to decode on the CPU"
+        )
     rows = frame.to_ndarray()  # (H * 3 / 2, W): luma, then one row of interleaved chroma per two rows
-    luma, chroma = rows[:frame.height], rows[frame.height:].reshape(frame.height // 2, frame.width // 2, 2)
+    luma, chroma = rows[: frame.height], rows[frame.height :].reshape(frame.height // 2, frame.width // 2, 2)
     planes = [luma.reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)]
     samples = np.asarray(np.concatenate(planes).reshape(-1, frame.width), dtype=np.uint8)
     planar = av.VideoFrame.from_ndarray(samples, format="yuv420p")
@@ -271,8 +278,10 @@ class VideoReader:
                 self._stream.thread_type = "AUTO"
                 self._stream.codec_context.thread_count = _decoder_threads
             elif not self._stream.codec_context.is_hwaccel:
-                raise SourceError(f"NVDEC cannot decode {self._stream.codec_context.name} video {path}; drop "
-                                  "--video-decoder nvdec to decode on the CPU")
+                raise SourceError(
+                    f"NVDEC cannot decode {self._stream.codec_context.name} video {path}; drop "
+                    "--video-decoder nvdec to decode on the CPU"
+                )
             self._frames = self._container.decode(self._stream)
         except (av.FFmpegError, OSError, IndexError) as exc:
             self.close()
@@ -292,14 +301,18 @@ class VideoReader:
         try:
             from av.codec.hwaccel import HWAccel
         except ImportError:  # PyAV before 14
-            raise SourceError(f"--video-decoder nvdec needs PyAV 14 or later (this is {av.__version__}): "
-                              "pip install -U av, or drop --video-decoder nvdec") from None
+            raise SourceError(
+                f"--video-decoder nvdec needs PyAV 14 or later (this is {av.__version__}): "
+                "pip install -U av, or drop --video-decoder nvdec"
+            ) from None
         return HWAccel(device_type="cuda", device=str(self.nvdec_gpu), allow_software_fallback=False)
 
     def _fail(self, exc: Exception) -> SourceError:
         if self.nvdec_gpu is not None:
-            return SourceError(f"video {self._path} cannot be decoded by NVDEC on GPU {self.nvdec_gpu} ({exc}); "
-                               "drop --video-decoder nvdec to decode on the CPU")
+            return SourceError(
+                f"video {self._path} cannot be decoded by NVDEC on GPU {self.nvdec_gpu} ({exc}); "
+                "drop --video-decoder nvdec to decode on the CPU"
+            )
         return SourceError(f"video {self._path} cannot be decoded ({exc}); re-encode or replace the file")
 
     def _start(self, shown: np.ndarray | None, first: list[Any]) -> None:
@@ -349,7 +362,7 @@ class VideoReader:
                 if first is not None and (first.pts, first.dts, first.is_keyframe) == (pts, dts, True):
                     frames = first.decode()
                     self._frames = self._container.decode(self._stream)  # on from the packet after it
-                    self._start(points.shown[int(points.first[key]):], frames)
+                    self._start(points.shown[int(points.first[key]) :], frames)
                     return
             except av.FFmpegError:
                 break
@@ -358,8 +371,11 @@ class VideoReader:
     def _position(self, path: Path, target: float) -> None:
         """Seek when ``target`` lies behind the position reached, or beyond a seek point not reached yet."""
         here = self._prev or self._next
-        behind = here is not None and target < here[0] - self.tolerance and (
-            self._prev is not None or self._shown is not None)  # before the file's first frame: nothing to find
+        behind = (
+            here is not None
+            and target < here[0] - self.tolerance
+            and (self._prev is not None or self._shown is not None)
+        )  # before the file's first frame: nothing to find
         # Ahead by more frames than a seek must skip (at the interval of the last two frames), or the index is not
         # even looked at: reading on in order (an episode's last frame left unrequested) never needs it.
         interval = self._next[0] - self._prev[0] if self._next is not None and self._prev is not None else 0.0
@@ -381,8 +397,10 @@ class VideoReader:
         options = [c for c in (self._prev, self._next) if c is not None]
         best = min(options, key=lambda c: abs(c[0] - target))
         if abs(best[0] - target) > self.tolerance:
-            raise SourceError(f"video {path} has no frame at {target:.3f} s (nearest {best[0]:.3f} s); the "
-                              "video is shorter than its episode or the timestamps disagree with it")
+            raise SourceError(
+                f"video {path} has no frame at {target:.3f} s (nearest {best[0]:.3f} s); the "
+                "video is shorter than its episode or the timestamps disagree with it"
+            )
         return best[1]
 
     def frames(self, path: Path, times: np.ndarray) -> np.ndarray:
