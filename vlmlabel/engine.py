@@ -37,10 +37,10 @@ from vlmlabel.batchfill import (
 )
 from vlmlabel.decode_workers import DecodeWorkers, start_server
 from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.files.interrupt import pause_at
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
-from vlmlabel.run.interrupt import pause_at
 from vlmlabel.sources.base import Align, Episode, FrameFormat, FrameSource, Reopenable, Segment, SourceRecipe
 
 PREFETCH_BATCHES = 3

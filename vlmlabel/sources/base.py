@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from vlmlabel.files.stamp import Stamp
 
 # File names that say which format a file holds: open_source and the output families go by them.
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -261,10 +264,6 @@ def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | Non
     of the file). Other sources add a few sampled frames; a stream, which cannot seek, its first frame only.
     ``frame_episodes``: the frame-aligned episodes when the caller already has them.
     """
-    import hashlib
-
-    from vlmlabel.destinations.base import Stamp
-
     episodes = frame_episodes if frame_episodes is not None else source.episodes(Align.frame)
     digest = hashlib.sha256()
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
