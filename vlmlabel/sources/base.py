@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from PIL import Image
 
 from vlmlabel.files.stamp import Stamp
 
@@ -300,10 +302,6 @@ def describe_frames(source: FrameSource, segment: Segment) -> str:
             height, width = frame.shape[:2] if fmt.axes != "CHW" else frame.shape[1:3]
             channels = 1 if frame.ndim == 2 else (frame.shape[-1] if fmt.axes != "CHW" else frame.shape[0])
             return f"{fmt.describe()}, first frame {height}x{width} {_MODES.get(channels, f'{channels} channels')}"
-        import io
-
-        from PIL import Image
-
         with Image.open(io.BytesIO(np.asarray(block[0], dtype=np.uint8).tobytes())) as image:
             width, height = image.size
             return f"encoded {image.format or 'image'}, first frame {height}x{width} {image.mode}"
