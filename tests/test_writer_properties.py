@@ -24,14 +24,14 @@ from vlmlabel import destinations
 from vlmlabel.destinations import RewardColumn, destination_for
 from vlmlabel.destinations.base import check_names
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.files import atomic, journal, liveness, stamp
+from vlmlabel.files import atomic, holders, journal, liveness, stamp
 from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.run.shards import dest_lock, work_dir
 from vlmlabel.sources import Align, open_source
 
 # The code an interruption may hit: every line of the writers, and of the ground floor's modules they write with.
 DESTINATIONS = Path(destinations.__file__).parent
-WRITING = {Path(module.__file__) for module in (atomic, journal, stamp)}
+WRITING = {Path(module.__file__) for module in (atomic, journal, holders, liveness, stamp)}
 # Names already in the data of some backend (frames, actions, groups, columns, LeRobot features) and edge cases.
 KNOWN = [
     "actions",
