@@ -12,9 +12,9 @@ import pytest
 
 from tests import layouts
 from vlmlabel.errors import SourceError
-from vlmlabel.sources import hdf5 as hdf5_source
 from vlmlabel.sources.base import Align, Segment
 from vlmlabel.sources.hdf5 import HDF5Source, PlainRows, plain_rows
+from vlmlabel.sources.hdf5 import source as hdf5_source
 
 FRAMES = layouts.make_frames(300, 8, 8, seed=5)
 
