@@ -4,7 +4,7 @@
 A layout says where a file's episodes are (one group per episode, or the rows of flat arrays cut at episode
 ends), where the frames are chosen (``Layout.group``), where the next observations and the per-step values lie.
 Its ``name`` is recorded in provenance and printed. What the layouts look at in the file is looked at once,
-when first asked (``Survey``), so a broken name is reported by the same look whichever layout asks first.
+when first asked (``Survey``): a layout later in the list reuses what an earlier one looked at.
 """
 
 from __future__ import annotations
