@@ -408,10 +408,11 @@ def compare(before: dict, after: dict) -> list[str]:
 # -- command line ----------------------------------------------------------------------------------
 
 
-def _export(revision: str, into: Path) -> Path:
-    """A folder holding ``revision``'s tree: the folder itself when ``revision`` names one."""
+def _export(revision: str, into: Path) -> tuple[Path, str]:
+    """A folder holding ``revision``'s tree and the commit it resolved to: the folder itself (and "working
+    tree") when ``revision`` names one."""
     if Path(revision).is_dir():
-        return Path(revision).resolve()
+        return Path(revision).resolve(), "working tree"
     commit = subprocess.run(
         ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
         cwd=ROOT,
@@ -422,13 +423,16 @@ def _export(revision: str, into: Path) -> Path:
     into.mkdir(parents=True)
     archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
+    return into, commit
 
 
 def _digest_revision(revision: str, scratch: Path, episodes: int) -> dict:
-    tree = _export(revision, scratch / "tree")
-    result = digest_tree(tree, scratch / "work", episodes=episodes, progress=lambda n: print(f"  {revision}: {n}"))
-    result["revision"] = revision
+    tree, commit = _export(revision, scratch / "tree")
+    print(f"{revision}: {commit}", flush=True)
+    result = digest_tree(
+        tree, scratch / "work", episodes=episodes, progress=lambda n: print(f"  {revision}: {n}", flush=True)
+    )
+    result["revision"] = f"{revision} ({commit[:12]})" if commit != "working tree" else f"{revision} (working tree)"
     failed = [n for n, r in result["runs"].items() if r["exit"] != 0]
     if failed:
         print(f"  {revision}: runs that exited non-zero: {', '.join(failed)}")
