@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import layouts
-from vlmlabel.destinations import atomic
+from vlmlabel.files import atomic
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 
 

@@ -1,7 +1,7 @@
 """Signals are symmetric: SIGINT and SIGTERM stop every command in every phase the same clean way.
 
 Each case starts a command in its own process group (SLURM and a terminal signal the whole group), lets it reach
-a phase (``VLMLABEL_TEST_PAUSE_AT``, the test-only hook of ``run.interrupt.pause_at``), and signals it there:
+a phase (``VLMLABEL_TEST_PAUSE_AT``, the test-only hook of ``files.interrupt.pause_at``), and signals it there:
 
 - open: the lock taken, the model about to load (merge: the parts about to be read);
 - score: the second batch (embed: while the cache's copy is being filled);
@@ -38,10 +38,10 @@ from tests import layouts
 from tests.cluster_files import ROOT, env, make_dataset
 from tests.forked_cli import ForkedRun
 from vlmlabel.cli import app
-from vlmlabel.destinations import atomic
 from vlmlabel.errors import Interrupted
+from vlmlabel.files import atomic
+from vlmlabel.files.interrupt import check, stoppable
 from vlmlabel.run import locking
-from vlmlabel.run.interrupt import check, stoppable
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.shards import ShardSpec
@@ -282,10 +282,10 @@ def test_sigterm_while_hdf5_builds_the_in_place_image_is_raised_whole(where, tmp
         import os, signal
         import numpy as np
         from pathlib import Path
-        from vlmlabel.destinations import journal
+        from vlmlabel.files import journal
         from vlmlabel.destinations.hdf5 import H5Dataset, write_file
         from vlmlabel.errors import Interrupted
-        from vlmlabel.run.interrupt import stoppable
+        from vlmlabel.files.interrupt import stoppable
 
         real = journal.Overlay.{where}
         calls = [0]

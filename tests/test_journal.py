@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from tests import layouts
 from vlmlabel.destinations import hdf5 as hdf5_destination
-from vlmlabel.destinations import journal
 from vlmlabel.destinations.hdf5 import H5Dataset, write_file
 from vlmlabel.errors import SourceError
+from vlmlabel.files import journal
 
 BUILDERS = {"flat": layouts.build_flat_d4rl, "robomimic": layouts.build_robomimic, "minari": layouts.build_minari}
 
@@ -325,7 +325,7 @@ def test_a_signal_inside_the_driver_is_raised_as_itself_and_the_process_exits_cl
     script = textwrap.dedent(f"""
         import numpy as np
         from pathlib import Path
-        from vlmlabel.destinations import journal
+        from vlmlabel.files import journal
         from vlmlabel.destinations.hdf5 import H5Dataset, write_file
 
         real = journal.Overlay.{where}

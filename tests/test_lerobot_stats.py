@@ -19,7 +19,7 @@ import pytest
 
 from tests import table_layouts
 from vlmlabel.destinations import RewardColumn, destination_for
-from vlmlabel.destinations.base import VERSION_ATTR
+from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.sources import Align, open_source
 
 KEY = "vlm_reward"

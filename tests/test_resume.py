@@ -213,14 +213,15 @@ def test_a_lost_decoding_worker_keeps_progress_and_bad_data_does_not(dataset, ba
 def test_a_rerun_after_a_kill_past_the_write_clears_what_that_run_left(dataset, tiny_model_dir, monkeypatch):
     """Killed after its rewards landed but before its cleanup, a run leaves its progress and its lock; the
     identical rerun finds the rewards written and removes them, unless a live run holds the lock."""
-    from vlmlabel.run import lifecycle, locking
+    from vlmlabel.files import liveness
+    from vlmlabel.run import lifecycle
 
     with monkeypatch.context() as patched:
         patched.setattr(lifecycle, "_discard", lambda checkpoints, work: None)  # the kill: no cleanup
         relabel_file(_request(dataset, tiny_model_dir))
     work, lock = work_dir(dataset, "vlm_reward"), dest_lock(dataset)
     assert (work / "progress" / "state.json").exists()
-    live = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": locking._process_start(os.getpid())}
+    live = {"pid": os.getpid(), "host": socket.gethostname(), "proc_start": liveness.process_start(os.getpid())}
     lock.write_text(json.dumps(live))
     assert isinstance(relabel_file(_request(dataset, tiny_model_dir)), FinishedSummary)
     assert (work / "progress").exists() and lock.exists()  # a live run's: left alone

@@ -20,13 +20,18 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from tests.storage_backends import BACKENDS, Case, tree_digest
-from vlmlabel.destinations import RewardColumn, atomic, destination_for
-from vlmlabel.destinations.base import VERSION_ATTR, check_names
+from vlmlabel import destinations
+from vlmlabel.destinations import RewardColumn, destination_for
+from vlmlabel.destinations.base import check_names
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.files import atomic, holders, journal, liveness, stamp
+from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.run.shards import dest_lock, work_dir
 from vlmlabel.sources import Align, open_source
 
-DESTINATIONS = Path(atomic.__file__).parent  # the code an interruption may hit: every line of the writers
+# The code an interruption may hit: every line of the writers, and of the ground floor's modules they write with.
+DESTINATIONS = Path(destinations.__file__).parent
+WRITING = {Path(module.__file__) for module in (atomic, journal, holders, liveness, stamp)}
 # Names already in the data of some backend (frames, actions, groups, columns, LeRobot features) and edge cases.
 KNOWN = [
     "actions",
@@ -171,7 +176,8 @@ def _interrupt_at(line: int):
         return local
 
     def tracer(frame, event, arg):
-        return local if Path(frame.f_code.co_filename).parent == DESTINATIONS else None
+        path = Path(frame.f_code.co_filename)
+        return local if path.parent == DESTINATIONS or path in WRITING else None
 
     return tracer, seen
 
@@ -215,7 +221,7 @@ def test_an_interruption_anywhere_in_the_write_leaves_nothing_half_written(
         finished = False
     finally:
         sys.settrace(None)
-    monkeypatch.setattr(atomic, "pid_alive", lambda pid: False)  # the interrupted run has died
+    monkeypatch.setattr(liveness, "alive", lambda pid, start=None: False)  # the interrupted run has died
     atomic.clean_dead_leftovers(dest)
     after = tree_digest(work)
     if not in_place:

@@ -34,10 +34,10 @@ from vlmlabel import __version__
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
+from vlmlabel.files.interrupt import stoppable
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
-from vlmlabel.run.interrupt import stoppable
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
     EmbedRequest,

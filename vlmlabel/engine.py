@@ -16,12 +16,12 @@ import torch
 
 from vlmlabel import rewards
 from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.files.interrupt import pause_at
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
 from vlmlabel.preprocess import DevicePreprocess
 from vlmlabel.reader.buffers import RAW_AXES, Batch, as_nchw
 from vlmlabel.reader.readahead import decode_jpegs, read_ahead
-from vlmlabel.run.interrupt import pause_at
 from vlmlabel.sources.base import Align, Episode, FrameSource, Segment
 
 

@@ -46,7 +46,7 @@ class LockedError(OutputError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped a run (``run.interrupt``); the CLI exits with 128 + the signal number. A
+    """SIGINT or SIGTERM stopped a run (``files.interrupt``); the CLI exits with 128 + the signal number. A
     KeyboardInterrupt, so both signals take Ctrl-C's path: no ``except Exception`` catches it."""
 
     def __init__(self, signum: int, message: str):

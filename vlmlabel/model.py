@@ -491,6 +491,7 @@ def _tag_weights(name: str, tag: str, tag_cfg: dict[str, Any]) -> str:
 
 def _hub_file(repo_id: str, filenames: list[str], what: str | None = None) -> str:
     """The first of ``filenames`` in the Hugging Face cache, else downloaded if the Hub answers within seconds."""
+    # Imported here, where a model is fetched, to keep huggingface_hub off the CLI's start (this module is on it).
     import huggingface_hub as hf
     from huggingface_hub import constants
 
@@ -541,7 +542,7 @@ def save_local_dir(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write open_clip's local-dir layout: open_clip_config.json + open_clip_model.safetensors."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only to write a model (tests, tools): off the CLI's start
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmlabel.destinations.base import Destination, RewardColumn, Stamp, check_output_suffix
+from vlmlabel.destinations.base import Destination, RewardColumn, check_output_suffix
+from vlmlabel.destinations.hdf5 import HDF5Destination
+from vlmlabel.destinations.lerobot import LeRobotDestination
+from vlmlabel.destinations.sidecar import SidecarDestination
+from vlmlabel.destinations.tables import DiskDestination, HubDownloadDestination, ParquetDestination
 from vlmlabel.sources.base import Episode, FrameSource, SourceKind
 
-__all__ = ["Destination", "RewardColumn", "Stamp", "destination_for", "destination_path", "family_of"]
+__all__ = ["Destination", "RewardColumn", "destination_for", "destination_path", "family_of"]
 
 
 class DestinationClass(Protocol):
@@ -46,11 +50,6 @@ class Family:
 
 
 def _families() -> dict[SourceKind, Family]:
-    from vlmlabel.destinations.hdf5 import HDF5Destination
-    from vlmlabel.destinations.lerobot import LeRobotDestination
-    from vlmlabel.destinations.sidecar import SidecarDestination
-    from vlmlabel.destinations.tables import DiskDestination, HubDownloadDestination, ParquetDestination
-
     return {
         SourceKind.hdf5: Family(HDF5Destination, False, "float32 datasets beside each episode's data in", "HDF5"),
         SourceKind.disk: Family(

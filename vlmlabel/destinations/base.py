@@ -12,44 +12,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from vlmlabel.errors import OutputError
+from vlmlabel.files.provenance import CAMERA_OF_ATTR, RAW_OF_ATTR, REWARD_KEY_ATTR, VERSION_ATTR
 from vlmlabel.sources.base import FILE_SUFFIXES, show_path
 
-# Attribute every reward vlmlabel writes carries; data without it was not written by vlmlabel.
-VERSION_ATTR = "vlmlabel_version"
-# Attribute naming the run that made a reward: equal ids mean identical rewards (idempotent finish).
-RESULT_ATTR = "result_id"
-# Attribute naming the --reward-key of the run that wrote a column: every column of one result records it.
-REWARD_KEY_ATTR = "reward_key"
 NAME_MAX = 255  # bytes in one file name on common file systems (ext4, xfs, NFS, Lustre)
-
-
-@dataclass(frozen=True)
-class Stamp:
-    """Size and modification time of every file a source reads: the one way a change is noticed.
-
-    Paths are resolved, so the same dataset named another way (relative, through a link) has the same stamp."""
-
-    files: tuple[tuple[str, int, int], ...]
-
-    @classmethod
-    def of(cls, paths: Iterable[Path]) -> Stamp:
-        found = []
-        for path in paths:
-            stat = path.stat()
-            found.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
-        return cls(tuple(found))
-
-    def as_json(self) -> list[list[Any]]:
-        return [list(entry) for entry in self.files]
-
-    def verify(self, where: object) -> None:
-        """Refuse to write when a file read has changed since the stamp was taken."""
-        try:
-            changed = Stamp.of(Path(name) for name, _, _ in self.files) != self
-        except OSError:
-            changed = True
-        if changed:
-            raise OutputError(f"{where} changed while rewards were computed; nothing was written — run again")
 
 
 @dataclass(frozen=True)
@@ -119,7 +85,7 @@ def whole_results(key: str, names: list[str], carried: dict[str, dict[str, Any]]
     def belongs(attrs: dict[str, Any]) -> bool:
         if REWARD_KEY_ATTR in attrs:
             return str(attrs[REWARD_KEY_ATTR]) in keys
-        return any(str(attrs.get(link)) in names for link in ("raw_of", "camera_of") if link in attrs)
+        return any(str(attrs.get(link)) in names for link in (RAW_OF_ATTR, CAMERA_OF_ATTR) if link in attrs)
 
     return [name for name, attrs in ours.items() if name not in names and belongs(attrs)]
 

@@ -18,20 +18,14 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vlmlabel.destinations import atomic, journal, writethrough
-from vlmlabel.destinations.base import (
-    RESULT_ATTR,
-    VERSION_ATTR,
-    Present,
-    RewardColumn,
-    Stamp,
-    check_folder,
-    check_space,
-    refuse_replacing,
-)
+from vlmlabel.destinations import writethrough
+from vlmlabel.destinations.base import Present, RewardColumn, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
-from vlmlabel.run.interrupt import pause_at
-from vlmlabel.run.locking import open_by_others, open_for_writing
+from vlmlabel.files import atomic, journal
+from vlmlabel.files.holders import open_by_others, open_for_writing
+from vlmlabel.files.interrupt import pause_at
+from vlmlabel.files.provenance import RESULT_ATTR, VERSION_ATTR
+from vlmlabel.files.stamp import Stamp
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, content_fingerprint, reward_path
 from vlmlabel.sources.hdf5 import (

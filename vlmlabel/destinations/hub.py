@@ -12,11 +12,11 @@ def push(written: Path, as_dataset: bool, repo_id: str) -> None:
     and files are uploaded as they are."""
     try:
         if as_dataset:
-            import datasets
+            import datasets  # only for --push-to-hub: `datasets` is slow to import, and no other write needs it
 
             datasets.load_from_disk(str(written)).push_to_hub(repo_id)
             return
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi  # only for --push-to-hub
 
         api = HfApi()
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True)

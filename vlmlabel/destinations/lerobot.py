@@ -21,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
 from vlmlabel.destinations.lerobot_stats import STAT_NAMES, Stats, aggregate, episode_stats
 from vlmlabel.destinations.tables import TableCopy, carry_tree
 from vlmlabel.errors import OutputError
+from vlmlabel.files import atomic
+from vlmlabel.files.provenance import RESULT_ATTR
 from vlmlabel.sources.base import Episode
 from vlmlabel.sources.lerobot import OBSERVATION_PREFIX, LeRobotSource
 
@@ -34,7 +35,7 @@ STATS = Path("meta") / "stats.json"
 EPISODES = Path("meta") / "episodes"
 # Attributes that name one run over one dataset, not what the reward is: kept out of info.json, where LeRobot's
 # aggregate compares features (``features_equal_for_merge``) and would refuse to merge two labelled datasets.
-RUN_ONLY_ATTRS = ("result_id", "embeddings")
+RUN_ONLY_ATTRS = (RESULT_ATTR, "embeddings")
 
 
 def _json_value(value: object) -> object:

@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.destinations import atomic
 from vlmlabel.destinations.base import RewardColumn
 from vlmlabel.destinations.tables import HubCopy, reward_schema
+from vlmlabel.files import atomic
 from vlmlabel.sources.base import PARQUET_SUFFIX
 from vlmlabel.sources.tables import TableSource
 

@@ -10,6 +10,7 @@ beside the destination (``atomic.staged``) and renamed into place at the end; th
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -20,9 +21,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.destinations import atomic
-from vlmlabel.destinations.base import Present, RewardColumn, Stamp, check_folder, check_space, refuse_replacing
+from vlmlabel.destinations.base import Present, RewardColumn, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
+from vlmlabel.files import atomic
+from vlmlabel.files.stamp import Stamp
 from vlmlabel.sources.base import PARQUET_SUFFIX, Episode, show_path, utf8_name
 from vlmlabel.sources.tables import PROVENANCE_KEY, RowFiles, TableSource, field_provenance
 
@@ -132,10 +134,6 @@ def carry_over(src: Path, dst: Path, link: bool) -> None:
 
 
 def _clone(src: Path, dst: Path) -> bool:
-    try:
-        import fcntl
-    except ImportError:  # not on this platform
-        return False
     try:
         with open(src, "rb") as source, open(dst, "wb") as target:
             fcntl.ioctl(target.fileno(), _FICLONE, source.fileno())

@@ -22,7 +22,7 @@ from typing import Any
 
 import h5py
 
-from vlmlabel.destinations import journal
+from vlmlabel.files import journal
 
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

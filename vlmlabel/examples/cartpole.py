@@ -41,6 +41,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # rgb_array rendering needs no display
+    # Imported once the variable above is set, and only to run: --help needs neither gymnasium (the optional
+    # `gym` extra) nor torch.
     import gymnasium as gym
 
     from vlmlabel import RewardModel

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmlabel.destinations import atomic
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.files import atomic
 from vlmlabel.metadata import JsonObject
 
 STATE_FILE = "state.json"

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.run.interrupt import killable
+from vlmlabel.files.interrupt import killable
 from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
 from vlmlabel.run.merge import MergeSummary, merge_shards
 from vlmlabel.run.shards import ShardSpec

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from vlmlabel import __version__, cache
-from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
-from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, check_names, whole_results
+from vlmlabel.destinations import Destination, RewardColumn, destination_for, family_of
+from vlmlabel.destinations.base import Present, check_names, whole_results
 from vlmlabel.destinations.hdf5 import (
     check_output_file,
     hdf5_suffixes,
@@ -36,6 +36,10 @@ from vlmlabel.destinations.hdf5 import (
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
 from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
+from vlmlabel.files import atomic, journal
+from vlmlabel.files.interrupt import check, deferred, pause_at, stoppable
+from vlmlabel.files.provenance import RESULT_ATTR, REWARD_KEY_ATTR
+from vlmlabel.files.stamp import Stamp
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.reader.decode_workers import resolve_workers
@@ -43,7 +47,6 @@ from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, frame_differences, run_numerics
-from vlmlabel.run.interrupt import check, deferred, pause_at, stoppable
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
 from vlmlabel.run.shards import (

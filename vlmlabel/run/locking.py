@@ -15,34 +15,13 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from vlmlabel.destinations import atomic
 from vlmlabel.errors import LockedError
-from vlmlabel.run.interrupt import deferred
+from vlmlabel.files import atomic, liveness
+from vlmlabel.files.interrupt import deferred
 
 _TAKEOVER_GUARD_SECONDS = 60.0
-
-
-def _process_start(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused PID from the owner."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    current = _process_start(pid)
-    return start is None or current is None or current == start
 
 
 def describe_holder(info: dict) -> str:
@@ -66,7 +45,7 @@ def holder_alive(info: dict) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False  # no process of this host is named: nothing can hold it
     start = info.get("proc_start")
-    return _alive(pid, start if isinstance(start, str) else None)
+    return liveness.alive(pid, start if isinstance(start, str) else None)
 
 
 class RunLock:
@@ -81,7 +60,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "proc_start": _process_start(os.getpid()),
+            "proc_start": liveness.process_start(os.getpid()),
             "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
         }
         self._text = json.dumps(self.info)
@@ -187,69 +166,3 @@ class RunLock:
         with deferred():
             if self._read_text() == self._text:
                 self.path.unlink(missing_ok=True)
-
-
-def open_for_writing(path: Path) -> list[str]:
-    """Other processes of this host holding ``path`` open for writing, described (Linux /proc; [] elsewhere).
-
-    HDF5's own file lock is often disabled (HDF5_USE_FILE_LOCKING=FALSE on NFS and Lustre), so a file being
-    written by another program is looked for directly before vlmlabel replaces it.
-    """
-    return [h.described for h in _holders(path) if h.writing and h.pid != os.getpid()]
-
-
-def open_by_others(path: Path) -> list[str]:
-    """Other processes of this host holding ``path`` open at all, described."""
-    return [h.described for h in _holders(path) if h.pid != os.getpid()]
-
-
-def open_elsewhere(path: Path, skip_fd: int) -> list[str]:
-    """Every process of this host holding ``path`` open (this one too, but for its descriptor ``skip_fd``),
-    described: a file changed in place must not be changed under a reader."""
-    return [h.described for h in _holders(path) if not (h.pid == os.getpid() and h.fd == skip_fd)]
-
-
-@dataclass(frozen=True)
-class _Holder:
-    pid: int
-    fd: int
-    writing: bool
-    command: str
-
-    @property
-    def described(self) -> str:
-        return f"PID {self.pid} ({self.command.strip()[:80]})"
-
-
-def _holders(path: Path) -> list[_Holder]:
-    """Open descriptors of ``path`` in every process of this host that can be looked at (Linux /proc)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return []
-    real = str(path.resolve())
-    found = []
-    for pid_dir in proc.iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            fds = list((pid_dir / "fd").iterdir())
-        except OSError:  # gone, or another user's
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) != real:
-                    continue
-                flags = next(
-                    line
-                    for line in (pid_dir / "fdinfo" / fd.name).read_text().splitlines()
-                    if line.startswith("flags:")
-                )
-            except (OSError, StopIteration):
-                continue
-            try:
-                command = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                command = "?"
-            writing = int(flags.split()[1], 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
-            found.append(_Holder(int(pid_dir.name), int(fd.name), writing, command))
-    return found

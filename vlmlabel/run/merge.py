@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from vlmlabel.destinations import Destination, destination_for, destination_path
-from vlmlabel.destinations.base import RESULT_ATTR, whole_results
+from vlmlabel.destinations.base import whole_results
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.files.interrupt import deferred, pause_at, stoppable
+from vlmlabel.files.provenance import RESULT_ATTR
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences, frame_differences
-from vlmlabel.run.interrupt import deferred, pause_at, stoppable
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
     RAW_SUFFIX,

@@ -17,8 +17,8 @@ import numpy as np
 
 from vlmlabel.engine import FrameScorer, compute_rows
 from vlmlabel.errors import SourceError
+from vlmlabel.files.interrupt import GracefulStop
 from vlmlabel.run.checkpoint import Checkpoint
-from vlmlabel.run.interrupt import GracefulStop
 from vlmlabel.sources.base import Episode, FrameSource, Segment
 
 DEFAULT_CHECKPOINT_EVERY = 4096

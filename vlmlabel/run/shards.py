@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from vlmlabel.destinations import atomic
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.files import atomic
 
 _SHARD_FILE = re.compile(r"shard-(\d+)-of-(\d+)\.npz")
 # Everything a shard leaves in the work folder: its part, its saved progress (one folder per camera), its lock.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmlabel.errors import SeveralCameras, SourceError
+from vlmlabel.files import journal
+from vlmlabel.sources import lerobot, tables
 from vlmlabel.sources.base import (
     FILE_SUFFIXES,
     PARQUET_SUFFIX,
@@ -16,6 +18,7 @@ from vlmlabel.sources.base import (
     Segment,
 )
 from vlmlabel.sources.hdf5 import HDF5Source
+from vlmlabel.sources.streaming import open_streaming
 
 __all__ = ["Align", "Episode", "FrameFormat", "FrameSource", "Segment", "HDF5Source", "open_any_camera", "open_source"]
 
@@ -43,8 +46,6 @@ def open_source(
     glob; else, when nothing local has that name, a Hub dataset id ``org/name``. ``nvdec_gpu``: the CUDA device
     whose NVDEC decodes video (LeRobot video; nothing else is video).
     """
-    from vlmlabel.sources import lerobot, tables
-
     given = Path(path)
     if any(ch in path for ch in "*?[") and not given.exists():
         return tables.open_parquet(path, image_key)
@@ -63,12 +64,8 @@ def open_source(
         return tables.open_parquet(path, image_key)
     if not given.exists() and tables.HUB_ID.fullmatch(path) and given.suffix not in FILE_SUFFIXES:
         if streaming:
-            from vlmlabel.sources.streaming import open_streaming
-
             return open_streaming(path, image_key, split, revision)
         return tables.open_hub(path, image_key, split, revision)
-    from vlmlabel.destinations import journal  # the writers' module: lazily, as they import the readers
-
     journal.recover(given)  # a write a killed run left half done is finished or undone before reading
     return HDF5Source(path, image_key)
 

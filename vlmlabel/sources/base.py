@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,6 +12,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from PIL import Image
+
+from vlmlabel.files.stamp import Stamp
 
 # File names that say which format a file holds: open_source and the output families go by them.
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -261,10 +266,6 @@ def content_fingerprint(source: FrameSource, frame_episodes: list[Episode] | Non
     of the file). Other sources add a few sampled frames; a stream, which cannot seek, its first frame only.
     ``frame_episodes``: the frame-aligned episodes when the caller already has them.
     """
-    import hashlib
-
-    from vlmlabel.destinations.base import Stamp
-
     episodes = frame_episodes if frame_episodes is not None else source.episodes(Align.frame)
     digest = hashlib.sha256()
     digest.update(repr((source.image_key, source.frame_format, [e.steps for e in episodes])).encode())
@@ -301,10 +302,6 @@ def describe_frames(source: FrameSource, segment: Segment) -> str:
             height, width = frame.shape[:2] if fmt.axes != "CHW" else frame.shape[1:3]
             channels = 1 if frame.ndim == 2 else (frame.shape[-1] if fmt.axes != "CHW" else frame.shape[0])
             return f"{fmt.describe()}, first frame {height}x{width} {_MODES.get(channels, f'{channels} channels')}"
-        import io
-
-        from PIL import Image
-
         with Image.open(io.BytesIO(np.asarray(block[0], dtype=np.uint8).tobytes())) as image:
             width, height = image.size
             return f"encoded {image.format or 'image'}, first frame {height}x{width} {image.mode}"

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import SourceError
+from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, SourceRecipe
 from vlmlabel.sources.cameras import CameraChooser
@@ -267,8 +268,6 @@ class LeRobotSource(TableSource):
         """The column's field metadata, else what ``meta/info.json`` keeps under ``features[name]["info"]``:
         LeRobot's own editors (delete, split, merge episodes) rewrite the data files without field metadata
         but carry the feature's ``info`` over."""
-        from vlmlabel.destinations.base import VERSION_ATTR
-
         found = super().column_provenance(name)
         kept = (self.lerobot_features.get(name) or {}).get("info")
         if found == {} and isinstance(kept, dict) and VERSION_ATTR in kept:

@@ -18,6 +18,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vlmlabel.files import atomic
+
 CACHE_ENV = "VLMLABEL_CACHE_DIR"
 
 
@@ -42,8 +44,6 @@ def remembered(path: Path, what: str, compute: Callable[[], tuple[bytes, list[Pa
 
     ``compute`` also names the other files the bytes came from (external links, virtual datasets): the memo
     holds their versions too, and is used only while they are unchanged."""
-    from vlmlabel.destinations import atomic
-
     version = version_of(path)
     entry = _entry(version, what) if version is not None else None
     if entry is not None and entry.is_file():
@@ -76,8 +76,6 @@ def version_of(path: Path) -> str | None:
 def carry(before: str | None, path: Path) -> None:
     """vlmlabel rewrote the file at ``path`` without touching its frames: what was known of the version
     ``before`` holds for the new one."""
-    from vlmlabel.destinations import atomic
-
     if before is None:
         return
     try:

@@ -66,7 +66,7 @@ class StreamFiles:
 
 def hub_loader(repo_id: str, split: str, revision: str | None) -> Loader:
     """Stream ``repo_id``; columns are projected by the parquet reader where the builder supports it."""
-    import datasets
+    import datasets  # only for a streamed Hub dataset: `datasets` is slow to import, and no local source needs it
 
     def load(columns: list[str] | None):
         if columns:

@@ -9,7 +9,7 @@ change is made in place instead:
 2. ``apply`` writes the original bytes of every range it is about to overwrite, and the original size, to a
    journal beside the file (checksummed, fsynced), then writes the new bytes, fsyncs, and removes the journal.
 3. An error inside ``apply`` puts the original bytes back at once (and the modification time); a signal
-   waits for it to finish (``run.interrupt.deferred``: milliseconds). A process killed inside it leaves the
+   waits for it to finish (``files.interrupt.deferred``: milliseconds). A process killed inside it leaves the
    journal: ``recover``, run before vlmlabel opens the file again, puts the original bytes back (or, if every
    new byte had landed, simply removes the journal).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import fcntl
 import io
 import json
 import os
@@ -35,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from vlmlabel.destinations import atomic
 from vlmlabel.errors import OutputError, SourceError
-from vlmlabel.run.interrupt import deferred, pause_at
+from vlmlabel.files import atomic, holders
+from vlmlabel.files.interrupt import deferred, pause_at
 
 PAGE = 512  # bytes per overwritten page kept in memory: HDF5 metadata blocks are small and scattered
 _MAGIC = b"vlmlabel rollback journal 1\n"
@@ -284,18 +283,11 @@ def apply(path: Path, overlay: Overlay) -> None:
 
 def _hold_exclusively(fd: int, path: Path) -> None:
     """Take an exclusive lock on the file and make sure no process (this one included) has it open."""
-    from vlmlabel.run.locking import open_elsewhere
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise Busy(f"{path} is locked by another process") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # file systems without locks
-            raise
-    holders = open_elsewhere(path, skip_fd=fd)
-    if holders:
-        raise Busy(f"{path} is open in {holders[0]}")
+    if holders.lock_exclusively(fd) is False:  # None: a file system without locks, where /proc must tell
+        raise Busy(f"{path} is locked by another process")
+    others = holders.open_elsewhere(path, skip_fd=fd)
+    if others:
+        raise Busy(f"{path} is open in {others[0]}")
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -374,7 +366,11 @@ def recover(path: Path) -> list[str]:
     """Finish or undo any write to ``path`` left half done by a vlmlabel run that died; what was done, said.
 
     A journal of a run still alive on this host is waited for; one from another host cannot be judged from
-    here and is refused with what to do."""
+    here and is refused with what to do. A run is gone when its PID is (``Leftover.dead``), or when no process
+    holds the file's ``flock`` (``holders.unlocked``): a run holds it from before its journal is written until
+    after it is removed, so its journal has outlived it even if its PID now names another process (after a
+    reboot, in a container). The lock cannot tell where the file system has none (the PID is then all there is
+    to go by), nor while a reader holds the file open: HDF5 takes a shared lock on every file it opens."""
     real = atomic.real_target(path)
     notes: list[str] = []
     for left in atomic.leftovers(real, ("journal",)):
@@ -383,29 +379,11 @@ def recover(path: Path) -> list[str]:
                 f"{path} has an unfinished write by vlmlabel on host {left.host} ({left.path.name}); "
                 f"run any vlmlabel command on it from {left.host}, which repairs it"
             )
-        if not (left.dead or _abandoned(real)):
+        if not (left.dead or holders.unlocked(real)):
             _wait_gone(left.path, real)
         elif left.path.exists():
             notes.append(_recover_one(real, left.path))
     return notes
-
-
-def _abandoned(real: Path) -> bool:
-    """No process holds the file's lock. A run holds it from before its journal is written until after it is
-    removed, so its journal has outlived it, even if its PID now names another process (after a reboot, in a
-    container). False where the file system has no locks (the PID is then all there is to go by), and while a
-    reader holds the file open: HDF5 takes a shared lock on every file it opens."""
-    try:
-        fd = os.open(real, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:  # held (BlockingIOError), or no locks here
-        return False
-    finally:
-        os.close(fd)
 
 
 def _wait_gone(journal: Path, real: Path) -> None:

@@ -5,7 +5,7 @@ the temporary path sits beside the real target (symlinks resolved, so it is on t
 system and the rename is atomic), is named after this process, and is removed on any failure.
 Leftovers of runs that died (their PID no longer exists on this host) are removed by the next
 run that stages the same target. Until the final rename the target is untouched. A signal while the
-copy is written removes it; from the flush on, the step is finished first (``run.interrupt.deferred``).
+copy is written removes it; from the flush on, the step is finished first (``files.interrupt.deferred``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmlabel.errors import OutputError
-from vlmlabel.run.interrupt import deferred
+from vlmlabel.files import liveness
+from vlmlabel.files.interrupt import deferred
 
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40]
 _TAG = re.compile(r"\.vlmlabel-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.(?P<what>[a-z]+)$")
@@ -68,17 +69,6 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host with that PID exists (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass(frozen=True)
 class Leftover:
     """A path ``beside`` gave a target, and the process that named it."""
@@ -90,7 +80,7 @@ class Leftover:
     @property
     def dead(self) -> bool:
         """Its process is gone (only a process of this host can be judged)."""
-        return self.host == HOST and not pid_alive(self.pid)
+        return self.host == HOST and not liveness.alive(self.pid)
 
 
 def leftovers(target: Path, kinds: tuple[str, ...]) -> list[Leftover]:
