@@ -30,7 +30,8 @@ def _child(whole: bool, source: str, model: str, output: str) -> None:
     Prints the seconds spent loading the model."""
     sys.path.insert(0, str(ROOT))
     from vlmlabel.run import lifecycle
-    from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+    from vlmlabel.run.lifecycle import relabel_file
+    from vlmlabel.run.request import RelabelRequest
 
     load, seconds = lifecycle.load_model, []
 

@@ -12,9 +12,11 @@ from tests.conftest import TINY_CFG, build_model_dir
 from vlmlabel.cli import app
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
+from vlmlabel.events import Events
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import RewardMode
-from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
+from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align, open_source
 
 runner = CliRunner()
@@ -191,6 +193,6 @@ def test_frames_edited_in_place_after_embed_invalidate_the_cache(storage, tmp_pa
     notes: list[str] = []
     summary = relabel_file(
         RelabelRequest(source=path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
-        on_note=notes.append,
+        events=Events(on_note=notes.append),
     )
     assert not summary.used_cache and "made from other frames" in summary.cache_note, summary.cache_note

@@ -17,7 +17,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from tests import layouts
 from vlmlabel.engine import BufferPool, decode_jpegs, iter_batches
 from vlmlabel.model import load_model
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align, open_source
 
 pytestmark = pytest.mark.gpu
