@@ -576,7 +576,9 @@ def relabel(
         def note(message: str) -> None:
             progress.console.print(Text(message, style="yellow"), soft_wrap=True)
 
-        summary = _with_progress(progress, task, lambda start, advance: run(request, events=Events(start, advance, note)))
+        summary = _with_progress(
+            progress, task, lambda start, advance: run(request, events=Events(start, advance, note))
+        )
     if quiet or summary is None:
         return
     if isinstance(summary, FinishedSummary):

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from vlmlabel import __version__
-from vlmlabel.destinations import Destination, RewardColumn
+from vlmlabel.destinations import Destination, RewardColumn, family_of
 from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, whole_results
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.interrupt import check
 from vlmlabel.run.request import output_names
-from vlmlabel.sources import Align
+from vlmlabel.sources import Align, FrameSource
 
 
 def base_attrs(
@@ -39,6 +39,18 @@ def base_attrs(
         "vlmlabel_version": __version__,
         **model_attrs,
     }
+
+
+def provenance(
+    align: Align,
+    image_key: str,
+    used_cache: bool,
+    model_attrs: dict[str, Any],
+    per_observation: bool,
+    result: str,
+) -> dict[str, Any]:
+    """``base_attrs`` with the result id: what a run's (or a part's) every column records besides its formula."""
+    return {**base_attrs(align, image_key, used_cache, model_attrs, per_observation), RESULT_ATTR: result}
 
 
 def frames_fingerprint(fingerprints: list[str]) -> str:
@@ -86,6 +98,10 @@ class CommitPlan:
         """What the destination holds of this result's columns."""
         return self.destination.written(self.all_names)
 
+    def results_in(self, present: dict[str, Present]) -> bool:
+        """Whether ``present`` holds every column of this result with a result id: perhaps this very run's."""
+        return all(n in present and RESULT_ATTR in present[n].attrs for n in self.all_names)
+
     def held_in(self, present: dict[str, Present], wanted: set[str]) -> bool:
         """Whether ``present`` holds every column of this result, made by a run with one of the ``wanted``
         result ids."""
@@ -130,11 +146,11 @@ class CommitPlan:
         return self.destination.write(columns, self.overwrite, self.dropped), final
 
 
-def push(written: Path, hub_repo: str | None, push_as_dataset: bool) -> None:
-    """Upload the written dataset to the Hub when asked."""
+def push(written: Path, hub_repo: str | None, source: FrameSource) -> None:
+    """Upload the written dataset to the Hub when asked (as its source's family uploads)."""
     if hub_repo:
         check()  # a signal held while the write was put in place stops the run before the upload
         # Imported here: the Hub client stays off the CLI's startup path and off every run that does not push.
         from vlmlabel.destinations.hub import push as push_to_hub
 
-        push_to_hub(written, push_as_dataset, hub_repo)
+        push_to_hub(written, family_of(source).push_as_dataset, hub_repo)

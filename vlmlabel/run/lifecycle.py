@@ -19,29 +19,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from vlmlabel import cache
 from vlmlabel.decode_workers import resolve_workers
-from vlmlabel.destinations import Stamp, family_of
-from vlmlabel.destinations.base import RESULT_ATTR
+from vlmlabel.destinations import Stamp
 from vlmlabel.destinations.hdf5 import check_output_file, hdf5_suffixes, refuse_external, refuse_if_busy, write_file
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
-from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
+from vlmlabel.errors import OutputError, VlmlabelError, WorkerLost
 from vlmlabel.events import QUIET, Events
 from vlmlabel.formulation import ScoreFn, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, ModelCard, load_model
 from vlmlabel.run import score
-from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, run_numerics
-from vlmlabel.run.commit import base_attrs, push
+from vlmlabel.run.checkpoint import Checkpoint, run_numerics
+from vlmlabel.run.commit import push
 from vlmlabel.run.interrupt import check, deferred, pause_at, stoppable
 from vlmlabel.run.locking import RunLock
-from vlmlabel.run.plan import AlreadyWritten, FromCache, FromFrames, OpenRun, open_run, plan_run
+from vlmlabel.run.plan import (
+    AlreadyWritten,
+    FromCache,
+    FromFrames,
+    OpenRun,
+    checkpoint_folders,
+    clear_finished,
+    open_run,
+    plan_run,
+)
 from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary, Summary
-from vlmlabel.run.shards import PartMeta, dest_lock
+from vlmlabel.run.shards import dest_lock
 from vlmlabel.sources import open_source
 from vlmlabel.sources.base import VideoDecoder, content_fingerprint
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
@@ -85,7 +92,7 @@ def _finished(run: OpenRun, plan: AlreadyWritten, stack: contextlib.ExitStack, e
         f"{', '.join(run.names)} already written to {run.commit.destination.path} by an identical run "
         "(same frames, goals, model and formulation); nothing to do"
     )
-    _clear_finished(run, plan.result.identity, stack, events)
+    clear_finished(run, plan.result.identity, stack, events)
     return FinishedSummary(run.commit.destination.path, run.names)
 
 
@@ -100,15 +107,15 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
     identity, wanted, numerics = plan.result.identity, plan.result.result_id, run_numerics(machine.device)
     if run.shard and score.part_done(run, identity, numerics, events):
         return score.shard_summary(run, 0.0, True)
-    prepare_workers(run.source, resolve_workers(run.request.workers))  # its server starts before the model loads
+    score.start_workers(run)
     model, score_fn = _load(run, plan.result.card, machine, events, image_tower=True)
     scorer = FrameScorer(model, run.config.goals, score_fn)
-    folders = score.checkpoint_folders(run)
+    folders = checkpoint_folders(run)
     checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), events) for folder in folders]
     try:
         scored = score.score_frames(run, scorer, machine.batch_size, checkpoints, events)
         if run.shard:
-            score.save_part(run, scored, _part_meta(run, model, scored, identity, numerics, wanted))
+            score.save_part(run, scored, score.part_meta(run, model, scored, identity, numerics, wanted))
             summary: Summary = score.shard_summary(run, scored.seconds, False)
         else:
             summary = _commit_run(run, model, scored, wanted, plan.cache_miss.reason)
@@ -154,41 +161,10 @@ def _load(
     return model, build_score_fn(run.config, model.encode_texts, model.logit_scale)
 
 
-def _common_attrs(run: OpenRun, model: ClipModel, scored: score.Scored, wanted: str) -> dict[str, Any]:
-    attrs = base_attrs(
-        run.request.align, run.source.image_key, scored.used_cache, model.describe(), run.episodes[0].per_observation
-    )
-    return {**attrs, RESULT_ATTR: wanted}
-
-
-def _part_meta(
-    run: OpenRun,
-    model: ClipModel,
-    scored: score.Scored,
-    identity: dict[str, Any],
-    numerics: dict[str, str],
-    wanted: str,
-) -> PartMeta:
-    assert run.shard is not None
-    return PartMeta(
-        identity,
-        numerics,
-        scored.batch_size,
-        run.config.to_json(),
-        model.logit_scale,
-        _common_attrs(run, model, scored, wanted),
-        run.request.align.value,
-        list(run.cameras.keys),
-        run.cameras.reduce.value,
-        wanted,
-        run.shard.numbering,
-    )
-
-
 def _commit_run(run: OpenRun, model: ClipModel, scored: score.Scored, wanted: str, cache_note: str) -> RelabelSummary:
     run.close()
-    written, final = run.commit.write(scored.raw, model.logit_scale, _common_attrs(run, model, scored, wanted))
-    push(written, run.request.push_to_hub, family_of(run.source).push_as_dataset)
+    written, final = run.commit.write(scored.raw, model.logit_scale, score.provenance(run, model, scored, wanted))
+    push(written, run.request.push_to_hub, run.source)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
     return RelabelSummary(
         result,
@@ -209,31 +185,8 @@ def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
     with deferred():  # never half removed
         for checkpoint in checkpoints:
             checkpoint.discard()
-        _remove_if_empty(work)
-
-
-def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.ExitStack, events: Events) -> None:
-    """A run killed after its write landed leaves its progress and its lock beside the data; the identical rerun,
-    finding the rewards written, removes them once it holds the lock (a live run's are left alone), and only
-    progress made towards these very rewards."""
-    destination = run.commit.destination.path
-    lock = dest_lock(destination)
-    saved = [Checkpoint(f, identity, {}, 0) for f in score.checkpoint_folders(run) if f.exists()]
-    if run.shard or not (saved or lock.exists()):
-        return
-    try:
-        RunLock(lock, str(destination), events).held_by(stack)
-    except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
-        return
-    for checkpoint in saved:
-        if checkpoint.made_for(ignoring=FILE_STATE):  # the file's stamp moved with the write
-            checkpoint.discard()
-    _remove_if_empty(run.work)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+        with contextlib.suppress(OSError):
+            work.rmdir()  # when empty
 
 
 # -- embed --------------------------------------------------------------------------------------------

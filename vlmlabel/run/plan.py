@@ -18,12 +18,13 @@ from typing import Any
 from vlmlabel import __version__, cache
 from vlmlabel.destinations import Stamp, atomic, destination_for, journal
 from vlmlabel.destinations.base import check_names
-from vlmlabel.errors import VlmlabelError
+from vlmlabel.errors import LockedError, VlmlabelError
 from vlmlabel.events import Events
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import ModelCard, describe_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
+from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint
 from vlmlabel.run.commit import CommitPlan, frames_fingerprint, result_id
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.request import RelabelRequest, output_names
@@ -222,20 +223,55 @@ def find_caches(run: OpenRun, model: ModelCard) -> list[cache.CacheMatch] | cach
 
 
 def plan_run(run: OpenRun, precision: str, stack: contextlib.ExitStack, events: Events) -> Plan:
-    """What this run does, decided before any model loads. Rewards already there with this result id may be
-    this very run's (a rerun, a requeued job): then the checks that would refuse them, and the lock, are
-    skipped. Any other plan passes the destination's checks and holds the lock (on ``stack``)."""
+    """What this run does, decided before any model loads. Rewards already there with a result id may be this
+    very run's (a rerun, a requeued job): telling needs the result's name, so only then is it known before the
+    checks that would refuse them. Any other plan passes the destination's checks and holds the lock (on
+    ``stack``), before the model is described, as it was loaded after them."""
+    present = run.commit.present()
+    named = None
+    if run.commit.results_in(present):
+        named = _name_result(run, precision)
+        if run.commit.held_in(present, {named[0].result_id}):
+            return AlreadyWritten(named[0])
+    _checks_and_lock(run, stack, events)
+    result, found = named or _name_result(run, precision)
+    return FromFrames(result, found) if isinstance(found, cache.CacheMiss) else FromCache(result, found)
+
+
+def _name_result(run: OpenRun, precision: str) -> tuple[ResultName, list[cache.CacheMatch] | cache.CacheMiss]:
+    """The result this run makes, and the caches that serve it (or why none does): both from the model's card."""
     request = run.request
     card = describe_model(request.model, request.pretrained, precision)
-    present = run.commit.present()
     # shards score frames, like every other shard
     found = find_caches(run, card) if request.use_cache and run.shard is None else cache.CacheMiss("--no-cache")
     identity = run.identity(card, used_cache=not isinstance(found, cache.CacheMiss))
-    result = ResultName(card, identity, result_id(identity, run.fingerprint))
-    if run.commit.held_in(present, {result.result_id}):
-        return AlreadyWritten(result)
-    _checks_and_lock(run, stack, events)
-    return FromFrames(result, found) if isinstance(found, cache.CacheMiss) else FromCache(result, found)
+    return ResultName(card, identity, result_id(identity, run.fingerprint)), found
+
+
+def checkpoint_folders(run: OpenRun) -> list[Path]:
+    """Where each camera's progress is saved (the first camera's keeps the one-camera name)."""
+    base = f"{run.shard.name}.progress" if run.shard else "progress"
+    return [run.work / (base if index == 0 else f"{base}-cam{index}") for index in range(len(run.sources))]
+
+
+def clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.ExitStack, events: Events) -> None:
+    """A run killed after its write landed leaves its progress and its lock beside the data; the identical rerun,
+    finding the rewards written, removes them once it holds the lock (a live run's are left alone), and only
+    progress made towards these very rewards."""
+    destination = run.commit.destination.path
+    lock = dest_lock(destination)
+    saved = [Checkpoint(f, identity, {}, 0) for f in checkpoint_folders(run) if f.exists()]
+    if run.shard or not (saved or lock.exists()):
+        return
+    try:
+        RunLock(lock, str(destination), events).held_by(stack)
+    except (LockedError, OSError):  # a live run's, or a folder this user cannot write: left as they are
+        return
+    for checkpoint in saved:
+        if checkpoint.made_for(ignoring=FILE_STATE):  # the file's stamp moved with the write
+            checkpoint.discard()
+    with contextlib.suppress(OSError):
+        run.work.rmdir()  # when empty
 
 
 def _checks_and_lock(run: OpenRun, stack: contextlib.ExitStack, events: Events) -> None:

@@ -4,22 +4,23 @@ progress (the whole dataset, or one shard of whole episodes, whose part then wai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlmlabel import cache
 from vlmlabel.decode_workers import resolve_workers
-from vlmlabel.engine import FrameScorer
+from vlmlabel.engine import FrameScorer, prepare_workers
 from vlmlabel.events import Events
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
+from vlmlabel.run import commit
 from vlmlabel.run.checkpoint import Checkpoint, frame_differences
 from vlmlabel.run.plan import OpenRun
 from vlmlabel.run.request import ShardSummary
 from vlmlabel.run.resumable import SpanSettings, grid_span, score_span
-from vlmlabel.run.shards import PartMeta, part_meta, plan, shard_result, write_result
+from vlmlabel.run.shards import PartMeta, plan, shard_result, write_result
+from vlmlabel.run.shards import part_meta as read_part_meta
 
 
 @dataclass
@@ -52,10 +53,9 @@ def score_from_cache(
     return Scored(0, len(run.episodes), raw, sum(r.seconds for r in results), 0, 0, True)
 
 
-def checkpoint_folders(run: OpenRun) -> list[Path]:
-    """Where each camera's progress is saved (the first camera's keeps the one-camera name)."""
-    base = f"{run.shard.name}.progress" if run.shard else "progress"
-    return [run.work / (base if index == 0 else f"{base}-cam{index}") for index in range(len(run.sources))]
+def start_workers(run: OpenRun) -> None:
+    """Before the model loads: the decoding workers' server, when workers will read the frames."""
+    prepare_workers(run.source, resolve_workers(run.request.workers))
 
 
 def score_frames(
@@ -99,6 +99,34 @@ def save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
     write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes], meta)
 
 
+def provenance(run: OpenRun, model: ClipModel, scored: Scored, result: str) -> dict[str, Any]:
+    """What every column of this run (or its part) records besides its formula."""
+    request, episode = run.request, run.episodes[0]
+    return commit.provenance(
+        request.align, run.source.image_key, scored.used_cache, model.describe(), episode.per_observation, result
+    )
+
+
+def part_meta(
+    run: OpenRun, model: ClipModel, scored: Scored, identity: dict[str, Any], numerics: dict[str, str], result: str
+) -> PartMeta:
+    """How a shard's part was made: what ``merge`` checks and commits with."""
+    assert run.shard is not None
+    return PartMeta(
+        identity,
+        numerics,
+        scored.batch_size,
+        run.config.to_json(),
+        model.logit_scale,
+        provenance(run, model, scored, result),
+        run.request.align.value,
+        list(run.cameras.keys),
+        run.cameras.reduce.value,
+        result,
+        run.shard.numbering,
+    )
+
+
 def shard_summary(run: OpenRun, seconds: float, already_done: bool) -> ShardSummary:
     assert run.shard is not None
     steps = [e.steps for e in run.episodes]
@@ -113,7 +141,7 @@ def part_done(run: OpenRun, identity: dict[str, Any], numerics: dict[str, str], 
     path = shard_result(run.work, run.shard)
     if not path.exists():
         return False
-    meta = part_meta(path)
+    meta = read_part_meta(path)
     if meta is not None and not frame_differences(meta.identity, identity) and meta.numerics == numerics:
         events.note(f"{path.name} is already done with the same options; nothing to compute")
         return True
