@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlmlabel import model as model_module  # noqa: E402
-from vlmlabel.events import Events
+from vlmlabel.events import Events  # noqa: E402
 from vlmlabel.model import create_untrained, save_local_dir  # noqa: E402
 from vlmlabel.run import lifecycle  # noqa: E402
 from vlmlabel.run.lifecycle import relabel_file  # noqa: E402

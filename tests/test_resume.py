@@ -319,7 +319,9 @@ def test_checkpoint_ignores_rows_written_after_its_last_state(tmp_path):
     rows = Checkpoint(folder, {"goals": ["a"]}, {"device": "cpu"}, goals=2).load(restart=False).rows
     np.testing.assert_array_equal(rows, np.concatenate([first, np.full((4, 2), 7, np.float32)]))
     notes: list[str] = []
-    other_device = Checkpoint(folder, {"goals": ["a"]}, {"device": "cuda NVIDIA H100"}, goals=2, events=Events(on_note=notes.append))
+    other_device = Checkpoint(
+        folder, {"goals": ["a"]}, {"device": "cuda NVIDIA H100"}, goals=2, events=Events(on_note=notes.append)
+    )
     assert other_device.load(restart=False) is None
     assert "another device" in notes[0] and not folder.exists()
 
