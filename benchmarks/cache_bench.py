@@ -26,7 +26,8 @@ import torch  # noqa: E402
 from vlmlabel import cache  # noqa: E402
 from vlmlabel.destinations.hdf5 import write_file  # noqa: E402
 from vlmlabel.model import create_untrained, load_model, save_local_dir  # noqa: E402
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file  # noqa: E402
+from vlmlabel.run.lifecycle import relabel_file  # noqa: E402
+from vlmlabel.run.request import RelabelRequest  # noqa: E402
 from vlmlabel.sources import open_source  # noqa: E402
 from vlmlabel.sources.base import content_fingerprint  # noqa: E402
 

@@ -30,7 +30,8 @@ def _child(whole: bool, source: str, model: str, output: str) -> None:
     Prints the seconds spent loading the model."""
     sys.path.insert(0, str(ROOT))
     from vlmlabel.run import lifecycle
-    from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+    from vlmlabel.run.lifecycle import relabel_file
+    from vlmlabel.run.request import RelabelRequest, RelabelSummary
 
     load, seconds = lifecycle.load_model, []
 
@@ -51,7 +52,7 @@ def _child(whole: bool, source: str, model: str, output: str) -> None:
             overwrite=True,
         )
     )
-    assert isinstance(summary, lifecycle.RelabelSummary), summary
+    assert isinstance(summary, RelabelSummary), summary
     assert summary.used_cache, summary.cache_note
     assert summary.model.has_image_tower == whole
     print(sum(seconds))

@@ -39,9 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlmlabel import model as model_module  # noqa: E402
+from vlmlabel.events import Events  # noqa: E402
 from vlmlabel.model import create_untrained, save_local_dir  # noqa: E402
 from vlmlabel.run import lifecycle  # noqa: E402
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file  # noqa: E402
+from vlmlabel.run.lifecycle import relabel_file  # noqa: E402
+from vlmlabel.run.request import RelabelRequest  # noqa: E402
 
 MICRO_CFG = {
     "embed_dim": 8,
@@ -210,7 +212,7 @@ def relabel_timed(source: Path, model_dir: Path, output: Path) -> Split:
         batch_size=1024,
     )
     with _timing(split):
-        relabel_file(request, on_start=started, on_progress=progress)
+        relabel_file(request, events=Events(on_start=started, on_progress=progress))
     split.total = time.perf_counter() - begin
     split.cpu = time.process_time() - cpu
     return split

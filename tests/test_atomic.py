@@ -13,7 +13,8 @@ import pytest
 
 from tests import layouts
 from vlmlabel.files import atomic
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 
 
 def _dead_pid() -> int:

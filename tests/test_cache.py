@@ -12,9 +12,11 @@ from tests.conftest import TINY_CFG, build_model_dir
 from vlmlabel.cli import app
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
+from vlmlabel.events import Events
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import RewardMode
-from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
+from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.sources import Align, open_source
 
 runner = CliRunner()
@@ -165,6 +167,34 @@ def test_a_relabel_served_by_the_cache_loads_the_text_tower_only(tmp_path, tiny_
     assert not other.used_cache and other.model.has_image_tower
 
 
+def test_each_plan_loads_the_model_at_most_once(tmp_path, tiny_model_dir, other_model_dir, monkeypatch):
+    """The plan is made before any model loads: frames load the whole model once, the cache its text tower once
+    (also when rewards of another run are there), a rerun of written rewards loads nothing."""
+    from vlmlabel.run import lifecycle
+
+    loads: list[bool] = []
+    load = lifecycle.load_model
+
+    def counted(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loads.append(model.has_image_tower)
+        return model
+
+    monkeypatch.setattr(lifecycle, "load_model", counted)
+    truth = layouts.build_robomimic(tmp_path / "r.h5")
+    embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu", batch_size=4))
+    loads.clear()  # embed's own load
+    relabel_file(_request(truth, tiny_model_dir, Align.next, use_cache=False))
+    assert loads == [True]
+    served = relabel_file(_request(truth, tiny_model_dir, Align.next))  # rewards of another result there
+    assert served.used_cache and loads == [True, False]
+    assert isinstance(relabel_file(_request(truth, tiny_model_dir, Align.next)), FinishedSummary)
+    assert loads == [True, False]
+    other = relabel_file(_request(truth, other_model_dir, Align.next))  # its cache is not this model's
+    assert not other.used_cache and other.cache_note.startswith("embedding cache at")
+    assert loads == [True, False, True]
+
+
 @pytest.mark.parametrize(
     "storage",
     ["gzip chunks, one frame edited", "lzf chunks (robomimic), one frame edited", "uncompressed, channels swapped"],
@@ -191,6 +221,6 @@ def test_frames_edited_in_place_after_embed_invalidate_the_cache(storage, tmp_pa
     notes: list[str] = []
     summary = relabel_file(
         RelabelRequest(source=path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
-        on_note=notes.append,
+        events=Events(on_note=notes.append),
     )
     assert not summary.used_cache and "made from other frames" in summary.cache_note, summary.cache_note

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from tests import table_layouts
 from tests.layouts import make_frames
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.run.shards import ShardSpec
 
 GOALS = ["a red cube on the table", "an empty table"]

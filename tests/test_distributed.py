@@ -12,7 +12,8 @@ import pytest
 
 from tests.cluster_files import ROOT, env, make_dataset, read_attrs, read_rewards
 from vlmlabel.run.distributed import TorchrunEnv, rank_device, torchrun_env
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.run.shards import work_dir
 
 pytestmark = pytest.mark.subprocess

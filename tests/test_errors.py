@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from tests import layouts
 from vlmlabel.cli import app
 from vlmlabel.destinations import hdf5 as hdf5_writer
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 
 runner = CliRunner()
 

@@ -18,7 +18,8 @@ from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
 from vlmlabel.rewards import Normalize, Shaping
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 
 runner = CliRunner()
 

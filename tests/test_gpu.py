@@ -18,7 +18,8 @@ from tests import layouts
 from vlmlabel.model import load_model
 from vlmlabel.reader.buffers import BufferPool
 from vlmlabel.reader.readahead import decode_jpegs, iter_batches
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align, open_source
 
 pytestmark = pytest.mark.gpu

@@ -24,7 +24,9 @@ from tests import table_layouts
 from tests.cluster_files import interrupt_after
 from tests.table_layouts import TableCase
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.events import Events
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align
 
 datasets.disable_progress_bars()
@@ -541,7 +543,7 @@ def test_source_changed_during_scoring_writes_nothing(tmp_path, tiny_model_dir):
     from vlmlabel.errors import OutputError
 
     with pytest.raises(OutputError, match="changed while rewards were computed"):
-        relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1]), on_progress=touch)
+        relabel_file(request_for(case, tiny_model_dir, goals=GOALS[:1]), events=Events(on_progress=touch))
     assert [p.name for p in tmp_path.iterdir()] == ["float_chw.parquet"], "output or staging left behind"
 
 
@@ -563,10 +565,10 @@ def test_streaming_run_interrupted_resumes_to_the_same_rewards(fake_hub, tiny_mo
     expected = pq.read_table(whole.written_to)
     whole.written_to.unlink()
     with pytest.raises(KeyboardInterrupt):
-        relabel_file(request(), on_progress=interrupt_after(8))
+        relabel_file(request(), events=Events(on_progress=interrupt_after(8)))
     assert not whole.written_to.exists()
     notes = []
-    resumed = relabel_file(request(), on_note=notes.append)
+    resumed = relabel_file(request(), events=Events(on_note=notes.append))
     assert resumed.result.resumed >= 6 and any("resuming" in n for n in notes)
     got = pq.read_table(resumed.written_to)
     for name in ("vlm_reward_0", "vlm_reward_1"):

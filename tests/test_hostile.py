@@ -18,8 +18,10 @@ from tests import layouts, table_layouts
 from tests.cluster_files import interrupt_after
 from tests.layouts import make_frames
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import EmbedRequest, FinishedSummary, RelabelRequest, embed_file, relabel_file
+from vlmlabel.events import Events
+from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
 from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.run.shards import ShardSpec, work_dir
 
 GOAL = "a red cube on the table"
@@ -62,9 +64,11 @@ def test_resume_with_the_source_spelled_another_way(tmp_path, tiny_model_dir, mo
     source = _parquet(tmp_path / "one.parquet")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        relabel_file(_request("one.parquet", tiny_model_dir, checkpoint_every=2), on_progress=interrupt_after(6))
+        relabel_file(
+            _request("one.parquet", tiny_model_dir, checkpoint_every=2), events=Events(on_progress=interrupt_after(6))
+        )
     notes: list[str] = []
-    summary = relabel_file(_request(source, tiny_model_dir, checkpoint_every=2), on_note=notes.append)
+    summary = relabel_file(_request(source, tiny_model_dir, checkpoint_every=2), events=Events(on_note=notes.append))
     assert summary.result.resumed >= 4 and any("resuming" in n for n in notes), notes
 
 

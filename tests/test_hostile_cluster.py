@@ -29,9 +29,11 @@ from tests.cluster_files import make_dataset, read_rewards, relabel_args, run
 from tests.storage_backends import BACKENDS, Case, tree_digest
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.events import Events
 from vlmlabel.run.distributed import rendezvous_limit
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.run.shards import ShardSpec, SlurmArrayTask, work_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -343,7 +345,7 @@ def _shards(source: Path, model: Path, key: str, indices=(0, 1), **extra) -> lis
                 shard=ShardSpec(index, 2),
                 **extra,
             ),
-            on_note=notes.append,
+            events=Events(on_note=notes.append),
         )
     return notes
 

@@ -29,8 +29,9 @@ from typer.testing import CliRunner
 from tests import labels_files, layouts, test_cameras
 from tests.storage_backends import tree_digest
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.run.shards import ShardSpec
 
 GOAL = "a red cube on the table"

@@ -27,7 +27,8 @@ from tests.storage_backends import BACKENDS, Case
 from vlmlabel.cli import app
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources.tables import PROVENANCE_KEY
 
 runner = CliRunner()

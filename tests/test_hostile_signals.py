@@ -39,11 +39,13 @@ from tests.cluster_files import ROOT, env, make_dataset
 from tests.forked_cli import ForkedRun
 from vlmlabel.cli import app
 from vlmlabel.errors import Interrupted
+from vlmlabel.events import Events
 from vlmlabel.files import atomic
 from vlmlabel.files.interrupt import check, stoppable
 from vlmlabel.run import locking
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.locking import RunLock
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.run.shards import ShardSpec
 from vlmlabel.sources import Align
 
@@ -367,11 +369,11 @@ def test_a_signal_as_scoring_starts_keeps_every_camera_s_saved_progress(tmp_path
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(Interrupted):
-        relabel_file(request, on_progress=stop_in_second_camera)
+        relabel_file(request, events=Events(on_progress=stop_in_second_camera))
     second = tmp_path / WORK / "progress-cam1" / "state.json"
     assert second.exists()
     with pytest.raises(Interrupted):  # stopped as the first camera's (complete) progress is taken up
-        relabel_file(request, on_start=lambda total: os.kill(os.getpid(), signal.SIGTERM))
+        relabel_file(request, events=Events(on_start=lambda total: os.kill(os.getpid(), signal.SIGTERM)))
     assert second.exists()
     summary = relabel_file(request)
     assert summary.result.resumed >= frames + 8

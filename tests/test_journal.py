@@ -23,6 +23,7 @@ from tests import layouts
 from vlmlabel.destinations import hdf5 as hdf5_destination
 from vlmlabel.destinations.hdf5 import H5Dataset, write_file
 from vlmlabel.errors import SourceError
+from vlmlabel.events import Events
 from vlmlabel.files import journal
 
 BUILDERS = {"flat": layouts.build_flat_d4rl, "robomimic": layouts.build_robomimic, "minari": layouts.build_minari}
@@ -259,7 +260,8 @@ def test_a_journal_of_another_host_is_refused_with_what_to_do(tmp_path):
 
 
 def test_the_next_relabel_recovers_before_it_reads(tmp_path, tiny_model_dir):
-    from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+    from vlmlabel.run.lifecycle import relabel_file
+    from vlmlabel.run.request import RelabelRequest
 
     lf = layouts.build_robomimic(tmp_path / "data.h5")
     before = _digest(lf.path)
@@ -268,7 +270,7 @@ def test_the_next_relabel_recovers_before_it_reads(tmp_path, tiny_model_dir):
     notes: list[str] = []
     relabel_file(
         RelabelRequest(source=lf.path, goals=["a red block"], model=str(tiny_model_dir), device="cpu"),
-        on_note=notes.append,
+        events=Events(on_note=notes.append),
     )
     assert any("undid an interrupted write" in n for n in notes)
     with h5py.File(lf.path, "r") as handle:

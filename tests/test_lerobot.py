@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from tests import table_layouts
 from tests.test_hf_sources import hdf5_rewards, tree_digest
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align
 
 datasets.disable_progress_bars()

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import table_layouts
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import Align
 
 datasets.disable_progress_bars()

@@ -12,7 +12,7 @@ import pytest
 
 from tests import layouts
 from vlmlabel.errors import ModelError
-from vlmlabel.model import load_model
+from vlmlabel.model import describe_model, load_model
 
 
 def test_plain_folder_and_local_dir_prefix_load_the_same_weights(tiny_model_dir):
@@ -75,6 +75,25 @@ def test_text_only_load_matches_the_whole_model(tiny_model_dir):
     with pytest.raises(ModelError, match="without its image tower"):
         texts.encode_images(torch.zeros(1, 3, *texts.preprocess.size))
     assert torch.nn.init.normal_(torch.zeros(2)).abs().sum() > 0  # the load leaves torch's initialisers working
+
+
+@pytest.mark.parametrize(("name", "pretrained"), [(None, None), ("ViT-B-32", "random"), ("RN50", "random")])
+def test_a_models_card_describes_it_as_the_loaded_model_does(name, pretrained, tiny_model_dir):
+    """A run names its result (and matches a cache) from the card, before any weight loads: the card must say
+    what the loaded model records, to the byte (preprocessing from the architecture, weights hashed)."""
+    name = name or str(tiny_model_dir)
+    card = describe_model(name, pretrained, "fp32", allow_random=True)
+    loaded = load_model(name, pretrained, allow_random=True)
+    assert card.describe() == loaded.describe() and card.weights_identity() == loaded.weights_identity()
+    given = load_model(name, pretrained, allow_random=True, card=card)  # the weights are not hashed again
+    assert given.describe() == loaded.describe()
+
+
+def test_a_card_refuses_what_the_load_refuses(tmp_path):
+    with pytest.raises(ModelError, match="unknown model"):
+        describe_model("ViT-B-33")
+    with pytest.raises(ModelError, match="open_clip_config.json"):
+        describe_model(f"local-dir:{tmp_path}")
 
 
 def test_random_weights_have_no_text_only_load():

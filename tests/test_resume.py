@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 from tests.cluster_files import ROOT, env, make_dataset, read_rewards, relabel_args
 from vlmlabel.cli import app
 from vlmlabel.errors import Interrupted, LockedError, SourceError, WorkerLost
+from vlmlabel.events import Events
 from vlmlabel.run.checkpoint import Checkpoint
-from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.run.shards import dest_lock, work_dir
 
 pytestmark = pytest.mark.subprocess
@@ -146,7 +148,7 @@ def test_sigterm_saves_progress_exits_143_and_second_run_is_refused(dataset, bas
     assert state["done"] >= 30
     assert not dest_lock(dataset).exists()  # released on the graceful path
     notes: list[str] = []
-    summary = relabel_file(_request(dataset, tiny_model_dir), on_note=notes.append)
+    summary = relabel_file(_request(dataset, tiny_model_dir), events=Events(on_note=notes.append))
     assert summary.result.resumed == state["done"]
     assert any("resuming" in n for n in notes)
     got = read_rewards(dataset)
@@ -168,12 +170,12 @@ def _interrupt_after(frames: int, signum: int = signal.SIGTERM):
 
 def test_resume_keeps_the_saved_batch_size(tmp_path, dataset, baseline, tiny_model_dir):
     with pytest.raises(Interrupted) as info:
-        relabel_file(_request(dataset, tiny_model_dir), on_progress=_interrupt_after(51, signal.SIGINT))
+        relabel_file(_request(dataset, tiny_model_dir), events=Events(on_progress=_interrupt_after(51, signal.SIGINT)))
     assert info.value.exit_code == 130 and "SIGINT received" in str(info.value)
     assert _state(dataset)["done"] == 52  # the batch in flight finished and was saved
     assert not dest_lock(dataset).exists()
     notes: list[str] = []
-    relabel_file(_request(dataset, tiny_model_dir, batch_size=7), on_note=notes.append)
+    relabel_file(_request(dataset, tiny_model_dir, batch_size=7), events=Events(on_note=notes.append))
     assert any("resuming with --batch-size 2" in n for n in notes)
     got = read_rewards(dataset)
     for name in baseline:
@@ -196,17 +198,19 @@ def test_a_lost_decoding_worker_keeps_progress_and_bad_data_does_not(dataset, ba
     refused frame means the data changed or is bad: what was saved is dropped."""
     lost = WorkerLost("a decoding worker stopped unexpectedly (killed by signal 9; out of memory?)")
     with pytest.raises(WorkerLost):
-        relabel_file(_request(dataset, tiny_model_dir), on_progress=_fail_after(30, lost))
+        relabel_file(_request(dataset, tiny_model_dir), events=Events(on_progress=_fail_after(30, lost)))
     assert _state(dataset)["done"] >= 20  # the last checkpoint (every 10 frames) before the failure
     notes: list[str] = []
-    relabel_file(_request(dataset, tiny_model_dir), on_note=notes.append)
+    relabel_file(_request(dataset, tiny_model_dir), events=Events(on_note=notes.append))
     assert any("resuming" in n for n in notes)
     got = read_rewards(dataset)
     for name in baseline:
         np.testing.assert_array_equal(got[name], baseline[name])
     other = make_dataset(dataset.parent / "other.h5")
     with pytest.raises(SourceError):
-        relabel_file(_request(other, tiny_model_dir), on_progress=_fail_after(30, SourceError("frame 3 is bad")))
+        relabel_file(
+            _request(other, tiny_model_dir), events=Events(on_progress=_fail_after(30, SourceError("frame 3 is bad")))
+        )
     assert _state(other) is None
 
 
@@ -228,7 +232,9 @@ def test_a_rerun_after_a_kill_past_the_write_clears_what_that_run_left(dataset, 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({**live, "pid": int(gone.stdout), "proc_start": "0"}))
     notes: list[str] = []
-    assert isinstance(relabel_file(_request(dataset, tiny_model_dir), on_note=notes.append), FinishedSummary)
+    assert isinstance(
+        relabel_file(_request(dataset, tiny_model_dir), events=Events(on_note=notes.append)), FinishedSummary
+    )
     assert not work.exists() and not lock.exists()
     assert any("already written" in n for n in notes) and any("stale lock" in n for n in notes)
 
@@ -236,18 +242,19 @@ def test_a_rerun_after_a_kill_past_the_write_clears_what_that_run_left(dataset, 
 def test_changed_goal_invalidates_and_restart_discards(tmp_path, tiny_model_dir):
     dataset = make_dataset(tmp_path / "small.h5", lengths=(9, 14, 6))
     with pytest.raises(Interrupted):
-        relabel_file(_request(dataset, tiny_model_dir), on_progress=_interrupt_after(12))
+        relabel_file(_request(dataset, tiny_model_dir), events=Events(on_progress=_interrupt_after(12)))
     notes: list[str] = []
     with pytest.raises(Interrupted):
         relabel_file(
             _request(dataset, tiny_model_dir, goals=["a blue cup"]),
-            on_note=notes.append,
-            on_progress=_interrupt_after(8),
+            events=Events(on_progress=_interrupt_after(8), on_note=notes.append),
         )
     assert any("other options (goals differ)" in n for n in notes)
     assert _state(dataset)["identity"]["goals"] == ["a blue cup"]
     notes.clear()
-    summary = relabel_file(_request(dataset, tiny_model_dir, goals=["a blue cup"], restart=True), on_note=notes.append)
+    summary = relabel_file(
+        _request(dataset, tiny_model_dir, goals=["a blue cup"], restart=True), events=Events(on_note=notes.append)
+    )
     assert any("--restart" in n for n in notes)
     assert summary.result.resumed == 0
     other = tmp_path / "other.h5"
@@ -266,7 +273,7 @@ def test_stale_lock_is_taken_over_and_foreign_host_lock_refuses(dataset, tiny_mo
         json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "earlier", "command": "vlmlabel relabel"})
     )
     notes: list[str] = []
-    relabel_file(_request(dataset, tiny_model_dir, batch_size=32), on_note=notes.append)
+    relabel_file(_request(dataset, tiny_model_dir, batch_size=32), events=Events(on_note=notes.append))
     assert any(f"stale lock left by a run that is gone (PID {gone.pid}" in n for n in notes)
     assert not lock.exists()
     lock.write_text(json.dumps({"pid": 1234, "host": "node-elsewhere", "started": "now", "command": "vlmlabel"}))
@@ -313,7 +320,9 @@ def test_checkpoint_ignores_rows_written_after_its_last_state(tmp_path):
     rows = Checkpoint(folder, {"goals": ["a"]}, {"device": "cpu"}, goals=2).load(restart=False).rows
     np.testing.assert_array_equal(rows, np.concatenate([first, np.full((4, 2), 7, np.float32)]))
     notes: list[str] = []
-    other_device = Checkpoint(folder, {"goals": ["a"]}, {"device": "cuda NVIDIA H100"}, goals=2, on_note=notes.append)
+    other_device = Checkpoint(
+        folder, {"goals": ["a"]}, {"device": "cuda NVIDIA H100"}, goals=2, events=Events(on_note=notes.append)
+    )
     assert other_device.load(restart=False) is None
     assert "another device" in notes[0] and not folder.exists()
 

@@ -14,7 +14,8 @@ from vlmlabel import rewards
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 
 
 def _unit(rng: np.random.Generator, rows: int, dim: int = 16) -> np.ndarray:

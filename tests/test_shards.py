@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 from tests.cluster_files import EPISODE_LENGTHS, make_dataset, read_attrs, read_rewards
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.events import Events
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize, Shaping
-from vlmlabel.run.lifecycle import RelabelRequest, ShardSummary, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
+from vlmlabel.run.request import RelabelRequest, ShardSummary
 from vlmlabel.run.shards import ArrayNumbering, ShardSpec, SlurmArrayTask, plan, shard_from_options, work_dir
 
 
@@ -101,7 +103,9 @@ def test_merge_refuses_missing_and_mismatched_shards(tmp_path, tiny_model_dir):
     assert not out.exists()
     # A requeued shard with the same options is not recomputed; one with other options replaces its result.
     notes: list[str] = []
-    again = relabel_file(_request(source, tiny_model_dir, output=out, shard=ShardSpec(2, 3)), on_note=notes.append)
+    again = relabel_file(
+        _request(source, tiny_model_dir, output=out, shard=ShardSpec(2, 3)), events=Events(on_note=notes.append)
+    )
     assert again.already_done and any("already done" in n for n in notes)
     relabel_file(_request(source, tiny_model_dir, output=out, shard=ShardSpec(1, 3), goals=["a", "b"]))
     with pytest.raises(VlmlabelError, match=r"shard 1 was made with other options than shard 0 \(goals.* differ\)"):

@@ -9,7 +9,8 @@ import h5py
 import pytest
 
 from tests import layouts
-from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
+from vlmlabel.run.request import RelabelRequest
 from vlmlabel.sources import open_source, stored_digest
 from vlmlabel.sources.base import content_fingerprint
 from vlmlabel.sources.hdf5 import source as hdf5_source

@@ -223,9 +223,7 @@ def test_ctrl_c_in_the_consumer_stops_the_workers(tiny, tmp_path):
         return torch.zeros(batch.size, 1)
 
     with open_source(str(lf.path)) as source, pytest.raises(KeyboardInterrupt):
-        list(
-            engine.compute_rows(source, source.episodes(Align.frame), 2, torch.device("cpu"), compute, None, workers=2)
-        )
+        list(engine.compute_rows(source, source.episodes(Align.frame), 2, torch.device("cpu"), compute, workers=2))
     assert not _children()
     assert _live_semaphores() <= before
 
@@ -240,9 +238,7 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tiny, tmp_path):
         return torch.zeros(batch.size, 1)
 
     with open_source(str(lf.path)) as source, pytest.raises(SourceError, match="a decoding worker stopped"):
-        list(
-            engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, None, workers=1)
-        )
+        list(engine.compute_rows(source, source.episodes(Align.frame), 1, torch.device("cpu"), compute, workers=1))
     assert not _children()
 
 
@@ -281,9 +277,7 @@ def test_a_worker_killed_halfway_through_sending_a_large_batch_is_an_error_not_a
         return torch.zeros(batch.size, 1)
 
     with open_source(str(path)) as source, pytest.raises(WorkerLost, match="a decoding worker stopped"):
-        list(
-            engine.compute_rows(source, source.episodes(Align.frame), 16, torch.device("cpu"), compute, None, workers=2)
-        )
+        list(engine.compute_rows(source, source.episodes(Align.frame), 16, torch.device("cpu"), compute, workers=2))
     assert not _children()
 
 

@@ -10,7 +10,7 @@ A cache is used only when it was made by the same model, weights, preprocessing 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +19,9 @@ import torch
 from vlmlabel import __version__
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream
 from vlmlabel.engine import RelabelResult
+from vlmlabel.events import QUIET, Events
 from vlmlabel.formulation import ScoreFn
-from vlmlabel.model import ClipModel
+from vlmlabel.model import ClipModel, Described
 from vlmlabel.sources.base import Align, CachingSource, Episode, Segment
 from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX
 
@@ -57,7 +58,7 @@ def plan(source: CachingSource) -> list[ArrayPlan]:
     return plans
 
 
-def identity(model: ClipModel, image_key: str, fingerprint: str) -> dict[str, str]:
+def identity(model: Described, image_key: str, fingerprint: str) -> dict[str, str]:
     """What must be equal for a cache to be reused (precision is not: it changes values only by rounding).
 
     ``fingerprint`` (``sources.base.content_fingerprint``) ties the cache to the frames it was computed from."""
@@ -104,6 +105,13 @@ class CacheMatch:
     locations: dict[str, tuple[str, np.ndarray | None, int]]
 
 
+@dataclass(frozen=True)
+class CacheMiss:
+    """No usable cache, and why (a sentence for the run's summary)."""
+
+    reason: str
+
+
 def stored(source: CachingSource, episodes: list[Episode]) -> bool:
     """Whether a cache (made by any model) is stored for the first frame array ``episodes`` read: a cheap sign
     that ``find`` may serve the run, so the model is loaded for texts only (and whole if ``find`` says no)."""
@@ -112,10 +120,11 @@ def stored(source: CachingSource, episodes: list[Episode]) -> bool:
     return source.read_embedding_meta(source.embedding_location(episodes[0].frames[0].array)) is not None
 
 
-def find(source: CachingSource, episodes: list[Episode], model: ClipModel, fingerprint: str) -> CacheMatch | str:
-    """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
+def find(source: CachingSource, episodes: list[Episode], model: Described, fingerprint: str) -> CacheMatch | CacheMiss:
+    """The caches covering every frame ``episodes`` read, or why they cannot be used. ``model``: a loaded model
+    or the card of one to load (``model.describe_model``)."""
     if source.cache_file is None:
-        return "this source keeps no embedding cache"
+        return CacheMiss("this source keeps no embedding cache")
     wanted = identity(model, source.image_key, fingerprint)
     locations: dict[str, tuple[str, np.ndarray | None, int]] = {}
     needed: dict[str, list[Segment]] = {}
@@ -126,36 +135,36 @@ def find(source: CachingSource, episodes: list[Episode], model: ClipModel, finge
         location = source.embedding_location(array)
         meta = source.read_embedding_meta(location)
         if meta is None:
-            return "no embedding cache (run `vlmlabel embed` to make one)"
+            return CacheMiss("no embedding cache (run `vlmlabel embed` to make one)")
         attrs, rows, count = meta
         for key in _MATCH_KEYS:
             if key == "source_fingerprint" and str(attrs.get(key)) != wanted[key]:
-                return (
+                return CacheMiss(
                     f"embedding cache at {location} was made from other frames (the data changed since "
                     "`vlmlabel embed`, or an older vlmlabel made it): ignored"
                 )
             if key == "model_weights" and str(attrs.get(key)) != wanted[key]:
-                return (
+                return CacheMiss(
                     f"embedding cache at {location} was made with other model weights (they changed since "
                     "`vlmlabel embed`, or an older vlmlabel made it): ignored"
                 )
             if str(attrs.get(key)) != wanted[key]:
-                return (
+                return CacheMiss(
                     f"embedding cache at {location} was made with {key} {attrs.get(key)!r}, "
                     f"not {wanted[key]!r}: ignored"
                 )
         if attrs.get("source_rows") != source.array_rows(array):
-            return (
+            return CacheMiss(
                 f"embedding cache at {location} has {attrs.get('source_rows')} rows but {array} has "
                 f"{source.array_rows(array)}: stale, ignored"
             )
         if rows is None and count != source.array_rows(array) or rows is not None and count != len(rows):
-            return f"embedding cache at {location} is inconsistent: ignored"
+            return CacheMiss(f"embedding cache at {location} is inconsistent: ignored")
         if rows is not None:
             wanted_rows = np.concatenate([np.arange(s.start, s.stop) for s in segments])
             found = np.searchsorted(rows, wanted_rows)
             if (found >= len(rows)).any() or (rows[np.minimum(found, len(rows) - 1)] != wanted_rows).any():
-                return f"embedding cache at {location} lacks rows this alignment needs: ignored"
+                return CacheMiss(f"embedding cache at {location} lacks rows this alignment needs: ignored")
         locations[array] = (location, rows, count)
     return CacheMatch(locations)
 
@@ -166,7 +175,7 @@ def score_cached(
     episodes: list[Episode],
     score_fn: ScoreFn,
     device: torch.device,
-    on_progress: Callable[[int], None] | None = None,
+    events: Events = QUIET,
 ) -> RelabelResult:
     """Score each cached row once (chunk-aligned blocks, one matrix product each), then gather the steps."""
     start = time.perf_counter()
@@ -192,7 +201,6 @@ def score_cached(
             else:
                 parts.append(scored[segment.array][np.searchsorted(rows, np.arange(segment.start, segment.stop))])
         steps.append(np.concatenate(parts) if len(parts) > 1 else parts[0])
-        if on_progress is not None:
-            on_progress(episode.steps)
+        events.progress(episode.steps)
     total = sum(e.steps for e in episodes)
     return RelabelResult(episodes, steps, total, time.perf_counter() - start)

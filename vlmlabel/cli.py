@@ -34,20 +34,14 @@ from vlmlabel import __version__
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
+from vlmlabel.events import Events
 from vlmlabel.files.interrupt import stoppable
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.model import DEFAULT_MODEL
+from vlmlabel.model import DEFAULT_MODEL, list_architectures
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
-from vlmlabel.run.lifecycle import (
-    DEFAULT_REWARD_KEY,
-    EmbedRequest,
-    FinishedSummary,
-    RelabelRequest,
-    RelabelSummary,
-    ShardSummary,
-    embed_file,
-    relabel_file,
-)
+from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.merge import MergeSummary, merge_shards
+from vlmlabel.run.request import DEFAULT_REWARD_KEY, FinishedSummary, RelabelRequest, RelabelSummary, ShardSummary
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import SlurmArrayTask, shard_from_options
 from vlmlabel.sources import Align, open_source
@@ -56,8 +50,6 @@ from vlmlabel.sources.base import VideoDecoder, describe_frames, is_utf8
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
     from typer._click.globals import get_current_context
-
-    from vlmlabel.run.merge import MergeSummary
 else:
     try:  # recent Typer vendors click as typer._click
         from typer._click.exceptions import UsageError
@@ -522,6 +514,7 @@ def relabel(
     HDF5: datasets added to the file (or to an --output copy). Hugging Face and LeRobot datasets: a new
     dataset beside the input (NAME-vlmlabel) with float32 reward columns; the source is never modified.
     """
+    # Here, not at the top: torch.distributed loads only for the command that may need it.
     from vlmlabel.run.distributed import relabel_torchrun, torchrun_env
 
     dist_env = torchrun_env()
@@ -570,12 +563,12 @@ def relabel(
     quiet = quiet or other_rank
     run: Callable[..., RelabelSummary | ShardSummary | FinishedSummary | MergeSummary | None]
     if dist_env is not None:  # every rank tells how joining the others goes, even those that are quiet
-        run = functools.partial(relabel_torchrun, env=dist_env, on_wait=_note)
+        run = functools.partial(relabel_torchrun, env=dist_env, waits=Events(on_note=_note))
     else:
         run = relabel_file
     notes = None if other_rank else _note  # notes (resume, stale lock, ...) show even with --quiet
     if quiet:
-        summary = run(request, on_note=notes)
+        summary = run(request, events=Events(on_note=notes))
     else:
         progress = _progress("scoring")
         task = progress.add_task("scoring", total=None)
@@ -584,7 +577,7 @@ def relabel(
             progress.console.print(Text(message, style="yellow"), soft_wrap=True)
 
         summary = _with_progress(
-            progress, task, lambda start, advance: run(request, on_start=start, on_progress=advance, on_note=note)
+            progress, task, lambda start, advance: run(request, events=Events(start, advance, note))
         )
     if quiet or summary is None:
         return
@@ -660,14 +653,12 @@ def merge(
 ) -> None:
     """Write the rewards of shards run with --num-shards (same SOURCE, --image-key, --split, --reward-key and
     --output as the shards)."""
-    from vlmlabel.run.merge import merge_shards
-
     summary = merge_shards(
         source,
         reward_key,
         output,
         overwrite,
-        on_note=_note,
+        Events(on_note=_note),
         image_key=image_key,
         split=split,
         revision=revision,
@@ -834,7 +825,7 @@ def evaluate(
     frames shuffled across episodes and blank frames."""
     import json
 
-    from vlmlabel.evaluate import EvaluateRequest, evaluate_file
+    from vlmlabel.evaluate import EvaluateRequest, evaluate_file  # each command's own module loads with it
 
     report = evaluate_file(
         EvaluateRequest(
@@ -904,7 +895,7 @@ def plot(
     split: SplitOpt = "train",
 ) -> None:
     """Draw each chosen episode's reward curve over a strip of its frames, and a histogram of all rewards."""
-    from vlmlabel.plot import PlotRequest, parse_episodes, plot_file
+    from vlmlabel.plot import PlotRequest, parse_episodes, plot_file  # each command's own module loads with it
 
     picked = parse_episodes(episodes) if episodes is not None else None
     result = plot_file(
@@ -972,8 +963,6 @@ def models(
     filter: Annotated[str | None, typer.Argument(help="Only architectures whose name contains this.")] = None,
 ) -> None:
     """List open_clip architectures and their pretrained tags."""
-    from vlmlabel.model import list_architectures
-
     table = Table(title="open_clip architectures (use with --model NAME --pretrained TAG)", title_justify="left")
     table.add_column("model")
     table.add_column("pretrained tags")
@@ -1051,7 +1040,7 @@ def bench(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
     """Measure frames/s of the model alone, of vlmlabel end to end and of a naive PIL script."""
-    from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, run_bench
+    from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, run_bench  # loads with its command
 
     if source_option is not None:
         if source is not None and source != source_option:

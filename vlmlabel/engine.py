@@ -16,6 +16,7 @@ import torch
 
 from vlmlabel import rewards
 from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import pause_at
 from vlmlabel.formulation import ScoreFn
 from vlmlabel.model import ClipModel
@@ -103,7 +104,7 @@ def compute_rows(
     batch_size: int,
     device: torch.device,
     compute: Callable[[Batch], torch.Tensor],
-    on_progress: Callable[[int], None] | None,
+    events: Events = QUIET,
     workers: int = 0,
 ) -> Iterator[np.ndarray]:
     """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch;
@@ -123,16 +124,14 @@ def compute_rows(
             queued = compute(batch)
             if pending is not None:
                 yield _finite(pending.cpu().numpy(), position - len(pending))
-                if on_progress is not None:
-                    on_progress(len(pending))
+                events.progress(len(pending))
             pending = queued
             position += batch.size
     finally:
         batches.close()  # stops the reader thread or the workers, also when the caller stops early
     if pending is not None:
         yield _finite(pending.cpu().numpy(), position - len(pending))
-        if on_progress is not None:
-            on_progress(len(pending))
+        events.progress(len(pending))
     if position != total:
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
 
@@ -156,14 +155,14 @@ def _run(
     batch_size: int,
     device: torch.device,
     compute: Callable[[Batch], torch.Tensor],
-    on_progress: Callable[[int], None] | None,
+    events: Events,
     workers: int = 0,
 ) -> np.ndarray:
     """All rows of ``compute_rows`` in one fp32 array."""
     total = sum(e.steps for e in episodes)
     out: np.ndarray | None = None
     position = 0
-    for rows in compute_rows(source, episodes, batch_size, device, compute, on_progress, workers):
+    for rows in compute_rows(source, episodes, batch_size, device, compute, events, workers):
         if out is None:
             out = np.empty((total, rows.shape[1]), dtype=np.float32)
         out[position : position + len(rows)] = rows
@@ -184,7 +183,7 @@ def score_episodes(
     goals: Sequence[str] = (),
     align: Align = Align.frame,
     batch_size: int = 32,
-    on_progress: Callable[[int], None] | None = None,
+    events: Events = QUIET,
     score_fn: ScoreFn | None = None,
     episodes: list[Episode] | None = None,
     workers: int = 0,
@@ -196,7 +195,7 @@ def score_episodes(
     episodes = source.episodes(align) if episodes is None else episodes
     scorer = FrameScorer(model, goals, score_fn)
     start = time.perf_counter()
-    scores = _run(source, episodes, batch_size, model.device, scorer.score, on_progress, workers)
+    scores = _run(source, episodes, batch_size, model.device, scorer.score, events, workers)
     seconds = time.perf_counter() - start
     return RelabelResult(episodes, split_episodes(scores, episodes), len(scores), seconds)
 
@@ -213,5 +212,6 @@ def embed_segments(
     stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)
     parts = [Episode(s.array, len(s), (s,), "") for s in segments]
-    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, on_progress, workers):
+    progress = Events(on_progress=on_progress)
+    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, progress, workers):
         yield rows.astype(np.float16)

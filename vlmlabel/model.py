@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -183,18 +184,56 @@ class ClipModel:
 
     def describe(self) -> dict[str, Any]:
         """What a written reward records about the model that made it."""
-        return {
-            "model": self.name,
-            "pretrained": self.pretrained,
-            "precision": self.precision,
-            "preprocess": json.dumps(self.preprocess.as_dict()),
-            "model_identity": json.dumps(self.identity, sort_keys=True),
-        }
+        return _describe(self.name, self.pretrained, self.precision, self.preprocess, self.identity)
 
     def weights_identity(self) -> str:
         """The identity without where the files are: what an embedding cache must match (moved weights are the
         same weights; other weights at the same path are not)."""
-        return json.dumps({k: v for k, v in self.identity.items() if k != "path"}, sort_keys=True)
+        return _weights_identity(self.identity)
+
+
+def _describe(
+    name: str, pretrained: str, precision: str, preprocess: PreprocessConfig, identity: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "model": name,
+        "pretrained": pretrained,
+        "precision": precision,
+        "preprocess": json.dumps(preprocess.as_dict()),
+        "model_identity": json.dumps(identity, sort_keys=True),
+    }
+
+
+def _weights_identity(identity: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in identity.items() if k != "path"}, sort_keys=True)
+
+
+class Described(Protocol):
+    """What is known of a model before and after it loads: a ``ModelCard`` or a ``ClipModel``."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def weights_identity(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model known before any weight loads: its name, weights, precision, preprocessing and the weights'
+    identity (local files hashed once, here). ``describe`` equals the loaded ``ClipModel.describe``, so a run
+    can name its result, and match an embedding cache, before it decides to load anything."""
+
+    name: str
+    pretrained: str
+    precision: str
+    preprocess: PreprocessConfig
+    identity: dict[str, Any]
+    resolved: _Resolved
+
+    def describe(self) -> dict[str, Any]:
+        return _describe(self.name, self.pretrained, self.precision, self.preprocess, self.identity)
+
+    def weights_identity(self) -> str:
+        return _weights_identity(self.identity)
 
 
 @dataclass(frozen=True)
@@ -231,16 +270,18 @@ def load_model(
     precision: str = "fp32",
     allow_random: bool = False,
     image_tower: bool = True,
+    card: ModelCard | None = None,
 ) -> ClipModel:
     """Resolve ``name``/``pretrained`` as open_clip users write them and load the model, failing fast offline.
 
     ``image_tower=False`` loads what encodes texts only (text tower, logit scale, tokenizer, the preprocessing
     config and the weights' identity, all as a full load gives them): a relabel served by the embedding cache
     then skips building and loading the image tower. Architectures and checkpoints where that is not possible
-    load whole.
+    load whole. ``card``: the model as ``describe_model`` resolved it (its weights then are not hashed again).
     """
     device = torch.device(device)
-    resolved = _resolve(name, pretrained, allow_random)
+    card = card or describe_model(name, pretrained, precision, allow_random)
+    resolved = card.resolved
     oc = _open_clip()
     root = logging.getLogger()
     previous_level = root.level
@@ -270,9 +311,6 @@ def load_model(
         root.setLevel(previous_level)
     module.eval().to(device)
     preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
-    identity = dict(resolved.identity)
-    if resolved.hashed:
-        identity["sha256"] = {path.name: file_sha256(path) for path in resolved.hashed}
     return ClipModel(
         module=module,
         tokenizer=tokenizer,
@@ -281,9 +319,52 @@ def load_model(
         preprocess=preprocess,
         device=device,
         precision=precision,
-        identity=identity,
+        identity=dict(card.identity),
         has_image_tower=not isinstance(module.visual, NoImageTower),
     )
+
+
+def describe_model(
+    name: str = DEFAULT_MODEL, pretrained: str | None = None, precision: str = "fp32", allow_random: bool = False
+) -> ModelCard:
+    """The model's card without loading it: the names resolved as ``load_model`` resolves them, local weights
+    hashed, and the preprocessing config read from the architecture built on the meta device (no memory, no
+    weights), as open_clip sets it on a loaded model."""
+    resolved = _resolve(name, pretrained, allow_random)
+    oc = _open_clip()
+    root = logging.getLogger()
+    previous_level = root.level
+    root.setLevel(max(previous_level, logging.ERROR))
+    try:
+        module = _unloaded(oc, resolved)
+    except Exception as exc:  # as in load_model: one line for the user
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model {name!r} with weights {resolved.pretrained_label!r}: {first_line[:300]}"
+        ) from exc
+    finally:
+        root.setLevel(previous_level)
+    preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
+    identity = dict(resolved.identity)
+    if resolved.hashed:
+        identity["sha256"] = {path.name: file_sha256(path) for path in resolved.hashed}
+    return ModelCard(name, resolved.pretrained_label, precision, preprocess, identity, resolved)
+
+
+def _unloaded(oc: Any, resolved: _Resolved) -> torch.nn.Module:
+    """The architecture without weights: on the meta device, or on the CPU where it cannot be built there."""
+    build = functools.partial(
+        oc.create_model,
+        resolved.open_clip_name,
+        force_preprocess_cfg=resolved.force_preprocess,
+        load_weights=False,
+        pretrained_text=False,
+    )
+    try:
+        with torch.device("meta"):
+            return build(device="meta")
+    except Exception:  # an architecture whose construction computes on its tensors
+        return build()
 
 
 class NoImageTower(torch.nn.Module):

@@ -21,7 +21,6 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files import atomic
 from vlmlabel.metadata import JsonObject
 
@@ -83,20 +83,20 @@ class Checkpoint:
         identity: dict[str, Any],
         numerics: dict[str, str],
         goals: int,
-        on_note: Callable[[str], None] | None = None,
+        events: Events = QUIET,
     ):
         self.folder = folder
         self.identity = identity
         self.numerics = numerics
         self.goals = goals
-        self.on_note = on_note or (lambda message: None)
+        self.events = events
         self._state: dict[str, Any] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def _note(self, message: str) -> None:
-        self.on_note(message)
+        self.events.note(message)
 
     def load(self, restart: bool) -> Progress | None:
         """Saved progress usable by this run, or None (with a note saying why it was discarded)."""

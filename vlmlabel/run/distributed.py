@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import killable
-from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import MergeSummary, merge_shards
+from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.run.shards import ShardSpec
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -92,18 +94,15 @@ def rank_device(spec: str, local_rank: int) -> str:
 
 
 @contextmanager
-def _waiting_notes(on_note: Callable[[str], None] | None, what: str, limit: timedelta) -> Iterator[None]:
+def _waiting_notes(events: Events, what: str, limit: timedelta) -> Iterator[None]:
     """Notes every few seconds (at most 30) while the block runs, so a wait is never silent."""
-    if on_note is None:
-        yield
-        return
     every = min(30.0, max(limit.total_seconds() / 4, 1.0))
     done = threading.Event()
     start = time.monotonic()
 
     def tell() -> None:
         while not done.wait(every) and time.monotonic() - start < limit.total_seconds():
-            on_note(f"{what}: {time.monotonic() - start:.0f} s of at most {limit.total_seconds():.0f} s")
+            events.note(f"{what}: {time.monotonic() - start:.0f} s of at most {limit.total_seconds():.0f} s")
 
     teller = threading.Thread(target=tell, name="vlmlabel-rendezvous-notes", daemon=True)
     teller.start()
@@ -126,7 +125,7 @@ def _answers(address: tuple[str, int], deadline: float) -> bool:
             time.sleep(0.25)
 
 
-def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None, limit: timedelta | None = None) -> None:
+def join_ranks(env: TorchrunEnv, events: Events = QUIET, limit: timedelta | None = None) -> None:
     """Meet the other ranks (torch.distributed's env:// rendezvous) within ``limit``, then start the gloo process
     group, whose collectives may wait ``WAIT_LIMIT``. A rank missing at the limit is one line naming the
     variables that asked for it.
@@ -138,7 +137,7 @@ def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None, l
         f"waiting for the other torch.distributed ranks ({env.described}); set {RENDEZVOUS_ENV}=SECONDS to wait longer"
     )
     deadline = time.monotonic() + limit.total_seconds()
-    with _waiting_notes(on_note, what, limit):
+    with _waiting_notes(events, what, limit):
         try:
             if env.rank != 0 and not _answers(env.master, deadline):
                 raise TimeoutError(f"nothing answers at {env.master[0]}:{env.master[1]}, where rank 0 should be")
@@ -159,16 +158,14 @@ def join_ranks(env: TorchrunEnv, on_note: Callable[[str], None] | None = None, l
 def relabel_torchrun(
     request: RelabelRequest,
     env: TorchrunEnv,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-    on_wait: Callable[[str], None] | None = None,
+    events: Events = QUIET,
+    waits: Events | None = None,
 ) -> MergeSummary | FinishedSummary | None:
     """Score shard RANK of WORLD_SIZE, wait for all ranks, and on rank 0 merge and write; None on other ranks.
 
     When the rewards are already written by an identical run (a relaunched job), every rank says so and
     nothing is merged; rank 0 removes parts a merge killed before its cleanup left. ``on_wait``: notes while
-    joining the other ranks (every rank's, where ``on_note`` may be rank 0's only)."""
+    joining the other ranks (every rank's, where ``events`` may note rank 0's only)."""
     if request.shard is not None:
         raise VlmlabelError(
             f"{request.shard.origin} cannot be combined with torchrun ({env.origin}): each rank "
@@ -184,11 +181,11 @@ def relabel_torchrun(
     shard = ShardSpec(env.rank, env.world_size, env.origin)
     mine = replace(request, shard=shard, device=rank_device(request.device, env.local_rank))
     with killable():  # waiting for the other ranks, in C: a signal ends the process
-        join_ranks(env, on_wait or on_note)
+        join_ranks(env, waits or events)
     try:
         outcome: tuple[str | None, bool] = (None, False)
         try:
-            outcome = (None, isinstance(relabel_file(mine, on_start, on_progress, on_note), FinishedSummary))
+            outcome = (None, isinstance(relabel_file(mine, events), FinishedSummary))
         except (VlmlabelError, OSError) as exc:
             outcome = (str(exc), False)
         outcomes: list = [None] * env.world_size
@@ -207,7 +204,7 @@ def relabel_torchrun(
             request.reward_key,
             request.output,
             request.overwrite,
-            None if quiet else on_note,
+            QUIET if quiet else events.notes_only(),
             count=env.world_size,
             image_key=request.image_keys()[0],
             split=request.split,

@@ -14,10 +14,10 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from vlmlabel.errors import LockedError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files import atomic, liveness
 from vlmlabel.files.interrupt import deferred
 
@@ -52,10 +52,10 @@ class RunLock:
     """Context manager holding ``path`` as a lock for this process; released in ``__exit__``. Taking and
     releasing it are ``deferred`` steps: a signal cannot leave a lock that no ``__exit__`` will remove."""
 
-    def __init__(self, path: Path, what: str, on_note: Callable[[str], None] | None = None):
+    def __init__(self, path: Path, what: str, events: Events = QUIET):
         self.path = path
         self.what = what
-        self.on_note = on_note
+        self.events = events
         self.info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -125,8 +125,8 @@ class RunLock:
                 f"{self.what} is being written by another vlmlabel run: {describe_holder(info)}; "
                 f"wait for it to finish, or if it is gone remove {self.path}"
             )
-        if self._take_over(text) and self.on_note is not None:
-            self.on_note(f"took over a stale lock left by a run that is gone ({describe_holder(info)})")
+        if self._take_over(text):
+            self.events.note(f"took over a stale lock left by a run that is gone ({describe_holder(info)})")
 
     def _take_over(self, stale_text: str) -> bool:
         """Remove the stale lock, unless another process is taking it over at the same moment."""

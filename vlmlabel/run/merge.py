@@ -10,30 +10,23 @@ before its cleanup) only removes the parts.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vlmlabel.destinations import Destination, destination_for, destination_path
-from vlmlabel.destinations.base import whole_results
+from vlmlabel.destinations import destination_for, destination_path
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import deferred, pause_at, stoppable
 from vlmlabel.files.provenance import RESULT_ATTR
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import differences, frame_differences
-from vlmlabel.run.lifecycle import (
-    DEFAULT_REWARD_KEY,
-    RAW_SUFFIX,
-    FinishedSummary,
-    commit,
-    frames_fingerprint,
-    reward_names,
-)
+from vlmlabel.run.commit import CommitPlan, frames_fingerprint
 from vlmlabel.run.locking import RunLock, describe_holder, holder_alive, read_holder
+from vlmlabel.run.request import DEFAULT_REWARD_KEY, FinishedSummary
 from vlmlabel.run.shards import PartMeta, ShardResult, dest_lock, list_results, read_result, saved_shards, work_dir
 from vlmlabel.sources import Align, open_any_camera, open_source
 from vlmlabel.sources.base import DatasetSource, Episode, content_fingerprint
@@ -100,26 +93,26 @@ def _refuse_running(work: Path) -> None:
                 )
 
 
-def _names(meta: PartMeta, reward_key: str) -> tuple[RewardConfig, list[str], list[str], Cameras]:
-    """The reward configuration of the parts, the names of their rewards, raw scores and cameras."""
-    config = RewardConfig.from_json(meta.config)
-    names = reward_names(reward_key, len(config.goals))
-    raw_names = [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
-    return config, names, raw_names, Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
+def _commit_plan(
+    opened: DatasetSource,
+    episodes: list[Episode],
+    meta: PartMeta,
+    reward_key: str,
+    output: Path | None,
+    link: bool,
+    overwrite: bool,
+) -> CommitPlan:
+    """The commit a single run with the parts' options plans at open (``run.plan.open_run``), same destination."""
+    destination = destination_for(opened, output, episodes, link)
+    cameras = Cameras(tuple(meta.cameras), CameraReduce(meta.camera_reduce))
+    return CommitPlan.of(destination, RewardConfig.from_json(meta.config), cameras, reward_key, overwrite)
 
 
-def _already_merged(destination: Destination, results: list[ShardResult], reward_key: str) -> list[str] | None:
-    """The rewards' names when the destination holds every one of them from these very parts (same result id):
-    a merge killed between its write and its cleanup, requeued."""
+def _already_merged(plan: CommitPlan, results: list[ShardResult]) -> bool:
+    """Whether the destination holds every reward from these very parts (same result id): a merge killed between
+    its write and its cleanup, requeued."""
     wanted = {r.meta.result_id for r in results}
-    if len(wanted) != 1:
-        return None
-    _, names, raw_names, cameras = _names(results[0].meta, reward_key)
-    every = names + raw_names + cameras.column_names(names)
-    present = destination.written(every)
-    if all(n in present and str(present[n].attrs.get(RESULT_ATTR)) in wanted for n in every):
-        return names
-    return None
+    return len(wanted) == 1 and plan.held_in(plan.present(), wanted)
 
 
 def _refuse_other_frames(
@@ -147,7 +140,7 @@ def merge_shards(
     reward_key: str = DEFAULT_REWARD_KEY,
     output: Path | None = None,
     overwrite: bool = False,
-    on_note: Callable[[str], None] | None = None,
+    events: Events = QUIET,
     count: int | None = None,
     image_key: str | None = None,
     split: str = "train",
@@ -170,30 +163,27 @@ def merge_shards(
             )
             done = [name for name, present in merged.items() if RESULT_ATTR in present.attrs]
             if done:
-                if on_note is not None:
-                    on_note(f"{done[0]} is already merged into {dest}; nothing to do")
+                events.note(f"{done[0]} is already merged into {dest}; nothing to do")
                 return FinishedSummary(dest, done)
             raise VlmlabelError(
                 f"no shard results in {work}; run `vlmlabel relabel ... --num-shards N --shard-index "
                 "I` for every shard first (same SOURCE, --image-key, --reward-key and --output)"
             )
-        with RunLock(dest_lock(dest), str(dest), on_note):
+        with RunLock(dest_lock(dest), str(dest), events):
             pause_at("open")
             results = [read_result(p) for p in paths]
             meta = results[0].meta
             episodes = opened.episodes(Align(meta.align))
-            destination = destination_for(opened, output, episodes, link)
-            finished = _already_merged(destination, results, reward_key)
-            if finished is not None:
+            plan = _commit_plan(opened, episodes, meta, reward_key, output, link, overwrite)
+            if _already_merged(plan, results):
                 _refuse_running(work)
                 with deferred():  # removed whole, never half
                     shutil.rmtree(work, ignore_errors=True)
-                if on_note is not None:
-                    on_note(
-                        f"{', '.join(finished)} already merged into {dest} from these shards (a merge stopped "
-                        f"before it removed them); removed {work}"
-                    )
-                return FinishedSummary(dest, finished)
+                events.note(
+                    f"{', '.join(plan.names)} already merged into {dest} from these shards (a merge stopped "
+                    f"before it removed them); removed {work}"
+                )
+                return FinishedSummary(dest, plan.names)
             _check_complete(results, work)
             if image_key is not None and opened.image_key not in meta.cameras:
                 raise VlmlabelError(
@@ -201,29 +191,20 @@ def merge_shards(
                     f"{opened.image_key!r}; merge with --image-key {meta.cameras[0]}"
                 )
             _refuse_other_frames(source, opened, meta, split, revision)
-            config, names, raw_names, cameras = _names(meta, reward_key)
             raw = _gather(episodes, results)
-            every = names + raw_names + cameras.column_names(names)
-            dropped = whole_results(reward_key, every, destination.carried())
-            destination.check(every + dropped, overwrite)
+            plan.check()
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
-            written, final = commit(
-                destination,
-                config,
-                raw,
-                names,
-                raw_names,
-                meta.logit_scale,
-                meta.base_attrs,
-                overwrite,
-                cameras,
-                reward_key,
-                dropped,
-            )
+            written, final = plan.write(raw, meta.logit_scale, meta.base_attrs)
             with deferred():  # the parts are written: removed whole, never half
                 shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(
-        written, len(results), len(episodes), sum(e.steps for e in episodes), names, config.goals, np.concatenate(final)
+        written,
+        len(results),
+        len(episodes),
+        sum(e.steps for e in episodes),
+        plan.names,
+        plan.config.goals,
+        np.concatenate(final),
     )
 
 

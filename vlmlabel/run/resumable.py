@@ -17,6 +17,7 @@ import numpy as np
 
 from vlmlabel.engine import FrameScorer, compute_rows
 from vlmlabel.errors import SourceError
+from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import GracefulStop
 from vlmlabel.run.checkpoint import Checkpoint
 from vlmlabel.sources.base import Episode, FrameSource, Segment
@@ -55,6 +56,19 @@ def _kept(saved: int, total: int) -> str:
     return f"{saved:,} of {total:,} frames saved; run the same command again to resume"
 
 
+@dataclass(frozen=True)
+class SpanSettings:
+    """How a span is scored: which frames (``span(batch_size)``, whole grid batches), the batch size asked for,
+    whether saved progress is dropped (``restart``), how often progress is saved, and how many decoding
+    processes read (0: a reader thread)."""
+
+    span: Callable[[int], tuple[int, int]]
+    batch_size: int
+    restart: bool = False
+    every: int = DEFAULT_CHECKPOINT_EVERY
+    workers: int = 0
+
+
 @dataclass
 class ScoredSpan:
     start: int
@@ -70,22 +84,20 @@ def _resume(
     span: Callable[[int], tuple[int, int]],
     batch_size: int,
     restart: bool,
-    on_note: Callable[[str], None] | None,
+    events: Events,
 ) -> tuple[int, int, int, np.ndarray, int]:
     """Saved progress taken up, or a fresh one begun: the batch size, the frames [start, end), the scores array
     (filled up to the frame reached) and that frame."""
     progress = checkpoint.load(restart)
     if progress is not None and progress.batch_size != batch_size:
-        if on_note is not None:
-            on_note(
-                f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
-                f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run"
-            )
+        events.note(
+            f"resuming with --batch-size {progress.batch_size}, the size the saved progress was "
+            f"computed with (instead of {batch_size}), so the rewards match an uninterrupted run"
+        )
         batch_size = progress.batch_size
     start, end = span(batch_size)
     if progress is not None and (progress.start, progress.stop) != (start, end):
-        if on_note is not None:
-            on_note("saved progress covers other frames than this run; starting over")
+        events.note("saved progress covers other frames than this run; starting over")
         progress = None
     scores = np.empty((end - start, checkpoint.goals), dtype=np.float32)
     if progress is None:
@@ -93,8 +105,8 @@ def _resume(
         return batch_size, start, end, scores, start
     checkpoint.resume_from(progress)
     scores[: progress.done - start] = progress.rows
-    if on_note is not None and progress.done > start:
-        on_note(f"resuming: {progress.done - start:,} of {end - start:,} frames were already scored")
+    if progress.done > start:
+        events.note(f"resuming: {progress.done - start:,} of {end - start:,} frames were already scored")
     return batch_size, start, end, scores, progress.done
 
 
@@ -102,38 +114,32 @@ def score_span(
     source: FrameSource,
     scorer: FrameScorer,
     episodes: Sequence[Episode],
-    span: Callable[[int], tuple[int, int]],
-    batch_size: int,
     checkpoint: Checkpoint,
-    restart: bool = False,
-    every: int = DEFAULT_CHECKPOINT_EVERY,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-    workers: int = 0,
+    settings: SpanSettings,
+    events: Events = QUIET,
 ) -> ScoredSpan:
-    """Scores of frames ``span(batch_size)``, resuming saved progress and saving every ``every`` frames;
-    ``workers`` decoding processes (0: a reader thread). SIGINT/SIGTERM stop it between batches, progress
-    saved (``GracefulStop``)."""
+    """Scores of frames ``settings.span(batch_size)``, resuming saved progress and saving every ``settings.every``
+    frames. SIGINT/SIGTERM stop it between batches, progress saved (``GracefulStop``)."""
+    every, workers = settings.every, settings.workers
     with GracefulStop() as stop:  # from the start: a signal never finds saved progress half loaded
-        batch_size, start, end, scores, position = _resume(checkpoint, span, batch_size, restart, on_note)
+        batch_size, start, end, scores, position = _resume(
+            checkpoint, settings.span, settings.batch_size, settings.restart, events
+        )
         resumed = position - start
-        if on_start is not None:
-            on_start(end - start)
-        if on_progress is not None and resumed:
-            on_progress(resumed)
+        events.start(end - start)
+        if resumed:
+            events.progress(resumed)
         delay = float(os.environ.get(_BATCH_DELAY_ENV, "0") or 0)
         began = time.perf_counter()
         saved = position
         try:
             stop.check(_kept(saved - start, end - start))
             for rows in compute_rows(
-                source, trim(episodes, position, end), batch_size, scorer.model.device, scorer.score, None, workers
+                source, trim(episodes, position, end), batch_size, scorer.model.device, scorer.score, QUIET, workers
             ):
                 scores[position - start : position - start + len(rows)] = rows
                 position += len(rows)
-                if on_progress is not None:
-                    on_progress(len(rows))
+                events.progress(len(rows))
                 if stop.requested or position - saved >= every:
                     checkpoint.save(position, scores[saved - start : position - start])
                     saved = position

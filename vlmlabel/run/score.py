@@ -1,0 +1,150 @@
+"""The *score* step: raw scores from the embedding cache, or from frames on the fixed batch grid with saved
+progress (the whole dataset, or one shard of whole episodes, whose part then waits for ``merge``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vlmlabel import cache
+from vlmlabel.engine import FrameScorer
+from vlmlabel.events import Events
+from vlmlabel.formulation import ScoreFn
+from vlmlabel.model import ClipModel
+from vlmlabel.reader.decode_workers import resolve_workers
+from vlmlabel.reader.readahead import prepare_workers
+from vlmlabel.run import commit
+from vlmlabel.run.checkpoint import Checkpoint, frame_differences
+from vlmlabel.run.plan import OpenRun
+from vlmlabel.run.request import ShardSummary
+from vlmlabel.run.resumable import SpanSettings, grid_span, score_span
+from vlmlabel.run.shards import PartMeta, plan, shard_result, write_result
+from vlmlabel.run.shards import part_meta as read_part_meta
+
+
+@dataclass
+class Scored:
+    """Raw scores of episodes [lo, hi), one (steps, cameras x goals) array each, camera by camera."""
+
+    lo: int
+    hi: int
+    raw: list[np.ndarray]
+    seconds: float
+    resumed: int
+    batch_size: int
+    used_cache: bool
+
+
+def _side_by_side(per_camera: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per episode, the cameras' (steps, goals) scores as one (steps, cameras x goals) array."""
+    return [np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in zip(*per_camera, strict=True)]
+
+
+def score_from_cache(
+    run: OpenRun, matches: list[cache.CacheMatch], score_fn: ScoreFn, model: ClipModel, events: Events
+) -> Scored:
+    events.start(sum(e.steps for e in run.episodes) * len(run.sources))
+    results = [
+        cache.score_cached(source, match, episodes, score_fn, model.device, events)
+        for source, match, episodes in zip(run.sources, matches, run.camera_episodes, strict=True)
+    ]
+    raw = _side_by_side([r.rewards for r in results])
+    return Scored(0, len(run.episodes), raw, sum(r.seconds for r in results), 0, 0, True)
+
+
+def start_workers(run: OpenRun) -> None:
+    """Before the model loads: the decoding workers' server, when workers will read the frames."""
+    prepare_workers(run.source, resolve_workers(run.request.workers))
+
+
+def score_frames(
+    run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint], events: Events
+) -> Scored:
+    """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes;
+    camera after camera."""
+    steps = [e.steps for e in run.episodes]
+    bounds = np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).tolist()
+    lo, hi = plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
+    count = len(run.sources)
+    per_camera, seconds, resumed = [], 0.0, 0
+    workers = resolve_workers(run.request.workers)
+    for index, (source, episodes, checkpoint) in enumerate(
+        zip(run.sources, run.camera_episodes, checkpoints, strict=True)
+    ):
+        settings = SpanSettings(
+            lambda size: grid_span(bounds[lo], bounds[hi], size, bounds[-1]),
+            batch_size,
+            run.request.restart,
+            run.request.checkpoint_every,
+            workers,
+        )
+        # the bar counts every camera's frames: the first camera's start tells the total
+        started = events.started_by((lambda total: events.start(total * count)) if index == 0 else None)
+        span = score_span(source, scorer, episodes, checkpoint, settings, started)
+        per_camera.append([span.scores[bounds[i] - span.start : bounds[i + 1] - span.start] for i in range(lo, hi)])
+        seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
+    return Scored(lo, hi, _side_by_side(per_camera), seconds, resumed, batch_size, False)
+
+
+# -- a shard's part -----------------------------------------------------------------------------------
+
+
+def save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
+    """A shard's end: its raw scores and how they were made, for ``merge``."""
+    assert run.shard is not None
+    episodes = run.episodes[scored.lo : scored.hi]
+    width = len(run.config.goals) * len(run.sources)
+    part = np.concatenate(scored.raw) if scored.raw else np.empty((0, width), np.float32)
+    write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes], meta)
+
+
+def provenance(run: OpenRun, model: ClipModel, scored: Scored, result: str) -> dict[str, Any]:
+    """What every column of this run (or its part) records besides its formula."""
+    request, episode = run.request, run.episodes[0]
+    return commit.provenance(
+        request.align, run.source.image_key, scored.used_cache, model.describe(), episode.per_observation, result
+    )
+
+
+def part_meta(
+    run: OpenRun, model: ClipModel, scored: Scored, identity: dict[str, Any], numerics: dict[str, str], result: str
+) -> PartMeta:
+    """How a shard's part was made: what ``merge`` checks and commits with."""
+    assert run.shard is not None
+    return PartMeta(
+        identity,
+        numerics,
+        scored.batch_size,
+        run.config.to_json(),
+        model.logit_scale,
+        provenance(run, model, scored, result),
+        run.request.align.value,
+        list(run.cameras.keys),
+        run.cameras.reduce.value,
+        result,
+        run.shard.numbering,
+    )
+
+
+def shard_summary(run: OpenRun, seconds: float, already_done: bool) -> ShardSummary:
+    assert run.shard is not None
+    steps = [e.steps for e in run.episodes]
+    lo, hi = plan(steps, run.shard.count)[run.shard.index]
+    return ShardSummary(run.shard, shard_result(run.work, run.shard), hi - lo, sum(steps[lo:hi]), seconds, already_done)
+
+
+def part_done(run: OpenRun, identity: dict[str, Any], numerics: dict[str, str], events: Events) -> bool:
+    """Whether this shard's part is already there from the same options and frames (a requeued array task; the
+    source's files may have received other rewards since)."""
+    assert run.shard is not None
+    path = shard_result(run.work, run.shard)
+    if not path.exists():
+        return False
+    meta = read_part_meta(path)
+    if meta is not None and not frame_differences(meta.identity, identity) and meta.numerics == numerics:
+        events.note(f"{path.name} is already done with the same options; nothing to compute")
+        return True
+    events.note(f"{path} was made with other options; computing it again")
+    return False
