@@ -14,7 +14,8 @@ from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import RewardMode
-from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.sources import Align, open_source
 
 runner = CliRunner()

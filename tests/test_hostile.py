@@ -18,7 +18,8 @@ from tests import layouts, table_layouts
 from tests.cluster_files import interrupt_after
 from tests.layouts import make_frames
 from vlmlabel.cli import app
-from vlmlabel.run.lifecycle import EmbedRequest, FinishedSummary, RelabelRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import FinishedSummary, RelabelRequest, relabel_file
 from vlmlabel.run.merge import merge_shards
 from vlmlabel.run.shards import ShardSpec, work_dir
 

@@ -16,7 +16,8 @@ from tests.conftest import build_model_dir
 from vlmlabel.api import RewardModel
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.run.lifecycle import EmbedRequest, RelabelRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 
 runner = CliRunner()
 # 'red' is one token: the tiny model (context 77) reads 75 of them between its start and end tokens.

@@ -27,12 +27,11 @@ from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize
+from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.lifecycle import (
-    EmbedRequest,
     FinishedSummary,
     RelabelRequest,
     RelabelSummary,
-    embed_file,
     relabel_file,
 )
 from vlmlabel.run.merge import merge_shards

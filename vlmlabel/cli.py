@@ -30,22 +30,21 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from vlmlabel import __version__
+from vlmlabel import __version__, cache
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
+from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.interrupt import stoppable
 from vlmlabel.run.lifecycle import (
     DEFAULT_REWARD_KEY,
-    EmbedRequest,
     FinishedSummary,
     RelabelRequest,
     RelabelSummary,
     ShardSummary,
-    embed_file,
     relabel_file,
 )
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
@@ -956,11 +955,11 @@ def inspect(
         table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} (or --output)")
         written = opened.reward_keys(episodes[0])
         table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
-        meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
+        stored = cache.first_stored(opened, episodes)
         table.add_row(
             "embedding cache",
-            f"{meta[0].get('model')} {meta[0].get('pretrained')} in {opened.cache_file}"
-            if meta
+            f"{stored.attrs.get('model')} {stored.attrs.get('pretrained')} in {opened.cache_file}"
+            if stored
             else "none (make one with `vlmlabel embed`)",
         )
         stdout.print(table)

@@ -14,37 +14,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from vlmlabel import __version__, cache
 from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, check_names, whole_results
-from vlmlabel.destinations.hdf5 import (
-    check_output_file,
-    hdf5_suffixes,
-    refuse_external,
-    refuse_if_busy,
-    write_file,
-)
-from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments, prepare_workers
-from vlmlabel.errors import LockedError, OutputError, VlmlabelError, WorkerLost
+from vlmlabel.device import resolve_device, resolve_precision
+from vlmlabel.engine import FrameScorer, RelabelResult, prepare_workers
+from vlmlabel.errors import LockedError, VlmlabelError, WorkerLost
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, frame_differences, run_numerics
-from vlmlabel.run.interrupt import check, deferred, pause_at, stoppable
+from vlmlabel.run.interrupt import check, deferred, stoppable
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY, grid_span, score_span
+from vlmlabel.run.setup import model_loads, resolve_batch_size
 from vlmlabel.run.shards import (
     PartMeta,
     ShardSpec,
@@ -58,7 +50,6 @@ from vlmlabel.run.shards import (
 )
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, VideoDecoder, content_fingerprint
-from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
 from vlmlabel.sources.video import nvdec_gpu
 
 DEFAULT_REWARD_KEY = "vlm_reward"
@@ -164,12 +155,6 @@ Summary = RelabelSummary | ShardSummary | FinishedSummary
 def reward_names(key: str, goal_count: int) -> list[str]:
     """NAME for one goal; NAME_0, NAME_1, ... for several."""
     return [key] if goal_count == 1 else [f"{key}_{i}" for i in range(goal_count)]
-
-
-def _batch_size(requested: int | None, device: torch.device) -> int:
-    if requested is not None and requested < 1:
-        raise VlmlabelError(f"--batch-size must be at least 1, not {requested}")
-    return requested or default_batch_size(device)
 
 
 def base_attrs(
@@ -398,7 +383,7 @@ def find_caches(run: OpenRun, model: ClipModel) -> list[cache.CacheMatch] | str:
     for source, episodes, fingerprint in zip(run.sources, run.camera_episodes, run.fingerprints, strict=True):
         match = cache.find(source, episodes, model, fingerprint)
         if not isinstance(match, cache.CacheMatch):
-            return match
+            return match.reason
         matches.append(match)
     return matches
 
@@ -511,12 +496,6 @@ def _push(run: OpenRun, written: Path) -> None:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-def _model_loads() -> None:
-    """The end of the open phase: a signal held while the lock was taken stops the run before the model loads."""
-    pause_at("open")
-    check()
-
-
 @stoppable()
 def relabel_file(
     request: RelabelRequest,
@@ -533,7 +512,7 @@ def relabel_file(
     events = Events(on_start, on_progress, on_note)
     device = resolve_device(request.device)
     precision = resolve_precision(request.precision, device)
-    batch_size = _batch_size(request.batch_size, device)
+    batch_size = resolve_batch_size(request.batch_size, device)
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(open_run(request, events, nvdec_gpu(request.video_decoder, device)))
         # Rewards already there with a result id may be this very run's (a rerun, a requeued job): telling needs
@@ -548,7 +527,7 @@ def relabel_file(
         )
         if not (maybe_done or cached):  # frames will be read: the decoding workers' server starts as the model loads
             prepare_workers(run.source, resolve_workers(request.workers))
-        _model_loads()
+        model_loads()
         # A run that may encode no frame (served by the cache, or already done) loads the text tower only.
         model = load_model(request.model, request.pretrained, device, precision, image_tower=not (maybe_done or cached))
         match: list[cache.CacheMatch] | str = find_caches(run, model) if use_cache else "--no-cache"
@@ -734,101 +713,3 @@ def _clear_finished(run: OpenRun, identity: dict[str, Any], stack: contextlib.Ex
 def _remove_if_empty(folder: Path) -> None:
     with contextlib.suppress(OSError):
         folder.rmdir()
-
-
-# -- embed --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbedRequest:
-    source: Path | str
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    image_key: str | None = None
-    output: Path | None = None
-    overwrite: bool = False  # an existing --output file; a cache already in the file is always replaced
-    batch_size: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    split: str = "train"
-    revision: str | None = None
-    workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
-    video_decoder: VideoDecoder = VideoDecoder.cpu  # nvdec: the run's GPU decodes video (the same pixels)
-
-
-@dataclass
-class EmbedSummary:
-    written_to: Path
-    locations: list[str]
-    frames: int
-    dim: int
-    seconds: float
-    model: ClipModel
-    image_key: str
-
-
-@stoppable()
-def embed_file(
-    request: EmbedRequest,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-) -> EmbedSummary:
-    """Store every frame's unit image embedding in the source's cache file (safe write, like rewards)."""
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    batch_size = _batch_size(request.batch_size, device)
-    nvdec = nvdec_gpu(request.video_decoder, device)
-    with (
-        open_source(str(request.source), request.image_key, request.split, request.revision, nvdec_gpu=nvdec) as source,
-        contextlib.ExitStack() as stack,
-    ):
-        if source.cache_file is None:
-            raise VlmlabelError(
-                f"{request.source}: a streamed dataset cannot keep an embedding cache; "
-                "download it (drop --streaming) to make one"
-            )
-        target = request.output or source.cache_file
-        base = source.cache_file if source.cache_file.exists() else None
-        plans = cache.plan(source)
-        locations = [source.embedding_location(p.array) for p in plans]
-        _check_embed_target(request, base, target, source.cache_file)
-        if isinstance(source, HDF5Source):  # the cache goes inside the source file (or its --output copy)
-            refuse_external(source, target, locations, [p.array for p in plans[:1]])
-        stamp = Stamp.of(source.paths)
-        fingerprint = content_fingerprint(source)
-        RunLock(dest_lock(target), str(target), on_note).held_by(stack)
-        workers = resolve_workers(request.workers)
-        prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
-        _model_loads()
-        model = load_model(request.model, request.pretrained, device, precision)
-        segments = [s for p in plans for s in p.segments]
-        total = sum(len(s) for s in segments)
-        if on_start is not None:
-            on_start(total)
-        start = time.perf_counter()
-        # Embeddings are computed while the copy is written, so memory stays at one batch.
-        blocks = embed_segments(source, model, segments, batch_size, on_progress, workers)
-        indices, stream = cache.cache_stream(source, plans, blocks, model, fingerprint)
-        stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations, strict=True) if p.dense]
-        written = write_file(
-            base, target, indices, True, stamp, remove=stale_rows, stream=stream, keep_mode=request.output is None
-        )
-        seconds = time.perf_counter() - start
-    return EmbedSummary(written, locations, total, stream.width, seconds, model, source.image_key)
-
-
-def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path, default: Path) -> None:
-    from vlmlabel.destinations.base import check_folder, check_output_suffix, check_space
-
-    output = request.output
-    if output is not None and base is not None and output.exists() and output.resolve() == base.resolve():
-        raise OutputError(f"--output {output} is where the cache already goes; drop --output")
-    if output is not None:  # an HDF5 file, whatever the source: the cache file (or the HDF5 source) copied
-        check_output_suffix(output, hdf5_suffixes(default), "HDF5")
-    check_output_file(output, request.overwrite)
-    folder = target.resolve().parent
-    check_folder(folder)
-    check_space(folder, base.stat().st_size if base is not None else 0, "the embedding cache")
-    if base is not None and output is None:
-        refuse_if_busy(base)

@@ -22,6 +22,7 @@ import numpy as np
 from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import (
+    EMBEDDING_GROUP,
     Align,
     Episode,
     FrameBlock,
@@ -40,8 +41,6 @@ _FLAT_OBS_GROUPS = ("observations", "observation", "obs")
 _NEXT_OBS = {"observations": "next_observations", "observation": "next_observation", "obs": "next_obs"}
 _EPISODE_END_KEYS = ("terminals", "timeouts")
 _STEP_TYPE_LAST = 2  # dm_env StepType.LAST
-EMBEDDING_GROUP = "vlm_embedding"
-EMBEDDING_ROWS_SUFFIX = "__rows"
 
 
 @dataclass(frozen=True)
@@ -692,16 +691,6 @@ class LinkedFile:
                 )
 
 
-def read_embedding_meta(handle: h5py.File, location: str) -> tuple[dict, np.ndarray | None, int] | None:
-    """Attributes, stored row indices (None when every row is stored) and row count of a cache, if any."""
-    item = handle.get(location)
-    if not isinstance(item, h5py.Dataset) or item.ndim != 2:
-        return None
-    rows_item = handle.get(location + EMBEDDING_ROWS_SUFFIX)
-    rows = np.asarray(rows_item[:], dtype=np.int64) if isinstance(rows_item, h5py.Dataset) else None
-    return dict(item.attrs), rows, item.shape[0]
-
-
 class HDF5Source:
     """An HDF5 dataset of image observations, opened read-only."""
 
@@ -711,6 +700,7 @@ class HDF5Source:
     kind = SourceKind.hdf5
     seekable = True
     holds_outputs = True  # rewards and the embedding cache are written into the file itself
+    cache_scope = ""
 
     def __init__(self, path: str | Path, image_key: str | None = None):
         self.path = Path(path)
@@ -1062,26 +1052,10 @@ class HDF5Source:
     def array_rows(self, array: str) -> int:
         return self.file[array].shape[0]
 
-    def embedding_location(self, array: str) -> str:
-        """Where the cached embeddings of ``array`` live: ``<episode group>/vlm_embedding/<key>`` (flat: at the root).
-
-        Inside the episode group, so per-episode readers keep seeing one episode per group, and under its
-        own group, so it is never mistaken for frames or for a reward.
-        """
-        parts = array.split("/")
-        for depth in (1, 2):
-            group = "/".join(parts[:depth])
-            if depth < len(parts) and group in self._group_names:
-                return f"{group}/{EMBEDDING_GROUP}/{'/'.join(parts[depth:])}"
-        return f"{EMBEDDING_GROUP}/{array}"
-
-    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None:
-        return read_embedding_meta(self.file, location)
-
-    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]:
-        """Stored embeddings in chunk-aligned blocks of about ``max_rows`` rows."""
-        dataset = self.file[location]
-        yield from read_rows(dataset, 0, dataset.shape[0], max_rows, self.path)
+    @property
+    def cache_groups(self) -> frozenset[str]:
+        """The episode groups: each keeps the cache of its frame arrays inside it (``vlmlabel.cache.layout``)."""
+        return self._group_names
 
     def step_values(self, episode: Episode, key: str) -> np.ndarray | None:
         """A per-step dataset (rewards, success, a written reward...) for one episode, or None if absent."""
