@@ -12,9 +12,11 @@ import pytest
 
 from tests import layouts
 from vlmlabel.errors import SourceError
-from vlmlabel.sources import hdf5 as hdf5_source
 from vlmlabel.sources.base import Align, Segment
 from vlmlabel.sources.hdf5 import HDF5Source, PlainRows, plain_rows
+from vlmlabel.sources.hdf5 import layouts as hdf5_layouts
+from vlmlabel.sources.hdf5 import raw as hdf5_raw
+from vlmlabel.sources.hdf5 import source as hdf5_source
 
 FRAMES = layouts.make_frames(300, 8, 8, seed=5)
 
@@ -214,8 +216,8 @@ def _digest(path: Path, plain: bool, monkeypatch) -> str:
 def test_the_plain_digest_is_the_one_h5py_reads_give(tmp_path, monkeypatch, sweep, gap, chunks):
     """Byte for byte the digest of earlier versions: arrays of a block and more (256 rows) or of many chunks,
     sweeps holding many arrays, one array over several sweeps, blocks or chunks larger than a sweep."""
-    monkeypatch.setattr(hdf5_source, "_SWEEP_BYTES", sweep)
-    monkeypatch.setattr(hdf5_source, "_SWEEP_GAP", gap)
+    monkeypatch.setattr(hdf5_raw, "_SWEEP_BYTES", sweep)
+    monkeypatch.setattr(hdf5_raw, "_SWEEP_GAP", gap)
     many = layouts.make_frames(700, 8, 8, seed=6)
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as f:
@@ -298,10 +300,10 @@ def test_root_candidates_skip_episode_groups_but_find_flat_frames(tmp_path):
         f["state"] = np.zeros(4)
         f["broken"] = h5py.SoftLink("/nowhere")
     with h5py.File(path, "r") as f:
-        whole = hdf5_source._image_candidates(f, depth=1)
+        whole = hdf5_layouts._image_candidates(f, depth=1)
         assert sorted(whole) == ["data/frames", "obs/camera", "observations/top", "pixels"]
-        expected = [c for c in whole if "/" not in c or c.split("/")[0] in hdf5_source._FLAT_OBS_GROUPS]
-        assert hdf5_source._image_candidates(f, depth=1, only=hdf5_source._FLAT_OBS_GROUPS) == expected
+        expected = [c for c in whole if "/" not in c or c.split("/")[0] in hdf5_layouts._FLAT_OBS_GROUPS]
+        assert hdf5_layouts._image_candidates(f, depth=1, only=hdf5_layouts._FLAT_OBS_GROUPS) == expected
 
 
 def test_a_closed_source_reads_nothing_through_a_stale_descriptor(tmp_path):

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from tests import layouts
 from vlmlabel import __version__
 from vlmlabel.cli import app
+from vlmlabel.sources.base import Align
+from vlmlabel.sources.hdf5 import HDF5Source
 
 runner = CliRunner()
 GOALS = ["a red block on a plate", "the drawer is open"]
@@ -220,3 +222,18 @@ def test_write_opens_each_group_once_and_still_finds_every_name_taken(tmp_path):
     with pytest.raises(OutputError, match="e1/infos/other already exists"):
         write_file(path, path, taken, overwrite=False)
     assert path.read_bytes() == before
+
+
+def test_an_image_key_naming_the_only_frames_at_the_root_reads_them_as_flat(tmp_path):
+    """Frames never listed as a camera (next_obs), the file's only ones, named with --image-key: read as flat
+    rows, as when other flat frames are present (the source was once left without a layout)."""
+    path = tmp_path / "d.h5"
+    frames = layouts.make_frames(6, 8, 8, seed=1)
+    with h5py.File(path, "w") as f:
+        f["next_obs"] = frames
+        f["terminals"] = np.array([0, 0, 1, 0, 0, 1], bool)
+    with HDF5Source(path, "next_obs") as source:
+        assert (source.layout, source.image_key, source.cameras) == ("flat", "next_obs", [])
+        episodes = source.episodes(Align.frame)
+        assert [e.steps for e in episodes] == [3, 3]
+        assert np.array_equal(next(source.read_blocks(episodes[1].frames[0], 10)), frames[3:])

@@ -10,9 +10,9 @@ import pytest
 
 from tests import layouts
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
-from vlmlabel.sources import hdf5 as hdf5_source
 from vlmlabel.sources import open_source, stored_digest
 from vlmlabel.sources.base import content_fingerprint
+from vlmlabel.sources.hdf5 import source as hdf5_source
 
 
 @pytest.fixture()

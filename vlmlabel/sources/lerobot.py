@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
+from vlmlabel.errors import SourceError
 from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources.base import Align, Episode, FrameBlock, FrameFormat, Segment, SourceKind, SourceRecipe
+from vlmlabel.sources.cameras import CameraChooser
 from vlmlabel.sources.tables import TableFiles, TableSource, cache_beside, episode_runs
 from vlmlabel.sources.video import VideoReader, probe
 
@@ -78,26 +79,20 @@ class LeRobotSource(TableSource):
     def _choose_key(self, image_key: str | None) -> None:
         found = self._candidates()
         self.cameras = found
-        if image_key is not None:
-            matches = [
-                k
-                for k in (image_key, f"{OBSERVATION_PREFIX}images.{image_key}", f"{OBSERVATION_PREFIX}{image_key}")
-                if k in found
-            ]
-            if not matches:
-                raise SourceError(
-                    f"--image-key {image_key!r} is not an image or video feature of {self.folder}; "
-                    f"cameras there: {', '.join(found) or 'none'}"
-                )
-            image_key = matches[0]
-        elif not found:
-            raise SourceError(
+
+        def find(key: str) -> str | None:
+            named = (key, f"{OBSERVATION_PREFIX}images.{key}", f"{OBSERVATION_PREFIX}{key}")
+            return next((k for k in named if k in found), None)
+
+        chooser = CameraChooser("cameras", self.folder, f"is not an image or video feature of {self.folder}")
+        image_key = chooser.choose(
+            found,
+            image_key,
+            find,
+            lambda: SourceError(
                 f"{self.folder}/meta/info.json declares no image or video feature; name the frames with --image-key"
-            )
-        elif len(found) > 1:
-            raise SeveralCameras(f"several cameras in {self.folder}: {', '.join(found)}; {MULTI_CAMERA}", found)
-        else:
-            image_key = found[0]
+            ),
+        )
         self.image_key = image_key
         self.is_video = self.lerobot_features[image_key]["dtype"] == "video"
         if not self.is_video:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmlabel.errors import MULTI_CAMERA, SeveralCameras, SourceError
+from vlmlabel.errors import SourceError
 from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import (
@@ -34,6 +34,7 @@ from vlmlabel.sources.base import (
     step_segments,
     utf8_name,
 )
+from vlmlabel.sources.cameras import CameraChooser
 
 EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
 READ_BATCH_ROWS = 1024
@@ -295,22 +296,19 @@ class TableSource:
     def _choose_key(self, image_key: str | None) -> None:
         found = self._candidates()
         self.cameras = found
-        if image_key is not None and image_key not in self.schema.names:
-            raise SourceError(
-                f"--image-key {image_key!r} is not a column of {self.root}; image columns there: "
-                f"{', '.join(found) or 'none'} (all columns: {', '.join(self.schema.names[:20])})"
-            )
-        if image_key is None:
-            if not found:
-                raise SourceError(
-                    f"no image column found in {self.root} (columns: {', '.join(self.schema.names[:20])})"
-                    "; name the frames with --image-key"
-                )
-            if len(found) > 1:
-                raise SeveralCameras(f"several image columns in {self.root}: {', '.join(found)}; {MULTI_CAMERA}", found)
-            image_key = found[0]
-        self.image_key = image_key
-        self.frame_format = self._format_of(image_key)
+        names, columns = self.schema.names, ", ".join(self.schema.names[:20])
+        chooser = CameraChooser(
+            "image columns", self.root, f"is not a column of {self.root}", f" (all columns: {columns})"
+        )
+        self.image_key = chooser.choose(
+            found,
+            image_key,
+            lambda key: key if key in names else None,
+            lambda: SourceError(
+                f"no image column found in {self.root} (columns: {columns}); name the frames with --image-key"
+            ),
+        )
+        self.frame_format = self._format_of(self.image_key)
 
     def _format_of(self, key: str) -> FrameFormat:
         field = self.schema.field(key)
