@@ -1,7 +1,7 @@
 """Frames/s of vlmlabel's data path alone (no model): per source kind, frame size and ``--workers``.
 
 Builds, in a temporary folder, the same frames (smooth synthetic images with mild noise, as a camera gives)
-as every kind of source below, then times ``engine.read_ahead`` — what feeds the model in ``relabel`` and
+as every kind of source below, then times ``reader.readahead.read_ahead`` — what feeds the model in ``relabel`` and
 ``embed``: reading, decoding into the batch buffers, handing batches over in order — consuming each batch
 and giving its buffer back at once. Worker start-up is inside the timing (it is part of every run).
 
@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.layouts import make_frames  # noqa: E402
 from vlmlabel import engine  # noqa: E402
+from vlmlabel.reader.readahead import read_ahead  # noqa: E402
 from vlmlabel.sources import Align, open_source  # noqa: E402
 from vlmlabel.sources.base import Reopenable  # noqa: E402
 
@@ -331,7 +332,7 @@ def time_path(path: Path, key: str | None, workers: int, batch: int, scorer: eng
         episodes = source.episodes(Align.frame)
         count, first, first_frames, first_cpu = 0, 0.0, 0, 0.0
         start, cpu = time.perf_counter(), time.process_time()
-        for batch_ in engine.read_ahead(source, episodes, batch, CPU, workers):
+        for batch_ in read_ahead(source, episodes, batch, CPU, workers):
             if not count:
                 first, first_frames, first_cpu = time.perf_counter() - start, batch_.size, time.process_time() - cpu
             count += batch_.size
@@ -386,7 +387,7 @@ def video_work(
     seeking). Each reader decodes on one thread, as a worker with a core of its own would. Deterministic counts
     (frames decoded, seeks) and CPU seconds per worker, so a busy machine changes the seconds less than the
     frames/s of a parallel run."""
-    from vlmlabel.batchfill import plan_batches
+    from vlmlabel.reader.batchfill import plan_batches
     from vlmlabel.sources import video
     from vlmlabel.sources.lerobot import VideoRecipe
 

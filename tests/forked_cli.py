@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlmlabel.decode_workers import start_server
+from vlmlabel.reader.decode_workers import start_server
 
 
 def _main(args: list[str], environ: dict[str, str], stderr: str) -> None:

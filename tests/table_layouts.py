@@ -39,10 +39,10 @@ def _episode_columns(lengths=LENGTHS) -> dict[str, list[int]]:
     return {"episode_index": episode.tolist(), "frame_index": frame.tolist(), "index": list(range(int(sum(lengths))))}
 
 
-def _image_dataset(frames: np.ndarray) -> Dataset:
+def image_dataset(frames: np.ndarray, lengths=LENGTHS) -> Dataset:
     columns = {
         "image": list(frames),
-        **_episode_columns(),
+        **_episode_columns(lengths),
         "action": np.arange(len(frames) * 2, dtype=np.float32).reshape(-1, 2).tolist(),
     }
     features = Features(
@@ -60,7 +60,7 @@ def _image_dataset(frames: np.ndarray) -> Dataset:
 def build_disk_image(root: Path) -> TableCase:
     """save_to_disk folder, PNG `Image` column, three episodes, two arrow shards."""
     frames = make_frames(sum(LENGTHS), HEIGHT, WIDTH, seed=101)
-    _image_dataset(frames).save_to_disk(str(root / "disk_image"), num_shards=2)
+    image_dataset(frames).save_to_disk(str(root / "disk_image"), num_shards=2)
     return TableCase(root / "disk_image", "disk", frames, np.repeat(np.arange(3), LENGTHS), "image", True)
 
 
@@ -83,7 +83,7 @@ def build_dict_split(root: Path) -> TableCase:
         {"image": list(other), "episode_index": [0, 0, 0]},
         features=Features({"image": Image(), "episode_index": Value("int64")}),
     )
-    DatasetDict({"train": train, "test": _image_dataset(frames)}).save_to_disk(str(root / "dict"))
+    DatasetDict({"train": train, "test": image_dataset(frames)}).save_to_disk(str(root / "dict"))
     return TableCase(
         root / "dict", "disk", frames, np.repeat(np.arange(3), LENGTHS), "image", True, extra={"split": "test"}
     )
@@ -101,7 +101,7 @@ def build_parquet_float_chw(root: Path) -> TableCase:
 def build_parquet_folder(root: Path) -> TableCase:
     """A folder of parquet shards (Hub-style data/train-*.parquet) with an `Image` column."""
     frames = make_frames(sum(LENGTHS), HEIGHT, WIDTH, seed=106)
-    ds = _image_dataset(frames)
+    ds = image_dataset(frames)
     folder = root / "pq_folder"
     (folder / "data").mkdir(parents=True)
     ds.select(range(0, 7)).to_parquet(str(folder / "data" / "train-00000-of-00002.parquet"))
@@ -163,16 +163,26 @@ def decode_mp4(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def build_lerobot(root: Path, video: bool, lengths=LENGTHS, files: tuple[int, ...] = (2, 1)) -> TableCase:
+def build_lerobot(
+    root: Path,
+    video: bool,
+    lengths=LENGTHS,
+    files: tuple[int, ...] = (2, 1),
+    frames: dict[str, np.ndarray] | None = None,
+) -> TableCase:
     """A LeRobot v3.0 folder by hand: two cameras, episodes packed into ``files`` data/video files.
 
     With ``video``, frames live in MP4 files holding several episodes (from_timestamp offsets);
-    otherwise in `Image` columns of the data parquet files.
+    otherwise in `Image` columns of the data parquet files. ``frames`` (camera -> uint8 frames of every
+    row) replaces the random frames of the cameras `top` and `wrist`.
     """
     folder = root / ("lerobot_video" if video else "lerobot_image")
-    cams = ("observation.images.top", "observation.images.wrist")
     total = int(sum(lengths))
-    frames = {cam: make_frames(total, HEIGHT, WIDTH, seed=200 + i) for i, cam in enumerate(cams)}
+    if frames is None:
+        default = ("observation.images.top", "observation.images.wrist")
+        frames = {cam: make_frames(total, HEIGHT, WIDTH, seed=200 + i) for i, cam in enumerate(default)}
+    cams = tuple(frames)
+    height, width = frames[cams[0]].shape[1:3]
     cols = _episode_columns(lengths)
     episode = np.asarray(cols["episode_index"])
     cols["timestamp"] = (np.asarray(cols["frame_index"]) / FPS).astype(np.float32).tolist()
@@ -191,7 +201,7 @@ def build_lerobot(root: Path, video: bool, lengths=LENGTHS, files: tuple[int, ..
     for cam in cams:
         features[cam] = {
             "dtype": "video" if video else "image",
-            "shape": [HEIGHT, WIDTH, 3],
+            "shape": [height, width, 3],
             "names": ["height", "width", "channels"],
         }
     hf_features = {

@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from tests import layouts
-from vlmlabel.batchfill import DECODED_AXES
-from vlmlabel.engine import BufferPool, FrameScorer, _prefetch, as_nchw, decode_jpegs, iter_batches, score_episodes
+from vlmlabel.engine import FrameScorer, score_episodes
 from vlmlabel.model import load_model
+from vlmlabel.reader.batchfill import DECODED_AXES
+from vlmlabel.reader.buffers import BufferPool, as_nchw
+from vlmlabel.reader.readahead import _prefetch, decode_jpegs, iter_batches
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
 

@@ -23,10 +23,12 @@ from typer.testing import CliRunner
 
 from tests.layouts import make_frames
 from vlmlabel.cli import app
-from vlmlabel.engine import FrameScorer, as_nchw, iter_batches, score_episodes
+from vlmlabel.engine import FrameScorer, score_episodes
 from vlmlabel.errors import SourceError
 from vlmlabel.model import load_model
 from vlmlabel.preprocess import DevicePreprocess
+from vlmlabel.reader.buffers import as_nchw
+from vlmlabel.reader.readahead import iter_batches
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
 

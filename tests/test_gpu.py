@@ -15,8 +15,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from tests import layouts
-from vlmlabel.engine import BufferPool, decode_jpegs, iter_batches
 from vlmlabel.model import load_model
+from vlmlabel.reader.buffers import BufferPool
+from vlmlabel.reader.readahead import decode_jpegs, iter_batches
 from vlmlabel.run.lifecycle import RelabelRequest, relabel_file
 from vlmlabel.sources import Align, open_source
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests import table_layouts
-from vlmlabel.batchfill import plan_batches
+from vlmlabel.reader.batchfill import plan_batches
 from vlmlabel.sources import Align, open_source, video
 from vlmlabel.sources.lerobot import VideoRecipe
 from vlmlabel.sources.video import SeekPoints, VideoReader, seek_points

@@ -24,10 +24,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests import layouts, table_layouts, test_video_seek
-from vlmlabel import decode_workers, engine
+from vlmlabel import engine
 from vlmlabel.cli import app
 from vlmlabel.errors import SourceError, VlmlabelError, WorkerLost
 from vlmlabel.model import load_model
+from vlmlabel.reader import buffers, decode_workers, readahead
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import Reopenable, Segment
@@ -194,14 +195,14 @@ def test_undecodable_bytes_are_the_same_error_with_workers(tiny, tmp_path):
 
 def test_buffers_are_bounded_by_the_worker_count(tiny, tmp_path, monkeypatch):
     lf = layouts.build_minari_png(tmp_path / "png.h5")
-    pools: list[engine.BufferPool] = []
+    pools: list[buffers.BufferPool] = []
 
-    class Recorded(engine.BufferPool):
+    class Recorded(buffers.BufferPool):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(engine, "BufferPool", Recorded)
+    monkeypatch.setattr(readahead, "BufferPool", Recorded)
     _scores(tiny, lf.path, "", workers=2, batch_size=2)
     assert len(pools) == 1 and len(pools[0].buffers) == 2 + 4  # workers + 2 in flight, the model's, a spare
     frame = int(np.prod(lf.frame_steps[0].shape[1:]))  # every frame of the file has the first one's size
@@ -214,7 +215,7 @@ def test_ctrl_c_in_the_consumer_stops_the_workers(tiny, tmp_path):
     before = _live_semaphores()
     calls = []
 
-    def compute(batch: engine.Batch) -> torch.Tensor:
+    def compute(batch: buffers.Batch) -> torch.Tensor:
         calls.append(batch.size)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -232,7 +233,7 @@ def test_ctrl_c_in_the_consumer_stops_the_workers(tiny, tmp_path):
 def test_a_worker_that_dies_is_an_error_not_a_hang(tiny, tmp_path):
     lf = layouts.build_minari_png(tmp_path / "png.h5")
 
-    def compute(batch: engine.Batch) -> torch.Tensor:
+    def compute(batch: buffers.Batch) -> torch.Tensor:
         for pid in _children():
             os.kill(pid, signal.SIGKILL)
         batch.release()
@@ -270,7 +271,7 @@ def test_a_worker_killed_halfway_through_sending_a_large_batch_is_an_error_not_a
     path = _spilling_file(tmp_path / "spill.h5")
     calls = []
 
-    def compute(batch: engine.Batch) -> torch.Tensor:
+    def compute(batch: buffers.Batch) -> torch.Tensor:
         calls.append(batch.size)
         if len(calls) == 1:
             time.sleep(2)  # the workers fill the next batches and block writing them

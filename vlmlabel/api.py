@@ -20,10 +20,11 @@ import torch
 
 from vlmlabel import rewards
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import Batch, FrameScorer
+from vlmlabel.engine import FrameScorer
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
+from vlmlabel.reader.buffers import Batch
 from vlmlabel.rewards import RewardMode
 
 # One frame (H, W), (H, W, C), (C, H, W) or a batch (N, H, W, C), (N, C, H, W); or a list of equal frames.

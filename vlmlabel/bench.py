@@ -32,10 +32,12 @@ import torch
 
 from vlmlabel import __version__
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import RAW_AXES, as_nchw, iter_batches, score_episodes
+from vlmlabel.engine import score_episodes
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.preprocess import DevicePreprocess
+from vlmlabel.reader.buffers import RAW_AXES, as_nchw
+from vlmlabel.reader.readahead import iter_batches
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, Episode, FrameSource, Segment, open_source
 from vlmlabel.sources.base import FrameBlock, VideoDecoder

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmlabel.cache import layout, store
-from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Stamp
 from vlmlabel.destinations.base import check_folder, check_output_suffix, check_space
 from vlmlabel.destinations.hdf5 import check_output_file, hdf5_suffixes, refuse_if_busy
 from vlmlabel.device import resolve_device, resolve_precision
-from vlmlabel.engine import embed_segments, prepare_workers
+from vlmlabel.engine import embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
+from vlmlabel.reader.decode_workers import resolve_workers
+from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.run.interrupt import stoppable
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.setup import model_loads, resolve_batch_size

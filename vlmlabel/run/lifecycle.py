@@ -22,14 +22,15 @@ from typing import Any
 import numpy as np
 
 from vlmlabel import __version__, cache
-from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, check_names, whole_results
 from vlmlabel.device import resolve_device, resolve_precision
-from vlmlabel.engine import FrameScorer, RelabelResult, prepare_workers
+from vlmlabel.engine import FrameScorer, RelabelResult
 from vlmlabel.errors import LockedError, VlmlabelError, WorkerLost
 from vlmlabel.formulation import RewardConfig, build_score_fn, check_prompt_lengths
 from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
+from vlmlabel.reader.decode_workers import resolve_workers
+from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint, frame_differences, run_numerics

@@ -1,8 +1,8 @@
 """Filling one batch buffer from a source's rows: which rows make each batch, raw frames read into the
 buffer, encoded frames decoded into it, and frames refused that cannot be scored exactly.
 
-The same code runs in the engine's reader thread (``--workers 0``) and in decoding worker processes
-(``vlmlabel.decode_workers``), so a batch holds the same bytes whoever fills it. IO and decoding only:
+The same code runs in the reader thread (``reader.readahead``, ``--workers 0``) and in decoding worker
+processes (``reader.decode_workers``), so a batch holds the same bytes whoever fills it. IO and decoding only:
 no model, no device.
 """
 

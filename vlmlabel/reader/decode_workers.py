@@ -32,8 +32,8 @@ from multiprocessing.process import BaseProcess
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the pickling that shares a tensor's memory with a worker)
 
-from vlmlabel.batchfill import Filled, fill
 from vlmlabel.errors import SourceError, VlmlabelError, WorkerLost
+from vlmlabel.reader.batchfill import Filled, fill
 from vlmlabel.sources.base import FrameFormat, FrameReader, Segment, SourceRecipe
 from vlmlabel.sources.video import share_cores
 
@@ -44,7 +44,7 @@ JOIN_SECONDS = 5.0
 # worker runs the main script's imports again (multiprocessing's rule for a script run by path, such as the
 # `vlmlabel` command): the CLI's are here, so they cost nothing. ("__main__" itself is not preloaded: each
 # worker would then run the whole script again, about a second.)
-_PRELOAD = ["vlmlabel.cli", "vlmlabel.decode_workers", "vlmlabel.sources.lerobot"]
+_PRELOAD = ["vlmlabel.cli", "vlmlabel.reader.decode_workers", "vlmlabel.sources.lerobot"]
 
 
 def usable_cores() -> int:
