@@ -23,8 +23,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vlmlabel import cache  # noqa: E402
-from vlmlabel.destinations.hdf5 import write_file  # noqa: E402
+from vlmlabel.cache import store  # noqa: E402
 from vlmlabel.model import create_untrained, load_model, save_local_dir  # noqa: E402
 from vlmlabel.run.lifecycle import relabel_file  # noqa: E402
 from vlmlabel.run.request import RelabelRequest  # noqa: E402
@@ -55,11 +54,9 @@ def build(folder: Path, frames: int, dim: int, episodes: int) -> tuple[Path, Pat
         f.create_dataset("terminals", data=terminals)
     model = load_model(str(model_dir), None, "cpu", "fp32")
     with open_source(str(path)) as source:
-        plans = cache.plan(source)
-        indices, stream = cache.cache_stream(
-            source, plans, _random_unit_rows(sum(len(p.rows) for p in plans), dim), model, content_fingerprint(source)
-        )
-        write_file(path, path, indices, overwrite=True, stream=stream)
+        plans = store.plan(source)
+        blocks = _random_unit_rows(sum(len(p.rows) for p in plans), dim)
+        store.write(source, plans, blocks, model, content_fingerprint(source), path, path, None, True)
     return path, model_dir
 
 

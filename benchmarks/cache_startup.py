@@ -91,7 +91,7 @@ def main() -> None:
     import torch
 
     from vlmlabel.model import create_untrained, save_local_dir
-    from vlmlabel.run.lifecycle import EmbedRequest, embed_file
+    from vlmlabel.run.embed import EmbedRequest, embed_file
 
     with tempfile.TemporaryDirectory(prefix="vlmlabel-startup-") as folder:
         root = Path(folder)

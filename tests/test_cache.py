@@ -7,17 +7,21 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests import layouts
+from tests import layouts, table_layouts
 from tests.conftest import TINY_CFG, build_model_dir
+from vlmlabel import cache
 from vlmlabel.cli import app
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, write_file
 from vlmlabel.errors import OutputError
 from vlmlabel.events import Events
 from vlmlabel.formulation import RewardConfig
+from vlmlabel.model import load_model
 from vlmlabel.rewards import RewardMode
-from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.sources import Align, open_source
+from vlmlabel.sources.base import content_fingerprint
 
 runner = CliRunner()
 # Cached embeddings are float16: scores differ from the fp32 path by rounding only.
@@ -91,6 +95,30 @@ def test_next_observation_rows_are_stored_sparsely(tiny_model_dir, tmp_path):
         rows = f["vlm_embedding/next_observations__rows"][:]
         np.testing.assert_array_equal(rows, np.cumsum(layouts.LENGTHS) - 1)  # each episode's last step
         assert f["vlm_embedding/next_observations"].shape[0] == len(layouts.LENGTHS)
+
+
+def test_the_cache_lies_where_earlier_versions_put_it_and_is_found_there(tiny_model_dir, tmp_path):
+    """Inside each episode group of an HDF5 file; under the split in the file beside a split dataset. ``find``
+    says why nothing serves a run (``CacheMiss``) until ``embed`` has run, then matches every frame array."""
+    robomimic = layouts.build_robomimic(tmp_path / "r.h5")
+    split = table_layouts.build_dict_split(tmp_path)
+    model = load_model(str(tiny_model_dir), None, "cpu", "fp32")
+    cases = [(robomimic.path, "train", "data/demo_0/vlm_embedding/obs/agentview_image", robomimic.path)]
+    cases.append((split.path, "test", "vlm_embedding/test/image", tmp_path / "dict.vlmlabel-cache.h5"))
+    for path, name, first, cache_file in cases:
+        with open_source(str(path), split=name) as source:
+            missed = cache.find(source, source.episodes(Align.next), model, content_fingerprint(source))
+        assert missed == cache.CacheMiss("no embedding cache (run `vlmlabel embed` to make one)")
+        summary = embed_file(EmbedRequest(source=path, model=str(tiny_model_dir), device="cpu", split=name))
+        assert summary.written_to == cache_file and summary.locations[0] == first
+        with h5py.File(cache_file) as f:
+            assert f[first].dtype == np.float16 and f[first].attrs["rows"] == "all"
+        with open_source(str(path), split=name) as source:
+            episodes = source.episodes(Align.next)
+            match = cache.find(source, episodes, model, content_fingerprint(source))
+            assert isinstance(match, cache.CacheMatch)
+            assert {s.array for e in episodes for s in e.frames} == set(match.locations)
+            assert match.locations[episodes[0].frames[0].array][0] == first
 
 
 def test_cache_of_another_model_is_ignored(tiny_model_dir, other_model_dir, tmp_path):

@@ -19,7 +19,8 @@ from tests.cluster_files import interrupt_after
 from tests.layouts import make_frames
 from vlmlabel.cli import app
 from vlmlabel.events import Events
-from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
 from vlmlabel.run.request import FinishedSummary, RelabelRequest
 from vlmlabel.run.shards import ShardSpec, work_dir

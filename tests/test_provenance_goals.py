@@ -16,7 +16,8 @@ from tests.conftest import build_model_dir
 from vlmlabel.api import RewardModel
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.request import RelabelRequest
 
 runner = CliRunner()

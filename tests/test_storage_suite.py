@@ -27,7 +27,8 @@ from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize
-from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
 from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary
 from vlmlabel.run.shards import ShardSpec, shard_result, work_dir

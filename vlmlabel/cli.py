@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from vlmlabel import __version__
+from vlmlabel import __version__, cache
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
@@ -39,7 +39,8 @@ from vlmlabel.files.interrupt import stoppable
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL, list_architectures
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
-from vlmlabel.run.lifecycle import EmbedRequest, embed_file, relabel_file
+from vlmlabel.run.embed import EmbedRequest, embed_file
+from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import MergeSummary, merge_shards
 from vlmlabel.run.request import DEFAULT_REWARD_KEY, FinishedSummary, RelabelRequest, RelabelSummary, ShardSummary
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
@@ -223,7 +224,7 @@ def _shown_bytes(text: str) -> str:
 
 def _exit_on_error(func: F) -> F:
     """Refuse text that is not UTF-8; turn library errors into exit code 2 and one line; SIGINT and SIGTERM, in
-    any phase, into one line and exit code 130 and 143 (``run.interrupt.stoppable``)."""
+    any phase, into one line and exit code 130 and 143 (``files.interrupt.stoppable``)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -775,9 +776,7 @@ def embed(
         return
     progress = _progress("embedding")
     task = progress.add_task("embedding", total=None)
-    summary = _with_progress(
-        progress, task, lambda start, advance: embed_file(request, on_start=start, on_progress=advance)
-    )
+    summary = _with_progress(progress, task, lambda start, advance: embed_file(request, Events(start, advance)))
     rate = summary.frames / summary.seconds if summary.seconds > 0 else float("inf")
     shown = ", ".join(summary.locations[:3]) + (" ..." if len(summary.locations) > 3 else "")
     stdout.print(
@@ -947,11 +946,11 @@ def inspect(
         table.add_row("rewards written to", f"{family_of(opened).what}: {destination_path(opened, None)} (or --output)")
         written = opened.reward_keys(episodes[0])
         table.add_row("vlmlabel rewards", ", ".join(written) if written else "none")
-        meta = opened.read_embedding_meta(opened.embedding_location(episodes[0].frames[0].array))
+        stored = cache.first_stored(opened, episodes)
         table.add_row(
             "embedding cache",
-            f"{meta[0].get('model')} {meta[0].get('pretrained')} in {opened.cache_file}"
-            if meta
+            f"{stored.attrs.get('model')} {stored.attrs.get('pretrained')} in {opened.cache_file}"
+            if stored
             else "none (make one with `vlmlabel embed`)",
         )
         stdout.print(table)

@@ -205,13 +205,12 @@ def embed_segments(
     model: ClipModel,
     segments: Sequence[Segment],
     batch_size: int,
-    on_progress: Callable[[int], None] | None = None,
+    events: Events = QUIET,
     workers: int = 0,
 ) -> Iterator[np.ndarray]:
     """Unit image embeddings (float16) of the rows of ``segments``, in order, block by block: what the cache
     stores, streamed so memory stays bounded by a batch whatever the dataset's length."""
     scorer = FrameScorer(model, score_fn=lambda x: x)
     parts = [Episode(s.array, len(s), (s,), "") for s in segments]
-    progress = Events(on_progress=on_progress)
-    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, progress, workers):
+    for rows in compute_rows(source, parts, batch_size, model.device, scorer.embed, events, workers):
         yield rows.astype(np.float16)

@@ -95,7 +95,7 @@ def check_output_file(output: Path | None, overwrite: bool) -> None:
         )
 
 
-def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_arrays: list[str]) -> None:
+def refuse_external(handle: h5py.File, path: Path, dest: Path, locations: list[str], frame_arrays: list[str]) -> None:
     """What vlmlabel adds must land in the file it copies, each episode's in a place of its own, and a copy
     elsewhere must find what the file reads from other files.
 
@@ -103,32 +103,32 @@ def refuse_external(source: HDF5Source, dest: Path, locations: list[str], frame_
     would be written into the other file, outside the crash-safe copy; one through a dataset or a dangling link
     would fail after the scoring; two episodes reaching one group (hard or soft links) would write over each
     other. An output in another folder is refused when an external link of the file, or a virtual dataset among
-    ``frame_arrays``, names a file that would be found elsewhere, or not at all, from there.
+    ``frame_arrays``, names a file that would be found elsewhere, or not at all, from there. ``handle``: the file
+    at ``path``, open for reading.
     """
-    handle = source.file
     groups = _Groups(handle)
     places: dict[tuple[int, str], str] = {}
     for target in dict.fromkeys(location.rpartition("/")[0] for location in locations):
         first = places.setdefault(groups.place(target), target)
         if first != target:
             raise OutputError(
-                f"{target} and {first} are one group of {source.path} (one is a link to the other): "
+                f"{target} and {first} are one group of {path} (one is a link to the other): "
                 "their rewards would be written over each other; remove the duplicate episode link"
             )
-    here, there = source.path.absolute().parent, dest.absolute().parent
+    here, there = path.absolute().parent, dest.absolute().parent
     if here.resolve() == there.resolve():
         return
     held = [handle[array] for array in frame_arrays]  # a virtual dataset names files from its own file's folder
     refs = all_external_links(handle) + [
         r
         for dataset in held
-        if Path(dataset.file.filename).resolve() == source.path.resolve()
+        if Path(dataset.file.filename).resolve() == path.resolve()
         for r in virtual_sources(dataset)
     ]
     for ref in refs:
         if ref.resolve(here, working_folder=False) != ref.resolve(there, working_folder=False):
             raise OutputError(
-                f"{ref.where} of {source.path} reads {ref.filename} from beside it; a copy in "
+                f"{ref.where} of {path} reads {ref.filename} from beside it; a copy in "
                 f"{there} would not find that file: write the output in {here}, relabel in place, "
                 "or make the link's file name absolute"
             )
@@ -557,7 +557,8 @@ class HDF5Destination:
             refuse_if_busy(source)
         refuse_replacing(names, self.replaced(names), source, overwrite)
         refuse_external(
-            self.source,
+            self.source.file,
+            self.source_path,
             self.path,
             [loc for n in names for loc in self._locations(n)],
             sorted({s.array for s in self.episodes[0].frames}),

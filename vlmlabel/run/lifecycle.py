@@ -15,29 +15,21 @@
 from __future__ import annotations
 
 import contextlib
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vlmlabel import cache
-from vlmlabel.destinations.hdf5 import check_output_file, hdf5_suffixes, refuse_external, refuse_if_busy, write_file
-from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
-from vlmlabel.engine import FrameScorer, RelabelResult, embed_segments
-from vlmlabel.errors import OutputError, VlmlabelError, WorkerLost
+from vlmlabel.device import resolve_device, resolve_precision
+from vlmlabel.engine import FrameScorer, RelabelResult
+from vlmlabel.errors import VlmlabelError, WorkerLost
 from vlmlabel.events import QUIET, Events
-from vlmlabel.files.interrupt import check, deferred, pause_at, stoppable
-from vlmlabel.files.stamp import Stamp
+from vlmlabel.files.interrupt import deferred, stoppable
 from vlmlabel.formulation import ScoreFn, build_score_fn, check_prompt_lengths
-from vlmlabel.model import DEFAULT_MODEL, ClipModel, ModelCard, load_model
-from vlmlabel.reader.decode_workers import resolve_workers
-from vlmlabel.reader.readahead import prepare_workers
+from vlmlabel.model import ClipModel, ModelCard, load_model
 from vlmlabel.run import score
 from vlmlabel.run.checkpoint import Checkpoint, run_numerics
 from vlmlabel.run.commit import push
-from vlmlabel.run.locking import RunLock
 from vlmlabel.run.plan import (
     AlreadyWritten,
     FromCache,
@@ -49,10 +41,7 @@ from vlmlabel.run.plan import (
     plan_run,
 )
 from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary, Summary
-from vlmlabel.run.shards import dest_lock
-from vlmlabel.sources import open_source
-from vlmlabel.sources.base import VideoDecoder, content_fingerprint
-from vlmlabel.sources.hdf5 import EMBEDDING_ROWS_SUFFIX, HDF5Source
+from vlmlabel.run.setup import model_loads, resolve_batch_size
 from vlmlabel.sources.video import nvdec_gpu
 
 
@@ -71,14 +60,16 @@ def relabel_file(request: RelabelRequest, events: Events = QUIET) -> Summary:
 
     The source is only read. Progress is saved beside the destination so a killed run resumes, and a
     lock keeps a second run off it. A run whose identical rewards are already written does nothing.
-    SIGINT and SIGTERM stop it in any phase (``run.interrupt``), leaving only the progress saved.
+    SIGINT and SIGTERM stop it in any phase (``files.interrupt``), leaving only the progress saved.
     """
     device = resolve_device(request.device)
-    machine = Machine(device, resolve_precision(request.precision, device), _batch_size(request.batch_size, device))
+    machine = Machine(
+        device, resolve_precision(request.precision, device), resolve_batch_size(request.batch_size, device)
+    )
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(open_run(request, events, nvdec_gpu(request.video_decoder, device)))
         plan = plan_run(run, machine.precision, stack, events)
-        _model_loads()
+        model_loads()
         match plan:
             case AlreadyWritten():
                 return _finished(run, plan, stack, events)
@@ -135,18 +126,6 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
 # -- the steps' parts ---------------------------------------------------------------------------------
 
 
-def _batch_size(requested: int | None, device: torch.device) -> int:
-    if requested is not None and requested < 1:
-        raise VlmlabelError(f"--batch-size must be at least 1, not {requested}")
-    return requested or default_batch_size(device)
-
-
-def _model_loads() -> None:
-    """The end of the open phase: a signal held while the lock was taken stops the run before the model loads."""
-    pause_at("open")
-    check()
-
-
 def _load(
     run: OpenRun, card: ModelCard, machine: Machine, events: Events, image_tower: bool
 ) -> tuple[ClipModel, ScoreFn]:
@@ -188,101 +167,3 @@ def _discard(checkpoints: list[Checkpoint], work: Path) -> None:
             checkpoint.discard()
         with contextlib.suppress(OSError):
             work.rmdir()  # when empty
-
-
-# -- embed --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbedRequest:
-    source: Path | str
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    image_key: str | None = None
-    output: Path | None = None
-    overwrite: bool = False  # an existing --output file; a cache already in the file is always replaced
-    batch_size: int | None = None
-    precision: str = "auto"
-    device: str = "auto"
-    split: str = "train"
-    revision: str | None = None
-    workers: int | None = None  # decoding processes; None: usable cores minus one (at most 8); 0: this process
-    video_decoder: VideoDecoder = VideoDecoder.cpu  # nvdec: the run's GPU decodes video (the same pixels)
-
-
-@dataclass
-class EmbedSummary:
-    written_to: Path
-    locations: list[str]
-    frames: int
-    dim: int
-    seconds: float
-    model: ClipModel
-    image_key: str
-
-
-@stoppable()
-def embed_file(
-    request: EmbedRequest,
-    on_start: Callable[[int], None] | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    on_note: Callable[[str], None] | None = None,
-) -> EmbedSummary:
-    """Store every frame's unit image embedding in the source's cache file (safe write, like rewards)."""
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    batch_size = _batch_size(request.batch_size, device)
-    nvdec = nvdec_gpu(request.video_decoder, device)
-    with (
-        open_source(str(request.source), request.image_key, request.split, request.revision, nvdec_gpu=nvdec) as source,
-        contextlib.ExitStack() as stack,
-    ):
-        if source.cache_file is None:
-            raise VlmlabelError(
-                f"{request.source}: a streamed dataset cannot keep an embedding cache; "
-                "download it (drop --streaming) to make one"
-            )
-        target = request.output or source.cache_file
-        base = source.cache_file if source.cache_file.exists() else None
-        plans = cache.plan(source)
-        locations = [source.embedding_location(p.array) for p in plans]
-        _check_embed_target(request, base, target, source.cache_file)
-        if isinstance(source, HDF5Source):  # the cache goes inside the source file (or its --output copy)
-            refuse_external(source, target, locations, [p.array for p in plans[:1]])
-        stamp = Stamp.of(source.paths)
-        fingerprint = content_fingerprint(source)
-        RunLock(dest_lock(target), str(target), Events(on_note=on_note)).held_by(stack)
-        workers = resolve_workers(request.workers)
-        prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
-        _model_loads()
-        model = load_model(request.model, request.pretrained, device, precision)
-        segments = [s for p in plans for s in p.segments]
-        total = sum(len(s) for s in segments)
-        if on_start is not None:
-            on_start(total)
-        start = time.perf_counter()
-        # Embeddings are computed while the copy is written, so memory stays at one batch.
-        blocks = embed_segments(source, model, segments, batch_size, on_progress, workers)
-        indices, stream = cache.cache_stream(source, plans, blocks, model, fingerprint)
-        stale_rows = [loc + EMBEDDING_ROWS_SUFFIX for p, loc in zip(plans, locations, strict=True) if p.dense]
-        written = write_file(
-            base, target, indices, True, stamp, remove=stale_rows, stream=stream, keep_mode=request.output is None
-        )
-        seconds = time.perf_counter() - start
-    return EmbedSummary(written, locations, total, stream.width, seconds, model, source.image_key)
-
-
-def _check_embed_target(request: EmbedRequest, base: Path | None, target: Path, default: Path) -> None:
-    from vlmlabel.destinations.base import check_folder, check_output_suffix, check_space
-
-    output = request.output
-    if output is not None and base is not None and output.exists() and output.resolve() == base.resolve():
-        raise OutputError(f"--output {output} is where the cache already goes; drop --output")
-    if output is not None:  # an HDF5 file, whatever the source: the cache file (or the HDF5 source) copied
-        check_output_suffix(output, hdf5_suffixes(default), "HDF5")
-    check_output_file(output, request.overwrite)
-    folder = target.resolve().parent
-    check_folder(folder)
-    check_space(folder, base.stat().st_size if base is not None else 0, "the embedding cache")
-    if base is not None and output is None:
-        refuse_if_busy(base)

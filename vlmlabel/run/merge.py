@@ -151,7 +151,7 @@ def merge_shards(
 
     ``count`` (torchrun: the world size) ignores parts left by an earlier split into another number of shards.
     Without parts, rewards already merged (a requeued merge job) are reported as done. SIGINT and SIGTERM stop
-    it with the parts kept, or once the write is in place with the parts removed (``run.interrupt``).
+    it with the parts kept, or once the write is in place with the parts removed (``files.interrupt``).
     """
     with open_any_camera(str(source), image_key, split, revision) as opened:
         dest = destination_path(opened, output)

@@ -20,6 +20,9 @@ from vlmlabel.files.stamp import Stamp
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 PARQUET_SUFFIX = ".parquet"
 FILE_SUFFIXES = (*HDF5_SUFFIXES, PARQUET_SUFFIX)
+# The group an embedding cache occupies in an HDF5 file (``vlmlabel.cache`` lays it out): never frames, never
+# an episode, wherever a source finds it.
+EMBEDDING_GROUP = "vlm_embedding"
 
 
 def is_utf8(text: str) -> bool:
@@ -208,22 +211,25 @@ class Reopenable(Protocol):
 
 
 class EmbeddingStore(Protocol):
-    """A source that can hold an embedding cache: per frame array, stored rows and their metadata.
+    """Where a source's embedding cache lives; ``vlmlabel.cache`` alone reads, matches and writes it.
 
-    Rows are indexed by the frame array's own rows (not by steps), so one cache serves every alignment.
-    ``cache_file`` is the HDF5 file that holds the cache (the HDF5 source itself, or a file beside a table
-    dataset); None when the source cannot keep one (a stream).
+    The cache is kept per frame array and indexed by that array's own rows (``array_rows`` of them), not by
+    steps, so one cache serves every alignment. ``cache_file`` is the HDF5 file that holds it (the HDF5 source
+    itself, or a file beside a table dataset); None when the source cannot keep one (a stream).
+    ``cache_groups``: groups of that file whose frame arrays keep their cache inside them, beside the frames (an
+    HDF5 source's episode groups). ``cache_scope``: a group the whole cache is kept under ('' for none; a table
+    dataset's split).
     """
 
     cache_file: Path | None
 
+    @property
+    def cache_groups(self) -> frozenset[str]: ...
+
+    @property
+    def cache_scope(self) -> str: ...
+
     def array_rows(self, array: str) -> int: ...
-
-    def embedding_location(self, array: str) -> str: ...
-
-    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None: ...
-
-    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]: ...
 
 
 class LabelledData(Protocol):

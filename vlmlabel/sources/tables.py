@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,7 +35,6 @@ from vlmlabel.sources.base import (
     utf8_name,
 )
 from vlmlabel.sources.cameras import CameraChooser
-from vlmlabel.sources.hdf5 import EMBEDDING_GROUP, read_embedding_meta, read_rows
 
 EPISODE_COLUMNS = ("episode_index", "frame_index", "index", "timestamp")
 READ_BATCH_ROWS = 1024
@@ -250,6 +248,8 @@ def field_provenance(field: pa.Field) -> dict:
 class TableSource:
     """A table of rows with an image column, read-only (see module docstring)."""
 
+    cache_groups: frozenset[str] = frozenset()  # its cache file holds only the cache, from the root down
+
     def __init__(
         self,
         files: RowFiles,
@@ -360,23 +360,10 @@ class TableSource:
     def array_rows(self, array: str) -> int:
         return self.rows
 
-    def embedding_location(self, array: str) -> str:
-        return f"{EMBEDDING_GROUP}/{self.split}/{array}" if self.split else f"{EMBEDDING_GROUP}/{array}"
-
-    def read_embedding_meta(self, location: str) -> tuple[dict, np.ndarray | None, int] | None:
-        if self.cache_file is None or not self.cache_file.is_file():
-            return None
-        try:
-            with h5py.File(self.cache_file, "r") as handle:
-                return read_embedding_meta(handle, location)
-        except OSError:
-            return None
-
-    def read_embedding_blocks(self, location: str, max_rows: int) -> Iterator[np.ndarray]:
-        assert self.cache_file is not None
-        with h5py.File(self.cache_file, "r") as handle:
-            dataset = handle[location]
-            yield from read_rows(dataset, 0, dataset.shape[0], max_rows, self.cache_file)
+    @property
+    def cache_scope(self) -> str:
+        """The split, where the dataset has several: one cache file serves them all."""
+        return self.split or ""
 
     # -- per-step values, for evaluate and plot ----------------------------------------------------
 

@@ -2,18 +2,15 @@
 
 ``source``: ``HDF5Source``, ``HDF5Recipe``; ``layouts``: one class per layout, tried in order; ``links``:
 data read from other files, and a labels file's record of the one it links to; ``raw``: how rows are stored
-and read, and the stored-frames digest; ``embeddings``: the embedding cache kept in the file. Here: the names
-the rest of vlmlabel imports.
+and read, and the stored-frames digest; ``embeddings``: what the source says of the embedding cache kept in
+the file. Here: the names the rest of vlmlabel imports.
 """
 
-from vlmlabel.sources.hdf5.embeddings import EMBEDDING_GROUP, EMBEDDING_ROWS_SUFFIX, read_embedding_meta
 from vlmlabel.sources.hdf5.links import LINKED_ATTR, LinkedFile, all_external_links, virtual_sources
 from vlmlabel.sources.hdf5.raw import PlainRows, open_read_only, plain_rows, read_rows
 from vlmlabel.sources.hdf5.source import HDF5Source
 
 __all__ = [
-    "EMBEDDING_GROUP",
-    "EMBEDDING_ROWS_SUFFIX",
     "LINKED_ATTR",
     "HDF5Source",
     "LinkedFile",
@@ -21,7 +18,6 @@ __all__ = [
     "all_external_links",
     "open_read_only",
     "plain_rows",
-    "read_embedding_meta",
     "read_rows",
     "virtual_sources",
 ]

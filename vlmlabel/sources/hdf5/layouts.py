@@ -18,8 +18,7 @@ import h5py
 import numpy as np
 
 from vlmlabel.errors import SourceError
-from vlmlabel.sources.base import Align, Episode, FrameFormat, Segment, step_segments
-from vlmlabel.sources.hdf5.embeddings import EMBEDDING_GROUP
+from vlmlabel.sources.base import EMBEDDING_GROUP, Align, Episode, FrameFormat, Segment, step_segments
 from vlmlabel.sources.hdf5.links import checked_dataset, refuse_missing_files
 from vlmlabel.sources.hdf5.raw import frame_format_of
 
