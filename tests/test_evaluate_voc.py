@@ -204,6 +204,7 @@ def test_cli_reports_voc_without_a_reference_and_refuses_a_named_one_that_is_abs
     assert payload["against"] is None and payload["pearson"] is None
     table = runner.invoke(app, ["evaluate", str(path), "--no-blank"], terminal_width=200)
     assert table.exit_code == 0 and "(no reference)" in table.output and "VOC" in table.output
+    assert "note: no reference (rewards, reward, next.reward) in the data" in table.output
     assert "success AUROC" in table.output
     absent = runner.invoke(app, ["evaluate", str(path), "--no-blank", "--against", "rewards"], terminal_width=400)
     assert absent.exit_code == 2 and "--against rewards" in absent.output

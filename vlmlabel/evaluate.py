@@ -314,6 +314,9 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
     result = _judge(request.reward_key, [e.name for e in episodes], steps, successful)
     if reference is not None:
         _compare(result, steps, reference)
+    else:
+        tried = ", ".join(REFERENCE_KEYS[DEFAULT_REFERENCE])
+        result.notes.append(f"no reference ({tried}) in the data: correlations skipped; name one with --against KEY")
     _baselines(result, reward, reward.raw_steps(episodes), reference)
     if request.blank:
         result.blank_scores = blank_scores(
