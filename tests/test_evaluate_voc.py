@@ -18,7 +18,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from tests import layouts
+from tests import layouts, table_layouts
 from vlmlabel.cli import app
 from vlmlabel.evaluate import EvaluateRequest, evaluate_file, success_auroc
 
@@ -208,3 +208,25 @@ def test_cli_reports_voc_without_a_reference_and_refuses_a_named_one_that_is_abs
     assert "success AUROC" in table.output
     absent = runner.invoke(app, ["evaluate", str(path), "--no-blank", "--against", "rewards"], terminal_width=400)
     assert absent.exit_code == 2 and "--against rewards" in absent.output
+
+
+@pytest.mark.slow
+def test_a_lerobot_dataset_with_no_reward_column_gets_its_voc(tmp_path, tiny_model_dir):
+    """The case the issue names: demonstrations with no environment reward still get VOC, from the table."""
+    import pyarrow.parquet as pq
+
+    case = table_layouts.build_lerobot(tmp_path, video=False)
+    relabelled = runner.invoke(
+        app, ["relabel", str(case.path), "--model", str(tiny_model_dir), "--image-key", case.image_key, "--goal", "red"]
+    )
+    assert relabelled.exit_code == 0, relabelled.output
+    out = case.path.parent / f"{case.path.name}-vlmlabel"
+    args = ["evaluate", str(out), "--image-key", case.image_key, "--no-blank"]
+    table = runner.invoke(app, args, terminal_width=200)
+    assert table.exit_code == 0, table.output
+    assert "(no reference)" in table.output and "VOC (Spearman of reward with step index" in table.output
+    payload = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    rows = pq.read_table(sorted((out / "data").rglob("*.parquet"))).to_pandas().sort_values("index")
+    expected = [scipy_voc(group["vlm_reward"].to_numpy(np.float64)) for _, group in rows.groupby("episode_index")]
+    np.testing.assert_allclose([row["voc"] for row in payload["per_episode"]], expected, atol=1e-12)
+    assert payload["voc_mean"] == pytest.approx(np.mean(expected)) and payload["against"] is None
