@@ -9,12 +9,13 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.stats import rankdata as ranks
 from typer.testing import CliRunner
 
 from tests import layouts
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.evaluate import EvaluateRequest, evaluate_file, ranks, spearman
+from vlmlabel.evaluate import EvaluateRequest, evaluate_file, spearman
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.plot import PlotRequest, figure_size, parse_episodes, plot_file
 from vlmlabel.rewards import Normalize, Shaping
@@ -71,13 +72,13 @@ def test_evaluate_matches_direct_numpy(synthetic):
     per_episode = [np.corrcoef(reward[a : a + 50], success[a : a + 50])[0, 1] for a in (0, 100)]
     assert report.per_episode_pearson["mean"] == pytest.approx(np.mean(per_episode), abs=1e-6)
     time_rho = [np.corrcoef(ranks(reward[a : a + 50]), np.arange(50))[0, 1] for a in (0, 100)]
-    assert report.time_spearman_successful["mean"] == pytest.approx(np.mean(time_rho), abs=1e-6)
+    assert report.voc_successful_mean == pytest.approx(np.mean(time_rho), abs=1e-6)
     assert abs(report.shuffled_pearson) < 0.3 < report.pearson  # shuffling across episodes destroys it
 
     dense = evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", against="rewards", blank=False))
     assert not dense.reference_binary and dense.epic_distance is None
     assert dense.pearson == pytest.approx(np.corrcoef(reward, ramp)[0, 1], abs=1e-6)
-    assert dense.time_spearman_successful["episodes"] == 2  # successful episodes found from the success key
+    assert dense.voc_successful_episodes == 2  # successful episodes found from the success key
 
 
 def test_evaluate_cli_json_and_errors(synthetic):

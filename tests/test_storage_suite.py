@@ -265,6 +265,12 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monke
     parsed = json.loads(report.output)
     assert parsed["steps"] == sum(case.transitions) and parsed["episodes"] == len(case.steps)
     assert parsed["against"] == case.reference_key
+    alone = runner.invoke(  # VOC needs no reference: the same figures without --against
+        app, ["evaluate", dest, "--reward-key", "vlm_reward_0", "--image-key", case.image_key, "--no-blank", "--json"]
+    )
+    assert alone.exit_code == 0, alone.output
+    vocs = [row["voc"] for row in json.loads(alone.output)["per_episode"]]
+    assert vocs == [row["voc"] for row in parsed["per_episode"]] and all(v is not None for v in vocs)
     picture = tmp_path / "rewards.png"
     drawn = runner.invoke(
         app, ["plot", dest, "--reward-key", "vlm_reward", "--image-key", case.image_key, "--output", str(picture)]

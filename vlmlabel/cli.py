@@ -792,12 +792,14 @@ def evaluate(
     source: SourceArg,
     reward_key: Annotated[str, typer.Option(help="The written reward to judge.")] = DEFAULT_REWARD_KEY,
     against: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Reference signal: rewards (the environment's), success (success/is_success flags) or any "
-            "per-step dataset name."
+            "per-step dataset name. Default: the environment's rewards where the data holds them, else none "
+            "(VOC and success AUROC need no reference).",
+            show_default=False,
         ),
-    ] = "rewards",
+    ] = None,
     image_key: ImageKeyOpt = None,
     model: Annotated[
         str | None,
@@ -819,9 +821,14 @@ def evaluate(
     split: SplitOpt = "train",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Correlate a written reward with a ground-truth signal (Pearson, Spearman, per episode; EPIC-style
-    distance sqrt((1-r)/2) for binary references as in Rocamonde et al. 2023), plus sanity baselines:
-    frames shuffled across episodes and blank frames."""
+    """Judge a written reward. VOC (value-order correlation: Spearman of the reward with the step index in
+    each episode, as in GVL and TOPReward), mean and median over episodes, and over successful episodes where
+    the data flags success; then success AUROC (final-step and maximum reward separating successful from failed
+    episodes). With a reference (--against, or the environment's rewards): Pearson, Spearman, per episode,
+    and for binary references the EPIC-style distance sqrt((1-r)/2) (Rocamonde et al. 2023). Baselines: frames
+    shuffled across episodes, blank frames. Undefined values (one-step or constant episodes, one class only)
+    print n/a and are left out of means and medians; --json names them voc_mean, voc_median,
+    voc_episodes_undefined, voc_successful_mean, voc_successful_median, success_auroc_final, success_auroc_max."""
     import json
 
     from vlmlabel.evaluate import EvaluateRequest, evaluate_file  # each command's own module loads with it
@@ -842,35 +849,15 @@ def evaluate(
     if as_json:
         stdout.print_json(json.dumps(report.as_json()))
         return
-    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+    compared = f"against {report.against}" if report.against else "(no reference)"
     table = Table(
-        title=f"{reward_key} against {report.against}: {report.steps:,} steps, {report.episodes:,} episodes",
+        title=f"{reward_key} {compared}: {report.steps:,} steps, {report.episodes:,} episodes",
         title_justify="left",
     )
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("Pearson (all steps)", fmt(report.pearson))
-    table.add_row("Spearman (all steps)", fmt(report.spearman))
-    for name, stats in (("Pearson", report.per_episode_pearson), ("Spearman", report.per_episode_spearman)):
-        table.add_row(
-            f"{name} per episode: mean / median ({stats['episodes']} episodes)",
-            f"{fmt(stats['mean'])} / {fmt(stats['median'])}",
-        )
-    if report.epic_distance is not None:
-        table.add_row("EPIC-style distance sqrt((1-r)/2) (binary reference)", fmt(report.epic_distance))
-    if report.time_spearman_successful is not None:
-        stats = report.time_spearman_successful
-        table.add_row(f"Spearman with time, successful episodes ({stats['episodes']})", fmt(stats["mean"]))
-    table.add_row(
-        "baseline: frames shuffled across episodes, Pearson / Spearman",
-        f"{fmt(report.shuffled_pearson)} / {fmt(report.shuffled_spearman)}",
-    )
-    if report.blank_scores is not None:
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in report.blank_scores.items())
-        table.add_row(
-            f"baseline: blank frames ({shown}); steps scoring above the best",
-            f"{100 * (report.above_blank_fraction or 0):.1f}%",
-        )
+    for measure, value in report.rows():
+        table.add_row(measure, value)
     stdout.print(table)
     for note in report.notes:
         stdout.print(f"note: {note}")

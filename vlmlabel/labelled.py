@@ -33,19 +33,22 @@ def numbers(found: Any, key: str, episode: Episode, what: str) -> np.ndarray:
     return values.astype(np.float64).reshape(len(values))
 
 
-def series(source: LabelledData, episodes: list[Episode], key: str, what: str) -> list[np.ndarray] | None:
-    """Per episode (as ``episodes(Align.frame)`` gives them), the numbers of ``key``, all finite; None when an
-    episode lacks it."""
+def series(
+    source: LabelledData, episodes: list[Episode], key: str, what: str, nan_ok: bool = False
+) -> list[np.ndarray] | None:
+    """Per episode (as ``episodes(Align.frame)`` gives them), the numbers of ``key``, all finite (``nan_ok``:
+    NaN allowed, as missing values); None when an episode lacks it."""
     values = []
     for episode in episodes:
         found = source.step_values(episode, key)
         if found is None:
             return None
         found = numbers(found, key, episode, what)
-        bad = int(np.count_nonzero(~np.isfinite(found)))
+        bad = int(np.count_nonzero(np.isinf(found) if nan_ok else ~np.isfinite(found)))
         if bad:
             raise SourceError(
-                f"{what} {key!r} holds {bad} NaN or infinite value(s) in {episode.name}; nothing drawn "
+                f"{what} {key!r} holds {bad} {'infinite' if nan_ok else 'NaN or infinite'} value(s) in "
+                f"{episode.name}; nothing drawn "
                 "or correlated from them would mean anything: relabel, or find what wrote them"
             )
         values.append(found)
