@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from datasets import Dataset, Features, Image, Value
 from typer.testing import CliRunner
 
 from tests.layouts import make_frames
@@ -126,7 +127,9 @@ def flat_with_constant_episode(path: Path) -> Path:
 
 
 def test_a_constant_episode_is_zero_and_the_others_span_zero_to_one(tiny_model_dir, tmp_path):
-    dest = relabel(flat_with_constant_episode(tmp_path / "data.h5"), tiny_model_dir, tmp_path / "out.h5", "--align", "frame")
+    dest = relabel(
+        flat_with_constant_episode(tmp_path / "data.h5"), tiny_model_dir, tmp_path / "out.h5", "--align", "frame"
+    )
     out = tmp_path / "p.parquet"
     result = progress(dest, out, "--column", "progress_dense")
     assert result.exit_code == 0, result.output
@@ -166,6 +169,30 @@ def test_dataset_minmax_and_none(tiny_model_dir, tmp_path):
     np.testing.assert_array_equal(table["progress_sparse"].to_numpy(), scaled_values.astype(np.float32))
 
 
+def table_with_keys(path: Path, episode: list[int], index: list[int]) -> Path:
+    """A parquet file of PNG frames with the given ``episode_index`` and ``index`` columns (frame_index counted)."""
+    frame = [episode[:row].count(e) for row, e in enumerate(episode)]
+    columns = {"image": list(make_frames(len(episode), 16, 20, seed=4)), "episode_index": episode}
+    columns.update(frame_index=frame, index=index)
+    features = Features({"image": Image(), **{k: Value("int64") for k in ("episode_index", "frame_index", "index")}})
+    Dataset.from_dict(columns, features=features).to_parquet(str(path))
+    return path
+
+
+def test_a_table_keeps_its_own_index_and_episode_numbers(tiny_model_dir, tmp_path):
+    source = table_with_keys(tmp_path / "t.parquet", [3] * 3 + [5] * 2 + [7] * 3, list(range(100, 108)))
+    dest = relabel(source, tiny_model_dir, tmp_path / "out.parquet", "--align", "frame")
+    out = tmp_path / "p.parquet"
+    result = progress(dest, out)
+    assert result.exit_code == 0, result.output
+    table, meta = read(out)
+    check_contract(table, meta, "progress_sparse")
+    np.testing.assert_array_equal(table["index"].to_numpy(), np.arange(100, 108))
+    np.testing.assert_array_equal(table["episode_index"].to_numpy(), [3, 3, 3, 5, 5, 7, 7, 7])
+    np.testing.assert_array_equal(table["frame_index"].to_numpy(), [0, 1, 2, 0, 1, 0, 1, 2])
+    assert json.loads(meta[META + "episode_indices"]) == [3, 5, 7]
+
+
 # -- refusals: exit 2, one line, nothing written --------------------------------------------------------------
 
 
@@ -181,9 +208,24 @@ def _parquet_folder(tmp_path: Path, model: Path) -> Path:
     return relabel(BACKENDS["parquet"](tmp_path).source, model, tmp_path / "labelled", "--image-key", "image")
 
 
+def _interleaved(tmp_path: Path, model: Path) -> Path:
+    source = table_with_keys(tmp_path / "t.parquet", [0, 0, 1, 1, 0, 0], list(range(6)))
+    return relabel(source, model, tmp_path / "out.parquet", "--align", "frame")
+
+
+def _index_gap(tmp_path: Path, model: Path) -> Path:
+    source = table_with_keys(tmp_path / "t.parquet", [0, 0, 0, 1, 1], [0, 1, 3, 4, 5])
+    return relabel(source, model, tmp_path / "out.parquet", "--align", "frame")
+
+
 # name: (make the labelled dataset, the --output (relative to tmp_path, {dest} filled in), extra args, words)
 REFUSED = {
-    "unknown reward key": (_zscored, "p.parquet", ["--reward-key", "nope"], ["unknown reward key 'nope'", "vlm_reward"]),
+    "unknown reward key": (
+        _zscored,
+        "p.parquet",
+        ["--reward-key", "nope"],
+        ["unknown reward key 'nope'", "vlm_reward"],
+    ),
     "output named as the labelled HDF5 file": (_zscored, "z.h5", [], ["--output", "must end in .parquet"]),
     "output exists without --overwrite": (_zscored, "old.parquet", [], ["already exists", "--overwrite"]),
     "output not .parquet": (_zscored, "p.csv", [], ["must end in .parquet"]),
@@ -194,6 +236,8 @@ REFUSED = {
         ["--normalize", "none"],
         ["outside [0, 1]", "--normalize episode-minmax"],
     ),
+    "an episode in two runs of rows": (_interleaved, "p.parquet", [], ["episode 0", "not one consecutive run"]),
+    "index not consecutive in an episode": (_index_gap, "p.parquet", [], ["not consecutive within episode 0"]),
     "output inside a parquet dataset folder": (
         _parquet_folder,
         "labelled/progress.parquet",
@@ -219,7 +263,9 @@ def test_refused_in_one_line_and_nothing_written(name, tiny_model_dir, tmp_path)
 
 
 def test_a_parquet_source_file_is_not_replaced(tiny_model_dir, tmp_path):
-    labelled = relabel(BACKENDS["parquet"](tmp_path).source, tiny_model_dir, tmp_path / "labelled", "--image-key", "image")
+    labelled = relabel(
+        BACKENDS["parquet"](tmp_path).source, tiny_model_dir, tmp_path / "labelled", "--image-key", "image"
+    )
     data = sorted(labelled.rglob("*.parquet"))[0]
     single = tmp_path / "single.parquet"
     single.write_bytes(data.read_bytes())

@@ -58,7 +58,11 @@ class ProgressScale(str, enum.Enum):
 
 
 # The frame-signal comparison scope each scaling gives (``global``: raw values compare across everything).
-SCOPES = {ProgressScale.episode_minmax: "episode", ProgressScale.dataset_minmax: "dataset", ProgressScale.none: "global"}
+SCOPES = {
+    ProgressScale.episode_minmax: "episode",
+    ProgressScale.dataset_minmax: "dataset",
+    ProgressScale.none: "global",
+}
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,9 @@ def check_keys(keys: list[EpisodeKeys], episodes: list[Episode]) -> None:
     firsts = np.array([k.index[0] for k in keys])
     lasts = np.array([k.index[-1] for k in keys])
     if np.any(firsts[1:] <= lasts[:-1]):
-        raise SourceError(f"index does not increase with episode_index over {len(episodes)} episodes; {SORT_HINT} first")
+        raise SourceError(
+            f"index does not increase with episode_index over {len(episodes)} episodes; {SORT_HINT} first"
+        )
 
 
 # -- the values ----------------------------------------------------------------------------------------------
@@ -283,7 +289,9 @@ def canonical(value: Any) -> bytes:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:
-        raise VlmlabelError("the reward's provenance holds a NaN or infinite number; relabel to write it again") from None
+        raise VlmlabelError(
+            "the reward's provenance holds a NaN or infinite number; relabel to write it again"
+        ) from None
 
 
 def progress_table(
@@ -311,4 +319,3 @@ def progress_table(
         EPISODES_KEY: canonical([k.episode for k in keys]),
     }
     return table.replace_schema_metadata(metadata)
-
