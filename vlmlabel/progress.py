@@ -194,11 +194,10 @@ def check_keys(keys: list[EpisodeKeys], episodes: list[Episode]) -> None:
     """Refuse keys RABCWeights or the frame-signal contract would misread: an episode in several runs of rows,
     a negative episode_index, an episode whose index is not consecutive (index + chunk_size must be the frame
     chunk_size steps later), a frame_index that does not move with index, an index not increasing over episodes."""
-    ids = [k.episode for k in keys]
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise SourceError(f"the rows of episode {twice[0]} are not one consecutive run; {SORT_HINT} first")
-    if ids and ids[0] < 0:
+    ids, counts = np.unique([k.episode for k in keys], return_counts=True)
+    if np.any(counts > 1):
+        raise SourceError(f"the rows of episode {ids[counts > 1][0]} are not one consecutive run; {SORT_HINT} first")
+    if ids[0] < 0:
         raise SourceError(f"episode_index {ids[0]} is negative; a progress file keys episodes by numbers from 0")
     for k in keys:
         if np.any(np.diff(k.index) != 1):
