@@ -38,6 +38,7 @@ from vlmlabel.events import Events
 from vlmlabel.files.interrupt import stoppable
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL, list_architectures
+from vlmlabel.progress import ProgressHead, ProgressRequest, ProgressScale, write_progress
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
 from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.lifecycle import relabel_file
@@ -861,6 +862,62 @@ def evaluate(
     stdout.print(table)
     for note in report.notes:
         stdout.print(f"note: {note}")
+
+
+@app.command()
+@_exit_on_error
+def progress(
+    source: SourceArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="The progress parquet to write. LeRobot's RA-BC finds DATASET_ROOT/sarm_progress.parquet by "
+            "itself; elsewhere, give it as --sample_weighting.progress_path.",
+            show_default=False,
+        ),
+    ],
+    reward_key: Annotated[str, typer.Option(help="The written reward to turn into progress.")] = DEFAULT_REWARD_KEY,
+    column: Annotated[
+        ProgressHead,
+        typer.Option(
+            help="The progress column: LeRobot reads progress_{head_mode}, head_mode sparse unless "
+            "--sample_weighting.head_mode=dense."
+        ),
+    ] = ProgressHead.sparse,
+    normalize: Annotated[
+        ProgressScale,
+        typer.Option(
+            help="episode-minmax: each episode from 0 (its lowest reward) to 1 (its highest), a constant "
+            "episode 0 throughout; dataset-minmax: one range over all episodes; none: the reward as written, "
+            "which must lie in [0, 1]."
+        ),
+    ] = ProgressScale.episode_minmax,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an --output that already exists.")] = False,
+    image_key: ImageKeyOpt = None,
+    split: SplitOpt = "train",
+) -> None:
+    """Write a written reward as the per-frame progress file LeRobot's reward-aligned behaviour cloning (RA-BC)
+    trains on: columns index, episode_index, frame_index (int64) and the progress (float32, in [0, 1]), with
+    LeRobot's frame-signal metadata. index is the dataset's own where it has index and episode_index (LeRobot),
+    else the running row number, and episode_index the episode's position."""
+    summary = write_progress(
+        ProgressRequest(
+            source=source,
+            output=output,
+            reward_key=reward_key,
+            column=column,
+            scale=normalize,
+            overwrite=overwrite,
+            image_key=image_key,
+            split=split,
+        )
+    )
+    flat = f"; {summary.constant_episodes} with a constant reward" if summary.constant_episodes else ""
+    index = "the dataset's own index" if summary.index_from == "dataset" else "index = running row number"
+    stdout.print(
+        f"wrote {summary.output}: {summary.column} for {summary.frames:,} frames of {summary.episodes:,} "
+        f"episodes ({normalize.value}{flat}; {index})"
+    )
 
 
 @app.command()

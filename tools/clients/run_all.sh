@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run the three client checks against one vlmlabel source.
+# Run the client checks against one vlmlabel source.
 #   tools/clients/run_all.sh                 # the working tree of this repository
 #   tools/clients/run_all.sh --rev a44db9f   # a committed revision (git archive into a temporary folder, read-only)
 #   tools/clients/run_all.sh --src DIR       # any source tree holding vlmlabel/
-#   CHECKS="minari d3rlpy" tools/clients/run_all.sh    # a subset (default: minari d3rlpy lerobot)
+#   CHECKS="minari d3rlpy" tools/clients/run_all.sh    # a subset (default: minari d3rlpy lerobot lerobot_rabc)
 # Results: tools/clients/results/<client>.json (CLIENTS_RESULTS overrides). Exit 1 if any check failed.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,16 +25,16 @@ export VLMLABEL_SRC="$SRC"
 export CLIENTS_RESULTS=${CLIENTS_RESULTS:-$HERE/results}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
-for check in ${CHECKS:-minari d3rlpy lerobot}; do
+for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc}; do
   case "$check" in
-    lerobot) py="$VENVS/lerobot312/bin/python" ;;
+    lerobot|lerobot_rabc) py="$VENVS/lerobot312/bin/python" ;;
     *)       py="$VENVS/clients311/bin/python" ;;
   esac
   echo "===== $check ($py, vlmlabel from $SRC)"
   "$py" "$HERE/check_$check.py" || status=1
 done
 echo "===== summary"
-for check in ${CHECKS:-minari d3rlpy lerobot}; do
+for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc}; do
   python3 - "$CLIENTS_RESULTS/$check.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
