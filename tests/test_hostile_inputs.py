@@ -733,6 +733,13 @@ REFUSED: dict[str, Refused] = {
         ["--output", "{folder}/alias.h5", "--overwrite"],
         ["is SOURCE itself"],
     ),
+    # issue 22: sigmoid
+    "--reward sigmoid with a model that has no logit_bias": Refused(
+        robomimic, ["--reward", "sigmoid"], ["--reward sigmoid", "logit_bias", "SigLIP", "this model has none"]
+    ),
+    "--reward sigmoid with --negative": Refused(
+        robomimic, ["--reward", "sigmoid", "--negative", "the drawer is closed"], ["--negative only applies"]
+    ),
 }
 
 

@@ -323,7 +323,8 @@ def relabel(
         typer.Option(
             help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
             "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
-            "scale | contrastive: x.g - mean x.n.",
+            "scale | contrastive: x.g - mean x.n | sigmoid: sigmoid(s x.g + b) with the model's logit scale s and "
+            "bias b, each goal's match probability (SigLIP/SigLIP2 models, which have a logit bias).",
             rich_help_panel=REWARD_PANEL,
         ),
     ] = RewardMode.cosine,
@@ -365,7 +366,7 @@ def relabel(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="softmax: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
+            help="softmax, sigmoid: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
             show_default=False,
             rich_help_panel=REWARD_PANEL,
         ),

@@ -153,7 +153,7 @@ def blank_scores(
     tag = None if tag is None or tag == "bundled" or str(tag).startswith("hf-hub:") else str(tag)
     resolved = resolve_device(device)
     model = load_model(name, tag, resolved, resolve_precision("auto", resolved))
-    score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
+    score_fn = build_score_fn(config, model.encode_texts, model.logit_scale, model.logit_bias)
     height, width = model.preprocess.size
     levels = torch.tensor(list(BLANK_LEVELS.values()), dtype=torch.uint8).view(-1, 1, 1, 1)
     frames = levels.expand(-1, 3, height, width).contiguous().to(model.device)

@@ -27,7 +27,9 @@ _FORMULAS = {
     RewardMode.projection: rewards.PROJECTION_FORMULA,
     RewardMode.softmax: rewards.SOFTMAX_FORMULA,
     RewardMode.contrastive: rewards.CONTRASTIVE_FORMULA,
+    RewardMode.sigmoid: rewards.SIGMOID_FORMULA,
 }
+_PROBABILITIES = (RewardMode.softmax, RewardMode.sigmoid)  # the formulations a --threshold may cut
 
 # (N, D) unit image embeddings on the model's device -> (N, goals) fp32 scores.
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -78,8 +80,8 @@ class RewardConfig:
         if mode not in (RewardMode.softmax, RewardMode.contrastive) and self.negatives:
             raise VlmlabelError("--negative only applies to --reward softmax or contrastive")
         if self.threshold is not None:
-            if mode is not RewardMode.softmax:
-                raise VlmlabelError("--threshold only applies to --reward softmax (a probability to cut)")
+            if mode not in _PROBABILITIES:
+                raise VlmlabelError("--threshold only applies to --reward softmax or sigmoid (a probability to cut)")
             if not 0.0 <= self.threshold <= 1.0:
                 raise VlmlabelError(f"--threshold must be in [0, 1], not {self.threshold}")
         if not 0.0 <= self.gamma <= 1.0:
@@ -118,8 +120,9 @@ class RewardConfig:
             values = rewards.delta_shaping(values, self.gamma)
         return values
 
-    def attrs(self, goal_index: int, logit_scale: float) -> dict[str, Any]:
-        """What the written dataset records about how its values were made."""
+    def attrs(self, goal_index: int, logit_scale: float, logit_bias: float | None = None) -> dict[str, Any]:
+        """What the written dataset records about how its values were made (``logit_scale`` and ``logit_bias``:
+        the model's, recorded where the formula reads them)."""
         goal = self.goals[goal_index]
         spec: dict[str, Any] = {
             "reward": self.mode.value,
@@ -131,8 +134,10 @@ class RewardConfig:
             spec.update(baselines=self.baselines, alpha=self.alpha)
         if self.mode in (RewardMode.softmax, RewardMode.contrastive):
             spec["negatives"] = self.negatives
-        if self.mode is RewardMode.softmax:
+        if self.mode in _PROBABILITIES:
             spec["logit_scale"] = logit_scale
+            if self.mode is RewardMode.sigmoid:
+                spec["logit_bias"] = logit_bias
             if self.threshold is not None:
                 spec["threshold"] = self.threshold
         spec.update(shaping=self.shaping.value, normalize=self.normalize.value)
@@ -262,10 +267,26 @@ def _short(text: str, limit: int = 48) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def _sigmoid_bias(logit_bias: float | None) -> float:
+    """The model's logit bias, which a sigmoid readout needs: a model trained with the softmax (InfoNCE) loss has
+    none, and its logits are meaningful only against each other."""
+    if logit_bias is None:
+        raise VlmlabelError(
+            "--reward sigmoid needs a model trained with a sigmoid loss, which carries a logit_bias (SigLIP, "
+            "SigLIP2, e.g. ViT-B-16-SigLIP webli); this model has none: use --reward softmax with --negative, "
+            "or cosine"
+        )
+    return logit_bias
+
+
 def build_score_fn(
-    config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor], logit_scale: float
+    config: RewardConfig,
+    encode_texts: Callable[[Sequence[str]], torch.Tensor],
+    logit_scale: float,
+    logit_bias: float | None = None,
 ) -> ScoreFn:
-    """Embed the prompts once and return the formula as a function of image embeddings."""
+    """Embed the prompts once and return the formula as a function of image embeddings (``logit_scale`` and
+    ``logit_bias``: the model's; sigmoid is refused for a model without a bias)."""
     mode = config.mode
     if mode is RewardMode.projection:
         # Rocamonde et al.: g and b are prompt averages, not re-normalised.
@@ -281,6 +302,9 @@ def build_score_fn(
     goals = _ensemble(encode_texts, config, config.goals, renormalize=True)
     if mode is RewardMode.cosine:
         return lambda x: rewards.cosine(x, goals)
+    if mode is RewardMode.sigmoid:
+        bias = _sigmoid_bias(logit_bias)
+        return lambda x: rewards.sigmoid(x, goals, logit_scale, bias)
     negatives = _ensemble(encode_texts, config, config.negatives, renormalize=True)
     if mode is RewardMode.softmax:
         return lambda x: rewards.softmax(x, goals, negatives, logit_scale)

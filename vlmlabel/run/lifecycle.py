@@ -469,6 +469,7 @@ def commit(
     cameras: Cameras,
     key: str,
     dropped: list[str],
+    logit_bias: float | None = None,
 ) -> tuple[Path, list[np.ndarray]]:
     """Combine cameras, post-process, record provenance and write every reward column in one atomic step, which
     also removes ``dropped`` (the rest of the results replaced, ``whole_results``). Every column records ``key``,
@@ -479,7 +480,7 @@ def commit(
     final = config.postprocess(combined)
     columns = []
     for goal_index, name in enumerate(names):
-        attrs = {**config.attrs(goal_index, logit_scale), **common, **cameras.attrs()}
+        attrs = {**config.attrs(goal_index, logit_scale, logit_bias), **common, **cameras.attrs()}
         formula = attrs["formula"].split(" -> ")[0]  # what raw and per-camera scores are
         columns.append(RewardColumn(name, [f[:, goal_index] for f in final], attrs))
         if raw_names:
@@ -491,7 +492,7 @@ def commit(
             scores = cameras.camera(raw, goals, index)
             camera_attrs = {
                 **common,
-                **config.attrs(goal_index, logit_scale),
+                **config.attrs(goal_index, logit_scale, logit_bias),
                 "formula": formula,
                 "image_key": key,
                 "camera_of": name,
@@ -569,7 +570,7 @@ def relabel_file(
             model.compile_image_tower()
         for note in check_prompt_lengths(run.config, model):
             events.note(note)
-        score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale)
+        score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias)
         if not isinstance(match, str):
             return _commit_run(
                 run, model, score_from_cache(run, match, score_fn, model, events), wanted, "using cached embeddings"
@@ -615,6 +616,7 @@ def _score_frames_and_finish(
                     run.cameras.reduce.value,
                     wanted,
                     run.shard.numbering,
+                    model.logit_bias,
                 ),
             )
             summary: Summary = _shard_summary(run, scored.seconds, False)
@@ -666,6 +668,7 @@ def _commit_run(run: OpenRun, model: ClipModel, scored: Scored, wanted: str, cac
         run.cameras,
         run.request.reward_key,
         run.dropped,
+        model.logit_bias,
     )
     _push(run, written)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)

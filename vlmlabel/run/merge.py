@@ -218,6 +218,7 @@ def merge_shards(
                 cameras,
                 reward_key,
                 dropped,
+                meta.logit_bias,
             )
             with deferred():  # the parts are written: removed whole, never half
                 shutil.rmtree(work, ignore_errors=True)
