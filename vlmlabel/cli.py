@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from vlmlabel import __version__
+from vlmlabel import __version__, goal_images
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
@@ -291,14 +291,34 @@ class FramesPerSecond(ProgressColumn):
 def relabel(
     source: SourceArg,
     goal: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--goal",
             "-g",
             help="Goal in words; repeat for several goals (one reward dataset each).",
             show_default=False,
         ),
-    ],
+    ] = None,
+    goal_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--goal-image",
+            help="Goal as an image of the finished task (PNG/JPEG; repeatable, one reward each, after the --goal "
+            "texts): the reward is the cosine between each frame's embedding and the image's (--reward cosine).",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    goal_frame: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--goal-frame",
+            help="Goal image taken from the dataset: EPISODE:STEP (episode name, or position from 0; STEP among "
+            "the frames --align scores, -1 the last), e.g. demo_0:-1. Repeatable; after the --goal-image ones.",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
     image_key: Annotated[
@@ -526,8 +546,11 @@ def relabel(
     from vlmlabel.run.distributed import relabel_torchrun, torchrun_env
 
     dist_env = torchrun_env()
+    images = [goal_images.file_goal(path) for path in goal_image or []]
+    images += [goal_images.frame_goal(spec) for spec in goal_frame or []]
     formulation = RewardConfig(
-        goals=goal,
+        goals=(goal or []) + images,
+        goal_images=images,
         mode=reward,
         templates=goal_template or [],
         baselines=baseline or [],
@@ -540,7 +563,7 @@ def relabel(
     ).validate()
     request = RelabelRequest(
         source=source,
-        goals=goal,
+        goals=formulation.goals,
         model=model,
         pretrained=pretrained,
         image_key=image_key,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmlabel import __version__, cache
+from vlmlabel import __version__, cache, goal_images
 from vlmlabel.decode_workers import resolve_workers
 from vlmlabel.destinations import Destination, RewardColumn, Stamp, atomic, destination_for, family_of, journal
 from vlmlabel.destinations.base import RESULT_ATTR, REWARD_KEY_ATTR, Present, check_names, whole_results
@@ -537,6 +537,7 @@ def relabel_file(
     batch_size = _batch_size(request.batch_size, device)
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(open_run(request, events, nvdec_gpu(request.video_decoder, device)))
+        run.config = goal_images.resolved(run.config, run.sources, run.episodes)  # a goal frame's hash
         # Rewards already there with a result id may be this very run's (a rerun, a requeued job): telling needs
         # the model's description, so only then do the checks that would refuse them wait for the model.
         present = run.destination.written(run.all_names)
@@ -550,8 +551,15 @@ def relabel_file(
         if not (maybe_done or cached):  # frames will be read: the decoding workers' server starts as the model loads
             prepare_workers(run.source, resolve_workers(request.workers))
         _model_loads()
-        # A run that may encode no frame (served by the cache, or already done) loads the text tower only.
-        model = load_model(request.model, request.pretrained, device, precision, image_tower=not (maybe_done or cached))
+        # A run that may encode no frame (served by the cache, or already done) loads the text tower only, unless it
+        # embeds goal images.
+        model = load_model(
+            request.model,
+            request.pretrained,
+            device,
+            precision,
+            image_tower=not (maybe_done or cached) or bool(run.config.goal_images),
+        )
         match: list[cache.CacheMatch] | str = find_caches(run, model) if use_cache else "--no-cache"
         identity = run.identity(model, not isinstance(match, str))
         wanted = result_id(identity, run.fingerprint)
@@ -570,7 +578,8 @@ def relabel_file(
             model.compile_image_tower()
         for note in check_prompt_lengths(run.config, model):
             events.note(note)
-        score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias)
+        goals = goal_images.encoder(run.config, run.source, run.episodes, model)
+        score_fn = build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias, goals)
         if not isinstance(match, str):
             return _commit_run(
                 run, model, score_from_cache(run, match, score_fn, model, events), wanted, "using cached embeddings"
