@@ -44,3 +44,20 @@ def open_clip_image_cosines(model_dir: Path, frames: np.ndarray, goals: list[Ima
 def opened(path: Path) -> Image.Image:
     """The goal image file as an open_clip user opens it."""
     return Image.open(io.BytesIO(path.read_bytes()))
+
+
+def sixteen_bit_gray(path: Path) -> Path:
+    """A 16-bit grayscale PNG: PIL clips it when converting to RGB, so no exact score exists (refused)."""
+    Image.fromarray(make_frames(1, 30, 30, seed=5)[0][..., 0].astype(np.uint16) * 257).save(path, format="PNG")
+    return path
+
+
+def cmyk_jpeg(path: Path) -> Path:
+    """A CMYK JPEG: PIL resizes it in CMYK before converting to RGB (refused)."""
+    Image.fromarray(make_frames(1, 30, 30, seed=6)[0]).convert("CMYK").save(path, format="JPEG")
+    return path
+
+
+def not_an_image(path: Path) -> Path:
+    path.write_text("a photo of the goal, in words\n")
+    return path

@@ -546,6 +546,8 @@ def relabel(
     from vlmlabel.run.distributed import relabel_torchrun, torchrun_env
 
     dist_env = torchrun_env()
+    if not (goal or goal_image or goal_frame):  # the goal given in words or as an image: one of them is needed
+        raise UsageError("Missing option '--goal' / '-g' (or --goal-image, --goal-frame)", get_current_context())
     images = [goal_images.file_goal(path) for path in goal_image or []]
     images += [goal_images.frame_goal(spec) for spec in goal_frame or []]
     formulation = RewardConfig(

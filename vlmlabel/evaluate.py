@@ -240,7 +240,7 @@ def _evaluate(
             for i, (name, r, p, q) in enumerate(zip(names, reward, per_pearson, per_spearman, strict=True))
         ],
     )
-    if request.blank:
+    if request.blank and not written.config.goal_images:  # a goal image's blank scores would need the image
         result.blank_scores = blank_scores(
             written.attrs, written.config, request.model, request.pretrained, request.device
         )

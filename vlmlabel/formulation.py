@@ -361,12 +361,13 @@ def _goal_rows(config: RewardConfig, encode_texts: Encoder, encode_goal_images: 
     if not config.goal_images:
         return _ensemble(encode_texts, config, config.goals, renormalize=True)
     if encode_goal_images is None:
-        raise VlmlabelError("a goal image needs the image itself to be scored; give it with --goal-image FILE")
+        raise VlmlabelError(
+            f"the goal {config.goal_images[0]!r} is an image, which only relabel reads and embeds; "
+            "evaluate a goal-image reward with --no-blank"
+        )
     texts, images = config.text_goals, [g for g in config.goals if config.is_image(g)]
-    embedded = torch.cat(
-        [_ensemble(encode_texts, config, texts, renormalize=True).float()] * bool(texts)
-        + [encode_goal_images(images).float()]
-    )
+    parts = [_ensemble(encode_texts, config, texts, renormalize=True).float()] if texts else []
+    embedded = torch.cat([*parts, encode_goal_images(images).float()])
     order = [*texts, *images]
     return embedded[[order.index(g) for g in config.goals]]
 
