@@ -208,7 +208,7 @@ def test_bad_frames_are_refused_never_rescaled(tiny_rm, frames, words):
     [
         ({"shaping": "delta"}, "whole episodes"),
         ({"normalize": "episode"}, "whole episodes"),
-        ({"reward": "sigmoid"}, "unknown reward"),
+        ({"reward": "hinge"}, "unknown reward"),  # "sigmoid" is a formulation since issue 22
         ({"reward": "softmax"}, "--negative"),
         ({"goals": []}, "no goal"),
         ({"negatives_": ["x"]}, "unknown option"),

@@ -30,6 +30,8 @@ PANELS = {
     ],
     "Reward": [
         "--reward",
+        "--goal-image",
+        "--goal-frame",
         "--goal-template",
         "--baseline",
         "--alpha",

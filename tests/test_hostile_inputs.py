@@ -26,6 +26,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from typer.testing import CliRunner
 
+from tests import goal_image_files as goals
 from tests import hostile_fresh_builders as fresh
 from tests import labels_files, layouts, open_inputs, table_layouts
 from tests.conftest import build_model_dir
@@ -732,6 +733,45 @@ REFUSED: dict[str, Refused] = {
         lambda p: (robomimic(p), fresh.symlink_to(p.parent / "alias.h5", p))[0],
         ["--output", "{folder}/alias.h5", "--overwrite"],
         ["is SOURCE itself"],
+    ),
+    # issue 22: sigmoid
+    "--reward sigmoid with a model that has no logit_bias": Refused(
+        robomimic, ["--reward", "sigmoid"], ["--reward sigmoid", "logit_bias", "SigLIP", "this model has none"]
+    ),
+    "--reward sigmoid with --negative": Refused(
+        robomimic, ["--reward", "sigmoid", "--negative", "the drawer is closed"], ["--negative only applies"]
+    ),
+    # issue 22: goal images
+    "a 16-bit grayscale goal image": Refused(
+        lambda p: (robomimic(p), goals.sixteen_bit_gray(p.parent / "goal.png"))[0],
+        ["--goal-image", "{folder}/goal.png"],
+        ["--goal-image", "goal.png", "16-bit grayscale PNG", "cannot score it exactly"],
+    ),
+    "a CMYK JPEG goal image": Refused(
+        lambda p: (robomimic(p), goals.cmyk_jpeg(p.parent / "goal.jpg"))[0],
+        ["--goal-image", "{folder}/goal.jpg"],
+        ["--goal-image", "goal.jpg", "CMYK JPEG", "save it as RGB first"],
+    ),
+    "a goal image that is no image": Refused(
+        lambda p: (robomimic(p), goals.not_an_image(p.parent / "goal.png"))[0],
+        ["--goal-image", "{folder}/goal.png"],
+        ["--goal-image", "goal.png", "not a decodable JPEG/PNG image"],
+    ),
+    "a missing goal image": Refused(robomimic, ["--goal-image", "{folder}/nope.png"], ["nope.png", "does not exist"]),
+    "--goal-frame without a step": Refused(robomimic, ["--goal-frame", "demo_1"], ["names no frame", "EPISODE:STEP"]),
+    "--goal-frame of no episode": Refused(robomimic, ["--goal-frame", "demo_9:0"], ["no episode 'demo_9'"]),
+    "--goal-frame past the episode's end": Refused(
+        robomimic, ["--goal-frame", "demo_1:99"], ["demo_1 has 7 frames", "STEP must be in -7..6"]
+    ),
+    "--goal-frame with --reward softmax": Refused(
+        robomimic,
+        ["--goal-frame", "demo_1:-1", "--reward", "softmax", "--negative", "an empty table"],
+        ["--reward softmax does not apply to goal images"],
+    ),
+    "--goal-frame with several cameras": Refused(
+        fresh.two_cameras,
+        ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image", "--goal-frame", "0:-1"],
+        ["one camera's view", "one --image-key"],
     ),
 }
 

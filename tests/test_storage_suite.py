@@ -3,11 +3,13 @@
 Cases: rewards equal open_clip's own reference; kill -9 then rerun equals an uninterrupted run bit for
 bit; 3 shards + merge equal a single run (and merge refuses a missing shard); torchrun with 2 CPU ranks
 equals a single run; rerunning a finished job exits 0 and changes nothing; the embedding cache; evaluate
-and plot on the output; and the source byte-identical afterwards, with nothing left beside it.
+and plot on the output; goal images (a file and a frame of the dataset), scored and from the cache; and the
+source byte-identical afterwards, with nothing left beside it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -22,7 +24,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.cluster_files import ROOT, env
+from tests.goal_image_files import open_clip_image_cosines, opened, write_goal_image
 from tests.storage_backends import BACKENDS, Case, tree_digest
+from vlmlabel import goal_images
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
@@ -344,3 +348,31 @@ def _declared(dest: Path) -> object:
     if dest.is_dir():
         found += [pq.read_schema(p).names for p in sorted((dest / "meta" / "episodes").rglob("*.parquet"))]
     return found
+
+
+def test_goal_images_equal_open_clip_and_the_cache_serves_them(case, tiny_model_dir, tmp_path):
+    """A goal image file and a goal frame (episode 1's last frame) beside a text goal: cosines with open_clip's
+    own image embeddings, frames scored or taken from the embedding cache; the source untouched."""
+    before, beside = tree_digest(case.source), neighbours(case)
+    goal_file = write_goal_image(tmp_path / "goal.png")
+    images = [goal_images.file_goal(str(goal_file)), goal_images.frame_goal("1:-1")]
+    config = RewardConfig(goals=[GOALS[0], *images], goal_images=images).validate()
+    request = functools.partial(request_for, case, tiny_model_dir, align=Align.frame, formulation=config)
+    scored = relabel_file(request("goal-frames", use_cache=False))
+    assert isinstance(scored, RelabelSummary)
+    names = ["vlm_reward_1", "vlm_reward_2"]
+    got = np.stack([case.read(scored.written_to, name) for name in names], axis=1)
+    goal_frame = case.frames[int(np.cumsum(case.steps)[1]) - 1]
+    want = open_clip_image_cosines(tiny_model_dir, case.frames, [opened(goal_file), goal_frame])
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert tree_digest(case.source) == before
+    assert neighbours(case) == beside | {scored.written_to.name}
+    embed_file(
+        EmbedRequest(
+            source=case.source, model=str(tiny_model_dir), image_key=case.image_key, device="cpu", batch_size=BATCH
+        )
+    )
+    cached = relabel_file(request("goal-cached"))
+    assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
+    from_cache = np.stack([case.read(cached.written_to, name) for name in names], axis=1)
+    np.testing.assert_allclose(from_cache, got, atol=2e-3)  # float16 embeddings

@@ -39,7 +39,7 @@ class RewardModel:
     >>> rm = RewardModel(model="ViT-B-32", goals=["the pole is upright"])      # doctest: +SKIP
     >>> rm(frames)        # uint8 (N, H, W, 3) -> float32 (N,)                  # doctest: +SKIP
 
-    Several goals give (N, G). ``reward`` picks the formulation (cosine, projection, softmax, contrastive)
+    Several goals give (N, G). ``reward`` picks the formulation (cosine, projection, softmax, contrastive, sigmoid)
     with ``templates``, ``baselines``, ``negatives``, ``alpha`` and ``threshold`` as in ``vlmlabel relabel``.
     """
 
@@ -90,7 +90,7 @@ class RewardModel:
         self.model: ClipModel = load_model(model, pretrained, resolved, resolve_precision(precision, resolved))
         for note in check_prompt_lengths(self.config, self.model):
             warnings.warn(note, stacklevel=2)
-        score_fn = build_score_fn(self.config, self.model.encode_texts, self.model.logit_scale)
+        score_fn = build_score_fn(self.config, self.model.encode_texts, self.model.logit_scale, self.model.logit_bias)
         self._scorer = FrameScorer(self.model, score_fn=score_fn)
 
     @property

@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from vlmlabel import __version__, cache
+from vlmlabel import __version__, cache, goal_images
 from vlmlabel.destinations import destination_path, family_of
 from vlmlabel.device import Precision
 from vlmlabel.errors import Interrupted, SeveralCameras, VlmlabelError
@@ -285,14 +285,34 @@ class FramesPerSecond(ProgressColumn):
 def relabel(
     source: SourceArg,
     goal: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--goal",
             "-g",
             help="Goal in words; repeat for several goals (one reward dataset each).",
             show_default=False,
         ),
-    ],
+    ] = None,
+    goal_image: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--goal-image",
+            help="Goal as an image of the finished task (PNG/JPEG; repeatable, one reward each, after the --goal "
+            "texts): the reward is the cosine between each frame's embedding and the image's (--reward cosine).",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
+    goal_frame: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--goal-frame",
+            help="Goal image taken from the dataset: EPISODE:STEP (episode name, or position from 0; STEP among "
+            "the frames --align scores, -1 the last), e.g. demo_0:-1. Repeatable; after the --goal-image ones.",
+            show_default=False,
+            rich_help_panel=REWARD_PANEL,
+        ),
+    ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
     image_key: Annotated[
@@ -317,7 +337,8 @@ def relabel(
         typer.Option(
             help="cosine: x.g | projection: 1 - 0.5|(x-g)P|^2 towards d = g - b (needs --baseline, --alpha; "
             "Rocamonde et al. 2023) | softmax: p(goal) against --negative prompts with the model's logit "
-            "scale | contrastive: x.g - mean x.n.",
+            "scale | contrastive: x.g - mean x.n | sigmoid: sigmoid(s x.g + b) with the model's logit scale s and "
+            "bias b, each goal's match probability (SigLIP/SigLIP2 models, which have a logit bias).",
             rich_help_panel=REWARD_PANEL,
         ),
     ] = RewardMode.cosine,
@@ -359,7 +380,7 @@ def relabel(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="softmax: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
+            help="softmax, sigmoid: write the binary success reward 1\\[p >= T] (p kept as NAME_raw).",
             show_default=False,
             rich_help_panel=REWARD_PANEL,
         ),
@@ -520,8 +541,13 @@ def relabel(
     from vlmlabel.run.distributed import relabel_torchrun, torchrun_env
 
     dist_env = torchrun_env()
+    if not (goal or goal_image or goal_frame):  # the goal given in words or as an image: one of them is needed
+        raise UsageError("Missing option '--goal' / '-g' (or --goal-image, --goal-frame)", get_current_context())
+    images = [goal_images.file_goal(path) for path in goal_image or []]
+    images += [goal_images.frame_goal(spec) for spec in goal_frame or []]
     formulation = RewardConfig(
-        goals=goal,
+        goals=(goal or []) + images,
+        goal_images=images,
         mode=reward,
         templates=goal_template or [],
         baselines=baseline or [],
@@ -534,7 +560,7 @@ def relabel(
     ).validate()
     request = RelabelRequest(
         source=source,
-        goals=goal,
+        goals=formulation.goals,
         model=model,
         pretrained=pretrained,
         image_key=image_key,

@@ -292,7 +292,7 @@ def blank_scores(
     tag = None if tag is None or tag == "bundled" or str(tag).startswith("hf-hub:") else str(tag)
     resolved = resolve_device(device)
     model = load_model(name, tag, resolved, resolve_precision("auto", resolved))
-    score_fn = build_score_fn(config, model.encode_texts, model.logit_scale)
+    score_fn = build_score_fn(config, model.encode_texts, model.logit_scale, model.logit_bias)
     height, width = model.preprocess.size
     levels = torch.tensor(list(BLANK_LEVELS.values()), dtype=torch.uint8).view(-1, 1, 1, 1)
     frames = levels.expand(-1, 3, height, width).contiguous().to(model.device)
@@ -318,7 +318,7 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
         tried = ", ".join(REFERENCE_KEYS[DEFAULT_REFERENCE])
         result.notes.append(f"no reference ({tried}) in the data: correlations skipped; name one with --against KEY")
     _baselines(result, reward, reward.raw_steps(episodes), reference)
-    if request.blank:
+    if request.blank and not reward.config.goal_images:  # a goal image's blank scores would need the image
         result.blank_scores = blank_scores(
             reward.attrs, reward.config, request.model, request.pretrained, request.device
         )

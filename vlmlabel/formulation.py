@@ -27,10 +27,59 @@ _FORMULAS = {
     RewardMode.projection: rewards.PROJECTION_FORMULA,
     RewardMode.softmax: rewards.SOFTMAX_FORMULA,
     RewardMode.contrastive: rewards.CONTRASTIVE_FORMULA,
+    RewardMode.sigmoid: rewards.SIGMOID_FORMULA,
 }
+_PROBABILITIES = (RewardMode.softmax, RewardMode.sigmoid)  # the formulations a --threshold may cut
 
 # (N, D) unit image embeddings on the model's device -> (N, goals) fp32 scores.
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+# Goal texts -> one unit embedding per goal (texts: through the text tower; goal images: the image tower).
+Encoder = Callable[[Sequence[str]], torch.Tensor]
+
+_SHA = " sha256:"
+
+
+class GoalSource(str, enum.Enum):
+    """Where a goal image comes from: a file (--goal-image) or a frame of the dataset (--goal-frame)."""
+
+    file = "image"
+    frame = "frame"
+
+    @property
+    def attr(self) -> str:
+        """The attribute that records the goal image's origin in a written reward."""
+        return "goal_image" if self is GoalSource.file else "goal_frame"
+
+
+@dataclass(frozen=True)
+class GoalImageRef:
+    """A goal given as an image, as its goal text names it: ``image:FILE sha256:HEX`` (a file, as given) or
+    ``frame:EPISODE:STEP sha256:HEX`` (a frame of the dataset; before the dataset is opened, without its hash).
+
+    The text is what ``RewardConfig.goals`` holds, what the provenance records and what ``result_id`` hashes, so
+    another image (another hash) is another result. ``goal_images`` does the reading; this is only the name."""
+
+    source: GoalSource
+    where: str  # the file as given, or "EPISODE:STEP"
+    sha256: str = ""  # of the file's bytes, or of the frame as stored
+
+    @property
+    def text(self) -> str:
+        return f"{self.source.value}:{self.where}" + (f"{_SHA}{self.sha256}" if self.sha256 else "")
+
+    @classmethod
+    def parse(cls, text: str) -> GoalImageRef:
+        """The inverse of ``text`` (ValueError for a text that names no goal image)."""
+        kind, _, rest = text.partition(":")
+        if not rest:
+            raise ValueError(f"{text!r} names no goal image")
+        where, _, sha = rest.rpartition(_SHA) if _SHA in rest else (rest, "", "")
+        return cls(GoalSource(kind), where, sha)
+
+    def attrs(self) -> dict[str, str]:
+        """What a written reward records of its goal image, beside the goal text: the file as given or the
+        frame (EPISODE:STEP), and the sha256 of its content."""
+        return {self.source.attr: self.where, "goal_image_sha256": self.sha256}
 
 
 @dataclass
@@ -47,12 +96,19 @@ class RewardConfig:
     shaping: Shaping = Shaping.none
     gamma: float = 0.99
     normalize: Normalize = Normalize.none
+    # The goals (texts in ``goals``, see ``GoalImageRef``) that are images: scored by cosine with the frames'
+    # embeddings, never through the text tower. Left out of ``to_json`` when empty, so runs without goal images
+    # keep their result ids.
+    goal_images: list[str] = field(default_factory=list)
 
     def validate(self) -> RewardConfig:
         """Refuse contradictory or incomplete options before any model is loaded."""
         self.goals = [g.strip() for g in self.goals]
         if not self.goals:
-            raise VlmlabelError('no goal given; pass --goal "describe the goal in words"')
+            raise VlmlabelError(
+                'no goal given; pass --goal "describe the goal in words", --goal-image FILE or '
+                "--goal-frame EPISODE:STEP"
+            )
         if any(not g for g in self.goals):
             raise VlmlabelError('--goal is empty; describe the goal in words, e.g. --goal "the drawer is open"')
         for template in self.templates:
@@ -62,6 +118,12 @@ class RewardConfig:
                     'where the goal goes, e.g. "a photo of {}"'
                 )
         mode = self.mode
+        if self.goal_images and mode is not RewardMode.cosine:
+            raise VlmlabelError(
+                f"--reward {mode.value} does not apply to goal images (--goal-image, --goal-frame): it compares "
+                "frames with texts (baselines, negatives) or reads logits calibrated on image-text pairs; a goal "
+                "image is scored by --reward cosine"
+            )
         if mode is RewardMode.projection and not self.baselines:
             raise VlmlabelError(
                 '--reward projection needs --baseline TEXT (what any frame shows, e.g. "a robot arm on a table")'
@@ -78,8 +140,8 @@ class RewardConfig:
         if mode not in (RewardMode.softmax, RewardMode.contrastive) and self.negatives:
             raise VlmlabelError("--negative only applies to --reward softmax or contrastive")
         if self.threshold is not None:
-            if mode is not RewardMode.softmax:
-                raise VlmlabelError("--threshold only applies to --reward softmax (a probability to cut)")
+            if mode not in _PROBABILITIES:
+                raise VlmlabelError("--threshold only applies to --reward softmax or sigmoid (a probability to cut)")
             if not 0.0 <= self.threshold <= 1.0:
                 raise VlmlabelError(f"--threshold must be in [0, 1], not {self.threshold}")
         if not 0.0 <= self.gamma <= 1.0:
@@ -118,21 +180,35 @@ class RewardConfig:
             values = rewards.delta_shaping(values, self.gamma)
         return values
 
-    def attrs(self, goal_index: int, logit_scale: float) -> dict[str, Any]:
-        """What the written dataset records about how its values were made."""
+    def is_image(self, goal: str) -> bool:
+        """Whether ``goal`` (one of ``goals``) is a goal image, not a text."""
+        return goal in self.goal_images
+
+    @property
+    def text_goals(self) -> list[str]:
+        return [g for g in self.goals if not self.is_image(g)]
+
+    def attrs(self, goal_index: int, logit_scale: float, logit_bias: float | None = None) -> dict[str, Any]:
+        """What the written dataset records about how its values were made (``logit_scale`` and ``logit_bias``:
+        the model's, recorded where the formula reads them; a goal image: its file or frame and its sha256)."""
         goal = self.goals[goal_index]
+        image = self.is_image(goal)
         spec: dict[str, Any] = {
             "reward": self.mode.value,
             "goal": goal,
-            "prompts": self.prompts(goal),
-            "templates": self.templates,
+            "prompts": [] if image else self.prompts(goal),
+            "templates": [] if image else self.templates,
         }
+        if image:
+            spec.update(GoalImageRef.parse(goal).attrs())
         if self.mode is RewardMode.projection:
             spec.update(baselines=self.baselines, alpha=self.alpha)
         if self.mode in (RewardMode.softmax, RewardMode.contrastive):
             spec["negatives"] = self.negatives
-        if self.mode is RewardMode.softmax:
+        if self.mode in _PROBABILITIES:
             spec["logit_scale"] = logit_scale
+            if self.mode is RewardMode.sigmoid:
+                spec["logit_bias"] = logit_bias
             if self.threshold is not None:
                 spec["threshold"] = self.threshold
         spec.update(shaping=self.shaping.value, normalize=self.normalize.value)
@@ -152,6 +228,8 @@ class RewardConfig:
     def to_json(self) -> dict[str, Any]:
         """Every field as plain JSON values: the one serialisation of a configuration (fingerprints, shard parts)."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if not self.goal_images:
+            del values["goal_images"]
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
 
     @classmethod
@@ -173,8 +251,10 @@ class RewardConfig:
             spec = json.loads(attrs["reward_spec"])
             if not isinstance(spec, dict):
                 raise TypeError(f"a JSON {type(spec).__name__}, not an object")
+            goal = _typed(spec, "goal", str)
             config = cls(
-                goals=[_typed(spec, "goal", str)],
+                goals=[goal],
+                goal_images=[goal] if "goal_image_sha256" in spec else [],
                 mode=RewardMode(spec["reward"]),
                 templates=_texts(spec, "templates"),
                 baselines=_texts(spec, "baselines"),
@@ -235,7 +315,7 @@ def check_prompt_lengths(config: RewardConfig, model: ClipModel) -> list[str]:
     """Notes for prompts longer than the model's context (the tokenizer cuts them: say what it keeps and drops);
     refuses two goals the cut makes identical, as they would get identical rewards."""
     notes, cut = [], False
-    for role, texts in (("goal", config.goals), ("baseline", config.baselines), ("negative", config.negatives)):
+    for role, texts in (("goal", config.text_goals), ("baseline", config.baselines), ("negative", config.negatives)):
         for text in texts:
             for prompt in config.prompts(text):
                 truncation = model.truncation(prompt)
@@ -244,10 +324,11 @@ def check_prompt_lengths(config: RewardConfig, model: ClipModel) -> list[str]:
                     notes.append(truncation.describe(role if prompt == text else f"{role} prompt"))
     if not cut:
         return notes
-    tokens = [model.tokenizer(config.prompts(goal)) for goal in config.goals]
-    for i, first in enumerate(config.goals):
-        for j in range(i + 1, len(config.goals)):
-            second = config.goals[j]
+    goals = config.text_goals
+    tokens = [model.tokenizer(config.prompts(goal)) for goal in goals]
+    for i, first in enumerate(goals):
+        for j in range(i + 1, len(goals)):
+            second = goals[j]
             if first != second and torch.equal(tokens[i], tokens[j]):
                 raise VlmlabelError(
                     f"goals {i} ({_short(first)}) and {j} ({_short(second)}) are the same once cut "
@@ -262,10 +343,44 @@ def _short(text: str, limit: int = 48) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+def _sigmoid_bias(logit_bias: float | None) -> float:
+    """The model's logit bias, which a sigmoid readout needs: a model trained with the softmax (InfoNCE) loss has
+    none, and its logits are meaningful only against each other."""
+    if logit_bias is None:
+        raise VlmlabelError(
+            "--reward sigmoid needs a model trained with a sigmoid loss, which carries a logit_bias (SigLIP, "
+            "SigLIP2, e.g. ViT-B-16-SigLIP webli); this model has none: use --reward softmax with --negative, "
+            "or cosine"
+        )
+    return logit_bias
+
+
+def _goal_rows(config: RewardConfig, encode_texts: Encoder, encode_goal_images: Encoder | None) -> torch.Tensor:
+    """One unit row per goal, in the order of ``goals``: text goals ensembled over their prompts, goal images
+    embedded by ``encode_goal_images``."""
+    if not config.goal_images:
+        return _ensemble(encode_texts, config, config.goals, renormalize=True)
+    if encode_goal_images is None:
+        raise VlmlabelError(
+            f"the goal {config.goal_images[0]!r} is an image, which only relabel reads and embeds; "
+            "evaluate a goal-image reward with --no-blank"
+        )
+    texts, images = config.text_goals, [g for g in config.goals if config.is_image(g)]
+    parts = [_ensemble(encode_texts, config, texts, renormalize=True).float()] if texts else []
+    embedded = torch.cat([*parts, encode_goal_images(images).float()])
+    order = [*texts, *images]
+    return embedded[[order.index(g) for g in config.goals]]
+
+
 def build_score_fn(
-    config: RewardConfig, encode_texts: Callable[[Sequence[str]], torch.Tensor], logit_scale: float
+    config: RewardConfig,
+    encode_texts: Encoder,
+    logit_scale: float,
+    logit_bias: float | None = None,
+    encode_goal_images: Encoder | None = None,
 ) -> ScoreFn:
-    """Embed the prompts once and return the formula as a function of image embeddings."""
+    """Embed the prompts (and goal images) once and return the formula as a function of image embeddings
+    (``logit_scale`` and ``logit_bias``: the model's; sigmoid is refused for a model without a bias)."""
     mode = config.mode
     if mode is RewardMode.projection:
         # Rocamonde et al.: g and b are prompt averages, not re-normalised.
@@ -278,9 +393,12 @@ def build_score_fn(
                 "direction (d = g - b is zero); choose a baseline that differs from the goal"
             )
         return lambda x: rewards.projection(x, goals, baseline, config.alpha)
-    goals = _ensemble(encode_texts, config, config.goals, renormalize=True)
+    goals = _goal_rows(config, encode_texts, encode_goal_images)
     if mode is RewardMode.cosine:
         return lambda x: rewards.cosine(x, goals)
+    if mode is RewardMode.sigmoid:
+        bias = _sigmoid_bias(logit_bias)
+        return lambda x: rewards.sigmoid(x, goals, logit_scale, bias)
     negatives = _ensemble(encode_texts, config, config.negatives, renormalize=True)
     if mode is RewardMode.softmax:
         return lambda x: rewards.softmax(x, goals, negatives, logit_scale)

@@ -119,6 +119,14 @@ class ClipModel:
     def logit_scale(self) -> float:
         return float(self.module.logit_scale.exp().item())
 
+    @property
+    def logit_bias(self) -> float | None:
+        """The bias a sigmoid-trained model (SigLIP) adds to its logits, as open_clip's ``get_logits`` does;
+        None for models trained with the softmax loss (open_clip sets ``logit_bias`` to None, or has no such
+        attribute)."""
+        bias = getattr(self.module, "logit_bias", None)
+        return None if bias is None else float(bias.item())
+
     def _autocast(self):
         dtype = autocast_dtype(self.precision)
         return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -20,6 +20,7 @@ PROJECTION_FORMULA = (
 )
 SOFTMAX_FORMULA = "softmax(logit_scale * [x.g, x.n_1, ..., x.n_k])_0"
 CONTRASTIVE_FORMULA = "x.g - mean_i x.n_i"
+SIGMOID_FORMULA = "sigmoid(logit_scale * x.g + logit_bias)"
 DELTA_FORMULA = "gamma * phi(o_{t+1}) - phi(o_t), phi(o_T) := phi(o_{T-1}) at the episode's last step"
 
 
@@ -30,6 +31,7 @@ class RewardMode(str, enum.Enum):
     projection = "projection"
     softmax = "softmax"
     contrastive = "contrastive"
+    sigmoid = "sigmoid"
 
 
 class Shaping(str, enum.Enum):
@@ -109,6 +111,13 @@ def contrastive(image_embeddings: torch.Tensor, goals: torch.Tensor, negatives: 
     """x.g minus the mean similarity to the negatives."""
     x = image_embeddings.float()
     return x @ goals.float().T - (x @ negatives.float().T).mean(dim=1, keepdim=True)
+
+
+def sigmoid(image_embeddings: torch.Tensor, goals: torch.Tensor, logit_scale: float, logit_bias: float) -> torch.Tensor:
+    """Each goal's match probability on its own, as a sigmoid-trained model (SigLIP) reads its logits:
+    sigmoid(s x.g + b), the model's own logit scale s and bias b; no negatives compete."""
+    x = image_embeddings.float()
+    return torch.sigmoid(logit_scale * (x @ goals.float().T) + logit_bias)
 
 
 def threshold(probabilities: np.ndarray, level: float) -> np.ndarray:

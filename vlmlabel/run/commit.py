@@ -114,9 +114,12 @@ class CommitPlan:
         self.dropped = whole_results(self.reward_key, self.all_names, self.destination.carried())
         self.destination.check(self.all_names + self.dropped, self.overwrite)
 
-    def write(self, raw: list[np.ndarray], logit_scale: float, common: dict[str, Any]) -> tuple[Path, list[np.ndarray]]:
+    def write(
+        self, raw: list[np.ndarray], logit_scale: float, logit_bias: float | None, common: dict[str, Any]
+    ) -> tuple[Path, list[np.ndarray]]:
         """Combine cameras, post-process, record provenance and write every column in one atomic step, which also
-        removes ``dropped``. Every column records the --reward-key that names the result."""
+        removes ``dropped``. Every column records the --reward-key that names the result (``logit_scale`` and
+        ``logit_bias``: the model's, recorded where the formula reads them)."""
         config, cameras = self.config, self.cameras
         goals = len(config.goals)
         common = {**common, REWARD_KEY_ATTR: self.reward_key}
@@ -124,7 +127,7 @@ class CommitPlan:
         final = config.postprocess(combined)
         columns = []
         for goal_index, name in enumerate(self.names):
-            attrs = {**config.attrs(goal_index, logit_scale), **common, **cameras.attrs()}
+            attrs = {**config.attrs(goal_index, logit_scale, logit_bias), **common, **cameras.attrs()}
             formula = attrs["formula"].split(" -> ")[0]  # what raw and per-camera scores are
             columns.append(RewardColumn(name, [f[:, goal_index] for f in final], attrs))
             if self.raw_names:
@@ -138,7 +141,7 @@ class CommitPlan:
                 scores = cameras.camera(raw, goals, index)
                 camera_attrs = {
                     **common,
-                    **config.attrs(goal_index, logit_scale),
+                    **config.attrs(goal_index, logit_scale, logit_bias),
                     "formula": formula,
                     "image_key": key,
                     "camera_of": name,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vlmlabel import goal_images
 from vlmlabel.device import resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult
 from vlmlabel.errors import VlmlabelError, WorkerLost
@@ -89,7 +90,8 @@ def _finished(run: OpenRun, plan: AlreadyWritten, stack: contextlib.ExitStack, e
 
 
 def _from_cache(run: OpenRun, plan: FromCache, machine: Machine, events: Events) -> RelabelSummary:
-    model, score_fn = _load(run, plan.result.card, machine, events, image_tower=False)
+    # the text tower, and the image tower only to embed goal images (frames come from the cache)
+    model, score_fn = _load(run, plan.result.card, machine, events, image_tower=bool(run.config.goal_images))
     scored = score.score_from_cache(run, plan.matches, score_fn, model, events)
     return _commit_run(run, model, scored, plan.result.result_id, "using cached embeddings")
 
@@ -138,12 +140,15 @@ def _load(
         model.compile_image_tower()
     for note in check_prompt_lengths(run.config, model):
         events.note(note)
-    return model, build_score_fn(run.config, model.encode_texts, model.logit_scale)
+    goals = goal_images.encoder(run.config, run.source, run.episodes, model)
+    return model, build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias, goals)
 
 
 def _commit_run(run: OpenRun, model: ClipModel, scored: score.Scored, wanted: str, cache_note: str) -> RelabelSummary:
     run.close()
-    written, final = run.commit.write(scored.raw, model.logit_scale, score.provenance(run, model, scored, wanted))
+    written, final = run.commit.write(
+        scored.raw, model.logit_scale, model.logit_bias, score.provenance(run, model, scored, wanted)
+    )
     push(written, run.request.push_to_hub, run.source)
     result = RelabelResult(run.episodes, final, sum(e.steps for e in run.episodes), scored.seconds, scored.resumed)
     return RelabelSummary(

@@ -194,7 +194,7 @@ def merge_shards(
             raw = _gather(episodes, results)
             plan.check()
             opened.close()  # read: an HDF5 file nobody holds open takes its rewards in place, without a copy
-            written, final = plan.write(raw, meta.logit_scale, meta.base_attrs)
+            written, final = plan.write(raw, meta.logit_scale, meta.logit_bias, meta.base_attrs)
             with deferred():  # the parts are written: removed whole, never half
                 shutil.rmtree(work, ignore_errors=True)
     return MergeSummary(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmlabel import __version__, cache
+from vlmlabel import __version__, cache, goal_images
 from vlmlabel.destinations import destination_for
 from vlmlabel.destinations.base import check_names
 from vlmlabel.errors import LockedError, VlmlabelError
@@ -156,6 +156,7 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
             content_fingerprint(s, e if request.align is Align.frame else None)
             for s, e in zip(sources, camera_episodes, strict=True)
         ]
+        config = goal_images.resolved(config, sources, camera_episodes[0])  # a goal frame's hash, before the name
         commit = CommitPlan.of(destination, config, cameras, request.reward_key, request.overwrite)
         yield OpenRun(request, config, sources, camera_episodes, commit, work, shard, fingerprints)
 

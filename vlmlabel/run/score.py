@@ -125,6 +125,7 @@ def part_meta(
         run.cameras.reduce.value,
         result,
         run.shard.numbering,
+        model.logit_bias,
     )
 
 

@@ -271,6 +271,7 @@ class PartMeta:
     camera_reduce: str
     result_id: str
     numbering: ArrayNumbering | None = None  # the SLURM job array that made the part, if one did
+    logit_bias: float | None = None  # the model's (a sigmoid-trained one), for --reward sigmoid's record
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
