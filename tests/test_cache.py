@@ -198,17 +198,17 @@ def test_a_relabel_served_by_the_cache_loads_the_text_tower_only(tmp_path, tiny_
 def test_each_plan_loads_the_model_at_most_once(tmp_path, tiny_model_dir, other_model_dir, monkeypatch):
     """The plan is made before any model loads: frames load the whole model once, the cache its text tower once
     (also when rewards of another run are there), a rerun of written rewards loads nothing."""
-    from vlmlabel.run import lifecycle
+    from vlmlabel.run import score
 
     loads: list[bool] = []
-    load = lifecycle.load_model
+    load = score.load_model
 
     def counted(*args, **kwargs):
         model = load(*args, **kwargs)
         loads.append(model.has_image_tower)
         return model
 
-    monkeypatch.setattr(lifecycle, "load_model", counted)
+    monkeypatch.setattr(score, "load_model", counted)
     truth = layouts.build_robomimic(tmp_path / "r.h5")
     embed_file(EmbedRequest(source=truth.path, model=str(tiny_model_dir), device="cpu", batch_size=4))
     loads.clear()  # embed's own load

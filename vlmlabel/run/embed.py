@@ -14,7 +14,6 @@ from pathlib import Path
 from vlmlabel.cache import layout, store
 from vlmlabel.destinations.base import check_folder, check_output_suffix, check_space
 from vlmlabel.destinations.hdf5 import check_output_file, hdf5_suffixes, refuse_if_busy
-from vlmlabel.device import resolve_device, resolve_precision
 from vlmlabel.engine import embed_segments
 from vlmlabel.errors import OutputError, VlmlabelError
 from vlmlabel.events import QUIET, Events
@@ -24,11 +23,10 @@ from vlmlabel.model import DEFAULT_MODEL, ClipModel, load_model
 from vlmlabel.reader.decode_workers import resolve_workers
 from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.run.locking import RunLock
-from vlmlabel.run.setup import model_loads, resolve_batch_size
+from vlmlabel.run.setup import Machine, model_loads
 from vlmlabel.run.shards import dest_lock
 from vlmlabel.sources import open_source
 from vlmlabel.sources.base import VideoDecoder, content_fingerprint
-from vlmlabel.sources.video import nvdec_gpu
 
 
 @dataclass
@@ -65,12 +63,11 @@ def embed_file(
     events: Events = QUIET,
 ) -> EmbedSummary:
     """Store every frame's unit image embedding in the source's cache file (safe write, like rewards)."""
-    device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
-    batch_size = resolve_batch_size(request.batch_size, device)
-    nvdec = nvdec_gpu(request.video_decoder, device)
+    machine = Machine.of(request.device, request.precision, request.batch_size, request.video_decoder)
     with (
-        open_source(str(request.source), request.image_key, request.split, request.revision, nvdec_gpu=nvdec) as source,
+        open_source(
+            str(request.source), request.image_key, request.split, request.revision, nvdec_gpu=machine.nvdec
+        ) as source,
         contextlib.ExitStack() as stack,
     ):
         if source.cache_file is None:
@@ -90,13 +87,13 @@ def embed_file(
         workers = resolve_workers(request.workers)
         prepare_workers(source, workers)  # the decoding workers' server starts while the model loads
         model_loads()
-        model = load_model(request.model, request.pretrained, device, precision)
+        model = load_model(request.model, request.pretrained, machine.device, machine.precision)
         segments = [s for p in plans for s in p.segments]
         total = sum(len(s) for s in segments)
         events.start(total)
         start = time.perf_counter()
         # Embeddings are computed while the copy is written, so memory stays at one batch.
-        blocks = embed_segments(source, model, segments, batch_size, events, workers)
+        blocks = embed_segments(source, model, segments, machine.batch_size, events, workers)
         written, width = store.write(
             source, plans, blocks, model, fingerprint, base, target, stamp, keep_mode=request.output is None
         )

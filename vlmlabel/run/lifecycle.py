@@ -15,19 +15,13 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from vlmlabel import goal_images
-from vlmlabel.device import resolve_device, resolve_precision
 from vlmlabel.engine import FrameScorer, RelabelResult
 from vlmlabel.errors import VlmlabelError, WorkerLost
 from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import deferred, stoppable
-from vlmlabel.formulation import ScoreFn, build_score_fn, check_prompt_lengths
-from vlmlabel.model import ClipModel, ModelCard, load_model
+from vlmlabel.model import ClipModel
 from vlmlabel.run import score
 from vlmlabel.run.checkpoint import Checkpoint, run_numerics
 from vlmlabel.run.commit import push
@@ -42,17 +36,7 @@ from vlmlabel.run.plan import (
     plan_run,
 )
 from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary, Summary
-from vlmlabel.run.setup import model_loads, resolve_batch_size
-from vlmlabel.sources.video import nvdec_gpu
-
-
-@dataclass(frozen=True)
-class Machine:
-    """Where and how the model runs: the device, its precision and the batch size."""
-
-    device: torch.device
-    precision: str
-    batch_size: int
+from vlmlabel.run.setup import Machine, model_loads
 
 
 @stoppable()
@@ -63,12 +47,9 @@ def relabel_file(request: RelabelRequest, events: Events = QUIET) -> Summary:
     lock keeps a second run off it. A run whose identical rewards are already written does nothing.
     SIGINT and SIGTERM stop it in any phase (``files.interrupt``), leaving only the progress saved.
     """
-    device = resolve_device(request.device)
-    machine = Machine(
-        device, resolve_precision(request.precision, device), resolve_batch_size(request.batch_size, device)
-    )
+    machine = Machine.of(request.device, request.precision, request.batch_size, request.video_decoder)
     with contextlib.ExitStack() as stack:
-        run = stack.enter_context(open_run(request, events, nvdec_gpu(request.video_decoder, device)))
+        run = stack.enter_context(open_run(request, events, machine.nvdec))
         plan = plan_run(run, machine.precision, stack, events)
         model_loads()
         match plan:
@@ -91,7 +72,7 @@ def _finished(run: OpenRun, plan: AlreadyWritten, stack: contextlib.ExitStack, e
 
 def _from_cache(run: OpenRun, plan: FromCache, machine: Machine, events: Events) -> RelabelSummary:
     # the text tower, and the image tower only to embed goal images (frames come from the cache)
-    model, score_fn = _load(run, plan.result.card, machine, events, image_tower=bool(run.config.goal_images))
+    model, score_fn = score.load_scorer(run, plan.result.card, machine, events, bool(run.config.goal_images))
     scored = score.score_from_cache(run, plan.matches, score_fn, model, events)
     return _commit_run(run, model, scored, plan.result.result_id, "using cached embeddings")
 
@@ -102,7 +83,7 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
     if run.shard and score.part_done(run, identity, numerics, events):
         return score.shard_summary(run, 0.0, True)
     score.start_workers(run)
-    model, score_fn = _load(run, plan.result.card, machine, events, image_tower=True)
+    model, score_fn = score.load_scorer(run, plan.result.card, machine, events, image_tower=True)
     scorer = FrameScorer(model, run.config.goals, score_fn)
     folders = checkpoint_folders(run)
     checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), events) for folder in folders]
@@ -126,22 +107,6 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
 
 
 # -- the steps' parts ---------------------------------------------------------------------------------
-
-
-def _load(
-    run: OpenRun, card: ModelCard, machine: Machine, events: Events, image_tower: bool
-) -> tuple[ClipModel, ScoreFn]:
-    """The model, loaded once (``image_tower=False``: what encodes texts only), and the run's score function."""
-    request = run.request
-    model = load_model(
-        request.model, request.pretrained, machine.device, machine.precision, image_tower=image_tower, card=card
-    )
-    if request.compile:
-        model.compile_image_tower()
-    for note in check_prompt_lengths(run.config, model):
-        events.note(note)
-    goals = goal_images.encoder(run.config, run.source, run.episodes, model)
-    return model, build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias, goals)
 
 
 def _commit_run(run: OpenRun, model: ClipModel, scored: score.Scored, wanted: str, cache_note: str) -> RelabelSummary:

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from vlmlabel import cache
+from vlmlabel import cache, goal_images
 from vlmlabel.engine import FrameScorer
 from vlmlabel.events import Events
-from vlmlabel.formulation import ScoreFn
-from vlmlabel.model import ClipModel
+from vlmlabel.formulation import ScoreFn, build_score_fn, check_prompt_lengths
+from vlmlabel.model import ClipModel, ModelCard, load_model
 from vlmlabel.reader.decode_workers import resolve_workers
 from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.run import commit
@@ -20,8 +20,25 @@ from vlmlabel.run.checkpoint import Checkpoint, frame_differences
 from vlmlabel.run.plan import OpenRun
 from vlmlabel.run.request import ShardSummary
 from vlmlabel.run.resumable import SpanSettings, grid_span, score_span
+from vlmlabel.run.setup import Machine
 from vlmlabel.run.shards import PartMeta, plan, shard_result, write_result
 from vlmlabel.run.shards import part_meta as read_part_meta
+
+
+def load_scorer(
+    run: OpenRun, card: ModelCard, machine: Machine, events: Events, image_tower: bool
+) -> tuple[ClipModel, ScoreFn]:
+    """The model, loaded once (``image_tower=False``: what encodes texts only), and the run's score function."""
+    request = run.request
+    model = load_model(
+        request.model, request.pretrained, machine.device, machine.precision, image_tower=image_tower, card=card
+    )
+    if request.compile:
+        model.compile_image_tower()
+    for note in check_prompt_lengths(run.config, model):
+        events.note(note)
+    goals = goal_images.encoder(run.config, run.source, run.episodes, model)
+    return model, build_score_fn(run.config, model.encode_texts, model.logit_scale, model.logit_bias, goals)
 
 
 @dataclass
