@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import SourceError
+from vlmlabel.files.provenance import PROVENANCE_KEY
 from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import (
@@ -230,9 +231,6 @@ def episode_runs(
         )
         for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
     ]
-
-
-PROVENANCE_KEY = b"vlmlabel"  # field metadata of a column vlmlabel wrote: how it was made, as JSON
 
 
 def field_provenance(field: pa.Field) -> dict:
