@@ -498,7 +498,7 @@ def open_parquet(path: str, image_key: str | None) -> TableSource:
 
 def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | None) -> TableSource:
     """Download (or reuse the cache of) a Hub dataset's split; never runs dataset scripts."""
-    import datasets
+    import datasets  # only for a Hub id: `datasets` is slow to import, and no local source needs it
 
     try:
         dataset = datasets.load_dataset(repo_id, split=split, revision=revision)
