@@ -357,15 +357,20 @@ def _one_line_errors(name: str, resolved: _Resolved) -> Iterator[None]:
         root.setLevel(previous_level)
 
 
-def _unloaded(oc: Any, resolved: _Resolved) -> torch.nn.Module:
-    """The architecture without weights: on the meta device, or on the CPU where it cannot be built there."""
-    build = functools.partial(
-        oc.create_model,
+def _architecture(oc: Any, resolved: _Resolved, **where: Any) -> torch.nn.Module:
+    """open_clip's model for ``resolved``, built with no weights loaded (``where``: create_model's device)."""
+    return oc.create_model(
         resolved.open_clip_name,
         force_preprocess_cfg=resolved.force_preprocess,
         load_weights=False,
         pretrained_text=False,
+        **where,
     )
+
+
+def _unloaded(oc: Any, resolved: _Resolved) -> torch.nn.Module:
+    """The architecture without weights: on the meta device, or on the CPU where it cannot be built there."""
+    build = functools.partial(_architecture, oc, resolved)
     try:
         with torch.device("meta"):
             return build(device="meta")
@@ -435,12 +440,7 @@ def _text_only(oc: Any, resolved: _Resolved) -> torch.nn.Module | None:
     if checkpoint is None or Path(checkpoint).suffix in (".npz", ".npy"):
         return None  # random weights, or big_vision checkpoints, which open_clip loads tower by tower
     with _text_tower_build(oc):
-        module = oc.create_model(
-            resolved.open_clip_name,
-            force_preprocess_cfg=resolved.force_preprocess,
-            load_weights=False,
-            pretrained_text=False,
-        )
+        module = _architecture(oc, resolved)
     if not isinstance(getattr(module, "visual", None), NoImageTower):
         return None  # an architecture that builds its image tower another way (CoCa)
     missing, unexpected = oc.load_checkpoint(module, checkpoint, strict=False)
