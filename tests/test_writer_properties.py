@@ -24,7 +24,7 @@ from vlmlabel import destinations
 from vlmlabel.destinations import RewardColumn, destination_for
 from vlmlabel.destinations.base import check_names
 from vlmlabel.errors import VlmlabelError
-from vlmlabel.files import atomic, holders, journal, liveness, stamp
+from vlmlabel.files import atomic, holders, interrupt, journal, liveness, stamp
 from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.run.shards import dest_lock, work_dir
 from vlmlabel.sources import Align, open_source
@@ -165,13 +165,16 @@ class Interrupted(BaseException):
 
 
 def _interrupt_at(line: int):
-    """A tracer raising ``Interrupted`` at the ``line``-th line run inside the destination modules."""
-    seen = [0]
+    """A tracer raising ``Interrupted`` at the ``line``-th line run inside the destination modules, as a signal
+    does: one landing inside a file object h5py calls back is held (``interrupt.callback``) and raised at the
+    first line run outside it."""
+    seen, raised = [0], [False]
 
     def local(frame, event, arg):
         if event == "line":
             seen[0] += 1
-            if seen[0] == line:
+            if line and seen[0] >= line and not raised[0] and not interrupt._in_callback(frame):
+                raised[0] = True
                 raise Interrupted
         return local
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import h5py
 
-from vlmlabel.files import journal
+from vlmlabel.files import interrupt, journal
 
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -100,9 +100,11 @@ class WriteThrough(journal.RandomAccessFile):
         self._spill = journal.Overlay(self.path)
 
     def check(self) -> None:
-        """Raise what went wrong under HDF5, if anything did: a full disk as one line saying what to do."""
+        """Raise what went wrong under HDF5, if anything did (a full disk as one line saying what to do), then a
+        signal held while HDF5 called this file (``interrupt.callback``)."""
         failure = self.failure
         if failure is None:
+            interrupt.check()
             return
         if isinstance(failure, OSError) and failure.errno in _NO_ROOM:  # a fault, not bad input: an OSError still
             raise OSError(

@@ -13,6 +13,8 @@ a user sends SIGINT (Ctrl-C). Both take one path:
   ``check``: the phase boundaries, the scoring loop's batch boundaries and the end of the command.
 - ``GracefulStop`` (scoring): the first signal only asks to stop; the loop finishes the batch in flight, saves
   progress and raises. A second signal stops at once.
+- ``callback``: a function C code calls back (h5py's file driver): a signal landing in it (or in what it calls)
+  is held like ``deferred``'s, since no exception can leave such a call intact (see ``callback``).
 - ``killable``: a wait inside C code that no Python handler can cut short (torch.distributed waiting for the
   other ranks), holding nothing to undo: there the signals end the process, as they would without vlmlabel.
 
@@ -30,8 +32,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from types import FrameType, TracebackType
-from typing import Any
+from types import CodeType, FrameType, TracebackType
+from typing import Any, TypeVar
 
 from vlmlabel.errors import Interrupted
 
@@ -41,6 +43,8 @@ _FINISH = "nothing was left half written; run the same command again to finish"
 # signal, so tests can stop it there (see ``pause_at``).
 _PAUSE_ENV = "VLMLABEL_TEST_PAUSE_AT"
 _PAUSE_SECONDS = 60.0
+_CALLBACKS: set[CodeType] = set()  # the code of every function marked with ``callback``
+_Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
 @dataclass
@@ -86,8 +90,8 @@ def _handle(signum: int, frame: FrameType | None) -> None:
     _state.count += 1
     if _state.signum is None:
         _state.signum = signum
-    if _state.held:
-        return  # raised at the next check, once the step is done
+    if _state.held or _in_callback(frame):
+        return  # raised at the next check, once the step (or the C code calling back) is done
     if _state.graceful and _state.count == 1:
         return  # the scoring loop stops at the end of its batch
     if _state.graceful:
@@ -140,6 +144,27 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _state.held -= 1
+
+
+def callback(function: _Function) -> _Function:
+    """Mark ``function`` as one C code calls back (a file object's methods, which h5py's file driver calls from
+    inside HDF5): a signal landing in it, or in anything it calls, is held until the next ``check``.
+
+    An exception raised there cannot reach the caller intact: HDF5 meets an error and goes on calling the file
+    object (truncate, flush) with the exception still pending, and CPython's method lookup then mistakes it for
+    its own failure, drops it and raises ``AttributeError`` instead. Held, the call finishes its work and the
+    signal is raised by the caller's next ``check``, once HDF5 has returned."""
+    _CALLBACKS.add(function.__code__)
+    return function
+
+
+def _in_callback(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (where a signal landed) runs inside a function marked with ``callback``."""
+    while frame is not None:
+        if frame.f_code in _CALLBACKS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

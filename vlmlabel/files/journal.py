@@ -36,11 +36,12 @@ import numpy as np
 
 from vlmlabel.errors import OutputError, SourceError
 from vlmlabel.files import atomic, holders
-from vlmlabel.files.interrupt import deferred, pause_at
+from vlmlabel.files.interrupt import callback, check, deferred, pause_at
 
 PAGE = 512  # bytes per overwritten page kept in memory: HDF5 metadata blocks are small and scattered
 _MAGIC = b"vlmlabel rollback journal 1\n"
 _WAIT_SECONDS = 30.0  # how long a reader waits for a live run's apply (milliseconds long) to finish
+_CALLED_BACK = ("seek", "tell", "flush", "readinto", "write", "truncate")  # what h5py's file driver calls
 
 
 class Busy(Exception):
@@ -49,9 +50,17 @@ class Busy(Exception):
 
 class RandomAccessFile(io.RawIOBase):
     """A read-write file object that h5py (its ``fileobj`` driver) moves about: subclasses read and write at
-    ``_pos`` and say where the file ends (``_end``)."""
+    ``_pos`` and say where the file ends (``_end``). Every method the driver calls, a subclass's own included,
+    is an ``interrupt.callback``: a signal inside it is held until the caller's next ``check``, so that no
+    exception is left pending inside HDF5."""
 
     _pos = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _CALLED_BACK:
+            if name in vars(cls):
+                callback(vars(cls)[name])
 
     def readable(self) -> bool:
         return True
@@ -62,14 +71,17 @@ class RandomAccessFile(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    @callback
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end()}[whence]
         self._pos = base + offset
         return self._pos
 
+    @callback
     def tell(self) -> int:
         return self._pos
 
+    @callback
     def flush(self) -> None:
         pass
 
@@ -150,9 +162,10 @@ class Overlay(RandomAccessFile):
         return OSError(errno.EIO, f"write to memory failed: {exc!r}")
 
     def reraise(self) -> None:
-        """Raise the exception kept from inside a call, if there was one."""
+        """Raise the exception kept from inside a call, if there was one, then a signal held inside one."""
         if self.failure is not None:
             raise copy.copy(self.failure) from None
+        check()
 
     def _original(self, start: int, stop: int) -> bytes:
         """The file's own bytes in [start, stop), zeros where it was cut off or never reached."""
