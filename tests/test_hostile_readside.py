@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 from tests import table_layouts
 from tests.storage_backends import BACKENDS, Case
 from vlmlabel.cli import app
+from vlmlabel.files.provenance import PROVENANCE_KEY
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize
 from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.request import RelabelRequest
-from vlmlabel.sources.tables import PROVENANCE_KEY
 
 runner = CliRunner()
 GOAL = "a red cube on the table"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tests import layouts
 from tests.storage_backends import tree_digest
 from vlmlabel.cli import app
-from vlmlabel.sources.hdf5 import LINKED_ATTR
+from vlmlabel.files.provenance import LINKED_ATTR
 
 runner = CliRunner()
 

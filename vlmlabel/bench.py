@@ -2,7 +2,7 @@
 
 Three paths over the same frames, model, precision and batch size:
   model-only  -- preprocessed tensors already on the device, encode only (the ceiling);
-  end-to-end  -- ``engine.relabel`` from the file to rewards in memory (file reading included);
+  end-to-end  -- ``engine.score_episodes`` from the file to rewards in memory (file reading included);
   naive       -- what a typical script does: open_clip's PIL transform per frame on the CPU,
                  stack, copy float32 to the device, encode under autocast, cosine.
 Model loading is excluded. Each path first runs a short warm-up over the real reading path,
@@ -29,6 +29,9 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.io import encode_jpeg
 
 from vlmlabel import __version__
 from vlmlabel.device import default_batch_size, resolve_device, resolve_precision
@@ -162,8 +165,6 @@ def image_flops(model: ClipModel) -> int:
     Counted with autograd on: in inference nn.MultiheadAttention takes a fused kernel that the
     counter does not know, which would drop the attention projections (a third of ViT-B-32).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     height, width = model.preprocess.size
     pixels = torch.zeros((1, 3, height, width), device=model.device)
     counter = FlopCounterMode(display=False)
@@ -211,8 +212,6 @@ def write_synthetic(path: Path, frames: int, frame_size: tuple[int, int], encodi
 
 
 def _jpeg_blobs(block: np.ndarray) -> np.ndarray:
-    from torchvision.io import encode_jpeg
-
     encoded = encode_jpeg(list(torch.from_numpy(block).permute(0, 3, 1, 2)), quality=90)
     blobs = np.empty(len(encoded), dtype=object)
     blobs[:] = [blob.numpy() for blob in encoded]
@@ -295,8 +294,6 @@ def run_end_to_end(model: ClipModel, source: FrameSource, goal: str, batch_size:
 
 def _pil_images(block: Any, axes: str) -> list:
     """Frames as PIL RGB images, one at a time, as a typical script builds them."""
-    from PIL import Image
-
     if axes == "encoded":
         return [Image.open(io.BytesIO(np.asarray(blob, np.uint8).tobytes())).convert("RGB") for blob in block]
     if axes == "CHW":

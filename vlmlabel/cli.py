@@ -856,8 +856,6 @@ def evaluate(
     shuffled across episodes, blank frames. Undefined values (one-step or constant episodes, one class only)
     print n/a and are left out of means and medians; --json names them voc_mean, voc_median,
     voc_episodes_undefined, voc_successful_mean, voc_successful_median, success_auroc_final, success_auroc_max."""
-    import json
-
     from vlmlabel.evaluate import EvaluateRequest, evaluate_file  # each command's own module loads with it
 
     report = evaluate_file(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vlmlabel.errors import SourceError, VlmlabelError
+from vlmlabel.files.provenance import RAW_KEY_ATTR
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.sources.base import Align, Episode, LabelledData, is_utf8
 
@@ -114,7 +115,7 @@ def read_reward(source: LabelledData, episodes: list[Episode], key: str) -> Writ
     align = _align(attrs, key)
     config = RewardConfig.from_attrs(attrs)
     rows = _whole(source, episodes, key, "reward")
-    raw_key = attrs.get("raw_key")
+    raw_key = attrs.get(RAW_KEY_ATTR)
     raw = None
     if raw_key is not None:
         if not isinstance(raw_key, str) or not raw_key or raw_key == key:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -291,10 +291,7 @@ def load_model(
     card = card or describe_model(name, pretrained, precision, allow_random)
     resolved = card.resolved
     oc = _open_clip()
-    root = logging.getLogger()
-    previous_level = root.level
-    root.setLevel(max(previous_level, logging.ERROR))  # open_clip logs every load step on the root logger
-    try:
+    with _one_line_errors(name, resolved):
         module: Any = None
         if not image_tower:
             try:
@@ -310,13 +307,6 @@ def load_model(
                 load_weights=resolved.weights is not None or resolved.open_clip_name.startswith(LOCAL_DIR),
             )
         tokenizer = oc.get_tokenizer(resolved.open_clip_name)
-    except Exception as exc:  # a user's checkpoint can fail to load in many ways; each is one line for them
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not load model {name!r} with weights {resolved.pretrained_label!r}: {first_line[:300]}"
-        ) from exc
-    finally:
-        root.setLevel(previous_level)
     module.eval().to(device)
     preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
     return ClipModel(
@@ -340,18 +330,8 @@ def describe_model(
     weights), as open_clip sets it on a loaded model."""
     resolved = _resolve(name, pretrained, allow_random)
     oc = _open_clip()
-    root = logging.getLogger()
-    previous_level = root.level
-    root.setLevel(max(previous_level, logging.ERROR))
-    try:
+    with _one_line_errors(name, resolved):
         module = _unloaded(oc, resolved)
-    except Exception as exc:  # as in load_model: one line for the user
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"could not load model {name!r} with weights {resolved.pretrained_label!r}: {first_line[:300]}"
-        ) from exc
-    finally:
-        root.setLevel(previous_level)
     preprocess = PreprocessConfig.from_open_clip(oc.get_model_preprocess_cfg(module))
     identity = dict(resolved.identity)
     if resolved.hashed:
@@ -359,15 +339,38 @@ def describe_model(
     return ModelCard(name, resolved.pretrained_label, precision, preprocess, identity, resolved)
 
 
-def _unloaded(oc: Any, resolved: _Resolved) -> torch.nn.Module:
-    """The architecture without weights: on the meta device, or on the CPU where it cannot be built there."""
-    build = functools.partial(
-        oc.create_model,
+@contextlib.contextmanager
+def _one_line_errors(name: str, resolved: _Resolved) -> Iterator[None]:
+    """Building a model (``load_model``, ``describe_model``): open_clip, which logs every load step on the root
+    logger, held to errors; a failure, which a user's checkpoint can meet in many ways, one line for them."""
+    root = logging.getLogger()
+    previous_level = root.level
+    root.setLevel(max(previous_level, logging.ERROR))
+    try:
+        yield
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"could not load model {name!r} with weights {resolved.pretrained_label!r}: {first_line[:300]}"
+        ) from exc
+    finally:
+        root.setLevel(previous_level)
+
+
+def _architecture(oc: Any, resolved: _Resolved, **where: Any) -> torch.nn.Module:
+    """open_clip's model for ``resolved``, built with no weights loaded (``where``: create_model's device)."""
+    return oc.create_model(
         resolved.open_clip_name,
         force_preprocess_cfg=resolved.force_preprocess,
         load_weights=False,
         pretrained_text=False,
+        **where,
     )
+
+
+def _unloaded(oc: Any, resolved: _Resolved) -> torch.nn.Module:
+    """The architecture without weights: on the meta device, or on the CPU where it cannot be built there."""
+    build = functools.partial(_architecture, oc, resolved)
     try:
         with torch.device("meta"):
             return build(device="meta")
@@ -437,12 +440,7 @@ def _text_only(oc: Any, resolved: _Resolved) -> torch.nn.Module | None:
     if checkpoint is None or Path(checkpoint).suffix in (".npz", ".npy"):
         return None  # random weights, or big_vision checkpoints, which open_clip loads tower by tower
     with _text_tower_build(oc):
-        module = oc.create_model(
-            resolved.open_clip_name,
-            force_preprocess_cfg=resolved.force_preprocess,
-            load_weights=False,
-            pretrained_text=False,
-        )
+        module = _architecture(oc, resolved)
     if not isinstance(getattr(module, "visual", None), NoImageTower):
         return None  # an architecture that builds its image tower another way (CoCa)
     missing, unexpected = oc.load_checkpoint(module, checkpoint, strict=False)

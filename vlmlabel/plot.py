@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from vlmlabel import labelled
 from vlmlabel.errors import VlmlabelError
@@ -72,8 +74,7 @@ def _reward_keys(source: Any, episode: Episode, key: str) -> list[str]:
 def _to_rgb(block: Any, axes: str) -> np.ndarray:
     """One frame as HWC uint8 RGB."""
     if axes == "encoded":
-        import torch
-        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.io import ImageReadMode, decode_image  # torchvision loads for encoded frames only
 
         data = torch.from_numpy(np.frombuffer(np.asarray(block, dtype=np.uint8).tobytes(), dtype=np.uint8).copy())
         return decode_image(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
@@ -98,8 +99,6 @@ def _frame_at(source: Any, episode: Episode, step: int) -> np.ndarray:
 
 def _strip(frames: list[np.ndarray]) -> np.ndarray:
     """Thumbnails of equal height side by side, with a white gap."""
-    from PIL import Image
-
     resized = []
     for frame in frames:
         height, width = frame.shape[:2]
@@ -117,6 +116,8 @@ def plot_file(request: PlotRequest) -> PlotResult:
         raise VlmlabelError(f"--output {request.out} must end in .png, .svg or .pdf")
     if not request.out.resolve().parent.is_dir():
         raise VlmlabelError(f"folder {request.out.resolve().parent} does not exist; create it first")
+    # Here, after the checks: a wrong --output is refused without loading matplotlib (slow), and the
+    # headless backend is chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -28,6 +28,7 @@ from vlmlabel.destinations.base import check_output_suffix
 from vlmlabel.destinations.lerobot import provenance
 from vlmlabel.errors import OutputError, SourceError, VlmlabelError
 from vlmlabel.files import atomic
+from vlmlabel.files.provenance import RESULT_ATTR, REWARD_KEY_ATTR, VERSION_ATTR
 from vlmlabel.rewards import Normalize, constant, normalize
 from vlmlabel.sources import Align, Episode, open_any_camera
 from vlmlabel.sources.base import PARQUET_SUFFIX, LabelledData, show_path
@@ -271,13 +272,13 @@ def _descriptor(request: ProgressRequest) -> dict[str, Any]:
 
 def _provenance(request: ProgressRequest, attrs: dict[str, Any]) -> dict[str, Any]:
     made = provenance(attrs)
-    if "result_id" in attrs:
-        made["result_id"] = str(attrs["result_id"])
+    if RESULT_ATTR in attrs:
+        made[RESULT_ATTR] = str(attrs[RESULT_ATTR])
     return {
         "producer": "vlmlabel",
-        "vlmlabel_version": __version__,
+        VERSION_ATTR: __version__,
         "source": str(request.source),
-        "reward_key": request.reward_key,
+        REWARD_KEY_ATTR: request.reward_key,
         "normalize": request.scale.value,
         "reward": made,
     }

@@ -16,6 +16,7 @@ import numpy as np
 from vlmlabel import __version__
 from vlmlabel.cache.layout import EMBEDDING_ROWS_SUFFIX, identity, location
 from vlmlabel.destinations.hdf5 import H5Dataset, RowStream, refuse_external, write_file
+from vlmlabel.files.provenance import VERSION_ATTR
 from vlmlabel.files.stamp import Stamp
 from vlmlabel.model import ClipModel
 from vlmlabel.sources.base import Align, CachingSource, Segment
@@ -77,7 +78,7 @@ def cache_stream(
             "source_array": item.array,
             "source_rows": source.array_rows(item.array),
             "rows": "all" if item.dense else "indexed",
-            "vlmlabel_version": __version__,
+            VERSION_ATTR: __version__,
             "description": "unit CLIP image embeddings, one row per frame row of source_array",
         }
         embedded.append(H5Dataset(where, np.empty(0), attrs, dtype="float16", chunk_rows=CACHE_CHUNK_ROWS))

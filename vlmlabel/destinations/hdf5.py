@@ -24,12 +24,11 @@ from vlmlabel.errors import OutputError
 from vlmlabel.files import atomic, journal
 from vlmlabel.files.holders import open_by_others, open_for_writing
 from vlmlabel.files.interrupt import pause_at
-from vlmlabel.files.provenance import RESULT_ATTR, VERSION_ATTR
+from vlmlabel.files.provenance import LINKED_ATTR, RESULT_ATTR, VERSION_ATTR
 from vlmlabel.files.stamp import Stamp
 from vlmlabel.sources import stored_digest
 from vlmlabel.sources.base import HDF5_SUFFIXES, Episode, content_fingerprint, reward_path
 from vlmlabel.sources.hdf5 import (
-    LINKED_ATTR,
     HDF5Source,
     LinkedFile,
     all_external_links,

@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 from vlmlabel.destinations.base import Present, RewardColumn, check_folder, check_space, refuse_replacing
 from vlmlabel.errors import OutputError
 from vlmlabel.files import atomic
+from vlmlabel.files.provenance import PROVENANCE_KEY
 from vlmlabel.files.stamp import Stamp
 from vlmlabel.sources.base import PARQUET_SUFFIX, Episode, show_path, utf8_name
-from vlmlabel.sources.tables import PROVENANCE_KEY, RowFiles, TableSource, field_provenance
+from vlmlabel.sources.tables import RowFiles, TableSource, field_provenance
 
 OUTPUT_SUFFIX = "-vlmlabel"
 

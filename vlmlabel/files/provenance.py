@@ -12,3 +12,9 @@ REWARD_KEY_ATTR = "reward_key"
 # Attributes linking a result's raw and per-camera columns to the reward column they belong to.
 RAW_OF_ATTR = "raw_of"
 CAMERA_OF_ATTR = "camera_of"
+# Attribute of a reward column naming the column that keeps its raw scores (--threshold, --shaping).
+RAW_KEY_ATTR = "raw_key"
+# Field metadata key of a table column vlmlabel wrote: its attributes, as JSON.
+PROVENANCE_KEY = b"vlmlabel"
+# Root attribute of a labels file (``--link``): the file it links to and its frames (``LinkedFile``), as JSON.
+LINKED_ATTR = "vlmlabel_linked_file"

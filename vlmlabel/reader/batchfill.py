@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import simplejpeg
 import torch
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from vlmlabel.errors import SourceError
@@ -70,8 +71,6 @@ def frame_mode(data: bytes) -> tuple[str, str]:
         return "PNG", _PNG_MODES.get(colour, f"colour type {colour}")
     if data.startswith(JPEG_MAGIC):
         return "JPEG", _jpeg_mode(data)
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as image:  # other formats: PIL reads the header only
             return str(image.format), image.mode

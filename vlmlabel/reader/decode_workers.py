@@ -86,7 +86,7 @@ def start_server() -> None:
     """Start the fork server now (where there is one): its imports then overlap the model's loading instead
     of delaying the first batch. Idempotent."""
     if "forkserver" in mp.get_all_start_methods():
-        import multiprocessing.forkserver
+        import multiprocessing.forkserver  # only where the platform has a fork server
 
         _context()
         multiprocessing.forkserver.ensure_running()

@@ -1,1 +1,1 @@
-"""Run control: the lifecycle (open -> score -> commit), progress, shards, merge, torchrun, locks and stops."""
+"""Run control: the lifecycle (open -> plan -> score -> commit), progress, shards, merge, torchrun, locks and stops."""

@@ -19,7 +19,14 @@ from vlmlabel import __version__
 from vlmlabel.destinations import Destination, RewardColumn, family_of
 from vlmlabel.destinations.base import Present, whole_results
 from vlmlabel.files.interrupt import check
-from vlmlabel.files.provenance import RESULT_ATTR, REWARD_KEY_ATTR
+from vlmlabel.files.provenance import (
+    CAMERA_OF_ATTR,
+    RAW_KEY_ATTR,
+    RAW_OF_ATTR,
+    RESULT_ATTR,
+    REWARD_KEY_ATTR,
+    VERSION_ATTR,
+)
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.request import output_names
@@ -37,7 +44,7 @@ def base_attrs(
         "rows": "observations" if per_observation else "steps",
         "image_key": image_key,
         "embeddings": "cache" if used_cache else "frames",
-        "vlmlabel_version": __version__,
+        VERSION_ATTR: __version__,
         **model_attrs,
     }
 
@@ -131,11 +138,11 @@ class CommitPlan:
             formula = attrs["formula"].split(" -> ")[0]  # what raw and per-camera scores are
             columns.append(RewardColumn(name, [f[:, goal_index] for f in final], attrs))
             if self.raw_names:
-                raw_attrs = {**attrs, "formula": formula, "raw_of": name}
+                raw_attrs = {**attrs, "formula": formula, RAW_OF_ATTR: name}
                 columns.append(
                     RewardColumn(self.raw_names[goal_index], [r[:, goal_index] for r in combined], raw_attrs)
                 )
-                attrs["raw_key"] = self.raw_names[goal_index]
+                attrs[RAW_KEY_ATTR] = self.raw_names[goal_index]
             per_camera = zip(cameras.keys, cameras.column_names([name]), strict=True) if cameras.several else []
             for index, (key, column) in enumerate(per_camera):
                 scores = cameras.camera(raw, goals, index)
@@ -144,7 +151,7 @@ class CommitPlan:
                     **config.attrs(goal_index, logit_scale, logit_bias),
                     "formula": formula,
                     "image_key": key,
-                    "camera_of": name,
+                    CAMERA_OF_ATTR: name,
                 }
                 columns.append(RewardColumn(column, [s[:, goal_index] for s in scores], camera_attrs))
         return self.destination.write(columns, self.overwrite, self.dropped), final

@@ -94,9 +94,12 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
             summary: Summary = score.shard_summary(run, scored.seconds, False)
         else:
             summary = _commit_run(run, model, scored, wanted, plan.cache_miss.reason)
-    except VlmlabelError as exc:
-        # Bad input or a changed source: what was saved cannot serve a rerun. A lost worker is a fault, like a kill.
-        _discard([c for c in checkpoints if not c.holds_rows] if isinstance(exc, WorkerLost) else checkpoints, run.work)
+    except WorkerLost:
+        _discard([c for c in checkpoints if not c.holds_rows], run.work)  # a fault, like a kill (below)
+        raise
+    except VlmlabelError:
+        # Bad input or a changed source: what was saved cannot serve a rerun.
+        _discard(checkpoints, run.work)
         raise
     except BaseException:
         # Signals, kills, a full disk: saved rows serve the rerun; a sidecar holding none is only junk.

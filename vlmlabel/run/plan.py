@@ -231,24 +231,31 @@ def plan_run(run: OpenRun, precision: str, stack: contextlib.ExitStack, events: 
     checks that would refuse them. Any other plan passes the destination's checks and holds the lock (on
     ``stack``), before the model is described, as it was loaded after them."""
     present = run.commit.present()
-    named = None
+    scoring = None
     if run.commit.results_in(present):
-        named = _name_result(run, precision)
-        if run.commit.held_in(present, {named[0].result_id}):
-            return AlreadyWritten(named[0])
+        scoring = _scoring(run, precision)
+        if run.commit.held_in(present, {scoring.result.result_id}):
+            return AlreadyWritten(scoring.result)
     _checks_and_lock(run, stack, events)
-    result, found = named or _name_result(run, precision)
-    return FromFrames(result, found) if isinstance(found, cache.CacheMiss) else FromCache(result, found)
+    return scoring or _scoring(run, precision)
 
 
-def _name_result(run: OpenRun, precision: str) -> tuple[ResultName, list[cache.CacheMatch] | cache.CacheMiss]:
-    """The result this run makes, and the caches that serve it (or why none does): both from the model's card."""
+def _scoring(run: OpenRun, precision: str) -> FromCache | FromFrames:
+    """The result this run makes, from the caches that serve it or else from frames: both from the model's card."""
     request = run.request
     card = describe_model(request.model, request.pretrained, precision)
     # shards score frames, like every other shard
     found = find_caches(run, card) if request.use_cache and run.shard is None else cache.CacheMiss("--no-cache")
-    identity = run.identity(card, used_cache=not isinstance(found, cache.CacheMiss))
-    return ResultName(card, identity, result_id(identity, run.fingerprint)), found
+    match found:
+        case cache.CacheMiss():
+            return FromFrames(_result(run, card, used_cache=False), found)
+        case _:
+            return FromCache(_result(run, card, used_cache=True), found)
+
+
+def _result(run: OpenRun, card: ModelCard, used_cache: bool) -> ResultName:
+    identity = run.identity(card, used_cache)
+    return ResultName(card, identity, result_id(identity, run.fingerprint))
 
 
 def checkpoint_folders(run: OpenRun) -> list[Path]:

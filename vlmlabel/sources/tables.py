@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmlabel.errors import SourceError
+from vlmlabel.files.provenance import PROVENANCE_KEY
 from vlmlabel.metadata import NULL, JsonObject
 from vlmlabel.sources import arrow_frames
 from vlmlabel.sources.base import (
@@ -230,9 +231,6 @@ def episode_runs(
         )
         for a, b in zip(starts.tolist(), stops.tolist(), strict=True)
     ]
-
-
-PROVENANCE_KEY = b"vlmlabel"  # field metadata of a column vlmlabel wrote: how it was made, as JSON
 
 
 def field_provenance(field: pa.Field) -> dict:
@@ -500,7 +498,7 @@ def open_parquet(path: str, image_key: str | None) -> TableSource:
 
 def open_hub(repo_id: str, image_key: str | None, split: str, revision: str | None) -> TableSource:
     """Download (or reuse the cache of) a Hub dataset's split; never runs dataset scripts."""
-    import datasets
+    import datasets  # only for a Hub id: `datasets` is slow to import, and no local source needs it
 
     try:
         dataset = datasets.load_dataset(repo_id, split=split, revision=revision)

@@ -6,12 +6,11 @@ and read, and the stored-frames digest; ``embeddings``: what the source says of 
 the file. Here: the names the rest of vlmlabel imports.
 """
 
-from vlmlabel.sources.hdf5.links import LINKED_ATTR, LinkedFile, all_external_links, virtual_sources
+from vlmlabel.sources.hdf5.links import LinkedFile, all_external_links, virtual_sources
 from vlmlabel.sources.hdf5.raw import PlainRows, open_read_only, plain_rows, read_rows
 from vlmlabel.sources.hdf5.source import HDF5Source
 
 __all__ = [
-    "LINKED_ATTR",
     "HDF5Source",
     "LinkedFile",
     "PlainRows",

@@ -12,6 +12,7 @@ from pathlib import Path
 import h5py
 
 from vlmlabel.errors import SourceError
+from vlmlabel.files.provenance import LINKED_ATTR
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,6 @@ def refuse_missing_files(handle: h5py.File, paths: list[str], file: Path) -> Non
         for ref in links_on_path(handle, path):
             if not ref.intended(folder).is_file():
                 raise SourceError(ref.missing(file))
-
-
-LINKED_ATTR = "vlmlabel_linked_file"  # on a labels file's root: ``LinkedFile`` as JSON
 
 
 @dataclass(frozen=True)
