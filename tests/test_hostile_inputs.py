@@ -773,6 +773,15 @@ REFUSED: dict[str, Refused] = {
         ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image", "--goal-frame", "0:-1"],
         ["one camera's view", "one --image-key"],
     ),
+    # issue 22 hostile pass
+    "--goal-frame of a superscript digit": Refused(robomimic, ["--goal-frame", "\u00b2:0"], ["no episode '\u00b2'"]),
+    "--goal-frame with a digit separator in STEP": Refused(robomimic, ["--goal-frame", "0:1_0"], ["names no frame"]),
+    "--goal-frame of an episode number a table lacks": Refused(
+        lambda p: fresh.parquet_episodes(p, [3, 3, 5, 5, 7]),
+        ["--goal-frame", "1:-1", "--align", "frame"],
+        ["no episode '1' (by name or number)", "episode 3 (rows 0-1)"],
+        name="data.parquet",
+    ),
 }
 
 
