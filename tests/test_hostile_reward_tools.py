@@ -68,6 +68,10 @@ def test_goal_frame_names_a_tables_episode_by_its_episode_index(tmp_path, tiny_m
     want = open_clip_image_cosines(tiny_model_dir, frames, [frames[4]])[:, 0]  # episode 5's last row
     np.testing.assert_allclose(got, want, atol=2e-3)
     assert got[4] == pytest.approx(1.0, abs=1e-5)
+    again = tmp_path / "again.parquet"  # the episode as the summary names it
+    named = runner.invoke(app, [*args[:3], "episode 5:-1", *args[4:], "--align", "frame", "--output", str(again)])
+    assert named.exit_code == 0, named.output
+    np.testing.assert_array_equal(pq.read_table(again)["vlm_reward"].to_numpy(), got)
 
 
 def test_goal_frame_by_number_finds_demo_10_among_twelve(tmp_path, tiny_model_dir):

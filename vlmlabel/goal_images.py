@@ -112,9 +112,11 @@ def locate(where: str, episodes: Sequence[Episode]) -> Segment:
 
 
 def _episode(text: str, episodes: Sequence[Episode]) -> Episode:
-    """By name (or its last part), else by number: the number the episode's name ends in (demo_5, a table's
-    episode_index 5, Minari's episode_5), or, where episodes have no numbers, the position from 0."""
-    named = [e for e in episodes if e.name == text] or [e for e in episodes if e.name.rsplit("/", 1)[-1] == text]
+    """By name (or its last part; a table's "episode 5"), else by number: the number the episode's name ends
+    in (demo_5, a table's episode_index 5, Minari's episode_5), or, where names hold none, the position from 0."""
+    named = [e for e in episodes if text in (e.name, e.key)] or [
+        e for e in episodes if e.name.rsplit("/", 1)[-1] == text
+    ]
     if len(named) == 1:
         return named[0]
     numbers = [_number(e) for e in episodes]
