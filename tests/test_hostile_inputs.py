@@ -776,6 +776,14 @@ REFUSED: dict[str, Refused] = {
     # issue 22 hostile pass
     "--goal-frame of a superscript digit": Refused(robomimic, ["--goal-frame", "\u00b2:0"], ["no episode '\u00b2'"]),
     "--goal-frame with a digit separator in STEP": Refused(robomimic, ["--goal-frame", "0:1_0"], ["names no frame"]),
+    "a goal image that is a pipe (bash's <(...))": Refused(
+        lambda p: (robomimic(p), os.mkfifo(p.parent / "goal.png"))[0],
+        ["--goal-image", "{folder}/goal.png"],
+        ["--goal-image", "goal.png", "not a regular file", "save the image as a file"],
+    ),
+    "a goal image that never ends": Refused(
+        robomimic, ["--goal-image", "/dev/zero"], ["/dev/zero", "not a regular file"]
+    ),
     "--goal-frame of an episode number a table lacks": Refused(
         lambda p: fresh.parquet_episodes(p, [3, 3, 5, 5, 7]),
         ["--goal-frame", "1:-1", "--align", "frame"],

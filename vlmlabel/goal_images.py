@@ -148,6 +148,11 @@ def _batch(ref: GoalImageRef, source: FrameSource, episodes: Sequence[Episode]) 
 
 
 def _read(path: str) -> bytes:
+    """The file's bytes; only a regular file (a pipe, e.g. bash's <(...), is read once at start and again to embed;
+    /dev/zero never ends)."""
+    if Path(path).exists() and not Path(path).is_file():
+        kind = "a folder" if Path(path).is_dir() else "not a regular file (a pipe or a device?)"
+        raise VlmlabelError(f"--goal-image {path} is {kind}; save the image as a file and give that")
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
