@@ -24,7 +24,9 @@ from tests.cluster_files import ROOT, env
 from tests.goal_image_files import open_clip_image_cosines, opened
 from tests.hostile_fresh_builders import parquet_episodes
 from tests.layouts import make_frames
+from tests.test_evaluate_voc import labelled as labelled_file
 from vlmlabel.cli import app
+from vlmlabel.evaluate import EvaluateRequest, evaluate_file
 
 runner = CliRunner()
 GOAL = "the cup is on the plate"
@@ -209,3 +211,19 @@ def test_progress_refuses_a_nan_reward_and_writes_nothing(labelled, tmp_path):
     line = one_line(progress(labelled, tmp_path / "p.parquet"))
     assert "1 NaN or infinite value(s) in data/demo_1" in line, line
     assert tree(tmp_path) == before
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_takes_no_success_from_a_success_key_that_is_not_zero_or_one(tmp_path):
+    """Found: a ``success`` key of probabilities (0.2, 0.9) was read as flags ``>= 1``: every episode 'failed',
+    and AUROC was reported undefined as if none had succeeded. Such a key flags nothing now, said in a note."""
+    rewards = [np.array([0.1, 0.2, 0.3]), np.array([0.3, 0.2, 0.1, 0.0])]
+    path = labelled_file(tmp_path / "p.h5", rewards, success=[np.full(3, 0.9), np.full(4, 0.2)])
+    found = evaluate_file(EvaluateRequest(source=path, reward_key="vlm_reward", blank=False))
+    assert found.successful_episodes is None and found.success_auroc_final is None
+    assert any("no success flag (a 0/1 success key" in note for note in found.notes), found.notes
+    assert found.voc_mean == pytest.approx(0.0)  # VOC still reported: +1 and -1
+    flags = labelled_file(tmp_path / "f.h5", rewards, success=[np.array([0, 0, 1.0]), np.zeros(4)])
+    assert evaluate_file(EvaluateRequest(source=flags, reward_key="vlm_reward", blank=False)).successful_episodes == 1
