@@ -92,6 +92,18 @@ def test_goal_frame_by_number_finds_demo_10_among_twelve(tmp_path, tiny_model_di
         assert f["data/demo_10/vlm_reward"].attrs["goal_frame"] == "10:0"
 
 
+def test_a_goal_images_formula_names_the_image_not_a_text(tmp_path, tiny_model_dir):
+    """Found: a goal image's column recorded the text formula 'cos(CLIP_image(o), CLIP_text(goal))'."""
+    lf = layouts.build_robomimic(tmp_path / "data.h5")
+    args = ["relabel", str(lf.path), "--goal", GOAL, "--goal-frame", "demo_1:-1", "--normalize", "episode"]
+    result = runner.invoke(app, [*args, "--model", str(tiny_model_dir), "--device", "cpu", "-q"], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    with h5py.File(lf.path) as f:
+        text, image = (dict(f[lf.reward_paths[0].replace("vlm_reward", f"vlm_reward_{i}")].attrs) for i in (0, 1))
+    assert text["formula"] == "cos(CLIP_image(o), CLIP_text(goal)) -> normalize(episode)"
+    assert image["formula"] == "cos(CLIP_image(o), CLIP_image(goal image)) -> normalize(episode)"
+
+
 def test_an_exif_rotated_goal_jpeg_is_scored_as_open_clip_opens_it(tmp_path, tiny_model_dir):
     """An EXIF orientation tag (a phone photo): open_clip's PIL pipeline ignores it (no exif_transpose), and so
     does vlmlabel: the cosines equal open_clip's own, not those of the rotated picture."""
