@@ -755,7 +755,7 @@ REFUSED: dict[str, Refused] = {
     "a goal image that is no image": Refused(
         lambda p: (robomimic(p), goals.not_an_image(p.parent / "goal.png"))[0],
         ["--goal-image", "{folder}/goal.png"],
-        ["--goal-image", "goal.png", "not a decodable JPEG/PNG image"],
+        ["--goal-image", "goal.png", "not a decodable JPEG/PNG image", "save the goal image as a PNG or JPEG again"],
     ),
     "a missing goal image": Refused(robomimic, ["--goal-image", "{folder}/nope.png"], ["nope.png", "does not exist"]),
     "--goal-frame without a step": Refused(robomimic, ["--goal-frame", "demo_1"], ["names no frame", "EPISODE:STEP"]),

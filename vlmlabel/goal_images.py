@@ -165,7 +165,8 @@ def _decoded(data: bytes, path: str) -> torch.Tensor:
     """The RGB (3, H, W) uint8 goal image, decoded as frames are; refused in one line as an inexact frame is."""
     where = f"--goal-image {path}"
     alpha = check_frame(data, 0, where)
-    return decode_frame(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), where, alpha)
+    blob = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+    return decode_frame(blob, where, alpha, fix="save the goal image as a PNG or JPEG again")
 
 
 def _stored(source: FrameSource, segment: Segment) -> bytes:
