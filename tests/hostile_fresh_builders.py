@@ -115,6 +115,15 @@ def parquet_no_rows(path: Path) -> Path:
     return path
 
 
+def parquet_episodes(path: Path, episode: list[int]) -> Path:
+    """A parquet file of PNG frames, one row per entry of ``episode`` (its episode_index; frame_index counted)."""
+    frame = [episode[:row].count(e) for row, e in enumerate(episode)]
+    features = Features({"image": Image(), "episode_index": Value("int64"), "frame_index": Value("int64")})
+    columns = {"image": list(make_frames(len(episode), 16, 20, seed=4)), "episode_index": episode, "frame_index": frame}
+    Dataset.from_dict(columns, features=features).to_parquet(str(path))
+    return path
+
+
 def symlink_to(path: Path, target: Path) -> Path:
     path.symlink_to(target)
     return path

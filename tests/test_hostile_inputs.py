@@ -755,7 +755,7 @@ REFUSED: dict[str, Refused] = {
     "a goal image that is no image": Refused(
         lambda p: (robomimic(p), goals.not_an_image(p.parent / "goal.png"))[0],
         ["--goal-image", "{folder}/goal.png"],
-        ["--goal-image", "goal.png", "not a decodable JPEG/PNG image"],
+        ["--goal-image", "goal.png", "not a decodable JPEG/PNG image", "save the goal image as a PNG or JPEG again"],
     ),
     "a missing goal image": Refused(robomimic, ["--goal-image", "{folder}/nope.png"], ["nope.png", "does not exist"]),
     "--goal-frame without a step": Refused(robomimic, ["--goal-frame", "demo_1"], ["names no frame", "EPISODE:STEP"]),
@@ -772,6 +772,23 @@ REFUSED: dict[str, Refused] = {
         fresh.two_cameras,
         ["--image-key", "obs/agentview_image", "--image-key", "obs/wrist_image", "--goal-frame", "0:-1"],
         ["one camera's view", "one --image-key"],
+    ),
+    # issue 22 hostile pass
+    "--goal-frame of a superscript digit": Refused(robomimic, ["--goal-frame", "\u00b2:0"], ["no episode '\u00b2'"]),
+    "--goal-frame with a digit separator in STEP": Refused(robomimic, ["--goal-frame", "0:1_0"], ["names no frame"]),
+    "a goal image that is a pipe (bash's <(...))": Refused(
+        lambda p: (robomimic(p), os.mkfifo(p.parent / "goal.png"))[0],
+        ["--goal-image", "{folder}/goal.png"],
+        ["--goal-image", "goal.png", "not a regular file", "save the image as a file"],
+    ),
+    "a goal image that never ends": Refused(
+        robomimic, ["--goal-image", "/dev/zero"], ["/dev/zero", "not a regular file"]
+    ),
+    "--goal-frame of an episode number a table lacks": Refused(
+        lambda p: fresh.parquet_episodes(p, [3, 3, 5, 5, 7]),
+        ["--goal-frame", "1:-1", "--align", "frame"],
+        ["no episode '1' (by name or number)", "episode 3 (rows 0-1)"],
+        name="data.parquet",
     ),
 }
 

@@ -16,10 +16,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
-from tests import layouts
+from tests import layouts, tiny_siglip
 from tests.cluster_files import make_dataset, read_attrs, read_rewards
 from tests.tiny_siglip import LOGIT_BIAS, LOGIT_SCALE, build_siglip_dir
 from vlmlabel import rewards
@@ -44,22 +43,7 @@ def siglip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def open_clip_sigmoid(siglip_dir):
-    """open_clip's own computation, one frame at a time: PIL transform, ``model(image, text)``, sigmoid."""
-    import open_clip
-
-    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{siglip_dir}")
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{siglip_dir}")
-
-    def probabilities(frames: np.ndarray, goals: list[str]) -> np.ndarray:
-        rows = []
-        with torch.no_grad():
-            for frame in frames:
-                image, text, scale, bias = model(transform(Image.fromarray(frame)).unsqueeze(0), tokenizer(goals))
-                rows.append(torch.sigmoid(scale * image @ text.T + bias)[0].numpy())
-        return np.stack(rows)
-
-    return probabilities
+    return tiny_siglip.open_clip_sigmoid(siglip_dir)
 
 
 def _relabel(source: Path, model_dir: Path, *extra: str):

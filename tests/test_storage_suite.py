@@ -3,8 +3,9 @@
 Cases: rewards equal open_clip's own reference; kill -9 then rerun equals an uninterrupted run bit for
 bit; 3 shards + merge equal a single run (and merge refuses a missing shard); torchrun with 2 CPU ranks
 equals a single run; rerunning a finished job exits 0 and changes nothing; the embedding cache; evaluate
-and plot on the output; goal images (a file and a frame of the dataset), scored and from the cache; and the
-source byte-identical afterwards, with nothing left beside it.
+and plot on the output; goal images (a file and a frame of the dataset), scored and from the cache; --reward
+sigmoid with a tiny SigLIP-shaped model, scored, through 2 shards + merge and from the cache; and the source
+byte-identical afterwards, with nothing left beside it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from typer.testing import CliRunner
 from tests.cluster_files import ROOT, env
 from tests.goal_image_files import open_clip_image_cosines, opened, write_goal_image
 from tests.storage_backends import BACKENDS, Case, tree_digest
+from tests.tiny_siglip import build_siglip_dir, open_clip_sigmoid
 from vlmlabel import goal_images
 from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.rewards import Normalize
+from vlmlabel.rewards import Normalize, RewardMode
 from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
@@ -376,3 +378,32 @@ def test_goal_images_equal_open_clip_and_the_cache_serves_them(case, tiny_model_
     assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
     from_cache = np.stack([case.read(cached.written_to, name) for name in names], axis=1)
     np.testing.assert_allclose(from_cache, got, atol=2e-3)  # float16 embeddings
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    return build_siglip_dir(tmp_path_factory.mktemp("models") / "tiny-siglip")
+
+
+def test_sigmoid_equals_open_clip_through_shards_and_the_cache(case, siglip_dir):
+    """--reward sigmoid: open_clip's own sigmoid(model(image, text) logits) per frame; 2 shards + merge equal the
+    single run bit for bit; the embedding cache serves it; the source untouched, nothing left beside it."""
+    before, beside = tree_digest(case.source), neighbours(case)
+    model = f"local-dir:{siglip_dir}"
+    config = RewardConfig(goals=GOALS, mode=RewardMode.sigmoid).validate()
+    request = functools.partial(request_for, case, model, align=Align.frame, formulation=config)
+    single = relabel_file(request("sigmoid", use_cache=False))
+    assert isinstance(single, RelabelSummary)
+    got = read_all(case, single.written_to)
+    np.testing.assert_allclose(got, open_clip_sigmoid(siglip_dir)(case.frames, GOALS), atol=2e-3)
+    dest = case.output("sigmoid-sharded")
+    for index in range(2):
+        relabel_file(request("sigmoid-sharded", use_cache=False, shard=ShardSpec(index, 2)))
+    merge_shards(case.source, "vlm_reward", dest, image_key=case.image_key)
+    np.testing.assert_array_equal(read_all(case, dest), got)
+    assert tree_digest(case.source) == before
+    assert neighbours(case) == beside | {single.written_to.name, dest.name}
+    embed_file(EmbedRequest(source=case.source, model=model, image_key=case.image_key, device="cpu", batch_size=BATCH))
+    cached = relabel_file(request("sigmoid-cached"))
+    assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
+    np.testing.assert_allclose(read_all(case, cached.written_to), got, atol=2e-3)  # float16 embeddings

@@ -9,9 +9,12 @@ sentences and saved with ``transformers``' ``PreTrainedTokenizerFast``, so nothi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from tests.conftest import TINY_PREPROCESS
 from vlmlabel.model import save_local_dir
@@ -70,3 +73,22 @@ def build_siglip_dir(folder: Path, seed: int = 0) -> Path:
         module.logit_scale.fill_(LOGIT_SCALE)
     save_local_dir(module, {**cfg, "custom_text": True}, TINY_PREPROCESS, folder)
     return folder
+
+
+def open_clip_sigmoid(model_dir: Path) -> Callable[[np.ndarray, list[str]], np.ndarray]:
+    """open_clip's own computation, one frame at a time: PIL transform, ``model(image, text)``, sigmoid."""
+    import open_clip
+
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{model_dir}")
+
+    def probabilities(frames: np.ndarray, goals: list[str]) -> np.ndarray:
+        rows = []
+        with torch.no_grad():
+            for frame in frames:
+                image, text, scale, bias = model(transform(Image.fromarray(frame)).unsqueeze(0), tokenizer(goals))
+                rows.append(torch.sigmoid(scale * image @ text.T + bias)[0].numpy())
+        return np.stack(rows)
+
+    return probabilities

@@ -307,8 +307,9 @@ def relabel(
         list[str] | None,
         typer.Option(
             "--goal-frame",
-            help="Goal image taken from the dataset: EPISODE:STEP (episode name, or position from 0; STEP among "
-            "the frames --align scores, -1 the last), e.g. demo_0:-1. Repeatable; after the --goal-image ones.",
+            help="Goal image taken from the dataset: EPISODE:STEP (episode name, or number: demo_5, episode_index 5; "
+            "STEP among the frames --align scores, -1 the last), e.g. demo_0:-1. Repeatable; after the --goal-image "
+            "ones.",
             show_default=False,
             rich_help_panel=REWARD_PANEL,
         ),

@@ -274,10 +274,12 @@ def _reference(source: LabelledData, episodes: list[Episode], against: str | Non
 
 
 def _success_flags(source: LabelledData, episodes: list[Episode], reference: Reference | None) -> list[np.ndarray]:
-    """Per-step success flags: a binary reference itself, else the first success key the data holds; [] if none."""
+    """Per-step success flags: a binary reference itself, else the first binary success key the data holds; [] if
+    none (a success key of other values, e.g. a classifier's probabilities, flags nothing: it is left out)."""
     if reference is not None and _is_binary(np.concatenate(reference.values)):
         return reference.values
-    return next((v for k in SUCCESS_KEYS if (v := _per_episode(source, episodes, k, "success"))), [])
+    found = (_per_episode(source, episodes, k, "success") for k in SUCCESS_KEYS)
+    return next((v for v in found if v and _is_binary(np.concatenate(v))), [])
 
 
 def blank_scores(
@@ -352,7 +354,7 @@ def _judge(key: str, names: list[str], reward: list[np.ndarray], successful: lis
         )
     if successful is None:
         result.notes.append(
-            "no success flag (a success key or a binary --against): VOC on successful episodes and success "
+            "no success flag (a 0/1 success key or a binary --against): VOC on successful episodes and success "
             "AUROC skipped"
         )
     else:

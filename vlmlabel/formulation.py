@@ -221,7 +221,7 @@ class RewardConfig:
             steps.append(f"normalize({self.normalize.value})")
         if self.shaping is Shaping.delta:
             steps.append(f"delta shaping: {rewards.DELTA_FORMULA} with gamma={self.gamma}")
-        formula = _FORMULAS[self.mode] + "".join(f" -> {s}" for s in steps)
+        formula = (rewards.GOAL_IMAGE_FORMULA if image else _FORMULAS[self.mode]) + "".join(f" -> {s}" for s in steps)
         flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in spec.items()}
         return {**flat, "formula": formula, "reward_spec": json.dumps(spec)}
 

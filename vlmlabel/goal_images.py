@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from vlmlabel.reader.buffers import Batch
 from vlmlabel.reader.readahead import iter_batches
 from vlmlabel.sources.base import Episode, FrameSource, Segment
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBERED = re.compile(r"(?:[A-Za-z]+[ _])?([0-9]+)")  # an episode's number in its name: 5, demo_5, episode 5
 _FRAME_HELP = "give EPISODE:STEP, e.g. demo_0:-1 (STEP -1: the episode's last frame)"
 
 
@@ -43,10 +46,7 @@ def file_goal(path: str) -> str:
 def frame_goal(spec: str) -> str:
     """The goal text of ``--goal-frame spec`` before the dataset is opened (its hash comes with ``resolve``)."""
     episode, colon, step = spec.strip().rpartition(":")
-    try:
-        number = int(step)
-    except ValueError:
-        number = None
+    number = int(step) if _INTEGER.fullmatch(step) else None  # ASCII digits only: int() also takes "1_0", "١"
     if not colon or not episode or number is None:
         raise VlmlabelError(f"--goal-frame {spec!r} names no frame; {_FRAME_HELP}")
     return GoalImageRef(GoalSource.frame, f"{episode}:{number}").text
@@ -93,7 +93,7 @@ def encoder(config: RewardConfig, source: FrameSource, episodes: Sequence[Episod
 
 def locate(where: str, episodes: Sequence[Episode]) -> Segment:
     """The one-row segment of EPISODE:STEP: EPISODE an episode's name (an HDF5 group's path, or its last part),
-    else its position (from 0); STEP within the frames the run scores (negative: from the end, -1 the last)."""
+    else its number (``_episode``); STEP within the frames the run scores (negative: from the end, -1 the last)."""
     episode_text, _, step_text = where.rpartition(":")
     episode = _episode(episode_text, episodes)
     step = int(step_text)
@@ -112,15 +112,28 @@ def locate(where: str, episodes: Sequence[Episode]) -> Segment:
 
 
 def _episode(text: str, episodes: Sequence[Episode]) -> Episode:
-    named = [e for e in episodes if e.name == text] or [e for e in episodes if e.name.rsplit("/", 1)[-1] == text]
+    """By name (or its last part; a table's "episode 5"), else by number: the number the episode's name ends
+    in (demo_5, a table's episode_index 5, Minari's episode_5), or, where names hold none, the position from 0."""
+    named = [e for e in episodes if text in (e.name, e.key)] or [
+        e for e in episodes if e.name.rsplit("/", 1)[-1] == text
+    ]
     if len(named) == 1:
         return named[0]
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(episodes):
-        return episodes[int(text)]
+    numbers = [_number(e) for e in episodes]
+    numbered = any(n is not None for n in numbers)
+    if re.fullmatch("[0-9]+", text):
+        by_number = [e for e, n in zip(episodes, numbers, strict=True) if n == int(text)]
+        named = by_number if numbered else list(episodes[int(text) : int(text) + 1])
+    if len(named) == 1:
+        return named[0]
+    by = "by name or number" if numbered else f"by name, or by position 0..{len(episodes) - 1}"
     first = ", ".join(e.name for e in episodes[:3])
-    raise VlmlabelError(
-        f"--goal-frame: no episode {text!r} (by name, or by position 0..{len(episodes) - 1}); the first are {first}"
-    )
+    raise VlmlabelError(f"--goal-frame: no episode {text!r} ({by}); the first are {first}")
+
+
+def _number(episode: Episode) -> int | None:
+    found = _NUMBERED.fullmatch(episode.key.rsplit("/", 1)[-1])
+    return int(found[1]) if found else None
 
 
 def _batch(ref: GoalImageRef, source: FrameSource, episodes: Sequence[Episode]) -> Batch:
@@ -135,6 +148,11 @@ def _batch(ref: GoalImageRef, source: FrameSource, episodes: Sequence[Episode]) 
 
 
 def _read(path: str) -> bytes:
+    """The file's bytes; only a regular file (a pipe, e.g. bash's <(...), is read once at start and again to embed;
+    /dev/zero never ends)."""
+    if Path(path).exists() and not Path(path).is_file():
+        kind = "a folder" if Path(path).is_dir() else "not a regular file (a pipe or a device?)"
+        raise VlmlabelError(f"--goal-image {path} is {kind}; save the image as a file and give that")
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
@@ -147,7 +165,8 @@ def _decoded(data: bytes, path: str) -> torch.Tensor:
     """The RGB (3, H, W) uint8 goal image, decoded as frames are; refused in one line as an inexact frame is."""
     where = f"--goal-image {path}"
     alpha = check_frame(data, 0, where)
-    return decode_frame(torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()), where, alpha)
+    blob = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+    return decode_frame(blob, where, alpha, fix="save the goal image as a PNG or JPEG again")
 
 
 def _stored(source: FrameSource, segment: Segment) -> bytes:

@@ -123,9 +123,10 @@ def write_progress(request: ProgressRequest) -> ProgressSummary:
 
 def _checked_output(request: ProgressRequest) -> Path:
     output = request.output
-    check_output_suffix(output, (PARQUET_SUFFIX,), "a progress parquet")
-    if not output.absolute().parent.is_dir():
-        raise OutputError(f"folder {show_path(output.absolute().parent)} does not exist; create it first")
+    check_output_suffix(output, (PARQUET_SUFFIX,), "progress parquet")
+    folder = atomic.real_target(output).parent  # a symbolic link is written through: where it points
+    if not folder.is_dir():
+        raise OutputError(f"folder {show_path(folder)} does not exist; create it first")
     if output.exists() and not request.overwrite:
         raise OutputError(f"output {show_path(output)} already exists; choose another --output or pass --overwrite")
     return output

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 COSINE_FORMULA = "cos(CLIP_image(o), CLIP_text(goal))"
+GOAL_IMAGE_FORMULA = "cos(CLIP_image(o), CLIP_image(goal image))"  # --goal-image, --goal-frame
 PROJECTION_FORMULA = (
     "1 - 0.5 * |(x - g) P|^2, P = alpha d d^T / |d|^2 + (1 - alpha) I, d = g - b "
     "(Rocamonde et al. 2023, goal-baseline regularisation)"

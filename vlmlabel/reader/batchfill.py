@@ -122,16 +122,19 @@ def check_frame(data: bytes, row: int, array: str) -> str | None:
     )
 
 
-def decode_frame(blob: torch.Tensor, frame_name: str, transparent: str | None = None) -> torch.Tensor:
+def decode_frame(
+    blob: torch.Tensor, frame_name: str, transparent: str | None = None, fix: str = "choose another --image-key"
+) -> torch.Tensor:
     """One RGB uint8 (3, H, W) frame decoded on the CPU; ``frame_name`` says which in messages ("frame 3 of
     obs/image"). ``transparent`` (from ``check_frame``) marks a frame with an alpha channel: it is refused where
-    transparent, as PIL would resize it in premultiplied alpha, and dropped where opaque."""
+    transparent, as PIL would resize it in premultiplied alpha, and dropped where opaque. ``fix``: what else to
+    do with an undecodable one."""
     try:
         frame = decode_image(blob, mode=ImageReadMode.RGB if transparent is None else ImageReadMode.RGB_ALPHA)
     except RuntimeError as exc:
         reason = _decoder_reason(str(exc))
         raise SourceError(
-            f"{frame_name} is not a decodable JPEG/PNG image ({reason}); check the file or choose another --image-key"
+            f"{frame_name} is not a decodable JPEG/PNG image ({reason}); check the file or {fix}"
         ) from None
     if frame.dtype != torch.uint8:  # 16-bit PNG: PIL keeps the high byte of each sample
         frame = (frame.to(torch.int32) >> 8).to(torch.uint8)
