@@ -100,16 +100,26 @@ def _signal_at(method: str, call: int, line: int):
     return tracer, calls
 
 
+# A new file is only written: h5py never reads it back through the file object (``readinto``).
+CALLED = {how: tuple(m for m in CALLED_BACK if (how, m) != ("new", "readinto")) for how in WRITES}
+
+
+def test_each_write_calls_back_the_methods_the_signal_cases_cover(tmp_path):
+    """The cases below are made from CALLED: a write that calls another method (an h5py upgrade) fails here."""
+    for how, write in WRITES.items():
+        folder = tmp_path / how
+        folder.mkdir()
+        called = _lines(write, make_dataset(folder / "data.h5", (5, 4)), folder / "out.h5")
+        assert tuple(m for m in CALLED_BACK if called.get(m)) == CALLED[how], how
+
+
 @pytest.mark.parametrize("line", ["first line", "last line"])
-@pytest.mark.parametrize("method", CALLED_BACK)
-@pytest.mark.parametrize("how", sorted(WRITES))
+@pytest.mark.parametrize(("how", "method"), [(how, m) for how in sorted(WRITES) for m in CALLED[how]])
 def test_a_signal_inside_a_file_callback_stops_the_write_cleanly(how, method, line, tmp_path):
     write = WRITES[how]
     rehearsal = tmp_path / "rehearsal"
     rehearsal.mkdir()
-    calls = _lines(write, make_dataset(rehearsal / "data.h5", (5, 4)), rehearsal / "out.h5").get(method, [])
-    if not calls:
-        pytest.skip(f"this write never calls {method}")
+    calls = _lines(write, make_dataset(rehearsal / "data.h5", (5, 4)), rehearsal / "out.h5")[method]
     for call, lines in enumerate(calls, 1):
         folder = tmp_path / f"call {call}"
         folder.mkdir()
