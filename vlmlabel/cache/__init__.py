@@ -51,12 +51,6 @@ def first_stored(source: CachingSource, episodes: list[Episode]) -> Stored | Non
         return file.stored(location(source, episodes[0].frames[0].array))
 
 
-def stored(source: CachingSource, episodes: list[Episode]) -> bool:
-    """Whether a cache (made by any model) is stored for the first frame array ``episodes`` read: a cheap sign
-    that ``find`` may serve the run, so the model is loaded for texts only (and whole if ``find`` says no)."""
-    return first_stored(source, episodes) is not None
-
-
 def find(source: CachingSource, episodes: list[Episode], model: Described, fingerprint: str) -> CacheMatch | CacheMiss:
     """The caches covering every frame ``episodes`` read, or a sentence saying why they cannot be used."""
     if source.cache_file is None:
