@@ -69,6 +69,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("models") / "tiny-clip", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """``tiny_vlm(family) -> Path``: a tiny random VLM of that family (tools/synthetic/tiny_vlm.FAMILIES),
+    seed 0, built once per session. transformers is the optional ``vlm`` extra: tests without it are skipped."""
+    pytest.importorskip("transformers")
+    from tools.synthetic.tiny_vlm import build_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlms")
+    built: dict[str, Path] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_vlm(family, root / family, seed=0)
+        return built[family]
+
+    return folder
+
+
 @pytest.fixture()
 def frames() -> np.ndarray:
     return layouts.make_frames(24, 40, 48, seed=1)
