@@ -153,7 +153,15 @@ def _sizes(overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(DEFAULT_SIZES)
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(DEFAULT_SIZES)}")
-    return {**DEFAULT_SIZES, **overrides}
+    s = {**DEFAULT_SIZES, **overrides}
+    # A frame is a whole number of 2 x 2 merged patches; attention heads split the widths evenly, and the
+    # rotary head size is even and splits into three mrope sections.
+    if s["image_size"] % (2 * s["patch_size"]):
+        raise ValueError(f"image_size {s['image_size']} is not a multiple of 2 * patch_size ({2 * s['patch_size']})")
+    for width, heads in (("hidden_size", "heads"), ("vision_hidden_size", "vision_heads")):
+        if s[width] % (4 * s[heads]):
+            raise ValueError(f"{width} {s[width]} is not a multiple of 4 * {heads} ({4 * s[heads]})")
+    return s
 
 
 # --- Qwen2-VL / Qwen3-VL ---------------------------------------------------------------------------------
