@@ -37,7 +37,7 @@ def _messages(goal: str, n_images: int = 0, video: bool = False) -> list[dict]:
 def _video_kwargs(videos: list[np.ndarray], fps: float = 10.0) -> dict:
     """Frames already chosen by the caller: their metadata (fps, indices), so the processor does not resample."""
     meta = [{"total_num_frames": len(v), "fps": fps, "frames_indices": list(range(len(v)))} for v in videos]
-    return {"videos": videos, "video_metadata": meta}
+    return {"videos": videos, "video_metadata": meta, "do_sample_frames": False}
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,20 @@ def test_video_of_one_frame(loaded):
 
 GOALS = ("the red ball", "the red ball is on the green square near the robot arm")
 FRAME_COUNTS = {"qwen2_vl": (2, 6), "qwen3_vl": (2, 6), "idefics3": (1, 3)}  # video frames or images
+
+
+def test_qwen3_vl_resamples_video_unless_told_not_to(loaded):
+    """Qwen3-VL's processor keeps transformers' default of resampling a clip to 2 fps (at least 4 frames): 8
+    frames at 10 fps become 4 (2 temporal patches), with timestamps; do_sample_frames=False keeps all 8."""
+    processor, _ = loaded("qwen3_vl")
+    text = processor.apply_chat_template(_messages("g", video=True), add_generation_prompt=True, tokenize=False)
+    frames = [_frames(8, seed=0)]
+    kwargs = _video_kwargs(frames)
+    kept = processor(text=[text], **kwargs, return_tensors="pt")
+    del kwargs["do_sample_frames"]
+    resampled = processor(text=[text], **kwargs, return_tensors="pt")
+    assert (kept["video_grid_thw"][0, 0].item(), resampled["video_grid_thw"][0, 0].item()) == (4, 2)
+    assert "seconds>" in processor.tokenizer.decode(kept["input_ids"][0])
 
 
 def _batch(processor, family: str, padding_side: str = "left"):

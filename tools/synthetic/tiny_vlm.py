@@ -12,9 +12,11 @@ Invariants:
   splits ``MULTI_TOKEN_WORD`` (" Truthfully") into several, so refusals of multi-token answers can be tested;
 - images are small (32 px by default), so a forward pass takes milliseconds on one CPU thread.
 
-Families (``FAMILIES``): ``qwen2_vl`` and ``qwen3_vl`` take images and video (a video needs an even number
-of frames after the processor's temporal patching: see ``video_inputs``); ``idefics3`` (the architecture of
-SmolVLM) takes images only, with image splitting off.
+Families (``FAMILIES``): ``qwen2_vl`` and ``qwen3_vl`` take images and video; ``idefics3`` (the architecture
+and processor of SmolVLM v1) takes images only, with image splitting off. Video, as transformers 5.25 does it:
+frames are merged in pairs (temporal patch 2; an odd count is padded by repeating the last frame), Qwen3-VL
+refuses a one-frame video, writes "<t seconds>" timestamps from the metadata's fps and frame indices, and
+resamples a clip to 2 fps unless ``do_sample_frames=False`` is passed (as in the real checkpoints).
 
     python -m tools.synthetic.tiny_vlm --family qwen2_vl --out /tmp/tiny-qwen2-vl
 """
@@ -262,8 +264,9 @@ def _qwen_processors(family: str, s: dict[str, Any]) -> tuple[Any, Any]:
     }
     image = Qwen2VLImageProcessor(**common)
     video_class = Qwen2VLVideoProcessor if family == "qwen2_vl" else Qwen3VLVideoProcessor
-    # Frames are given already chosen: the processor must not resample them (min_frames 1 keeps short clips).
-    video = video_class(**common, do_sample_frames=False, min_frames=1)
+    # Frame sampling keeps transformers' defaults, as real checkpoints do: Qwen3-VL resamples a clip to 2 fps
+    # (do_sample_frames=True) unless the caller passes do_sample_frames=False; Qwen2-VL does not resample.
+    video = video_class(**common)
     return image, video
 
 
