@@ -19,6 +19,7 @@ PANELS = {
     "Model": [
         "--model",
         "--pretrained",
+        "--scorer",
         "--image-key",
         "--camera-reduce",
         "--device",
@@ -47,6 +48,15 @@ PANELS = {
     "Output": ["--reward-key", "--output", "--overwrite", "--link", "--push-to-hub", "--quiet"],
     "Hugging Face": ["--split", "--revision", "--streaming"],
     "Cluster": ["--restart", "--checkpoint-every", "--num-shards", "--shard-index"],
+    "VLM judge (--scorer vlm)": [
+        "--prompt",
+        "--answer",
+        "--versus",
+        "--answer-values",
+        "--context",
+        "--context-frames",
+        "--anchors",
+    ],
 }
 
 

@@ -39,6 +39,7 @@ from vlmlabel.files.interrupt import stoppable
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.model import DEFAULT_MODEL, list_architectures
 from vlmlabel.progress import ProgressHead, ProgressRequest, ProgressScale, write_progress
+from vlmlabel.queries import DEFAULT_ANSWER, DEFAULT_CONTEXT, DEFAULT_CONTEXT_FRAMES, Context, JudgeSpec
 from vlmlabel.rewards import CameraReduce, Normalize, RewardMode, Shaping
 from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.lifecycle import relabel_file
@@ -46,6 +47,7 @@ from vlmlabel.run.merge import MergeSummary, merge_shards
 from vlmlabel.run.request import DEFAULT_REWARD_KEY, FinishedSummary, RelabelRequest, RelabelSummary, ShardSummary
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import SlurmArrayTask, shard_from_options
+from vlmlabel.scorers.registry import DEFAULT_SCORER, SCORERS, scorer_for
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import VideoDecoder, describe_frames, is_utf8
 
@@ -106,6 +108,7 @@ T = TypeVar("T")
 
 # Help panels of relabel's options (and of the same options elsewhere).
 MODEL_PANEL, REWARD_PANEL, OUTPUT_PANEL = "Model", "Reward", "Output"
+JUDGE_PANEL = "VLM judge (--scorer vlm)"
 HUB_PANEL, CLUSTER_PANEL = "Hugging Face", "Cluster"
 
 # Shared option definitions.
@@ -132,6 +135,27 @@ PretrainedOpt = Annotated[
         help="open_clip pretrained tag (default laion2b_s34b_b79k for ViT-B-32, else the model's first tag) "
         "or a local checkpoint file (.safetensors, .bin, .pt).",
         show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+RelabelModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="clip: open_clip architecture (e.g. ViT-B-32, the default), hf-hub:ORG/REPO, local-dir:PATH or a folder "
+        "with open_clip_config.json + weights. vlm: a transformers image-text-to-text model folder, or its Hub id "
+        "read from the local cache (needed).",
+        show_default=False,
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+ScorerOpt = Annotated[
+    str,
+    typer.Option(
+        "--scorer",
+        help=f"One of {', '.join(SCORERS)}. clip: cosine of CLIP embeddings (--reward formulations, the "
+        "embedding cache). vlm: a generative VLM judges each step from its --context frames, and its answer's "
+        "probability is the reward (needs pip install 'vlmlabel[vlm]').",
         rich_help_panel=MODEL_PANEL,
     ),
 ]
@@ -280,6 +304,16 @@ class FramesPerSecond(ProgressColumn):
         return Text(f"{speed:,.0f} frames/s" if speed else "-- frames/s", style="progress.data.speed")
 
 
+def _anchors(text: str) -> int | None:
+    """--anchors: 'all' (None) or a whole number."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise VlmlabelError(f"--anchors must be 'all' or a whole number of steps per episode, not {text!r}") from None
+
+
 @app.command()
 @_exit_on_error
 def relabel(
@@ -314,8 +348,63 @@ def relabel(
             rich_help_panel=REWARD_PANEL,
         ),
     ] = None,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: RelabelModelOpt = None,
     pretrained: PretrainedOpt = None,
+    scorer: ScorerOpt = DEFAULT_SCORER,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="vlm: the question, with {goal} where the goal goes (default: the readout's own prompt, see README).",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    answer: Annotated[
+        str | None,
+        typer.Option(
+            help=f"vlm: the one-token answer whose log-probability at the next token is the raw score (default "
+            f"{DEFAULT_ANSWER!r}; TOPReward).",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    versus: Annotated[
+        str | None,
+        typer.Option(
+            help="vlm: with --answer A, the raw score is P(A) / (P(A) + P(VERSUS)), e.g. --answer True --versus False.",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    answer_values: Annotated[
+        str | None,
+        typer.Option(
+            help='vlm: one-token answers and their values, e.g. "1=0,2=0.25,3=0.5,4=0.75,5=1": the raw score is the '
+            "expected value over their renormalised probabilities (RoboReward-style scores).",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    context: Annotated[
+        Context,
+        typer.Option(
+            help="vlm: what a query shows: the scored frame; a window of the --context-frames frames ending at it; or "
+            "a prefix: --context-frames frames spaced evenly from the episode's first frame to it (TOPReward).",
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = DEFAULT_CONTEXT,
+    context_frames: Annotated[
+        int,
+        typer.Option(help="vlm: frames per query for --context window or prefix.", rich_help_panel=JUDGE_PANEL),
+    ] = DEFAULT_CONTEXT_FRAMES,
+    anchors: Annotated[
+        str,
+        typer.Option(
+            help="vlm: 'all' queries every step; N queries N steps evenly spaced in each episode (the first and the "
+            "last included) and interpolates linearly between them.",
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = "all",
     image_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -406,14 +495,15 @@ def relabel(
         ),
     ] = Normalize.none,
     use_cache: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--cache/--no-cache",
             help="Use embeddings stored by `vlmlabel embed` when they match the model, "
-            "weights, preprocessing and image key.",
+            "weights, preprocessing and image key (clip, the default there; vlm has no embeddings).",
+            show_default=False,
             rich_help_panel=REWARD_PANEL,
         ),
-    ] = True,
+    ] = None,
     reward_key: Annotated[
         str,
         typer.Option(
@@ -546,6 +636,7 @@ def relabel(
         raise UsageError("Missing option '--goal' / '-g' (or --goal-image, --goal-frame)", get_current_context())
     images = [goal_images.file_goal(path) for path in goal_image or []]
     images += [goal_images.frame_goal(spec) for spec in goal_frame or []]
+    judge = JudgeSpec(prompt, answer, versus, answer_values, context, context_frames, _anchors(anchors))
     formulation = RewardConfig(
         goals=(goal or []) + images,
         goal_images=images,
@@ -558,11 +649,13 @@ def relabel(
         shaping=shaping,
         gamma=gamma,
         normalize=normalize,
+        judge=judge if judge != JudgeSpec() else None,  # the vlm scorer's defaults when None
     ).validate()
     request = RelabelRequest(
         source=source,
         goals=formulation.goals,
-        model=model,
+        model=scorer_for(scorer).default_model(model),
+        scorer=scorer,
         pretrained=pretrained,
         image_key=image_key,
         camera_reduce=camera_reduce,

@@ -8,7 +8,7 @@ host between batches. JPEG frames are decoded on the GPU when there is one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,7 +106,7 @@ def compute_rows(
     compute: Callable[[Batch], torch.Tensor],
     events: Events = QUIET,
     workers: int = 0,
-) -> Iterator[np.ndarray]:
+) -> Generator[np.ndarray, None, None]:
     """The one loop: every frame of ``episodes`` in order through ``compute``, one block of rows per batch;
     ``workers`` decoding processes (0: a reader thread in this process).
 
@@ -123,20 +123,20 @@ def compute_rows(
                 pause_at("score")
             queued = compute(batch)
             if pending is not None:
-                yield _finite(pending.cpu().numpy(), position - len(pending))
+                yield finite_rows(pending.cpu().numpy(), position - len(pending))
                 events.progress(len(pending))
             pending = queued
             position += batch.size
     finally:
         batches.close()  # stops the reader thread or the workers, also when the caller stops early
     if pending is not None:
-        yield _finite(pending.cpu().numpy(), position - len(pending))
+        yield finite_rows(pending.cpu().numpy(), position - len(pending))
         events.progress(len(pending))
     if position != total:
         raise SourceError(f"read {position} frames but the episodes have {total} steps; the file is inconsistent")
 
 
-def _finite(rows: np.ndarray, first: int) -> np.ndarray:
+def finite_rows(rows: np.ndarray, first: int) -> np.ndarray:
     """``rows`` (the model's output for the frames from ``first`` of this pass on), refused when any is NaN or
     infinite: nothing made of them means anything, so the run stops at the first such batch, not after the last."""
     bad = int(np.count_nonzero(~np.isfinite(rows)))

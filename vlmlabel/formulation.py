@@ -17,6 +17,7 @@ import torch
 
 from vlmlabel import rewards
 from vlmlabel.errors import VlmlabelError
+from vlmlabel.queries import JudgeSpec
 from vlmlabel.rewards import Normalize, RewardMode, Shaping
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 Encoder = Callable[[Sequence[str]], torch.Tensor]
 
 _SHA = " sha256:"
+JUDGED = "vlm"  # a judged reward's "reward" in its record, where CLIP's name their formula
 
 
 class GoalSource(str, enum.Enum):
@@ -100,17 +102,13 @@ class RewardConfig:
     # embeddings, never through the text tower. Left out of ``to_json`` when empty, so runs without goal images
     # keep their result ids.
     goal_images: list[str] = field(default_factory=list)
+    # A generative VLM judges the steps (``--scorer vlm``): the query and its readout replace the formula. Left
+    # out of ``to_json`` when None, so CLIP runs keep their result ids.
+    judge: JudgeSpec | None = None
 
     def validate(self) -> RewardConfig:
         """Refuse contradictory or incomplete options before any model is loaded."""
-        self.goals = [g.strip() for g in self.goals]
-        if not self.goals:
-            raise VlmlabelError(
-                'no goal given; pass --goal "describe the goal in words", --goal-image FILE or '
-                "--goal-frame EPISODE:STEP"
-            )
-        if any(not g for g in self.goals):
-            raise VlmlabelError('--goal is empty; describe the goal in words, e.g. --goal "the drawer is open"')
+        self._validate_goals()
         for template in self.templates:
             if template.count("{}") != 1:
                 raise VlmlabelError(
@@ -118,6 +116,9 @@ class RewardConfig:
                     'where the goal goes, e.g. "a photo of {}"'
                 )
         mode = self.mode
+        if self.judge is not None:
+            self._refuse_clip_options()
+            self.judge.validate()
         if self.goal_images and mode is not RewardMode.cosine:
             raise VlmlabelError(
                 f"--reward {mode.value} does not apply to goal images (--goal-image, --goal-frame): it compares "
@@ -148,15 +149,50 @@ class RewardConfig:
             raise VlmlabelError(f"--gamma must be in [0, 1], not {self.gamma}")
         return self
 
+    def _validate_goals(self) -> None:
+        self.goals = [g.strip() for g in self.goals]
+        if not self.goals:
+            raise VlmlabelError(
+                'no goal given; pass --goal "describe the goal in words", --goal-image FILE or '
+                "--goal-frame EPISODE:STEP"
+            )
+        if any(not g for g in self.goals):
+            raise VlmlabelError('--goal is empty; describe the goal in words, e.g. --goal "the drawer is open"')
+
+    def _refuse_clip_options(self) -> None:
+        """A VLM judge reads its own answer: the options that shape CLIP's formula do not apply."""
+        clip_only = {
+            "--reward": self.mode is not RewardMode.cosine,
+            "--goal-template": bool(self.templates),
+            "--baseline": bool(self.baselines),
+            "--negative": bool(self.negatives),
+            "--threshold": self.threshold is not None,
+            "--goal-image/--goal-frame": bool(self.goal_images),
+        }
+        given = [name for name, used in clip_only.items() if used]
+        if given:
+            raise VlmlabelError(
+                f"{', '.join(given)} only apply to --scorer clip; the vlm scorer reads its answer "
+                "(--answer, --versus, --answer-values) to a --prompt"
+            )
+
     @property
     def per_episode(self) -> bool:
         """Whether post-processing reads whole episodes (so their boundaries must be right)."""
-        return self.normalize is Normalize.episode or self.shaping is not Shaping.none
+        episode_wise = self.normalize in (Normalize.episode, Normalize.episode_minmax)
+        return episode_wise or self.shaping is not Shaping.none
 
     @property
     def keeps_raw(self) -> bool:
-        """Whether the written reward differs from the formula's output, so the raw scores are written too."""
-        return self.threshold is not None or self.shaping is not Shaping.none or self.normalize is not Normalize.none
+        """Whether the written reward differs from the formula's output, so the raw scores are written too; a
+        judge's raw readouts are always kept."""
+        changed = self.threshold is not None or self.shaping is not Shaping.none or self.normalize is not Normalize.none
+        return changed or self.judge is not None
+
+    @property
+    def needs_order(self) -> bool:
+        """Whether each episode's rows must be together and in frame order (post-processing, a judge's context)."""
+        return self.per_episode or (self.judge is not None and self.judge.needs_order)
 
     def prompts(self, text: str) -> list[str]:
         """The prompt ensemble for one goal/baseline/negative: each template filled in, or the text itself."""
@@ -192,6 +228,8 @@ class RewardConfig:
         """What the written dataset records about how its values were made (``logit_scale`` and ``logit_bias``:
         the model's, recorded where the formula reads them; a goal image: its file or frame and its sha256)."""
         goal = self.goals[goal_index]
+        if self.judge is not None:
+            return self._judge_attrs(goal, self.judge)
         image = self.is_image(goal)
         spec: dict[str, Any] = {
             "reward": self.mode.value,
@@ -211,6 +249,17 @@ class RewardConfig:
                 spec["logit_bias"] = logit_bias
             if self.threshold is not None:
                 spec["threshold"] = self.threshold
+        formula = rewards.GOAL_IMAGE_FORMULA if image else _FORMULAS[self.mode]
+        return self._finish_attrs(spec, formula)
+
+    def _judge_attrs(self, goal: str, judge: JudgeSpec) -> dict[str, Any]:
+        """A judged reward's record: the query and its readout (``rows``: which steps were queried)."""
+        query = {k: v for k, v in judge.to_json().items() if v is not None}  # attributes hold no None
+        spec: dict[str, Any] = {"reward": JUDGED, "goal": goal, **query, "anchor_rows": judge.anchor_rule()}
+        return self._finish_attrs(spec, judge.formula)
+
+    def _finish_attrs(self, spec: dict[str, Any], formula: str) -> dict[str, Any]:
+        """The post-processing's part of the record, the formula with its steps, and the flat attributes."""
         spec.update(shaping=self.shaping.value, normalize=self.normalize.value)
         if self.shaping is Shaping.delta:
             spec["gamma"] = self.gamma
@@ -221,7 +270,7 @@ class RewardConfig:
             steps.append(f"normalize({self.normalize.value})")
         if self.shaping is Shaping.delta:
             steps.append(f"delta shaping: {rewards.DELTA_FORMULA} with gamma={self.gamma}")
-        formula = (rewards.GOAL_IMAGE_FORMULA if image else _FORMULAS[self.mode]) + "".join(f" -> {s}" for s in steps)
+        formula += "".join(f" -> {s}" for s in steps)
         flat = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in spec.items()}
         return {**flat, "formula": formula, "reward_spec": json.dumps(spec)}
 
@@ -230,13 +279,31 @@ class RewardConfig:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         if not self.goal_images:
             del values["goal_images"]
+        if self.judge is None:
+            del values["judge"]
+        else:
+            values["judge"] = self.judge.to_json()
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in values.items()}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> RewardConfig:
         """The inverse of ``to_json``."""
         enums = {"mode": RewardMode, "shaping": Shaping, "normalize": Normalize}
-        return cls(**{k: enums[k](v) if k in enums else v for k, v in values.items()})
+        made = {k: enums[k](v) if k in enums else v for k, v in values.items() if k != "judge"}
+        judge = values.get("judge")
+        return cls(**made, judge=JudgeSpec.from_json(judge) if judge is not None else None)
+
+    @classmethod
+    def _judged_from_spec(cls, goal: str, spec: dict[str, Any]) -> RewardConfig:
+        fields = ("prompt", "answer", "versus", "answer_values", "context", "context_frames", "anchors")
+        judge = JudgeSpec.from_json({name: spec.get(name) for name in fields})
+        return cls(
+            goals=[goal],
+            judge=judge,
+            shaping=Shaping(spec.get("shaping", "none")),
+            gamma=_typed(spec, "gamma", float, 0.99),
+            normalize=Normalize(spec.get("normalize", "none")),
+        )
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> RewardConfig:
@@ -252,6 +319,8 @@ class RewardConfig:
             if not isinstance(spec, dict):
                 raise TypeError(f"a JSON {type(spec).__name__}, not an object")
             goal = _typed(spec, "goal", str)
+            if spec.get("reward") == JUDGED:
+                return cls._judged_from_spec(goal, spec).validate()
             config = cls(
                 goals=[goal],
                 goal_images=[goal] if "goal_image_sha256" in spec else [],

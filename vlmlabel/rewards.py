@@ -45,6 +45,7 @@ class Normalize(str, enum.Enum):
     episode = "episode"
     dataset = "dataset"
     minmax = "minmax"
+    episode_minmax = "episode-minmax"  # TOPReward's 0..1 progress of each episode
 
 
 class CameraReduce(str, enum.Enum):
@@ -159,9 +160,11 @@ def constant(values: np.ndarray) -> np.ndarray:
 
 
 def normalize(values: list[np.ndarray], how: Normalize) -> list[np.ndarray]:
-    """Z-score per episode or over the dataset, or min-max to [0, 1] over the dataset (per goal column).
+    """Z-score per episode or over the dataset, or min-max to [0, 1] over the dataset or per episode (per goal
+    column).
 
-    A series that is ``constant`` (an episode for ``episode``, every value for ``dataset`` and ``minmax``;
+    A series that is ``constant`` (an episode for ``episode`` and ``episode-minmax``, every value for ``dataset``
+    and ``minmax``;
     length 0 or 1 included) has no spread to scale by: its z-scores, or its min-max values, are 0, however
     the rounding noise in it lies. Values must be finite (ValueError otherwise: no statistic of NaN means
     anything; ``RewardConfig.postprocess`` refuses such scores before they get here).
@@ -172,14 +175,22 @@ def normalize(values: list[np.ndarray], how: Normalize) -> list[np.ndarray]:
         return [v.astype(np.float32) for v in values]
     if how is Normalize.episode:
         return [_zscore(v, v) for v in values]
+    if how is Normalize.episode_minmax:
+        return [_minmax(v, v) for v in values]
     everything = np.concatenate(values, axis=0).astype(np.float64)
     if how is Normalize.dataset:
         return [_zscore(v, everything) for v in values]
-    if not len(everything):
-        return [v.astype(np.float32) for v in values]
-    low, flat = everything.min(axis=0), constant(everything)
-    span = np.where(flat, 1.0, everything.max(axis=0) - low)
-    return [np.where(flat, 0.0, (v - low) / span).astype(np.float32) for v in values]
+    return [_minmax(v, everything) for v in values]
+
+
+def _minmax(values: np.ndarray, over: np.ndarray) -> np.ndarray:
+    """``values`` mapped by the range of the series ``over`` onto [0, 1] (float64); 0 where ``over`` is constant."""
+    if not len(over):
+        return values.astype(np.float32)
+    stats = np.asarray(over, dtype=np.float64)
+    low, flat = stats.min(axis=0), constant(stats)
+    span = np.where(flat, 1.0, stats.max(axis=0) - low)
+    return np.where(flat, 0.0, (values - low) / span).astype(np.float32)
 
 
 def _zscore(values: np.ndarray, over: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@
   one plan: ``AlreadyWritten`` (an identical run wrote these rewards: stop here), ``FromCache`` (the
   embedding cache serves every camera) or ``FromFrames`` (the whole dataset, or one shard). The last two
   pass the destination's checks and take the lock, in that one place.
-- *score* (``run.score``): the model loads once, whole for frames, its text tower only for the cache;
-  frames go on the fixed batch grid with saved progress.
+- *score* (``run.score``, through the run's scorer: ``vlmlabel.scorers``): the model loads once, whole for frames
+  (CLIP or a VLM judge), CLIP's text tower only for the cache; frames, or a judge's queries, go on the fixed
+  batch grid with saved progress.
 - *commit* (``run.commit.CommitPlan``): post-processing, provenance and the destination's one atomic write.
   A shard run instead saves its part; ``merge`` gathers the parts and ends with the same commit plan.
 """
@@ -17,11 +18,11 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from vlmlabel.engine import FrameScorer, RelabelResult
+from vlmlabel.engine import RelabelResult
 from vlmlabel.errors import VlmlabelError, WorkerLost
 from vlmlabel.events import QUIET, Events
 from vlmlabel.files.interrupt import deferred, stoppable
-from vlmlabel.model import ClipModel
+from vlmlabel.model import ModelCard
 from vlmlabel.run import score
 from vlmlabel.run.checkpoint import Checkpoint, run_numerics
 from vlmlabel.run.commit import push
@@ -35,8 +36,10 @@ from vlmlabel.run.plan import (
     open_run,
     plan_run,
 )
-from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary, Summary
+from vlmlabel.run.request import FinishedSummary, RelabelRequest, RelabelSummary, ScoringModel, Summary
 from vlmlabel.run.setup import Machine, model_loads
+from vlmlabel.scorers.base import Scorer
+from vlmlabel.scorers.registry import scorer_for
 
 
 @stoppable()
@@ -47,10 +50,12 @@ def relabel_file(request: RelabelRequest, events: Events = QUIET) -> Summary:
     lock keeps a second run off it. A run whose identical rewards are already written does nothing.
     SIGINT and SIGTERM stop it in any phase (``files.interrupt``), leaving only the progress saved.
     """
+    scorer = scorer_for(request.scorer)
+    request = scorer.checked(request)
     machine = Machine.of(request.device, request.precision, request.batch_size, request.video_decoder)
     with contextlib.ExitStack() as stack:
         run = stack.enter_context(open_run(request, events, machine.nvdec))
-        plan = plan_run(run, machine.precision, stack, events)
+        plan = plan_run(run, scorer, machine, stack, events)
         model_loads()
         match plan:
             case AlreadyWritten():
@@ -58,7 +63,7 @@ def relabel_file(request: RelabelRequest, events: Events = QUIET) -> Summary:
             case FromCache():
                 return _from_cache(run, plan, machine, events)
             case FromFrames():
-                return _from_frames(run, plan, machine, events)
+                return _from_frames(run, plan, scorer, machine, events)
 
 
 def _finished(run: OpenRun, plan: AlreadyWritten, stack: contextlib.ExitStack, events: Events) -> FinishedSummary:
@@ -71,24 +76,26 @@ def _finished(run: OpenRun, plan: AlreadyWritten, stack: contextlib.ExitStack, e
 
 
 def _from_cache(run: OpenRun, plan: FromCache, machine: Machine, events: Events) -> RelabelSummary:
-    # the text tower, and the image tower only to embed goal images (frames come from the cache)
-    model, score_fn = score.load_scorer(run, plan.result.card, machine, events, bool(run.config.goal_images))
+    # CLIP's cache (the only scorer with embeddings): the text tower, and the image tower only to embed goal
+    # images (frames come from the cache)
+    card = plan.result.card
+    assert isinstance(card, ModelCard)  # caches hold CLIP embeddings, named by CLIP's card
+    model, score_fn = score.load_scorer(run, card, machine, events, bool(run.config.goal_images))
     scored = score.score_from_cache(run, plan.matches, score_fn, model, events)
     return _commit_run(run, model, scored, plan.result.result_id, "using cached embeddings")
 
 
-def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Events) -> Summary:
+def _from_frames(run: OpenRun, plan: FromFrames, scorer: Scorer, machine: Machine, events: Events) -> Summary:
     """Score frames with saved progress, then commit (a whole run) or save the part (a shard)."""
     identity, wanted, numerics = plan.result.identity, plan.result.result_id, run_numerics(machine.device)
     if run.shard and score.part_done(run, identity, numerics, events):
         return score.shard_summary(run, 0.0, True)
     score.start_workers(run)
-    model, score_fn = score.load_scorer(run, plan.result.card, machine, events, image_tower=True)
-    scorer = FrameScorer(model, run.config.goals, score_fn)
-    folders = checkpoint_folders(run)
-    checkpoints = [Checkpoint(folder, identity, numerics, len(run.config.goals), events) for folder in folders]
+    loaded = scorer.load(run, plan.result.card, machine, events)
+    model, width = loaded.model, scorer.width(run)
+    checkpoints = [Checkpoint(folder, identity, numerics, width, events) for folder in checkpoint_folders(run)]
     try:
-        scored = score.score_frames(run, scorer, machine.batch_size, checkpoints, events)
+        scored = loaded.score(run, checkpoints, events)
         if run.shard:
             score.save_part(run, scored, score.part_meta(run, model, scored, identity, numerics, wanted))
             summary: Summary = score.shard_summary(run, scored.seconds, False)
@@ -112,7 +119,9 @@ def _from_frames(run: OpenRun, plan: FromFrames, machine: Machine, events: Event
 # -- the steps' parts ---------------------------------------------------------------------------------
 
 
-def _commit_run(run: OpenRun, model: ClipModel, scored: score.Scored, wanted: str, cache_note: str) -> RelabelSummary:
+def _commit_run(
+    run: OpenRun, model: ScoringModel, scored: score.Scored, wanted: str, cache_note: str
+) -> RelabelSummary:
     run.close()
     written, final = run.commit.write(
         scored.raw, model.logit_scale, model.logit_bias, score.provenance(run, model, scored, wanted)

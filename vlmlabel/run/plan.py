@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vlmlabel import __version__, cache, goal_images
 from vlmlabel.destinations import destination_for
@@ -23,13 +23,14 @@ from vlmlabel.events import Events
 from vlmlabel.files import atomic, journal
 from vlmlabel.files.stamp import Stamp
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.model import ModelCard, describe_model
+from vlmlabel.model import ModelCard
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.cameras import Cameras
 from vlmlabel.run.checkpoint import FILE_STATE, Checkpoint
 from vlmlabel.run.commit import CommitPlan, frames_fingerprint, result_id
 from vlmlabel.run.locking import RunLock
 from vlmlabel.run.request import RelabelRequest, output_names
+from vlmlabel.run.setup import Machine
 from vlmlabel.run.shards import ShardSpec, dest_lock, work_dir
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import CachingSource, DatasetSource, Episode, content_fingerprint
@@ -74,7 +75,7 @@ class OpenRun:
         for source in self.sources:
             source.close()
 
-    def identity(self, model: ModelCard, used_cache: bool) -> dict[str, Any]:
+    def identity(self, model: Card, used_cache: bool) -> dict[str, Any]:
         """Everything that determines the rewards; any change makes saved progress and parts unusable.
 
         Cached embeddings are float16: rewards from them differ from frame rewards by rounding, so they count
@@ -162,16 +163,17 @@ def open_run(request: RelabelRequest, events: Events, nvdec: int | None = None) 
 
 
 def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> None:
-    """Per-episode post-processing on an episode whose rows are scattered would cross wrong boundaries."""
-    if not config.per_episode:
+    """Per-episode post-processing, or a judge's context and anchors, on an episode whose rows are scattered would
+    cross wrong boundaries."""
+    if not config.needs_order:
         return
     seen: set[str] = set()
     for episode in episodes:
         if episode.key in seen:
             raise VlmlabelError(
-                f"rows of {episode.key} are not consecutive; --normalize episode and --shaping "
-                "need each episode's rows together and in frame order: sort the dataset by "
-                "episode_index, frame_index first"
+                f"rows of {episode.key} are not consecutive; --normalize episode, --shaping and the vlm "
+                "scorer's --context and --anchors need each episode's rows together and in frame order: sort the "
+                "dataset by episode_index, frame_index first"
             )
         seen.add(episode.key)
 
@@ -179,11 +181,26 @@ def _refuse_split_episodes(config: RewardConfig, episodes: list[Episode]) -> Non
 # -- plan ---------------------------------------------------------------------------------------------
 
 
+class Card(Protocol):
+    """A model as a scorer knows it before any weight loads: what names it in a result."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Namer(Protocol):
+    """What planning asks of a scorer (``vlmlabel.scorers``), before any model loads: the model's card, and the
+    embedding caches that serve the run (a scorer without embeddings has none)."""
+
+    def card(self, request: RelabelRequest, machine: Machine) -> Card: ...
+
+    def caches(self, run: OpenRun, card: Card) -> list[cache.CacheMatch] | cache.CacheMiss: ...
+
+
 @dataclass(frozen=True)
 class ResultName:
     """The result a run would make: the model's card, everything that determines the rewards, and its id."""
 
-    card: ModelCard
+    card: Card
     identity: dict[str, Any]
     result_id: str
 
@@ -225,7 +242,7 @@ def find_caches(run: OpenRun, model: ModelCard) -> list[cache.CacheMatch] | cach
     return matches
 
 
-def plan_run(run: OpenRun, precision: str, stack: contextlib.ExitStack, events: Events) -> Plan:
+def plan_run(run: OpenRun, scorer: Namer, machine: Machine, stack: contextlib.ExitStack, events: Events) -> Plan:
     """What this run does, decided before any model loads. Rewards already there with a result id may be this
     very run's (a rerun, a requeued job): telling needs the result's name, so only then is it known before the
     checks that would refuse them. Any other plan passes the destination's checks and holds the lock (on
@@ -233,19 +250,20 @@ def plan_run(run: OpenRun, precision: str, stack: contextlib.ExitStack, events: 
     present = run.commit.present()
     scoring = None
     if run.commit.results_in(present):
-        scoring = _scoring(run, precision)
+        scoring = _scoring(run, scorer, machine)
         if run.commit.held_in(present, {scoring.result.result_id}):
             return AlreadyWritten(scoring.result)
     _checks_and_lock(run, stack, events)
-    return scoring or _scoring(run, precision)
+    return scoring or _scoring(run, scorer, machine)
 
 
-def _scoring(run: OpenRun, precision: str) -> FromCache | FromFrames:
+def _scoring(run: OpenRun, scorer: Namer, machine: Machine) -> FromCache | FromFrames:
     """The result this run makes, from the caches that serve it or else from frames: both from the model's card."""
     request = run.request
-    card = describe_model(request.model, request.pretrained, precision)
+    card = scorer.card(request, machine)
     # shards score frames, like every other shard
-    found = find_caches(run, card) if request.use_cache and run.shard is None else cache.CacheMiss("--no-cache")
+    asked = request.use_cache is not False and run.shard is None
+    found = scorer.caches(run, card) if asked else cache.CacheMiss("--no-cache")
     match found:
         case cache.CacheMiss():
             return FromFrames(_result(run, card, used_cache=False), found)
@@ -253,7 +271,7 @@ def _scoring(run: OpenRun, precision: str) -> FromCache | FromFrames:
             return FromCache(_result(run, card, used_cache=True), found)
 
 
-def _result(run: OpenRun, card: ModelCard, used_cache: bool) -> ResultName:
+def _result(run: OpenRun, card: Card, used_cache: bool) -> ResultName:
     identity = run.identity(card, used_cache)
     return ResultName(card, identity, result_id(identity, run.fingerprint))
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
+
+import torch
 
 from vlmlabel.engine import RelabelResult
 from vlmlabel.formulation import RewardConfig
-from vlmlabel.model import DEFAULT_MODEL, ClipModel
+from vlmlabel.model import DEFAULT_MODEL
 from vlmlabel.rewards import CameraReduce
 from vlmlabel.run.resumable import DEFAULT_CHECKPOINT_EVERY
 from vlmlabel.run.shards import ShardSpec, SlurmArrayTask
@@ -32,11 +35,36 @@ def output_names(key: str, config: RewardConfig) -> tuple[list[str], list[str]]:
     return names, [f"{n}{RAW_SUFFIX}" for n in names] if config.keeps_raw else []
 
 
+class ScoringModel(Protocol):
+    """A loaded model as a run reports and records it, whichever scorer (``vlmlabel.scorers``) loaded it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pretrained(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def logit_scale(self) -> float: ...
+
+    @property
+    def logit_bias(self) -> float | None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class RelabelRequest:
     source: Path | str
     goals: list[str]
     model: str = DEFAULT_MODEL
+    scorer: str = "clip"  # a name in vlmlabel.scorers.registry.SCORERS
     pretrained: str | None = None
     image_key: str | list[str] | None = None  # several: each camera scored, combined by ``camera_reduce``
     reward_key: str = DEFAULT_REWARD_KEY
@@ -53,7 +81,7 @@ class RelabelRequest:
     streaming: bool = False
     push_to_hub: str | None = None
     formulation: RewardConfig | None = None  # None: plain cosine to ``goals``
-    use_cache: bool = True
+    use_cache: bool | None = None  # None: when the scorer has embeddings (CLIP); True: refused by one without
     restart: bool = False
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     shard: ShardSpec | None = None
@@ -79,7 +107,7 @@ class RelabelSummary:
     written_to: Path
     reward_names: list[str]
     goals: list[str]
-    model: ClipModel
+    model: ScoringModel
     layout: str
     image_key: str
     used_cache: bool = False

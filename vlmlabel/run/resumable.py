@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,15 +58,30 @@ def _kept(saved: int, total: int) -> str:
 
 @dataclass(frozen=True)
 class SpanSettings:
-    """How a span is scored: which frames (``span(batch_size)``, whole grid batches), the batch size asked for,
-    whether saved progress is dropped (``restart``), how often progress is saved, and how many decoding
-    processes read (0: a reader thread)."""
+    """How a span is scored: which rows (``span(batch_size)``, whole grid batches), the batch size asked for,
+    whether saved progress is dropped (``restart``) and how often progress is saved."""
 
     span: Callable[[int], tuple[int, int]]
     batch_size: int
     restart: bool = False
     every: int = DEFAULT_CHECKPOINT_EVERY
-    workers: int = 0
+
+
+# (first, stop, batch_size) -> the rows [first, stop) computed on the grid, block after block, in order. ``first``
+# is always on the grid: a span starts on it, and progress is saved at the end of a batch.
+Rows = Callable[[int, int, int], Iterator[np.ndarray]]
+
+
+def frame_rows(source: FrameSource, scorer: FrameScorer, episodes: Sequence[Episode], workers: int) -> Rows:
+    """The rows of frames: ``episodes``' frames numbered in file order through ``scorer``, ``workers`` decoding
+    processes reading them (0: a reader thread)."""
+
+    def rows(first: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
+        return compute_rows(
+            source, trim(episodes, first, stop), batch_size, scorer.model.device, scorer.score, QUIET, workers
+        )
+
+    return rows
 
 
 @dataclass
@@ -110,17 +125,11 @@ def _resume(
     return batch_size, start, end, scores, progress.done
 
 
-def score_span(
-    source: FrameSource,
-    scorer: FrameScorer,
-    episodes: Sequence[Episode],
-    checkpoint: Checkpoint,
-    settings: SpanSettings,
-    events: Events = QUIET,
-) -> ScoredSpan:
-    """Scores of frames ``settings.span(batch_size)``, resuming saved progress and saving every ``settings.every``
-    frames. SIGINT/SIGTERM stop it between batches, progress saved (``GracefulStop``)."""
-    every, workers = settings.every, settings.workers
+def score_span(rows: Rows, checkpoint: Checkpoint, settings: SpanSettings, events: Events = QUIET) -> ScoredSpan:
+    """Scores of rows ``settings.span(batch_size)`` (frames, or a judge's queries), resuming saved progress and
+    saving every ``settings.every`` rows. SIGINT/SIGTERM stop it between batches, progress saved
+    (``GracefulStop``)."""
+    every = settings.every
     with GracefulStop() as stop:  # from the start: a signal never finds saved progress half loaded
         batch_size, start, end, scores, position = _resume(
             checkpoint, settings.span, settings.batch_size, settings.restart, events
@@ -134,12 +143,10 @@ def score_span(
         saved = position
         try:
             stop.check(_kept(saved - start, end - start))
-            for rows in compute_rows(
-                source, trim(episodes, position, end), batch_size, scorer.model.device, scorer.score, QUIET, workers
-            ):
-                scores[position - start : position - start + len(rows)] = rows
-                position += len(rows)
-                events.progress(len(rows))
+            for block in rows(position, end, batch_size):
+                scores[position - start : position - start + len(block)] = block
+                position += len(block)
+                events.progress(len(block))
                 if stop.requested or position - saved >= every:
                     checkpoint.save(position, scores[saved - start : position - start])
                     saved = position

@@ -3,6 +3,7 @@ progress (the whole dataset, or one shard of whole episodes, whose part then wai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,12 @@ from vlmlabel.reader.readahead import prepare_workers
 from vlmlabel.run import commit
 from vlmlabel.run.checkpoint import Checkpoint, frame_differences
 from vlmlabel.run.plan import OpenRun
-from vlmlabel.run.request import ShardSummary
-from vlmlabel.run.resumable import SpanSettings, grid_span, score_span
+from vlmlabel.run.request import ScoringModel, ShardSummary
+from vlmlabel.run.resumable import Rows, SpanSettings, frame_rows, grid_span, score_span
 from vlmlabel.run.setup import Machine
 from vlmlabel.run.shards import PartMeta, plan, shard_result, write_result
 from vlmlabel.run.shards import part_meta as read_part_meta
+from vlmlabel.sources.base import DatasetSource, Episode
 
 
 def load_scorer(
@@ -76,17 +78,32 @@ def start_workers(run: OpenRun) -> None:
     prepare_workers(run.source, resolve_workers(run.request.workers))
 
 
-def score_frames(
-    run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint], events: Events
-) -> Scored:
-    """Frames of the whole dataset, or of one shard, on the fixed batch grid, saving progress as it goes;
-    camera after camera."""
+def shard_range(run: OpenRun) -> tuple[int, int]:
+    """The episodes [lo, hi) this run scores: its shard's, or all."""
     steps = [e.steps for e in run.episodes]
-    bounds = np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).tolist()
-    lo, hi = plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
+    return plan(steps, run.shard.count)[run.shard.index] if run.shard else (0, len(run.episodes))
+
+
+# (source, episodes) of one camera -> the rows of its grid
+RowsOf = Callable[[DatasetSource, list[Episode]], Rows]
+# (episode index, its block of grid rows) -> its (steps, goals) scores
+ValuesOf = Callable[[int, np.ndarray], np.ndarray]
+
+
+def score_grid(
+    run: OpenRun,
+    bounds: list[int],
+    rows_of: RowsOf,
+    values_of: ValuesOf,
+    batch_size: int,
+    checkpoints: list[Checkpoint],
+    events: Events,
+) -> Scored:
+    """Rows of the whole dataset, or of one shard, on the fixed batch grid (episode i's rows are
+    [bounds[i], bounds[i + 1])), saving progress as it goes; camera after camera."""
+    lo, hi = shard_range(run)
     count = len(run.sources)
     per_camera, seconds, resumed = [], 0.0, 0
-    workers = resolve_workers(run.request.workers)
     for index, (source, episodes, checkpoint) in enumerate(
         zip(run.sources, run.camera_episodes, checkpoints, strict=True)
     ):
@@ -95,14 +112,32 @@ def score_frames(
             batch_size,
             run.request.restart,
             run.request.checkpoint_every,
-            workers,
         )
-        # the bar counts every camera's frames: the first camera's start tells the total
+        # the bar counts every camera's rows: the first camera's start tells the total
         started = events.started_by((lambda total: events.start(total * count)) if index == 0 else None)
-        span = score_span(source, scorer, episodes, checkpoint, settings, started)
-        per_camera.append([span.scores[bounds[i] - span.start : bounds[i + 1] - span.start] for i in range(lo, hi)])
+        span = score_span(rows_of(source, episodes), checkpoint, settings, started)
+        blocks = [span.scores[bounds[i] - span.start : bounds[i + 1] - span.start] for i in range(lo, hi)]
+        per_camera.append([values_of(i, block) for i, block in zip(range(lo, hi), blocks, strict=True)])
         seconds, resumed, batch_size = seconds + span.seconds, resumed + span.resumed, span.batch_size
     return Scored(lo, hi, _side_by_side(per_camera), seconds, resumed, batch_size, False)
+
+
+def score_frames(
+    run: OpenRun, scorer: FrameScorer, batch_size: int, checkpoints: list[Checkpoint], events: Events
+) -> Scored:
+    """Frames of the whole dataset, or of one shard, on the fixed batch grid of frames."""
+    steps = [e.steps for e in run.episodes]
+    bounds = np.concatenate([[0], np.cumsum(steps, dtype=np.int64)]).tolist()
+    workers = resolve_workers(run.request.workers)
+    return score_grid(
+        run,
+        bounds,
+        lambda source, episodes: frame_rows(source, scorer, episodes, workers),
+        lambda _, block: block,
+        batch_size,
+        checkpoints,
+        events,
+    )
 
 
 # -- a shard's part -----------------------------------------------------------------------------------
@@ -117,7 +152,7 @@ def save_part(run: OpenRun, scored: Scored, meta: PartMeta) -> None:
     write_result(shard_result(run.work, run.shard), part, [e.name for e in episodes], [e.steps for e in episodes], meta)
 
 
-def provenance(run: OpenRun, model: ClipModel, scored: Scored, result: str) -> dict[str, Any]:
+def provenance(run: OpenRun, model: ScoringModel, scored: Scored, result: str) -> dict[str, Any]:
     """What every column of this run (or its part) records besides its formula."""
     request, episode = run.request, run.episodes[0]
     return commit.provenance(
@@ -126,7 +161,7 @@ def provenance(run: OpenRun, model: ClipModel, scored: Scored, result: str) -> d
 
 
 def part_meta(
-    run: OpenRun, model: ClipModel, scored: Scored, identity: dict[str, Any], numerics: dict[str, str], result: str
+    run: OpenRun, model: ScoringModel, scored: Scored, identity: dict[str, Any], numerics: dict[str, str], result: str
 ) -> PartMeta:
     """How a shard's part was made: what ``merge`` checks and commits with."""
     assert run.shard is not None
