@@ -846,6 +846,7 @@ def embed(
     source: SourceArg,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = None,
+    scorer: ScorerOpt = DEFAULT_SCORER,
     image_key: ImageKeyOpt = None,
     output: Annotated[
         Path | None,
@@ -877,6 +878,11 @@ def embed(
     """Store every frame's unit image embedding (float16) in the dataset's cache, so relabel needs no model pass.
 
     HDF5: inside the file (or an --output copy). Table and LeRobot datasets: NAME.vlmlabel-cache.h5 beside them."""
+    if not scorer_for(scorer).embeddings:
+        raise VlmlabelError(
+            f"vlmlabel embed stores image embeddings for the cache; the {scorer} scorer reads none: "
+            f"relabel with --scorer {scorer} directly"
+        )
     request = EmbedRequest(
         source=source,
         model=model,
