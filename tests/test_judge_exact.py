@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from vlmlabel import judge as J  # noqa: E402
+from vlmlabel.errors import VlmlabelError  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen3_vl", "idefics3")
 TOLERANCE = 1e-5
@@ -222,3 +223,66 @@ def test_frames_go_to_idefics3_as_images(loaded):
     assert "pixel_values_videos" not in batch
     assert tuple(batch["pixel_values"].shape[:2]) == (1, 3)  # one query, three images
     assert judge.describe()["frames"] == "images"
+
+
+def test_bf16_on_the_cpu_reads_close_to_fp32_and_auto_is_fp32(loaded):
+    card = loaded("qwen3_vl")[0]
+    readout = READOUTS["ratio"]
+    queries = mixed_queries()
+    fp32 = judge_for(card, readout)
+    auto = J.load_judge(card, readout, J.default_prompt(readout), torch.device("cpu"), "auto")
+    bf16 = J.load_judge(card, readout, J.default_prompt(readout), torch.device("cpu"), "bf16")
+    assert auto.precision == "fp32" and bf16.precision == "bf16"
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert np.array_equal(auto.readouts(queries), fp32.readouts(queries))
+    got = bf16.readouts(queries)
+    assert got.dtype == np.float32 and np.abs(got - fp32.readouts(queries)).max() < 5e-2
+
+
+def test_fp16_on_the_cpu_is_refused(loaded):
+    readout = READOUTS["logprob"]
+    with pytest.raises(VlmlabelError) as excinfo:
+        J.load_judge(loaded("idefics3")[0], readout, J.default_prompt(readout), torch.device("cpu"), "fp16")
+    assert "fp16 is not supported on cpu" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_query_tokens_and_the_batch_size_from_the_token_budget(loaded, family):
+    card, _, processor = loaded(family)
+    judge = judge_for(card, READOUTS["logprob"])
+    for query in mixed_queries():
+        alone = oracle_inputs(processor, card, query, judge.prompt)
+        assert judge.query_tokens(query) == alone["input_ids"].shape[1]
+    sample = mixed_queries()[3]
+    assert judge.default_batch_size(sample) == J.CPU_TOKEN_BUDGET // judge.query_tokens(sample)
+    huge = J.Query(np.zeros((4, 32, 32, 3), np.uint8), "word " * (2 * J.CPU_TOKEN_BUDGET), None)
+    assert judge.default_batch_size(huge) == 1
+
+
+def test_the_judge_describes_what_makes_its_readouts(loaded):
+    card = loaded("qwen2_vl")[0]
+    readout = READOUTS["expected"]
+    described = J.load_judge(card, readout, "Rate {goal}.", torch.device("cpu"), "auto").describe()
+    assert described == {
+        **card.describe(),
+        "prompt": "Rate {goal}.",
+        "readout": "expected",
+        "answer_values": [["1", 0.0], ["2", 0.25], ["3", 0.5], ["4", 0.75], ["5", 1.0]],
+        "precision": "fp32",
+        "frames": f"video (fps from the dataset, else {J.DEFAULT_FPS}) when K > 1, else images",
+    }
+    assert described["model_files_sha256"] and described["family"] == "qwen2_vl"
+
+
+def test_no_queries_read_nothing_and_frames_of_the_wrong_shape_are_refused(loaded):
+    judge = judge_for(loaded("idefics3")[0], READOUTS["logprob"])
+    empty = judge.readouts([])
+    assert empty.shape == (0,) and empty.dtype == np.float32
+    for frames in (
+        np.zeros((32, 32, 3), np.uint8),
+        np.zeros((0, 32, 32, 3), np.uint8),
+        np.zeros((2, 32, 32, 4), np.uint8),
+    ):
+        with pytest.raises(VlmlabelError) as excinfo:
+            judge.readouts([J.Query(frames, "g")])
+        assert "a query needs frames (K, H, W, 3) with K >= 1" in str(excinfo.value)

@@ -316,7 +316,9 @@ class Query:
 
     frames: np.ndarray
     goal: str
-    fps: float | None = None  # the rate of these frames (video metadata), when the dataset says
+    # the rate of these frames as given (video metadata): the dataset's fps, divided by the spacing of frames
+    # taken s steps apart; None: DEFAULT_FPS
+    fps: float | None = None
 
 
 class Judge:
@@ -384,7 +386,7 @@ class Judge:
         extra: dict[str, Any] = {}
         if self._positions_from_mask:
             extra["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        pixels = {k: v.to(self._dtype) if torch.is_floating_point(v) else v for k, v in batch.items()}
+        pixels = {k: v.to(self._dtype) if _floating(v) else v for k, v in batch.items()}
         dtype = autocast_dtype(self.precision)
         with (
             torch.inference_mode(),
@@ -421,6 +423,10 @@ class Judge:
         }
 
 
+def _floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _frames(query: Query) -> list[np.ndarray]:
     return [np.ascontiguousarray(frame, dtype=np.uint8) for frame in query.frames]
 
@@ -443,6 +449,8 @@ def load_judge(card: JudgeCard, readout: Readout, prompt: str, device: torch.dev
     except Exception as exc:
         raise ModelError(f"model {card.name!r}: cannot load its processor: {_first_line(exc)}") from None
     answer_ids = tuple(_one_token(processor.tokenizer, answer) for answer in readout.answers)
+    if processor.tokenizer.pad_token is None:  # padding only fills masked positions: any token will do
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     dtype = autocast_dtype(precision) or torch.float32
     try:
         model = AutoModelForImageTextToText.from_pretrained(
