@@ -12,9 +12,11 @@ Invariants:
   splits ``MULTI_TOKEN_WORD`` (" Truthfully") into several, so refusals of multi-token answers can be tested;
 - images are small (32 px by default), so a forward pass takes milliseconds on one CPU thread.
 
-Families (``FAMILIES``): ``qwen2_vl`` and ``qwen3_vl`` take images and video (a video needs an even number
-of frames after the processor's temporal patching: see ``video_inputs``); ``idefics3`` (the architecture of
-SmolVLM) takes images only, with image splitting off.
+Families (``FAMILIES``): ``qwen2_vl`` and ``qwen3_vl`` take images and video; ``idefics3`` (the architecture
+and processor of SmolVLM v1) takes images only, with image splitting off. Video, as transformers 5.25 does it:
+frames are merged in pairs (temporal patch 2; an odd count is padded by repeating the last frame), Qwen3-VL
+refuses a one-frame video, writes "<t seconds>" timestamps from the metadata's fps and frame indices, and
+resamples a clip to 2 fps unless ``do_sample_frames=False`` is passed (as in the real checkpoints).
 
     python -m tools.synthetic.tiny_vlm --family qwen2_vl --out /tmp/tiny-qwen2-vl
 """
@@ -24,12 +26,29 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Idefics3Config,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
 
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen3_vl", "idefics3")
 
@@ -121,8 +140,6 @@ def train_tokenizer(specials: Sequence[str], extra_words: Iterable[str] = (), vo
 def _save_tokenizer(tokenizer: Tokenizer, out: Path, chat_template: str, special: dict[str, str]) -> Any:
     """Saves through transformers' generic fast-tokenizer class, so the folder loads exactly this pipeline;
     returns that transformers tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=chat_template, **special)
     fast.save_pretrained(out)
     return fast
@@ -153,7 +170,15 @@ def _sizes(overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(DEFAULT_SIZES)
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; known: {sorted(DEFAULT_SIZES)}")
-    return {**DEFAULT_SIZES, **overrides}
+    s = {**DEFAULT_SIZES, **overrides}
+    # A frame is a whole number of 2 x 2 merged patches; attention heads split the widths evenly, and the
+    # rotary head size is even and splits into three mrope sections.
+    if s["image_size"] % (2 * s["patch_size"]):
+        raise ValueError(f"image_size {s['image_size']} is not a multiple of 2 * patch_size ({2 * s['patch_size']})")
+    for width, heads in (("hidden_size", "heads"), ("vision_hidden_size", "vision_heads")):
+        if s[width] % (4 * s[heads]):
+            raise ValueError(f"{width} {s[width]} is not a multiple of 4 * {heads} ({4 * s[heads]})")
+    return s
 
 
 # --- Qwen2-VL / Qwen3-VL ---------------------------------------------------------------------------------
@@ -190,8 +215,6 @@ def _qwen_text_config(s: dict[str, Any], vocab: int, ids: dict[str, int]) -> dic
 
 
 def _qwen2_vl_config(s: dict[str, Any], vocab: int, ids: dict[str, int]) -> Any:
-    from transformers import Qwen2VLConfig
-
     text = _qwen_text_config(s, vocab, ids)
     text.pop("head_dim")  # Qwen2-VL derives it from hidden_size / heads
     vision = {
@@ -208,8 +231,6 @@ def _qwen2_vl_config(s: dict[str, Any], vocab: int, ids: dict[str, int]) -> Any:
 
 
 def _qwen3_vl_config(s: dict[str, Any], vocab: int, ids: dict[str, int]) -> Any:
-    from transformers import Qwen3VLConfig
-
     text = _qwen_text_config(s, vocab, ids)
     text["rope_parameters"]["mrope_interleaved"] = True
     grid = max(1, s["image_size"] // s["patch_size"])
@@ -237,51 +258,56 @@ def _qwen_token_ids(ids: dict[str, int]) -> dict[str, int]:
     }
 
 
-def _qwen_processors(family: str, s: dict[str, Any]) -> tuple[Any, Any]:
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLVideoProcessor
+@dataclass(frozen=True)
+class _QwenVariant:
+    """What differs between the two Qwen families: the config, the processor classes and the statistics."""
 
-    # Qwen2-VL normalises with OpenAI CLIP's statistics, Qwen3-VL with 0.5 / 0.5 (transformers' defaults).
-    mean, std = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-    if family == "qwen3_vl":
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    config: Callable[[dict[str, Any], int, dict[str, int]], Any]
+    processor: type
+    video_processor: type
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+QWEN2_VL = _QwenVariant(
+    _qwen2_vl_config,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+    (0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP's statistics, as Qwen2-VL
+    (0.26862954, 0.26130258, 0.27577711),
+)
+QWEN3_VL = _QwenVariant(_qwen3_vl_config, Qwen3VLProcessor, Qwen3VLVideoProcessor, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _build_qwen(variant: _QwenVariant, out: Path, s: dict[str, Any]) -> Any:
+    tokenizer = train_tokenizer(QWEN_SPECIALS, s["extra_words"])
+    ids = {t: _token_id(tokenizer, t) for t in QWEN_SPECIALS}
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    fast = _save_tokenizer(tokenizer, out, QWEN_CHAT_TEMPLATE, special)
     common = {
         "patch_size": s["patch_size"],
         "temporal_patch_size": 2,
         "merge_size": 2,
         "size": _qwen_pixels(s),
-        "image_mean": list(mean),
-        "image_std": list(std),
+        "image_mean": list(variant.mean),
+        "image_std": list(variant.std),
     }
-    image = Qwen2VLImageProcessor(**common)
-    video_class = Qwen2VLVideoProcessor if family == "qwen2_vl" else Qwen3VLVideoProcessor
-    # Frames are given already chosen: the processor must not resample them (min_frames 1 keeps short clips).
-    video = video_class(**common, do_sample_frames=False, min_frames=1)
-    return image, video
-
-
-def _build_qwen(family: str, out: Path, s: dict[str, Any]) -> Any:
-    from transformers import Qwen2VLProcessor, Qwen3VLProcessor
-
-    tokenizer = train_tokenizer(QWEN_SPECIALS, s["extra_words"])
-    ids = {t: _token_id(tokenizer, t) for t in QWEN_SPECIALS}
-    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    fast = _save_tokenizer(tokenizer, out, QWEN_CHAT_TEMPLATE, special)
-    image, video = _qwen_processors(family, s)
-    processor_class = Qwen2VLProcessor if family == "qwen2_vl" else Qwen3VLProcessor
-    processor = processor_class(
-        image_processor=image, tokenizer=fast, video_processor=video, chat_template=QWEN_CHAT_TEMPLATE
+    # Frame sampling keeps transformers' defaults, as real checkpoints do: Qwen3-VL resamples a clip to 2 fps
+    # (do_sample_frames=True) unless the caller passes do_sample_frames=False; Qwen2-VL does not resample.
+    processor = variant.processor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=fast,
+        video_processor=variant.video_processor(**common),
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
-    make_config = _qwen2_vl_config if family == "qwen2_vl" else _qwen3_vl_config
-    return make_config(s, tokenizer.get_vocab_size(), ids)
+    return variant.config(s, tokenizer.get_vocab_size(), ids)
 
 
 # --- Idefics3 (SmolVLM) ------------------------------------------------------------------------------------
 
 
 def _build_idefics3(out: Path, s: dict[str, Any]) -> Any:
-    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
-
     tokenizer = train_tokenizer(IDEFICS3_SPECIALS, s["extra_words"])
     ids = {t: _token_id(tokenizer, t) for t in IDEFICS3_SPECIALS}
     special = {"eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>", "bos_token": "<|im_start|>"}
@@ -335,8 +361,8 @@ def _build_idefics3(out: Path, s: dict[str, Any]) -> Any:
 
 
 BUILDERS: dict[str, Callable[[Path, dict[str, Any]], Any]] = {
-    "qwen2_vl": partial(_build_qwen, "qwen2_vl"),
-    "qwen3_vl": partial(_build_qwen, "qwen3_vl"),
+    "qwen2_vl": partial(_build_qwen, QWEN2_VL),
+    "qwen3_vl": partial(_build_qwen, QWEN3_VL),
     "idefics3": _build_idefics3,
 }
 assert tuple(BUILDERS) == FAMILIES
@@ -346,8 +372,6 @@ def build_tiny_vlm(family: str, out: Path, seed: int = 0, **overrides: Any) -> P
     """Writes a tiny random ``family`` VLM into ``out`` (created) and returns ``out``. ``overrides`` replace
     ``DEFAULT_SIZES`` (hidden_size, layers, heads, vision_hidden_size, vision_layers, vision_heads, patch_size,
     image_size, extra_words). Weights are drawn from ``torch.manual_seed(seed)``, saved in float32."""
-    from transformers import AutoModelForImageTextToText
-
     if family not in BUILDERS:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     out = Path(out)
@@ -382,8 +406,6 @@ def build_remote_code_vlm(out: Path) -> Path:
 
 def build_text_only_lm(out: Path, seed: int = 0) -> Path:
     """A tiny Qwen2 causal language model (no vision tower) with the Qwen tokenizer and chat template."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(QWEN_SPECIALS)
