@@ -87,8 +87,9 @@ def test_a_prompt_without_the_goal_is_refused():
 # --- the model ------------------------------------------------------------------------------------------------
 
 
-def test_a_multi_token_answer_is_refused_naming_its_tokens(tiny_vlm):
+def test_a_multi_token_answer_is_refused_naming_its_tokens(tiny_vlm, monkeypatch):
     card = J.describe_judge(str(tiny_vlm("qwen2_vl")))
+    monkeypatch.setattr(J, "_load_model", lambda *a, **k: pytest.fail("weights loaded before the answers were checked"))
     readout = J.Ratio(" True", " Truthfully")
     with pytest.raises(VlmlabelError) as excinfo:
         J.load_judge(card, readout, J.default_prompt(readout), torch.device("cpu"), "fp32")
@@ -103,6 +104,16 @@ def test_load_judge_refuses_a_prompt_without_the_goal(tiny_vlm):
     with pytest.raises(VlmlabelError) as excinfo:
         J.load_judge(card, J.LogProb(" True"), "Done?", torch.device("cpu"), "fp32")
     assert "no {goal} placeholder" in one_line(excinfo)
+
+
+def test_weights_that_cannot_be_read_are_refused_in_one_line(tiny_vlm, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vlm("idefics3"), folder)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    card = J.describe_judge(str(folder))
+    with pytest.raises(VlmlabelError) as excinfo:
+        J.load_judge(card, J.LogProb(" True"), "{goal}", torch.device("cpu"), "fp32")
+    assert one_line(excinfo).startswith(f"model {str(folder)!r}: cannot load its weights: ")
 
 
 def test_a_model_that_needs_remote_code_is_refused_without_running_it(tmp_path):

@@ -33,9 +33,10 @@ run under autocast ("auto" is bf16 on GPUs with bf16, fp16 on older ones, fp32 o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ try:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.utils import logging as transformers_logging
 
     _TRANSFORMERS = True
 except ImportError:  # the optional extra is not installed: describe_judge says how to install it
@@ -444,22 +446,42 @@ def load_judge(card: JudgeCard, readout: Readout, prompt: str, device: torch.dev
         raise ModelError(INSTALL_HINT)
     precision = resolve_precision(precision, device)
     prompt = check_prompt(prompt)
-    try:
-        processor = AutoProcessor.from_pretrained(card.path, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:
-        raise ModelError(f"model {card.name!r}: cannot load its processor: {_first_line(exc)}") from None
+    processor = _load_processor(card)  # the answers are checked before any weight loads
     answer_ids = tuple(_one_token(processor.tokenizer, answer) for answer in readout.answers)
     if processor.tokenizer.pad_token is None:  # padding only fills masked positions: any token will do
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    dtype = autocast_dtype(precision) or torch.float32
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            card.path, dtype=dtype, local_files_only=True, trust_remote_code=False
-        )
-    except Exception as exc:
-        raise ModelError(f"model {card.name!r}: cannot load its weights: {_first_line(exc)}") from None
+    model = _load_model(card, dtype=autocast_dtype(precision) or torch.float32)
     model.eval().to(device)
     return Judge(card, readout, prompt, device, precision, model, processor, answer_ids)
+
+
+def _load_processor(card: JudgeCard) -> Any:
+    try:
+        return AutoProcessor.from_pretrained(card.path, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"model {card.name!r}: cannot load its processor: {_first_line(exc)}") from None
+
+
+def _load_model(card: JudgeCard, dtype: torch.dtype) -> Any:
+    try:
+        with _no_progress_bars():
+            return AutoModelForImageTextToText.from_pretrained(
+                card.path, dtype=dtype, local_files_only=True, trust_remote_code=False
+            )
+    except Exception as exc:
+        raise ModelError(f"model {card.name!r}: cannot load its weights: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' loading bars off (the run shows its own progress), as they were afterwards."""
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def _one_token(tokenizer: Any, answer: str) -> int:
