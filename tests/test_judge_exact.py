@@ -137,6 +137,7 @@ def test_batched_readouts_equal_generate_one_query_at_a_time(loaded, family, nam
     assert len(set(lengths.tolist())) == len(queries)  # every row padded differently
     assert bool((batch["attention_mask"][:, -1] == 1).all())  # on the left
     got = judge.readouts(queries)
+    assert np.array_equal(judge.readouts_of(batch), got)  # a batch prepared ahead reads the same
     want = oracle(loaded(family), readout, queries)
     assert got.dtype == np.float32 and got.shape == (len(queries),)
     error = np.abs(got.astype(np.float64) - want).max()

@@ -379,7 +379,11 @@ class Judge:
         """(len(queries),) float32: each query's readout, all in one forward."""
         if not queries:
             return np.zeros(0, dtype=np.float32)
-        batch = self.inputs(queries).to(self.device)
+        return self.readouts_of(self.inputs(queries))
+
+    def readouts_of(self, batch: Any) -> np.ndarray:
+        """The readouts of a batch ``inputs`` made (which a reader can prepare while the model runs)."""
+        batch = batch.to(self.device)
         mask = batch["attention_mask"]
         length = mask.shape[1]
         # each row's last real token (with left padding, the last column); only those positions get logits
@@ -395,7 +399,7 @@ class Judge:
             torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
         ):
             out = self.model(**pixels, **extra, use_cache=False, logits_to_keep=keep)
-        logits = out.logits[torch.arange(len(queries), device=last.device), row_of]
+        logits = out.logits[torch.arange(len(last), device=last.device), row_of]
         logp = torch.log_softmax(logits.float(), dim=-1)[:, list(self.answer_ids)]
         return self.readout.value(logp).cpu().numpy().astype(np.float32)
 
@@ -450,6 +454,9 @@ def load_judge(card: JudgeCard, readout: Readout, prompt: str, device: torch.dev
     answer_ids = tuple(_one_token(processor.tokenizer, answer) for answer in readout.answers)
     if processor.tokenizer.pad_token is None:  # padding only fills masked positions: any token will do
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    video = getattr(processor, "video_processor", None)
+    if video is not None and getattr(video, "cap_pixels_per_frame", False) is None:
+        video.cap_pixels_per_frame = False  # what None does (transformers 5.x warns that a later default differs)
     model = _load_model(card, dtype=autocast_dtype(precision) or torch.float32)
     model.eval().to(device)
     return Judge(card, readout, prompt, device, precision, model, processor, answer_ids)
