@@ -186,9 +186,11 @@ def test_the_card_names_every_file_of_the_model_by_its_hash(tiny_vlm, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_vlm("idefics3"), folder)
     (folder / "README.md").write_text("not part of the model")
+    (folder / "model.safetensors.index.json").write_text("{}")  # as sharded weights have
     card = J.describe_judge(str(folder))
     files = dict(card.files)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(files)
+    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "chat_template.jinja"} <= set(files)
+    assert {"tokenizer.json", "tokenizer_config.json", "processor_config.json"} <= set(files)
     assert "README.md" not in files
     for name, digest in files.items():
         assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest()

@@ -87,6 +87,7 @@ IDENTITY_FILES = (
     "chat_template.jinja",
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+IDENTITY_SUFFIXES = (".jinja", ".index.json")  # chat templates; the index of sharded weights
 
 
 _TASK = "The robot's task is: {goal}\n"
@@ -306,7 +307,7 @@ def _has_auto_map(path: Path) -> bool:
 
 def _identity_files(path: Path) -> list[str]:
     names = {p.name for p in path.iterdir() if p.is_file()}
-    return sorted(n for n in names if n in IDENTITY_FILES or n.endswith(WEIGHT_SUFFIXES) or n.endswith(".jinja"))
+    return sorted(n for n in names if n in IDENTITY_FILES or n.endswith(WEIGHT_SUFFIXES + IDENTITY_SUFFIXES))
 
 
 # --- queries and the loaded judge -----------------------------------------------------------------------------
