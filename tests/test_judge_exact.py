@@ -145,8 +145,8 @@ def test_batched_readouts_equal_generate_one_query_at_a_time(loaded, family, nam
     assert error <= TOLERANCE, (family, name, got, want)
 
 
-def right_padded_last_column(judge: J.Judge, queries: list[J.Query]) -> np.ndarray:
-    """The mistake the judge must not make: pad on the right and read every row at ``[:, -1]``."""
+def right_padded(judge: J.Judge, queries: list[J.Query]):
+    """The judge's batch, padded on the right instead."""
     judge.processor.tokenizer.padding_side = "right"
     try:
         batch = judge.processor(
@@ -158,8 +158,14 @@ def right_padded_last_column(judge: J.Judge, queries: list[J.Query]) -> np.ndarr
         )
     finally:
         judge.processor.tokenizer.padding_side = "left"
+    assert int(batch["attention_mask"][:, -1].min()) == 0  # some rows really end in padding
+    return batch
+
+
+def right_padded_last_column(judge: J.Judge, queries: list[J.Query]) -> np.ndarray:
+    """The mistake the judge must not make: pad on the right and read every row at ``[:, -1]``."""
+    batch = right_padded(judge, queries)
     mask = batch["attention_mask"]
-    assert int(mask[:, -1].min()) == 0  # some rows really end in padding
     extra = {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)} if judge._positions_from_mask else {}
     with torch.no_grad():
         logits = judge.model(**batch, **extra, use_cache=False).logits[:, -1]
@@ -192,6 +198,17 @@ def test_a_right_padded_batch_read_at_the_last_column_fails_the_tolerance(loaded
     error = np.abs(wrong - oracle(loaded(family), readout, queries)).max()
     print(f"{family} {name}: right-padded [:, -1] is off by {error:.3g}")
     assert error > 1e-2  # far outside TOLERANCE: the exactness test above would fail on it
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_readout_is_positioned_by_the_attention_mask_even_on_a_right_padded_batch(loaded, family):
+    """The judge pads on the left, but it finds each row's last real token from the mask, never at ``[:, -1]``:
+    given a right-padded batch it still reads what each query alone reads (only those positions' logits)."""
+    readout = READOUTS["logprob"]
+    queries = mixed_queries()
+    judge = judge_for(loaded(family)[0], readout)
+    got = judge.readouts_of(right_padded(judge, queries))
+    assert np.abs(got - oracle(loaded(family), readout, queries)).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
