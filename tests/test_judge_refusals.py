@@ -116,6 +116,16 @@ def test_weights_that_cannot_be_read_are_refused_in_one_line(tiny_vlm, tmp_path)
     assert one_line(excinfo).startswith(f"model {str(folder)!r}: cannot load its weights: ")
 
 
+def test_a_model_without_a_chat_template_is_refused(tiny_vlm, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_vlm("idefics3"), folder)
+    (folder / "chat_template.jinja").unlink()
+    monkeypatch.setattr(J, "_load_model", lambda *a, **k: pytest.fail("weights loaded for a model it refuses"))
+    with pytest.raises(VlmlabelError) as excinfo:
+        J.load_judge(J.describe_judge(str(folder)), J.LogProb(" True"), "{goal}", torch.device("cpu"), "fp32")
+    assert "has no chat template" in one_line(excinfo)
+
+
 def test_a_model_that_needs_remote_code_is_refused_without_running_it(tmp_path):
     from tools.synthetic.tiny_vlm import build_remote_code_vlm
 

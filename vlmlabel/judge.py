@@ -465,9 +465,15 @@ def load_judge(card: JudgeCard, readout: Readout, prompt: str, device: torch.dev
 
 def _load_processor(card: JudgeCard) -> Any:
     try:
-        return AutoProcessor.from_pretrained(card.path, local_files_only=True, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(card.path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"model {card.name!r}: cannot load its processor: {_first_line(exc)}") from None
+    if getattr(processor, "chat_template", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ModelError(
+            f"model {card.name!r} has no chat template (chat_template.jinja) or no tokenizer in its processor; "
+            "give an instruction-tuned (chat) vision-language model"
+        )
+    return processor
 
 
 def _load_model(card: JudgeCard, dtype: torch.dtype) -> Any:
