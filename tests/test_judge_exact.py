@@ -30,6 +30,7 @@ GOALS = (
     "is the gripper closed around the object",
 )
 FRAME_COUNTS = (1, 2, 3, 4)
+FRAME_SIZES = ((32, 32), (40, 48), (48, 40), (32, 64))  # (H, W): the processors resize each query its own way
 READOUTS = {
     "logprob": J.LogProb(" True"),
     "ratio": J.Ratio(" True", " False"),
@@ -38,11 +39,11 @@ READOUTS = {
 
 
 def mixed_queries(seed: int = 0, fps: float = 10.0) -> list[J.Query]:
-    """Four queries: K = 1, 2, 3, 4 frames with short and long goals, in one batch."""
+    """Four queries: K = 1, 2, 3, 4 frames of different sizes, with short and long goals, in one batch."""
     rng = np.random.default_rng(seed)
     return [
-        J.Query(rng.integers(0, 256, (k, 32, 32, 3), dtype=np.uint8), goal, fps)
-        for k, goal in zip(FRAME_COUNTS, GOALS, strict=True)
+        J.Query(rng.integers(0, 256, (k, h, w, 3), dtype=np.uint8), goal, fps)
+        for k, (h, w), goal in zip(FRAME_COUNTS, FRAME_SIZES, GOALS, strict=True)
     ]
 
 
