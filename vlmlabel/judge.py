@@ -17,8 +17,9 @@ How frames are sent, per model family (``VIDEO_FAMILIES``):
 
 - Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and its MoE): K > 1 frames go as one video, all K frames kept (no frame
   sampling), with fps metadata: ``Query.fps``, the rate of the frames as given, else ``DEFAULT_FPS``. Qwen3-VL
-  writes each frame's timestamp into the prompt from it; Qwen2-VL's positions do not depend on it. K = 1 goes as
-  one image (a video of one frame would be padded to the model's temporal patch).
+  writes each frame's timestamp into the prompt from it, Qwen2.5-VL spaces its temporal positions by it;
+  Qwen2-VL does not use it. K = 1 goes as one image (a video of one frame would be padded to the model's
+  temporal patch).
 - Every other family (Idefics3 / SmolVLM among them): K images, one after another in the same user turn.
 
 Batching: the processor pads on the left (forced); the readout position is each row's last real token as the
@@ -61,11 +62,11 @@ except ImportError:  # the optional extra is not installed: describe_judge says 
 INSTALL_HINT = "--scorer vlm needs transformers: pip install 'vlmlabel[vlm]'"
 GOAL = "{goal}"
 DEFAULT_ANSWER = " True"
-DEFAULT_VERSUS = " False"
 DEFAULT_FPS = 2.0  # frames per second told to video models when the dataset does not say (Qwen's own default)
 VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
-# A batch's default size: this many input tokens (all queries together). A GPU holds the activations of a
-# 7-8B model's forward at this many tokens in bf16 beside its weights (no KV cache is kept: use_cache=False).
+# A batch's default size: this many input tokens (all queries together). An estimate, not measured: at 32768
+# tokens a 7-8B model's largest bf16 activations (hidden 4096, MLP 12288 wide) are a few GiB, beside its weights
+# on a 40-80 GB GPU (no KV cache is kept: use_cache=False); on a CPU, larger batches gain nothing.
 GPU_TOKEN_BUDGET = 32768
 CPU_TOKEN_BUDGET = 8192
 CONFIG_FILE = "config.json"
