@@ -103,6 +103,23 @@ def imports(package: Path = PACKAGE) -> list[Import]:
     return found
 
 
+def importers_of(library: str, package: Path = PACKAGE) -> dict[str, list[int]]:
+    """The vlmlabel modules that import ``library`` (a third-party top-level name), anywhere in their source,
+    lazily or not, with the lines."""
+    found: dict[str, list[int]] = {}
+    for module, path in _modules(package).items():
+        for node, _ in _walk(ast.parse(path.read_text(encoding="utf-8"), str(path)), True):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if not getattr(node, "level", 0) and any(name.split(".")[0] == library for name in names):
+                found.setdefault(module, []).append(node.lineno)
+    return found
+
+
+def eager_imports_of(module: str, found: list[Import]) -> list[str]:
+    """Imports of ``module`` that run when their own module is imported (anything but a lazy import)."""
+    return [str(each) for each in found if each.target == module and each.at_import]
+
+
 def floor_of(module: str) -> str | None:
     """The floor in ``ALLOWED`` holding ``module`` (the longest prefix that names it), else None."""
     named = [floor for floor in ALLOWED if module == floor or module.startswith(floor + ".")]
@@ -196,6 +213,36 @@ def test_no_vlmlabel_modules_import_one_another_in_a_cycle():
     found = cycles(imports())
     shown = ["\n".join(f"  {edge}" for edge in cycle) for cycle in found]
     assert not found, "import cycles:\n" + "\n\n".join(shown)
+
+
+# transformers is the optional extra vlmlabel[vlm]: one module imports it, and no module imports that one at
+# import time (the scorer registry loads it when --scorer vlm asks), so the CLI starts without transformers.
+OPTIONAL = {"transformers": "vlmlabel.judge"}
+
+
+def test_only_the_judge_imports_transformers():
+    for library, door in OPTIONAL.items():
+        assert sorted(importers_of(library)) == [door], f"{library} is imported outside {door}"
+
+
+def test_the_judge_is_imported_only_lazily():
+    eager = [line for door in OPTIONAL.values() for line in eager_imports_of(door, imports())]
+    assert not eager, "the optional extra's module imported at import time:\n" + "\n".join(eager)
+
+
+def test_the_optional_import_checks_see_a_second_importer_and_an_eager_import(tmp_path):
+    package = tmp_path / "vlmlabel"
+    for name, text in {
+        "__init__.py": "",
+        "judge.py": "try:\n    from transformers import AutoProcessor\nexcept ImportError:\n    pass\n",
+        "run/__init__.py": "",
+        "run/score.py": "from vlmlabel import judge\n\ndef f():\n    import transformers.models\n",
+        "run/lazy.py": "def f():\n    from vlmlabel.judge import Judge\n",
+    }.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    assert importers_of("transformers", package) == {"vlmlabel.judge": [2], "vlmlabel.run.score": [4]}
+    assert eager_imports_of("vlmlabel.judge", imports(package)) == ["vlmlabel/run/score.py:1 imports vlmlabel.judge"]
 
 
 def test_the_checks_see_a_back_arrow_a_lazy_import_and_a_cycle(tmp_path):
