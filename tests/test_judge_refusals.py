@@ -30,9 +30,9 @@ def one_line(excinfo: pytest.ExceptionInfo) -> str:
 
 
 def test_the_options_name_the_readout():
-    assert J.parse_readout(None, None, None) == J.LogProb(" True")
+    assert J.parse_readout(None, None, None) == J.LogProb("True")
     assert J.parse_readout("Yes", None, None) == J.LogProb("Yes")
-    assert J.parse_readout(None, " False", None) == J.Ratio(" True", " False")
+    assert J.parse_readout(None, " False", None) == J.Ratio("True", " False")
     assert J.parse_readout(" 5", " 1", None) == J.Ratio(" 5", " 1")
     assert J.parse_readout(None, None, "1=0,2=0.25, 3=1") == J.Expected((("1", 0.0), ("2", 0.25), (" 3", 1.0)))
     for readout in (J.LogProb(" True"), J.Ratio(" True", " False"), J.Expected((("1", 0.0), ("5", 1.0)))):

@@ -7,7 +7,8 @@ A query is K frames (oldest first) and a goal. It is rendered with the model's o
 the frames, then the prompt with ``{goal}`` filled in; ``add_generation_prompt=True``), run through the model's
 own processor, and the readout is taken from the log-probabilities of the token that would come next:
 
-- ``LogProb(answer)``: log P(answer) (TOPReward reads log P(" True")),
+- ``LogProb(answer)``: log P(answer) (TOPReward reads log P(" True"); the default "True" follows the chat
+  template's generation prompt, which ends a line in Qwen's templates: give --answer " True" where it does not),
 - ``Ratio(answer, versus)``: P(answer) / (P(answer) + P(versus)),
 - ``Expected(values)``: sum(v_i p_i) / sum(p_i) over the listed answers (RoboReward-style scores).
 
@@ -48,6 +49,7 @@ import torch
 from vlmlabel.device import autocast_dtype, resolve_precision
 from vlmlabel.errors import ModelError, VlmlabelError
 from vlmlabel.model import file_sha256
+from vlmlabel.queries import DEFAULT_ANSWER, GOAL_FIELD
 
 try:
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -60,8 +62,6 @@ except ImportError:  # the optional extra is not installed: describe_judge says 
     _TRANSFORMERS = False
 
 INSTALL_HINT = "--scorer vlm needs transformers: pip install 'vlmlabel[vlm]'"
-GOAL = "{goal}"
-DEFAULT_ANSWER = " True"
 DEFAULT_FPS = 2.0  # frames per second told to video models when the dataset does not say (Qwen's own default)
 VIDEO_FAMILIES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"})
 # A batch's default size: this many input tokens (all queries together). An estimate, not measured: at 32768
@@ -166,7 +166,8 @@ Readout = LogProb | Ratio | Expected
 
 def parse_readout(answer: str | None, versus: str | None, answer_values: str | None) -> Readout:
     """The readout the options name: ``--answer-values`` alone -> Expected; ``--versus`` -> Ratio (its answer
-    defaults to " True"); else LogProb (default " True", TOPReward's)."""
+    defaults to "True"); else LogProb (default "True": TOPReward's " True", read after the chat template's
+    generation prompt, which ends a line)."""
     if answer_values is not None:
         if answer is not None or versus is not None:
             raise VlmlabelError("--answer-values cannot be combined with --answer or --versus; give one readout")
@@ -210,9 +211,9 @@ def default_prompt(readout: Readout) -> str:
 
 def check_prompt(prompt: str) -> str:
     """The prompt, once it is known to hold the ``{goal}`` placeholder (filled in per query)."""
-    if GOAL not in prompt:
+    if GOAL_FIELD not in prompt:
         raise VlmlabelError(
-            f"--prompt {prompt!r} has no {GOAL} placeholder; write where the goal goes, e.g. 'Task: {GOAL}'"
+            f"--prompt {prompt!r} has no {GOAL_FIELD} placeholder; write where the goal goes, e.g. 'Task: {GOAL_FIELD}'"
         )
     return prompt
 
@@ -373,7 +374,7 @@ class Judge:
         if query.frames.ndim != 4 or query.frames.shape[0] < 1 or query.frames.shape[-1] != 3:
             raise VlmlabelError(f"a query needs frames (K, H, W, 3) with K >= 1, not {tuple(query.frames.shape)}")
         shown = [{"type": "video"}] if self.as_video(query) else [{"type": "image"}] * len(query.frames)
-        content = [*shown, {"type": "text", "text": self.prompt.replace(GOAL, query.goal)}]
+        content = [*shown, {"type": "text", "text": self.prompt.replace(GOAL_FIELD, query.goal)}]
         messages = [{"role": "user", "content": content}]
         return str(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 

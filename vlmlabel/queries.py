@@ -53,11 +53,6 @@ class JudgeSpec:
     anchors: int | None = None
 
     def validate(self) -> JudgeSpec:
-        if self.prompt is not None and GOAL_FIELD not in self.prompt:
-            raise VlmlabelError(
-                f"--prompt {self.prompt!r} has no {GOAL_FIELD} placeholder; put {GOAL_FIELD} where the goal "
-                'goes, e.g. --prompt "Task: {goal}. Is it done? Answer True or False."'
-            )
         if self.context_frames < 1:
             raise VlmlabelError(f"--context-frames must be at least 1, not {self.context_frames}")
         if self.context is Context.frame and self.context_frames != DEFAULT_CONTEXT_FRAMES:

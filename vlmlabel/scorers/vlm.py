@@ -184,8 +184,15 @@ class QueryRows:
     def _query(self, query: int, frames: EpisodeFrames) -> Any:
         episode = self.plan.episode_of(query)
         step, goal = self.plan.step_and_goal(episode, query)
-        shown = frames.get(episode)[context_indices(self.spec.context, self.spec.frames, step)]
-        return _judge_module().Query(shown, self.goals[goal], self.fps)
+        picked = context_indices(self.spec.context, self.spec.frames, step)
+        return _judge_module().Query(frames.get(episode)[picked], self.goals[goal], _rate(self.fps, picked))
+
+
+def _rate(fps: float | None, picked: np.ndarray) -> float | None:
+    """The frame rate of the frames a query shows: the dataset's over their mean spacing (None: not known)."""
+    if fps is None or len(picked) < 2:
+        return fps
+    return fps * (len(picked) - 1) / float(picked[-1] - picked[0])
 
 
 @dataclass
@@ -204,7 +211,7 @@ class LoadedJudge:
         goals = run.config.goals
         plan = QueryPlan.of(steps, self.spec.anchors, len(goals))
         workers = resolve_workers(run.request.workers)
-        fps = getattr(run.source, "fps", None) or None
+        fps = getattr(run.source, "fps", None) or None  # LeRobot datasets know their frame rate; others do not
 
         def rows_of(source: DatasetSource, episodes: list[Episode]) -> Rows:
             return QueryRows(source, episodes, plan, self.judge, self.spec, goals, workers, fps)
@@ -260,8 +267,10 @@ class VlmScorer:
         if request.pretrained:
             raise VlmlabelError("--pretrained applies to --scorer clip; give the judge's folder or Hub id as --model")
         config = request.reward_config()
-        spec = config.judge or JudgeSpec()
-        _judge_module().parse_readout(spec.answer, spec.versus, spec.answer_values)
+        spec, judge = config.judge or JudgeSpec(), _judge_module()
+        judge.parse_readout(spec.answer, spec.versus, spec.answer_values)
+        if spec.prompt is not None:
+            judge.check_prompt(spec.prompt)
         return dataclasses.replace(request, formulation=dataclasses.replace(config, judge=spec).validate())
 
     @staticmethod
