@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, peak_tflops, run_bench
+from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 
 CONTRACT = {
@@ -149,3 +151,98 @@ def test_bench_with_random_weights_of_a_real_architecture():
     assert result["random_weights"] is True and result["pretrained"] == "random"
     # ViT-B-32 is quoted at 4.4 GMACs (8.8 GFLOPs) per 224 px image.
     assert 8.0e9 < result["flops_per_image"] < 9.5e9
+
+
+VLM_CONTRACT = {
+    "scorer": str,
+    "device": str,
+    "model": str,
+    "family": str,
+    "precision": str,
+    "frames": int,
+    "episodes": int,
+    "queries": int,
+    "batch_size": int,
+    "batches": int,
+    "end_to_end_qps": float,
+    "end_to_end_fps": float,
+    "model_only_qps": float,
+    "model_only_fps": float,
+    "forward_only_qps": float,
+    "naive_qps": float,
+    "naive_fps": float,
+    "ratio_vs_model_only": float,
+    "ratio_vs_naive": float,
+    "tokens_per_query": dict,
+    "queries_per_episode": dict,
+    "definitions": dict,
+    "max_abs_readout_diff_vs_naive": float,
+    "peak_rss_mb": float,
+    "environment": dict,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_bench_vlm_with_a_tiny_judge_reports_every_field():
+    done = _run_cli(
+        "--scorer",
+        "vlm",
+        "--tiny",
+        "qwen2_vl",
+        "--device",
+        "cpu",
+        "--frames",
+        "10",
+        "--episode-steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--anchors",
+        "3",
+        "--repeats",
+        "1",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # stdout is exactly one JSON object
+    for key, kind in VLM_CONTRACT.items():
+        assert isinstance(result[key], kind), (key, result[key])
+    assert (result["scorer"], result["family"], result["tiny"], result["precision"]) == (
+        "vlm",
+        "qwen2_vl",
+        "qwen2_vl",
+        "fp32",
+    )
+    # 2 episodes of 5 steps, 3 anchors each: 6 queries in batches of 4 (4 + 2)
+    assert (result["frames"], result["episodes"], result["queries"]) == (10, 2, 6)
+    assert result["queries_per_episode"] == {"mean": 3.0, "min": 3, "max": 3}
+    assert (result["batch_size"], result["batches"], result["anchors"]) == (4, 2, 3)
+    for path in ("end_to_end", "model_only", "forward_only", "naive"):
+        assert result[f"{path}_qps"] > 0 and len(result["seconds"][path]) == 1, path
+        assert result[f"{path}_fps"] == pytest.approx(result[f"{path}_qps"] * 10 / 6), path  # steps vs queries
+        assert path in result["definitions"]
+    assert result["ratio_vs_model_only"] == pytest.approx(result["end_to_end_qps"] / result["model_only_qps"])
+    assert result["ratio_vs_naive"] == pytest.approx(result["end_to_end_qps"] / result["naive_qps"])
+    tokens = result["tokens_per_query"]
+    assert 0 < tokens["min"] <= tokens["mean"] <= tokens["max"]
+    # the batched readouts equal generate's, one query at a time (fp32)
+    assert result["max_abs_readout_diff_vs_naive"] < 1e-5
+    assert result["judge"]["context"] == "prefix" and result["environment"]["transformers"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--scorer", "vlm"), "--model FOLDER (a judge) or --tiny FAMILY"),
+        (("--scorer", "vlm", "--tiny", "qwen2_vl", "--compile"), "--compile does not apply to bench --scorer vlm"),
+        (("--scorer", "vlm", "--tiny", "qwen2_vl", "--batch-size", "2,4"), "takes one size"),
+        (("--tiny", "qwen2_vl"), "--tiny does not apply to bench --scorer clip"),
+        (("--anchors", "3"), "--context/--context-frames/--anchors does not apply to bench --scorer clip"),
+    ],
+)
+def test_bench_refuses_options_of_the_other_scorer_in_one_line(args, message):
+    done = CliRunner().invoke(app, ["bench", *args, "--device", "cpu", "--json"], prog_name="vlmlabel")
+    assert done.exit_code == 2, done.output
+    assert done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr

@@ -15,7 +15,7 @@ from vlmlabel.engine import FrameScorer, score_episodes
 from vlmlabel.model import load_model
 from vlmlabel.reader.batchfill import DECODED_AXES
 from vlmlabel.reader.buffers import BufferPool, as_nchw
-from vlmlabel.reader.readahead import _prefetch, decode_jpegs, iter_batches
+from vlmlabel.reader.readahead import decode_jpegs, iter_batches, prefetch
 from vlmlabel.rewards import cosine
 from vlmlabel.sources import Align, open_source
 
@@ -97,7 +97,7 @@ def test_stopping_early_releases_the_reader(tmp_path):
     layout_file = layouts.build_flat_d4rl(tmp_path / "flat.h5")
     with open_source(str(layout_file.path)) as source:
         pool = BufferPool(2, (2, *source.frame_format.frame_shape), pin=False)
-        batches = _prefetch(iter_batches(source, source.episodes(Align.frame), 2, pool), depth=1)
+        batches = prefetch(iter_batches(source, source.episodes(Align.frame), 2, pool), depth=1)
         next(batches)  # never released by the consumer
         batches.close()
     assert not any(t.name == "vlmlabel-reader" and t.is_alive() for t in threading.enumerate())

@@ -187,12 +187,20 @@ def _synthetic_frames(count: int, height: int, width: int, rng: np.random.Genera
     return np.clip(base + ys * slope_y + xs * slope_x + noise, 0, 255).astype(np.uint8)
 
 
-def write_synthetic(path: Path, frames: int, frame_size: tuple[int, int], encoding: str, seed: int = 0) -> Path:
-    """A D4RL-style flat file: `observations` (raw HWC uint8 or JPEG bytes), `terminals` every 500 steps."""
+def write_synthetic(
+    path: Path,
+    frames: int,
+    frame_size: tuple[int, int],
+    encoding: str,
+    seed: int = 0,
+    episode_steps: int = EPISODE_STEPS,
+) -> Path:
+    """A D4RL-style flat file: `observations` (raw HWC uint8 or JPEG bytes), `terminals` every
+    ``episode_steps`` steps."""
     height, width = frame_size
     rng = np.random.default_rng(seed)
     terminals = np.zeros(frames, dtype=bool)
-    terminals[EPISODE_STEPS - 1 :: EPISODE_STEPS] = True
+    terminals[episode_steps - 1 :: episode_steps] = True
     with h5py.File(path, "w") as f:
         if encoding == "raw":
             rows = max(1, min(frames, CHUNK_BYTES // (height * width * 3)))

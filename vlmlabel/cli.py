@@ -11,7 +11,7 @@ import functools
 import io
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -54,6 +54,8 @@ from vlmlabel.sources.base import VideoDecoder, describe_frames, is_utf8
 if TYPE_CHECKING:  # mypy sees one UsageError (the two imports below give unrelated classes)
     from typer._click.exceptions import UsageError
     from typer._click.globals import get_current_context
+
+    from vlmlabel.bench_vlm import VlmBenchConfig
 else:
     try:  # recent Typer vendors click as typer._click
         from typer._click.exceptions import UsageError
@@ -157,6 +159,25 @@ ScorerOpt = Annotated[
         "embedding cache). vlm: a generative VLM judges each step from its --context frames, and its answer's "
         "probability is the reward (needs pip install 'vlmlabel[vlm]').",
         rich_help_panel=MODEL_PANEL,
+    ),
+]
+ContextOpt = Annotated[
+    Context,
+    typer.Option(
+        help="vlm: what a query shows: the scored frame; a window of the --context-frames frames ending at it; or "
+        "a prefix: --context-frames frames spaced evenly from the episode's first frame to it (TOPReward).",
+        rich_help_panel=JUDGE_PANEL,
+    ),
+]
+ContextFramesOpt = Annotated[
+    int, typer.Option(help="vlm: frames per query for --context window or prefix.", rich_help_panel=JUDGE_PANEL)
+]
+AnchorsOpt = Annotated[
+    str,
+    typer.Option(
+        help="vlm: 'all' queries every step; N queries N steps evenly spaced in each episode (the first and the "
+        "last included) and interpolates linearly between them.",
+        rich_help_panel=JUDGE_PANEL,
     ),
 ]
 BatchSizeOpt = Annotated[
@@ -385,26 +406,9 @@ def relabel(
             rich_help_panel=JUDGE_PANEL,
         ),
     ] = None,
-    context: Annotated[
-        Context,
-        typer.Option(
-            help="vlm: what a query shows: the scored frame; a window of the --context-frames frames ending at it; or "
-            "a prefix: --context-frames frames spaced evenly from the episode's first frame to it (TOPReward).",
-            rich_help_panel=JUDGE_PANEL,
-        ),
-    ] = DEFAULT_CONTEXT,
-    context_frames: Annotated[
-        int,
-        typer.Option(help="vlm: frames per query for --context window or prefix.", rich_help_panel=JUDGE_PANEL),
-    ] = DEFAULT_CONTEXT_FRAMES,
-    anchors: Annotated[
-        str,
-        typer.Option(
-            help="vlm: 'all' queries every step; N queries N steps evenly spaced in each episode (the first and the "
-            "last included) and interpolates linearly between them.",
-            rich_help_panel=JUDGE_PANEL,
-        ),
-    ] = "all",
+    context: ContextOpt = DEFAULT_CONTEXT,
+    context_frames: ContextFramesOpt = DEFAULT_CONTEXT_FRAMES,
+    anchors: AnchorsOpt = "all",
     image_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -1157,12 +1161,44 @@ def bench(
         ),
     ] = None,
     model: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel.",
+            help=f"open_clip architecture, hf-hub:ORG/REPO or a model folder, as for relabel (default {DEFAULT_MODEL})"
+            "; with --scorer vlm, the judge's folder or Hub id.",
+            show_default=False,
             rich_help_panel=MODEL_PANEL,
         ),
-    ] = DEFAULT_MODEL,
+    ] = None,
+    scorer: Annotated[
+        str,
+        typer.Option(
+            "--scorer",
+            help="clip: frames/s of CLIP. vlm: queries/s of a VLM judge end to end (relabel's scoring phase), of the "
+            "model alone (processor + batched forwards on decoded frames) and of a naive one-query generate loop.",
+            rich_help_panel=MODEL_PANEL,
+        ),
+    ] = DEFAULT_SCORER,
+    tiny: Annotated[
+        str | None,
+        typer.Option(
+            help="vlm: bench a tiny random judge of this family (qwen2_vl, qwen3_vl, idefics3), built from the "
+            "source tree's tools/synthetic/tiny_vlm.py, instead of --model.",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    context: ContextOpt = DEFAULT_CONTEXT,
+    context_frames: ContextFramesOpt = DEFAULT_CONTEXT_FRAMES,
+    anchors: AnchorsOpt = "all",
+    episode_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="vlm: steps per episode of the synthetic file (default 64).",
+            show_default=False,
+            rich_help_panel=JUDGE_PANEL,
+        ),
+    ] = None,
+    workers: WorkersOpt = None,
     pretrained: Annotated[
         str | None,
         typer.Option(
@@ -1206,16 +1242,46 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed repetitions per path; the median is reported.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")] = False,
 ) -> None:
-    """Measure frames/s of the model alone, of vlmlabel end to end and of a naive PIL script."""
+    """Measure frames/s of the model alone, of vlmlabel end to end and of a naive PIL script (--scorer vlm: a
+    VLM judge's queries/s)."""
     from vlmlabel.bench import BenchConfig, parse_batch_sizes, parse_frame_size, run_bench  # loads with its command
+    from vlmlabel.bench_vlm import VLM_EPISODE_STEPS, VlmBenchConfig
 
     if source_option is not None:
         if source is not None and source != source_option:
             raise typer.BadParameter("give the file once, as SOURCE", param_hint="--source")
         _note(f"--source is deprecated: give the file as an argument, vlmlabel bench {source_option}")
         source = source_option
+    judge = JudgeSpec(context=context, context_frames=context_frames, anchors=_anchors(anchors))
+    if scorer == "vlm":
+        refused = {"--pretrained": pretrained, "--compile": compile, "--video-decoder": video_decoder.value != "cpu"}
+        _refuse_for_scorer(scorer, refused)
+        _bench_vlm(
+            VlmBenchConfig(
+                model=model,
+                tiny=tiny,
+                precision=precision.value,
+                batch_size=_one_batch_size(batch_size, parse_batch_sizes),
+                device=device,
+                frames=frames,
+                episode_steps=episode_steps or VLM_EPISODE_STEPS,
+                frame_size=parse_frame_size(frame_size),
+                encoding=encoding.value,
+                source=source,
+                image_key=image_key,
+                repeats=repeats,
+                judge=judge,
+                workers=workers,
+            ),
+            json_output,
+        )
+        return
+    if scorer != DEFAULT_SCORER:
+        raise VlmlabelError(f"--scorer {scorer!r}: bench knows {DEFAULT_SCORER} and vlm")
+    vlm_only = {"--tiny": tiny, "--episode-steps": episode_steps, "--workers": workers is not None}
+    _refuse_for_scorer(scorer, {**vlm_only, "--context/--context-frames/--anchors": judge != JudgeSpec()})
     config = BenchConfig(
-        model=model,
+        model=model or DEFAULT_MODEL,
         pretrained=pretrained,
         precision=precision.value,
         batch_sizes=parse_batch_sizes(batch_size) if batch_size else None,
@@ -1236,6 +1302,63 @@ def bench(
     with console.status("benchmarking") as spinner:
         result = run_bench(config, status=lambda message: spinner.update(f"benchmarking: {message}"))
     _print_bench(result)
+
+
+def _refuse_for_scorer(scorer: str, options: Mapping[str, object]) -> None:
+    given = [name for name, value in options.items() if value]
+    if given:
+        raise VlmlabelError(f"{given[0]} does not apply to bench --scorer {scorer}; leave it out")
+
+
+def _one_batch_size(text: str | None, parse: Callable[[str], list[int]]) -> int | None:
+    if text is None:
+        return None
+    sizes = parse(text)
+    if len(sizes) > 1:
+        raise VlmlabelError(f"--batch-size {text!r}: bench --scorer vlm takes one size (queries per batch)")
+    return sizes[0]
+
+
+def _bench_vlm(config: VlmBenchConfig, json_output: bool) -> None:
+    from vlmlabel.bench_vlm import run_vlm_bench  # loads with its command
+
+    if json_output:  # stdout holds the JSON object alone; progress goes to stderr
+        result = run_vlm_bench(config, status=lambda message: console.print(f"bench: {message}", highlight=False))
+        print(json.dumps(result))
+        return
+    with console.status("benchmarking") as spinner:
+        result = run_vlm_bench(config, status=lambda message: spinner.update(f"benchmarking: {message}"))
+    _print_vlm_bench(result)
+
+
+def _print_vlm_bench(result: dict) -> None:
+    judge = result["judge"]
+    table = Table(
+        title=f"vlmlabel bench --scorer vlm: {result['model']} ({result['family']}), {result['precision']} on "
+        f"{result['device']}, {result['queries']:,} queries over {result['frames']:,} steps of {result['source']}",
+        title_justify="left",
+    )
+    for column in ("path", "queries/s", "frames/s", "end to end is"):
+        table.add_column(column, justify="right")
+    for name in ("end_to_end", "model_only", "forward_only", "naive"):
+        ratio = result["end_to_end_qps"] / result[f"{name}_qps"]
+        table.add_row(
+            name.replace("_", "-"),
+            f"{result[f'{name}_qps']:,.2f}",
+            f"{result[f'{name}_fps']:,.2f}",
+            "" if name == "end_to_end" else f"{ratio:.2f}x",
+        )
+    stdout.print(table)
+    tokens, per_episode = result["tokens_per_query"], result["queries_per_episode"]
+    stdout.print(
+        f"batch {result['batch_size']} queries; {tokens['mean']:.0f} tokens per query ({tokens['min']}-"
+        f"{tokens['max']}); {per_episode['mean']:.1f} queries per episode; context {judge['context']} of "
+        f"{judge['context_frames']} frames, anchors {result['anchors']}; {result['environment']['cpu_threads']} "
+        f"CPU threads; median of {len(result['seconds']['naive'])} timed runs, warm-up excluded; max |readout "
+        f"difference| model-only vs naive {result['max_abs_readout_diff_vs_naive']:.2e}"
+    )
+    for name, text in result["definitions"].items():
+        stdout.print(f"{name.replace('_', '-')}: {text}", highlight=False)
 
 
 def _print_bench(result: dict) -> None:

@@ -14,7 +14,8 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from vlmlabel.sources.base import Episode, FrameFormat, FrameSource, Reopenable,
 
 PREFETCH_BATCHES = 3
 _DONE = object()
+T = TypeVar("T")
 
 
 def _decode(blobs: Sequence[torch.Tensor], where: str, alpha: Sequence[str | None] = ()) -> list[torch.Tensor]:
@@ -184,23 +186,34 @@ def _encoded_batches(source: FrameSource, episodes: list[Episode], batch_size: i
         yield flush()
 
 
-def _prefetch(batches: Iterator[Batch], depth: int) -> Generator[Batch, None, None]:
-    """Run ``batches`` in a background thread, ``depth`` batches ahead; errors surface in the caller."""
+def _release_batch(item: object) -> None:
+    if isinstance(item, Batch):
+        item.release()  # so a reader waiting for a free buffer can see the stop
+
+
+def prefetch(
+    items: Iterator[T], depth: int, release: Callable[[T], None] = _release_batch, name: str = "vlmlabel-reader"
+) -> Generator[T, None, None]:
+    """Run ``items`` in a background thread, ``depth`` items ahead; errors surface in the caller. Items made but
+    never taken go to ``release``; a generator is closed in that thread when the caller stops or it ends."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for batch in batches:
+            for item in items:
                 if stop.is_set():
-                    batch.release()
+                    release(item)
                     return
-                slots.put(batch)
+                slots.put(item)
             slots.put(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             slots.put(exc)
+        finally:
+            if isinstance(items, Generator):
+                items.close()  # its own clean-up (a reader it holds) runs here, in the thread that ran it
 
-    worker = threading.Thread(target=produce, name="vlmlabel-reader", daemon=True)
+    worker = threading.Thread(target=produce, name=name, daemon=True)
     worker.start()
     try:
         while True:
@@ -215,8 +228,8 @@ def _prefetch(batches: Iterator[Batch], depth: int) -> Generator[Batch, None, No
         while worker.is_alive():
             try:
                 item = slots.get_nowait()
-                if isinstance(item, Batch):
-                    item.release()  # so a reader waiting for a free buffer can see the stop
+                if item is not _DONE and not isinstance(item, BaseException):
+                    release(item)
             except queue.Empty:
                 worker.join(timeout=0.05)
 
@@ -251,7 +264,7 @@ def read_ahead(
         first = next((s for e in episodes for s in e.frames if len(s)), None)
         size = batch_size * frame_bytes(source, first, fmt, source.image_key) if first is not None else 1
         pool = BufferPool(PREFETCH_BATCHES + 2, (size,), pin=device.type == "cuda")
-    batches = _prefetch(iter_batches(source, episodes, batch_size, pool, jpeg_on_device), PREFETCH_BATCHES)
+    batches = prefetch(iter_batches(source, episodes, batch_size, pool, jpeg_on_device), PREFETCH_BATCHES)
     try:
         yield from batches
     finally:

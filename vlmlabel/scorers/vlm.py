@@ -4,14 +4,17 @@ score; ``--anchors`` queries some steps and interpolates the rest (``vlmlabel.qu
 
 The fixed batch grid runs over queries, numbered in file order (``queries.QueryPlan``), so resume and shards put
 every query in the batch it has in one uninterrupted run. Frames are read once, in order, through the same data
-path as CLIP's (``--workers`` included), and each episode's are kept while its queries last.
+path as CLIP's (``--workers`` included), and each episode's are kept while its queries last. On an accelerator a
+thread builds the next batch's queries and runs the processor on them while the model answers the current one;
+batches keep their composition, so the readouts are the same as one batch after another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,7 @@ from vlmlabel.events import QUIET, Events
 from vlmlabel.queries import JudgeSpec, QueryPlan, context_indices
 from vlmlabel.reader.buffers import RAW_AXES, Batch, as_nchw
 from vlmlabel.reader.decode_workers import resolve_workers
-from vlmlabel.reader.readahead import decode_jpegs
+from vlmlabel.reader.readahead import decode_jpegs, prefetch
 from vlmlabel.run import score
 from vlmlabel.run.checkpoint import Checkpoint
 from vlmlabel.run.plan import Card, OpenRun
@@ -35,9 +38,11 @@ from vlmlabel.run.setup import Machine
 from vlmlabel.sources.base import DatasetSource, Episode
 
 if TYPE_CHECKING:
-    from vlmlabel.judge import Judge, JudgeCard
+    from vlmlabel.judge import Judge, JudgeCard, Query
 
 READ_BATCH = 64  # frames read per batch while filling an episode's frames
+PREPARER = "vlmlabel-judge-inputs"  # the thread that reads frames and runs the processor ahead of the model
+OVERLAP_ON_CPU = False  # the CPU path takes turns (``QueryRows.overlap``); tests set it to run the thread's path
 NO_EMBEDDINGS = "the vlm scorer reads no image embeddings, so there is no embedding cache to use"
 
 
@@ -165,6 +170,33 @@ class QueryRows:
     fps: float | None
 
     def __call__(self, first: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
+        prepared = self._inputs(first, stop, batch_size)
+        if self.overlap:  # the next batch's frames read and its processor inputs made while the model runs
+            prepared = prefetch(prepared, 1, _keep, PREPARER)
+        try:
+            begin = first
+            for inputs in prepared:
+                readouts = self.judge.readouts_of(inputs)
+                yield finite_rows(readouts[:, None], begin)
+                begin += len(readouts)
+        finally:
+            prepared.close()
+
+    @property
+    def overlap(self) -> bool:
+        """Whether a thread prepares the next batch while the model answers this one: on an accelerator, whose
+        forward leaves the CPU free. On the CPU the processor and the forward take the same cores: overlapping them
+        measured 4-7 % slower on a busy 2-core machine (docs/benchmarks.md, VLM scorer)."""
+        return self.judge.device.type != "cpu" or OVERLAP_ON_CPU
+
+    def _inputs(self, first: int, stop: int, batch_size: int) -> Generator[Any, None, None]:
+        with contextlib.closing(self.batches(first, stop, batch_size)) as batches:
+            for queries in batches:
+                yield self.judge.inputs(queries)
+
+    def batches(self, first: int, stop: int, batch_size: int) -> Generator[list[Query], None, None]:
+        """Queries [first, stop) in batches of ``batch_size`` (the last may be shorter), built from the episodes'
+        frames, each read once."""
         if first >= stop:
             return
         lo, hi = self.plan.episode_of(first), self.plan.episode_of(stop - 1) + 1
@@ -176,16 +208,31 @@ class QueryRows:
         frames = EpisodeFrames(blocks, steps, lo)
         try:
             for begin in range(first, stop, batch_size):
-                queries = [self._query(q, frames) for q in range(begin, min(stop, begin + batch_size))]
-                yield finite_rows(self.judge.readouts(queries)[:, None], begin)
+                yield [self._query(q, frames) for q in range(begin, min(stop, begin + batch_size))]
         finally:
             blocks.close()
+
+    def default_batch_size(self) -> int:
+        """The judge's batch size for the widest query: the first episode's last (widest context, longest goal),
+        the same in every shard and every resumed run."""
+        plan = self.plan
+        if not plan.total:
+            return 1
+        first = next(i for i in range(len(self.episodes)) if plan.bounds[i + 1] > plan.bounds[i])
+        longest = max(range(plan.goals), key=lambda g: len(self.goals[g]))
+        frames = EpisodeFrames(_blocks(self, first), [e.steps for e in self.episodes], first)
+        query = self._query(plan.bounds[first + 1] - plan.goals + longest, frames)
+        return int(self.judge.default_batch_size(query))
 
     def _query(self, query: int, frames: EpisodeFrames) -> Any:
         episode = self.plan.episode_of(query)
         step, goal = self.plan.step_and_goal(episode, query)
         picked = context_indices(self.spec.context, self.spec.frames, step)
         return _judge_module().Query(frames.get(episode)[picked], self.goals[goal], _rate(self.fps, picked))
+
+
+def _keep(inputs: Any) -> None:
+    """Processor inputs made but never run hold nothing to give back."""
 
 
 def _rate(fps: float | None, picked: np.ndarray) -> float | None:
@@ -217,7 +264,7 @@ class LoadedJudge:
             return QueryRows(source, episodes, plan, self.judge, self.spec, goals, workers, fps)
 
         first = QueryRows(run.source, run.episodes, plan, self.judge, self.spec, goals, workers, fps)
-        batch_size = self.batch_size or self._default_batch(run, plan, first)
+        batch_size = self.batch_size or first.default_batch_size()
         return score.score_grid(
             run,
             plan.bounds,
@@ -227,17 +274,6 @@ class LoadedJudge:
             checkpoints,
             events,
         )
-
-    def _default_batch(self, run: OpenRun, plan: QueryPlan, rows: QueryRows) -> int:
-        """The judge's batch size for the dataset's widest query: its first episode's last (widest context,
-        longest goal), the same in every shard and every resumed run."""
-        if not plan.total:
-            return 1
-        first = next(i for i in range(len(run.episodes)) if plan.bounds[i + 1] > plan.bounds[i])
-        longest = max(range(plan.goals), key=lambda g: len(run.config.goals[g]))
-        frames = EpisodeFrames(_blocks(rows, first), [e.steps for e in run.episodes], first)
-        query = rows._query(plan.bounds[first + 1] - plan.goals + longest, frames)
-        return int(self.judge.default_batch_size(query))
 
 
 def _blocks(rows: QueryRows, episode: int) -> Iterator[np.ndarray]:
@@ -290,9 +326,14 @@ class VlmScorer:
 
     def load(self, run: OpenRun, card: Card, machine: Machine, events: Events) -> LoadedJudge:
         assert isinstance(card, VlmCard)  # this scorer's own card
-        judge_module = _judge_module()
         spec = self.spec(run.request)
-        readout = judge_module.parse_readout(spec.answer, spec.versus, spec.answer_values)
-        prompt = spec.prompt if spec.prompt is not None else judge_module.default_prompt(readout)
-        judge = judge_module.load_judge(card.judge, readout, prompt, machine.device, machine.precision)
+        judge = load_judge(spec, card.judge, machine.device, machine.precision)
         return LoadedJudge(judge, card, spec, run.request.batch_size)
+
+
+def load_judge(spec: JudgeSpec, card: JudgeCard, device: torch.device, precision: str) -> Judge:
+    """The judge ``spec`` asks for (its readout, and its prompt or the readout's default), loaded on ``device``."""
+    judge_module = _judge_module()
+    readout = judge_module.parse_readout(spec.answer, spec.versus, spec.answer_values)
+    prompt = spec.prompt if spec.prompt is not None else judge_module.default_prompt(readout)
+    return judge_module.load_judge(card, readout, prompt, device, precision)
