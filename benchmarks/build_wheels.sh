@@ -17,6 +17,7 @@ PACKAGES=(
   av==18.1.0                                                 # LeRobot video decoding
   simplejpeg==1.9.0                                          # JPEG decoding on the CPU
   gymnasium==1.4.0 farama-notifications==0.0.6               # tests/test_gym.py
+  transformers==5.25.0 tokenizers==0.23.3 regex==2026.5.9    # the VLM judge (vlmlabel[vlm]) and its bench
 )
 platforms=()
 for tag in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do

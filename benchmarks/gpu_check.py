@@ -3,7 +3,10 @@
 For each model (ViT-B-32 and ViT-L-14 in bf16 with random weights; a tiny local model on the CPU with
 ``--dry-run``), ``vlmlabel bench`` runs on a synthetic raw uint8 HDF5 file, a synthetic JPEG HDF5 file and a
 LeRobot v3.0 folder with H.264 video (built here with PyAV); each run reports model-only, end-to-end and the
-naive PIL script. Every command is recorded exactly as run. The test results come from the junit XML file
+naive PIL script. Then ``vlmlabel bench --scorer vlm`` runs a random-weight judge of Qwen3-VL-2B's full size
+(``benchmarks/full_size_vlm.py``) in bf16 (a tiny qwen2_vl judge on the CPU with ``--dry-run``): end to end,
+the model alone and the naive one-query ``generate`` loop, against the targets (end to end >= 0.85x the model
+alone, >= 5x naive). Every command is recorded exactly as run. The test results come from the junit XML file
 pytest wrote (``--junit``).
 
     python benchmarks/gpu_check.py --out DIR [--junit FILE] [--pytest-command TEXT] [--command TEXT] [--dry-run]
@@ -52,6 +55,26 @@ GPU_PLAN = Plan(
 )
 
 
+@dataclass(frozen=True)
+class VlmPlan:
+    """The VLM judge's bench: the judge (a folder built here, or --tiny FAMILY) and its workload."""
+
+    frames: int
+    episode_steps: int
+    frame_size: int
+    repeats: int
+    precision: str
+    device: str
+    tiny: str | None = None  # the dry run's tiny judge; None: the full-size one
+
+
+VLM_GPU_PLAN = VlmPlan(frames=512, episode_steps=64, frame_size=224, repeats=2, precision="bf16", device="cuda")
+VLM_DRY_PLAN = VlmPlan(
+    frames=12, episode_steps=6, frame_size=32, repeats=1, precision="auto", device="cpu", tiny="qwen2_vl"
+)
+VLM_TARGETS = {"ratio_vs_model_only": 0.85, "ratio_vs_naive": 5.0}
+
+
 @dataclass
 class BenchRun:
     model: str
@@ -70,6 +93,7 @@ class Report:
     environment: dict[str, Any]
     tests: dict[str, Any]
     benches: list[BenchRun] = field(default_factory=list)
+    vlm_benches: list[BenchRun] = field(default_factory=list)
 
 
 def environment() -> dict[str, Any]:
@@ -182,6 +206,78 @@ def run_bench(model: str, label: str, args: list[str], plan: Plan, out: Path) ->
     return BenchRun(model, label, shown, seconds, json.loads(done.stdout))
 
 
+def run_vlm_bench(plan: VlmPlan, data: Path, out: Path) -> BenchRun:
+    """``vlmlabel bench --scorer vlm`` on the full-size random judge (built here first), or the dry run's tiny one."""
+    label = f"synthetic raw {plan.frame_size}x{plan.frame_size}"
+    if plan.tiny:
+        judge, name = ["--tiny", plan.tiny], f"tiny {plan.tiny}"
+    else:
+        from benchmarks.full_size_vlm import build_full_size_vlm
+
+        start = time.perf_counter()
+        print("gpu_check: building a random-weight Qwen3-VL-2B judge", flush=True)
+        try:
+            folder = build_full_size_vlm(data / "qwen3-vl-2b-random", device=plan.device, dtype=plan.precision)
+        except Exception as exc:  # reported in the table; the CLIP results still stand
+            return BenchRun("qwen3-vl-2b-random", label, "benchmarks/full_size_vlm.py", 0.0, None, repr(exc)[:300])
+        print(f"gpu_check: built in {time.perf_counter() - start:.0f} s", flush=True)
+        judge, name = ["--model", str(folder)], "qwen3-vl-2b-random"
+    args = [
+        "--scorer",
+        "vlm",
+        *judge,
+        "--frames",
+        str(plan.frames),
+        "--episode-steps",
+        str(plan.episode_steps),
+        "--frame-size",
+        f"{plan.frame_size}x{plan.frame_size}",
+        "--precision",
+        plan.precision,
+        "--device",
+        plan.device,
+        "--repeats",
+        str(plan.repeats),
+        "--json",
+    ]
+    command = [sys.executable, "-m", "vlmlabel", "bench", *args]
+    shown = shlex.join(["vlmlabel", "bench", *args])
+    print(f"gpu_check: {shown}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    (out / "bench-vlm.log").write_text(done.stderr)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return BenchRun(name, label, shown, seconds, None, lines[-1] if lines else f"exit {done.returncode}")
+    return BenchRun(name, label, shown, seconds, json.loads(done.stdout))
+
+
+def vlm_markdown(runs: list[BenchRun]) -> list[str]:
+    targets = ", ".join(f"{key} >= {value}" for key, value in VLM_TARGETS.items())
+    lines = [
+        "",
+        f"VLM judge (`bench --scorer vlm`; targets: {targets}):",
+        "",
+        "| judge | source | precision | tokens/query | queries/episode | batch | end-to-end q/s | model-only q/s | "
+        "naive q/s | e2e/model | e2e/naive | targets met |",
+        "|" + "---|" * 12,
+    ]
+    for run in runs:
+        r = run.result
+        if r is None:
+            lines.append(f"| {run.model} | {run.source} | | FAILED: {run.error} | | | | | | | | |")
+            continue
+        met = all(r[key] >= value for key, value in VLM_TARGETS.items())
+        lines.append(
+            f"| {run.model} | {run.source} | {r['precision']} | {r['tokens_per_query']['mean']:.0f} | "
+            f"{r['queries_per_episode']['mean']:.0f} | {r['batch_size']} | {r['end_to_end_qps']:,.1f} | "
+            f"{r['model_only_qps']:,.1f} | {r['naive_qps']:,.1f} | {r['ratio_vs_model_only']:.2f} | "
+            f"{r['ratio_vs_naive']:.2f} | {'yes' if met else 'NO'} |"
+        )
+    return lines + ["", "Commands:", ""] + [f"    {run.command}" for run in runs]
+
+
 def markdown(report: Report) -> str:
     env, tests = report.environment, report.tests
     lines = [
@@ -220,6 +316,7 @@ def markdown(report: Report) -> str:
             f"{r['max_abs_reward_diff_vs_naive']:.1e} |"
         )
     lines += ["", "Commands:", ""] + [f"    {run.command}" for run in report.benches]
+    lines += vlm_markdown(report.vlm_benches)
     return "\n".join(lines) + "\n"
 
 
@@ -261,10 +358,11 @@ def main() -> None:
             benches.append(("LeRobot video, NVDEC", [*video, "--video-decoder", "nvdec"]))
         for label, bench_args in benches:
             report.benches.append(run_bench(model, label, bench_args, plan, args.out))
+    report.vlm_benches.append(run_vlm_bench(VLM_DRY_PLAN if args.dry_run else VLM_GPU_PLAN, data, args.out))
     (args.out / "gpu_check.json").write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
     (args.out / "gpu_check.md").write_text(markdown(report))
     print(markdown(report))
-    if any(run.result is None for run in report.benches):
+    if any(run.result is None for run in report.benches + report.vlm_benches):
         sys.exit(1)
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU verification of vlmlabel (issue 12): install what the image lacks from wheels (no network), run
 # the test suite on CUDA, run `vlmlabel bench` for ViT-B-32 and ViT-L-14 in bf16 on raw HDF5, JPEG HDF5 and
-# LeRobot video (model-only, end to end, naive script), and write OUT/gpu_check.json and OUT/gpu_check.md
-# (card, driver, torch/open_clip versions, every command). Meant to finish in under 8 minutes on one GPU.
+# LeRobot video (model-only, end to end, naive script), then `vlmlabel bench --scorer vlm` on a random-weight
+# judge of Qwen3-VL-2B's full size in bf16 (benchmarks/full_size_vlm.py; end to end, model alone, naive generate
+# loop), and write OUT/gpu_check.json and OUT/gpu_check.md (card, driver, torch/open_clip versions, every
+# command). Meant to finish in under 10 minutes on one GPU.
 #
 #   benchmarks/gpu_check.sh [--wheels DIR] [--out DIR] [--dry-run]
 #
