@@ -173,6 +173,8 @@ VLM_CONTRACT = {
     "naive_fps": float,
     "ratio_vs_model_only": float,
     "ratio_vs_naive": float,
+    "paired_ratio_vs_model_only": float,
+    "paired_ratio_vs_naive": float,
     "tokens_per_query": dict,
     "queries_per_episode": dict,
     "definitions": dict,

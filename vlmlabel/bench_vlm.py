@@ -14,8 +14,8 @@ and precision; model loading is excluded from all three:
 
 Also timed, for the record: forward-only (``Judge.readouts_of`` on processor outputs made beforehand). Each path is
 warmed up once, then timed ``repeats`` times, interleaved so a busy shared machine slows all alike; the median is
-reported. Queries/s counts queries; frames/s counts the dataset's steps labelled (with --anchors all, one query
-per step and goal).
+reported, and the ``paired_`` ratios are the medians of each repetition's own ratio. Queries/s counts queries;
+frames/s counts the dataset's steps labelled (with --anchors all, one query per step and goal).
 """
 
 from __future__ import annotations
@@ -286,6 +286,9 @@ def _time_paths(
         **{f"{name}_fps": load.steps / s for name, s in seconds.items()},
         "ratio_vs_model_only": qps["end_to_end"] / qps["model_only"],
         "ratio_vs_naive": qps["end_to_end"] / qps["naive"],
+        # per repetition (the paths run back to back), then the median: steadier on a shared machine
+        "paired_ratio_vs_model_only": _paired(times["model_only"].seconds, end_to_end),
+        "paired_ratio_vs_naive": _paired(times["naive"].seconds, end_to_end),
         "model_only_ratio_vs_naive": qps["model_only"] / qps["naive"],
         "tokens_per_query": {
             "mean": float(tokens.mean()),
@@ -295,6 +298,10 @@ def _time_paths(
         "seconds": {name: t.seconds for name, t in times.items()},
         "max_abs_readout_diff_vs_naive": diff,
     }
+
+
+def _paired(other: list[float], end_to_end: list[float]) -> float:
+    return statistics.median(o / e for o, e in zip(other, end_to_end, strict=True))
 
 
 def _request(config: VlmBenchConfig, model: str, path: Path, device: torch.device, precision: str) -> RelabelRequest:

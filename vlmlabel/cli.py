@@ -1354,7 +1354,9 @@ def _print_vlm_bench(result: dict) -> None:
         f"batch {result['batch_size']} queries; {tokens['mean']:.0f} tokens per query ({tokens['min']}-"
         f"{tokens['max']}); {per_episode['mean']:.1f} queries per episode; context {judge['context']} of "
         f"{judge['context_frames']} frames, anchors {result['anchors']}; {result['environment']['cpu_threads']} "
-        f"CPU threads; median of {len(result['seconds']['naive'])} timed runs, warm-up excluded; max |readout "
+        f"CPU threads; median of {len(result['seconds']['naive'])} timed runs, warm-up excluded (per-run "
+        f"ratios' median: e2e/model {result['paired_ratio_vs_model_only']:.2f}, e2e/naive "
+        f"{result['paired_ratio_vs_naive']:.2f}); max |readout "
         f"difference| model-only vs naive {result['max_abs_readout_diff_vs_naive']:.2e}"
     )
     for name, text in result["definitions"].items():

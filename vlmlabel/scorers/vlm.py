@@ -186,7 +186,7 @@ class QueryRows:
     def overlap(self) -> bool:
         """Whether a thread prepares the next batch while the model answers this one: on an accelerator, whose
         forward leaves the CPU free. On the CPU the processor and the forward take the same cores: overlapping them
-        measured 4-7 % slower on a busy 2-core machine (docs/benchmarks.md, VLM scorer)."""
+        measured 4-6 % slower on a busy 2-core machine (docs/benchmarks.md, VLM scorer)."""
         return self.judge.device.type != "cpu" or OVERLAP_ON_CPU
 
     def _inputs(self, first: int, stop: int, batch_size: int) -> Generator[Any, None, None]:
