@@ -489,8 +489,8 @@ def relabel(
     normalize: Annotated[
         Normalize,
         typer.Option(
-            help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
-            "before shaping. Raw scores kept as NAME_raw.",
+            help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset or within each "
+            "episode (episode-minmax: TOPReward's progress); applied before shaping. Raw scores kept as NAME_raw.",
             rich_help_panel=REWARD_PANEL,
         ),
     ] = Normalize.none,
