@@ -138,7 +138,7 @@ class EpisodeFrames:
         return self.kept[episode]
 
     def _read(self, count: int) -> np.ndarray:
-        parts, have = [], 0
+        parts, have = [np.empty((0, 0, 0, 3), np.uint8)], 0  # an episode of no steps asks no query
         while have < count:
             if self.rest is None or not len(self.rest):
                 self.rest = next(self.blocks, None)
@@ -147,7 +147,7 @@ class EpisodeFrames:
             take = self.rest[: count - have]
             parts.append(take)
             have, self.rest = have + len(take), self.rest[len(take) :]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.concatenate(parts[1:]) if len(parts) > 1 else parts[0]
 
 
 @dataclass
