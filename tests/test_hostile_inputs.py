@@ -858,7 +858,9 @@ REFUSED: dict[str, Refused] = {
     "--context window with --scorer clip": Refused(
         robomimic, ["--context", "window"], ["--context", "only apply to --scorer vlm"]
     ),
-    "--prompt with --scorer clip": Refused(robomimic, ["--prompt", "Is {{goal}} done?"], ["only apply to --scorer vlm"]),
+    "--prompt with --scorer clip": Refused(
+        robomimic, ["--prompt", "Is {{goal}} done?"], ["only apply to --scorer vlm"]
+    ),
     "--reward softmax --negative with --scorer vlm": Refused(
         robomimic,
         [*VLM, "--reward", "softmax", "--negative", "x"],
