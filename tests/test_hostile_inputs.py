@@ -897,6 +897,7 @@ REFUSED: dict[str, Refused] = {
         robomimic, [*VLM, "--answer", " True", "--versus", " True"], ["--versus ' True' must be another answer"]
     ),
     "an empty --answer": Refused(robomimic, [*VLM, "--answer", ""], ["--answer is empty"]),
+    "an episode of no frames with --scorer vlm": Refused(empty_episode, VLM, ["data/demo_1", "empty"]),
 }
 
 
