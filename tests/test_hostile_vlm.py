@@ -19,7 +19,10 @@ from typer.testing import CliRunner
 from tests import layouts
 from tests.layouts import make_frames
 from tests.test_hostile_inputs import LENGTHS, assert_refused, flat, tree_digest
+from vlmlabel import labelled
 from vlmlabel.cli import app
+from vlmlabel.queries import JudgeSpec
+from vlmlabel.sources import Align, open_any_camera
 
 pytest.importorskip("transformers")
 judge = pytest.importorskip("vlmlabel.judge")
@@ -176,6 +179,9 @@ def test_a_rerun_asking_another_query_is_another_result(changed, tmp_path, tiny_
     assert same.exit_code == 0 and "already written" in same.output, same.output
     with h5py.File(out) as f:
         kept = dict(f["data/demo_0/vlm_reward"].attrs)
+    with open_any_camera(str(out), None, "train") as written:  # the reward tools read the judged record back
+        reward = labelled.read_reward(written, written.episodes(Align.frame), "vlm_reward")
+    assert reward.config.judge == JudgeSpec(anchors=3) and reward.raw is not None
     options = ["--output", str(out), "--anchors", "3", *changed]
     other = relabel(built.path, model, *options)
     assert other.exit_code == 2 and "already written" not in other.output, other.output
