@@ -22,6 +22,7 @@ from vlmlabel import cache
 from vlmlabel.engine import compute_rows, finite_rows
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.events import QUIET, Events
+from vlmlabel.formulation import RewardConfig
 from vlmlabel.queries import JudgeSpec, QueryPlan, context_indices
 from vlmlabel.reader.buffers import RAW_AXES, Batch, as_nchw
 from vlmlabel.reader.decode_workers import resolve_workers
@@ -266,12 +267,14 @@ class VlmScorer:
             raise VlmlabelError("--compile applies to CLIP's image tower; the vlm scorer runs transformers' model")
         if request.pretrained:
             raise VlmlabelError("--pretrained applies to --scorer clip; give the judge's folder or Hub id as --model")
-        config = request.reward_config()
-        spec, judge = config.judge or JudgeSpec(), _judge_module()
+        given = request.formulation or RewardConfig(goals=list(request.goals))
+        spec, judge = given.judge or JudgeSpec(), _judge_module()
+        # judged before validating, so that CLIP's options are refused as such (not as an incomplete --reward)
+        config = dataclasses.replace(given, judge=spec).validate()
         judge.parse_readout(spec.answer, spec.versus, spec.answer_values)
         if spec.prompt is not None:
             judge.check_prompt(spec.prompt)
-        return dataclasses.replace(request, formulation=dataclasses.replace(config, judge=spec).validate())
+        return dataclasses.replace(request, formulation=config)
 
     @staticmethod
     def spec(request: RelabelRequest) -> JudgeSpec:
