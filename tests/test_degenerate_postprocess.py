@@ -20,7 +20,7 @@ from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize, RewardMode
 
 runner = CliRunner()
-MODES = [Normalize.episode, Normalize.dataset, Normalize.minmax]
+MODES = [Normalize.episode, Normalize.dataset, Normalize.minmax, Normalize.episode_minmax]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,6 +58,8 @@ def test_length_one_episodes():
     np.testing.assert_allclose(np.concatenate(dataset)[:, 0], [-1 / np.sqrt(2), -1 / np.sqrt(2), np.sqrt(2)], atol=1e-5)
     minmax = rewards.normalize([one, two], Normalize.minmax)
     np.testing.assert_allclose(np.concatenate(minmax)[:, 0], [0.0, 0.0, 1.0], atol=1e-6)
+    episode_minmax = rewards.normalize([one, two], Normalize.episode_minmax)  # a one-step episode is constant
+    np.testing.assert_allclose(np.concatenate(episode_minmax)[:, 0], [0.0, 0.0, 1.0], atol=1e-6)
     for how in MODES:  # length-1 episodes only, all one value: constant everywhere
         out = rewards.normalize([_column(0.3), _column(0.3)], how)
         np.testing.assert_array_equal(np.concatenate(out), [[0.0], [0.0]])

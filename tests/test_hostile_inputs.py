@@ -295,6 +295,18 @@ def lerobot_video_missing(path: Path) -> Path:
     return case.path
 
 
+def beside_robomimic(build: str) -> Callable[[Path], Path]:
+    """robomimic at the path, with ``tools.synthetic.tiny_vlm``'s ``build`` model in the folder as model/
+    (transformers, the optional extra, is imported only by the cases that need it)."""
+
+    def made(path: Path) -> Path:
+        tiny_vlm = pytest.importorskip("tools.synthetic.tiny_vlm")
+        getattr(tiny_vlm, build)(path.parent / "model")
+        return robomimic(path)
+
+    return made
+
+
 # -- cases --------------------------------------------------------------------------------------------------
 
 
@@ -311,6 +323,7 @@ class Refused:
 
 
 LONG = " ".join(["a red cube"] * 40)
+VLM = ["--scorer", "vlm", "--model", "{vlm}"]
 NOT_UTF8, LATIN1 = open_inputs.NOT_UTF8, open_inputs.ACCENTED_LATIN1
 REFUSED: dict[str, Refused] = {
     # the file itself
@@ -790,6 +803,101 @@ REFUSED: dict[str, Refused] = {
         ["no episode '1' (by name or number)", "episode 3 (rows 0-1)"],
         name="data.parquet",
     ),
+    # issue 21: the VLM scorer ({vlm}: a tiny Qwen2-VL; VLM: --scorer vlm with it)
+    "--answer of several tokens": Refused(
+        robomimic, [*VLM, "--answer", " Truthfully"], ['answer " Truthfully" is', 'tokens (" ', "one token"]
+    ),
+    "--versus of several tokens": Refused(
+        robomimic, [*VLM, "--versus", " Truthfully"], ['answer " Truthfully" is', "use an answer that is one token"]
+    ),
+    "--answer-values naming an answer of several tokens": Refused(
+        robomimic, [*VLM, "--answer-values", "1=0, Truthfully=1"], ['answer " Truthfully" is', "one token"]
+    ),
+    "--prompt without {goal}": Refused(
+        robomimic, [*VLM, "--prompt", "Done?"], ["--prompt 'Done?'", "no {goal} placeholder", "Task: {goal}"]
+    ),
+    "a judge that needs remote code": Refused(
+        beside_robomimic("build_remote_code_vlm"),
+        ["--scorer", "vlm", "--model", "{folder}/model"],
+        ["needs remote code", "config.json maps its classes", "never runs a model's own code"],
+    ),
+    "a judge without a vision tower (a text-only LM)": Refused(
+        beside_robomimic("build_text_only_lm"),
+        ["--scorer", "vlm", "--model", "{folder}/model"],
+        ["(qwen2) has no vision tower", "give a vision-language model"],
+    ),
+    "an open_clip folder as the judge": Refused(
+        robomimic, ["--scorer", "vlm", "--model", "{clip}"], ["has no config.json", "--scorer clip"]
+    ),
+    "a VLM folder without --scorer vlm": Refused(
+        robomimic, ["--model", "{vlm}"], ["no open_clip_config.json", "pass --scorer vlm"]
+    ),
+    "a judge that is neither a folder nor in the Hub cache": Refused(
+        robomimic, ["--scorer", "vlm", "--model", "nobody/nothing"], ["neither a folder nor a Hub id", "hf download"]
+    ),
+    "--scorer nope": Refused(robomimic, ["--scorer", "nope"], ["unknown scorer 'nope'", "clip, vlm"]),
+    "--cache with --scorer vlm": Refused(robomimic, [*VLM, "--cache"], ["--cache", "no image embeddings"]),
+    "--compile with --scorer vlm": Refused(robomimic, [*VLM, "--compile"], ["--compile applies to CLIP"]),
+    "--pretrained with --scorer vlm": Refused(
+        robomimic, [*VLM, "--pretrained", "openai"], ["--pretrained applies to --scorer clip"]
+    ),
+    "--anchors 1": Refused(robomimic, [*VLM, "--anchors", "1"], ["--anchors must be 'all' or at least 2", "not 1"]),
+    "--anchors 0": Refused(robomimic, [*VLM, "--anchors", "0"], ["--anchors must be 'all' or at least 2", "not 0"]),
+    "--anchors -3": Refused(robomimic, [*VLM, "--anchors", "-3"], ["at least 2", "not -3"]),
+    "--anchors x": Refused(robomimic, [*VLM, "--anchors", "x"], ["--anchors must be 'all' or a whole number", "'x'"]),
+    "--anchors 2.5": Refused(robomimic, [*VLM, "--anchors", "2.5"], ["a whole number", "'2.5'"]),
+    "--context-frames 0": Refused(robomimic, [*VLM, "--context-frames", "0"], ["--context-frames must be at least 1"]),
+    "--context frame with --context-frames 5": Refused(
+        robomimic, [*VLM, "--context", "frame", "--context-frames", "5"], ["--context frame shows one"]
+    ),
+    "--context of no kind": Refused(robomimic, [*VLM, "--context", "video"], ["'frame', 'window', 'prefix'"]),
+    "--answer with --scorer clip": Refused(robomimic, ["--answer", " True"], ["only apply to --scorer vlm"]),
+    "--anchors 4 with --scorer clip": Refused(
+        robomimic, ["--anchors", "4"], ["--anchors", "only apply to --scorer vlm"]
+    ),
+    "--context window with --scorer clip": Refused(
+        robomimic, ["--context", "window"], ["--context", "only apply to --scorer vlm"]
+    ),
+    "--prompt with --scorer clip": Refused(
+        robomimic, ["--prompt", "Is {{goal}} done?"], ["only apply to --scorer vlm"]
+    ),
+    "--reward softmax --negative with --scorer vlm": Refused(
+        robomimic,
+        [*VLM, "--reward", "softmax", "--negative", "x"],
+        ["--reward, --negative only apply to --scorer clip"],
+    ),
+    "--reward projection with --scorer vlm": Refused(
+        robomimic, [*VLM, "--reward", "projection"], ["--reward only applies to --scorer clip"]
+    ),
+    "--goal-template with --scorer vlm": Refused(
+        robomimic, [*VLM, "--goal-template", "a photo of {{}}"], ["--goal-template only applies to --scorer clip"]
+    ),
+    "--threshold with --scorer vlm": Refused(
+        robomimic, [*VLM, "--threshold", "0.5"], ["--threshold only applies to --scorer clip", "--answer"]
+    ),
+    "--goal-image with --scorer vlm": Refused(
+        lambda p: (robomimic(p), goals.write_goal_image(p.parent / "goal.png"))[0],
+        [*VLM, "--goal-image", "{folder}/goal.png"],
+        ["--goal-image/--goal-frame only applies to --scorer clip"],
+    ),
+    "--goal-frame with --scorer vlm": Refused(
+        robomimic, [*VLM, "--goal-frame", "demo_0:-1"], ["--goal-image/--goal-frame only applies to --scorer clip"]
+    ),
+    "--answer-values without a value": Refused(
+        robomimic, [*VLM, "--answer-values", "1=0,2"], ["--answer-values '1=0,2'", "'2' is not ANSWER=VALUE"]
+    ),
+    "--answer-values of a word": Refused(
+        robomimic, [*VLM, "--answer-values", "1=0,2=high"], ["'high' is not a number"]
+    ),
+    "--answer-values of one answer": Refused(robomimic, [*VLM, "--answer-values", "5=1"], ["names one answer"]),
+    "--answer-values with --answer": Refused(
+        robomimic, [*VLM, "--answer", "5", "--answer-values", "1=0,5=1"], ["cannot be combined with --answer"]
+    ),
+    "--versus equal to --answer": Refused(
+        robomimic, [*VLM, "--answer", " True", "--versus", " True"], ["--versus ' True' must be another answer"]
+    ),
+    "an empty --answer": Refused(robomimic, [*VLM, "--answer", ""], ["--answer is empty"]),
+    "an episode of no frames with --scorer vlm": Refused(empty_episode, VLM, ["data/demo_1", "empty"]),
 }
 
 
@@ -809,8 +917,9 @@ def _hold_open_for_writing(path: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
-def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_model_dir, monkeypatch):
+def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_model_dir, monkeypatch, request):
     spec = REFUSED[case]
+    vlm = request.getfixturevalue("tiny_vlm")("qwen2_vl") if any("{vlm}" in a for a in spec.args) else None
     folder = tmp_path / "data"
     folder.mkdir()
     source = folder / spec.name
@@ -821,7 +930,7 @@ def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_m
     args = ["relabel", str(source)]
     args += [] if "--goal" in spec.args else ["--goal", GOAL]
     args += [] if "--model" in spec.args else ["--model", str(tiny_model_dir)]
-    args += [a.format(source=source, folder=folder) for a in spec.args]
+    args += [a.format(source=source, folder=folder, vlm=vlm, clip=tiny_model_dir) for a in spec.args]
     holder = _hold_open_for_writing(source) if spec.holder else None
     try:
         result = runner.invoke(app, args + ["--device", "cpu"] * ("--device" not in spec.args), terminal_width=400)
@@ -829,15 +938,55 @@ def test_refused_with_exit_2_one_line_and_nothing_changed(case, tmp_path, tiny_m
         if holder is not None:
             holder.kill()
             holder.wait()
+    assert_refused(result, spec.words, folder, before)
+
+
+def assert_refused(result, words: list[str], folder: Path, before: dict[str, str]) -> None:
+    """Exit 2, one line "error: ..." holding ``words``, no traceback; ``folder`` as it was (``before``) and
+    nothing new beside it."""
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: "), lines[0]
-    for word in spec.words:
+    for word in words:
         assert word in lines[0], lines[0]
     assert tree_digest(folder) == before  # the source byte-identical, nothing new beside it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["data"]
+
+
+# Refusals of the VLM scorer the table cannot hold: another command, no --model at all, transformers missing.
+VLM_REFUSED = {
+    "vlmlabel embed --scorer vlm": (
+        ["embed", "{source}", "--scorer", "vlm"],
+        ["the vlm scorer reads none", "relabel with --scorer vlm directly"],
+    ),
+    "--scorer vlm without --model": (
+        ["relabel", "{source}", "--goal", GOAL, "--scorer", "vlm"],
+        ["--scorer vlm needs --model", "a local folder or a Hub id"],
+    ),
+    "--scorer vlm without transformers installed": (
+        ["relabel", "{source}", "--goal", GOAL, "--scorer", "vlm", "--model", "{folder}/model"],
+        ["--scorer vlm needs transformers", "pip install 'vlmlabel[vlm]'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VLM_REFUSED))
+def test_vlm_refused_outside_the_table(case, tmp_path, monkeypatch):
+    args, words = VLM_REFUSED[case]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    source = robomimic(folder / "data.h5")
+    (folder / "model").mkdir()  # a folder only: without transformers nothing reads it
+    (folder / "model" / "config.json").write_text('{"model_type": "qwen2_vl", "vision_config": {}}')
+    if "transformers" in case:  # as where the optional extra is not installed (vlmlabel.judge imports it)
+        monkeypatch.setattr("vlmlabel.judge._TRANSFORMERS", False)
+    monkeypatch.chdir(tmp_path)
+    before = tree_digest(folder)
+    filled = [a.format(source=source, folder=folder) for a in args]
+    result = runner.invoke(app, [*filled, "--device", "cpu"], terminal_width=400)
+    assert_refused(result, words, folder, before)
 
 
 # -- inputs that must be scored exactly -------------------------------------------------------------------

@@ -97,6 +97,14 @@ def test_normalize_per_episode_dataset_minmax():
     np.testing.assert_allclose(dataset, (everything - everything.mean(0)) / everything.std(0), atol=1e-6)
     minmax = np.concatenate(rewards.normalize(values, Normalize.minmax))
     np.testing.assert_allclose(minmax, (everything - everything.min(0)) / np.ptp(everything, axis=0), atol=1e-6)
+    # per episode onto 0..1 (TOPReward's progress), each goal column on its own; a constant column is 0
+    per_episode_minmax = rewards.normalize(values, Normalize.episode_minmax)
+    np.testing.assert_allclose(per_episode_minmax[0], [[0.0, 0.0], [1.0, 0.0]], atol=1e-7)
+    np.testing.assert_allclose(per_episode_minmax[1], [[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]], atol=1e-7)
+    for got, raw in zip(per_episode_minmax, values, strict=True):
+        span = np.ptp(raw, axis=0)
+        np.testing.assert_allclose(got, (raw - raw.min(0)) / np.where(span > 0, span, 1), atol=1e-6)
+        assert got.dtype == np.float32
 
 
 def test_prompt_ensemble_averages_then_normalises():

@@ -493,8 +493,8 @@ def relabel(
     normalize: Annotated[
         Normalize,
         typer.Option(
-            help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset; applied "
-            "before shaping. Raw scores kept as NAME_raw.",
+            help="z-score per episode or over the dataset, or minmax to [0, 1] over the dataset or within each "
+            "episode (episode-minmax: TOPReward's progress); applied before shaping. Raw scores kept as NAME_raw.",
             rich_help_panel=REWARD_PANEL,
         ),
     ] = Normalize.none,
@@ -654,11 +654,12 @@ def relabel(
         gamma=gamma,
         normalize=normalize,
         judge=judge if judge != JudgeSpec() else None,  # the vlm scorer's defaults when None
-    ).validate()
+    )
+    chosen = scorer_for(scorer)
     request = RelabelRequest(
         source=source,
         goals=formulation.goals,
-        model=scorer_for(scorer).default_model(model),
+        model=chosen.default_model(model),
         scorer=scorer,
         pretrained=pretrained,
         image_key=image_key,
@@ -685,6 +686,7 @@ def relabel(
         workers=workers,
         video_decoder=video_decoder,
     )
+    request = chosen.checked(request)  # the formulation validated as this scorer scores it, before anything opens
     other_rank = dist_env is not None and dist_env.rank != 0
     quiet = quiet or other_rank
     run: Callable[..., RelabelSummary | ShardSummary | FinishedSummary | MergeSummary | None]

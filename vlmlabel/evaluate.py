@@ -320,7 +320,8 @@ def evaluate_file(request: EvaluateRequest) -> Evaluation:
         tried = ", ".join(REFERENCE_KEYS[DEFAULT_REFERENCE])
         result.notes.append(f"no reference ({tried}) in the data: correlations skipped; name one with --against KEY")
     _baselines(result, reward, reward.raw_steps(episodes), reference)
-    if request.blank and not reward.config.goal_images:  # a goal image's blank scores would need the image
+    # A goal image's blank scores would need the image; a judge's, a query of blank frames (not done here).
+    if request.blank and not reward.config.goal_images and reward.config.judge is None:
         result.blank_scores = blank_scores(
             reward.attrs, reward.config, request.model, request.pretrained, request.device
         )

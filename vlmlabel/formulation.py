@@ -172,7 +172,8 @@ class RewardConfig:
         given = [name for name, used in clip_only.items() if used]
         if given:
             raise VlmlabelError(
-                f"{', '.join(given)} only apply to --scorer clip; the vlm scorer reads its answer "
+                f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --scorer clip; the vlm scorer "
+                "reads its answer "
                 "(--answer, --versus, --answer-values) to a --prompt"
             )
 

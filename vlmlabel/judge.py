@@ -48,6 +48,7 @@ import torch
 
 from vlmlabel.device import autocast_dtype, resolve_precision
 from vlmlabel.errors import ModelError, VlmlabelError
+from vlmlabel.model import CONFIG_FILE as OPEN_CLIP_CONFIG
 from vlmlabel.model import file_sha256
 from vlmlabel.queries import DEFAULT_ANSWER, GOAL_FIELD
 
@@ -264,7 +265,8 @@ def _model_folder(model: str) -> Path:
     folder = Path(model).expanduser()
     if folder.is_dir():
         if not (folder / CONFIG_FILE).is_file():
-            raise ModelError(f"model folder {model!r} has no {CONFIG_FILE}; give a Hugging Face model folder")
+            clip = " (an open_clip folder: --scorer clip)" if (folder / OPEN_CLIP_CONFIG).is_file() else ""
+            raise ModelError(f"model folder {model!r} has no {CONFIG_FILE}; give a Hugging Face model folder{clip}")
         return folder.resolve()
     from huggingface_hub import snapshot_download  # a dependency of vlmlabel; the Hub is only read offline here
 
@@ -292,9 +294,10 @@ def _refuse_remote_code(model: str, path: Path, config: dict[str, Any], family: 
     transformers does not know) would need trust_remote_code, which vlmlabel never passes."""
     mapped = [name for name in _identity_files(path) if name.endswith(".json") and _has_auto_map(path / name)]
     if mapped or family not in CONFIG_MAPPING_NAMES:
-        why = f"{mapped[0]} maps its classes to the model's own code" if mapped else f"model type {family!r}"
+        unknown = f"transformers does not know model type {family!r}"
+        why = f"{mapped[0]} maps its classes to the model's own code" if mapped else unknown
         raise ModelError(
-            f"model {model!r} needs remote code ({why} is not in transformers); vlmlabel never runs a model's "
+            f"model {model!r} needs remote code ({why}); vlmlabel never runs a model's "
             "own code: give a model transformers supports natively"
         )
 

@@ -482,7 +482,12 @@ def _resolve_local_dir(folder: Path, pretrained: str | None) -> _Resolved:
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist; give a folder holding {CONFIG_FILE} and weights")
     if not (folder / CONFIG_FILE).is_file():
-        raise ModelError(f"model folder {folder} has no {CONFIG_FILE}; it is not an open_clip local-dir model")
+        judge = (
+            "; a transformers model (config.json) is a judge: pass --scorer vlm"
+            if (folder / "config.json").is_file()
+            else ""
+        )
+        raise ModelError(f"model folder {folder} has no {CONFIG_FILE}; it is not an open_clip local-dir model{judge}")
     cfg = JsonObject.read(folder / CONFIG_FILE, "re-export the model with open_clip", ModelError)
     cfg.object("model_cfg", required=True)
     cfg.object("preprocess_cfg")

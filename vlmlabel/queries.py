@@ -144,7 +144,7 @@ def context_indices(context: Context, frames: int, step: int) -> np.ndarray:
     """The episode's frames (by position among its scored frames) that step ``step``'s query shows, oldest first:
     the frame itself; the ``frames`` ending at it; or ``frames`` spaced evenly from the episode's first to it (all
     of them when there are fewer)."""
-    if context is Context.frame:
+    if context is Context.frame or frames == 1:  # one frame: the scored one (linspace(0, t, 1) would be o_0)
         return np.array([step], dtype=np.int64)
     if context is Context.window:
         return np.arange(max(0, step - frames + 1), step + 1, dtype=np.int64)

@@ -25,6 +25,7 @@ from vlmlabel import cache
 from vlmlabel.engine import compute_rows, finite_rows
 from vlmlabel.errors import SourceError, VlmlabelError
 from vlmlabel.events import QUIET, Events
+from vlmlabel.formulation import RewardConfig
 from vlmlabel.queries import JudgeSpec, QueryPlan, context_indices
 from vlmlabel.reader.buffers import RAW_AXES, Batch, as_nchw
 from vlmlabel.reader.decode_workers import resolve_workers
@@ -143,7 +144,7 @@ class EpisodeFrames:
         return self.kept[episode]
 
     def _read(self, count: int) -> np.ndarray:
-        parts, have = [], 0
+        parts, have = [np.empty((0, 0, 0, 3), np.uint8)], 0  # an episode of no steps asks no query
         while have < count:
             if self.rest is None or not len(self.rest):
                 self.rest = next(self.blocks, None)
@@ -152,7 +153,7 @@ class EpisodeFrames:
             take = self.rest[: count - have]
             parts.append(take)
             have, self.rest = have + len(take), self.rest[len(take) :]
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.concatenate(parts[1:]) if len(parts) > 1 else parts[0]
 
 
 @dataclass
@@ -302,12 +303,14 @@ class VlmScorer:
             raise VlmlabelError("--compile applies to CLIP's image tower; the vlm scorer runs transformers' model")
         if request.pretrained:
             raise VlmlabelError("--pretrained applies to --scorer clip; give the judge's folder or Hub id as --model")
-        config = request.reward_config()
-        spec, judge = config.judge or JudgeSpec(), _judge_module()
+        given = request.formulation or RewardConfig(goals=list(request.goals))
+        spec, judge = given.judge or JudgeSpec(), _judge_module()
+        # judged before validating, so that CLIP's options are refused as such (not as an incomplete --reward)
+        config = dataclasses.replace(given, judge=spec).validate()
         judge.parse_readout(spec.answer, spec.versus, spec.answer_values)
         if spec.prompt is not None:
             judge.check_prompt(spec.prompt)
-        return dataclasses.replace(request, formulation=dataclasses.replace(config, judge=spec).validate())
+        return dataclasses.replace(request, formulation=config)
 
     @staticmethod
     def spec(request: RelabelRequest) -> JudgeSpec:
