@@ -34,7 +34,7 @@ from vlmlabel.run import score
 from vlmlabel.run.checkpoint import Checkpoint
 from vlmlabel.run.plan import Card, OpenRun
 from vlmlabel.run.request import RelabelRequest
-from vlmlabel.run.resumable import Rows, trim
+from vlmlabel.run.resumable import trim
 from vlmlabel.run.setup import Machine
 from vlmlabel.sources.base import DatasetSource, Episode
 
@@ -201,17 +201,17 @@ class QueryRows:
         if first >= stop:
             return
         lo, hi = self.plan.episode_of(first), self.plan.episode_of(stop - 1) + 1
+        with contextlib.closing(self._read(lo, hi)) as blocks:
+            frames = EpisodeFrames(blocks, [e.steps for e in self.episodes], lo)
+            for begin in range(first, stop, batch_size):
+                yield [self._query(q, frames) for q in range(begin, min(stop, begin + batch_size))]
+
+    def _read(self, lo: int, hi: int) -> Generator[np.ndarray, None, None]:
+        """Episodes [lo, hi)'s frames in file order, as RGB blocks, through the run's data path."""
         steps = [e.steps for e in self.episodes]
         start = sum(steps[:lo])
         episodes = trim(self.episodes, start, start + sum(steps[lo:hi]))
-        device = torch.device("cpu")
-        blocks = compute_rows(self.source, episodes, READ_BATCH, device, rgb_frames, QUIET, self.workers)
-        frames = EpisodeFrames(blocks, steps, lo)
-        try:
-            for begin in range(first, stop, batch_size):
-                yield [self._query(q, frames) for q in range(begin, min(stop, begin + batch_size))]
-        finally:
-            blocks.close()
+        return compute_rows(self.source, episodes, READ_BATCH, torch.device("cpu"), rgb_frames, QUIET, self.workers)
 
     def default_batch_size(self) -> int:
         """The judge's batch size for the widest query: the first episode's last (widest context, longest goal),
@@ -221,8 +221,9 @@ class QueryRows:
             return 1
         first = next(i for i in range(len(self.episodes)) if plan.bounds[i + 1] > plan.bounds[i])
         longest = max(range(plan.goals), key=lambda g: len(self.goals[g]))
-        frames = EpisodeFrames(_blocks(self, first), [e.steps for e in self.episodes], first)
-        query = self._query(plan.bounds[first + 1] - plan.goals + longest, frames)
+        with contextlib.closing(self._read(first, first + 1)) as blocks:
+            frames = EpisodeFrames(blocks, [e.steps for e in self.episodes], first)
+            query = self._query(plan.bounds[first + 1] - plan.goals + longest, frames)
         return int(self.judge.default_batch_size(query))
 
     def _query(self, query: int, frames: EpisodeFrames) -> Any:
@@ -261,11 +262,10 @@ class LoadedJudge:
         workers = resolve_workers(run.request.workers)
         fps = getattr(run.source, "fps", None) or None  # LeRobot datasets know their frame rate; others do not
 
-        def rows_of(source: DatasetSource, episodes: list[Episode]) -> Rows:
+        def rows_of(source: DatasetSource, episodes: list[Episode]) -> QueryRows:
             return QueryRows(source, episodes, plan, self.judge, self.spec, goals, workers, fps)
 
-        first = QueryRows(run.source, run.episodes, plan, self.judge, self.spec, goals, workers, fps)
-        batch_size = self.batch_size or first.default_batch_size()
+        batch_size = self.batch_size or rows_of(run.source, run.episodes).default_batch_size()
         return score.score_grid(
             run,
             plan.bounds,
@@ -275,13 +275,6 @@ class LoadedJudge:
             checkpoints,
             events,
         )
-
-
-def _blocks(rows: QueryRows, episode: int) -> Iterator[np.ndarray]:
-    steps = [e.steps for e in rows.episodes]
-    start = sum(steps[:episode])
-    episodes = trim(rows.episodes, start, start + steps[episode])
-    return compute_rows(rows.source, episodes, READ_BATCH, torch.device("cpu"), rgb_frames, QUIET, rows.workers)
 
 
 class VlmScorer:
