@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder:
-    """Stands in for ``Judge.readouts``: keeps each query's frames and goal, answers query i with i / 100."""
+    """Stands in for ``Judge.readouts`` (and ``readouts_of``): keeps each query's frames and goal, answers query i
+    with i / 100."""
 
     def __init__(self):
         self.queries: list = []
@@ -47,13 +48,17 @@ class Recorder:
 @pytest.fixture()
 def recorder(monkeypatch) -> Recorder:
     recording = Recorder()
+    # a run prepares each batch (``inputs``) and then answers it (``readouts_of``): the batch stays its queries
+    monkeypatch.setattr(judge.Judge, "inputs", lambda self, queries: list(queries))
+    monkeypatch.setattr(judge.Judge, "readouts_of", lambda self, queries: recording(self, queries))
     monkeypatch.setattr(judge.Judge, "readouts", lambda self, queries: recording(self, queries))
     return recording
 
 
 def relabel(source: Path, model: Path, *options: str):
     args = ["relabel", str(source), "--goal", GOAL, "--scorer", "vlm", "--model", str(model), "--device", "cpu"]
-    return runner.invoke(app, [*args, "--workers", "0", "-q", *options], terminal_width=400)
+    # --batch-size: the default is measured on the processor's output, which the recorder stands in for
+    return runner.invoke(app, [*args, "--workers", "0", "--batch-size", "4", "-q", *options], terminal_width=400)
 
 
 # -- frames in the other shapes the source layer accepts -------------------------------------------------------
