@@ -15,6 +15,7 @@ interpreter through common.vlmlabel, as a user would run it:
      computed here); vlm_reward = open_clip's own score of frame t+1 (the episode's last step its own frame),
      vlm_judge_raw = log P(answer) from transformers' generate on frame t+1 alone, vlm_judge = the min-max per
      episode of vlm_judge_raw (numpy); ds[i] and a torch DataLoader batch.
+     --anchors 3 into vlm_anchored: its raw column = the oracle at round(linspace(0, T - 1, 3)), linear between.
   4. `datasets`' own tools on OUT2: filter + save_to_disk + load_from_disk, select, map, concatenate_datasets,
      to_parquet + load_dataset("parquet"): each output's columns equal the kept rows.
   5. vlmlabel on what `datasets` saved (filter output): the identical VLM relabel says "already written", a
@@ -204,8 +205,36 @@ def run_check(rep: common.Report, clip: Path, judge: Path) -> None:
         torch.equal(batch[RAW_KEY], torch.from_numpy(raw[:4])) and batch[VLM_KEY].dtype == torch.float32,
         f"{ {k: tuple(v.shape) for k, v in batch.items()} }",
     )
+    rep.guarded("--anchors 3", check_anchors, rep, out2, judge, expected.of(ds)[RAW_KEY][0])
     for name, step in tools(rep, ds, expected, judge).items():
         rep.guarded(name, step)
+
+
+def check_anchors(rep: common.Report, out2: Path, judge: Path, oracle_raw: np.ndarray) -> None:
+    """--anchors 3: the judge reads 3 steps per episode (round(linspace(0, T - 1, 3))) and NAME_raw is the straight
+    line between them; the provenance says so."""
+    import datasets
+
+    key, out = "vlm_anchored", out2.with_name("anchored")
+    proc = relabel(out2, out, judge, *common.VLM_ARGS, "--anchors", "3", "--reward-key", key)
+    if not rep.check("vlmlabel relabel --scorer vlm --anchors 3", proc.returncode == 0, proc.stderr.strip()[-400:]):
+        return
+    ds = datasets.load_from_disk(str(out))
+    want = np.empty(len(ds))
+    for rows in episodes(ds):
+        steps = np.arange(len(rows))
+        anchors = np.round(np.linspace(0, len(rows) - 1, 3)).astype(int)
+        want[rows] = np.interp(steps, anchors, oracle_raw[rows][anchors])
+    err = float(np.max(np.abs(column(ds, f"{key}_raw") - want)))
+    rep.check(
+        f"--anchors 3: {key}_raw = the oracle at 3 anchors per episode, linear between", err <= VLM_TOL, f"{err:.1e}"
+    )
+    prov = field_provenance(ds, key)
+    rep.check(
+        "--anchors 3: the provenance names the anchors and their rows",
+        prov.get("anchors") == 3 and "linspace" in str(prov.get("anchor_rows")),
+        f"anchors={prov.get('anchors')} anchor_rows={prov.get('anchor_rows')}",
+    )
 
 
 def tools(rep: common.Report, ds, expected: Expected, judge: Path) -> dict:
