@@ -145,13 +145,18 @@ def model_hashes(model_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model_dir.iterdir()) if p.is_file()}
 
 
+CONSTANT_SPREAD = 1e-4  # README's rule: an episode whose spread is at most 1e-4 * max(1, max |v|) is constant
+
+
 def minmax_per_episode(values: np.ndarray, episodes: list[np.ndarray]) -> np.ndarray:
-    """(v - min) / (max - min) within each episode's rows (0 where an episode is constant), in float64."""
+    """(v - min) / (max - min) within each episode's rows, in float64; 0 for a constant episode (README: spread
+    within ``CONSTANT_SPREAD`` of its largest magnitude, or of 1, is rounding noise)."""
     out = np.zeros(len(values), np.float64)
     for rows in episodes:
         v = values[rows].astype(np.float64)
         span = v.max() - v.min()
-        out[rows] = (v - v.min()) / span if span > 0 else 0.0
+        if span > CONSTANT_SPREAD * max(1.0, float(np.abs(v).max())):
+            out[rows] = (v - v.min()) / span
     return out
 
 
