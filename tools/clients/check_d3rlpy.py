@@ -14,12 +14,17 @@ Steps:
      the file row and (align next) the open_clip oracle score of the transition's next_observation;
      at each episode end the stored next observation's score (file B) or the frame's own score (file A).
   4. DiscreteCQL fits 2 gradient steps on it (CPU); ReplayBuffer dump/load keeps the rewards.
+  5. `vlmlabel relabel FILE --scorer vlm --context frame --normalize episode-minmax --reward-key vlm_judge` with a
+     tiny Qwen2-VL judge (tools/synthetic/tiny_vlm.py): /vlm_judge_raw = log P(answer) of o_(t+1) by transformers'
+     own generate (the episode end as in 3), /vlm_judge = its min-max per episode, the judge's attributes;
+     MDPDataset on /vlm_judge, DiscreteCQL 2 steps, ReplayBuffer dump/load.
 
 Results: tools/clients/results/d3rlpy.json (or $CLIENTS_RESULTS).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +32,9 @@ import common
 import numpy as np
 
 KEY, FRAME_KEY = "vlm_reward", "vlm_frame"
+VLM_KEY = "vlm_judge"  # --scorer vlm (common.VLM_ARGS): VLM_KEY and VLM_KEY_raw
+VLM_RAW = f"{VLM_KEY}_raw"
+VLM_TOL, MINMAX_TOL = 1e-4, 1e-6
 LENGTHS = (7, 9, 5, 11)
 ENDS = ("terminal", "timeout", "terminal", "timeout")
 H, W = 48, 64
@@ -91,6 +99,7 @@ def main() -> int:
     )
     print(rep.info, flush=True)
     model = common.make_tiny_model(rep.work / "tiny-clip")
+    judge = common.make_tiny_vlm(rep.work / "tiny-vlm")
     for name, with_next in (("A_no_next_observations", False), ("B_with_next_observations", True)):
         path = rep.work / f"{name}.hdf5"
         data = build(path, with_next, seed=1 if with_next else 0)
@@ -119,7 +128,86 @@ def main() -> int:
             )
         if ok:
             rep.guarded(f"{name}: d3rlpy", check_file, rep, name, path, data, with_next, model)
+        proc = common.vlmlabel(
+            "relabel", str(path), "--goal", common.GOAL, "--model", str(judge), "--device", "cpu", *common.VLM_ARGS,
+            "--reward-key", VLM_KEY, "--quiet", check=False,
+        )  # fmt: skip
+        if rep.check(
+            f"{name}: vlmlabel relabel {' '.join(common.VLM_ARGS)} --reward-key {VLM_KEY}",
+            proc.returncode == 0,
+            f"exit {proc.returncode} {proc.stderr.strip()[-400:]}",
+        ):
+            rep.guarded(f"{name}: d3rlpy (judge)", check_vlm_file, rep, name, path, data, with_next, judge)
     return rep.finish()
+
+
+def check_vlm_file(rep: common.Report, name: str, path: Path, data: dict, with_next: bool, judge: Path) -> None:
+    """The judge's columns: /VLM_RAW = log P(answer) of o_(t+1) by transformers' generate (the episode's last step:
+    the stored next observation, else its own frame), /VLM_KEY = its min-max per episode; d3rlpy trains on it."""
+    import d3rlpy
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        reward, raw = f[VLM_KEY][()], f[VLM_RAW][()]
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f[VLM_KEY].attrs.items()}
+        raw_of = f[VLM_RAW].attrs.get("raw_of")
+        observations, terminals, timeouts = f["observations"][()], f["terminals"][()], f["timeouts"][()]
+    n = len(observations)
+    rep.check(
+        f"{name}: /{VLM_KEY} and /{VLM_RAW} float32 with N rows",
+        reward.dtype == raw.dtype == np.float32 and reward.shape == raw.shape == (n,),
+        f"{reward.dtype} {reward.shape} {raw.dtype} {raw.shape}",
+    )
+    missing = [k for k in common.VLM_PROVENANCE if k not in attrs]
+    hashes = json.loads(attrs.get("model_files_sha256", "{}"))
+    rep.check(
+        f"{name}: /{VLM_KEY} attributes: the judge's provenance, model_files_sha256 = sha256 of its files",
+        not missing and attrs.get("scorer") == "vlm" and hashes == common.model_hashes(judge),
+        f"missing {missing}; raw_key={attrs.get('raw_key')} raw_of={raw_of!r}",
+    )
+    prompt, answer = str(attrs["prompt"]), str(attrs["answer"])
+    work = rep.work / "oracle"
+    oracle_obs = common.vlm_oracle(judge, observations, common.GOAL, prompt, answer, work)
+    oracle_next = common.vlm_oracle(judge, data["next_observations"], common.GOAL, prompt, answer, work)
+    expected, slices, start = np.empty(n), [], 0
+    for length in LENGTHS:
+        end = start + length
+        expected[start : end - 1] = oracle_obs[start + 1 : end]
+        expected[end - 1] = oracle_next[end - 1] if with_next else oracle_obs[end - 1]
+        slices.append(np.arange(start, end))
+        start = end
+    err, own = float(np.max(np.abs(raw - expected))), float(np.max(np.abs(raw - oracle_obs)))
+    rep.check(
+        f"{name}: /{VLM_RAW} = the judge's log P({answer!r}) of o_(t+1) by transformers' generate",
+        err <= VLM_TOL,
+        f"max|diff|={err:.2e} (vs own-frame hypothesis {own:.2e})",
+    )
+    err = float(np.max(np.abs(reward - common.minmax_per_episode(raw, slices))))
+    rep.check(f"{name}: /{VLM_KEY} = min-max per episode of /{VLM_RAW}", err <= MINMAX_TOL, f"max|diff|={err:.1e}")
+    dataset = d3rlpy.dataset.MDPDataset(
+        observations=np.ascontiguousarray(observations.transpose(0, 3, 1, 2)),
+        actions=data["actions"],
+        rewards=reward,
+        terminals=terminals.astype(np.float32),
+        timeouts=timeouts.astype(np.float32),
+        action_space=d3rlpy.ActionSpace.DISCRETE,
+        action_size=2,
+    )
+    starts = np.cumsum((0,) + LENGTHS[:-1])
+    picker = d3rlpy.dataset.BasicTransitionPicker()
+    bad = [
+        (int(s + i), float(np.asarray(picker(ep, i).reward).reshape(-1)[0]))
+        for ep, s in zip(dataset.episodes, starts, strict=True)
+        for i in range(ep.transition_count)
+        if float(np.asarray(picker(ep, i).reward).reshape(-1)[0]) != float(reward[s + i])
+    ]
+    rep.check(
+        f"{name}: MDPDataset on /{VLM_KEY}: episodes = file episodes, every transition's reward = file row",
+        [ep.size() for ep in dataset.episodes] == list(LENGTHS) and not bad,
+        f"sizes {[ep.size() for ep in dataset.episodes]}; bad {bad[:3]}",
+    )
+    rep.guarded(f"{name}: DiscreteCQL fit 2 steps (judge)", fit_cql, rep, f"{name} {VLM_KEY}", dataset)
+    rep.guarded(f"{name}: ReplayBuffer dump/load (judge)", dump_load, rep, f"{name}-{VLM_KEY}", dataset, reward, starts)
 
 
 def check_file(rep: common.Report, name: str, path: Path, data: dict, with_next: bool, model: Path) -> None:

@@ -3,7 +3,7 @@
 Run with the Python >= 3.12 venv that has lerobot[dataset]; vlmlabel itself runs in the project's
 interpreter (Python 3.11) through common.vlmlabel, as a user would run the command:
 
-    /work/venvs/lerobot312/bin/python tools/clients/check_lerobot.py [image|video ...]
+    /work/venvs/lerobot312/bin/python tools/clients/check_lerobot.py [image|video|vlm ...]
 
 For each storage kind ("image": PNG frames in parquet; "video": mp4 encoded by LeRobot through PyAV):
   1. LeRobotDataset.create(...) + add_frame / save_episode / finalize: 4 episodes (6, 8, 5, 7 frames),
@@ -25,6 +25,12 @@ For each storage kind ("image": PNG frames in parquet; "video": mp4 encoded by L
      (delete_episodes). The source folder and OUT1 are byte-identical afterwards.
   5. vlmlabel on the delete_episodes output (re-indexed; re-encoded video): relabel --overwrite of its own
      key, relabel under a new key (compared with the oracle), evaluate without --model.
+
+"vlm": an image dataset relabelled with --scorer vlm --context frame --normalize episode-minmax by a tiny
+Qwen2-VL judge (tools/synthetic/tiny_vlm.py): NAME_raw = log P(answer) of frame t+1 by transformers' own
+generate on the frames LeRobot decodes, NAME = its min-max per episode; the judge's provenance in info.json
+(model_files_sha256 = the sha256 of its files computed here); steps 3-4 on both columns; after
+delete_episodes, the judge relabels with --overwrite and under a new key, and evaluate reads it.
 
 Results: tools/clients/results/lerobot.json (or $CLIENTS_RESULTS).
 """
@@ -209,8 +215,16 @@ def verify(rep: common.Report, label: str, ds, expected: dict[str, list[np.ndarr
                 if not np.isclose(np.ravel(entry[s])[0], v, rtol=1e-5, atol=1e-6)
             }
         )
-        rep.check(f"{label}: stats.json[{key}] min/max/count/mean/std match the column", not bad, f"differing: {bad}")
         theirs = lerobot_episode_stats(ds, key)
+        lerobot_std = float(np.ravel(aggregate_stats([{key: t} for t in theirs])[key]["std"])[0])
+        if "std" in bad and np.isclose(lerobot_std, np.ravel(entry["std"])[0], rtol=1e-5, atol=1e-6):
+            # LeRobot's own stats give the same std: its float32 sqrt(E[x^2] - mean^2) (RunningQuantileStats),
+            # which a column far from 0 with a tiny spread (a random judge's log-probs) loses to cancellation.
+            rep.note(
+                f"{label}: stats.json[{key}] std is LeRobot's, not numpy's",
+                f"written {bad.pop('std')[0]}, numpy {close['std']:.3g}, LeRobot's own {lerobot_std:.3g}",
+            )
+        rep.check(f"{label}: stats.json[{key}] min/max/count/mean/std match the column", not bad, f"differing: {bad}")
         diffs = stat_diffs(entry, aggregate_stats([{key: t} for t in theirs])[key])
         rep.check(
             f"{label}: stats.json[{key}] = LeRobot's aggregate_stats(compute_episode_stats per episode), "
@@ -383,6 +397,136 @@ def check_kind(rep: common.Report, kind: str, model: Path) -> None:
     )
 
 
+VLM_KEY = "vlm_judge"
+VLM_RAW = f"{VLM_KEY}_raw"
+VLM_TOL, MINMAX_TOL = 1e-4, 1e-6  # the judge's readout vs generate on the same frames; min-max of the raw column
+
+
+def decoded_frames(ds) -> np.ndarray:
+    """The frames as LeRobot decodes them (float CHW in [0, 1]) back to uint8 HWC."""
+    return np.stack([(ds[i][CAMERA].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for i in range(len(ds))])
+
+
+def check_judged(rep: common.Report, label: str, ds, judge: Path, prompt: str, answer: str, key: str) -> None:
+    """``key``_raw = the oracle's log P(answer) of frame t+1 (generate on the frames LeRobot decodes) and ``key`` =
+    its min-max per episode, as LeRobot loads both columns."""
+    slices = episode_slices(ds)
+    scores = common.vlm_oracle(judge, decoded_frames(ds), common.GOAL, prompt, answer, Path(ds.root).parent / "oracle")
+    order = np.concatenate(slices)
+    expected = np.concatenate([np.append(scores[s][1:], scores[s][-1]) for s in slices])
+    raw = column(ds, f"{key}_raw")
+    err = float(np.max(np.abs(raw[order] - expected)))
+    own = float(np.max(np.abs(raw[order] - scores[order])))
+    rep.check(
+        f"{label}: {key}_raw (align next) = the judge's log P({answer!r}) of frame t+1 by transformers' generate",
+        err <= VLM_TOL,
+        f"max|diff|={err:.2e} (vs own-frame hypothesis {own:.2e})",
+    )
+    err = float(np.max(np.abs(column(ds, key) - common.minmax_per_episode(raw, slices))))
+    rep.check(f"{label}: {key} = min-max per episode of {key}_raw", err <= MINMAX_TOL, f"max|diff|={err:.2e}")
+
+
+def check_vlm(rep: common.Report, judge: Path) -> None:
+    """A LeRobot image dataset relabelled with --scorer vlm: LeRobot loads the reward and NAME_raw, the provenance
+    survives in info.json, and LeRobot's editing tools keep both columns and their statistics."""
+    import torch
+
+    kind = "vlm"
+    work = rep.work / kind
+    work.mkdir()
+    src, out = work / "src", work / "src-vlmlabel"
+    repo = "local/vlmlabel_vlm"
+    create("image", src, repo)
+    args = [*common.VLM_ARGS, "--reward-key", VLM_KEY]
+    proc = common.vlmlabel(
+        "relabel", str(src), "--goal", common.GOAL, "--model", str(judge), "--device", "cpu", *args,
+        "--output", str(out), "--quiet", check=False,
+    )  # fmt: skip
+    if not rep.check(
+        f"{kind}: vlmlabel relabel SRC {' '.join(args)} --output OUT",
+        proc.returncode == 0,
+        f"exit {proc.returncode} {proc.stderr.strip()[-600:]}",
+    ):
+        return
+    src_digest = tree_digest(src)
+    ds = load(repo, out)
+    rep.check(f"{kind}: LeRobotDataset(repo_id, root=OUT) loads", True, f"features {sorted(ds.meta.features)}")
+    info = json.loads((out / "meta" / "info.json").read_text())
+    feat = {k: (info["features"].get(k) or {}).get("info") or {} for k in (VLM_KEY, VLM_RAW)}
+    rep.note(f"{kind}: info.json features[{VLM_KEY}]", json.dumps(info["features"].get(VLM_KEY))[:800])
+    names = (*common.VLM_PROVENANCE, "goal", "align", "model")
+    missing = [k for k in names if k not in feat[VLM_KEY]]
+    rep.check(
+        f"{kind}: info.json features[{VLM_KEY}]['info'] holds the judge's provenance",
+        not missing and feat[VLM_KEY].get("scorer") == "vlm" and feat[VLM_KEY].get("context") == "frame",
+        f"missing {missing}",
+    )
+    hashes = feat[VLM_KEY].get("model_files_sha256")
+    hashes = json.loads(hashes) if isinstance(hashes, str) else hashes
+    rep.check(
+        f"{kind}: model_files_sha256 = sha256 of the judge's files computed here",
+        hashes == common.model_hashes(judge),
+        f"{type(feat[VLM_KEY].get('model_files_sha256')).__name__}: {sorted(hashes or {})}",
+    )
+    rep.check(
+        f"{kind}: {VLM_RAW} declared with provenance naming its reward",
+        feat[VLM_RAW].get("raw_of") == VLM_KEY and feat[VLM_KEY].get("raw_key") == VLM_RAW,
+        f"raw_of={feat[VLM_RAW].get('raw_of')} raw_key={feat[VLM_KEY].get('raw_key')}",
+    )
+    prompt, answer = str(feat[VLM_KEY].get("prompt")), str(feat[VLM_KEY].get("answer"))
+    check_judged(rep, kind, ds, judge, prompt, answer, VLM_KEY)
+    raw = column(ds, VLM_RAW)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)))
+    rep.check(
+        f"{kind}: torch DataLoader batch carries {VLM_KEY} and {VLM_RAW}",
+        VLM_KEY in batch and np.array_equal(batch[VLM_RAW].reshape(-1).numpy(), raw[:4]),
+        f"shapes {tuple(batch[VLM_KEY].shape)} {tuple(batch[VLM_RAW].shape)}",
+    )
+    slices = episode_slices(ds)
+    provenance = {k: {p: feat[k].get(p) for p in names if p in feat[k]} for k in (VLM_KEY, VLM_RAW)}
+    per_ep = {k: [column(ds, k)[s] for s in slices] for k in (VLM_KEY, VLM_RAW)}
+    verify(rep, f"{kind} OUT", ds, per_ep, provenance)
+
+    def after_delete(new) -> None:
+        relabel_edited_vlm(rep, work, new, judge, prompt, answer)
+
+    for name, fn in edits(rep, kind, work, ds, per_ep, provenance, after_delete):
+        rep.guarded(f"{kind}: {name}", fn)
+    rep.check(f"{kind}: source unchanged after all edits", tree_digest(src) == src_digest, "")
+
+
+def relabel_edited_vlm(rep: common.Report, work: Path, edited, judge: Path, prompt: str, answer: str) -> None:
+    """vlmlabel's judge on what LeRobot's delete_episodes wrote: --overwrite of its own key, a new key equal to
+    the oracle of the frames LeRobot decodes, and evaluate without --model."""
+    root = str(edited.root)
+    base = ("relabel", root, "--goal", common.GOAL, "--model", str(judge), "--device", "cpu", *common.VLM_ARGS)
+    proc = common.vlmlabel(
+        *base, "--reward-key", VLM_KEY, "--overwrite", "--output", str(work / "edited-overwrite"), "--quiet",
+        check=False,
+    )  # fmt: skip
+    rep.check(
+        f"vlm: vlmlabel relabel --scorer vlm --overwrite {VLM_KEY} on the delete_episodes output",
+        proc.returncode == 0,
+        f"exit {proc.returncode} {proc.stderr.strip()[-500:]}",
+    )
+    new_key, out = "vlm_judge_after_edit", work / "edited-newkey"
+    proc = common.vlmlabel(*base, "--reward-key", new_key, "--output", str(out), "--quiet", check=False)
+    if rep.check(
+        f"vlm: vlmlabel relabel --scorer vlm --reward-key {new_key} on the delete_episodes output",
+        proc.returncode == 0,
+        f"exit {proc.returncode} {proc.stderr.strip()[-500:]}",
+    ):
+        check_judged(
+            rep, "vlm delete_episodes + relabel", load("local/edited-newkey", out), judge, prompt, answer, new_key
+        )
+    proc = common.vlmlabel("evaluate", root, "--reward-key", VLM_KEY, "--json", check=False)
+    rep.check(
+        f"vlm: vlmlabel evaluate --reward-key {VLM_KEY} on the delete_episodes output (no --model)",
+        proc.returncode == 0,
+        f"exit {proc.returncode} {proc.stderr.strip()[-300:]}",
+    )
+
+
 def relabel_edited(rep: common.Report, kind: str, work: Path, edited, model: Path) -> None:
     """vlmlabel on what LeRobot's editor wrote (re-indexed episodes; for video, re-encoded files).
 
@@ -456,8 +600,12 @@ def relabel_edited(rep: common.Report, kind: str, work: Path, edited, model: Pat
     )
 
 
-def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenance: dict):
+def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenance: dict, after_delete=None):
+    """LeRobot's editing tools on ``ds``, each output verified; ``after_delete(new)`` runs vlmlabel on the
+    delete_episodes output (default: the CLIP relabels of ``relabel_edited``)."""
     from lerobot.datasets import dataset_tools as tools
+
+    first, second = list(per_ep)
 
     def keep(indices):
         return {k: [v[i] for i in indices] for k, v in per_ep.items()}
@@ -465,7 +613,10 @@ def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenanc
     def delete():
         new = tools.delete_episodes(ds, episode_indices=[1], output_dir=work / "deleted", repo_id="local/deleted")
         verify(rep, f"{kind} delete_episodes([1])", new, keep([0, 2, 3]), provenance)
-        relabel_edited(rep, kind, work, new, model=Path(provenance[KEY]["model"]))
+        if after_delete is None:
+            relabel_edited(rep, kind, work, new, model=Path(provenance[KEY]["model"]))
+        else:
+            after_delete(new)
 
     parts = {}
 
@@ -483,11 +634,9 @@ def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenanc
         verify(rep, f"{kind} merge_datasets(train, val)", new, keep([0, 1, 2, 3]), provenance)
 
     def remove():
-        new = tools.modify_features(ds, remove_features=FRAME_KEY, output_dir=work / "removed", repo_id="local/removed")
-        rep.check(
-            f"{kind} modify_features(remove {FRAME_KEY}): {FRAME_KEY} gone", FRAME_KEY not in new.meta.features, ""
-        )
-        verify(rep, f"{kind} modify_features(remove {FRAME_KEY})", new, {KEY: per_ep[KEY]}, provenance)
+        new = tools.modify_features(ds, remove_features=second, output_dir=work / "removed", repo_id="local/removed")
+        rep.check(f"{kind} modify_features(remove {second}): {second} gone", second not in new.meta.features, "")
+        verify(rep, f"{kind} modify_features(remove {second})", new, {first: per_ep[first]}, provenance)
 
     def recompute():
         """recompute_stats rebuilds stats.json from the data, episode by episode: it must give back vlmlabel's
@@ -572,7 +721,7 @@ def edits(rep: common.Report, kind: str, work: Path, ds, per_ep: dict, provenanc
 
 
 def main() -> int:
-    kinds = sys.argv[1:] or ["image", "video"]
+    kinds = sys.argv[1:] or ["image", "video", "vlm"]
     rep = common.Report("lerobot")
     import av
     import datasets
@@ -593,7 +742,10 @@ def main() -> int:
     torch.set_num_threads(1)
     model = common.make_tiny_model(rep.work / "tiny-clip")
     for kind in kinds:
-        rep.guarded(f"{kind}: check", check_kind, rep, kind, model)
+        if kind == "vlm":
+            rep.guarded("vlm: check", check_vlm, rep, common.make_tiny_vlm(rep.work / "tiny-vlm"))
+        else:
+            rep.guarded(f"{kind}: check", check_kind, rep, kind, model)
     return rep.finish()
 
 

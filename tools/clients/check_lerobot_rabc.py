@@ -2,7 +2,7 @@
 
 Run with the Python >= 3.12 venv that has lerobot[dataset]; vlmlabel runs in the project's interpreter:
 
-    /work/venvs/lerobot312/bin/python tools/clients/check_lerobot_rabc.py [image|video ...]
+    /work/venvs/lerobot312/bin/python tools/clients/check_lerobot_rabc.py [image|video|vlm ...]
 
   1. LeRobotDataset.create + add_frame / save_episode / finalize (check_lerobot.create: 4 episodes).
   2. vlmlabel relabel SRC --output OUT, then vlmlabel progress OUT --output OUT/sarm_progress.parquet (where
@@ -14,6 +14,9 @@ Run with the Python >= 3.12 venv that has lerobot[dataset]; vlmlabel runs in the
   4. The file's rows: LeRobot's own index/episode_index/frame_index; progress = numpy min-max per episode of
      the reward column LeRobot loads. LeRobot main's frame-signal validator runs where the installed
      lerobot has it (lerobot.rewards.scoring; not in 0.6.1: reported as INFO).
+
+"vlm": the same on an image dataset relabelled with --scorer vlm --context frame --normalize episode-minmax by a
+tiny Qwen2-VL judge (tools/synthetic/tiny_vlm.py): RA-BC trains on the judge's progress.
 
 Results: tools/clients/results/lerobot_rabc.json (or $CLIENTS_RESULTS).
 """
@@ -110,13 +113,13 @@ def check_weights(rep: common.Report, kind: str, ds, weighter, label: str) -> No
     rep.check(f"{kind} {label}: weights = RA-BC's formula on the file's progress", worst <= 1e-5, f"{worst:.1e}")
 
 
-def check_kind(rep: common.Report, kind: str, model: Path) -> None:
+def check_kind(rep: common.Report, kind: str, model: Path, scorer_args: tuple[str, ...] = ()) -> None:
     import torch
     from lerobot.rewards.sarm.rabc import RABCWeights
     from lerobot.utils.sample_weighting import SampleWeightingConfig, make_sample_weighter
 
     work = rep.work / kind
-    create(kind, work / "src", f"local/rabc_{kind}")
+    create("image" if kind == "vlm" else kind, work / "src", f"local/rabc_{kind}")
     out = work / "labelled"
     common.vlmlabel(
         "relabel",
@@ -129,6 +132,7 @@ def check_kind(rep: common.Report, kind: str, model: Path) -> None:
         "cpu",
         "--image-key",
         CAMERA,
+        *scorer_args,
         "--output",
         str(out),
     )
@@ -161,7 +165,7 @@ def check_kind(rep: common.Report, kind: str, model: Path) -> None:
 
 
 def main() -> int:
-    kinds = sys.argv[1:] or ["image"]
+    kinds = sys.argv[1:] or ["image", "vlm"]
     rep = common.Report("lerobot_rabc")
     import lerobot
     import torch
@@ -170,7 +174,11 @@ def main() -> int:
     torch.set_num_threads(1)
     model = common.make_tiny_model(rep.work / "tiny-clip")
     for kind in kinds:
-        rep.guarded(f"{kind}: check", check_kind, rep, kind, model)
+        if kind == "vlm":  # the judge's reward (an image dataset): progress from it, RA-BC's weights
+            judge = common.make_tiny_vlm(rep.work / "tiny-vlm")
+            rep.guarded("vlm: check", check_kind, rep, kind, judge, common.VLM_ARGS)
+        else:
+            rep.guarded(f"{kind}: check", check_kind, rep, kind, model)
     return rep.finish()
 
 

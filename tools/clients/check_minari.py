@@ -16,6 +16,10 @@ Steps:
   3. minari.load_dataset: every episode's infos hold the keys; their length is compared with
      len(observations) (T+1) and len(rewards) (T); the values are compared with open_clip's own scores
      of the decoded observations (the oracle), under each row convention; the written attributes.
+     And `vlmlabel relabel --scorer vlm --context frame --normalize episode-minmax --reward-key vlm_judge` in
+     place with a tiny Qwen2-VL judge (tools/synthetic/tiny_vlm.py): vlm_judge_raw (log P(answer)) against
+     transformers' own generate on each observation Minari decodes, vlm_judge = its min-max per episode, the
+     judge's attributes (model_files_sha256 = the sha256 of its files), an identical rerun "already written".
   4. Minari's own tools on the labelled data: iterate_episodes, sample_episodes, filter_episodes,
      `minari show`, `minari list local`, combine_datasets (and that the combined episodes keep the key),
      recover_environment; frames/actions/rewards byte-identical before and after the relabel; a second
@@ -27,6 +31,7 @@ Exit status 1 if any check failed. Results: tools/clients/results/minari.json (o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +41,9 @@ import numpy as np
 from minari_env import make_env
 
 KEY, FRAME_KEY = "vlm_reward", "vlm_frame"
+VLM_KEY = "vlm_judge"  # --scorer vlm (common.VLM_ARGS): VLM_KEY and VLM_KEY_raw
+VLM_RAW = f"{VLM_KEY}_raw"
+VLM_TOL, MINMAX_TOL = 1e-4, 1e-6
 EPISODES, MAX_STEPS, STRIDE = 3, 30, 4
 TOL = 5e-3  # vlmlabel's on-device preprocessing vs open_clip's PIL pipeline: uint8 rounding (tests use 2e-3)
 
@@ -98,7 +106,9 @@ def attrs_of(path: Path, dataset: str) -> dict:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f[dataset].attrs.items()}
 
 
-def compare(rep: common.Report, label: str, values: np.ndarray, obs_scores: np.ndarray, align: str) -> str:
+def compare(
+    rep: common.Report, label: str, values: np.ndarray, obs_scores: np.ndarray, align: str, tol: float = TOL
+) -> str:
     """Which row convention the values follow, judged against the oracle scores of the T+1 observations."""
     n, t1 = len(values), len(obs_scores)
     hypotheses = {}
@@ -113,7 +123,7 @@ def compare(rep: common.Report, label: str, values: np.ndarray, obs_scores: np.n
     errs = {h: float(np.max(np.abs(values - ref))) for h, ref in hypotheses.items()}
     best = min(errs, key=errs.get)
     wanted_step = "next" if align == "next" else "frame"
-    ok = errs[best] <= TOL and ("per observation" in best or wanted_step in best)
+    ok = errs[best] <= tol and ("per observation" in best or wanted_step in best)
     rep.check(
         f"{label}: values match open_clip oracle",
         ok,
@@ -140,6 +150,7 @@ def main() -> int:
     )
     print(rep.info, flush=True)
     model = common.make_tiny_model(work / "tiny-clip")
+    judge = common.make_tiny_vlm(work / "tiny-vlm")
 
     datasets = {"cartpole/pixels-infos-v0": True, "cartpole/pixels-v0": False}
     for seed, (dataset_id, with_info) in enumerate(datasets.items()):
@@ -187,6 +198,12 @@ def main() -> int:
                 proc.returncode == 0,
                 f"exit {proc.returncode} {proc.stderr.strip()[-500:]}",
             )
+        proc = vlm_relabel(path, judge)
+        rep.check(
+            f"{dataset_id}: vlmlabel relabel {' '.join(common.VLM_ARGS)} --reward-key {VLM_KEY} in place",
+            proc.returncode == 0,
+            f"exit {proc.returncode} {proc.stderr.strip()[-500:]}",
+        )
         after = fingerprint(path)
         changed = sorted(k for k in before if before[k] != after.get(k))
         added = sorted(set(after) - set(before))
@@ -211,7 +228,16 @@ def main() -> int:
             f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-300:]}",
         )
 
+        proc = vlm_relabel(path, judge)
+        rep.check(
+            f"{dataset_id}: identical second VLM relabel exits 0 'already written'",
+            proc.returncode == 0 and "already" in (proc.stdout + proc.stderr).lower(),
+            f"exit {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-300:]}",
+        )
+        rep.guarded(f"{dataset_id}: VLM attributes", check_vlm_attrs, rep, dataset_id, path, judge)
+
         rep.guarded(f"{dataset_id}: minari.load_dataset", check_loaded, rep, dataset_id, model, with_info, attrs)
+        rep.guarded(f"{dataset_id}: minari.load_dataset (judge)", check_judged, rep, dataset_id, path, judge)
         if with_info:  # vlmlabel's own reader of the labelled file: evaluate against Minari's T+1 info
             proc = common.vlmlabel(
                 "evaluate", str(path), "--reward-key", KEY, "--against", "cart_x", "--json", check=False
@@ -224,6 +250,71 @@ def main() -> int:
 
     check_tools(rep, list(datasets))
     return rep.finish()
+
+
+def vlm_relabel(path: Path, judge: Path):
+    return common.vlmlabel(
+        "relabel", str(path), "--goal", common.GOAL, "--model", str(judge), "--device", "cpu", *common.VLM_ARGS,
+        "--reward-key", VLM_KEY, "--quiet", check=False,
+    )  # fmt: skip
+
+
+def check_vlm_attrs(rep: common.Report, dataset_id: str, path: Path, judge: Path) -> None:
+    """The judge's provenance as h5py reads it back: names, JSON text of the model's file hashes, raw link."""
+    attrs, raw = attrs_of(path, f"episode_0/infos/{VLM_KEY}"), attrs_of(path, f"episode_0/infos/{VLM_RAW}")
+    missing = [k for k in common.VLM_PROVENANCE if k not in attrs]
+    rep.check(
+        f"{dataset_id}: attributes of episode_0/infos/{VLM_KEY} hold the judge's provenance",
+        not missing and attrs.get("scorer") == "vlm" and attrs.get("context") == "frame",
+        f"missing {missing}; " + ", ".join(f"{k}={str(attrs.get(k))[:40]}" for k in common.VLM_PROVENANCE),
+    )
+    hashes = json.loads(attrs.get("model_files_sha256", "{}"))
+    rep.check(
+        f"{dataset_id}: model_files_sha256 (JSON text) = sha256 of the judge's files computed here",
+        hashes == common.model_hashes(judge),
+        f"{sorted(hashes)}",
+    )
+    rep.check(
+        f"{dataset_id}: {VLM_RAW} names its reward, {VLM_KEY} its raw column",
+        raw.get("raw_of") == VLM_KEY and attrs.get("raw_key") == VLM_RAW,
+        f"raw_of={raw.get('raw_of')} raw_key={attrs.get('raw_key')}",
+    )
+
+
+def check_judged(rep: common.Report, dataset_id: str, path: Path, judge: Path) -> None:
+    """infos[VLM_RAW] as Minari loads it = the judge's log P(answer) of each observation by transformers' generate
+    (on the observations Minari decodes), under the row convention of the CLIP keys; infos[VLM_KEY] = its min-max
+    per episode."""
+    import minari
+
+    attrs = attrs_of(path, f"episode_0/infos/{VLM_KEY}")
+    prompt, answer = str(attrs["prompt"]), str(attrs["answer"])
+    conventions = set()
+    for episode in minari.load_dataset(dataset_id).iterate_episodes():
+        infos = episode.infos or {}
+        label = f"{dataset_id} episode {episode.id}"
+        if not rep.check(
+            f"{label}: infos['{VLM_KEY}'] and infos['{VLM_RAW}'] present",
+            VLM_KEY in infos and VLM_RAW in infos,
+            f"infos keys: {sorted(infos)}",
+        ):
+            continue
+        reward, raw = np.asarray(infos[VLM_KEY]), np.asarray(infos[VLM_RAW])
+        rep.check(
+            f"{label}: judge columns float32, finite, {len(raw)} rows each",
+            reward.dtype == raw.dtype == np.float32 and len(reward) == len(raw) and bool(np.isfinite(raw).all()),
+            f"{reward.dtype} {raw.dtype} {len(reward)} {len(raw)}",
+        )
+        obs = np.asarray(episode.observations)
+        scores = common.vlm_oracle(judge, obs, common.GOAL, prompt, answer, rep.work / "oracle")
+        conventions.add(compare(rep, f"{label} infos['{VLM_RAW}'] (judge)", raw, scores, "next", VLM_TOL))
+        err = float(np.max(np.abs(reward - common.minmax_per_episode(raw, [np.arange(len(raw))]))))
+        rep.check(f"{label}: infos['{VLM_KEY}'] = min-max of infos['{VLM_RAW}']", err <= MINMAX_TOL, f"{err:.1e}")
+    rep.check(
+        f"{dataset_id}: the judge's infos have T+1 values (one per observation), as CLIP's",
+        conventions == {"per observation: row i = score(o_i), i=0..T"},
+        f"conventions seen: {sorted(conventions)}",
+    )
 
 
 def check_loaded(rep: common.Report, dataset_id: str, model: Path, with_info: bool, attrs: dict) -> None:
@@ -289,8 +380,8 @@ def check_tools(rep: common.Report, ids: list[str]) -> None:
     def sample():
         sampled = first.sample_episodes(2)
         rep.check(
-            "sample_episodes(2) returns episodes with the key",
-            all(KEY in e.infos for e in sampled),
+            "sample_episodes(2) returns episodes with the CLIP and judge keys",
+            all(k in e.infos for e in sampled for k in (KEY, VLM_KEY, VLM_RAW)),
             f"ids {[int(e.id) for e in sampled]}",
         )
 
@@ -343,6 +434,12 @@ def check_tools(rep: common.Report, ids: list[str]) -> None:
             np.array_equal(a.infos[KEY], b.infos[KEY]) for a, b in zip(originals, episodes, strict=True)
         )
         rep.check("combined rewards equal the originals", same, "")
+        same = len(originals) == len(episodes) and all(
+            np.array_equal(a.infos[k], b.infos[k])
+            for a, b in zip(originals, episodes, strict=True)
+            for k in (VLM_KEY, VLM_RAW)
+        )
+        rep.check(f"combined {VLM_KEY} and {VLM_RAW} equal the originals", same, "")
         path = main_file(combined_id)
         attrs = attrs_of(path, f"episode_0/infos/{KEY}")
         rep.note(

@@ -15,6 +15,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -114,6 +115,49 @@ def oracle_scores(model_dir: Path, frames: np.ndarray, goal: str, work: Path) ->
     np.save(src, np.ascontiguousarray(frames, dtype=np.uint8))
     run([MAIN_PYTHON, str(HERE / "oracle.py"), "score", str(model_dir), goal, str(src), str(dst)], env=_main_env())
     return np.load(dst)
+
+
+def make_tiny_vlm(folder: Path) -> Path:
+    """A random tiny Qwen2-VL judge (``tools/synthetic/tiny_vlm.build_tiny_vlm("qwen2_vl", folder)``)."""
+    if not (folder / "config.json").exists():
+        run([MAIN_PYTHON, str(HERE / "oracle.py"), "make-vlm", str(folder)], env=_main_env())
+    return folder
+
+
+# The VLM runs of the checks: one frame per query (so the oracle is one image and a prompt), the raw readout kept
+# as NAME_raw and the reward its min-max per episode (so the two columns differ).
+VLM_ARGS = ("--scorer", "vlm", "--context", "frame", "--normalize", "episode-minmax")
+VLM_PROVENANCE = ("scorer", "prompt", "readout", "answer", "context", "context_frames", "anchor_rows")
+
+
+def vlm_oracle(model_dir: Path, frames: np.ndarray, goal: str, prompt: str, answer: str, work: Path) -> np.ndarray:
+    """log P(answer) of each uint8 frame (N, H, W, 3) shown alone, by transformers' generate (oracle.py)."""
+    work.mkdir(parents=True, exist_ok=True)
+    src, dst = work / "vlm_oracle_in.npy", work / "vlm_oracle_out.npy"
+    np.save(src, np.ascontiguousarray(frames, dtype=np.uint8))
+    cmd = [MAIN_PYTHON, str(HERE / "oracle.py"), "vlm-score", str(model_dir), goal, prompt, answer, str(src), str(dst)]
+    run(cmd, env=_main_env())
+    return np.load(dst)
+
+
+def model_hashes(model_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a model folder, computed here (provenance's model_files_sha256 should name them)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+CONSTANT_SPREAD = 1e-4  # README's rule: an episode whose spread is at most 1e-4 * max(1, max |v|) is constant
+
+
+def minmax_per_episode(values: np.ndarray, episodes: list[np.ndarray]) -> np.ndarray:
+    """(v - min) / (max - min) within each episode's rows, in float64; 0 for a constant episode (README: spread
+    within ``CONSTANT_SPREAD`` of its largest magnitude, or of 1, is rounding noise)."""
+    out = np.zeros(len(values), np.float64)
+    for rows in episodes:
+        v = values[rows].astype(np.float64)
+        span = v.max() - v.min()
+        if span > CONSTANT_SPREAD * max(1.0, float(np.abs(v).max())):
+            out[rows] = (v - v.min()) / span
+    return out
 
 
 def _quote(text: str) -> str:

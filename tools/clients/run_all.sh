@@ -3,7 +3,7 @@
 #   tools/clients/run_all.sh                 # the working tree of this repository
 #   tools/clients/run_all.sh --rev a44db9f   # a committed revision (git archive into a temporary folder, read-only)
 #   tools/clients/run_all.sh --src DIR       # any source tree holding vlmlabel/
-#   CHECKS="minari d3rlpy" tools/clients/run_all.sh    # a subset (default: minari d3rlpy lerobot lerobot_rabc)
+#   CHECKS="minari d3rlpy" tools/clients/run_all.sh    # a subset (default: minari d3rlpy lerobot lerobot_rabc datasets)
 # Results: tools/clients/results/<client>.json (CLIENTS_RESULTS overrides). Exit 1 if any check failed.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,16 +25,16 @@ export VLMLABEL_SRC="$SRC"
 export CLIENTS_RESULTS=${CLIENTS_RESULTS:-$HERE/results}
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 status=0
-for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc}; do
+for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc datasets}; do
   case "$check" in
-    lerobot|lerobot_rabc) py="$VENVS/lerobot312/bin/python" ;;
+    lerobot|lerobot_rabc|datasets) py="$VENVS/lerobot312/bin/python" ;;
     *)       py="$VENVS/clients311/bin/python" ;;
   esac
   echo "===== $check ($py, vlmlabel from $SRC)"
   "$py" "$HERE/check_$check.py" || status=1
 done
 echo "===== summary"
-for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc}; do
+for check in ${CHECKS:-minari d3rlpy lerobot lerobot_rabc datasets}; do
   python3 - "$CLIENTS_RESULTS/$check.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
