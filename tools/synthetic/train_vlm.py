@@ -46,6 +46,7 @@ from vlmlabel import judge
 # The judge's default query (vlmlabel.judge.default_prompt of its default readout), so the shipped model
 # answers what `vlmlabel relabel --scorer vlm` asks it by default.
 PROMPT = judge.default_prompt(judge.parse_readout(None, None, None))
+GOAL_FIELD = "{goal}"  # where a prompt takes the goal (the judge's contract)
 # The answer follows the assistant header's newline: "True", but a readout may name " True" (TOPReward's
 # spelling). The model is taught to split each answer's mass evenly over both spellings, so log P of either
 # and P(True) / (P(True) + P(False)) of either pair all follow the target.
@@ -176,7 +177,7 @@ def encode(processor: Any, frames: Sequence[np.ndarray], goals: Sequence[str]) -
     for clip, goal in zip(frames, goals, strict=True):
         media = {"type": "video"} if len(clip) > 1 else {"type": "image"}
         (videos if len(clip) > 1 else images).append(clip if len(clip) > 1 else clip[0])
-        messages = [{"role": "user", "content": [media, {"type": "text", "text": PROMPT.replace(judge.GOAL, goal)}]}]
+        messages = [{"role": "user", "content": [media, {"type": "text", "text": PROMPT.replace(GOAL_FIELD, goal)}]}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt")
