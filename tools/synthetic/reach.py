@@ -43,21 +43,26 @@ class Episode:
         return np.hypot(*(self.positions - self.target).T)
 
 
-def _initial_scene(rng: np.random.Generator) -> scenes.Scene:
+Body = tuple[str, str, float]  # colour, shape, radius
+
+
+def _initial_scene(
+    rng: np.random.Generator, agent_body: Body = AGENT, target_body: Body = TARGET, textured: bool = False
+) -> scenes.Scene:
     while True:
-        target_xy = scenes.free_position(rng, TARGET[2] + 4, [])
-        target = scenes.SceneObject(TARGET[0], TARGET[1], *target_xy, TARGET[2])
-        others = [o for o in (scenes.random_identities(rng, 4)) if o not in {AGENT[:2], TARGET[:2]}]
+        target_xy = scenes.free_position(rng, target_body[2] + 4, [])
+        target = scenes.SceneObject(target_body[0], target_body[1], *target_xy, target_body[2])
+        others = [o for o in (scenes.random_identities(rng, 4)) if o not in {agent_body[:2], target_body[:2]}]
         placed = [target]
         for colour, shape in others[: int(rng.integers(1, 3))]:
             xy = scenes.free_position(rng, 7.0, placed, gap=6.0)
             if xy is not None:
                 placed.append(scenes.SceneObject(colour, shape, *xy, 7.0))
-        start = scenes.free_position(rng, AGENT[2], placed, gap=4.0)
+        start = scenes.free_position(rng, agent_body[2], placed, gap=4.0)
         if start is not None and np.hypot(start[0] - target.x, start[1] - target.y) >= START_MIN_DISTANCE:
-            agent = scenes.SceneObject(AGENT[0], AGENT[1], *start, AGENT[2])
+            agent = scenes.SceneObject(agent_body[0], agent_body[1], *start, agent_body[2])
             # Distractors first, then the target, the agent last: it is drawn on top of the square.
-            return scenes.Scene(objects=(*placed[1:], target, agent), **scenes.random_background(rng, textured=False))
+            return scenes.Scene(objects=(*placed[1:], target, agent), **scenes.random_background(rng, textured))
 
 
 def _script(rng: np.random.Generator, start: np.ndarray, target: np.ndarray, steps: int, reaches: bool) -> np.ndarray:
@@ -80,18 +85,41 @@ def _script(rng: np.random.Generator, start: np.ndarray, target: np.ndarray, ste
     return actions
 
 
-def make_episode(rng: np.random.Generator, reaches: bool) -> Episode:
-    scene = _initial_scene(rng)
-    agent_index = len(scene.objects) - 1
-    agent, target = scene.objects[-1], scene.objects[-2]
+@dataclass(frozen=True)
+class Plan:
+    """An episode before rendering: the first scene (the agent is its last object) and the agent's path."""
+
+    scene: scenes.Scene
+    positions: np.ndarray  # (T + 1, 2) float64 agent centre per frame
+    actions: np.ndarray  # (T, 2)
+
+    def scene_at(self, index: int) -> scenes.Scene:
+        x, y = self.positions[index]
+        return scenes.scene_with(self.scene, len(self.scene.objects) - 1, x=float(x), y=float(y))
+
+
+def plan_episode(
+    rng: np.random.Generator, reaches: bool, agent: Body = AGENT, target: Body = TARGET, textured: bool = False
+) -> Plan:
+    """One scripted episode; the defaults are the shipped task (red ball, green square, plain background)."""
+    scene = _initial_scene(rng, agent, target, textured)
+    mover, square = scene.objects[-1], scene.objects[-2]
     steps = int(rng.integers(30, 61))
-    start, goal = np.array([agent.x, agent.y]), np.array([target.x, target.y])
+    start, goal = np.array([mover.x, mover.y]), np.array([square.x, square.y])
     actions = _script(rng, start, goal, steps, reaches)
-    positions = np.concatenate([start[None], start + np.cumsum(actions, axis=0)])
-    frames = np.stack(
-        [scenes.render(scenes.scene_with(scene, agent_index, x=float(x), y=float(y))) for x, y in positions]
+    return Plan(scene, np.concatenate([start[None], start + np.cumsum(actions, axis=0)]), actions)
+
+
+def make_episode(rng: np.random.Generator, reaches: bool) -> Episode:
+    plan = plan_episode(rng, reaches)
+    frames = np.stack([scenes.render(plan.scene_at(i)) for i in range(len(plan.positions))])
+    target = plan.scene.objects[-2]
+    return Episode(
+        frames,
+        plan.positions.astype(np.float32),
+        np.array([target.x, target.y], np.float32),
+        plan.actions.astype(np.float32),
     )
-    return Episode(frames, positions.astype(np.float32), goal.astype(np.float32), actions.astype(np.float32))
 
 
 def write_dataset(path: str | Path, episodes: int = 40, seed: int = 0, reach_fraction: float = 0.65) -> Path:
