@@ -67,9 +67,10 @@ def scoring(request) -> Scoring:
 
 
 def _lifecycle(subprocesses: bool = False) -> pytest.MarkDecorator:
-    """Every backend with every scorer (``subprocesses``: the scorer's ``subprocess_backends`` only)."""
+    """Every backend with every scorer (``subprocesses``: the scorer's ``subprocess_backends`` only, marked slow
+    where the scorer limits them: each child process imports its model's library)."""
     pairs = [
-        (backend, scorer)
+        pytest.param(backend, scorer, marks=[pytest.mark.slow] if subprocesses and entry.subprocess_backends else [])
         for scorer, entry in sorted(SCORER_CASES.items())
         for backend in sorted(BACKENDS)
         if not subprocesses or entry.subprocess_backends is None or backend in entry.subprocess_backends
