@@ -32,6 +32,8 @@ class Case:
     reference_key: str  # a numeric per-step value already in the data, for `evaluate --against`
     output: Callable[[str], Path]  # an --output for a run tagged ``tag``
     read: Callable[[Path, str], np.ndarray]  # the reward ``name`` at a destination, all steps in episode order
+    cameras: tuple[str, ...] = ()  # every camera the dataset has, when it has several (image_key first)
+    fps: float | None = None  # the frame rate the dataset declares (LeRobot), else None
 
 
 def _hdf5(builder: Callable[[Path], layouts.LayoutFile], reference_key: str) -> Callable[[Path], Case]:
@@ -82,8 +84,18 @@ def _table(
             return _read_arrow_files(files, name)
 
         steps = np.bincount(tc.episode_index).tolist() if tc.episode_index is not None else [len(tc.frames)]
+        extra = tc.extra or {}
         return Case(
-            tc.path, tc.image_key, tc.frames, steps, steps, reference_key, lambda tag: root / f"out-{tag}{suffix}", read
+            tc.path,
+            tc.image_key,
+            tc.frames,
+            steps,
+            steps,
+            reference_key,
+            lambda tag: root / f"out-{tag}{suffix}",
+            read,
+            tuple(extra.get("cameras", ())),
+            extra["info"]["fps"] if "info" in extra else None,
         )
 
     return build

@@ -1,15 +1,19 @@
-"""One storage suite, every backend: each case runs on every entry of ``tests.storage_backends.BACKENDS``.
+"""One storage suite, every backend: each case runs on every entry of ``tests.storage_backends.BACKENDS``, and
+the lifecycle cases with every scorer of ``tests.scorer_cases.SCORER_CASES`` (CLIP and the VLM judge).
 
-Cases: rewards equal open_clip's own reference; kill -9 then rerun equals an uninterrupted run bit for
-bit; 3 shards + merge equal a single run (and merge refuses a missing shard); torchrun with 2 CPU ranks
-equals a single run; rerunning a finished job exits 0 and changes nothing; the embedding cache; evaluate
-and plot on the output; goal images (a file and a frame of the dataset), scored and from the cache; --reward
-sigmoid with a tiny SigLIP-shaped model, scored, through 2 shards + merge and from the cache; and the source
-byte-identical afterwards, with nothing left beside it.
+Cases: rewards equal the scorer's own reference (open_clip's pipeline; transformers' generate, one query at a
+time, with the anchors interpolated); kill -9 then rerun equals an uninterrupted run bit for bit; 3 shards +
+merge equal a single run (and merge refuses a missing shard); torchrun with 2 CPU ranks equals a single run;
+rerunning a finished job exits 0 and changes nothing; evaluate and plot on the output; --overwrite replaces a
+whole result. CLIP only: the embedding cache; goal images (a file and a frame of the dataset), scored and from
+the cache; --reward sigmoid with a tiny SigLIP-shaped model, scored, through 2 shards + merge and from the
+cache. The VLM judge only: every step queried, and two cameras. And the source byte-identical afterwards, with
+nothing left beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import signal
@@ -26,6 +30,7 @@ from typer.testing import CliRunner
 
 from tests.cluster_files import ROOT, env
 from tests.goal_image_files import open_clip_image_cosines, opened, write_goal_image
+from tests.scorer_cases import SCORER_CASES, VLM_JUDGE, Scoring, check_judged
 from tests.storage_backends import BACKENDS, Case, tree_digest
 from tests.tiny_siglip import build_siglip_dir, open_clip_sigmoid
 from vlmlabel import goal_images
@@ -33,6 +38,7 @@ from vlmlabel.cli import app
 from vlmlabel.errors import VlmlabelError
 from vlmlabel.formulation import RewardConfig
 from vlmlabel.rewards import Normalize, RewardMode
+from vlmlabel.run.cameras import short_name
 from vlmlabel.run.embed import EmbedRequest, embed_file
 from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.merge import merge_shards
@@ -55,16 +61,36 @@ def case(request, tmp_path) -> Case:
     return BACKENDS[request.param](root)
 
 
-def request_for(case: Case, model: Path, tag: str, **overrides) -> RelabelRequest:
+@pytest.fixture(params=sorted(SCORER_CASES))
+def scoring(request) -> Scoring:
+    return SCORER_CASES[request.param].bind(request)
+
+
+def _lifecycle(subprocesses: bool = False) -> pytest.MarkDecorator:
+    """Every backend with every scorer (``subprocesses``: the scorer's ``subprocess_backends`` only, marked slow
+    where the scorer limits them: each child process imports its model's library)."""
+    pairs = [
+        pytest.param(backend, scorer, marks=[pytest.mark.slow] if subprocesses and entry.subprocess_backends else [])
+        for scorer, entry in sorted(SCORER_CASES.items())
+        for backend in sorted(BACKENDS)
+        if not subprocesses or entry.subprocess_backends is None or backend in entry.subprocess_backends
+    ]
+    return pytest.mark.parametrize(("case", "scoring"), pairs, indirect=True)
+
+
+def request_for(case: Case, scoring: Scoring | Path | str, tag: str, **overrides) -> RelabelRequest:
+    """A request of the suite's goals (``scoring``: a scorer case, or a CLIP model)."""
     fields = dict(
         source=case.source,
         goals=GOALS,
-        model=str(model),
+        model=str(scoring),
         image_key=case.image_key,
         device="cpu",
         batch_size=BATCH,
         output=case.output(tag),
     )
+    if isinstance(scoring, Scoring):
+        fields.update(scoring.request_fields(GOALS))
     fields.update(overrides)
     return RelabelRequest(**fields)
 
@@ -73,7 +99,7 @@ def read_all(case: Case, dest: Path) -> np.ndarray:
     return np.stack([case.read(dest, name) for name in NAMES], axis=1)
 
 
-def cli_args(case: Case, model: Path, tag: str, *extra: str) -> list[str]:
+def cli_args(case: Case, scoring: Scoring, tag: str, *extra: str) -> list[str]:
     return [
         "relabel",
         str(case.source),
@@ -82,13 +108,14 @@ def cli_args(case: Case, model: Path, tag: str, *extra: str) -> list[str]:
         "--goal",
         GOALS[1],
         "--model",
-        str(model),
+        str(scoring.model),
+        *scoring.options,
         "--image-key",
         case.image_key,
         "--device",
         "cpu",
         "--batch-size",
-        str(BATCH),
+        str(scoring.batch),
         "--output",
         str(case.output(tag)),
         *extra,
@@ -99,14 +126,14 @@ def neighbours(case: Case) -> set[str]:
     return {p.name for p in case.source.parent.iterdir()}
 
 
-def test_rewards_equal_open_clip_reference_and_source_untouched(case, tiny_model_dir, reference):
+@_lifecycle()
+def test_rewards_equal_the_scorers_reference_and_source_untouched(case, scoring):
     before, beside = tree_digest(case.source), neighbours(case)
-    summary = relabel_file(request_for(case, tiny_model_dir, "single", align=Align.frame))
+    summary = relabel_file(request_for(case, scoring, "single", align=Align.frame))
     assert isinstance(summary, RelabelSummary)
     got = read_all(case, summary.written_to)
     assert got.dtype == np.float32 and len(got) == sum(case.steps)
-    # Device preprocessing equals PIL's within uint8 rounding: a tiny random model's cosine moves very little.
-    np.testing.assert_allclose(got, reference(case.frames, GOALS), atol=2e-3)
+    scoring.check_reference(case, summary.written_to, GOALS, functools.partial(case.read, summary.written_to))
     assert tree_digest(case.source) == before
     assert neighbours(case) == beside | {summary.written_to.name}  # no progress, lock or staging left
 
@@ -118,8 +145,13 @@ def _state(dest: Path) -> dict | None:
         return None
 
 
-def _subprocess(case: Case, model: Path, tag: str, *extra: str, delay: str = "") -> subprocess.Popen:
-    args = [sys.executable, "-m", "vlmlabel", *cli_args(case, model, tag, "--checkpoint-every", "4", "--quiet", *extra)]
+def _subprocess(case: Case, scoring: Scoring, tag: str, *extra: str, delay: str = "") -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "vlmlabel",
+        *cli_args(case, scoring, tag, "--checkpoint-every", "4", "--quiet", *extra),
+    ]
     return subprocess.Popen(
         args,
         cwd=ROOT,
@@ -131,13 +163,14 @@ def _subprocess(case: Case, model: Path, tag: str, *extra: str, delay: str = "")
 
 
 @pytest.mark.subprocess
-def test_kill9_then_rerun_equals_an_uninterrupted_run(case, tiny_model_dir):
+@_lifecycle(subprocesses=True)
+def test_kill9_then_rerun_equals_an_uninterrupted_run(case, scoring):
     before = tree_digest(case.source)
-    uninterrupted = relabel_file(request_for(case, tiny_model_dir, "whole"))
+    uninterrupted = relabel_file(request_for(case, scoring, "whole"))
     dest = case.output("killed")
-    proc = _subprocess(case, tiny_model_dir, "killed", delay="0.1")
+    proc = _subprocess(case, scoring, "killed", delay="0.1")
     deadline = time.monotonic() + 90
-    while (_state(dest) or {}).get("done", 0) < BATCH * 2:
+    while (_state(dest) or {}).get("done", 0) < scoring.batch * 2:
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the run saved no progress in time"
         time.sleep(0.01)
@@ -145,19 +178,20 @@ def test_kill9_then_rerun_equals_an_uninterrupted_run(case, tiny_model_dir):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not dest.exists()
     assert tree_digest(case.source) == before
-    rerun = _subprocess(case, tiny_model_dir, "killed")
+    rerun = _subprocess(case, scoring, "killed")
     assert rerun.wait(timeout=120) == 0, rerun.stderr.read()
     np.testing.assert_array_equal(read_all(case, dest), read_all(case, uninterrupted.written_to))
     assert not work_dir(dest, "vlm_reward").exists()
     assert tree_digest(case.source) == before
 
 
-def test_three_shards_and_merge_equal_a_single_run(case, tiny_model_dir):
+@_lifecycle()
+def test_three_shards_and_merge_equal_a_single_run(case, scoring):
     before = tree_digest(case.source)
-    single = relabel_file(request_for(case, tiny_model_dir, "single"))
+    single = relabel_file(request_for(case, scoring, "single"))
     dest = case.output("sharded")
     for index in range(3):
-        relabel_file(request_for(case, tiny_model_dir, "sharded", shard=ShardSpec(index, 3)))
+        relabel_file(request_for(case, scoring, "sharded", shard=ShardSpec(index, 3)))
     part = shard_result(work_dir(dest, "vlm_reward"), ShardSpec(1, 3))
     kept = part.read_bytes()
     part.unlink()
@@ -178,9 +212,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.subprocess
-def test_torchrun_two_cpu_ranks_equal_a_single_run(case, tiny_model_dir):
+@_lifecycle(subprocesses=True)
+def test_torchrun_two_cpu_ranks_equal_a_single_run(case, scoring):
     before = tree_digest(case.source)
-    single = relabel_file(request_for(case, tiny_model_dir, "single"))
+    single = relabel_file(request_for(case, scoring, "single"))
     args = [
         sys.executable,
         "-m",
@@ -193,7 +228,7 @@ def test_torchrun_two_cpu_ranks_equal_a_single_run(case, tiny_model_dir):
         str(_free_port()),
         "-m",
         "vlmlabel",
-        *cli_args(case, tiny_model_dir, "torchrun"),
+        *cli_args(case, scoring, "torchrun"),
     ]
     done = subprocess.run(args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -202,19 +237,20 @@ def test_torchrun_two_cpu_ranks_equal_a_single_run(case, tiny_model_dir):
     assert tree_digest(case.source) == before
 
 
-def test_rerun_of_a_finished_job_exits_0_and_changes_nothing(case, tiny_model_dir):
-    first = runner.invoke(app, cli_args(case, tiny_model_dir, "out", "--quiet"))
+@_lifecycle()
+def test_rerun_of_a_finished_job_exits_0_and_changes_nothing(case, scoring):
+    first = runner.invoke(app, cli_args(case, scoring, "out", "--quiet"))
     assert first.exit_code == 0, first.output
     written = tree_digest(case.output("out"))
-    again = runner.invoke(app, cli_args(case, tiny_model_dir, "out"), terminal_width=300)
+    again = runner.invoke(app, cli_args(case, scoring, "out"), terminal_width=300)
     assert again.exit_code == 0, again.output
     assert "already written" in again.output
     assert tree_digest(case.output("out")) == written
-    summary = relabel_file(request_for(case, tiny_model_dir, "out"))
+    summary = relabel_file(request_for(case, scoring, "out"))
     assert isinstance(summary, FinishedSummary)
     other = runner.invoke(
         app,
-        [*cli_args(case, tiny_model_dir, "out", "--quiet"), "--reward", "contrastive", "--negative", "a dog"],
+        [*cli_args(case, scoring, "out", "--quiet"), *scoring.other_options],
         terminal_width=300,
     )
     assert other.exit_code == 2 and "--overwrite" in other.output  # rewards made differently are not replaced
@@ -239,7 +275,8 @@ def test_embedding_cache_serves_relabel(case, tiny_model_dir):
     assert tree_digest(case.source) == before
 
 
-def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monkeypatch):
+@_lifecycle()
+def test_evaluate_and_plot_read_the_output(case, scoring, tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
     drawn_values: dict[str, np.ndarray] = {}
@@ -250,7 +287,7 @@ def test_evaluate_and_plot_read_the_output(case, tiny_model_dir, tmp_path, monke
         return original_hist(self, values, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "hist", hist)
-    summary = relabel_file(request_for(case, tiny_model_dir, "out"))
+    summary = relabel_file(request_for(case, scoring, "out"))
     dest = str(summary.written_to)
     report = runner.invoke(
         app,
@@ -296,12 +333,13 @@ def _has(case: Case, dest: Path, name: str) -> bool:
     return True
 
 
-def test_overwrite_replaces_a_whole_result(case, tiny_model_dir):
+@_lifecycle()
+def test_overwrite_replaces_a_whole_result(case, scoring):
     """A result of two goals, normalised (NAME_0, NAME_1 and their NAME_i_raw), replaced with --overwrite by one
     plain goal under the same --reward-key, relabelling the labelled data (HDF5: in place): nothing of the first
     result stays beside the new NAME, in the data or in any metadata that declares columns."""
     first = relabel_file(
-        request_for(case, tiny_model_dir, "first", formulation=RewardConfig(goals=GOALS, normalize=Normalize.episode))
+        request_for(case, scoring, "first", formulation=scoring.formulation(GOALS, normalize=Normalize.episode))
     )
     assert isinstance(first, RelabelSummary)
     stale = [*NAMES, *(f"{n}_raw" for n in NAMES)]
@@ -314,7 +352,8 @@ def test_overwrite_replaces_a_whole_result(case, tiny_model_dir):
             "--goal",
             GOALS[0],
             "--model",
-            str(tiny_model_dir),
+            str(scoring.model),
+            *scoring.options,
             "--image-key",
             case.image_key,
             "--device",
@@ -327,11 +366,10 @@ def test_overwrite_replaces_a_whole_result(case, tiny_model_dir):
         RelabelRequest(
             source=first.written_to,
             goals=GOALS[:1],
-            model=str(tiny_model_dir),
             image_key=case.image_key,
             device="cpu",
-            batch_size=BATCH,
             overwrite=True,
+            **scoring.request_fields(GOALS[:1]),
         )
     )
     assert isinstance(second, RelabelSummary)
@@ -407,3 +445,34 @@ def test_sigmoid_equals_open_clip_through_shards_and_the_cache(case, siglip_dir)
     cached = relabel_file(request("sigmoid-cached"))
     assert isinstance(cached, RelabelSummary) and cached.used_cache, getattr(cached, "cache_note", "")
     np.testing.assert_allclose(read_all(case, cached.written_to), got, atol=2e-3)  # float16 embeddings
+
+
+# -- the VLM judge only ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "scoring"), [("lerobot_image", "vlm")], indirect=True)
+def test_vlm_every_step_over_two_cameras(case, scoring):
+    """--anchors all over two --image-key: every step of the first camera equals transformers' generate on its
+    query alone; each camera's NAME_cam_SHORT column equals that camera's run alone, bit for bit, and the written
+    reward is their mean; the source untouched, nothing left beside it."""
+    cameras = list(case.cameras[:2])
+    assert len(cameras) == 2, "this backend has two cameras"
+    before, beside = tree_digest(case.source), neighbours(case)
+    config = RewardConfig(goals=GOALS, judge=dataclasses.replace(VLM_JUDGE, anchors=None)).validate()
+    request = functools.partial(request_for, case, scoring, align=Align.frame, formulation=config)
+    both = relabel_file(request("cameras", image_key=cameras))
+    assert isinstance(both, RelabelSummary)
+    shorts = [short_name(key) for key in cameras]
+    assert both.camera_names == [f"{name}_cam_{short}" for name in NAMES for short in shorts]
+    for key, short in zip(cameras, shorts, strict=True):
+        alone = relabel_file(request(f"camera-{short}", image_key=key))
+        for name in NAMES:
+            want = case.read(alone.written_to, f"{name}_raw")
+            np.testing.assert_array_equal(case.read(both.written_to, f"{name}_cam_{short}"), want)
+    for name in NAMES:
+        per_camera = np.stack([case.read(both.written_to, f"{name}_cam_{short}") for short in shorts])
+        np.testing.assert_allclose(case.read(both.written_to, name), per_camera.mean(axis=0), rtol=0, atol=1e-6)
+    first = functools.partial(case.read, both.written_to)
+    check_judged(scoring.model, config.judge, case, GOALS, lambda g: first(f"vlm_reward_{g}_cam_{shorts[0]}"))
+    assert tree_digest(case.source) == before
+    assert neighbours(case) == beside | {both.written_to.name, *(case.output(f"camera-{s}").name for s in shorts)}
