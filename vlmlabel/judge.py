@@ -1,7 +1,7 @@
 """The VLM judge: a generative vision-language model read as a reward, one next-token distribution per query.
 
 This is the only vlmlabel module that imports transformers (the optional extra ``vlmlabel[vlm]``), and nothing in
-vlmlabel imports it at import time: the scorer registry loads it when ``--scorer vlm`` is asked for.
+vlmlabel imports it at import time: ``scorers/vlm.py`` loads it when ``--scorer vlm`` is asked for.
 
 A query is K frames (oldest first) and a goal. It is rendered with the model's own chat template (one user turn:
 the frames, then the prompt with ``{goal}`` filled in; ``add_generation_prompt=True``), run through the model's
