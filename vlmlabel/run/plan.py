@@ -1,7 +1,7 @@
 """The first two steps of a run: *open* (sources, destination, names, every check that can refuse early) and
 *plan* (what the run will do, decided before any model loads).
 
-``plan_run`` names the result the run would make (from the model's card: ``model.describe_model``, no
+``plan_run`` names the result the run would make (from the scorer's card of its model, ``Namer.card``: no
 weights loaded) and returns one typed plan: its rewards are already written (``AlreadyWritten``), the
 embedding cache serves it (``FromCache``), or frames are scored (``FromFrames``: the whole dataset, or the
 run's shard). Every plan but ``AlreadyWritten`` holds the lock, taken here and only here.

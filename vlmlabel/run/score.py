@@ -1,5 +1,6 @@
-"""The *score* step: raw scores from the embedding cache, or from frames on the fixed batch grid with saved
-progress (the whole dataset, or one shard of whole episodes, whose part then waits for ``merge``)."""
+"""The *score* step: raw scores from the embedding cache, or on the fixed batch grid with saved progress
+(``score_grid``: rows are frames for CLIP, a judge's queries for the VLM scorer), over the whole dataset or one
+shard of whole episodes, whose part then waits for ``merge``."""
 
 from __future__ import annotations
 
