@@ -43,7 +43,7 @@ from vlmlabel.reader.decode_workers import resolve_workers
 from vlmlabel.run.lifecycle import relabel_file
 from vlmlabel.run.request import RelabelRequest, RelabelSummary
 from vlmlabel.run.setup import Machine
-from vlmlabel.scorers.vlm import QueryRows, VlmScorer, load_judge
+from vlmlabel.scorers.vlm import QueryRows, VlmScorer, frame_rate, load_judge
 from vlmlabel.sources import Align, open_source
 from vlmlabel.sources.base import VideoDecoder
 
@@ -117,7 +117,7 @@ def _workload(path: Path, config: VlmBenchConfig, judge: Any, spec: JudgeSpec) -
         episodes = source.episodes(Align.next)  # relabel's default alignment
         steps = [e.steps for e in episodes]
         plan = QueryPlan.of(steps, spec.anchors, 1)
-        fps = getattr(source, "fps", None) or None
+        fps = frame_rate(source)
         rows = QueryRows(source, episodes, plan, judge, spec, [config.goal], resolve_workers(config.workers or 0), fps)
         batch_size = config.batch_size or rows.default_batch_size()
         with contextlib.closing(rows.batches(0, plan.total, batch_size)) as batches:

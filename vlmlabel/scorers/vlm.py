@@ -237,6 +237,11 @@ def _keep(inputs: Any) -> None:
     """Processor inputs made but never run hold nothing to give back."""
 
 
+def frame_rate(source: DatasetSource) -> float | None:
+    """The dataset's frames per second, where it records them (LeRobot datasets do; others: None)."""
+    return getattr(source, "fps", None) or None
+
+
 def _rate(fps: float | None, picked: np.ndarray) -> float | None:
     """The frame rate of the frames a query shows: the dataset's over their mean spacing (None: not known)."""
     if fps is None or len(picked) < 2:
@@ -260,7 +265,7 @@ class LoadedJudge:
         goals = run.config.goals
         plan = QueryPlan.of(steps, self.spec.anchors, len(goals))
         workers = resolve_workers(run.request.workers)
-        fps = getattr(run.source, "fps", None) or None  # LeRobot datasets know their frame rate; others do not
+        fps = frame_rate(run.source)
 
         def rows_of(source: DatasetSource, episodes: list[Episode]) -> QueryRows:
             return QueryRows(source, episodes, plan, self.judge, self.spec, goals, workers, fps)
